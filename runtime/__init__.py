@@ -1,0 +1,1 @@
+"""fornax package."""

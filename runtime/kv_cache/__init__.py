@@ -1,1 +1,1 @@
-"""fornax package."""
+"""Paged KV-cache bookkeeping: block pool, prefix-cache hashes, per-request block tables."""

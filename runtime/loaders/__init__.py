@@ -1,1 +1,1 @@
-"""fornax package."""
+"""Model loading: HF folders, GGUF files (prepared into HF folders once), dummy weights."""

@@ -1,1 +1,1 @@
-"""fornax package."""
+"""Model implementations and the registry from HF `architectures` names to classes."""

@@ -1,0 +1,81 @@
+"""The small interface every attention backend implements, and the per-step common metadata."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CommonAttentionMetadata:
+    """What the model runner knows about one step's flat varlen batch.
+
+    Host arrays end in `_np`; tensors live on the model's device.
+    """
+
+    query_start_loc_np: np.ndarray  # [num_reqs + 1] int32, token offsets of each request
+    seq_lens_np: np.ndarray  # [num_reqs] int32, context length after this step
+    block_table: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
+    block_table_np: np.ndarray  # same, on the host
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat slot each new token's K/V goes to
+    num_reqs: int
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and attends over each request's context."""
+
+    name: str = "abstract"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        self.scale = head_dim**-0.5
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """One layer's cache: [num_blocks, 2 (K, V), block_size, num_kv_heads, head_dim]."""
+        return (num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @abstractmethod
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        """Once per step, before the forward: everything the layers share."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: Any, scale: float | None = None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+
+
+def make_attention_backend(name: str, **kwargs: Any) -> AttentionBackend:
+    """The backend by name; 'auto' picks flashinfer on CUDA when installed, else torch_ref."""
+    device: torch.device = kwargs["device"]
+    if name == "auto":
+        name = "torch_ref"
+        if device.type == "cuda":
+            try:
+                import flashinfer  # noqa: F401
+
+                name = "flashinfer"
+            except ImportError:
+                pass
+    if name == "torch_ref":
+        from fornax.runtime.attention.torch_ref import TorchRefBackend
+
+        return TorchRefBackend(**kwargs)
+    if name == "flashinfer":
+        from fornax.runtime.attention.flashinfer_backend import FlashInferBackend  # type: ignore
+
+        return FlashInferBackend(**kwargs)
+    raise ValueError(f"unknown attention backend {name!r}")

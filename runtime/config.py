@@ -1,0 +1,210 @@
+"""Frozen engine configuration, validated on construction (any process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fornax.runtime.errors import ConfigError
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_POLICIES = ("fcfs", "priority")
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16",
+                  "bf16": "bfloat16"}
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how: path, format, dtype, context length, seed."""
+
+    model: str
+    tokenizer: str | None = None
+    served_model_name: tuple[str, ...] = ()
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    generation_config: str = "auto"
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format must be one of {', '.join(_LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        _positive("max_model_len", self.max_model_len)
+        if self.generation_config not in ("auto", "fornax", "vllm"):
+            raise ConfigError("generation_config must be 'auto' or 'fornax'")
+        if isinstance(self.served_model_name, str):
+            object.__setattr__(self, "served_model_name", (self.served_model_name,))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size, capacity, prefix caching."""
+
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.block_size > 1024:
+            raise ConfigError(f"block_size must be at most 1024, got {self.block_size}")
+        _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        _positive("num_gpu_blocks_override", self.num_gpu_blocks_override)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """One token budget per step; batch limits; ordering policy."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+    max_num_queued_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_queued_requests", self.max_num_queued_requests)
+        if self.policy not in _POLICIES:
+            raise ConfigError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    """torch.compile and CUDA-graph settings (used by graphs/)."""
+
+    enforce_eager: bool = True
+    cuda_graph_sizes: tuple[int, ...] = ()
+    max_capture_size: int = 256
+
+    def __post_init__(self) -> None:
+        for size in self.cuda_graph_sizes:
+            _positive("cuda_graph_sizes entry", size)
+        _positive("max_capture_size", self.max_capture_size)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine core needs, made once from the CLI or `LLM(...)` arguments."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    max_logprobs: int = 20
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.device == "auto":
+            object.__setattr__(self, "device", _detect_device())
+        if self.attention_backend not in ("auto", "torch_ref", "flashinfer"):
+            raise ConfigError(f"unknown attention backend {self.attention_backend!r}")
+        if self.tensor_parallel_size != 1:
+            raise ConfigError("tensor_parallel_size > 1 is not supported yet")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ConfigError(f"max_logprobs must be a non-negative integer, got {self.max_logprobs!r}")
+        sched, cache = self.scheduler_config, self.cache_config
+        if sched.max_num_batched_tokens < cache.block_size:
+            raise ConfigError(
+                f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be at least the "
+                f"block size ({cache.block_size})"
+            )
+        mlen = self.model_config.max_model_len
+        if mlen is not None and not sched.enable_chunked_prefill and sched.max_num_batched_tokens < mlen:
+            raise ConfigError(
+                f"without chunked prefill, max_num_batched_tokens ({sched.max_num_batched_tokens}) "
+                f"must be at least max_model_len ({mlen})"
+            )
+
+    def non_default_items(self) -> dict[str, Any]:
+        """The settings that differ from their defaults, for one log line at start."""
+        out: dict[str, Any] = {}
+        for sub in (self.model_config, self.cache_config, self.scheduler_config,
+                    self.compilation_config):
+            for f in dataclasses.fields(sub):
+                value = getattr(sub, f.name)
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                if value != default:
+                    out[f.name] = value
+        return out
+
+
+def _detect_device() -> str:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_ENGINE_ARG_FIELDS: dict[str, str] = {}
+for _sub_name, _sub_cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
+                            ("scheduler_config", SchedulerConfig),
+                            ("compilation_config", CompilationConfig)):
+    for _f in dataclasses.fields(_sub_cls):
+        _ENGINE_ARG_FIELDS[_f.name] = _sub_name
+_ARG_ALIASES = {"scheduling_policy": "policy", "kv_cache_memory": "kv_cache_memory_bytes",
+                "num_gpu_blocks": "num_gpu_blocks_override"}
+
+
+def make_engine_config(model: str, **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from flat vLLM-style keyword arguments (`max_model_len=...`)."""
+    groups: dict[str, dict[str, Any]] = {name: {} for name in set(_ENGINE_ARG_FIELDS.values())}
+    top: dict[str, Any] = {}
+    top_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    for key, value in kwargs.items():
+        key = _ARG_ALIASES.get(key, key)
+        if key == "cuda_graph_sizes" and value is not None:
+            value = tuple(value)
+        if key == "served_model_name" and isinstance(value, list):
+            value = tuple(value)
+        if key in _ENGINE_ARG_FIELDS:
+            groups[_ENGINE_ARG_FIELDS[key]][key] = value
+        elif key in top_fields:
+            top[key] = value
+        else:
+            raise ConfigError(f"unknown engine argument {key!r}")
+    return EngineConfig(
+        model_config=ModelConfig(model=model, **groups["model_config"]),
+        cache_config=CacheConfig(**groups["cache_config"]),
+        scheduler_config=SchedulerConfig(**groups["scheduler_config"]),
+        compilation_config=CompilationConfig(**groups["compilation_config"]),
+        **top,
+    )
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON file, raising ConfigError with the path when it is malformed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc

@@ -1,0 +1,159 @@
+"""EngineCore: admission, `step()` = schedule -> execute -> update (engine-core process)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fornax.runtime.config import EngineConfig
+from fornax.runtime.errors import ConfigError, RequestError
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager, cdiv
+from fornax.runtime.loaders.model_files import (
+    ModelFiles,
+    derive_max_model_len,
+    resolve_model_files,
+)
+from fornax.runtime.messages import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from fornax.runtime.request import Request
+from fornax.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineRuntimeInfo:
+    """What the engine found at start (not configuration): capacity and limits."""
+
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    architecture: str
+    dtype: str
+    device: str
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return (self.num_kv_blocks - 1) * self.block_size
+
+
+def _eos_ids(files: ModelFiles) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (files.generation_config, files.hf_config):
+        value = source.get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+class EngineCore:
+    """Owns the model runner, the KV-cache manager and the scheduler. Never dies of a bad request:
+    bad requests are refused by `add_request` with a RequestError."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
+        from fornax.runtime.model_runner import ModelRunner  # torch stays out of import time
+
+        self.config = config
+        mc = config.model_config
+        self.files = files or resolve_model_files(mc.model, mc.load_format)
+        self.max_model_len = derive_max_model_len(self.files.hf_config, mc.max_model_len)
+        self.runner = ModelRunner(config, self.files, self.max_model_len)
+        num_blocks = self.runner.determine_num_blocks()
+        block_size = config.cache_config.block_size
+        if (num_blocks - 1) < cdiv(self.max_model_len, block_size):
+            raise ConfigError(
+                f"the KV cache holds {(num_blocks - 1) * block_size} tokens, less than one "
+                f"sequence of max_model_len {self.max_model_len}; raise --kv-cache-memory "
+                "or lower --max-model-len")
+        self.runner.initialize_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len,
+                                 config.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.kv,
+                                   self.max_model_len)
+        self.info = EngineRuntimeInfo(
+            num_kv_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
+            vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(self.files),
+            architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=config.device)
+        self.num_steps = 0
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
+                    self.info.kv_capacity_tokens)
+
+    # ---- admission -----------------------------------------------------------------------------
+    def validate_request(self, req: EngineCoreRequest) -> int:
+        """Check a request against the model's limits; returns its resolved max_tokens."""
+        prompt = req.prompt_token_ids
+        if not prompt:
+            raise RequestError("the prompt must contain at least one token", "prompt")
+        num = len(prompt)
+        if num >= self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {num} tokens, leaving no room for output", "prompt")
+        vocab = self.info.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if t < 0 or t >= vocab)
+            raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "prompt")
+        params = req.sampling_params
+        params.validate(self.config.max_logprobs)
+        room = self.max_model_len - num
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def add_request(self, req: EngineCoreRequest) -> Request:
+        max_tokens = self.validate_request(req)
+        if req.request_id in self.scheduler.requests:
+            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        request = Request(
+            request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
+            sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
+            priority=req.priority, cache_salt=req.cache_salt,
+            arrival_time=req.arrival_time or time.monotonic(), max_tokens=max_tokens)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
+                                 num_prompt_tokens=r.num_prompt_tokens,
+                                 num_cached_tokens=max(r.num_cached_tokens, 0))
+                for r in self.scheduler.abort_requests(request_ids)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the busy loop's body ------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one scheduling step and return what every touched request produced."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            if sched_out.finished_req_ids:
+                self.runner.execute_model(sched_out)  # let the runner drop finished rows
+            return []
+        runner_out = self.runner.execute_model(sched_out)
+        self.num_steps += 1
+        results = self.scheduler.update_from_output(sched_out, runner_out.sampled)
+        outputs = []
+        for request, new_tokens in results:
+            lp = runner_out.logprobs.get(request.request_id)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=new_tokens,
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for metrics and /load."""
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": self.kv.usage(),
+            "prefix_cache_queries": self.kv.stats.queries,
+            "prefix_cache_hits": self.kv.stats.hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,95 @@
+"""InputBatch: the model runner's persistent host-side state of running requests (engine core)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fornax.runtime.sampling_params import SamplingParams
+
+
+class InputBatch:
+    """One row per live request: token ids, computed count, block table and sampling settings.
+
+    Rows are kept dense: removing a request moves the last row into its place.
+    """
+
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+        self.max_num_reqs = max_num_reqs
+        self.max_model_len = max_model_len
+        self.req_ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.token_ids_np = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
+        self.num_tokens_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_computed_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.block_table_np = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        self.num_blocks_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.temperature_np = np.zeros(max_num_reqs, dtype=np.float32)
+        self.top_p_np = np.ones(max_num_reqs, dtype=np.float32)
+        self.top_k_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.min_p_np = np.zeros(max_num_reqs, dtype=np.float32)
+        self.num_logprobs_np = np.full(max_num_reqs, -1, dtype=np.int32)
+        self.params: list[SamplingParams] = []
+        self.generators: dict[str, torch.Generator] = {}
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    def add(self, req_id: str, token_ids: list[int], num_computed: int, block_ids: list[int],
+            params: SamplingParams, device: torch.device) -> None:
+        if req_id in self.index:
+            raise RuntimeError(f"request {req_id} is already in the batch")
+        row = len(self.req_ids)
+        if row >= self.max_num_reqs:
+            raise RuntimeError("input batch is full")
+        self.req_ids.append(req_id)
+        self.params.append(params)
+        self.index[req_id] = row
+        n = len(token_ids)
+        self.token_ids_np[row, :n] = token_ids
+        self.num_tokens_np[row] = n
+        self.num_computed_np[row] = num_computed
+        self.num_blocks_np[row] = 0
+        self.append_blocks(row, block_ids)
+        self.temperature_np[row] = params.temperature
+        self.top_p_np[row] = params.top_p
+        self.top_k_np[row] = params.top_k if params.top_k > 0 else 0
+        self.min_p_np[row] = params.min_p
+        self.num_logprobs_np[row] = -1 if params.logprobs is None else params.logprobs
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(params.seed)
+            self.generators[req_id] = gen
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        start = int(self.num_blocks_np[row])
+        self.block_table_np[row, start:start + len(block_ids)] = block_ids
+        self.num_blocks_np[row] = start + len(block_ids)
+
+    def remove(self, req_id: str) -> None:
+        row = self.index.pop(req_id, None)
+        if row is None:
+            return
+        self.generators.pop(req_id, None)
+        last = len(self.req_ids) - 1
+        if row != last:
+            moved = self.req_ids[last]
+            self.req_ids[row] = moved
+            self.params[row] = self.params[last]
+            self.index[moved] = row
+            n = int(self.num_tokens_np[last])
+            self.token_ids_np[row, :n] = self.token_ids_np[last, :n]
+            for arr in (self.num_tokens_np, self.num_computed_np, self.num_blocks_np,
+                        self.temperature_np, self.top_p_np, self.top_k_np, self.min_p_np,
+                        self.num_logprobs_np):
+                arr[row] = arr[last]
+            nb = int(self.num_blocks_np[last])
+            self.block_table_np[row, :nb] = self.block_table_np[last, :nb]
+        self.req_ids.pop()
+        self.params.pop()
+
+    def append_token(self, row: int, token_id: int) -> None:
+        n = int(self.num_tokens_np[row])
+        self.token_ids_np[row, n] = token_id
+        self.num_tokens_np[row] = n + 1

@@ -1,0 +1,773 @@
+"""Turns a GGUF file into a cached Hugging Face model folder, once (engine-core process, model load)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from fornax.runtime.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+# Bump when the prepared folder's content changes for the same GGUF bytes: old folders are then
+# ignored (they sit next to the new ones until the cache is cleaned).
+FORMAT_VERSION = 1
+MARKER_NAME = "fornax-prepared.json"
+_INDEX_NAME = "hash-index.json"
+_INDEX_MAX_ENTRIES = 256
+
+# general.architecture -> (HF architectures entry, HF model_type)
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# Pre-tokenizer split regexes by tokenizer.ggml.pre, as llama.cpp (and transformers' GGUF loader) use them.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLIT_BY_PRE = {
+    **dict.fromkeys(
+        ["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT
+    ),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], _QWEN2_SPLIT),
+}
+# llama.cpp splits each digit alone, then applies the GPT-2 regex, for these (= HF's
+# Digits(individual_digits) + ByteLevel pre-tokenizers in the original tokenizer.json).
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_gguf(
+    gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None
+) -> pathlib.Path:
+    """Return a prepared HF folder (config, float32 safetensors, tokenizer) for `gguf_path`.
+
+    The folder lives at `<cache_root>/gguf/<sha256 prefix>-v<FORMAT_VERSION>` and is built once:
+    later calls (and restarts) find its marker file and return at once. Raises `ModelLoadError`
+    naming the file when it is missing, corrupt, truncated or of an unsupported kind.
+    """
+    path = pathlib.Path(gguf_path).expanduser()
+    try:
+        path = path.resolve(strict=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"GGUF file not found: {path} ({exc.strerror or exc})") from exc
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF path is not a file: {path}")
+
+    gguf_dir = _cache_root(cache_root) / "gguf"
+    try:
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot create the GGUF cache folder {gguf_dir}: {exc}") from exc
+
+    digest = _content_hash(path, st, gguf_dir)
+    key = f"{digest[:32]}-v{FORMAT_VERSION}"
+    final = gguf_dir / key
+    if _is_prepared(final):
+        logger.debug("GGUF cache hit: %s -> %s", path, final)
+        return final
+
+    with _build_lock(gguf_dir / f".{key}.lock"):
+        if _is_prepared(final):  # another process finished it while we waited
+            return final
+        _remove_stale_temps(gguf_dir)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=gguf_dir))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared read-only
+        try:
+            t0 = time.perf_counter()
+            logger.info("Preparing GGUF %s into %s (one time)", path, final)
+            _build(path, tmp, digest)
+            _publish(tmp, final)
+            logger.info("Prepared %s in %.1f s", path.name, time.perf_counter() - t0)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# cache: location, content hash, lock, atomic publish
+# ---------------------------------------------------------------------------------------------
+
+
+def _cache_root(cache_root: str | os.PathLike | None) -> pathlib.Path:
+    if cache_root is not None:
+        return pathlib.Path(cache_root).expanduser()
+    env = os.environ.get("FORNAX_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "fornax"
+
+
+def _content_hash(path: pathlib.Path, st: os.stat_result, gguf_dir: pathlib.Path) -> str:
+    """sha256 of the file, remembered per (path, inode, size, mtime_ns) so restarts skip hashing."""
+    index_path = gguf_dir / _INDEX_NAME
+    stamp = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    index: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(index_path.read_text())
+        if isinstance(loaded, dict):
+            index = {str(k): str(v) for k, v in loaded.items()}
+    if stamp in index:
+        return index[stamp]
+
+    t0 = time.perf_counter()
+    try:
+        with open(path, "rb") as f:
+            digest = _sha256_file(f)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+    logger.debug("sha256 of %s took %.2f s", path, time.perf_counter() - t0)
+
+    index = {k: v for k, v in index.items() if not k.startswith(f"{path}|")}
+    index[stamp] = digest
+    if len(index) > _INDEX_MAX_ENTRIES:
+        index = dict(list(index.items())[-_INDEX_MAX_ENTRIES:])
+    # The index is only a shortcut: losing a concurrent writer's entry costs one re-hash later.
+    with contextlib.suppress(OSError):
+        _write_text_atomic(index_path, json.dumps(index, indent=0))
+    return digest
+
+
+def _sha256_file(f: Any) -> str:
+    if hasattr(hashlib, "file_digest"):
+        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()  # Python 3.10
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_prepared(folder: pathlib.Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format_version") == FORMAT_VERSION
+
+
+@contextlib.contextmanager
+def _build_lock(lock_path: pathlib.Path) -> Iterator[None]:
+    """Serialize builds of one key across processes (POSIX flock); the atomic rename is the backstop."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic rename alone
+        yield
+        return
+    with open(lock_path, "a+b") as lock_file:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_temps(gguf_dir: pathlib.Path, max_age_s: float = 24 * 3600) -> None:
+    now = time.time()
+    for entry in gguf_dir.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
+    """Move the finished temp folder into place; a racing process may already have done so."""
+    for _ in range(3):
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError:
+            if _is_prepared(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(final, ignore_errors=True)  # a leftover without a valid marker
+    raise ModelLoadError(f"cannot move the prepared model into the cache folder {final}")
+
+
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# building one prepared folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _build(path: pathlib.Path, out: pathlib.Path, digest: str) -> None:
+    reader = _open_reader(path)
+    meta = _Metadata(reader, path)
+    arch = meta.string("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(_ARCHITECTURES)})"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    _check_tensors(path, reader)
+
+    config = _build_config(meta, arch, tensors, path)
+    tokenizer, tokenizer_config, generation_config = _build_tokenizer(meta, path, config)
+
+    _write_weights(path, reader, arch, config, out / "model.safetensors")
+    _write_json(out / "config.json", config)
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    _write_json(out / "generation_config.json", generation_config)
+    marker = {
+        "format_version": FORMAT_VERSION,
+        "source": str(path),
+        "sha256": digest,
+        "architecture": arch,
+        "num_tensors": len(reader.tensors),
+        "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(out / MARKER_NAME, marker, fsync=True)  # last: its presence means "complete"
+
+
+def _open_reader(path: pathlib.Path) -> Any:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # numpy/struct/ValueError from a damaged header or truncated data
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    if reader.byte_order != "I":
+        raise ModelLoadError(f"{path}: byte-swapped (big-endian) GGUF files are not supported")
+    return reader
+
+
+def _check_tensors(path: pathlib.Path, reader: Any) -> None:
+    """Fail before any work on truncated data or quantization types the gguf package cannot read."""
+    import gguf
+    from gguf.quants import _type_traits
+
+    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *_type_traits}
+    file_size = path.stat().st_size
+    for t in reader.tensors:
+        if t.tensor_type not in readable:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                "which the gguf package cannot dequantize"
+            )
+        if t.data_offset + t.n_bytes > file_size or t.data.nbytes != t.n_bytes:
+            raise ModelLoadError(
+                f"{path}: truncated file: tensor {t.name} needs bytes up to "
+                f"{t.data_offset + t.n_bytes} but the file has {file_size}"
+            )
+
+
+class _Metadata:
+    """Typed access to the GGUF key/value fields, with errors that name the file and key."""
+
+    def __init__(self, reader: Any, path: pathlib.Path) -> None:
+        self._fields = reader.fields
+        self._path = path
+
+    def has(self, key: str) -> bool:
+        return key in self._fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as exc:
+            raise ModelLoadError(f"{self._path}: cannot read metadata key {key}: {exc}") from exc
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ModelLoadError(f"{self._path}: metadata key {key} is missing")
+        return value
+
+    def string(self, key: str) -> str:
+        value = self.require(key)
+        if not isinstance(value, str):
+            raise ModelLoadError(f"{self._path}: metadata key {key} is not a string")
+        return value
+
+    def strings(self, key: str) -> list[str] | None:
+        """A string array, decoded leniently (a few files carry invalid UTF-8 in token pieces)."""
+        field = self._fields.get(key)
+        if field is None:
+            return None
+        return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_config(
+    meta: _Metadata, arch: str, tensors: dict[str, Any], path: pathlib.Path
+) -> dict[str, Any]:
+    def num(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: metadata key {arch}.{key} is missing")
+        if isinstance(value, list):  # per-layer values: only uniform ones are supported
+            if len(set(value)) != 1:
+                raise ModelLoadError(f"{path}: per-layer {arch}.{key} values are not supported")
+            value = value[0]
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path}: tensor token_embd.weight is missing")
+    hidden = int(num("embedding_length"))
+    num_heads = int(num("attention.head_count"))
+    num_kv_heads = int(num("attention.head_count_kv", num_heads))
+    head_dim = meta.get(f"{arch}.attention.key_length")
+    if head_dim is None:
+        head_dim = meta.get(f"{arch}.rope.dimension_count") if arch == "llama" else None
+    head_dim = int(head_dim) if head_dim is not None else hidden // num_heads
+    vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is [hidden, vocab]
+    architectures, model_type = _ARCHITECTURES[arch]
+
+    config: dict[str, Any] = {
+        "architectures": [architectures],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(num("feed_forward_length")),
+        "num_hidden_layers": int(num("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(num("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(num("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(num("context_length")),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if value is not None:
+            config[key] = int(value)
+    rope_scaling = _rope_scaling(meta, arch, config, tensors, path)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(
+    meta: _Metadata, arch: str, config: dict[str, Any], tensors: dict[str, Any], path: pathlib.Path
+) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
+    if "rope_freqs.weight" in tensors:
+        if kind not in (None, "none"):
+            raise ModelLoadError(f"{path}: rope_freqs together with rope scaling {kind!r}")
+        return _llama3_rope_scaling(tensors["rope_freqs.weight"], config, path)
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
+        if attn_factor is not None:
+            scaling["attention_factor"] = float(attn_factor)
+        return scaling
+    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}")
+
+
+def _llama3_rope_scaling(tensor: Any, config: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
+    """Recover Llama-3.x rope_scaling from llama.cpp's per-frequency `rope_freqs` factors."""
+    factors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    head_dim, theta = config["head_dim"], config["rope_theta"]
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(factors.max())
+    for original in (8192, 4096, 2048, 16384, 32768, 131072):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+            expected = _llama3_factors(freqs, factor, low, high, original)
+            if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-3):
+                return {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }
+    raise ModelLoadError(f"{path}: rope_freqs does not match a Llama-3 rope scaling")
+
+
+def _llama3_factors(
+    freqs: np.ndarray, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    # Same formula as llama.cpp's convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors).
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF name for a GGUF tensor name; None for `rope_freqs` (read into the config instead).
+
+    Raises KeyError for a name that has no place in a Llama/Qwen2/Qwen3 model.
+    """
+    base, _, suffix = gguf_name.rpartition(".")
+    if base == "rope_freqs":
+        return None
+    if suffix in ("weight", "bias"):
+        if base in _GLOBAL_TENSORS:
+            return f"{_GLOBAL_TENSORS[base]}.{suffix}"
+        parts = base.split(".")
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_TENSORS:
+            return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{suffix}"
+    raise KeyError(gguf_name)
+
+
+def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of Q/K rows (rotary halves interleaved per head)."""
+    dim = weights.shape[0] // n_head // 2
+    w = weights.reshape(n_head, dim, 2, *weights.shape[1:])
+    return w.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _write_weights(
+    path: pathlib.Path, reader: Any, arch: str, config: dict[str, Any], out: pathlib.Path
+) -> None:
+    """Dequantize every tensor to float32 and stream it into one safetensors file."""
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    plan: list[tuple[str, Any, tuple[int, ...]]] = []
+    seen: set[str] = set()
+    for t in reader.tensors:
+        try:
+            name = hf_tensor_name(t.name)
+        except KeyError:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} has no place in a {arch} model (unsupported variant?)"
+            ) from None
+        if name is None:
+            continue
+        if name in seen:
+            raise ModelLoadError(f"{path}: two tensors map to {name}")
+        seen.add(name)
+        plan.append((name, t, tuple(int(d) for d in reversed(t.shape.tolist()))))
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, _, shape in plan:
+        nbytes = math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt", "source": "gguf"}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    permute_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        bar = tqdm(plan, desc=f"Dequantizing {path.name}", unit="tensor", file=sys.stderr, mininterval=0.5)
+        for name, t, shape in bar:
+            try:
+                weights = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                weights = weights.reshape(shape)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}, shape "
+                    f"{shape}): {type(exc).__name__}: {exc}"
+                ) from exc
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if arch == "llama" and kind in permute_heads:
+                weights = _unpermute(weights, permute_heads[kind])
+            f.write(np.ascontiguousarray(weights, dtype="<f4").data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _build_tokenizer(
+    meta: _Metadata, path: pathlib.Path, config: dict[str, Any]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A `tokenizers.Tokenizer` plus tokenizer_config.json and generation_config.json contents."""
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    model = meta.get("tokenizer.ggml.model")
+    tokens = meta.strings("tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise ModelLoadError(f"{path}: the file carries no tokenizer (tokenizer.ggml.model/tokens)")
+    token_types = list(meta.get("tokenizer.ggml.token_type") or [])
+    merges = meta.strings("tokenizer.ggml.merges")
+
+    if model == "gpt2":
+        tokenizer, vocab = _byte_level_bpe(meta, tokens, merges)
+        default_add_bos = False
+    elif model == "llama":
+        tokenizer, vocab = _sentencepiece_bpe(meta, tokens, merges, path)
+        default_add_bos = True
+    else:
+        raise ModelLoadError(
+            f"{path}: unsupported tokenizer type {model!r} (supported: 'gpt2', 'llama')"
+        )
+
+    def token_at(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is None or not 0 <= int(token_id) < len(tokens):
+            return None
+        return tokens[int(token_id)]
+
+    named = {
+        "bos_token": token_at("bos_token_id"),
+        "eos_token": token_at("eos_token_id"),
+        "unk_token": token_at("unknown_token_id"),
+        "pad_token": token_at("padding_token_id"),
+    }
+    control = [tok for tok, kind in zip(tokens, token_types) if kind == _TOKEN_CONTROL]
+    specials = [tok for tok in dict.fromkeys([*control, *named.values()]) if tok is not None]
+    tokenizer.add_special_tokens(
+        [AddedToken(tok, normalized=False, special=True) for tok in specials if tok in vocab]
+    )
+    user_defined = [
+        AddedToken(tok, normalized=False, special=False)
+        for tok, kind in zip(tokens, token_types)
+        if kind == _TOKEN_USER_DEFINED and tok in vocab
+    ]
+    if user_defined:
+        tokenizer.add_tokens(user_defined)
+
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    bos, eos = named["bos_token"], named["eos_token"]
+    single, pair, template_specials = ["$A:0"], ["$A:0"], []
+    if add_bos and bos is not None:
+        single.insert(0, bos)
+        template_specials.append((bos, vocab[bos]))
+    if add_eos and eos is not None:
+        single.append(eos)
+        template_specials.append((eos, vocab[eos]))
+    pair = [*single, *(x if x != "$A:0" else "$B:1" for x in single)]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=list(dict.fromkeys(template_specials))
+    )
+
+    tokenizer_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{k: v for k, v in named.items() if v is not None},
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    chat_template = meta.get("tokenizer.chat_template")
+    if isinstance(chat_template, str):
+        tokenizer_config["chat_template"] = chat_template
+
+    generation_config: dict[str, Any] = {}
+    if "bos_token_id" in config:
+        generation_config["bos_token_id"] = config["bos_token_id"]
+    eos_ids = [
+        int(v)
+        for v in (meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
+        if v is not None
+    ]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    if eos_ids:
+        generation_config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if "pad_token_id" in config:
+        generation_config["pad_token_id"] = config["pad_token_id"]
+    return tokenizer, tokenizer_config, generation_config
+
+
+def _byte_level_bpe(
+    meta: _Metadata, tokens: list[str], merges: list[str] | None
+) -> tuple[Any, dict[str, int]]:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = _bytes_to_unicode()
+    alphabet = set(byte_chars.values())
+
+    def spell(token: str) -> str:  # tokens stored as raw text are re-spelled in the byte alphabet
+        if set(token) <= alphabet:
+            return token
+        return "".join(byte_chars[b] for b in token.encode("utf-8"))
+
+    vocab = {spell(tok): i for i, tok in enumerate(tokens)}
+    merge_pairs = [tuple(m.split(" ", 1)) for m in merges or []]
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merge_pairs,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre in _SPLIT_BY_PRE:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif pre in _DIGITS_THEN_GPT2:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    else:
+        if pre not in ("default", "gpt2", "gpt-2"):
+            logger.warning("GGUF pre-tokenizer %r unknown; using the GPT-2 split", pre)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer, vocab
+
+
+def _sentencepiece_bpe(
+    meta: _Metadata, tokens: list[str], merges: list[str] | None, path: pathlib.Path
+) -> tuple[Any, dict[str, int]]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if merges:
+        merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ModelLoadError(f"{path}: sentencepiece tokenizer without merges or scores")
+        merge_pairs = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merge_pairs, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None
+        )
+    )
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer, vocab
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a token into two known
+    pieces, best token score first (as transformers' and tokenizers' converters do)."""
+    found: list[tuple[str, str, float]] = []
+    for token, score in scores.items():
+        local = [
+            (token[:i], token[i:], score)
+            for i in range(1, len(token))
+            if token[:i] in vocab and token[i:] in vocab
+        ]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        found.extend(local)
+    found.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
+
+
+def _write_json(path: pathlib.Path, data: dict[str, Any], fsync: bool = False) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())

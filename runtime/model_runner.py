@@ -1,0 +1,236 @@
+"""ModelRunner: loads the model, owns the KV cache and runs one scheduled step (engine core)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
+from fornax.runtime.config import EngineConfig
+from fornax.runtime.errors import ConfigError, ModelLoadError
+from fornax.runtime.input_batch import InputBatch
+from fornax.runtime.kv_cache.kv_cache_manager import cdiv
+from fornax.runtime.loaders.model_files import ModelFiles
+from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
+from fornax.runtime.models.registry import resolve_architecture
+from fornax.runtime.sampler import Sampler, SamplingMetadata
+from fornax.runtime.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+
+
+@dataclass
+class StepLogprobs:
+    """Logprobs of one sampled token: the sampled one first, then the top-k alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int]  # request id -> token sampled at its last scheduled position
+    logprobs: dict[str, StepLogprobs]
+
+
+def resolve_dtype(requested: str, hf_config: dict, device: torch.device) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype (float16 becomes float32 on CPU, where it is slow)."""
+    if requested != "auto":
+        return _TORCH_DTYPES[requested]
+    name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    dtype = _TORCH_DTYPES.get(name, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+class ModelRunner:
+    """Persistent host state (InputBatch) and device buffers; `execute_model` runs one step."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles, max_model_len: int) -> None:
+        self.config = config
+        self.files = files
+        self.device = torch.device(config.device)
+        self.max_model_len = max_model_len
+        self.block_size = config.cache_config.block_size
+        self.dtype = resolve_dtype(config.model_config.dtype, files.hf_config, self.device)
+        self.arch, model_cls = resolve_architecture(files.hf_config)
+        hf = files.hf_config
+        num_heads = int(hf["num_attention_heads"])
+        self.num_kv_heads = int(hf.get("num_key_value_heads") or num_heads)
+        self.head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads)
+        self.num_layers = int(hf["num_hidden_layers"])
+        self.backend = make_attention_backend(
+            config.attention_backend, num_heads=num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, block_size=self.block_size, dtype=self.dtype,
+            device=self.device)
+        start = time.perf_counter()
+        torch.manual_seed(config.model_config.seed)
+        with torch.device(self.device):
+            self.model = model_cls(hf, self.arch, self.backend).to(self.dtype)
+        self._load_weights()
+        self.model.eval()
+        self.vocab_size = int(hf["vocab_size"])
+        logger.info("loaded %s (%s, %s) in %.2f s", files.source or files.path, self.arch,
+                    str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
+        sched = config.scheduler_config
+        self.max_num_reqs = sched.max_num_seqs
+        self.max_num_tokens = sched.max_num_batched_tokens
+        self.max_blocks_per_req = cdiv(max_model_len, self.block_size)
+        self.batch = InputBatch(self.max_num_reqs, max_model_len, self.max_blocks_per_req)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        # Persistent device buffers, reused every step (CUDA graphs need fixed addresses).
+        self.input_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+        self.positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+        self.slot_mapping = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+        self._arange = np.arange(max(self.max_num_tokens, self.max_num_reqs) + 1, dtype=np.int64)
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _load_weights(self) -> None:
+        if self.config.model_config.load_format == "dummy":
+            init_dummy_weights(self.model, self.config.model_config.seed)
+            return
+        loaded = self.model.load_weights(iterate_safetensors(self.files.weight_files))
+        expected = {name for name, _ in self.model.named_parameters()}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"checkpoint in {self.files.path} lacks weights: "
+                                 + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem * self.num_layers
+
+    def determine_num_blocks(self) -> int:
+        """KV capacity: an explicit block count or byte budget, else a device-specific default."""
+        cache = self.config.cache_config
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = self.kv_bytes_per_block()
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * cache.gpu_memory_utilization) - used
+        else:
+            # Enough for every sequence slot at full length, capped at 2 GiB of host memory.
+            needed = (self.max_num_reqs * self.max_blocks_per_req + 1) * per_block
+            budget = min(_DEFAULT_CPU_KV_BYTES, needed)
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ConfigError(f"the KV-cache budget ({budget} bytes) holds less than 2 blocks of "
+                              f"{per_block} bytes; raise --kv-cache-memory")
+        return int(num_blocks)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        shape = self.backend.kv_cache_shape(num_blocks)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.num_layers)]
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_req_ids:
+            self.batch.remove(rid)
+        for new in out.scheduled_new_reqs:
+            self.batch.remove(new.req_id)
+            self.batch.add(new.req_id, new.token_ids, new.num_computed_tokens, new.block_ids,
+                           new.request.sampling_params, self.device)
+        for cached in out.scheduled_cached_reqs:
+            row = self.batch.index[cached.req_id]
+            self.batch.num_computed_np[row] = cached.num_computed_tokens
+            if cached.new_block_ids:
+                self.batch.append_blocks(row, cached.new_block_ids)
+
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(out)
+        if out.is_empty:
+            return ModelRunnerOutput({}, {})
+        batch = self.batch
+        req_ids = list(out.num_scheduled_tokens)
+        rows = np.fromiter((batch.index[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        num_sched = np.fromiter(out.num_scheduled_tokens.values(), dtype=np.int64,
+                                count=len(req_ids))
+        num_reqs, num_tokens = len(req_ids), int(num_sched.sum())
+        qsl = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(num_sched, out=qsl[1:])
+        req_of_token = np.repeat(self._arange[:num_reqs], num_sched)
+        computed = batch.num_computed_np[rows].astype(np.int64)
+        positions = computed[req_of_token] + self._arange[:num_tokens] - qsl[req_of_token]
+        token_rows = rows[req_of_token]
+        input_ids = batch.token_ids_np[token_rows, positions]
+        block_table_np = batch.block_table_np[rows]
+        slots = (block_table_np[req_of_token, positions // self.block_size].astype(np.int64)
+                 * self.block_size + positions % self.block_size)
+        seq_lens = (computed + num_sched).astype(np.int32)
+
+        self.input_ids[:num_tokens].copy_(torch.from_numpy(input_ids), non_blocking=True)
+        self.positions[:num_tokens].copy_(torch.from_numpy(positions), non_blocking=True)
+        self.slot_mapping[:num_tokens].copy_(torch.from_numpy(slots), non_blocking=True)
+        common = CommonAttentionMetadata(
+            query_start_loc_np=qsl, seq_lens_np=seq_lens,
+            block_table=torch.from_numpy(block_table_np).to(self.device, non_blocking=True),
+            block_table_np=block_table_np, slot_mapping=self.slot_mapping[:num_tokens],
+            num_reqs=num_reqs, num_actual_tokens=num_tokens,
+            max_query_len=int(num_sched.max()), max_seq_len=int(seq_lens.max()),
+            block_size=self.block_size)
+        attn_metadata = self.backend.build_metadata(common)
+        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens],
+                            self.kv_caches, attn_metadata)
+
+        # Only requests whose whole known sequence is now computed get a token.
+        done = seq_lens >= batch.num_tokens_np[rows]
+        done_idx = np.nonzero(done)[0]
+        if len(done_idx) == 0:
+            return ModelRunnerOutput({}, {})
+        logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(self.device)
+        logits = self.model.compute_logits(hidden[logits_idx])
+        meta = self._sampling_metadata(rows[done_idx], [req_ids[i] for i in done_idx])
+        result = self.sampler(logits, meta)
+        sampled_list = result.sampled.tolist()  # the one device->host sync of the step
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, StepLogprobs] = {}
+        lp_ids = lp_vals = ranks = None
+        if result.logprobs is not None:
+            lp_ids, lp_vals = result.logprob_token_ids.tolist(), result.logprobs.tolist()
+            ranks = result.sampled_ranks.tolist()
+        for j, i in enumerate(done_idx):
+            rid, row = req_ids[i], int(rows[i])
+            token = sampled_list[j]
+            sampled[rid] = token
+            batch.append_token(row, token)
+            k = int(batch.num_logprobs_np[row])
+            if lp_ids is not None and k >= 0:
+                logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1], ranks[j])
+        return ModelRunnerOutput(sampled, logprobs)
+
+    def _sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
+        b = self.batch
+        temp_np = b.temperature_np[rows]
+        top_k_np, top_p_np, min_p_np = b.top_k_np[rows], b.top_p_np[rows], b.min_p_np[rows]
+        greedy = temp_np < 1e-5
+        greedy |= top_k_np == 1
+        temp_np = np.where(greedy, 0.0, temp_np).astype(np.float32)
+        dev = self.device
+
+        def tensor(arr: np.ndarray, used: bool) -> torch.Tensor | None:
+            return torch.from_numpy(arr).to(dev, non_blocking=True) if used else None
+
+        gens = {j: b.generators[r] for j, r in enumerate(req_ids) if r in b.generators}
+        return SamplingMetadata(
+            temperature=torch.from_numpy(temp_np).to(dev, non_blocking=True),
+            top_p=tensor(top_p_np, bool((top_p_np < 1.0).any())),
+            top_k=tensor(top_k_np.astype(np.int64), bool((top_k_np > 0).any())),
+            min_p=tensor(min_p_np, bool((min_p_np > 0).any())),
+            all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
+            generators=gens, max_num_logprobs=int(b.num_logprobs_np[rows].max()))

@@ -1,0 +1,106 @@
+"""OutputProcessor: engine token outputs -> text, stop strings, logprobs (API worker / offline LLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fornax.runtime.detokenizer import IncrementalDetokenizer
+from fornax.runtime.messages import EngineCoreOutput
+from fornax.runtime.outputs import CompletionOutput, Logprob
+from fornax.runtime.sampling_params import SamplingParams
+from fornax.runtime.tokenizer import TokenizerFront
+
+
+@dataclass
+class RequestState:
+    """Text-side state of one engine request (one of the n choices of a user request)."""
+
+    request_id: str
+    index: int
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    num_new_tokens: int = 0  # tokens added by the latest update (for streaming deltas)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer else ""
+
+    def to_output(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index, text=self.text, token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+            logprobs=self.logprobs,
+            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None)
+
+
+class OutputProcessor:
+    """Keeps one RequestState per engine request and applies engine outputs to it."""
+
+    def __init__(self, tokenizer: TokenizerFront) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, index: int, params: SamplingParams,
+                    prompt_token_ids: list[int]) -> RequestState:
+        detok = None
+        if params.detokenize:
+            detok = IncrementalDetokenizer(
+                self.tokenizer.tokenizer, prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output)
+        state = RequestState(request_id, index, params, prompt_token_ids, detok,
+                             logprobs=[] if params.logprobs is not None else None)
+        self.states[request_id] = state
+        return state
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestState], list[str]]:
+        """Apply outputs; returns the touched states and ids the engine must abort (stop strings)."""
+        touched: list[RequestState] = []
+        to_abort: list[str] = []
+        for out in outputs:
+            state = self.states.get(out.request_id)
+            if state is None or state.finished:
+                continue
+            state.num_cached_tokens = out.num_cached_tokens
+            new_ids = out.new_token_ids
+            state.token_ids.extend(new_ids)
+            state.num_new_tokens = len(new_ids)
+            if out.new_logprobs and state.logprobs is not None:
+                self._add_logprobs(state, out)
+            stop_str = state.detokenizer.update(new_ids) if state.detokenizer else None
+            if stop_str is not None:
+                state.finish_reason, state.stop_reason = "stop", stop_str
+                if out.finish_reason is None:
+                    to_abort.append(out.request_id)
+            elif out.finish_reason is not None:
+                state.finish_reason, state.stop_reason = out.finish_reason, out.stop_reason
+            touched.append(state)
+            if state.finished:
+                self.states.pop(out.request_id, None)
+        return touched, to_abort
+
+    def _add_logprobs(self, state: RequestState, out: EngineCoreOutput) -> None:
+        for lp in out.new_logprobs or []:
+            entry: dict[int, Logprob] = {}
+            sampled = lp.token_ids[0]
+            for pos, (tid, val) in enumerate(zip(lp.token_ids, lp.logprobs)):
+                if tid in entry:
+                    continue
+                rank = lp.rank if pos == 0 else pos
+                entry[tid] = Logprob(val, rank, self.tokenizer.decode([tid], False))
+            state.cumulative_logprob += entry[sampled].logprob
+            state.logprobs.append(entry)  # type: ignore[union-attr]
+
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)

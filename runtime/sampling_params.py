@@ -1,0 +1,100 @@
+"""SamplingParams: how one request decodes, validated with errors naming the field (any process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fornax.runtime.errors import RequestError
+
+_MAX_STOP_STRINGS = 64
+_MAX_STOP_STRING_LEN = 1024
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings, with vLLM's names and defaults."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is plain argmax (temperature 0 or top_k 1)."""
+        return self.temperature < 1e-5 or self.top_k == 1
+
+    def validate(self, max_logprobs: int | None = None) -> None:
+        """Raise RequestError naming the first invalid field."""
+        _int_at_least("n", self.n, 1)
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (
+            self.top_k < 1 and self.top_k not in (-1, 0)
+        ):
+            raise RequestError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}", "top_k")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise RequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.max_tokens is not None:
+            _int_at_least("max_tokens", self.max_tokens, 1)
+        _int_at_least("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens",
+            )
+        if len(self.stop) > _MAX_STOP_STRINGS:
+            raise RequestError(f"at most {_MAX_STOP_STRINGS} stop strings are allowed", "stop")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > _MAX_STOP_STRING_LEN:
+                raise RequestError(
+                    f"each stop string must be a non-empty string of at most "
+                    f"{_MAX_STOP_STRING_LEN} characters", "stop")
+        for t in self.stop_token_ids:
+            _int_at_least("stop_token_ids", t, 0)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _int_at_least(name, value, -1)
+            if max_logprobs is not None and value > max_logprobs:
+                raise RequestError(
+                    f"{name}={value} exceeds the server's --max-logprobs ({max_logprobs})", name)
+
+    def clone(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (re-validated)."""
+        return replace(self, **changes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise RequestError(f"{name} must be an integer >= {low}, got {value!r}", name)

@@ -1,0 +1,250 @@
+"""Scheduler: one token budget per step over running then waiting requests (engine-core process)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass, field
+
+from fornax.runtime.config import CacheConfig, SchedulerConfig
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
+from fornax.runtime.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NewRequestData:
+    """A request the model runner has not seen (or forgot on preemption): full state."""
+
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    request: Request
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already tracks: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step, as a diff against the runner's persistent state."""
+
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+class Scheduler:
+    """Continuous batching: decodes and (chunked) prefills share one token budget per step."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 kv_cache_manager: KVCacheManager, max_model_len: int) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = kv_cache_manager
+        self.max_model_len = max_model_len
+        self.priority_policy = scheduler_config.policy == "priority"
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._finished_req_ids: set[str] = set()
+        self._runner_known: set[str] = set()
+        self._num_sent_blocks: dict[str, int] = {}
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self._enqueue_waiting(request)
+
+    def _enqueue_waiting(self, request: Request, front: bool = False) -> None:
+        if self.priority_policy:
+            keys = [r.sort_key() for r in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, request.sort_key()), request)
+        elif front:
+            self.waiting.insert(0, request)
+        else:
+            self.waiting.append(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        """Finish the given requests as aborted; unknown or already-finished ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished:
+                continue
+            self.finish_request(request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(request)
+        return aborted
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self._forget(request.request_id)
+
+    def _forget(self, req_id: str) -> None:
+        self._num_sent_blocks.pop(req_id, None)
+        if req_id in self._runner_known:
+            self._runner_known.discard(req_id)
+            self._finished_req_ids.add(req_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        preempted_now: set[str] = set()
+
+        # 1. Running requests first, in order; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                if self.kv.allocate_slots(request, num_new):
+                    break
+                victim = self._pick_victim()
+                self._preempt(victim)
+                preempted_now.add(victim.request_id)
+                if victim is request:
+                    break
+            if request.request_id in preempted_now:
+                continue  # it was removed from self.running; index i now names the next one
+            scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+            i += 1
+
+        # 2. Then waiting requests, while budget, sequence slots and blocks allow.
+        while (self.waiting and budget > 0 and not preempted_now
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            request.num_computed_tokens = num_hit_tokens
+            if not self.kv.allocate_slots(request, num_new, hits):
+                request.num_computed_tokens = 0
+                break
+            self.waiting.pop(0)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+
+        for request in scheduled:
+            self._describe(request, out)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.finished_req_ids = self._finished_req_ids
+        self._finished_req_ids = set()
+        return out
+
+    def _pick_victim(self) -> Request:
+        if self.priority_policy:
+            return max(self.running, key=lambda r: r.sort_key())
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._forget(request.request_id)
+        self._enqueue_waiting(request, front=True)
+        logger.debug("preempted %s (recompute later)", request.request_id)
+
+    def _describe(self, request: Request, out: SchedulerOutput) -> None:
+        block_ids = self.kv.block_ids(request.request_id)
+        rid = request.request_id
+        if rid not in self._runner_known:
+            self._runner_known.add(rid)
+            out.scheduled_new_reqs.append(NewRequestData(
+                req_id=rid, token_ids=list(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens, block_ids=block_ids,
+                num_computed_tokens=request.num_computed_tokens, request=request))
+        else:
+            sent = self._num_sent_blocks.get(rid, 0)
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                req_id=rid, new_block_ids=block_ids[sent:],
+                num_computed_tokens=request.num_computed_tokens))
+        self._num_sent_blocks[rid] = len(block_ids)
+
+    # ---- after the forward -----------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput,
+                           sampled: dict[str, int]) -> list[tuple[Request, list[int]]]:
+        """Advance computed counts, append sampled tokens, finish requests that hit a stop.
+
+        `sampled` maps request id to the token sampled at its last scheduled position. Returns
+        (request, new token ids) for every request that produced a token or finished.
+        """
+        results: list[tuple[Request, list[int]]] = []
+        for rid, num in out.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted in the meantime
+            request.num_computed_tokens += num
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # a partial prefill chunk: its sample is discarded
+            token = sampled[rid]
+            request.append_output_token(token)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self.finish_request(request, status)
+            results.append((request, [token]))
+        return results
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_out = request.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,50 @@
+"""Shared pytest set-up: offline HF, thread count, `tools` importable, tiny-checkpoint factory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # makes `tools` importable
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Path]:
+    """Factory: ``tiny_model(arch, seed=0)`` -> cached tiny random checkpoint dir (built once)."""
+    from tools.make_tiny_model import tiny_model_dir
+
+    def factory(arch: str, seed: int = 0) -> Path:
+        return tiny_model_dir(arch, seed=seed)
+
+    return factory
+
+
+@pytest.fixture
+def make_llm(tiny_model: Callable[..., Path]):
+    """Factory for offline LLMs on tiny models; after the test, every KV block must be free."""
+    from fornax.runtime import LLM
+
+    made = []
+
+    def factory(arch: str = "llama", **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("max_model_len", 512)
+        llm = LLM(str(tiny_model(arch)), **kwargs)
+        made.append(llm)
+        return llm
+
+    yield factory
+    for llm in made:
+        engine = llm.engine
+        assert not engine.has_unfinished_requests(), "requests left in the engine"
+        assert engine.kv.num_free_blocks() == engine.kv.pool.num_usable_blocks, "KV blocks leaked"

@@ -1,0 +1,82 @@
+"""Bad engine arguments and bad model folders raise typed errors with clear messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fornax.runtime import LLM
+from fornax.runtime.config import make_engine_config
+from fornax.runtime.errors import ConfigError, FornaxError, ModelLoadError
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_size": 0}, "block_size must be a positive integer"),
+    ({"block_size": 16, "max_num_batched_tokens": 8}, "at least the block size"),
+    ({"max_num_seqs": -1}, "max_num_seqs"),
+    ({"dtype": "int3"}, "dtype must be one of"),
+    ({"load_format": "pickle"}, "load_format must be one of"),
+    ({"scheduling_policy": "random"}, "scheduling policy"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"no_such_flag": 1}, "unknown engine argument"),
+    ({"enable_chunked_prefill": False, "max_num_batched_tokens": 64, "max_model_len": 128},
+     "without chunked prefill"),
+])
+def test_bad_engine_arguments_raise_config_error(kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_engine_config("some-model", **kwargs)
+
+
+def test_missing_model_path(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_folder_without_config(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_unknown_architecture(tiny_model, tmp_path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unsupported model architecture.*FancyNew"):
+        LLM(str(folder))
+
+
+def test_missing_weights_and_corrupt_weights(tiny_model, tmp_path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        LLM(str(folder))
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="no .safetensors weights"):
+        LLM(str(folder))
+
+
+def test_context_longer_than_the_model_is_refused(tiny_model) -> None:
+    with pytest.raises(ConfigError, match="larger than the model's maximum context"):
+        LLM(str(tiny_model("llama")), max_model_len=1_000_000)
+
+
+def test_kv_pool_smaller_than_one_sequence_is_refused(tiny_model) -> None:
+    with pytest.raises(ConfigError, match="less than one sequence"):
+        LLM(str(tiny_model("llama")), max_model_len=512, num_gpu_blocks=4)
+
+
+def test_dummy_weights_need_no_checkpoint(tiny_model, tmp_path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("qwen3"), folder)
+    (folder / "model.safetensors").unlink()
+    llm = LLM(str(folder), load_format="dummy", max_model_len=128)
+    out = llm.generate("hello", None)
+    assert out[0].outputs[0].token_ids
+    assert issubclass(ModelLoadError, FornaxError) and issubclass(ConfigError, FornaxError)

@@ -1,0 +1,165 @@
+"""`fornax bench latency`: end-to-end time of one fixed batch, warm-up excluded (CLI process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from typing import Any
+
+from fornax.perf import offline
+from fornax.perf.common import (
+    check_threads,
+    make_record,
+    percentile,
+    print_table,
+    progress,
+    speedup,
+    summarize,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+HEADLINE = ("median_latency_s", "p99_latency_s", "mean_ttft_ms", "mean_tpot_ms",
+            "output_throughput")
+DETAIL_PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "latency", help="latency of one fixed batch (optionally vs HF transformers)",
+        description="Time `generate` of a fixed batch of random prompts, after warm-up "
+                    "iterations; report latency percentiles, time to first token and per token.")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters-warmup", type=int, default=3)
+    p.add_argument("--num-iters", type=int, default=10)
+    p.add_argument("--output-json", default=None)
+    offline.add_engine_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _batch(rng: random.Random, batch: int, length: int, upper: int,
+           avoid: set[int]) -> list[list[int]]:
+    prompts = []
+    for _ in range(batch):
+        ids: list[int] = []
+        while len(ids) < length:
+            tid = rng.randrange(upper)
+            if tid not in avoid:
+                ids.append(tid)
+        prompts.append(ids)
+    return prompts
+
+
+def _fornax_iter(llm: Any, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    outputs, elapsed, timer, start = offline.timed_generate(
+        llm, prompts, [output_len] * len(prompts), use_tqdm=False)
+    firsts = [t - start for t in timer.first_token_at.values()]
+    ttft = max(firsts) if firsts else elapsed
+    return {"latency_s": elapsed, "ttft_s": ttft, "mean_request_ttft_s": sum(firsts) / len(firsts),
+            "tpot_s": (elapsed - ttft) / (output_len - 1) if output_len > 1 else 0.0,
+            "num_steps": len(timer.steps)}
+
+
+def _hf_iter(peer: Any, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    run = peer.generate(prompts, output_len)
+    ttft = run.ttft_s
+    return {"latency_s": run.elapsed_s, "ttft_s": ttft, "mean_request_ttft_s": ttft,
+            "tpot_s": (run.elapsed_s - ttft) / (output_len - 1) if output_len > 1 else 0.0,
+            "num_steps": len(run.step_times)}
+
+
+def _metrics(iters: list[dict[str, float]], batch: int, output_len: int) -> dict[str, float]:
+    lat = [it["latency_s"] for it in iters]
+    m = summarize(lat, "latency", "s")
+    m["mean_ttft_ms"] = 1e3 * sum(it["ttft_s"] for it in iters) / len(iters)
+    m["mean_tpot_ms"] = 1e3 * sum(it["tpot_s"] for it in iters) / len(iters)
+    m["output_throughput"] = batch * output_len / m["median_latency_s"]
+    return m
+
+
+def _loop(name: str, fn: Any, batches: list[list[list[int]]], warmups: int,
+          show: bool) -> tuple[list[dict[str, float]], float]:
+    """Run warm-up iterations (timed apart) then measured ones; returns (measured, warm-up s)."""
+    bar = progress(len(batches), f"{name} latency", show)
+    warm_s = 0.0
+    measured = []
+    for i, prompts in enumerate(batches):
+        it = fn(prompts)
+        if i < warmups:
+            warm_s += it["latency_s"]
+        else:
+            measured.append(it)
+        bar.update(1)
+    bar.close()
+    return measured, warm_s
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    check_threads()
+    offline.set_threads(args.num_threads)
+    if args.num_iters < 1 or args.batch_size < 1 or args.input_len < 1 or args.output_len < 1:
+        raise SystemExit("--num-iters, --batch-size, --input-len and --output-len must be >= 1")
+    show = not args.disable_tqdm
+    llm, load_s = offline.build_llm(args)
+    upper = offline.vocab_upper(llm)
+    avoid = set(getattr(llm.tokenizer, "special_ids", {}).values())
+    rng = random.Random(args.seed)
+    total = args.num_iters_warmup + args.num_iters
+    batches = [_batch(rng, args.batch_size, args.input_len, upper, avoid) for _ in range(total)]
+
+    record = make_record("latency", offline.model_label(args, llm), vars(args))
+    fx, fx_warm = _loop("fornax", lambda p: _fornax_iter(llm, p, args.output_len), batches,
+                        args.num_iters_warmup, show)
+    record["startup"] = {"load_s": load_s, "warmup_s": fx_warm}
+    record["metrics"] = _metrics(fx, args.batch_size, args.output_len)
+    lat = [it["latency_s"] for it in fx]
+    record["details"] = {
+        "iterations": fx,
+        "latency_percentiles_s": {str(p): percentile(lat, p) for p in DETAIL_PERCENTILES},
+        "tokens_per_iteration": args.batch_size * args.output_len,
+    }
+    if args.peer == "hf":
+        import transformers
+
+        from fornax.perf.hf_peer import HFPeer
+
+        eos = sorted(llm.engine.info.eos_token_ids)
+        peer = HFPeer(llm.engine.files.path, llm.engine.info.dtype,
+                      random_weights=args.load_format == "dummy", seed=args.seed,
+                      eos_token_id=eos[0] if eos else None)
+        hf, hf_warm = _loop("hf", lambda p: _hf_iter(peer, p, args.output_len), batches,
+                            args.num_iters_warmup, show)
+        record["peer"] = {"name": "hf", "version": transformers.__version__, "dtype": peer.dtype,
+                          "attn_implementation": peer.attn_implementation,
+                          "startup": {"load_s": peer.load_s, "warmup_s": hf_warm},
+                          "metrics": _metrics(hf, args.batch_size, args.output_len),
+                          "iterations": hf}
+        record["ratios"] = {k: speedup(k, record["metrics"][k], record["peer"]["metrics"][k])
+                            for k in HEADLINE}
+    write_json(record, args.output_json)
+    print_report(record)
+    return record
+
+
+def print_report(record: dict[str, Any]) -> None:
+    cfg, m, peer = record["config"], record["metrics"], record.get("peer")
+    title = (f"latency: {record['model']} | batch {cfg['batch_size']}, input {cfg['input_len']}, "
+             f"output {cfg['output_len']}, {cfg['num_iters']} iters")
+    names = ["mean_latency_s", "median_latency_s", "p90_latency_s", "p99_latency_s",
+             "mean_ttft_ms", "mean_tpot_ms", "output_throughput"]
+    rows: list[list[Any]] = []
+    for name in names:
+        row: list[Any] = [name, m.get(name)]
+        if peer:
+            row += [peer["metrics"].get(name), record["ratios"].get(name, "")]
+        rows.append(row)
+    for key in ("load_s", "warmup_s"):
+        rows.append([f"startup {key}", record["startup"][key]]
+                    + ([peer["startup"][key], ""] if peer else []))
+    headers = ["metric", "fornax"] + (["hf", "speedup"] if peer else [])
+    print_table(rows, headers, title)

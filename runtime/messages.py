@@ -37,3 +37,97 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+
+
+# ---- engine-core process <-> API workers (fornax serve) ---------------------------------------
+# Client -> engine messages are one tagged union (`ClientMessage`), engine -> client another
+# (`EngineMessage`); the tag is the first array element.
+
+
+class EngineHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Sent once by the engine-core process at start: READY with its limits, or the failure."""
+
+    ready: bool
+    error: str | None = None
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    kv_capacity_tokens: int = 0
+    max_model_len: int = 0
+    vocab_size: int = 0
+    model_path: str = ""
+    architecture: str = ""
+    dtype: str = ""
+    device: str = ""
+    max_logprobs: int = 0
+    eos_token_ids: list[int] = []
+
+
+class ClientHello(msgspec.Struct, tag="hello", array_like=True, omit_defaults=True, gc=False):
+    """An API worker announces itself and the address its results go to."""
+
+    client_id: str
+    output_address: str
+
+
+class AddRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
+    request: EngineCoreRequest
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True, omit_defaults=True, gc=False):
+    request_ids: list[str]
+
+
+class StatsQuery(msgspec.Struct, tag="stats?", array_like=True, omit_defaults=True, gc=False):
+    query_id: int
+
+
+ClientMessage = ClientHello | AddRequest | AbortRequests | StatsQuery
+
+
+class EngineStats(msgspec.Struct, tag="stats", array_like=True, omit_defaults=True, gc=False):
+    """Engine-wide gauges and counters, answered to a StatsQuery (for /metrics and /load)."""
+
+    query_id: int
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    draining: bool = False
+
+
+class RequestRejected(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The engine refused a request: `status` 400 (bad input) or 503 (overloaded / draining)."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+    status: int = 400
+
+
+class EngineCoreOutputs(msgspec.Struct, tag="out", array_like=True, omit_defaults=True, gc=False):
+    """One step's results for one API worker."""
+
+    outputs: list[EngineCoreOutput] = []
+    rejected: list[RequestRejected] = []
+
+
+class EngineDead(msgspec.Struct, tag="dead", array_like=True, omit_defaults=True, gc=False):
+    """The dead sentinel: the engine core failed and every in-flight request is lost."""
+
+    message: str
+
+
+EngineMessage = EngineCoreOutputs | EngineStats | EngineDead
+
+
+class EngineSpec(msgspec.Struct, omit_defaults=True, gc=False):
+    """How `fornax serve` tells the engine-core process what to load and where to listen (JSON)."""
+
+    model: str
+    engine_kwargs: dict[str, object]
+    ipc_dir: str
+    handshake_address: str
+    parent_pid: int
+    drain_timeout_s: float = 20.0

@@ -1,0 +1,1 @@
+"""Engine-core process plumbing for `fornax serve`: the process itself, its launcher, its async client."""

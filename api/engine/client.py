@@ -1,0 +1,223 @@
+"""Async client of the engine core: sends requests, merges results per request (API worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from fornax.api.engine.addresses import alive_path, input_address, output_address
+from fornax.api.errors import APIError, EngineDeadError, overloaded
+from fornax.runtime.messages import (
+    AbortRequests,
+    AddRequest,
+    ClientHello,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineDead,
+    EngineMessage,
+    EngineStats,
+    RequestRejected,
+    StatsQuery,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _merge(into: EngineCoreOutput, new: EngineCoreOutput) -> None:
+    into.new_token_ids.extend(new.new_token_ids)
+    if new.new_logprobs:
+        into.new_logprobs = (into.new_logprobs or []) + new.new_logprobs
+    into.finish_reason = new.finish_reason
+    into.stop_reason = new.stop_reason
+    into.num_prompt_tokens = new.num_prompt_tokens or into.num_prompt_tokens
+    into.num_cached_tokens = new.num_cached_tokens
+
+
+class RequestGroup:
+    """The engine requests behind one API request; outputs wait here merged (one slot each)."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        self.request_ids = request_ids
+        self.unfinished = set(request_ids)
+        self.pending: dict[str, EngineCoreOutput] = {}
+        self.error: APIError | None = None
+        self._event = asyncio.Event()
+
+    def put(self, out: EngineCoreOutput) -> None:
+        held = self.pending.get(out.request_id)
+        if held is None:
+            self.pending[out.request_id] = out
+        else:
+            _merge(held, out)
+        if out.finish_reason is not None:
+            self.unfinished.discard(out.request_id)
+        self._event.set()
+
+    def fail(self, error: APIError) -> None:
+        if self.error is None:
+            self.error = error
+        self._event.set()
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished and not self.pending
+
+    async def next(self) -> list[EngineCoreOutput]:
+        """Everything that arrived since the last call (waits for something); raises on failure."""
+        while not self.pending and self.error is None:
+            self._event.clear()
+            await self._event.wait()
+        if self.error is not None:
+            raise self.error
+        outs = list(self.pending.values())
+        self.pending.clear()
+        return outs
+
+
+class EngineClient:
+    """One per API worker: a DEALER to the engine's ROUTER, a PULL for results, a liveness pipe."""
+
+    def __init__(self, ipc_dir: str) -> None:
+        self.ipc_dir = ipc_dir
+        self.client_id = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.groups: dict[str, RequestGroup] = {}
+        self.queries: dict[int, asyncio.Future[EngineStats]] = {}
+        self._query_ids = itertools.count()
+        self.dead_reason: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(EngineMessage)
+
+    @property
+    def dead(self) -> bool:
+        return self.dead_reason is not None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        out_addr = output_address(self.ipc_dir, self.client_id)
+        self.pull.bind(out_addr)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IDENTITY, self.client_id.encode())
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(input_address(self.ipc_dir))
+        await self._send(ClientHello(self.client_id, out_addr))
+        self._tasks = [asyncio.create_task(self._read_loop()),
+                       asyncio.create_task(self._watch_alive())]
+        await self.stats(timeout_s)  # a round trip: both directions work
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.dealer.close()
+        self.pull.close()
+        self.ctx.term()
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def add(self, requests: list[EngineCoreRequest]) -> RequestGroup:
+        if self.dead:
+            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        group = RequestGroup([r.request_id for r in requests])
+        for req in requests:
+            self.groups[req.request_id] = group
+        for req in requests:
+            await self._send(AddRequest(req))
+        return group
+
+    async def abort(self, request_ids: list[str]) -> None:
+        ids = [rid for rid in request_ids if self.groups.pop(rid, None) is not None]
+        if ids and not self.dead:
+            await self._send(AbortRequests(ids))
+
+    async def release(self, group: RequestGroup) -> None:
+        """Forget a group; abort whatever in it has not finished (client gone, stop string...)."""
+        await self.abort([rid for rid in group.request_ids if rid in self.groups])
+
+    async def stats(self, timeout_s: float = 5.0) -> EngineStats:
+        if self.dead:
+            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        qid = next(self._query_ids)
+        fut: asyncio.Future[EngineStats] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = fut
+        try:
+            await self._send(StatsQuery(qid))
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise APIError(503, "the engine core did not answer in time") from exc
+        finally:
+            self.queries.pop(qid, None)
+
+    async def _send(self, msg: object) -> None:
+        await self.dealer.send(self._encoder.encode(msg))
+
+    # ---- incoming ------------------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        while True:
+            payload = await self.pull.recv()
+            try:
+                msg = self._decoder.decode(payload)
+            except msgspec.DecodeError:
+                logger.exception("undecodable message from the engine core")
+                continue
+            if isinstance(msg, EngineCoreOutputs):
+                self._dispatch(msg)
+            elif isinstance(msg, EngineStats):
+                fut = self.queries.get(msg.query_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, EngineDead):
+                self._mark_dead(msg.message)
+
+    def _dispatch(self, msg: EngineCoreOutputs) -> None:
+        for out in msg.outputs:
+            group = self.groups.get(out.request_id)
+            if group is None:
+                continue
+            group.put(out)
+            if out.finish_reason is not None:
+                del self.groups[out.request_id]
+        for rej in msg.rejected:
+            group = self.groups.pop(rej.request_id, None)
+            if group is not None:
+                group.fail(_rejection_error(rej))
+
+    async def _watch_alive(self) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(alive_path(self.ipc_dir))
+        except OSError as exc:
+            self._mark_dead(f"cannot reach the engine core: {exc}")
+            return
+        try:
+            await reader.read(1)  # the engine never writes: this returns at its exit
+        finally:
+            writer.close()
+        self._mark_dead("the engine core process exited")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead_reason = reason
+        logger.error("engine core is dead (%s); failing %d in-flight requests", reason,
+                     len(self.groups))
+        error = EngineDeadError(f"the engine core is not running: {reason}")
+        for group in set(self.groups.values()):
+            group.fail(error)
+        self.groups.clear()
+        for fut in self.queries.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+
+def _rejection_error(rej: RequestRejected) -> APIError:
+    if rej.status == 503:
+        return overloaded(rej.message)
+    return APIError(rej.status, rej.message, rej.param)

@@ -1,0 +1,297 @@
+"""The engine-core process: ZMQ input/output threads around a busy `step()` loop (engine-core process).
+
+Run as `python -m fornax.api.engine.core_process` with the EngineSpec (JSON) in FORNAX_ENGINE_SPEC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import zmq
+
+from fornax.api.engine.addresses import alive_path, input_address
+from fornax.api.logging_setup import setup_logging
+from fornax.runtime.errors import FornaxError, RequestError
+from fornax.runtime.messages import (
+    AbortRequests,
+    AddRequest,
+    ClientHello,
+    ClientMessage,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineDead,
+    EngineHandshake,
+    EngineSpec,
+    EngineStats,
+    RequestRejected,
+    StatsQuery,
+)
+
+logger = logging.getLogger("fornax.api.engine.core_process")
+
+SPEC_ENV = "FORNAX_ENGINE_SPEC"
+_QUEUE_LIMIT = 65536  # bounded hand-off between the socket threads and the busy loop
+_IDLE_POLL_S = 0.5
+
+
+class _OutputThread(threading.Thread):
+    """Owns the PUSH sockets to the API workers; sends what the busy loop encodes."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        super().__init__(name="engine-output", daemon=True)
+        self.ctx = ctx
+        self.q: queue.Queue[tuple[str, str, bytes] | None] = queue.Queue(_QUEUE_LIMIT)
+        self.sockets: dict[str, zmq.Socket] = {}
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                break
+            kind, client_id, payload = item
+            try:
+                if kind == "connect":
+                    sock = self.ctx.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.LINGER, 2000)
+                    sock.connect(payload.decode())
+                    self.sockets[client_id] = sock
+                elif kind == "all":
+                    for sock in self.sockets.values():
+                        sock.send(payload)
+                elif client_id in self.sockets:
+                    self.sockets[client_id].send(payload)
+            except zmq.ZMQError as exc:  # a worker went away; its requests get aborted
+                logger.warning("cannot send to API worker %s: %s", client_id, exc)
+        for sock in self.sockets.values():
+            sock.close()
+
+
+class EngineCoreProcess:
+    """Runs one EngineCore for many API workers; never dies of a bad request."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.ctx = zmq.Context()
+        self.in_q: queue.Queue[tuple[bytes, Any]] = queue.Queue(_QUEUE_LIMIT)
+        self.owners: dict[str, str] = {}  # engine request id -> client id
+        self.stop_event = threading.Event()
+        self.drain_requested = False
+        self.drain_deadline: float | None = None
+        self.encoder = msgspec.msgpack.Encoder()
+        self.core: Any = None
+        self.max_queued: int | None = None
+        self._alive_conns: list[socket.socket] = []
+
+    # ---- start ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        handshake = self.ctx.socket(zmq.PUSH)
+        handshake.setsockopt(zmq.LINGER, 5000)
+        handshake.connect(self.spec.handshake_address)
+        try:
+            self.core = self._load()
+        except Exception as exc:  # report any start failure to the launcher, then exit non-zero
+            msg = str(exc) if isinstance(exc, FornaxError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, FornaxError):
+                logger.error("engine core failed to start:\n%s", traceback.format_exc())
+            handshake.send(self.encoder.encode(EngineHandshake(ready=False, error=msg)))
+            handshake.close()
+            return 1
+        self.max_queued = self.core.config.scheduler_config.max_num_queued_requests
+        router = self._bind_sockets()
+        out = _OutputThread(self.ctx)
+        out.start()
+        self.out = out
+        in_thread = threading.Thread(target=self._input_loop, args=(router,), name="engine-input",
+                                     daemon=True)
+        in_thread.start()
+        handshake.send(self.encoder.encode(self._ready()))
+        handshake.close()
+        code = 0
+        try:
+            self._busy_loop()
+        except Exception as exc:  # the engine itself failed: tell every worker, exit non-zero
+            logger.error("engine core died:\n%s", traceback.format_exc())
+            dead = EngineDead(f"the engine core died: {type(exc).__name__}: {exc}")
+            self._put_out(("all", "", self.encoder.encode(dead)))
+            code = 1
+        self.stop_event.set()
+        self.out.q.put(None)
+        self.out.join(timeout=5)
+        in_thread.join(timeout=2)
+        router.close(linger=0)
+        self.ctx.term()
+        return code
+
+    def _load(self) -> Any:
+        from fornax.runtime.config import make_engine_config
+        from fornax.runtime.engine_core import EngineCore
+
+        config = make_engine_config(self.spec.model, **self.spec.engine_kwargs)
+        return EngineCore(config)
+
+    def _ready(self) -> EngineHandshake:
+        info = self.core.info
+        return EngineHandshake(
+            ready=True, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
+            kv_capacity_tokens=info.kv_capacity_tokens, max_model_len=info.max_model_len,
+            vocab_size=info.vocab_size, model_path=str(self.core.files.path),
+            architecture=info.architecture, dtype=info.dtype, device=info.device,
+            max_logprobs=self.core.config.max_logprobs,
+            eos_token_ids=sorted(info.eos_token_ids))
+
+    def _bind_sockets(self) -> zmq.Socket:
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(input_address(self.spec.ipc_dir))
+        path = alive_path(self.spec.ipc_dir)
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        threading.Thread(target=self._accept_alive, args=(listener,), name="engine-alive",
+                         daemon=True).start()
+        return router
+
+    def _accept_alive(self, listener: socket.socket) -> None:
+        """Hold every worker's liveness connection open; the kernel closes them when we exit."""
+        while True:
+            conn, _ = listener.accept()
+            self._alive_conns.append(conn)
+
+    # ---- threads -------------------------------------------------------------------------------
+    def _input_loop(self, router: zmq.Socket) -> None:
+        decoder = msgspec.msgpack.Decoder(ClientMessage)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not self.stop_event.is_set():
+            if not poller.poll(200):
+                continue
+            identity, payload = router.recv_multipart()[:2]
+            try:
+                msg = decoder.decode(payload)
+            except msgspec.DecodeError as exc:
+                logger.warning("dropping an undecodable message from a worker: %s", exc)
+                continue
+            self.in_q.put((identity, msg))
+
+    def _put_out(self, item: tuple[str, str, bytes]) -> None:
+        self.out.q.put(item)
+
+    # ---- busy loop -----------------------------------------------------------------------------
+    def _busy_loop(self) -> None:
+        core = self.core
+        while True:
+            busy = core.has_unfinished_requests()
+            self._take_input(block=not busy)
+            if self.drain_requested and self._drain_step():
+                return
+            if os.getppid() != self.spec.parent_pid:
+                logger.warning("fornax serve went away; engine core exits")
+                return
+            if core.has_unfinished_requests():
+                self._route(core.step())
+
+    def _take_input(self, block: bool) -> None:
+        try:
+            item = self.in_q.get(timeout=_IDLE_POLL_S) if block else self.in_q.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self.in_q.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drain_step(self) -> bool:
+        """SIGTERM: stop admitting, let running requests finish until the deadline, then abort."""
+        now = time.monotonic()
+        if self.drain_deadline is None:
+            self.drain_deadline = now + self.spec.drain_timeout_s
+            logger.info("draining: %d requests in flight, up to %.0f s",
+                        len(self.core.scheduler.requests), self.spec.drain_timeout_s)
+        if now >= self.drain_deadline and self.core.has_unfinished_requests():
+            ids = list(self.core.scheduler.requests)
+            logger.warning("drain timeout: aborting %d requests", len(ids))
+            self._route(self.core.abort_requests(ids))
+        return not self.core.has_unfinished_requests()
+
+    def _handle(self, identity: bytes, msg: Any) -> None:
+        client_id = identity.decode()
+        if isinstance(msg, AddRequest):
+            self._add(client_id, msg)
+        elif isinstance(msg, AbortRequests):
+            self._route(self.core.abort_requests(msg.request_ids))
+            for rid in msg.request_ids:
+                self.owners.pop(rid, None)
+        elif isinstance(msg, StatsQuery):
+            stats = EngineStats(msg.query_id, draining=self.drain_requested, **self.core.stats())
+            self._put_out(("send", client_id, self.encoder.encode(stats)))
+        elif isinstance(msg, ClientHello):
+            logger.debug("API worker %s connected", msg.client_id)
+            self._put_out(("connect", client_id, msg.output_address.encode()))
+
+    def _add(self, client_id: str, msg: AddRequest) -> None:
+        req = msg.request
+        rejection: RequestRejected | None = None
+        if self.drain_requested:
+            rejection = RequestRejected(req.request_id, "the server is shutting down", None, 503)
+        elif self.max_queued is not None and self.core.scheduler.num_waiting >= self.max_queued:
+            rejection = RequestRejected(
+                req.request_id, f"the server is overloaded: {self.max_queued} requests are "
+                "already waiting (--max-num-queued-requests); retry later", None, 503)
+        else:
+            try:
+                self.core.add_request(req)
+                self.owners[req.request_id] = client_id
+                return
+            except RequestError as exc:
+                rejection = RequestRejected(req.request_id, str(exc), exc.param, 400)
+            except (ValueError, TypeError) as exc:
+                rejection = RequestRejected(req.request_id, f"invalid request: {exc}", None, 400)
+            except Exception as exc:  # a bug, not the client's fault; the engine lives on
+                logger.exception("add_request failed for %s", req.request_id)
+                rejection = RequestRejected(req.request_id, f"internal error: {exc}", None, 500)
+        self._put_out(("send", client_id,
+                       self.encoder.encode(EngineCoreOutputs(rejected=[rejection]))))
+
+    def _route(self, outputs: list[EngineCoreOutput]) -> None:
+        by_client: dict[str, list[EngineCoreOutput]] = defaultdict(list)
+        for out in outputs:
+            owner = self.owners.get(out.request_id)
+            if owner is None:
+                continue
+            by_client[owner].append(out)
+            if out.finish_reason is not None:
+                del self.owners[out.request_id]
+        for client_id, outs in by_client.items():
+            self._put_out(("send", client_id, self.encoder.encode(EngineCoreOutputs(outs))))
+
+
+def main() -> None:
+    setup_logging("EngineCore")
+    spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=EngineSpec)
+    proc = EngineCoreProcess(spec)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; `serve` decides
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        proc.drain_requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    sys.exit(proc.run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Wire formats of the served APIs as msgspec structs (API workers)."""

@@ -1,0 +1,44 @@
+"""Server settings handed from `fornax serve` to every API worker (JSON in an env variable)."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from fornax.runtime.messages import EngineHandshake
+
+SETTINGS_ENV = "FORNAX_SERVER_SETTINGS"
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# prometheus-client's multiprocess mode: must be set before any worker imports prometheus_client
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class ServerSettings(msgspec.Struct, omit_defaults=True):
+    """What an API worker needs: where the engine is, what it serves, and the HTTP policy."""
+
+    ipc_dir: str
+    engine: EngineHandshake
+    served_model_names: list[str]
+    model_root: str
+    model_aliases: list[str] = []
+    api_keys: list[str] = []
+    allowed_origins: list[str] = []
+    chat_template: str | None = None
+    chat_template_content_format: str = "auto"
+    generation_config: str = "auto"
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_requests: bool = True
+    created: int = 0
+    version: str = ""
+
+
+def settings_to_env(settings: ServerSettings) -> None:
+    os.environ[SETTINGS_ENV] = msgspec.json.encode(settings).decode()
+
+
+def settings_from_env() -> ServerSettings:
+    raw = os.environ.get(SETTINGS_ENV)
+    if not raw:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set: API workers are started by `fornax serve`")
+    return msgspec.json.decode(raw.encode(), type=ServerSettings)

@@ -1,0 +1,178 @@
+"""`fornax serve` flags (vLLM's names) and their translation into engine and server settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from fornax.api.settings import DEFAULT_MAX_BODY_BYTES
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '4k', '4K', '2GiB' -> an integer (bytes or tokens); lower-case k/m/g are powers of
+    1000, upper-case or 'i' units powers of 1024."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 4k, 2GiB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit.isupper() else 1000  # vLLM: 4k = 4000, 4K = 4096
+    return int(float(number) * base ** _POWERS[unit.lower()])
+
+
+def _origins(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--allowed-origins: bad JSON list: {exc}") from exc
+        return [str(v) for v in value]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
+
+
+# Flags of features fornax does not have yet: accepted (scripts keep working when unused) but a
+# clear error at start when used, never silently ignored. dest -> what it is.
+NOT_SUPPORTED_YET = {
+    "enable_auto_tool_choice": "automatic tool choice (--enable-auto-tool-choice)",
+    "tool_call_parser": "tool-call parsing (--tool-call-parser)",
+    "reasoning_parser": "reasoning parsing (--reasoning-parser)",
+    "enable_dev_endpoints": "the dev endpoints (--enable-dev-endpoints)",
+    "tokenizer": "a separate tokenizer (--tokenizer)",
+    "quantization": "on-the-fly quantization (--quantization)",
+    "speculative_config": "speculative decoding (--speculative-config)",
+    "enable_lora": "LoRA adapters (--enable-lora)",
+    "lora_modules": "LoRA adapters (--lora-modules)",
+}
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Every `fornax serve` flag, grouped as in `fornax serve --help`."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model folder or .gguf file; omitted: the packaged default chat model "
+                   "(SmolLM2-135M-Instruct)")
+    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    g.add_argument("--uds", default=None, help="serve on this Unix domain socket instead of TCP")
+    g.add_argument("--api-server-count", "--api-servers", type=int, default=1,
+                   help="number of API worker processes, all on one engine core (default: 1)")
+    g.add_argument("--served-model-name", nargs="+", action="extend", default=None,
+                   help="name(s) the model answers to; the first is used in responses and "
+                   "metrics (default: the MODEL argument)")
+    g.add_argument("--api-key", nargs="+", action="extend", default=None,
+                   help="require `Authorization: Bearer <key>` on every route except /health, "
+                   "/ping and /version; several keys allowed (also FORNAX_API_KEY/VLLM_API_KEY)")
+    g.add_argument("--allowed-origins", type=_origins, action="extend", default=None,
+                   help="CORS origins allowed to call the API (JSON list or comma list; '*' for "
+                   "any). Default: none (CORS closed)")
+    g.add_argument("--chat-template", default=None,
+                   help="chat template file, or the template itself (jinja2), overriding the "
+                   "model's")
+    g.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
+                   default="auto", help="message content as a string or OpenAI's list of parts "
+                   "(default: auto-detected from the template)")
+    g.add_argument("--max-num-queued-requests", type=int, default=None,
+                   help="beyond this many waiting requests, answer 503 with Retry-After")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="do not log one line per request")
+    g.add_argument("--enable-log-requests", action="store_true", help="log one line per request "
+                   "(the default)")
+    g.add_argument("--shutdown-timeout", type=float, default=20.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before aborting "
+                   "them (default: 20)")
+    g.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies get 413 (default: 32MiB)")
+    g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
+    g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                   help="log level of every fornax process (default: info, or FORNAX_LOG_LEVEL)")
+
+    m = p.add_argument_group("model and engine")
+    m.add_argument("--dtype", default=None,
+                   help="auto, float32, float16, bfloat16 (aliases: float, half, bf16)")
+    m.add_argument("--max-model-len", type=parse_size, default=None,
+                   help="context length (default: the model's); accepts 4k, 8K, ...")
+    m.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"), default=None)
+    m.add_argument("--seed", type=int, default=None, help="engine random seed")
+    m.add_argument("--generation-config", default=None,
+                   help="auto: sampling defaults from the model's generation_config.json; "
+                   "fornax: fornax's own defaults")
+    m.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    m.add_argument("--attention-backend", choices=("auto", "torch_ref", "flashinfer"),
+                   default=None)
+    m.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
+    m.add_argument("--max-logprobs", type=int, default=None,
+                   help="most logprobs a request may ask for (default: 20)")
+    m.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory for weights and KV cache (default: 0.9)")
+    m.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory",
+                   type=parse_size, default=None, help="KV-cache size in bytes (e.g. 2GiB)")
+    m.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    m.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
+    m.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse KV blocks of shared prompt prefixes (default: on)")
+    m.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most requests in one batch (default: 256)")
+    m.add_argument("--max-num-batched-tokens", type=parse_size, default=None,
+                   help="token budget of one step (default: 8192)")
+    m.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=None, help="split long prompts over steps (default: on)")
+    m.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None)
+    m.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="no torch.compile, no CUDA graphs")
+    m.add_argument("--cuda-graph-sizes", type=_int_list, action="extend", default=None,
+                   help="batch sizes to capture CUDA graphs for (e.g. 1 2 4 8 16)")
+
+    n = p.add_argument_group("not supported yet (accepted; an error at start when used)")
+    n.add_argument("--enable-auto-tool-choice", action="store_true", default=None)
+    n.add_argument("--tool-call-parser", default=None)
+    n.add_argument("--reasoning-parser", default=None)
+    n.add_argument("--enable-dev-endpoints", action="store_true", default=None)
+    n.add_argument("--tokenizer", default=None)
+    n.add_argument("--quantization", "-q", default=None)
+    n.add_argument("--speculative-config", default=None)
+    n.add_argument("--enable-lora", action="store_true", default=None)
+    n.add_argument("--lora-modules", nargs="+", default=None)
+    n.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted and ignored: fornax never runs code shipped with a model")
+
+
+_ENGINE_FLAGS = ("dtype", "max_model_len", "load_format", "seed", "generation_config", "device",
+                 "attention_backend", "tensor_parallel_size", "max_logprobs",
+                 "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
+                 "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
+                 "enable_chunked_prefill", "enforce_eager", "cuda_graph_sizes",
+                 "max_num_queued_requests")
+
+
+def unsupported_flags_used(args: argparse.Namespace) -> list[str]:
+    return [what for dest, what in NOT_SUPPORTED_YET.items()
+            if getattr(args, dest, None) not in (None, False)]
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Flat make_engine_config() keyword arguments for the flags that were given."""
+    kwargs: dict[str, Any] = {}
+    for name in _ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    if args.scheduling_policy is not None:
+        kwargs["policy"] = args.scheduling_policy
+    if args.served_model_name:
+        kwargs["served_model_name"] = list(args.served_model_name)
+    return kwargs

@@ -1,0 +1,188 @@
+"""POST /v1/chat/completions: chat template -> engine -> JSON or SSE (API workers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fornax.api.errors import APIError
+from fornax.api.generate import (
+    ChoiceUpdate,
+    Generation,
+    PromptInput,
+    chain,
+    new_request_id,
+    start_updates,
+    usage_of,
+)
+from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
+from fornax.api.logprobs import chat_logprobs
+from fornax.api.protocol.openai import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from fornax.api.sampling import (
+    build_sampling_params,
+    check_prompt,
+    check_unsupported,
+    resolve_max_tokens,
+    truncate_prompt,
+)
+from fornax.api.state import AppState
+from fornax.runtime.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+def check_tools(body: ChatCompletionRequest) -> None:
+    """Tools are rendered into the prompt; tool *calling* needs parsers fornax does not have yet."""
+    choice = body.tool_choice
+    if choice is None or choice == "none":
+        return
+    if choice == "auto":
+        raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and '
+                       "--tool-call-parser, which fornax does not support yet", "tool_choice")
+    raise APIError(400, f"tool_choice {choice!r} is not supported by this server yet",
+                   "tool_choice")
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        raise APIError(400, "messages must contain at least one message", "messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg.get("role"), str):
+            raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
+
+
+def render_prompt(state: AppState, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
+                  continue_final_message: bool, tools: list[dict[str, Any]] | None,
+                  documents: list[dict[str, Any]] | None, chat_template: str | None,
+                  template_kwargs: dict[str, Any] | None, add_special_tokens: bool
+                  ) -> tuple[str, list[int]]:
+    """The chat prompt's text and token ids (RequestError -> 400 naming the field)."""
+    check_messages(messages)
+    try:
+        text = state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, documents=documents,
+            chat_template=chat_template,
+            content_format=state.settings.chat_template_content_format,
+            template_kwargs=template_kwargs)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+    return text, state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _echo_text(body: ChatCompletionRequest) -> str:
+    last = body.messages[-1]
+    if not body.echo or last.get("role") != "assistant":
+        return ""
+    content = last.get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+async def chat_completions(req: Request) -> Response:
+    state = req.state
+    body = await req.json(ChatCompletionRequest)
+    model = state.resolve_model(body.model)
+    check_unsupported(body)
+    check_tools(body)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    text, ids = render_prompt(
+        state, body.messages, add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message, tools=body.tools,
+        documents=body.documents, chat_template=body.chat_template,
+        template_kwargs=body.chat_template_kwargs, add_special_tokens=body.add_special_tokens)
+    ids = truncate_prompt(ids, body.truncate_prompt_tokens, state.max_model_len)
+    check_prompt(ids, state.max_model_len, state.engine_info.vocab_size, "messages")
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(requested, state.sampling_defaults.get("max_tokens"),
+                                    len(ids), state.max_model_len, param)
+    top_n = body.top_logprobs or 0
+    params = build_sampling_params(body, max_tokens=max_tokens,
+                                   logprobs=top_n if body.logprobs else None,
+                                   defaults=state.sampling_defaults,
+                                   max_logprobs=state.engine_info.max_logprobs)
+    public_id, engine_id = new_request_id("chatcmpl", body.request_id or req.request_id)
+    if state.settings.log_requests:
+        logger.info("chat request %s: %d prompt tokens, %s", public_id, len(ids), params)
+    gen = Generation(state, engine_id, [PromptInput(ids, text)], params, body.priority,
+                     body.cache_salt)
+    req.watch_disconnect()
+    created = int(time.time())
+    if body.stream:
+        first, rest = await start_updates(gen)
+        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
+                                 headers={"x-request-id": public_id})
+    return json_response(await _complete(gen, body, model, public_id, created),
+                         headers={"x-request-id": public_id})
+
+
+async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
+                    created: int) -> ChatCompletionResponse:
+    k = gen.num_choices
+    echo = _echo_text(body)
+    texts = [echo] * k
+    finish: list[str | None] = [None] * k
+    stop: list[int | str | None] = [None] * k
+    entries: list[list[Any]] = [[] for _ in range(k)]
+    async for batch in gen.updates():
+        for u in batch:
+            texts[u.index] += u.text
+            finish[u.index], stop[u.index] = u.finish_reason, u.stop_reason
+            if u.logprobs:
+                entries[u.index].extend(u.logprobs)
+    as_ids = bool(body.return_tokens_as_token_ids)
+    choices = [ChatChoice(
+        i, ChatMessage("assistant", texts[i]),
+        chat_logprobs(entries[i], body.top_logprobs or 0, as_ids) if body.logprobs else None,
+        finish[i], stop[i]) for i in range(k)]
+    return ChatCompletionResponse(public_id, created, model, choices, usage_of(gen))
+
+
+async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
+                  created: int, first: list[ChoiceUpdate],
+                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[bytes]:
+    opts = body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    as_ids = bool(body.return_tokens_as_token_ids)
+    echo = _echo_text(body)
+    started: set[int] = set()
+
+    def chunk(choice: ChatStreamChoice) -> bytes:
+        return sse(ChatCompletionChunk(public_id, created, model, [choice],
+                                       usage=usage_of(gen) if continuous else None))
+
+    try:
+        async for batch in chain(first, rest):
+            for u in batch:
+                if u.index not in started:
+                    started.add(u.index)
+                    yield chunk(ChatStreamChoice(u.index, DeltaMessage("assistant", "")))
+                    if echo:
+                        yield chunk(ChatStreamChoice(u.index, DeltaMessage(content=echo)))
+                lps = chat_logprobs(u.logprobs, body.top_logprobs or 0, as_ids) \
+                    if body.logprobs and u.logprobs is not None else None
+                if u.text or u.finish_reason is not None or (lps and lps.content):
+                    yield chunk(ChatStreamChoice(u.index, DeltaMessage(content=u.text), lps,
+                                                 u.finish_reason, u.stop_reason))
+        if include_usage:
+            yield sse(ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
+    except APIError as exc:  # mid-stream failure: an error event, then [DONE]
+        yield sse(exc.to_response())
+    finally:
+        await rest.aclose()
+    yield SSE_DONE

@@ -1,0 +1,65 @@
+"""The `fornax` command: subcommands `serve` (this package) and `bench` (fornax.perf, if present)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fornax.api.args import add_serve_arguments
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+fornax: an LLM inference server, a drop-in replacement for `vllm serve`.
+
+  fornax serve [MODEL] [flags]   OpenAI-compatible HTTP server (vLLM's flag names)
+  fornax bench ...               benchmarks (when fornax.perf is installed)
+
+Run `fornax <command> --help` for every flag of a command."""
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    """The bench subcommand lives in fornax.perf; registered only when that module provides it."""
+    try:
+        module = importlib.import_module("fornax.perf.cli")
+    except ImportError:
+        return
+    add = getattr(module, "add_bench_parser", None)
+    if callable(add):
+        add(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fornax", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI-compatible API)",
+        description="Serve a model over HTTP with an OpenAI-compatible API. Flags use vLLM's "
+        "names; with no MODEL the packaged default chat model is served.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    _add_bench(subparsers)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fornax.api.serve import run_serve
+
+    return run_serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) -> engine -> JSON or SSE (API workers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fornax.api.errors import APIError
+from fornax.api.generate import (
+    ChoiceUpdate,
+    Generation,
+    PromptInput,
+    chain,
+    new_request_id,
+    start_updates,
+    usage_of,
+)
+from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
+from fornax.api.logprobs import CompletionLogprobsBuilder, merge
+from fornax.api.protocol.openai import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from fornax.api.sampling import (
+    build_sampling_params,
+    check_prompt,
+    check_unsupported,
+    resolve_max_tokens,
+    truncate_prompt,
+)
+from fornax.api.state import AppState
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPTS = 1024
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for completions
+_PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token ids or a list of "
+                  "token-id lists")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> list[PromptInput]:
+    """Every accepted prompt shape -> token ids (and text, for echo)."""
+    if prompt is None:
+        raise APIError(400, "prompt is required", "prompt")
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif _is_ids(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise APIError(400, _PROMPT_SHAPES, "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    if all(isinstance(p, str) for p in items):
+        ids = state.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
+        return [PromptInput(i, t) for i, t in zip(ids, items)]
+    if all(_is_ids(p) for p in items):
+        return [PromptInput(list(p), None) for p in items]
+    raise APIError(400, _PROMPT_SHAPES, "prompt")
+
+
+async def completions(req: Request) -> Response:
+    state = req.state
+    body = await req.json(CompletionRequest)
+    model = state.resolve_model(body.model)
+    check_unsupported(body)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
+    prompts = parse_prompts(state, body.prompt, body.add_special_tokens)
+    for p in prompts:
+        p.token_ids = truncate_prompt(p.token_ids, body.truncate_prompt_tokens,
+                                      state.max_model_len)
+        check_prompt(p.token_ids, state.max_model_len, state.engine_info.vocab_size, "prompt")
+    longest = max(len(p.token_ids) for p in prompts)
+    max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, longest,
+                                    state.max_model_len)
+    params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
+                                   defaults=state.sampling_defaults,
+                                   max_logprobs=state.engine_info.max_logprobs)
+    if body.echo:
+        for p in prompts:
+            if p.text is None:
+                p.text = state.tokenizer.decode(p.token_ids, skip_special_tokens=False)
+    public_id, engine_id = new_request_id("cmpl", body.request_id or req.request_id)
+    if state.settings.log_requests:
+        logger.info("completion request %s: %d prompt(s), %d prompt tokens, %s", public_id,
+                    len(prompts), sum(len(p.token_ids) for p in prompts), params)
+    gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
+    req.watch_disconnect()
+    created = int(time.time())
+    if body.stream:
+        first, rest = await start_updates(gen)
+        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
+                                 headers={"x-request-id": public_id})
+    return json_response(await _complete(gen, body, model, public_id, created),
+                         headers={"x-request-id": public_id})
+
+
+class _Echo:
+    """Per choice: the prompt text (and its token strings for logprobs) to put in front."""
+
+    def __init__(self, state: AppState, gen: Generation, body: CompletionRequest) -> None:
+        self.state, self.gen, self.body = state, gen, body
+        as_ids = bool(body.return_tokens_as_token_ids)
+        self.builders = [CompletionLogprobsBuilder(body.logprobs or 0, as_ids)
+                         for _ in range(gen.num_choices)]
+
+    def prefix(self, index: int) -> tuple[str, CompletionLogprobs | None]:
+        prompt = self.gen.prompts[index // self.gen.n]
+        lps = None
+        if self.body.logprobs is not None:
+            strs = [f"token_id:{t}" if self.body.return_tokens_as_token_ids else
+                    self.state.tokenizer.decode([t], skip_special_tokens=False)
+                    for t in prompt.token_ids] if self.body.echo else []
+            lps = self.builders[index].prompt(strs)
+        return (prompt.text or "") if self.body.echo else "", lps
+
+    def logprobs(self, u: ChoiceUpdate) -> CompletionLogprobs | None:
+        if self.body.logprobs is None or u.logprobs is None:
+            return None
+        return self.builders[u.index].add(u.logprobs)
+
+
+async def _complete(gen: Generation, body: CompletionRequest, model: str, public_id: str,
+                    created: int) -> CompletionResponse:
+    echo = _Echo(gen.state, gen, body)
+    choices = []
+    for i in range(gen.num_choices):
+        text, lps = echo.prefix(i)
+        choices.append(CompletionChoice(i, text, lps))
+    async for batch in gen.updates():
+        for u in batch:
+            c = choices[u.index]
+            c.text += u.text
+            c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
+            more = echo.logprobs(u)
+            if more is not None and c.logprobs is not None:
+                merge(c.logprobs, more)
+    return CompletionResponse(public_id, created, model, choices, usage_of(gen))
+
+
+async def _stream(gen: Generation, body: CompletionRequest, model: str, public_id: str,
+                  created: int, first: list[ChoiceUpdate],
+                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[bytes]:
+    opts = body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    echo = _Echo(gen.state, gen, body)
+    started: set[int] = set()
+    try:
+        async for batch in chain(first, rest):
+            for u in batch:
+                text, lps = "", None
+                if u.index not in started:
+                    started.add(u.index)
+                    text, lps = echo.prefix(u.index)
+                text += u.text
+                more = echo.logprobs(u)
+                if more is not None:
+                    if lps is None:
+                        lps = more
+                    else:
+                        merge(lps, more)
+                if text or u.finish_reason is not None or (lps and lps.tokens):
+                    choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason)
+                    yield sse(CompletionChunk(public_id, created, model, [choice],
+                                              usage=usage_of(gen) if continuous else None))
+        if include_usage:
+            yield sse(CompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
+    except APIError as exc:
+        yield sse(exc.to_response())
+    finally:
+        await rest.aclose()
+    yield SSE_DONE

@@ -1,0 +1,201 @@
+"""Runs one API request (prompts x n choices) through the engine; yields text deltas (API worker)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fornax.api.errors import APIError
+from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo
+from fornax.api.state import AppState
+from fornax.runtime.messages import EngineCoreRequest
+from fornax.runtime.outputs import Logprob
+from fornax.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptInput:
+    token_ids: list[int]
+    text: str | None = None
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one choice produced since the last update."""
+
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class _ChoiceTiming:
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+    num_tokens: int = 0
+    num_cached: int = 0
+
+
+@dataclass
+class Generation:
+    """The engine requests of one API request and their text-side state."""
+
+    state: AppState
+    request_id: str
+    prompts: list[PromptInput]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    timings: dict[str, _ChoiceTiming] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(t.num_tokens for t in self.timings.values())
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prefix-cache hits of each prompt's first choice."""
+        return sum(self.timings[self._engine_id(i, 0)].num_cached
+                   for i in range(len(self.prompts)) if self._engine_id(i, 0) in self.timings)
+
+    def _engine_id(self, prompt_index: int, choice: int) -> str:
+        return f"{self.request_id}-{prompt_index}-{choice}"
+
+    async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
+        """Send the requests, then yield each batch of choice updates until all choices finish.
+
+        Whatever is still running when the caller stops (client gone, error) is aborted.
+        """
+        state, engine, processor = self.state, self.state.engine, self.state.processor
+        arrival = time.time()
+        requests: list[EngineCoreRequest] = []
+        where: dict[str, tuple[int, int]] = {}
+        for i, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                eid = self._engine_id(i, j)
+                params = self.params if self.n == 1 else self.params.clone(
+                    n=1, seed=None if self.params.seed is None else self.params.seed + j)
+                requests.append(EngineCoreRequest(eid, prompt.token_ids, params, arrival,
+                                                  self.priority, self.cache_salt))
+                where[eid] = (i, i * self.n + j)
+                self.timings[eid] = _ChoiceTiming(arrival)
+        unfinished = set(where)
+        failed = False
+        group = await engine.add(requests)
+        for req in requests:
+            processor.add_request(req.request_id, where[req.request_id][1], req.sampling_params,
+                                  req.prompt_token_ids)
+        try:
+            while unfinished:
+                outs = await group.next()
+                now = time.time()
+                touched, to_abort = processor.process(outs)
+                if to_abort:
+                    await engine.abort(to_abort)
+                cached = {o.request_id: o.num_cached_tokens for o in outs}
+                batch = []
+                for st in touched:
+                    rid = st.request_id
+                    k = st.num_new_tokens
+                    self._observe(rid, k, now, cached.get(rid, 0), len(st.prompt_token_ids))
+                    text = st.detokenizer.take_delta(st.finished) if st.detokenizer else ""
+                    new_lps = st.logprobs[-k:] if st.logprobs is not None and k else (
+                        [] if st.logprobs is not None else None)
+                    batch.append(ChoiceUpdate(
+                        index=st.index, prompt_index=where[rid][0], text=text,
+                        token_ids=st.token_ids[-k:] if k else [], logprobs=new_lps,
+                        finish_reason=st.finish_reason, stop_reason=st.stop_reason))
+                    if st.finished:
+                        unfinished.discard(rid)
+                        self._finished(rid, st.finish_reason or "stop", now)
+                if batch:
+                    yield batch
+        except APIError:
+            failed = True  # refused by the engine, or the engine died: not a finished request
+            raise
+        finally:
+            if unfinished:
+                for rid in unfinished:
+                    processor.abort(rid)
+                    if not failed:
+                        self._finished(rid, "abort", time.time())
+                await engine.abort(list(unfinished))
+
+    def _observe(self, rid: str, num_new: int, now: float, num_cached: int, num_prompt: int) -> None:
+        t = self.timings[rid]
+        metrics = self.state.metrics
+        if num_new <= 0:
+            return
+        if t.first is None:
+            t.first = now
+            t.num_cached = num_cached
+            metrics.ttft.observe(now - t.arrival)
+            metrics.prompt_tokens.inc(num_prompt)
+            if num_new > 1:
+                gap = 0.0
+                for _ in range(num_new - 1):
+                    metrics.itl.observe(gap)
+        else:
+            gap = (now - (t.last or now)) / num_new
+            for _ in range(num_new):
+                metrics.itl.observe(gap)
+        t.last = now
+        t.num_tokens += num_new
+        metrics.generation_tokens.inc(num_new)
+
+    def _finished(self, rid: str, reason: str, now: float) -> None:
+        metrics = self.state.metrics
+        metrics.request_finished(reason)
+        metrics.e2e.observe(now - self.timings[rid].arrival)
+
+
+def usage_of(gen: Generation) -> UsageInfo:
+    """Token counts so far (prompts counted once however many choices)."""
+    prompt, completion = gen.num_prompt_tokens, gen.num_completion_tokens
+    return UsageInfo(prompt, prompt + completion, completion,
+                     PromptTokenUsageInfo(gen.num_cached_tokens))
+
+
+def new_request_id(prefix: str, user_id: str | None) -> tuple[str, str]:
+    """(response id, engine id prefix): the user's request_id is echoed, engine ids stay unique."""
+    unique = uuid.uuid4().hex
+    public = f"{prefix}-{user_id}" if user_id else f"{prefix}-{unique}"
+    return public, f"{public}-{unique[:8]}" if user_id else public
+
+
+async def start_updates(gen: Generation
+                        ) -> tuple[list[ChoiceUpdate], AsyncIterator[list[ChoiceUpdate]]]:
+    """Send the requests and wait for the first results, so that a refusal (400, 503) is still
+    answered with its own status before any streamed bytes."""
+    updates = gen.updates()
+    first = await updates.__anext__()
+    return first, updates
+
+
+async def chain(first: list[ChoiceUpdate], rest: AsyncIterator[list[ChoiceUpdate]]
+                ) -> AsyncIterator[list[ChoiceUpdate]]:
+    yield first
+    async for batch in rest:
+        yield batch

@@ -1,0 +1,131 @@
+"""Request fields -> SamplingParams, prompt checks, and refusal of features not built yet (API workers)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fornax.api.errors import APIError
+from fornax.api.protocol.openai import _SamplingFields
+from fornax.runtime.errors import RequestError
+from fornax.runtime.sampling_params import SamplingParams
+
+MAX_N = 128
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+
+# Sampling knobs the engine may not have yet: passed through when SamplingParams has the field,
+# else a 400 when set to anything but their neutral value (never silently ignored).
+_PASS_THROUGH: dict[str, Any] = {
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "length_penalty": 1.0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
+    "prompt_logprobs": None,
+}
+
+
+def _not_supported(field: str, what: str | None = None) -> APIError:
+    return APIError(400, f"{what or field} is not supported by this server yet", field)
+
+
+def check_unsupported(req: _SamplingFields) -> None:
+    """400 for features fornax does not have yet, naming the field."""
+    if req.use_beam_search:
+        raise _not_supported("use_beam_search", "beam search")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise _not_supported("best_of")
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", None):
+            raise _not_supported("response_format", f"response_format {kind!r} (structured output)")
+    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar"):
+        if getattr(req, name) is not None:
+            raise _not_supported(name, f"{name} (structured output)")
+    if req.repetition_detection is not None:
+        raise _not_supported("repetition_detection")
+    for name, neutral in _PASS_THROUGH.items():
+        value = getattr(req, name, None)
+        if name not in _ENGINE_FIELDS and value is not None and value != neutral and value != {}:
+            raise _not_supported(name)
+
+
+def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                          defaults: dict[str, Any], max_logprobs: int) -> SamplingParams:
+    """SamplingParams from a chat or completions request; RequestError -> 400 naming the field."""
+    n = 1 if req.n is None else req.n
+    if n > MAX_N:
+        raise APIError(400, f"n must be at most {MAX_N}, got {n}", "n")
+    kwargs: dict[str, Any] = {
+        "n": n,
+        "temperature": _pick(req.temperature, defaults, "temperature", 1.0),
+        "top_p": _pick(req.top_p, defaults, "top_p", 1.0),
+        "top_k": _pick(req.top_k, defaults, "top_k", -1),
+        "min_p": _pick(req.min_p, defaults, "min_p", 0.0),
+        "seed": req.seed,
+        "max_tokens": max_tokens,
+        "min_tokens": req.min_tokens,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        "stop_token_ids": list(req.stop_token_ids or []),
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+        "ignore_eos": req.ignore_eos,
+        "logprobs": logprobs,
+        "skip_special_tokens": req.skip_special_tokens,
+        "spaces_between_special_tokens": req.spaces_between_special_tokens,
+        "detokenize": req.detokenize,
+    }
+    if kwargs["top_k"] == 0:
+        kwargs["top_k"] = -1
+    for name, neutral in _PASS_THROUGH.items():
+        value = getattr(req, name, None)
+        if name in _ENGINE_FIELDS and value is not None and value != neutral:
+            kwargs[name] = value
+    try:
+        params = SamplingParams(**kwargs)
+        params.validate(max_logprobs)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+    return params
+
+
+def _pick(value: Any, defaults: dict[str, Any], name: str, fallback: Any) -> Any:
+    if value is not None:
+        return value
+    return defaults.get(name, fallback)
+
+
+def check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int, param: str) -> None:
+    """400 for an empty prompt, one that leaves no room for output, or out-of-vocab ids."""
+    if not token_ids:
+        raise APIError(400, "the prompt is empty (it has no tokens)", param)
+    if len(token_ids) >= max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {max_model_len} tokens, but the prompt "
+            f"has {len(token_ids)} tokens, leaving no room for output. Please shorten the prompt.",
+            param)
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab_size})", param)
+
+
+def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens (-1: the model's context length)."""
+    if truncate is None:
+        return token_ids
+    if truncate == -1:
+        truncate = max_model_len
+    if truncate < 1 or truncate > max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}], got "
+                       f"{truncate}", "truncate_prompt_tokens")
+    return token_ids[-truncate:]
+
+
+def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int,
+                       max_model_len: int, param: str = "max_tokens") -> int:
+    """max_tokens clamped to the context left (not an error); < 1 is a 400."""
+    room = max_model_len - prompt_len
+    value = requested if requested is not None else default
+    if value is None:
+        return room
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise APIError(400, f"{param} must be an integer >= 1, got {value!r}", param)
+    return min(value, room)

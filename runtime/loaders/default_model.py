@@ -1,4 +1,4 @@
-"""Locates the packaged default chat model (SmolLM2-135M-Instruct GGUF) without importing it (any process)."""
+"""Finds the packaged default chat model (SmolLM2 GGUF) without importing it (any process)."""
 
 from __future__ import annotations
 

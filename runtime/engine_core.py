@@ -80,6 +80,7 @@ class EngineCore:
             vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(self.files),
             architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
             device=config.device)
+        self.runner.eos_token_ids = self.info.eos_token_ids
         self.num_steps = 0
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
                     self.info.kv_capacity_tokens)
@@ -111,7 +112,7 @@ class EngineCore:
         request = Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
-            priority=req.priority, cache_salt=req.cache_salt,
+            priority=req.priority, cache_salt=req.cache_salt, share_group=req.parent_id,
             arrival_time=req.arrival_time or time.monotonic(), max_tokens=max_tokens)
         self.scheduler.add_request(request)
         return request
@@ -135,17 +136,39 @@ class EngineCore:
             return []
         runner_out = self.runner.execute_model(sched_out)
         self.num_steps += 1
+        # Requests with prompt logprobs report them even from chunks that sample nothing.
+        pending_prompt_lps = {rid: self.scheduler.requests.get(rid)
+                              for rid in runner_out.prompt_logprobs}
         results = self.scheduler.update_from_output(sched_out, runner_out.sampled)
         outputs = []
         for request, new_tokens in results:
-            lp = runner_out.logprobs.get(request.request_id)
-            outputs.append(EngineCoreOutput(
-                request_id=request.request_id, new_token_ids=new_tokens,
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
-                num_prompt_tokens=request.num_prompt_tokens,
-                num_cached_tokens=max(request.num_cached_tokens, 0)))
+            pending_prompt_lps.pop(request.request_id, None)
+            outputs.append(self._make_output(request, new_tokens, runner_out))
+        for request in pending_prompt_lps.values():
+            if request is not None:
+                outputs.append(self._make_output(request, [], runner_out))
         return outputs
+
+    @staticmethod
+    def _make_output(request: Request, new_tokens: list[int], runner_out) -> EngineCoreOutput:
+        lp = runner_out.logprobs.get(request.request_id)
+        out = EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=new_tokens,
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0))
+        prompt = runner_out.prompt_logprobs.get(request.request_id)
+        if prompt is not None:
+            start, entries = prompt
+            skip = max(0, request.num_prompt_logprobs_sent - start)  # resent after preemption
+            entries = entries[skip:]
+            if entries:
+                out.prompt_logprobs = [TokenLogprobs(e.token_ids, e.logprobs, e.rank)
+                                       for e in entries]
+                out.prompt_logprobs_start = start + skip
+                request.num_prompt_logprobs_sent = start + skip + len(entries)
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Numbers for metrics and /load."""

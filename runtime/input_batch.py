@@ -21,6 +21,8 @@ class InputBatch:
         self.index: dict[str, int] = {}
         self.token_ids_np = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
         self.num_tokens_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_prompt_np = np.zeros(max_num_reqs, dtype=np.int32)
+        self.needs_logits_inputs_np = np.zeros(max_num_reqs, dtype=bool)
         self.num_computed_np = np.zeros(max_num_reqs, dtype=np.int32)
         self.block_table_np = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks_np = np.zeros(max_num_reqs, dtype=np.int32)
@@ -29,6 +31,7 @@ class InputBatch:
         self.top_k_np = np.zeros(max_num_reqs, dtype=np.int32)
         self.min_p_np = np.zeros(max_num_reqs, dtype=np.float32)
         self.num_logprobs_np = np.full(max_num_reqs, -1, dtype=np.int32)
+        self.num_prompt_logprobs_np = np.full(max_num_reqs, -1, dtype=np.int32)
         self.params: list[SamplingParams] = []
         self.generators: dict[str, torch.Generator] = {}
 
@@ -36,8 +39,8 @@ class InputBatch:
     def num_reqs(self) -> int:
         return len(self.req_ids)
 
-    def add(self, req_id: str, token_ids: list[int], num_computed: int, block_ids: list[int],
-            params: SamplingParams, device: torch.device) -> None:
+    def add(self, req_id: str, token_ids: list[int], num_prompt: int, num_computed: int,
+            block_ids: list[int], params: SamplingParams, device: torch.device) -> None:
         if req_id in self.index:
             raise RuntimeError(f"request {req_id} is already in the batch")
         row = len(self.req_ids)
@@ -49,6 +52,10 @@ class InputBatch:
         n = len(token_ids)
         self.token_ids_np[row, :n] = token_ids
         self.num_tokens_np[row] = n
+        self.num_prompt_np[row] = num_prompt
+        self.needs_logits_inputs_np[row] = bool(
+            params.uses_penalties or params.logit_bias or params.allowed_token_ids is not None
+            or params.min_tokens > 0 or params.bad_words_token_ids)
         self.num_computed_np[row] = num_computed
         self.num_blocks_np[row] = 0
         self.append_blocks(row, block_ids)
@@ -57,6 +64,8 @@ class InputBatch:
         self.top_k_np[row] = params.top_k if params.top_k > 0 else 0
         self.min_p_np[row] = params.min_p
         self.num_logprobs_np[row] = -1 if params.logprobs is None else params.logprobs
+        self.num_prompt_logprobs_np[row] = (-1 if params.prompt_logprobs is None
+                                            else params.prompt_logprobs)
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
@@ -80,14 +89,21 @@ class InputBatch:
             self.index[moved] = row
             n = int(self.num_tokens_np[last])
             self.token_ids_np[row, :n] = self.token_ids_np[last, :n]
-            for arr in (self.num_tokens_np, self.num_computed_np, self.num_blocks_np,
+            for arr in (self.num_tokens_np, self.num_prompt_np, self.needs_logits_inputs_np,
+                        self.num_computed_np, self.num_blocks_np,
                         self.temperature_np, self.top_p_np, self.top_k_np, self.min_p_np,
-                        self.num_logprobs_np):
+                        self.num_logprobs_np, self.num_prompt_logprobs_np):
                 arr[row] = arr[last]
             nb = int(self.num_blocks_np[last])
             self.block_table_np[row, :nb] = self.block_table_np[last, :nb]
         self.req_ids.pop()
         self.params.pop()
+
+    def prompt_ids(self, row: int) -> np.ndarray:
+        return self.token_ids_np[row, : self.num_prompt_np[row]]
+
+    def output_ids(self, row: int) -> np.ndarray:
+        return self.token_ids_np[row, self.num_prompt_np[row] : self.num_tokens_np[row]]
 
     def append_token(self, row: int, token_id: int) -> None:
         n = int(self.num_tokens_np[row])

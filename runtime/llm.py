@@ -12,7 +12,9 @@ from fornax.runtime.engine_core import EngineCore
 from fornax.runtime.errors import RequestError
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.output_processor import OutputProcessor
-from fornax.runtime.outputs import RequestOutput
+from fornax.runtime.beam_search import BeamSearchParams, BeamSearchState
+from fornax.runtime.outputs import CompletionOutput, RequestOutput
+from fornax.runtime.request_prep import prepare_sampling_params, truncate_prompt
 from fornax.runtime.sampling_params import SamplingParams
 from fornax.runtime.tokenizer import TokenizerFront
 
@@ -82,6 +84,44 @@ class LLM:
         params_list = self._as_params_list(sampling_params, len(texts))
         return self._run(list(texts), token_lists, params_list, use_tqdm, None)
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: BeamSearchParams) -> list[RequestOutput]:
+        """Beam search; each result's outputs are the best `beam_width` beams, best first."""
+        prompt_list = self._as_prompt_list(prompts)
+        token_lists = [self._tokenize_prompt(p) for p in prompt_list]
+        eos = frozenset() if params.ignore_eos else self.engine.info.eos_token_ids
+        states = []
+        for ids in token_lists:
+            room = self.max_model_len - len(ids)
+            if room < 1:
+                raise RequestError(f"the prompt ({len(ids)} tokens) leaves no room in the "
+                                   f"context ({self.max_model_len})", "prompt")
+            capped = BeamSearchParams(**{**params.__dict__,
+                                         "max_tokens": min(params.max_tokens, room)})
+            states.append(BeamSearchState(capped, eos))
+        step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
+                              logprobs=min(2 * params.beam_width, self.config.max_logprobs))
+        while not all(s.done for s in states):
+            live = [(k, beam) for k, s in enumerate(states) if not s.done for beam in s.running]
+            outs = self._run([None] * len(live),
+                             [token_lists[k] + beam.tokens for k, beam in live],
+                             [step] * len(live), False, None)
+            per_state: dict[int, list[list[tuple[int, float]]]] = {}
+            for (k, _), out in zip(live, outs):
+                entry = out.outputs[0].logprobs[0]
+                per_state.setdefault(k, []).append([(t, lp.logprob) for t, lp in entry.items()])
+            for k, candidates in per_state.items():
+                states[k].advance(candidates)
+        results = []
+        for ids, prompt, state in zip(token_lists, prompt_list, states):
+            beams = [CompletionOutput(i, self.tokenizer.decode(b.tokens), b.tokens,
+                                      b.finish_reason, None, None, b.cum_logprob)
+                     for i, b in enumerate(state.best())]
+            results.append(RequestOutput(str(next(self._counter)),
+                                         prompt if isinstance(prompt, str) else None, ids,
+                                         beams, finished=True))
+        return results
+
     # ---- internals -----------------------------------------------------------------------------
     @staticmethod
     def _as_prompt_list(prompts: Any) -> list[PromptType]:
@@ -116,6 +156,23 @@ class LLM:
             return list(prompt)
         raise RequestError(f"unsupported prompt type {type(prompt).__name__}", "prompt")
 
+    def _children(self, rid: str, ids: list[int], params: SamplingParams,
+                  priority: int) -> list[EngineCoreRequest]:
+        """One engine request per candidate: n of them, or best_of when that is larger."""
+        params = prepare_sampling_params(params, self.tokenizer, self.engine.info.vocab_size)
+        count = max(params.n, params.best_of or 1)
+        if count == 1:
+            return [EngineCoreRequest(rid, ids, params, priority=priority)]
+        ranked = count > params.n  # best_of: candidates are ranked by cumulative logprob
+        children = []
+        for j in range(count):
+            child = params.clone(
+                n=1, best_of=None, seed=None if params.seed is None else params.seed + j,
+                logprobs=params.logprobs if params.logprobs is not None or not ranked else 0)
+            children.append(EngineCoreRequest(f"{rid}-{j}", ids, child, priority=priority,
+                                              parent_id=rid))
+        return children
+
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
              params_list: list[SamplingParams], use_tqdm: bool,
              priority: Sequence[int] | None) -> list[RequestOutput]:
@@ -124,16 +181,13 @@ class LLM:
         pending: list[tuple[EngineCoreRequest, int]] = []
         for i, (text, ids, params) in enumerate(zip(texts, token_lists, params_list)):
             rid = str(next(self._counter))
-            results.append(RequestOutput(rid, text, ids, outputs=[None] * params.n))  # type: ignore[list-item]
-            for j in range(params.n):
-                sub_params = params if params.n == 1 else params.clone(
-                    n=1, seed=None if params.seed is None else params.seed + j)
-                sub_id = rid if params.n == 1 else f"{rid}-{j}"
-                req = EngineCoreRequest(sub_id, ids, sub_params,
-                                        priority=priority[i] if priority else 0)
+            ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
+            children = self._children(rid, ids, params, priority[i] if priority else 0)
+            results.append(RequestOutput(rid, text, ids, outputs=[None] * len(children)))  # type: ignore[list-item]
+            for j, req in enumerate(children):
                 self.engine.validate_request(req)  # refuse the whole batch before adding any
                 pending.append((req, j))
-                sub_to_parent[sub_id] = (i, j)
+                sub_to_parent[req.request_id] = (i, j)
         for req, j in pending:
             self.engine.add_request(req)
             self.processor.add_request(req.request_id, j, req.sampling_params,
@@ -153,6 +207,8 @@ class LLM:
                     continue
                 i, j = sub_to_parent[state.request_id]
                 results[i].outputs[j] = state.to_output()
+                if j == 0 and state.prompt_logprobs is not None:
+                    results[i].prompt_logprobs = state.prompt_logprobs
                 results[i].num_cached_tokens = max(results[i].num_cached_tokens,
                                                    state.num_cached_tokens)
                 remaining -= 1
@@ -160,6 +216,14 @@ class LLM:
                     progress.update(1)
         if progress is not None:
             progress.close()
-        for out in results:
+        for out, params in zip(results, params_list):
             out.finished = True
+            if len(out.outputs) > params.n:  # best_of: keep the n most likely candidates
+                best = sorted(out.outputs, key=lambda o: o.cumulative_logprob or 0.0,
+                              reverse=True)[: params.n]
+                for index, choice in enumerate(best):
+                    choice.index = index
+                    if params.logprobs is None:
+                        choice.logprobs, choice.cumulative_logprob = None, None
+                out.outputs = best
         return results

@@ -16,6 +16,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     arrival_time: float = 0.0
     priority: int = 0
     cache_salt: str | None = None
+    parent_id: str | None = None  # set on the n > 1 children of one user request
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -34,6 +35,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[TokenLogprobs] | None = None
+    # logprobs of prompt positions computed this step; entry i is for prompt token
+    # `prompt_logprobs_start + i` (the first prompt token never has one)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_start: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from fornax.runtime.input_batch import InputBatch
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
+from fornax.runtime.logits_processors import build_logits_inputs
 from fornax.runtime.models.registry import resolve_architecture
 from fornax.runtime.sampler import Sampler, SamplingMetadata
 from fornax.runtime.scheduler import SchedulerOutput
@@ -39,6 +40,8 @@ class StepLogprobs:
 class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> token sampled at its last scheduled position
     logprobs: dict[str, StepLogprobs]
+    # request id -> (index of the first prompt token covered, logprobs of each covered token)
+    prompt_logprobs: dict[str, tuple[int, list[StepLogprobs]]] = field(default_factory=dict)
 
 
 def resolve_dtype(requested: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -79,6 +82,7 @@ class ModelRunner:
         self._load_weights()
         self.model.eval()
         self.vocab_size = int(hf["vocab_size"])
+        self.eos_token_ids: frozenset[int] = frozenset()  # set by the engine core
         logger.info("loaded %s (%s, %s) in %.2f s", files.source or files.path, self.arch,
                     str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
         sched = config.scheduler_config
@@ -143,7 +147,8 @@ class ModelRunner:
             self.batch.remove(rid)
         for new in out.scheduled_new_reqs:
             self.batch.remove(new.req_id)
-            self.batch.add(new.req_id, new.token_ids, new.num_computed_tokens, new.block_ids,
+            self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
+                           new.num_computed_tokens, new.block_ids,
                            new.request.sampling_params, self.device)
         for cached in out.scheduled_cached_reqs:
             row = self.batch.index[cached.req_id]
@@ -187,12 +192,15 @@ class ModelRunner:
         attn_metadata = self.backend.build_metadata(common)
         hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens],
                             self.kv_caches, attn_metadata)
+        prompt_lps = {}
+        if (batch.num_prompt_logprobs_np[rows] >= 0).any():
+            prompt_lps = self._prompt_logprobs(hidden, req_ids, rows, computed, num_sched, qsl)
 
         # Only requests whose whole known sequence is now computed get a token.
         done = seq_lens >= batch.num_tokens_np[rows]
         done_idx = np.nonzero(done)[0]
         if len(done_idx) == 0:
-            return ModelRunnerOutput({}, {})
+            return ModelRunnerOutput({}, {}, prompt_lps)
         logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(self.device)
         logits = self.model.compute_logits(hidden[logits_idx])
         meta = self._sampling_metadata(rows[done_idx], [req_ids[i] for i in done_idx])
@@ -212,7 +220,37 @@ class ModelRunner:
             k = int(batch.num_logprobs_np[row])
             if lp_ids is not None and k >= 0:
                 logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1], ranks[j])
-        return ModelRunnerOutput(sampled, logprobs)
+        return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str], rows: np.ndarray,
+                         computed: np.ndarray, num_sched: np.ndarray, qsl: np.ndarray
+                         ) -> dict[str, tuple[int, list[StepLogprobs]]]:
+        """Logprob of each next prompt token (and the top-k) at the scheduled prompt positions."""
+        out: dict[str, tuple[int, list[StepLogprobs]]] = {}
+        batch = self.batch
+        for i, rid in enumerate(req_ids):
+            row = int(rows[i])
+            k = int(batch.num_prompt_logprobs_np[row])
+            if k < 0:
+                continue
+            start = int(computed[i])
+            end = min(start + int(num_sched[i]), int(batch.num_prompt_np[row]) - 1)
+            if end <= start:
+                continue
+            idx = torch.arange(int(qsl[i]), int(qsl[i]) + end - start, device=self.device)
+            lps = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            targets = torch.from_numpy(
+                batch.token_ids_np[row, start + 1:end + 1].astype(np.int64)).to(self.device)
+            chosen = lps.gather(1, targets.unsqueeze(1))
+            ranks = ((lps > chosen).sum(dim=-1) + 1).tolist()
+            ids = targets.unsqueeze(1)
+            vals = chosen
+            if k > 0:
+                top_v, top_i = lps.topk(k, dim=-1)
+                ids, vals = torch.cat([ids, top_i], 1), torch.cat([vals, top_v], 1)
+            entries = [StepLogprobs(a, b, r) for a, b, r in zip(ids.tolist(), vals.tolist(), ranks)]
+            out[rid] = (start + 1, entries)
+        return out
 
     def _sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
         b = self.batch
@@ -227,10 +265,16 @@ class ModelRunner:
             return torch.from_numpy(arr).to(dev, non_blocking=True) if used else None
 
         gens = {j: b.generators[r] for j, r in enumerate(req_ids) if r in b.generators}
+        logits_inputs = None
+        if b.needs_logits_inputs_np[rows].any():
+            logits_inputs = build_logits_inputs(
+                [b.params[r] for r in rows], [b.prompt_ids(r) for r in rows],
+                [b.output_ids(r) for r in rows], self.eos_token_ids, self.vocab_size, dev)
         return SamplingMetadata(
             temperature=torch.from_numpy(temp_np).to(dev, non_blocking=True),
             top_p=tensor(top_p_np, bool((top_p_np < 1.0).any())),
             top_k=tensor(top_k_np.astype(np.int64), bool((top_k_np > 0).any())),
             min_p=tensor(min_p_np, bool((min_p_np > 0).any())),
             all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
-            generators=gens, max_num_logprobs=int(b.num_logprobs_np[rows].max()))
+            generators=gens, max_num_logprobs=int(b.num_logprobs_np[rows].max()),
+            logits_inputs=logits_inputs)

@@ -22,6 +22,7 @@ class RequestState:
     detokenizer: IncrementalDetokenizer | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -60,7 +61,9 @@ class OutputProcessor:
                 skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output)
         state = RequestState(request_id, index, params, prompt_token_ids, detok,
-                             logprobs=[] if params.logprobs is not None else None)
+                             logprobs=[] if params.logprobs is not None else None,
+                             prompt_logprobs=[None] if params.prompt_logprobs is not None
+                             else None)
         self.states[request_id] = state
         return state
 
@@ -77,7 +80,14 @@ class OutputProcessor:
             state.token_ids.extend(new_ids)
             state.num_new_tokens = len(new_ids)
             if out.new_logprobs and state.logprobs is not None:
-                self._add_logprobs(state, out)
+                for lp in out.new_logprobs:
+                    entry = self._logprob_entry(lp)
+                    state.cumulative_logprob += entry[lp.token_ids[0]].logprob
+                    state.logprobs.append(entry)
+            if out.prompt_logprobs and state.prompt_logprobs is not None:
+                del state.prompt_logprobs[out.prompt_logprobs_start:]
+                state.prompt_logprobs.extend(self._logprob_entry(lp)
+                                             for lp in out.prompt_logprobs)
             stop_str = state.detokenizer.update(new_ids) if state.detokenizer else None
             if stop_str is not None:
                 state.finish_reason, state.stop_reason = "stop", stop_str
@@ -90,17 +100,14 @@ class OutputProcessor:
                 self.states.pop(out.request_id, None)
         return touched, to_abort
 
-    def _add_logprobs(self, state: RequestState, out: EngineCoreOutput) -> None:
-        for lp in out.new_logprobs or []:
-            entry: dict[int, Logprob] = {}
-            sampled = lp.token_ids[0]
-            for pos, (tid, val) in enumerate(zip(lp.token_ids, lp.logprobs)):
-                if tid in entry:
-                    continue
-                rank = lp.rank if pos == 0 else pos
-                entry[tid] = Logprob(val, rank, self.tokenizer.decode([tid], False))
-            state.cumulative_logprob += entry[sampled].logprob
-            state.logprobs.append(entry)  # type: ignore[union-attr]
+    def _logprob_entry(self, lp) -> dict[int, Logprob]:
+        """{token id: Logprob}: the chosen token (its true rank) first, then the top-k."""
+        entry: dict[int, Logprob] = {}
+        for pos, (tid, val) in enumerate(zip(lp.token_ids, lp.logprobs)):
+            if tid not in entry:
+                entry[tid] = Logprob(val, lp.rank if pos == 0 else pos,
+                                     self.tokenizer.decode([tid], False))
+        return entry
 
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -43,6 +43,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     priority: int = 0
     cache_salt: str | None = None
+    share_group: str | None = None  # siblings (n > 1) share prompt blocks even without caching
     arrival_time: float = field(default_factory=time.monotonic)
     max_tokens: int = 16  # resolved by the engine: never past max_model_len
 
@@ -54,6 +55,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
+    num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption-safe)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

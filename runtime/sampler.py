@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fornax.runtime.logits_processors import LogitsInputs, apply_logits_processors
+
 _GREEDY_EPS = 1e-5
 
 
@@ -21,6 +23,7 @@ class SamplingMetadata:
     all_random: bool
     generators: dict[int, torch.Generator]  # row -> per-request generator (seeded requests)
     max_num_logprobs: int  # -1: no row wants logprobs
+    logits_inputs: LogitsInputs | None = None  # penalties, bias, allowed ids, bans
 
 
 @dataclass
@@ -39,6 +42,8 @@ class Sampler:
         logits = logits.to(torch.float32)
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if meta.max_num_logprobs >= 0 else None)
+        if meta.logits_inputs is not None:
+            logits = apply_logits_processors(logits, meta.logits_inputs)
         greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
             sampled = greedy

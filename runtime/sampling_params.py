@@ -9,6 +9,16 @@ from fornax.runtime.errors import RequestError
 
 _MAX_STOP_STRINGS = 64
 _MAX_STOP_STRING_LEN = 1024
+MAX_N = 128
+
+
+@dataclass
+class RepetitionDetectionParams:
+    """Stop a generation whose tail repeats one pattern `min_count` times in a row."""
+
+    max_pattern_size: int = 64
+    min_pattern_size: int = 1
+    min_count: int = 4
 
 
 @dataclass
@@ -16,6 +26,10 @@ class SamplingParams:
     """Per-request decoding settings, with vLLM's names and defaults."""
 
     n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -32,13 +46,28 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None  # filled from bad_words by the front end
+    truncate_prompt_tokens: int | None = None
+    repetition_detection: RepetitionDetectionParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.repetition_detection, dict):
+            self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +77,40 @@ class SamplingParams:
     def validate(self, max_logprobs: int | None = None) -> None:
         """Raise RequestError naming the first invalid field."""
         _int_at_least("n", self.n, 1)
+        if self.n > MAX_N:
+            raise RequestError(f"n must be at most {MAX_N}, got {self.n}", "n")
+        if self.best_of is not None:
+            _int_at_least("best_of", self.best_of, 1)
+            if self.best_of < self.n or self.best_of > MAX_N:
+                raise RequestError(f"best_of must be between n ({self.n}) and {MAX_N}, got "
+                                   f"{self.best_of}", "best_of")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {value}", name)
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise RequestError(f"repetition_penalty must be in (0, 100], got "
+                               f"{self.repetition_penalty}", "repetition_penalty")
+        for tid, bias in (self.logit_bias or {}).items():
+            if not -100.0 <= bias <= 100.0:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
+                                   f"token {tid}", "logit_bias")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise RequestError("allowed_token_ids must not be empty", "allowed_token_ids")
+            for t in self.allowed_token_ids:
+                _int_at_least("allowed_token_ids", t, 0)
+        if self.truncate_prompt_tokens is not None:
+            _int_at_least("truncate_prompt_tokens", self.truncate_prompt_tokens, -1)
+            if self.truncate_prompt_tokens == 0:
+                raise RequestError("truncate_prompt_tokens must be -1 or >= 1",
+                                   "truncate_prompt_tokens")
+        rd = self.repetition_detection
+        if rd is not None:
+            _int_at_least("repetition_detection.min_pattern_size", rd.min_pattern_size, 1)
+            _int_at_least("repetition_detection.max_pattern_size", rd.max_pattern_size,
+                          rd.min_pattern_size)
+            _int_at_least("repetition_detection.min_count", rd.min_count, 2)
         if not _is_number(self.temperature) or self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:

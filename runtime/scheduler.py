@@ -156,6 +156,8 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            if request.sampling_params.prompt_logprobs is not None and num_hit_tokens:
+                hits, num_hit_tokens = [], 0  # every prompt position's logits are needed
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
@@ -247,4 +249,25 @@ class Scheduler:
                 return RequestStatus.FINISHED_STOPPED
         if num_out >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        rd = params.repetition_detection
+        if rd is not None and num_out >= params.min_tokens and has_repeating_tail(
+                request.output_token_ids, rd.min_pattern_size, rd.max_pattern_size, rd.min_count):
+            request.stop_reason = REPETITION_STOP_REASON
+            return RequestStatus.FINISHED_STOPPED
         return None
+
+
+REPETITION_STOP_REASON = "repetition_detected"
+
+
+def has_repeating_tail(tokens: list[int], min_size: int, max_size: int, min_count: int) -> bool:
+    """True when the last `size * min_count` tokens are one pattern of some size repeated."""
+    for size in range(min_size, max_size + 1):
+        span = size * min_count
+        if span > len(tokens):
+            return False
+        tail = tokens[-span:]
+        pattern = tail[-size:]
+        if all(tail[i:i + size] == pattern for i in range(0, span - size, size)):
+            return True
+    return False

@@ -31,7 +31,7 @@ def test_hashes_chain_over_parents_and_salt() -> None:
 
 
 def test_pool_reserves_null_block_and_refcounts() -> None:
-    pool = BlockPool(5, enable_caching=True)
+    pool = BlockPool(5)
     assert pool.num_free_blocks() == 4
     blocks = pool.allocate(4)
     assert 0 not in [b.block_id for b in blocks]
@@ -44,7 +44,7 @@ def test_pool_reserves_null_block_and_refcounts() -> None:
 
 
 def test_lru_eviction_prefers_oldest_freed_and_keeps_hits() -> None:
-    pool = BlockPool(4, enable_caching=True)
+    pool = BlockPool(4)
     a, b, c = pool.allocate(3)
     for blk, h in ((a, b"a"), (b, b"b"), (c, b"c")):
         pool.cache_block(blk, h)

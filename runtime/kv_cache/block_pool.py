@@ -20,11 +20,10 @@ class BlockPool:
     KV stays reusable) until it is handed out again.
     """
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int) -> None:
         if num_blocks < 2:
             raise ValueError(f"the KV pool needs at least 2 blocks, got {num_blocks}")
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.null_block = self.blocks[0]
         self.null_block.ref_cnt = 1
@@ -77,7 +76,7 @@ class BlockPool:
 
     def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
         """Register a full block under its hash (first writer wins)."""
-        if not self.enable_caching or block.block_hash is not None:
+        if block.block_hash is not None:
             return
         if block_hash in self.cached:
             return

@@ -29,7 +29,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_cached_blocks: dict[str, int] = {}
         self.stats = PrefixCacheStats()
@@ -44,12 +44,21 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks()
 
+    def _caches(self, request: Request) -> bool:
+        return self.enable_caching or request.share_group is not None
+
+    def _salt(self, request: Request) -> str | None:
+        """With caching off, siblings still share: their chain is scoped to their group."""
+        if self.enable_caching:
+            return request.cache_salt
+        return f"group\x00{request.share_group}\x00{request.cache_salt or ''}"
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of the request's tokens, never covering its last token."""
-        if not self.enable_caching:
+        if not self._caches(request):
             return [], 0
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size,
-                            request.cache_salt)
+                            self._salt(request))
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
         for block_hash in request.block_hashes[:max_blocks]:
@@ -86,14 +95,14 @@ class KVCacheManager:
         return True
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        if not self.enable_caching:
+        if not self._caches(request):
             return
         num_full = num_tokens // self.block_size
         start = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size,
-                            request.cache_salt)
+                            self._salt(request))
         blocks = self.req_to_blocks[request.request_id]
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], request.block_hashes[i])

@@ -53,12 +53,22 @@ def check_tools(body: ChatCompletionRequest) -> None:
                    "tool_choice")
 
 
+_TEXT_PARTS = ("text", "input_text")
+
+
 def check_messages(messages: list[dict[str, Any]]) -> None:
     if not messages:
         raise APIError(400, "messages must contain at least one message", "messages")
     for i, msg in enumerate(messages):
         if not isinstance(msg.get("role"), str):
             raise APIError(400, f"messages[{i}] needs a string 'role'", f"messages[{i}].role")
+        content = msg.get("content")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in _TEXT_PARTS and not isinstance(part, str):
+                    raise APIError(400, f"messages[{i}]: content parts of type {kind!r} are not "
+                                   "supported by this text-only model", "messages")
 
 
 def render_prompt(state: AppState, messages: list[dict[str, Any]], *, add_generation_prompt: bool,

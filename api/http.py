@@ -112,7 +112,9 @@ class Request:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is larger than the limit of {limit} bytes")
+    # the unread rest of the body makes the connection unusable: close it after answering
+    return APIError(413, f"the request body is larger than the limit of {limit} bytes",
+                    headers={"connection": "close"})
 
 
 def path_param(value: str) -> str:

@@ -55,7 +55,8 @@ class Sampler:
             return SamplerOutput(sampled, None, None, None)
         return self._gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
 
-    def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def probabilities(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The distribution random rows sample from: temperature, top-k/p, then min-p."""
         temp = torch.where(meta.temperature < _GREEDY_EPS, torch.ones_like(meta.temperature),
                            meta.temperature)
         logits = logits / temp.unsqueeze(1)
@@ -65,6 +66,10 @@ class Sampler:
         if meta.min_p is not None:
             threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p.unsqueeze(1)
             probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        probs = self.probabilities(logits, meta)
         noise = torch.empty_like(probs)
         noise.exponential_()
         for row, gen in meta.generators.items():

@@ -18,7 +18,7 @@ from fornax.api.generate import (
     usage_of,
 )
 from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
-from fornax.api.logprobs import chat_logprobs
+from fornax.api.logprobs import chat_logprobs, prompt_logprobs_json
 from fornax.api.protocol.openai import (
     ChatChoice,
     ChatCompletionChunk,
@@ -124,7 +124,9 @@ async def chat_completions(req: Request) -> Response:
     params = build_sampling_params(body, max_tokens=max_tokens,
                                    logprobs=top_n if body.logprobs else None,
                                    defaults=state.sampling_defaults,
-                                   max_logprobs=state.engine_info.max_logprobs)
+                                   max_logprobs=state.engine_info.max_logprobs,
+                                   tokenizer=state.tokenizer,
+                                   vocab_size=state.engine_info.vocab_size)
     public_id, engine_id = new_request_id("chatcmpl", body.request_id or req.request_id)
     if state.settings.log_requests:
         logger.info("chat request %s: %d prompt tokens, %s", public_id, len(ids), params)
@@ -142,7 +144,7 @@ async def chat_completions(req: Request) -> Response:
 
 async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
                     created: int) -> ChatCompletionResponse:
-    k = gen.num_choices
+    k = gen.num_candidates
     echo = _echo_text(body)
     texts = [echo] * k
     finish: list[str | None] = [None] * k
@@ -155,11 +157,14 @@ async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, pu
             if u.logprobs:
                 entries[u.index].extend(u.logprobs)
     as_ids = bool(body.return_tokens_as_token_ids)
-    choices = [ChatChoice(
+    choices = gen.pick([ChatChoice(
         i, ChatMessage("assistant", texts[i]),
         chat_logprobs(entries[i], body.top_logprobs or 0, as_ids) if body.logprobs else None,
-        finish[i], stop[i]) for i in range(k)]
-    return ChatCompletionResponse(public_id, created, model, choices, usage_of(gen))
+        finish[i], stop[i]) for i in range(k)])
+    for index, choice in enumerate(choices):
+        choice.index = index
+    return ChatCompletionResponse(public_id, created, model, choices, usage_of(gen),
+                                  prompt_logprobs=prompt_logprobs_json(gen.prompt_logprobs.get(0)))
 
 
 async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,

@@ -18,7 +18,7 @@ from fornax.api.generate import (
     usage_of,
 )
 from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
-from fornax.api.logprobs import CompletionLogprobsBuilder, merge
+from fornax.api.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
 from fornax.api.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
@@ -82,12 +82,18 @@ async def completions(req: Request) -> Response:
         p.token_ids = truncate_prompt(p.token_ids, body.truncate_prompt_tokens,
                                       state.max_model_len)
         check_prompt(p.token_ids, state.max_model_len, state.engine_info.vocab_size, "prompt")
-    longest = max(len(p.token_ids) for p in prompts)
-    max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, longest,
+    shortest = min(len(p.token_ids) for p in prompts)  # the engine clamps each prompt's own
+    max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, shortest,
                                     state.max_model_len)
+    extra = {}
+    if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
+        extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
     params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
+                                   extra=extra,
                                    defaults=state.sampling_defaults,
-                                   max_logprobs=state.engine_info.max_logprobs)
+                                   max_logprobs=state.engine_info.max_logprobs,
+                                   tokenizer=state.tokenizer,
+                                   vocab_size=state.engine_info.vocab_size)
     if body.echo:
         for p in prompts:
             if p.text is None:
@@ -112,18 +118,19 @@ class _Echo:
 
     def __init__(self, state: AppState, gen: Generation, body: CompletionRequest) -> None:
         self.state, self.gen, self.body = state, gen, body
-        as_ids = bool(body.return_tokens_as_token_ids)
-        self.builders = [CompletionLogprobsBuilder(body.logprobs or 0, as_ids)
-                         for _ in range(gen.num_choices)]
+        self.as_ids = bool(body.return_tokens_as_token_ids)
+        self.builders = [CompletionLogprobsBuilder(body.logprobs or 0, self.as_ids)
+                         for _ in range(gen.num_candidates)]
 
     def prefix(self, index: int) -> tuple[str, CompletionLogprobs | None]:
-        prompt = self.gen.prompts[index // self.gen.n]
+        prompt_index = index // self.gen.count
+        prompt = self.gen.prompts[prompt_index]
         lps = None
         if self.body.logprobs is not None:
-            strs = [f"token_id:{t}" if self.body.return_tokens_as_token_ids else
-                    self.state.tokenizer.decode([t], skip_special_tokens=False)
-                    for t in prompt.token_ids] if self.body.echo else []
-            lps = self.builders[index].prompt(strs)
+            ids = prompt.token_ids if self.body.echo else []
+            strs = [f"token_id:{t}" if self.as_ids else
+                    self.state.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+            lps = self.builders[index].prompt(ids, strs, self.gen.prompt_logprobs.get(prompt_index))
         return (prompt.text or "") if self.body.echo else "", lps
 
     def logprobs(self, u: ChoiceUpdate) -> CompletionLogprobs | None:
@@ -135,18 +142,30 @@ class _Echo:
 async def _complete(gen: Generation, body: CompletionRequest, model: str, public_id: str,
                     created: int) -> CompletionResponse:
     echo = _Echo(gen.state, gen, body)
-    choices = []
-    for i in range(gen.num_choices):
-        text, lps = echo.prefix(i)
-        choices.append(CompletionChoice(i, text, lps))
+    k = gen.num_candidates
+    texts = [""] * k
+    finish: list[str | None] = [None] * k
+    stop: list[int | str | None] = [None] * k
+    entries: list[list[Any]] = [[] for _ in range(k)]
     async for batch in gen.updates():
         for u in batch:
-            c = choices[u.index]
-            c.text += u.text
-            c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
-            more = echo.logprobs(u)
-            if more is not None and c.logprobs is not None:
-                merge(c.logprobs, more)
+            texts[u.index] += u.text
+            finish[u.index], stop[u.index] = u.finish_reason, u.stop_reason
+            if u.logprobs:
+                entries[u.index].extend(u.logprobs)
+    choices = []
+    for i in range(k):
+        prefix, lps = echo.prefix(i)
+        more = echo.logprobs(ChoiceUpdate(i, 0, "", [], entries[i], None, None))
+        if lps is not None and more is not None:
+            merge(lps, more)
+        choices.append(CompletionChoice(
+            i, prefix + texts[i], lps, finish[i], stop[i],
+            prompt_logprobs_json(gen.prompt_logprobs.get(i // gen.count))
+            if body.prompt_logprobs is not None else None))
+    choices = gen.pick(choices)
+    for index, choice in enumerate(choices):
+        choice.index = index
     return CompletionResponse(public_id, created, model, choices, usage_of(gen))
 
 

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fornax.api.errors import APIError
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo
@@ -16,6 +17,7 @@ from fornax.runtime.outputs import Logprob
 from fornax.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,7 +50,12 @@ class _ChoiceTiming:
 
 @dataclass
 class Generation:
-    """The engine requests of one API request and their text-side state."""
+    """The engine requests of one API request and their text-side state.
+
+    Each prompt gets `count` candidates: n, or best_of when larger (then the n with the highest
+    cumulative logprob are kept, see `pick`). Updates carry the candidate index
+    `prompt_index * count + j`, which is the choice index whenever count == n.
+    """
 
     state: AppState
     request_id: str
@@ -57,14 +64,20 @@ class Generation:
     priority: int = 0
     cache_salt: str | None = None
     timings: dict[str, _ChoiceTiming] = field(default_factory=dict)
+    cumulative: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return self.params.n
 
     @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.n
+    def count(self) -> int:
+        return max(self.params.n, getattr(self.params, "best_of", None) or 1)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.prompts) * self.count
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,31 +89,58 @@ class Generation:
 
     @property
     def num_cached_tokens(self) -> int:
-        """Prefix-cache hits of each prompt's first choice."""
+        """Prefix-cache hits of each prompt's first candidate."""
         return sum(self.timings[self._engine_id(i, 0)].num_cached
                    for i in range(len(self.prompts)) if self._engine_id(i, 0) in self.timings)
 
     def _engine_id(self, prompt_index: int, choice: int) -> str:
         return f"{self.request_id}-{prompt_index}-{choice}"
 
+    def pick(self, candidates: list[T]) -> list[T]:
+        """best_of: the n most likely candidates of each prompt, best first (else all, in order)."""
+        if self.count == self.n:
+            return candidates
+        out: list[T] = []
+        for i in range(len(self.prompts)):
+            idx = range(i * self.count, (i + 1) * self.count)
+            best = sorted(idx, key=lambda c: self.cumulative.get(c, float("-inf")), reverse=True)
+            out.extend(candidates[c] for c in best[: self.n])
+        return out
+
+    def _child_requests(self, arrival: float) -> list[EngineCoreRequest]:
+        params, count = self.params, self.count
+        ranked = count > params.n
+        share = "parent_id" in EngineCoreRequest.__struct_fields__
+        requests = []
+        for i, prompt in enumerate(self.prompts):
+            for j in range(count):
+                eid = self._engine_id(i, j)
+                child = params
+                if count > 1:
+                    changes: dict[str, object] = {
+                        "n": 1, "seed": None if params.seed is None else params.seed + j}
+                    if hasattr(params, "best_of"):
+                        changes["best_of"] = None
+                    if ranked and params.logprobs is None:
+                        changes["logprobs"] = 0  # ranking needs each candidate's logprob
+                    child = params.clone(**changes)
+                extra = {"parent_id": f"{self.request_id}-{i}"} if share and count > 1 else {}
+                requests.append(EngineCoreRequest(eid, prompt.token_ids, child, arrival,
+                                                  self.priority, self.cache_salt, **extra))
+        return requests
+
     async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
         """Send the requests, then yield each batch of choice updates until all choices finish.
 
         Whatever is still running when the caller stops (client gone, error) is aborted.
         """
-        state, engine, processor = self.state, self.state.engine, self.state.processor
-        arrival = time.time()
-        requests: list[EngineCoreRequest] = []
+        engine, processor = self.state.engine, self.state.processor
+        arrival = time.monotonic()
+        requests = self._child_requests(arrival)
         where: dict[str, tuple[int, int]] = {}
-        for i, prompt in enumerate(self.prompts):
-            for j in range(self.n):
-                eid = self._engine_id(i, j)
-                params = self.params if self.n == 1 else self.params.clone(
-                    n=1, seed=None if self.params.seed is None else self.params.seed + j)
-                requests.append(EngineCoreRequest(eid, prompt.token_ids, params, arrival,
-                                                  self.priority, self.cache_salt))
-                where[eid] = (i, i * self.n + j)
-                self.timings[eid] = _ChoiceTiming(arrival)
+        for k, req in enumerate(requests):
+            where[req.request_id] = (k // self.count, k)
+            self.timings[req.request_id] = _ChoiceTiming(arrival)
         unfinished = set(where)
         failed = False
         group = await engine.add(requests)
@@ -110,7 +150,7 @@ class Generation:
         try:
             while unfinished:
                 outs = await group.next()
-                now = time.time()
+                now = time.monotonic()
                 touched, to_abort = processor.process(outs)
                 if to_abort:
                     await engine.abort(to_abort)
@@ -118,17 +158,22 @@ class Generation:
                 batch = []
                 for st in touched:
                     rid = st.request_id
+                    prompt_index, index = where[rid]
                     k = st.num_new_tokens
                     self._observe(rid, k, now, cached.get(rid, 0), len(st.prompt_token_ids))
                     text = st.detokenizer.take_delta(st.finished) if st.detokenizer else ""
                     new_lps = st.logprobs[-k:] if st.logprobs is not None and k else (
                         [] if st.logprobs is not None else None)
                     batch.append(ChoiceUpdate(
-                        index=st.index, prompt_index=where[rid][0], text=text,
+                        index=index, prompt_index=prompt_index, text=text,
                         token_ids=st.token_ids[-k:] if k else [], logprobs=new_lps,
                         finish_reason=st.finish_reason, stop_reason=st.stop_reason))
+                    prompt_lps = getattr(st, "prompt_logprobs", None)
+                    if prompt_lps is not None and prompt_index not in self.prompt_logprobs:
+                        self.prompt_logprobs[prompt_index] = prompt_lps  # filled in place
                     if st.finished:
                         unfinished.discard(rid)
+                        self.cumulative[index] = st.cumulative_logprob
                         self._finished(rid, st.finish_reason or "stop", now)
                 if batch:
                     yield batch
@@ -140,7 +185,7 @@ class Generation:
                 for rid in unfinished:
                     processor.abort(rid)
                     if not failed:
-                        self._finished(rid, "abort", time.time())
+                        self._finished(rid, "abort", time.monotonic())
                 await engine.abort(list(unfinished))
 
     def _observe(self, rid: str, num_new: int, now: float, num_cached: int, num_prompt: int) -> None:

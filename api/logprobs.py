@@ -7,6 +7,8 @@ from fornax.api.protocol.openai import (
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
 )
 from fornax.runtime.outputs import Logprob
 
@@ -51,14 +53,23 @@ class CompletionLogprobsBuilder:
         self.as_ids = as_ids
         self.offset = offset
 
-    def prompt(self, token_strs: list[str]) -> CompletionLogprobs:
-        """Echoed prompt tokens (no prompt logprobs from the engine: null values)."""
+    def prompt(self, token_ids: list[int], token_strs: list[str],
+               entries: list[Entry | None] | None) -> CompletionLogprobs:
+        """Echoed prompt tokens with the engine's prompt logprobs (the first token has none)."""
         out = CompletionLogprobs()
-        for tok in token_strs:
+        for pos, (tid, tok) in enumerate(zip(token_ids, token_strs)):
+            entry = entries[pos] if entries is not None and pos < len(entries) else None
             out.text_offset.append(self.offset)
             out.tokens.append(tok)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
+            if entry is None or tid not in entry:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                top = {_token(i, alt, self.as_ids): _finite(alt.logprob)
+                       for i, alt in _top(entry, self.top_n)}
+                top[tok] = _finite(entry[tid].logprob)
+                out.token_logprobs.append(_finite(entry[tid].logprob))
+                out.top_logprobs.append(top)
             self.offset += len(tok)
         return out
 
@@ -76,6 +87,15 @@ class CompletionLogprobsBuilder:
             out.top_logprobs.append(top)
             self.offset += len(tok)
         return out
+
+
+def prompt_logprobs_json(entries: list[Entry | None] | None) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs`: per prompt position, {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else
+            {str(tid): PromptLogprob(_finite(lp.logprob), lp.rank, lp.decoded_token)
+             for tid, lp in e.items()} for e in entries]
 
 
 def merge(into: CompletionLogprobs, more: CompletionLogprobs) -> None:

@@ -8,30 +8,36 @@ from typing import Any
 from fornax.api.errors import APIError
 from fornax.api.protocol.openai import _SamplingFields
 from fornax.runtime.errors import RequestError
+from fornax.runtime.request_prep import prepare_sampling_params
 from fornax.runtime.sampling_params import SamplingParams
+from fornax.runtime.tokenizer import TokenizerFront
 
-MAX_N = 128
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
-# Sampling knobs the engine may not have yet: passed through when SamplingParams has the field,
-# else a 400 when set to anything but their neutral value (never silently ignored).
+# Sampling knobs passed to the engine when SamplingParams has the field, else a 400 when set to
+# anything but their neutral value (never silently ignored).
 _PASS_THROUGH: dict[str, Any] = {
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-    "length_penalty": 1.0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None,
-    "prompt_logprobs": None,
+    "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
+    "repetition_detection": None, "best_of": None,
 }
+_REPETITION_KEYS = {"max_pattern_size", "min_pattern_size", "min_count"}
 
 
 def _not_supported(field: str, what: str | None = None) -> APIError:
     return APIError(400, f"{what or field} is not supported by this server yet", field)
 
 
+def _is_set(value: Any, neutral: Any) -> bool:
+    return value is not None and value != neutral and value != {}
+
+
 def check_unsupported(req: _SamplingFields) -> None:
     """400 for features fornax does not have yet, naming the field."""
     if req.use_beam_search:
-        raise _not_supported("use_beam_search", "beam search")
-    if req.best_of is not None and req.best_of != (req.n or 1):
-        raise _not_supported("best_of")
+        raise _not_supported("use_beam_search", "beam search over HTTP")
+    if req.length_penalty not in (None, 1.0):
+        raise _not_supported("length_penalty", "length_penalty (beam search only)")
     fmt = req.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -41,20 +47,27 @@ def check_unsupported(req: _SamplingFields) -> None:
                  "guided_grammar"):
         if getattr(req, name) is not None:
             raise _not_supported(name, f"{name} (structured output)")
-    if req.repetition_detection is not None:
-        raise _not_supported("repetition_detection")
     for name, neutral in _PASS_THROUGH.items():
-        value = getattr(req, name, None)
-        if name not in _ENGINE_FIELDS and value is not None and value != neutral and value != {}:
+        if name not in _ENGINE_FIELDS and _is_set(getattr(req, name, None), neutral):
             raise _not_supported(name)
+    rd = req.repetition_detection
+    if rd is not None and not set(rd) <= _REPETITION_KEYS:
+        raise APIError(400, f"repetition_detection accepts {sorted(_REPETITION_KEYS)}",
+                       "repetition_detection")
+    if req.logit_bias:
+        for key in req.logit_bias:
+            if not key.lstrip("-").isdigit():
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                               "logit_bias")
+    if req.stream and req.best_of is not None and req.best_of > (req.n or 1):
+        raise APIError(400, "best_of larger than n cannot be streamed", "best_of")
 
 
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                          defaults: dict[str, Any], max_logprobs: int) -> SamplingParams:
+                          defaults: dict[str, Any], max_logprobs: int, tokenizer: TokenizerFront,
+                          vocab_size: int, extra: dict[str, Any] | None = None) -> SamplingParams:
     """SamplingParams from a chat or completions request; RequestError -> 400 naming the field."""
     n = 1 if req.n is None else req.n
-    if n > MAX_N:
-        raise APIError(400, f"n must be at most {MAX_N}, got {n}", "n")
     kwargs: dict[str, Any] = {
         "n": n,
         "temperature": _pick(req.temperature, defaults, "temperature", 1.0),
@@ -77,11 +90,13 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logpr
         kwargs["top_k"] = -1
     for name, neutral in _PASS_THROUGH.items():
         value = getattr(req, name, None)
-        if name in _ENGINE_FIELDS and value is not None and value != neutral:
+        if name in _ENGINE_FIELDS and _is_set(value, neutral):
             kwargs[name] = value
+    kwargs.update(extra or {})
     try:
         params = SamplingParams(**kwargs)
         params.validate(max_logprobs)
+        params = prepare_sampling_params(params, tokenizer, vocab_size)  # bad words -> ids
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param) from None
     return params

@@ -35,6 +35,13 @@ def _merge(into: EngineCoreOutput, new: EngineCoreOutput) -> None:
     into.new_token_ids.extend(new.new_token_ids)
     if new.new_logprobs:
         into.new_logprobs = (into.new_logprobs or []) + new.new_logprobs
+    new_prompt = getattr(new, "prompt_logprobs", None)
+    if new_prompt:
+        if into.prompt_logprobs is None:
+            into.prompt_logprobs, into.prompt_logprobs_start = new_prompt, new.prompt_logprobs_start
+        else:  # a later chunk (or a resend after preemption) continues at its start position
+            keep = max(0, new.prompt_logprobs_start - into.prompt_logprobs_start)
+            into.prompt_logprobs = into.prompt_logprobs[:keep] + new_prompt
     into.finish_reason = new.finish_reason
     into.stop_reason = new.stop_reason
     into.num_prompt_tokens = new.num_prompt_tokens or into.num_prompt_tokens

@@ -193,6 +193,15 @@ class ChatChoice(Struct):
     stop_reason: int | str | None = None
 
 
+class PromptLogprob(Struct):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(Struct):
     id: str
     created: int
@@ -201,6 +210,7 @@ class ChatCompletionResponse(Struct):
     usage: UsageInfo
     object: str = "chat.completion"
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(Struct, omit_defaults=True):
@@ -234,6 +244,7 @@ class CompletionChoice(Struct):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(Struct):

@@ -82,6 +82,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None,
                    help="chat template file, or the template itself (jinja2), overriding the "
                    "model's")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests pass their own `chat_template` (refused by default: a "
+                   "template is code the server runs)")
     g.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
                    default="auto", help="message content as a string or OpenAI's list of parts "
                    "(default: auto-detected from the template)")

@@ -78,6 +78,9 @@ def render_prompt(state: AppState, messages: list[dict[str, Any]], *, add_genera
                   ) -> tuple[str, list[int]]:
     """The chat prompt's text and token ids (RequestError -> 400 naming the field)."""
     check_messages(messages)
+    if chat_template is not None and not state.settings.trust_request_chat_template:
+        raise APIError(400, "chat templates in requests are refused unless the server runs with "
+                       "--trust-request-chat-template", "chat_template")
     try:
         text = state.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
@@ -87,6 +90,9 @@ def render_prompt(state: AppState, messages: list[dict[str, Any]], *, add_genera
             template_kwargs=template_kwargs)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param) from None
+    except Exception as exc:  # a template can raise anything (OverflowError from range(), ...)
+        raise APIError(400, f"the chat template failed: {type(exc).__name__}: {exc}",
+                       "messages") from None
     return text, state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

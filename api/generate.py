@@ -117,8 +117,7 @@ class Generation:
                 eid = self._engine_id(i, j)
                 child = params
                 if count > 1:
-                    changes: dict[str, object] = {
-                        "n": 1, "seed": None if params.seed is None else params.seed + j}
+                    changes: dict[str, object] = {"n": 1, "seed": _child_seed(params.seed, j)}
                     if hasattr(params, "best_of"):
                         changes["best_of"] = None
                     if ranked and params.logprobs is None:
@@ -214,6 +213,14 @@ class Generation:
         metrics = self.state.metrics
         metrics.request_finished(reason)
         metrics.e2e.observe(now - self.timings[rid].arrival)
+
+
+def _child_seed(seed: int | None, j: int) -> int | None:
+    """Candidate j's seed: seed + j (as the offline LLM does), kept inside int64."""
+    if seed is None:
+        return None
+    child = seed + j
+    return child if child < 2 ** 63 else child - 2 ** 64
 
 
 def usage_of(gen: Generation) -> UsageInfo:

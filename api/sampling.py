@@ -21,6 +21,7 @@ _PASS_THROUGH: dict[str, Any] = {
     "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
     "repetition_detection": None, "best_of": None,
 }
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
 _REPETITION_KEYS = {"max_pattern_size", "min_pattern_size", "min_count"}
 
 
@@ -59,6 +60,10 @@ def check_unsupported(req: _SamplingFields) -> None:
             if not key.lstrip("-").isdigit():
                 raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
                                "logit_bias")
+    if req.seed is not None and not _INT64[0] <= req.seed <= _INT64[1]:
+        raise APIError(400, "seed must fit in a signed 64-bit integer", "seed")
+    if not _INT64[0] <= req.priority <= _INT64[1]:
+        raise APIError(400, "priority must fit in a signed 64-bit integer", "priority")
     if req.stream and req.best_of is not None and req.best_of > (req.n or 1):
         raise APIError(400, "best_of larger than n cannot be streamed", "best_of")
 

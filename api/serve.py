@@ -148,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
             model_aliases=aliases, api_keys=api_keys, allowed_origins=args.allowed_origins or [],
             chat_template=chat_template,
             chat_template_content_format=args.chat_template_content_format,
+            trust_request_chat_template=args.trust_request_chat_template,
             generation_config=kwargs.get("generation_config", "auto"),
             max_request_body_bytes=args.max_request_body_bytes,
             log_requests=not args.disable_log_requests, created=int(time.time()),

@@ -26,6 +26,7 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     allowed_origins: list[str] = []
     chat_template: str | None = None
     chat_template_content_format: str = "auto"
+    trust_request_chat_template: bool = False
     generation_config: str = "auto"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = True

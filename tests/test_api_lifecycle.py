@@ -144,31 +144,60 @@ def _post_many(url: str, n: int, body: dict) -> list[httpx.Response]:
     return results
 
 
-def test_queue_limit_503_then_sigterm_lets_inflight_finish_and_exits_0():
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def options_server():
     server = ServerProcess(str(tiny_model_path("llama")), "--max-num-seqs", "1",
                            "--max-num-queued-requests", "1", "--shutdown-timeout", "30",
+                           "--chat-template", TEMPLATE, "--trust-request-chat-template",
+                           "--chat-template-content-format", "string",
                            "--disable-log-requests").wait_ready()
-    try:
-        results = _post_many(server.url, 8, {**LONG, "max_tokens": 60})
-        codes = sorted(r.status_code for r in results)
-        assert 200 in codes and 503 in codes, codes
-        for r in results:
-            if r.status_code == 503:
-                assert r.headers["retry-after"].isdigit()
-                assert "max-num-queued-requests" in r.json()["error"]["message"]
-        sock = _open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
-        server.proc.send_signal(signal.SIGTERM)
-        rest = b""
-        while b"data: [DONE]" not in rest:
-            data = sock.recv(65536)
-            if not data:
-                break
-            rest += data
-        sock.close()
-        assert b'"finish_reason":"length"' in rest
-        assert server.proc.wait(timeout=30) == 0
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+def test_server_and_request_chat_templates(options_server):
+    http = httpx.Client(base_url=options_server.url, timeout=30)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    ids = http.post("/tokenize", json={"messages": msgs}).json()["tokens"]
+    text = http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert text == "[user] hi\n[assistant] "
+    own = http.post("/tokenize", json={"messages": msgs,
+                                       "chat_template": "{{ messages[0]['content'] }}!"})
+    assert http.post("/detokenize", json={"tokens": own.json()["tokens"]}).json()["prompt"] \
+        == "hi!"
+    slow = http.post("/v1/chat/completions", json={
+        "messages": msgs, "chat_template": "{% for i in range(10**9) %}x{% endfor %}"})
+    assert slow.status_code == 400 and slow.json()["error"]["param"] == "messages"
+    assert http.get("/health").status_code == 200
+
+
+def test_queue_limit_answers_503_with_retry_after(options_server):
+    results = _post_many(options_server.url, 8, {**LONG, "max_tokens": 60})
+    codes = sorted(r.status_code for r in results)
+    assert 200 in codes and 503 in codes, codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.headers["retry-after"].isdigit()
+            assert "max-num-queued-requests" in r.json()["error"]["message"]
+
+
+def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):
+    server = options_server
+    sock = _open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = b""
+    while b"data: [DONE]" not in rest:
+        data = sock.recv(65536)
+        if not data:
+            break
+        rest += data
+    sock.close()
+    assert b'"finish_reason":"length"' in rest
+    assert server.proc.wait(timeout=30) == 0
 
 
 def test_sigterm_aborts_what_does_not_finish_within_the_timeout():

@@ -63,6 +63,7 @@ class Generation:
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    record_metrics: bool = True
     timings: dict[str, _ChoiceTiming] = field(default_factory=dict)
     cumulative: dict[int, float] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
@@ -188,28 +189,31 @@ class Generation:
                 await engine.abort(list(unfinished))
 
     def _observe(self, rid: str, num_new: int, now: float, num_cached: int, num_prompt: int) -> None:
-        t = self.timings[rid]
-        metrics = self.state.metrics
+        """Token counts and latencies: TTFT at the first token, then one inter-token latency per
+        token (a merged delivery of k tokens spreads its gap over the k)."""
         if num_new <= 0:
             return
-        if t.first is None:
-            t.first = now
-            t.num_cached = num_cached
-            metrics.ttft.observe(now - t.arrival)
-            metrics.prompt_tokens.inc(num_prompt)
-            if num_new > 1:
-                gap = 0.0
-                for _ in range(num_new - 1):
-                    metrics.itl.observe(gap)
-        else:
-            gap = (now - (t.last or now)) / num_new
-            for _ in range(num_new):
-                metrics.itl.observe(gap)
+        t = self.timings[rid]
+        first = t.first is None
+        gap = 0.0 if first else (now - (t.last or now)) / num_new
+        if first:
+            t.first, t.num_cached = now, num_cached
         t.last = now
         t.num_tokens += num_new
+        if not self.record_metrics:
+            return
+        metrics = self.state.metrics
+        if first:
+            metrics.ttft.observe(now - t.arrival)
+            metrics.prompt_tokens.inc(num_prompt)
+        else:
+            for _ in range(num_new):
+                metrics.itl.observe(gap)
         metrics.generation_tokens.inc(num_new)
 
     def _finished(self, rid: str, reason: str, now: float) -> None:
+        if not self.record_metrics:
+            return
         metrics = self.state.metrics
         metrics.request_finished(reason)
         metrics.e2e.observe(now - self.timings[rid].arrival)

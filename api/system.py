@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-
-import msgspec
+import uuid
 
 from fornax.api.errors import APIError, EngineDeadError
+from fornax.api.generate import Generation, PromptInput
 from fornax.api.http import Request, Response, json_response
 from fornax.api.metrics import CONTENT_TYPE
+from fornax.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
+DEEP_HEALTH_TIMEOUT_S = 10.0
+
+
 async def health(req: Request) -> Response:
-    """200 while the engine core runs; 503 once it is dead or the server is shutting down."""
+    """200 while the engine core runs; 503 once it is dead or the server is shutting down.
+
+    `?deep=1` (fornax's) also runs a one-token generation, which must finish within 10 s.
+    """
     state = req.state
     if state.engine.dead:
         raise EngineDeadError(state.engine.dead_reason or "the engine core is not running")
     if state.draining:
         raise APIError(503, "the server is shutting down")
+    if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
+        await _one_token(req)
     return Response(b"", 200, content_type=None)
+
+
+async def _one_token(req: Request) -> None:
+    state = req.state
+    prompt = state.tokenizer.encode("ping", add_special_tokens=False) or [0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    gen = Generation(state, f"health-{uuid.uuid4().hex}", [PromptInput(prompt)], params,
+                     record_metrics=False)
+
+    async def run() -> None:
+        async for _ in gen.updates():
+            pass
+
+    try:
+        await asyncio.wait_for(run(), DEEP_HEALTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"a one-token generation took over {DEEP_HEALTH_TIMEOUT_S:.0f} s") \
+            from None
 
 
 async def ping(req: Request) -> Response:
@@ -49,7 +77,3 @@ async def metrics(req: Request) -> Response:
     except APIError as exc:
         logger.warning("/metrics without engine numbers: %s", exc.message)
     return Response(state.metrics.render(stats), 200, content_type=CONTENT_TYPE)
-
-
-def to_json(obj: object) -> bytes:
-    return msgspec.json.encode(obj)

@@ -236,3 +236,14 @@ def test_metrics_sum_over_workers(http):
         assert name in after
     load = http.get("/load").json()
     assert load["server_load"] == 0
+
+
+def test_deep_health_runs_one_token_without_touching_metrics(server, http):
+    before = http.get("/metrics").text
+    r = httpx.get(server.url + "/health?deep=1", timeout=30)  # public: no key needed
+    assert r.status_code == 200
+    after = http.get("/metrics").text
+    gen = "vllm:generation_tokens_total"
+    assert _metric(after, gen) == _metric(before, gen)
+    assert httpx.post(server.url + "/ping").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]

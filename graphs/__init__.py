@@ -1,1 +1,1 @@
-"""fornax package."""
+"""fornax.graphs: everything that calls torch.compile or torch.cuda.graph (engine-core process)."""

@@ -36,8 +36,12 @@ class ModelConfig:
     seed: int = 0
     generation_config: str = "auto"
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    runner: str = "auto"  # auto | generate | pooling (auto: by architecture)
+    pooler_config: dict[str, Any] = field(default_factory=dict)  # pooling_type, normalize
 
     def __post_init__(self) -> None:
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ConfigError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}")
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         object.__setattr__(self, "dtype", dtype)
         if dtype not in _DTYPES:
@@ -97,7 +101,7 @@ class SchedulerConfig:
 class CompilationConfig:
     """torch.compile and CUDA-graph settings (used by graphs/)."""
 
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU
     cuda_graph_sizes: tuple[int, ...] = ()
     max_capture_size: int = 256
 

@@ -71,6 +71,7 @@ class EngineCore:
                 f"sequence of max_model_len {self.max_model_len}; raise --kv-cache-memory "
                 "or lower --max-model-len")
         self.runner.initialize_kv_cache(num_blocks)
+        self.compile_seconds = self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len,
                                  config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.kv,

@@ -97,6 +97,13 @@ class ModelRunner:
         self.positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
         self.slot_mapping = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
         self._arange = np.arange(max(self.max_num_tokens, self.max_num_reqs) + 1, dtype=np.int64)
+        eager = config.compilation_config.enforce_eager
+        self.compiled = not (eager if eager is not None else self.device.type == "cpu")
+        self.forward_fn = self.model.forward
+        if self.compiled:
+            from fornax.graphs.compile import compile_model_forward
+
+            self.forward_fn = compile_model_forward(self.model)
 
     # ---- set-up --------------------------------------------------------------------------------
     def _load_weights(self) -> None:
@@ -140,6 +147,38 @@ class ModelRunner:
         shape = self.backend.kv_cache_shape(num_blocks)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run dummy prefill and decode shapes so compilation happens before serving."""
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        logger.info("compiling the model forward (torch.compile, cached across restarts)...")
+        for num_reqs, q_len in ((1, min(8, self.max_num_tokens)), (1, 1), (2, 1)):
+            self._dummy_forward(num_reqs, q_len)
+        elapsed = time.perf_counter() - start
+        logger.info("compiled in %.1f s", elapsed)
+        return elapsed
+
+    def _dummy_forward(self, num_reqs: int, q_len: int) -> None:
+        """A forward over fake requests whose K/V all land in the reserved null block."""
+        num_tokens = num_reqs * q_len
+        qsl = (np.arange(num_reqs + 1) * q_len).astype(np.int32)
+        seq_lens = np.full(num_reqs, q_len, dtype=np.int32)
+        block_table_np = np.zeros((num_reqs, self.max_blocks_per_req), dtype=np.int32)
+        self.input_ids[:num_tokens].zero_()
+        self.positions[:num_tokens].copy_(torch.arange(q_len).repeat(num_reqs))
+        self.slot_mapping[:num_tokens].zero_()
+        common = CommonAttentionMetadata(
+            query_start_loc_np=qsl, seq_lens_np=seq_lens,
+            block_table=torch.from_numpy(block_table_np).to(self.device),
+            block_table_np=block_table_np, slot_mapping=self.slot_mapping[:num_tokens],
+            num_reqs=num_reqs, num_actual_tokens=num_tokens, max_query_len=q_len,
+            max_seq_len=q_len, block_size=self.block_size)
+        meta = self.backend.build_metadata(common)
+        self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
+                        self.kv_caches, meta)
 
     # ---- one step ------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -190,8 +229,8 @@ class ModelRunner:
             max_query_len=int(num_sched.max()), max_seq_len=int(seq_lens.max()),
             block_size=self.block_size)
         attn_metadata = self.backend.build_metadata(common)
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens],
-                            self.kv_caches, attn_metadata)
+        hidden = self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
+                                 self.kv_caches, attn_metadata)
         prompt_lps = {}
         if (batch.num_prompt_logprobs_np[rows] >= 0).any():
             prompt_lps = self._prompt_logprobs(hidden, req_ids, rows, computed, num_sched, qsl)

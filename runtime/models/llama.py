@@ -89,8 +89,9 @@ class DecoderAttention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
+    def qkv(self, positions: torch.Tensor, x: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections, q/k norm and rotary: q [T, Hq, D], k and v [T, Hkv, D]."""
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -100,6 +101,11 @@ class DecoderAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        q, k, v = self.qkv(positions, x)
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -127,7 +133,18 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: Any) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, attn_metadata)
+        q, k, v = self.attention_inputs(positions, x)
+        attn = self.self_attn.backend.forward(q, k, v, kv_cache, attn_metadata)
+        return self.after_attention(x, attn)
+
+    # The two halves around attention: graphs/ compiles each as one fused piece.
+    def attention_inputs(self, positions: torch.Tensor, x: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.qkv(positions, self.input_layernorm(x))
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        attn_dim = self.self_attn.num_heads * self.self_attn.head_dim
+        x = x + self.self_attn.o_proj(attn.reshape(-1, attn_dim))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

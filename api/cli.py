@@ -1,4 +1,4 @@
-"""The `fornax` command: subcommands `serve` (this package) and `bench` (fornax.perf, if present)."""
+"""The `fornax` command: `serve` (this package) and `bench` (fornax.perf, when present)."""
 
 from __future__ import annotations
 

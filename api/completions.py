@@ -1,4 +1,4 @@
-"""POST /v1/completions: prompts (text or token ids, one or many) -> engine -> JSON or SSE (API workers)."""
+"""POST /v1/completions: prompts (text or token ids, one or many) -> JSON or SSE (API workers)."""
 
 from __future__ import annotations
 

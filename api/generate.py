@@ -1,4 +1,4 @@
-"""Runs one API request (prompts x n choices) through the engine; yields text deltas (API worker)."""
+"""Runs one API request (prompts x n choices) through the engine, yielding deltas (API worker)."""
 
 from __future__ import annotations
 
@@ -188,7 +188,8 @@ class Generation:
                         self._finished(rid, "abort", time.monotonic())
                 await engine.abort(list(unfinished))
 
-    def _observe(self, rid: str, num_new: int, now: float, num_cached: int, num_prompt: int) -> None:
+    def _observe(self, rid: str, num_new: int, now: float, num_cached: int,
+                 num_prompt: int) -> None:
         """Token counts and latencies: TTFT at the first token, then one inter-token latency per
         token (a merged delivery of k tokens spreads its gap over the k)."""
         if num_new <= 0:

@@ -1,4 +1,4 @@
-"""Minimal ASGI request/response types: bounded body reading, JSON, SSE, disconnects (API workers)."""
+"""Minimal ASGI request/response types: bounded bodies, JSON, SSE, disconnects (API workers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics with vLLM's names: per-worker counters/histograms + engine gauges (API workers).
+"""Prometheus metrics with vLLM's names: worker counters/histograms + engine gauges (API workers).
 
 Workers write their counters and histograms in prometheus-client's multiprocess mode (files under
 PROMETHEUS_MULTIPROC_DIR, set by `fornax serve` before any worker starts), so `/metrics` on any

@@ -1,4 +1,4 @@
-"""Request fields -> SamplingParams, prompt checks, and refusal of features not built yet (API workers)."""
+"""Request fields -> SamplingParams, prompt checks, refusal of unbuilt features (API workers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`fornax serve`: start the engine core, then Granian with the API workers; drain on SIGTERM (main process)."""
+"""`fornax serve`: the engine core, then Granian with the API workers; SIGTERM drains (main)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-worker application state: settings, tokenizer, engine client, metrics, model names (API worker)."""
+"""Per-worker state: settings, tokenizer, engine client, metrics, model names (API worker)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fornax.runtime.tokenizer import TokenizerFront
 
 logger = logging.getLogger(__name__)
 
-# generation_config.json keys that become default sampling values (vLLM's `--generation-config auto`)
+# generation_config.json keys that become default sampling values (`--generation-config auto`)
 _GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "min_p": "min_p", "max_new_tokens": "max_tokens"}
 

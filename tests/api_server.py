@@ -57,7 +57,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"fornax serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"fornax serve exited ({self.proc.returncode}):\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return self
@@ -145,7 +145,7 @@ def raw_request(port: int, request: bytes, timeout_s: float = 10.0) -> bytes:
                 chunks.append(data)
                 if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
                     break
-        except socket.timeout:
+        except TimeoutError:
             pass
     return b"".join(chunks)
 

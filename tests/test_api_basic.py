@@ -1,4 +1,4 @@
-"""API tests against a real `fornax serve` (tiny llama): models, chat, completions, tokenize, metrics."""
+"""API tests on a real `fornax serve` (tiny llama): models, chat, completions, tokenize, metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import httpx
 import openai
 import pytest
-from api_server import API_KEYS, auth, main_server, sse_events, tiny_model_path
+from api_server import API_KEYS, auth, main_server, tiny_model_path
 
 
 @pytest.fixture(scope="module")

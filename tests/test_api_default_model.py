@@ -1,4 +1,4 @@
-"""Quality checks of `fornax serve` with no MODEL: the packaged SmolLM2-135M-Instruct answers sensibly."""
+"""Quality checks of `fornax serve` with no MODEL: the packaged SmolLM2 answers sensibly."""
 
 from __future__ import annotations
 

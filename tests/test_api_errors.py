@@ -1,4 +1,4 @@
-"""Bad input, auth and CORS against a real `fornax serve`: the right status, the OpenAI error shape."""
+"""Bad input, auth and CORS on a real `fornax serve`: the right status, the OpenAI error shape."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Process life of `fornax serve`: disconnects, engine death, admission control, SIGTERM drain, CLI."""
+"""Life of `fornax serve`: disconnects, engine death, admission control, SIGTERM drain, CLI."""
 
 from __future__ import annotations
 

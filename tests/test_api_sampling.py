@@ -1,4 +1,4 @@
-"""Sampling extras over HTTP (tiny llama): best_of, prompt logprobs, echo with logprobs, bad words."""
+"""Sampling extras over HTTP (tiny llama): best_of, prompt logprobs, echo + logprobs, bad words."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Engine-core process plumbing for `fornax serve`: the process itself, its launcher, its async client."""
+"""Engine-core process plumbing for `fornax serve`: the process, its launcher, its client."""

@@ -1,4 +1,4 @@
-"""The engine-core process: ZMQ input/output threads around a busy `step()` loop (engine-core process).
+"""The engine-core process: ZMQ input/output threads around a busy `step()` loop (engine core).
 
 Run as `python -m fornax.api.engine.core_process` with the EngineSpec (JSON) in FORNAX_ENGINE_SPEC.
 """

@@ -1,4 +1,4 @@
-"""Starts the engine-core process, waits for its READY handshake, watches it (`fornax serve` process)."""
+"""Starts the engine-core process, waits for its READY, watches it (`fornax serve` process)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from fornax.api.http import (
     Scope,
     Send,
     error_response,
-    path_param,
 )
 from fornax.api.settings import ServerSettings, settings_from_env
 from fornax.api.state import AppState
@@ -47,7 +46,7 @@ class Route:
             return {} if path == self.path else None
         prefix, name = self.path.split("{", 1)
         if path.startswith(prefix) and len(path) > len(prefix):
-            return {name.rstrip("}"): path_param(path[len(prefix):])}
+            return {name.rstrip("}"): path[len(prefix):]}  # ASGI paths arrive decoded
         return None
 
 

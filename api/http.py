@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 import msgspec
 
@@ -115,10 +115,6 @@ def _too_large(limit: int) -> APIError:
     # the unread rest of the body makes the connection unusable: close it after answering
     return APIError(413, f"the request body is larger than the limit of {limit} bytes",
                     headers={"connection": "close"})
-
-
-def path_param(value: str) -> str:
-    return unquote(value)
 
 
 class Response:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,18 @@ def _validate(model: str, kwargs: dict[str, Any]) -> None:
     logger.info("engine config (non-default values): %s", shown or "all defaults")
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Fail before loading a model when the port is taken (Granian binds it later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """The whole life of `fornax serve`; returns the process exit code."""
     if args.log_level:
@@ -118,6 +131,9 @@ def run_serve(args: argparse.Namespace) -> int:
         args.max_num_queued_requests}.items() if v not in (None, [], 1)}
     logger.info("fornax %s serving %s; server settings: %s", fornax_version(), model, server_shown)
 
+    if not args.uds and not _port_free(args.host, args.port):
+        logger.error("cannot listen on %s:%d: the address is in use", args.host, args.port)
+        return 1
     launcher = EngineLauncher(model, kwargs, args.shutdown_timeout)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -211,6 +227,9 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
         server.serve()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
+    except OSError as exc:  # could not bind after all (the port was taken meanwhile)
+        logger.error("the HTTP server failed: %s", exc)
+        code = 1
     if engine_died.is_set():
         return 1
     return code

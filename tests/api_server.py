@@ -85,6 +85,8 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if not os.environ.get("FORNAX_KEEP_TEST_LOGS"):
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
 

@@ -257,3 +257,14 @@ def test_help_documents_every_spec_flag():
     --disable-log-requests""".split()
     missing = [f for f in flags if f not in text]
     assert not missing
+
+
+def test_port_in_use_fails_before_loading_the_model():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = _cli("serve", str(tiny_model_path("llama")), "--host", "127.0.0.1", "--port",
+                   str(port))
+    assert out.returncode == 1 and "in use" in out.stderr
+    assert "starting the engine core" not in out.stderr

@@ -201,7 +201,7 @@ def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):
 
 
 def test_sigterm_aborts_what_does_not_finish_within_the_timeout():
-    server = ServerProcess(str(tiny_model_path("llama")), "--shutdown-timeout", "1",
+    server = ServerProcess(str(tiny_model_path("llama")), "--shutdown-timeout", "0.3",
                            "--max-num-seqs", "2").wait_ready()
     try:
         sock = _open_stream(server.port, {**LONG, "max_tokens": 2000, "stream": True}, key=None)

@@ -175,14 +175,17 @@ class EngineClient:
             except msgspec.DecodeError:
                 logger.exception("undecodable message from the engine core")
                 continue
-            if isinstance(msg, EngineCoreOutputs):
-                self._dispatch(msg)
-            elif isinstance(msg, EngineStats):
-                fut = self.queries.get(msg.query_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif isinstance(msg, EngineDead):
-                self._mark_dead(msg.message)
+            try:
+                if isinstance(msg, EngineCoreOutputs):
+                    self._dispatch(msg)
+                elif isinstance(msg, EngineStats):
+                    fut = self.queries.get(msg.query_id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif isinstance(msg, EngineDead):
+                    self._mark_dead(msg.message)
+            except Exception:  # a bug here must not silence every later result
+                logger.exception("failed to dispatch a message from the engine core")
 
     def _dispatch(self, msg: EngineCoreOutputs) -> None:
         for out in msg.outputs:

@@ -43,6 +43,7 @@ logger = logging.getLogger("fornax.api.engine.core_process")
 SPEC_ENV = "FORNAX_ENGINE_SPEC"
 _QUEUE_LIMIT = 65536  # bounded hand-off between the socket threads and the busy loop
 _IDLE_POLL_S = 0.5
+_SEND_HWM = 100_000  # messages queued per API worker before sends are dropped
 
 
 class _OutputThread(threading.Thread):
@@ -60,19 +61,20 @@ class _OutputThread(threading.Thread):
             if item is None:
                 break
             kind, client_id, payload = item
-            try:
-                if kind == "connect":
-                    sock = self.ctx.socket(zmq.PUSH)
-                    sock.setsockopt(zmq.LINGER, 2000)
-                    sock.connect(payload.decode())
-                    self.sockets[client_id] = sock
-                elif kind == "all":
-                    for sock in self.sockets.values():
-                        sock.send(payload)
-                elif client_id in self.sockets:
-                    self.sockets[client_id].send(payload)
-            except zmq.ZMQError as exc:  # a worker went away; its requests get aborted
-                logger.warning("cannot send to API worker %s: %s", client_id, exc)
+            if kind == "connect":
+                sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 2000)
+                sock.setsockopt(zmq.SNDHWM, _SEND_HWM)
+                sock.connect(payload.decode())
+                self.sockets[client_id] = sock
+                continue
+            targets = list(self.sockets.items()) if kind == "all" else \
+                [(client_id, self.sockets[client_id])] if client_id in self.sockets else []
+            for target_id, sock in targets:
+                try:  # never block: a worker that stopped reading must not stall the others
+                    sock.send(payload, zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    logger.warning("dropping a message to API worker %s: %s", target_id, exc)
         for sock in self.sockets.values():
             sock.close()
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fornax.api.beam import beam_search, check_beam_request
 from fornax.api.errors import APIError
 from fornax.api.generate import (
     ChoiceUpdate,
@@ -27,6 +28,7 @@ from fornax.api.protocol.openai import (
     ChatMessage,
     ChatStreamChoice,
     DeltaMessage,
+    UsageInfo,
 )
 from fornax.api.sampling import (
     build_sampling_params,
@@ -126,6 +128,8 @@ async def chat_completions(req: Request) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(requested, state.sampling_defaults.get("max_tokens"),
                                     len(ids), state.max_model_len, param)
+    if body.use_beam_search:
+        return json_response(await _beam(req, body, model, ids, max_tokens))
     top_n = body.top_logprobs or 0
     params = build_sampling_params(body, max_tokens=max_tokens,
                                    logprobs=top_n if body.logprobs else None,
@@ -146,6 +150,22 @@ async def chat_completions(req: Request) -> Response:
                                  headers={"x-request-id": public_id})
     return json_response(await _complete(gen, body, model, public_id, created),
                          headers={"x-request-id": public_id})
+
+
+async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
+                max_tokens: int) -> ChatCompletionResponse:
+    """use_beam_search: the n best beams (not streamed)."""
+    check_beam_request(body)
+    if body.logprobs:
+        raise APIError(400, "beam search returns no logprobs", "use_beam_search")
+    req.watch_disconnect()
+    beams = await beam_search(req.state, ids, body, max_tokens)
+    choices = [ChatChoice(i, ChatMessage("assistant", b.text), None, b.finish_reason)
+               for i, b in enumerate(beams)]
+    completion = sum(len(b.token_ids) for b in beams)
+    public_id, _ = new_request_id("chatcmpl", body.request_id or req.request_id)
+    return ChatCompletionResponse(public_id, int(time.time()), model, choices,
+                                  UsageInfo(len(ids), len(ids) + completion, completion))
 
 
 async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,

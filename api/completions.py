@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fornax.api.beam import beam_search, check_beam_request
 from fornax.api.errors import APIError
 from fornax.api.generate import (
     ChoiceUpdate,
@@ -25,6 +26,7 @@ from fornax.api.protocol.openai import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    UsageInfo,
 )
 from fornax.api.sampling import (
     build_sampling_params,
@@ -88,6 +90,8 @@ async def completions(req: Request) -> Response:
     extra = {}
     if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
         extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
+    if body.use_beam_search:
+        return json_response(await _beam(req, body, model, prompts, max_tokens))
     params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
                                    extra=extra,
                                    defaults=state.sampling_defaults,
@@ -111,6 +115,28 @@ async def completions(req: Request) -> Response:
                                  headers={"x-request-id": public_id})
     return json_response(await _complete(gen, body, model, public_id, created),
                          headers={"x-request-id": public_id})
+
+
+async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],
+                max_tokens: int) -> CompletionResponse:
+    """use_beam_search: the n best beams of each prompt (not streamed)."""
+    check_beam_request(body)
+    if body.logprobs is not None or body.echo:
+        raise APIError(400, "beam search returns no logprobs and no echo", "use_beam_search")
+    state = req.state
+    req.watch_disconnect()
+    choices: list[CompletionChoice] = []
+    completion_tokens = 0
+    for p in prompts:
+        room = state.max_model_len - len(p.token_ids)
+        for beam in await beam_search(state, p.token_ids, body, min(max_tokens, room)):
+            choices.append(CompletionChoice(len(choices), beam.text, None, beam.finish_reason))
+            completion_tokens += len(beam.token_ids)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    public_id, _ = new_request_id("cmpl", body.request_id or req.request_id)
+    return CompletionResponse(public_id, int(time.time()), model, choices,
+                              UsageInfo(prompt_tokens, prompt_tokens + completion_tokens,
+                                        completion_tokens))
 
 
 class _Echo:

@@ -35,10 +35,9 @@ def _is_set(value: Any, neutral: Any) -> bool:
 
 def check_unsupported(req: _SamplingFields) -> None:
     """400 for features fornax does not have yet, naming the field."""
-    if req.use_beam_search:
-        raise _not_supported("use_beam_search", "beam search over HTTP")
-    if req.length_penalty not in (None, 1.0):
-        raise _not_supported("length_penalty", "length_penalty (beam search only)")
+    if req.length_penalty not in (None, 1.0) and not req.use_beam_search:
+        raise APIError(400, "length_penalty applies to beam search only (use_beam_search)",
+                       "length_penalty")
     fmt = req.response_format
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None

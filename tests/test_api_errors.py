@@ -85,7 +85,8 @@ BAD_COMPLETIONS = [
     ({}, 400, "prompt"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    ({"prompt": "x", "use_beam_search": True, "stream": True}, 400, "use_beam_search"),
+    ({"prompt": "x", "length_penalty": 2.0}, 400, "length_penalty"),
     ({"prompt": "x", "truncate_prompt_tokens": 100000}, 400, "truncate_prompt_tokens"),
 ]
 

@@ -87,3 +87,28 @@ def test_penalties_bad_words_and_repetition_detection_reach_the_engine(http):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
     bad = http.post("/v1/completions", json={**base, "presence_penalty": 5})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "presence_penalty"
+
+
+def test_beam_search_matches_the_offline_engine(http):
+    from api_server import tiny_model_path
+
+    from fornax.runtime import LLM
+    from fornax.runtime.beam_search import BeamSearchParams
+
+    prompt = "The inference server schedules requests"
+    greedy = _complete(http, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=True)
+    width1 = _complete(http, prompt=prompt, max_tokens=8, use_beam_search=True, n=1,
+                       ignore_eos=True)
+    assert width1["choices"][0]["text"] == greedy["choices"][0]["text"]
+    out = _complete(http, prompt=prompt, max_tokens=8, use_beam_search=True, n=3,
+                    ignore_eos=True)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["completion_tokens"] == 24
+    llm = LLM(str(tiny_model_path("llama")), max_model_len=512, device="cpu")
+    offline = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=8,
+                                                         ignore_eos=True))[0]
+    assert [c["text"] for c in out["choices"]] == [o.text for o in offline.outputs]
+    chat = http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "use_beam_search": True, "n": 2}).json()
+    assert len(chat["choices"]) == 2

@@ -1,0 +1,82 @@
+"""`use_beam_search` over HTTP: drives the engine's BeamSearchState one step at a time (API workers)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fornax.api.errors import APIError
+from fornax.api.protocol.openai import _SamplingFields
+from fornax.api.state import AppState
+from fornax.runtime.beam_search import Beam, BeamSearchParams, BeamSearchState
+from fornax.runtime.errors import RequestError
+from fornax.runtime.messages import EngineCoreRequest
+from fornax.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class BeamResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    cumulative_logprob: float
+
+
+def check_beam_request(req: _SamplingFields) -> None:
+    if req.stream:
+        raise APIError(400, "beam search results cannot be streamed", "use_beam_search")
+    if req.temperature not in (None, 0, 0.0):
+        raise APIError(400, "beam search is deterministic: temperature must be 0", "temperature")
+
+
+async def beam_search(state: AppState, prompt_ids: list[int], req: _SamplingFields,
+                      max_tokens: int) -> list[BeamResult]:
+    """The best `n` beams for one prompt, best first (HF's length-penalised score)."""
+    width = req.n or 1
+    try:
+        params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
+                                  ignore_eos=req.ignore_eos,
+                                  length_penalty=1.0 if req.length_penalty is None
+                                  else req.length_penalty)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+    search = BeamSearchState(params, frozenset(state.engine_info.eos_token_ids))
+    step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
+                          logprobs=min(2 * width, state.engine_info.max_logprobs))
+    base = f"beam-{uuid.uuid4().hex}"
+    num_steps = 0
+    while not search.done:
+        requests = [EngineCoreRequest(f"{base}-{num_steps}-{b}", prompt_ids + beam.tokens, step,
+                                      time.monotonic(), req.priority, req.cache_salt)
+                    for b, beam in enumerate(search.running)]
+        search.advance(await _one_step(state, requests))
+        num_steps += 1
+    return [_result(state, beam) for beam in search.best()]
+
+
+async def _one_step(state: AppState, requests: list[EngineCoreRequest]
+                    ) -> list[list[tuple[int, float]]]:
+    """Each running beam's (token, logprob) alternatives for its next token."""
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    candidates: list[list[tuple[int, float]]] = [[] for _ in requests]
+    unfinished = set(index)
+    group = await state.engine.add(requests)
+    try:
+        while unfinished:
+            for out in await group.next():
+                if out.new_logprobs:
+                    lp = out.new_logprobs[0]
+                    alts = dict(zip(lp.token_ids, lp.logprobs))
+                    candidates[index[out.request_id]] = list(alts.items())
+                if out.finish_reason is not None:
+                    unfinished.discard(out.request_id)
+    finally:
+        if unfinished:
+            await state.engine.abort(list(unfinished))
+    return candidates
+
+
+def _result(state: AppState, beam: Beam) -> BeamResult:
+    return BeamResult(state.tokenizer.decode(beam.tokens), list(beam.tokens), beam.finish_reason,
+                      beam.cum_logprob)

@@ -73,6 +73,8 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "stop": ["s"] * 100}, 400, "stop"),
     ({"prompt": "x", "logprobs": 1000}, 400, "logprobs"),
     ({"prompt": "x", "seed": "abc"}, 400, "seed"),
+    ({"prompt": "x", "seed": 2 ** 64}, 400, "seed"),
+    ({"prompt": "x", "top_k": 2 ** 64}, 400, None),  # beyond 64 bits: cannot reach the engine
     ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, 400,
      "stream_options.include_usage"),
     ({"prompt": "x", "model": "no-such-model"}, 404, "model"),

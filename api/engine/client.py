@@ -133,11 +133,15 @@ class EngineClient:
     async def add(self, requests: list[EngineCoreRequest]) -> RequestGroup:
         if self.dead:
             raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        try:
+            payloads = [self._encoder.encode(AddRequest(req)) for req in requests]
+        except (msgspec.EncodeError, OverflowError) as exc:  # e.g. an integer beyond 64 bits
+            raise APIError(400, f"a number in the request is out of range: {exc}") from None
         group = RequestGroup([r.request_id for r in requests])
         for req in requests:
             self.groups[req.request_id] = group
-        for req in requests:
-            await self._send(AddRequest(req))
+        for payload in payloads:
+            await self.dealer.send(payload)
         return group
 
     async def abort(self, request_ids: list[str]) -> None:

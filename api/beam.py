@@ -1,4 +1,4 @@
-"""`use_beam_search` over HTTP: drives the engine's BeamSearchState one step at a time (API workers)."""
+"""`use_beam_search` over HTTP: drives the engine's BeamSearchState step by step (API workers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests of the serve plumbing without a model: engine-side refusals, output merging, routing."""
+"""Serve plumbing without a model: engine-side refusals, output merging, routing to workers."""
 
 from __future__ import annotations
 

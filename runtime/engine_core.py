@@ -82,6 +82,11 @@ class EngineCore:
             architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
             device=config.device)
         self.runner.eos_token_ids = self.info.eos_token_ids
+        from fornax.runtime.structured_output import StructuredOutputManager
+
+        self.structured = StructuredOutputManager(self.files.path, self.info.vocab_size,
+                                                  self.info.eos_token_ids)
+        self.runner.structured = self.structured
         self.num_steps = 0
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
                     self.info.kv_capacity_tokens)
@@ -103,6 +108,8 @@ class EngineCore:
             raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "prompt")
         params = req.sampling_params
         params.validate(self.config.max_logprobs)
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # 400 now if it cannot compile
         room = self.max_model_len - num
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
@@ -115,6 +122,8 @@ class EngineCore:
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
             priority=req.priority, cache_salt=req.cache_salt, share_group=req.parent_id,
             arrival_time=req.arrival_time or time.monotonic(), max_tokens=max_tokens)
+        if req.sampling_params.structured_outputs is not None:
+            request.grammar = self.structured.new_matcher(req.sampling_params.structured_outputs)
         self.scheduler.add_request(request)
         return request
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -34,13 +36,15 @@ class InputBatch:
         self.num_prompt_logprobs_np = np.full(max_num_reqs, -1, dtype=np.int32)
         self.params: list[SamplingParams] = []
         self.generators: dict[str, torch.Generator] = {}
+        self.grammars: dict[str, Any] = {}  # request id -> xgrammar matcher
 
     @property
     def num_reqs(self) -> int:
         return len(self.req_ids)
 
     def add(self, req_id: str, token_ids: list[int], num_prompt: int, num_computed: int,
-            block_ids: list[int], params: SamplingParams, device: torch.device) -> None:
+            block_ids: list[int], params: SamplingParams, device: torch.device,
+            grammar: Any = None) -> None:
         if req_id in self.index:
             raise RuntimeError(f"request {req_id} is already in the batch")
         row = len(self.req_ids)
@@ -66,6 +70,8 @@ class InputBatch:
         self.num_logprobs_np[row] = -1 if params.logprobs is None else params.logprobs
         self.num_prompt_logprobs_np[row] = (-1 if params.prompt_logprobs is None
                                             else params.prompt_logprobs)
+        if grammar is not None:
+            self.grammars[req_id] = grammar
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
@@ -81,6 +87,7 @@ class InputBatch:
         if row is None:
             return
         self.generators.pop(req_id, None)
+        self.grammars.pop(req_id, None)
         last = len(self.req_ids) - 1
         if row != last:
             moved = self.req_ids[last]

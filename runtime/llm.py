@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.engine_core import EngineCore
 from fornax.runtime.errors import RequestError
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.output_processor import OutputProcessor
+from fornax.runtime.pooling_engine import make_engine_core
+from fornax.runtime.pooling_llm import PoolingMixin
 from fornax.runtime.beam_search import BeamSearchParams, BeamSearchState
 from fornax.runtime.outputs import CompletionOutput, RequestOutput
 from fornax.runtime.request_prep import prepare_sampling_params, truncate_prompt
@@ -25,8 +26,9 @@ _GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "to
                     "min_p": "min_p", "max_new_tokens": "max_tokens"}
 
 
-class LLM:
-    """Generate text from prompts with continuous batching, without a server.
+class LLM(PoolingMixin):
+    """Generate text from prompts with continuous batching, without a server; with a pooling model,
+    embed / classify / score (see PoolingMixin).
 
     `LLM()` with no model loads the packaged default (SmolLM2-135M-Instruct).
     """
@@ -35,7 +37,7 @@ class LLM:
                  **engine_args: Any) -> None:
         engine_args.setdefault("device", "auto")
         self.config = make_engine_config(model or "", **engine_args)
-        self.engine = EngineCore(self.config)
+        self.engine = make_engine_core(self.config)  # EngineCore, or PoolingEngineCore
         self.tokenizer = TokenizerFront(self.engine.files.path, chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()

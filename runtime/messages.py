@@ -7,6 +7,17 @@ import msgspec
 from fornax.runtime.sampling_params import SamplingParams
 
 
+class EncoderInput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The encoder side of an encoder-decoder request (Whisper: one 30 s log-mel window)."""
+
+    data: bytes  # float32 little-endian, C order, of `shape`
+    shape: list[int]  # [num_mel_bins, num_frames]
+    content_frames: int = 0  # frames holding audio (the rest is padding); 0 = all of them
+    detect_language: bool = False  # the first output token is the language the model hears
+    forced_token_ids: list[int] = []  # output tokens forced after the detected language
+    return_alignment: bool = False  # word timing: see EngineCoreOutput.alignment
+
+
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """A tokenized request, ready for the scheduler."""
 
@@ -17,6 +28,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     priority: int = 0
     cache_salt: str | None = None
     parent_id: str | None = None  # set on the n > 1 children of one user request
+    pooling_params: PoolingParams | None = None  # set on requests to a pooling model
+    token_type_ids: list[int] | None = None  # BERT segment ids (cross-encoder pairs)
+    encoder_input: EncoderInput | None = None  # set on requests to an encoder-decoder model
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -42,6 +56,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    pooled: PoolingOutput | None = None  # a pooling request's result (it finishes in one step)
+    # encoder-decoder requests with `return_alignment`: at finish, the start frame (20 ms units)
+    # of each output token that is text or the final end-of-text, -1 for the others
+    alignment: list[int] | None = None
 
 
 # ---- engine-core process <-> API workers (fornax serve) ---------------------------------------
@@ -65,6 +83,8 @@ class EngineHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     device: str = ""
     max_logprobs: int = 0
     eos_token_ids: list[int] = []
+    runner: str = "generate"  # or "pooling"
+    pooling: PoolingModelInfo | None = None  # what a pooling model serves, and how it pools
 
 
 class ClientHello(msgspec.Struct, tag="hello", array_like=True, omit_defaults=True, gc=False):
@@ -136,3 +156,40 @@ class EngineSpec(msgspec.Struct, omit_defaults=True, gc=False):
     handshake_address: str
     parent_pid: int
     drain_timeout_s: float = 20.0
+
+
+# ---- pooling models (embeddings, classification, scores) ------------------------------------
+
+
+class PoolingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """How a pooling request turns hidden states into its output (filled in by the front end)."""
+
+    task: str = "embed"  # embed | classify | score | encode (the model's raw pooled output)
+    dimensions: int | None = None  # Matryoshka: keep the first `dimensions` values
+    normalize: bool | None = None  # embed: L2-normalize (None: the model's default)
+    activation: bool = True  # classify / score: softmax (sigmoid for one label) over the logits
+
+
+class PoolingOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One pooled vector (or matrix) as float32 little-endian bytes with its shape."""
+
+    data: bytes
+    shape: list[int]
+
+
+class PoolingModelInfo(msgspec.Struct, omit_defaults=True, gc=False):
+    """A pooling model's capabilities, decided in the engine and reported in the handshake."""
+
+    architecture: str
+    family: str  # "encoder" (BERT-like, bidirectional) or "decoder" (causal, Llama-like)
+    head: str  # "embed" or "classify"
+    tasks: list[str]
+    pooling_type: str  # CLS | MEAN | MAX | LAST | MEAN_SQRT_LEN
+    normalize: bool
+    hidden_size: int
+    max_model_len: int
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] = []
+    labels: list[str] = []  # classify: id2label in index order
+    truncation_side: str = "right"
+    prompts: dict[str, str] = {}  # sentence-transformers prompts by name (query, document, ...)

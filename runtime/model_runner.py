@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from fornax.runtime.logits_processors import build_logits_inputs
 from fornax.runtime.models.registry import resolve_architecture
 from fornax.runtime.sampler import Sampler, SamplingMetadata
 from fornax.runtime.scheduler import SchedulerOutput
+from fornax.runtime.structured_output import apply_bitmask, fill_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class ModelRunner:
         self.model.eval()
         self.vocab_size = int(hf["vocab_size"])
         self.eos_token_ids: frozenset[int] = frozenset()  # set by the engine core
+        self.structured: Any = None  # StructuredOutputManager, set by the engine core
         logger.info("loaded %s (%s, %s) in %.2f s", files.source or files.path, self.arch,
                     str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
         sched = config.scheduler_config
@@ -188,7 +191,7 @@ class ModelRunner:
             self.batch.remove(new.req_id)
             self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
                            new.num_computed_tokens, new.block_ids,
-                           new.request.sampling_params, self.device)
+                           new.request.sampling_params, self.device, new.request.grammar)
         for cached in out.scheduled_cached_reqs:
             row = self.batch.index[cached.req_id]
             self.batch.num_computed_np[row] = cached.num_computed_tokens
@@ -229,19 +232,24 @@ class ModelRunner:
             max_query_len=int(num_sched.max()), max_seq_len=int(seq_lens.max()),
             block_size=self.block_size)
         attn_metadata = self.backend.build_metadata(common)
+        # Only requests whose whole known sequence is now computed get a token.
+        done = seq_lens >= batch.num_tokens_np[rows]
+        done_idx = np.nonzero(done)[0]
+        bitmask_job = self._start_bitmask([req_ids[i] for i in done_idx])
         hidden = self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
                                  self.kv_caches, attn_metadata)
         prompt_lps = {}
         if (batch.num_prompt_logprobs_np[rows] >= 0).any():
             prompt_lps = self._prompt_logprobs(hidden, req_ids, rows, computed, num_sched, qsl)
 
-        # Only requests whose whole known sequence is now computed get a token.
-        done = seq_lens >= batch.num_tokens_np[rows]
-        done_idx = np.nonzero(done)[0]
         if len(done_idx) == 0:
             return ModelRunnerOutput({}, {}, prompt_lps)
         logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(self.device)
         logits = self.model.compute_logits(hidden[logits_idx])
+        if bitmask_job is not None:
+            bitmask, constrained = bitmask_job[0].result(), bitmask_job[1]
+            logits = logits.float()
+            apply_bitmask(logits, bitmask, constrained)
         meta = self._sampling_metadata(rows[done_idx], [req_ids[i] for i in done_idx])
         result = self.sampler(logits, meta)
         sampled_list = result.sampled.tolist()  # the one device->host sync of the step
@@ -290,6 +298,17 @@ class ModelRunner:
             entries = [StepLogprobs(a, b, r) for a, b, r in zip(ids.tolist(), vals.tolist(), ranks)]
             out[rid] = (start + 1, entries)
         return out
+
+    def _start_bitmask(self, sampled_ids: list[str]):
+        """Fill the grammar bitmask of the rows about to be sampled, while the forward runs."""
+        grammars = self.batch.grammars
+        if not grammars:
+            return None
+        matchers = [grammars.get(rid) for rid in sampled_ids]
+        constrained = [j for j, m in enumerate(matchers) if m is not None]
+        if not constrained:
+            return None
+        return self.structured.submit(fill_bitmask, matchers, self.vocab_size), constrained
 
     def _sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
         b = self.batch

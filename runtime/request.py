@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from fornax.runtime.sampling_params import SamplingParams
 
@@ -55,6 +56,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
+    grammar: Any = None  # xgrammar matcher when the output is constrained
     num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption-safe)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,46 @@ class RepetitionDetectionParams:
     min_count: int = 4
 
 
+_CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One output constraint with vLLM's `structured_outputs` names; exactly one kind is set."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in _CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            raise RequestError("structured_outputs needs exactly one of json, regex, choice, "
+                               f"grammar, json_object, structural_tag (got {kinds or 'none'})",
+                               "structured_outputs")
+        if self.choice is not None and (not self.choice or not all(
+                isinstance(c, str) for c in self.choice)):
+            raise RequestError("structured_outputs.choice must be a non-empty list of strings",
+                               "structured_outputs.choice")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _CONSTRAINT_KINDS if getattr(self, k) not in (None, False))
+
+    def cache_key(self) -> str:
+        import json as _json
+
+        value = getattr(self, self.kind)
+        text = value if isinstance(value, str) else _json.dumps(value, sort_keys=True)
+        flags = f"{int(self.disable_any_whitespace)}{int(self.disable_additional_properties)}"
+        return f"{self.kind}\x00{flags}\x00{text}"
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings, with vLLM's names and defaults."""
@@ -52,10 +92,13 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None  # filled from bad_words by the front end
     truncate_prompt_tokens: int | None = None
     repetition_detection: RepetitionDetectionParams | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.repetition_detection, dict):
             self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
         if self.logit_bias:

@@ -232,11 +232,23 @@ class Scheduler:
                 continue  # a partial prefill chunk: its sample is discarded
             token = sampled[rid]
             request.append_output_token(token)
-            status = self._check_stop(request, token)
+            status = self._advance_grammar(request, token) or self._check_stop(request, token)
             if status is not None:
                 self.finish_request(request, status)
             results.append((request, [token]))
         return results
+
+    @staticmethod
+    def _advance_grammar(request: Request, token: int) -> RequestStatus | None:
+        """Feed the sampled token to the request's grammar; a finished grammar ends it."""
+        grammar = request.grammar
+        if grammar is None or grammar.is_terminated():
+            return None
+        if not grammar.accept_token(token):
+            logger.error("request %s: token %d rejected by its grammar", request.request_id, token)
+            request.stop_reason = "grammar_violation"
+            return RequestStatus.FINISHED_ABORTED
+        return RequestStatus.FINISHED_STOPPED if grammar.is_terminated() else None
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -30,6 +30,10 @@ class TokenizerFront:
             self.tokenizer = Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise ModelLoadError(f"cannot read {tok_file}: {exc}") from exc
+        # BERT-style tokenizer.json files carry fixed padding/truncation (e.g. 128 tokens) for
+        # training; transformers ignores them unless asked, and so do we.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         cfg: dict[str, Any] = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.exists():

@@ -1,0 +1,179 @@
+"""EncoderDecoderEngineCore: EngineCore's interface for Whisper-style models (engine-core process).
+
+Same contract as `EngineCore` (add_request / abort_requests / step / has_unfinished_requests /
+stats / info): requests carry an encoder input (a log-mel window) besides their decoder prompt;
+the scheduler and paged KV cache are the shared ones (prefix caching off: decoder KV depends on
+the audio), and the model runner encodes each request once when it is admitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fornax.runtime.config import EngineConfig
+from fornax.runtime.engine_core import EngineRuntimeInfo, _eos_ids
+from fornax.runtime.errors import ConfigError, RequestError
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager, cdiv
+from fornax.runtime.loaders.model_files import ModelFiles
+from fornax.runtime.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from fornax.runtime.request import Request
+from fornax.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
+
+
+@dataclass(eq=False)
+class EncoderDecoderRequest(Request):
+    """A Request plus its encoder input (kept for recompute after preemption)."""
+
+    encoder_input: Any = None  # EncoderInput
+    encoder_features: Any = None  # np.ndarray [mels, frames] float32, decoded once
+
+
+def is_encoder_decoder(hf_config: dict[str, Any]) -> bool:
+    return any(a in ENCODER_DECODER_ARCHITECTURES for a in hf_config.get("architectures") or [])
+
+
+def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
+                         num_frames: int) -> np.ndarray:
+    """Validate an encoder input and view it as [mels, frames] float32 (RequestError if bad)."""
+    if enc is None:
+        raise RequestError("this model transcribes audio: send the audio to "
+                           "/v1/audio/transcriptions or /v1/audio/translations", "file")
+    want = [num_mel_bins, num_frames]
+    if list(enc.shape) != want:
+        raise RequestError(f"encoder input must have shape {want}, got {list(enc.shape)}", "file")
+    if len(enc.data) != num_mel_bins * num_frames * 4:
+        raise RequestError(f"encoder input has {len(enc.data)} bytes, expected "
+                           f"{num_mel_bins * num_frames * 4}", "file")
+    feats = np.frombuffer(enc.data, dtype="<f4").reshape(want)
+    if not np.isfinite(feats).all():
+        raise RequestError("encoder input holds NaN or infinite values", "file")
+    return feats
+
+
+class EncoderDecoderEngineCore:
+    """Owns the encoder-decoder runner, the KV-cache manager and the scheduler."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles) -> None:
+        from fornax.runtime.encoder_decoder_runner import EncoderDecoderModelRunner
+
+        self.files = files
+        hf = files.hf_config
+        model_len = int(hf.get("max_target_positions", 448))
+        requested = config.model_config.max_model_len
+        if requested is not None and requested > model_len:
+            raise ConfigError(f"max_model_len ({requested}) is larger than the decoder's "
+                              f"maximum ({model_len} from config.json)")
+        self.max_model_len = requested or model_len
+        self.runner = EncoderDecoderModelRunner(config, files, self.max_model_len)
+        sched = dataclasses.replace(config.scheduler_config, max_num_seqs=self.runner.num_slots)
+        self.config = dataclasses.replace(config, scheduler_config=sched)
+        num_blocks = self.runner.determine_num_blocks()
+        block_size = config.cache_config.block_size
+        if (num_blocks - 1) < cdiv(self.max_model_len, block_size):
+            raise ConfigError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, less "
+                              f"than one sequence of {self.max_model_len}; raise --kv-cache-memory")
+        self.runner.initialize_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len, enable_caching=False)
+        self.scheduler = Scheduler(sched, config.cache_config, self.kv, self.max_model_len)
+        self.info = EngineRuntimeInfo(
+            num_kv_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
+            vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(files),
+            architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
+            device=config.device)
+        self.runner.eos_token_ids = self.info.eos_token_ids
+        self.vocab = self.runner.vocab
+        self.num_steps = 0
+        logger.info("encoder-decoder engine: %d concurrent requests, KV cache %d blocks of %d",
+                    self.runner.num_slots, num_blocks, block_size)
+
+    # ---- admission -----------------------------------------------------------------------------
+    def validate_request(self, req: EngineCoreRequest) -> tuple[int, np.ndarray]:
+        """Check a request; returns its resolved max_tokens and its encoder features."""
+        spec = self.runner.spec
+        feats = decode_encoder_input(req.encoder_input, spec.num_mel_bins, spec.num_frames)
+        prompt = req.prompt_token_ids
+        if not prompt:
+            raise RequestError("the decoder prompt must contain at least one token", "prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
+                               f"{self.max_model_len}", "prompt")
+        vocab = self.info.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(f"a prompt token id is out of vocabulary (size {vocab})", "prompt")
+        enc = req.encoder_input
+        assert enc is not None
+        if any(not 0 <= t < vocab for t in enc.forced_token_ids):
+            raise RequestError("a forced token id is out of vocabulary", "forced_token_ids")
+        if enc.detect_language and not self.vocab.language_ids:
+            raise RequestError("this model has no language tokens to detect", "language")
+        params = req.sampling_params
+        params.validate(self.config.max_logprobs)
+        if params.prompt_logprobs is not None or params.n != 1 or (params.best_of or 1) > 1:
+            raise RequestError("prompt_logprobs, n and best_of are not supported for "
+                               "transcription requests", "sampling_params")
+        room = self.max_model_len - len(prompt)
+        return (room if params.max_tokens is None else min(params.max_tokens, room)), feats
+
+    def add_request(self, req: EngineCoreRequest) -> Request:
+        max_tokens, feats = self.validate_request(req)
+        if req.request_id in self.scheduler.requests:
+            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        request = EncoderDecoderRequest(
+            request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
+            sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
+            priority=req.priority, arrival_time=req.arrival_time or time.monotonic(),
+            max_tokens=max_tokens, encoder_input=req.encoder_input, encoder_features=feats)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
+                                 num_prompt_tokens=r.num_prompt_tokens)
+                for r in self.scheduler.abort_requests(request_ids)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the busy loop's body ------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            if sched_out.finished_req_ids:
+                self.runner.execute_model(sched_out)
+            return []
+        runner_out = self.runner.execute_model(sched_out)
+        self.num_steps += 1
+        outputs = []
+        for request, new_tokens in self.scheduler.update_from_output(sched_out,
+                                                                     runner_out.sampled):
+            lp = runner_out.logprobs.get(request.request_id)
+            out = EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=new_tokens,
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
+                num_prompt_tokens=request.num_prompt_tokens)
+            if request.is_finished:
+                out.alignment = self.runner.alignment.finish(
+                    request.request_id, request.output_token_ids, self.vocab.eot)
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": self.kv.usage(),
+            "prefix_cache_queries": 0,
+            "prefix_cache_hits": 0,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,224 @@
+"""PoolingEngineCore: batches embedding / classification / score requests into forwards (engine core).
+
+The same interface as `EngineCore` (add_request / abort_requests / step / has_unfinished_requests /
+stats / info / scheduler), so the engine-core process and the offline `LLM` run either. A pooling
+request is one whole prompt that finishes in the step that runs it: no KV cache, no chunking, no
+decode. `make_engine_core` picks the core for a config (`--runner auto|generate|pooling`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fornax.runtime.config import EngineConfig
+from fornax.runtime.errors import RequestError
+from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
+from fornax.runtime.messages import EngineCoreOutput, EngineCoreRequest
+from fornax.runtime.pooling_config import parse_pooler_config, pooling_model_info, resolve_runner
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine_core(config: EngineConfig) -> Any:
+    """`EngineCore` for generation, `PoolingEngineCore` for pooling models (by the runner)."""
+    mc = config.model_config
+    files = resolve_model_files(mc.model, mc.load_format)
+    runner = resolve_runner(mc.runner, files.hf_config, files.path)
+    if runner == "pooling":
+        return PoolingEngineCore(config, files)
+    from fornax.runtime.engine_core import EngineCore
+
+    return EngineCore(config, files)
+
+
+@dataclass(frozen=True)
+class PoolingRuntimeInfo:
+    """What the pooling engine found at start; the field names of EngineRuntimeInfo."""
+
+    max_model_len: int
+    vocab_size: int
+    architecture: str
+    dtype: str
+    device: str
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    kv_capacity_tokens: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class PoolingRequest:
+    request_id: str
+    token_ids: list[int]
+    token_type_ids: list[int] | None
+    params: Any
+    priority: int
+    arrival_time: float
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class PoolingScheduler:
+    """Waiting requests in policy order; each step takes as many as the token budget holds."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, policy: str) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.token_budget = max_num_batched_tokens
+        self.policy = policy
+        self.requests: dict[str, PoolingRequest] = {}
+        self._heap: list[tuple[Any, ...]] = []
+        self._order = itertools.count()
+        self.num_running = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.requests)
+
+    def add_request(self, request: PoolingRequest) -> None:
+        self.requests[request.request_id] = request
+        key = (request.priority, request.arrival_time) if self.policy == "priority" else ()
+        heapq.heappush(self._heap, (*key, next(self._order), request.request_id))
+
+    def abort_requests(self, request_ids: list[str]) -> list[PoolingRequest]:
+        # left in the heap; skipped when popped
+        return [r for r in (self.requests.pop(rid, None) for rid in request_ids) if r is not None]
+
+    def schedule(self) -> list[PoolingRequest]:
+        batch: list[PoolingRequest] = []
+        tokens = 0
+        while self._heap and len(batch) < self.max_num_seqs:
+            rid = self._heap[0][-1]
+            request = self.requests.get(rid)
+            if request is None:  # aborted while waiting
+                heapq.heappop(self._heap)
+                continue
+            if batch and tokens + request.num_prompt_tokens > self.token_budget:
+                break
+            heapq.heappop(self._heap)
+            del self.requests[rid]
+            batch.append(request)
+            tokens += request.num_prompt_tokens
+        return batch
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+
+class PoolingEngineCore:
+    """Owns the pooling model runner and its scheduler; never dies of a bad request."""
+
+    runner_type = "pooling"
+
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
+        from fornax.runtime.pooling_runner import PoolingModelRunner  # torch stays out of import
+
+        self.config = config
+        mc = config.model_config
+        self.files = files or resolve_model_files(mc.model, mc.load_format)
+        self.pooling_info = pooling_model_info(self.files.hf_config, self.files.path,
+                                               mc.max_model_len,
+                                               parse_pooler_config(mc.pooler_config))
+        self.max_model_len = self.pooling_info.max_model_len
+        self.runner = PoolingModelRunner(config, self.files, self.pooling_info)
+        sched = config.scheduler_config
+        budget = max(sched.max_num_batched_tokens, self.max_model_len)  # a prompt fits one step
+        self.scheduler = PoolingScheduler(sched.max_num_seqs, budget, sched.policy)
+        self.info = PoolingRuntimeInfo(
+            max_model_len=self.max_model_len, vocab_size=self.runner.vocab_size,
+            architecture=self.pooling_info.architecture,
+            dtype=str(self.runner.dtype).removeprefix("torch."), device=config.device)
+        self.num_steps = 0
+        self.num_pooled = 0
+        logger.info("pooling runner: %s (%s), tasks %s, max_model_len %d, %d tokens per step",
+                    self.pooling_info.architecture, self.pooling_info.head,
+                    ", ".join(self.pooling_info.tasks), self.max_model_len, budget)
+
+    # ---- admission -----------------------------------------------------------------------------
+    def validate_request(self, req: EngineCoreRequest) -> None:
+        params = req.pooling_params
+        if params is None:
+            raise RequestError(
+                f"this server runs a pooling model ({self.pooling_info.architecture}): it serves "
+                "embeddings, classification and scores, not text generation", "model")
+        if params.task not in self.pooling_info.tasks:
+            raise RequestError(f"this model does not support the {params.task!r} task (it "
+                               f"supports {', '.join(self.pooling_info.tasks)})", "task")
+        prompt = req.prompt_token_ids
+        if not prompt:
+            raise RequestError("the input must contain at least one token", "input")
+        if len(prompt) > self.max_model_len:
+            raise RequestError(f"This model's maximum context length is {self.max_model_len} "
+                               f"tokens, but the input has {len(prompt)} tokens", "input")
+        vocab = self.info.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if t < 0 or t >= vocab)
+            raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "input")
+        types = req.token_type_ids
+        if types is not None and len(types) != len(prompt):
+            raise RequestError("token_type_ids must be as long as the prompt", "token_type_ids")
+        if params.dimensions is not None:
+            self._check_dimensions(params.dimensions)
+
+    def _check_dimensions(self, dims: int) -> None:
+        info = self.pooling_info
+        if not info.is_matryoshka:
+            raise RequestError("this model does not support Matryoshka representation: changing "
+                               "the output dimensions would give poor results", "dimensions")
+        if info.matryoshka_dimensions and dims not in info.matryoshka_dimensions:
+            raise RequestError(f"dimensions must be one of {info.matryoshka_dimensions}, "
+                               f"got {dims}", "dimensions")
+        if not 1 <= dims <= info.hidden_size:
+            raise RequestError(f"dimensions must be between 1 and {info.hidden_size}, got {dims}",
+                               "dimensions")
+
+    def add_request(self, req: EngineCoreRequest) -> PoolingRequest:
+        self.validate_request(req)
+        if req.request_id in self.scheduler.requests:
+            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        request = PoolingRequest(req.request_id, list(req.prompt_token_ids), req.token_type_ids,
+                                 req.pooling_params, req.priority,
+                                 req.arrival_time or time.monotonic())
+        self.scheduler.add_request(request)
+        return request
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
+                                 num_prompt_tokens=r.num_prompt_tokens)
+                for r in self.scheduler.abort_requests(request_ids)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the busy loop's body ------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        """Pool one batch of waiting requests; each finishes in this step."""
+        from fornax.runtime.pooling_runner import PoolingItem
+
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.scheduler.num_running = len(batch)
+        try:
+            pooled = self.runner.execute([PoolingItem(r.request_id, r.token_ids, r.token_type_ids,
+                                                      r.params) for r in batch])
+        finally:
+            self.scheduler.num_running = 0
+        self.num_steps += 1
+        self.num_pooled += len(batch)
+        return [EngineCoreOutput(r.request_id, [], finish_reason="stop",
+                                 num_prompt_tokens=r.num_prompt_tokens, pooled=out)
+                for r, out in zip(batch, pooled)]
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for metrics and /load (no KV cache: its usage is always 0)."""
+        return {"num_running": self.scheduler.num_running,
+                "num_waiting": self.scheduler.num_waiting, "kv_usage": 0.0,
+                "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}

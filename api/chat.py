@@ -224,6 +224,9 @@ async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, publ
             yield sse(ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
     except APIError as exc:  # mid-stream failure: an error event, then [DONE]
         yield sse(exc.to_response())
+    except Exception:  # a bug: still end the stream the way clients expect
+        logger.exception("stream %s failed", public_id)
+        yield sse(APIError(500, "internal server error").to_response())
     finally:
         await rest.aclose()
     yield SSE_DONE

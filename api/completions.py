@@ -223,8 +223,11 @@ async def _stream(gen: Generation, body: CompletionRequest, model: str, public_i
                                               usage=usage_of(gen) if continuous else None))
         if include_usage:
             yield sse(CompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
-    except APIError as exc:
+    except APIError as exc:  # mid-stream failure: an error event, then [DONE]
         yield sse(exc.to_response())
+    except Exception:  # a bug: still end the stream the way clients expect
+        logger.exception("stream %s failed", public_id)
+        yield sse(APIError(500, "internal server error").to_response())
     finally:
         await rest.aclose()
     yield SSE_DONE

@@ -35,6 +35,16 @@ def _origins(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object is expected")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
@@ -105,6 +115,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log level of every fornax process (default: info, or FORNAX_LOG_LEVEL)")
 
     m = p.add_argument_group("model and engine")
+    m.add_argument("--runner", choices=("auto", "generate", "pooling"), default=None,
+                   help="generate text, or pool (embeddings, classification, score/rerank); "
+                   "auto (default) decides by the model's architecture")
+    m.add_argument("--pooler-config", type=_json_object, default=None,
+                   help='pooling models: override the pooling, e.g. \'{"pooling_type": "MEAN", '
+                   '"normalize": false}\' (default: from the sentence-transformers files)')
     m.add_argument("--dtype", default=None,
                    help="auto, float32, float16, bfloat16 (aliases: float, half, bf16)")
     m.add_argument("--max-model-len", type=parse_size, default=None,
@@ -154,7 +170,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted and ignored: fornax never runs code shipped with a model")
 
 
-_ENGINE_FLAGS = ("dtype", "max_model_len", "load_format", "seed", "generation_config", "device",
+_ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_format", "seed", "generation_config", "device",
                  "attention_backend", "tensor_parallel_size", "max_logprobs",
                  "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
                  "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",

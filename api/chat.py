@@ -116,6 +116,10 @@ async def chat_completions(req: Request) -> Response:
     check_tools(body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    if body.top_logprobs is not None and not \
+            0 <= body.top_logprobs <= state.engine_info.max_logprobs:
+        raise APIError(400, f"top_logprobs must be in [0, {state.engine_info.max_logprobs}] "
+                       "(--max-logprobs)", "top_logprobs")
     text, ids = render_prompt(
         state, body.messages, add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, tools=body.tools,

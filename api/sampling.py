@@ -63,6 +63,9 @@ def check_unsupported(req: _SamplingFields) -> None:
         raise APIError(400, "seed must fit in a signed 64-bit integer", "seed")
     if not _INT64[0] <= req.priority <= _INT64[1]:
         raise APIError(400, "priority must fit in a signed 64-bit integer", "priority")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true",
+                       "stream_options")
     if req.stream and req.best_of is not None and req.best_of > (req.n or 1):
         raise APIError(400, "best_of larger than n cannot be streamed", "best_of")
 

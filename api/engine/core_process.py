@@ -137,10 +137,10 @@ class EngineCoreProcess:
 
     def _load(self) -> Any:
         from fornax.runtime.config import make_engine_config
-        from fornax.runtime.engine_core import EngineCore
+        from fornax.runtime.pooling_engine import make_engine_core
 
         config = make_engine_config(self.spec.model, **self.spec.engine_kwargs)
-        return EngineCore(config)
+        return make_engine_core(config)  # EngineCore, or PoolingEngineCore for --runner pooling
 
     def _ready(self) -> EngineHandshake:
         info = self.core.info
@@ -150,7 +150,9 @@ class EngineCoreProcess:
             vocab_size=info.vocab_size, model_path=str(self.core.files.path),
             architecture=info.architecture, dtype=info.dtype, device=info.device,
             max_logprobs=self.core.config.max_logprobs,
-            eos_token_ids=sorted(info.eos_token_ids))
+            eos_token_ids=sorted(info.eos_token_ids),
+            runner=getattr(self.core, "runner_type", "generate"),
+            pooling=getattr(self.core, "pooling_info", None))
 
     def _bind_sockets(self) -> zmq.Socket:
         router = self.ctx.socket(zmq.ROUTER)

@@ -170,7 +170,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted and ignored: fornax never runs code shipped with a model")
 
 
-_ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_format", "seed", "generation_config", "device",
+_ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_format", "seed",
+                 "generation_config", "device",
                  "attention_backend", "tensor_parallel_size", "max_logprobs",
                  "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
                  "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",

@@ -63,6 +63,8 @@ def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
 class EncoderDecoderEngineCore:
     """Owns the encoder-decoder runner, the KV-cache manager and the scheduler."""
 
+    runner_type = "transcription"  # reported in the handshake: the API serves the audio routes
+
     def __init__(self, config: EngineConfig, files: ModelFiles) -> None:
         from fornax.runtime.encoder_decoder_runner import EncoderDecoderModelRunner
 

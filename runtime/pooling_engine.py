@@ -25,9 +25,16 @@ logger = logging.getLogger(__name__)
 
 
 def make_engine_core(config: EngineConfig) -> Any:
-    """`EngineCore` for generation, `PoolingEngineCore` for pooling models (by the runner)."""
+    """`EngineCore` for generation, `PoolingEngineCore` for pooling models (by the runner),
+    `EncoderDecoderEngineCore` for speech-to-text (Whisper, by architecture)."""
     mc = config.model_config
-    files = resolve_model_files(mc.model, mc.load_format)
+    from fornax.runtime.encoder_decoder_core import EncoderDecoderEngineCore, is_encoder_decoder
+    from fornax.runtime.loaders.speech_models import resolve_speech_model
+
+    speech = resolve_speech_model(mc.model) if mc.model else None  # packaged name, CT2 folder
+    files = resolve_model_files(str(speech) if speech else mc.model, mc.load_format)
+    if is_encoder_decoder(files.hf_config):
+        return EncoderDecoderEngineCore(config, files)  # Whisper
     runner = resolve_runner(mc.runner, files.hf_config, files.path)
     if runner == "pooling":
         return PoolingEngineCore(config, files)

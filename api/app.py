@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.api import chat, completions, models, system, tokenization
+from fornax.api import chat, completions, embeddings, models, scoring, system, tokenization
 from fornax.api.errors import APIError
 from fornax.api.http import (
     ClientDisconnected,
@@ -26,6 +26,7 @@ from fornax.api.http import (
     Send,
     error_response,
 )
+from fornax.api.pooling_common import check_route_runner
 from fornax.api.settings import ServerSettings, settings_from_env
 from fornax.api.state import AppState
 
@@ -55,6 +56,15 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/v1/models/{model}", models.get_model),
     Route(("POST",), "/v1/chat/completions", chat.chat_completions),
     Route(("POST",), "/v1/completions", completions.completions),
+    Route(("POST",), "/v1/embeddings", embeddings.embeddings),
+    Route(("POST",), "/v2/embed", embeddings.cohere_embed),
+    Route(("POST",), "/pooling", embeddings.pooling),
+    Route(("POST",), "/classify", scoring.classify),
+    Route(("POST",), "/score", scoring.score),
+    Route(("POST",), "/v1/score", scoring.score),
+    Route(("POST",), "/rerank", scoring.rerank),
+    Route(("POST",), "/v1/rerank", scoring.rerank),
+    Route(("POST",), "/v2/rerank", scoring.rerank),
     Route(("POST",), "/tokenize", tokenization.tokenize),
     Route(("POST",), "/detokenize", tokenization.detokenize),
     Route(("GET",), "/health", system.health, public=True),
@@ -147,6 +157,7 @@ class FornaxApp:
                 raise APIError(401, "Unauthorized: a valid API key is required "
                                "(Authorization: Bearer <key>)", type="AuthenticationError")
             handler, params = self._route(req)
+            check_route_runner(req)  # generation routes on a pooling model: 501
             req.path_params = params
             return await handler(req)
         except APIError as exc:

@@ -1,4 +1,4 @@
-"""Which runner a model gets and how it pools: architectures, sentence-transformers files (torch-free).
+"""Which runner a model gets and how it pools: its architecture and sentence-transformers files.
 
 Read by the engine core (to build the pooling model) and, through the READY handshake, by the API
 workers (to know which routes the model serves). Nothing here imports torch.

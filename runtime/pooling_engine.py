@@ -1,4 +1,4 @@
-"""PoolingEngineCore: batches embedding / classification / score requests into forwards (engine core).
+"""PoolingEngineCore: batches embedding / classify / score requests into forwards (engine core).
 
 The same interface as `EngineCore` (add_request / abort_requests / step / has_unfinished_requests /
 stats / info / scheduler), so the engine-core process and the offline `LLM` run either. A pooling

@@ -1,4 +1,4 @@
-"""Front-end helpers for pooling requests: tokenize with truncation, pairs, decode, cosine (torch-free).
+"""Pooling request front end: tokenize with truncation, pairs, decode, cosine (torch-free).
 
 Used by the offline `LLM` (in-process) and the API workers alike, so both agree on how inputs become
 token ids and how results become numbers.
@@ -85,13 +85,17 @@ class PoolingTokenizer:
         return out
 
     def pairs(self, pairs: Sequence[tuple[str, str]], limit: int | None,
-              param: str = "text_2") -> list[tuple[list[int], list[int]]]:
-        """(ids, type ids) of `[CLS] a [SEP] b [SEP]` per pair; longest-first truncation."""
+              param: str = "text_2", max_second: int | None = None
+              ) -> list[tuple[list[int], list[int]]]:
+        """(ids, type ids) of `[CLS] a [SEP] b [SEP]` per pair; longest-first truncation.
+        `max_second` caps the second text's tokens first (Cohere's max_tokens_per_doc)."""
         specials = self.tok.num_special_tokens_to_add(True)
         out = []
         for a, b in pairs:
             enc_a = self.tok.encode(a, add_special_tokens=False)
             enc_b = self.tok.encode(b, add_special_tokens=False)
+            if max_second is not None and len(enc_b.ids) > max_second:
+                enc_b.truncate(max_second, 0, "right")
             total = len(enc_a.ids) + len(enc_b.ids) + specials
             if limit is not None and total > limit:
                 len_a, len_b = len(enc_a.ids), len(enc_b.ids)

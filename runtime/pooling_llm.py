@@ -1,7 +1,7 @@
-"""Offline pooling API for `LLM`: `embed`, `classify`, `score`, `encode`, vLLM's shapes (one process).
+"""Offline pooling API for `LLM`: `embed`, `classify`, `score`, `encode` as vLLM (one process).
 
-`LLM` inherits `PoolingMixin`; the methods need a pooling model (`LLM(path)` of an embedding model or
-cross-encoder, or `LLM(path, runner="pooling")` for a decoder used as an embedder).
+`LLM` inherits `PoolingMixin`; the methods need a pooling model (`LLM(path)` of an embedding model
+or cross-encoder, or `LLM(path, runner="pooling")` for a decoder used as an embedder).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class PoolingMixin:
                 for (rid, o), t in zip(outs, ids)]
 
     def encode(self, prompts: PromptLike | Sequence[PromptLike], *,
-               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput[PoolingData]]:
+               truncate_prompt_tokens: int | None = None
+               ) -> list[PoolingRequestOutput[PoolingData]]:
         """The model's default pooled output per prompt (what `/pooling` returns)."""
         ids = self._prompt_ids(prompts, truncate_prompt_tokens)
         outs = self._run_pooling(ids, None, PoolingParams("encode"))

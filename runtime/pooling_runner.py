@@ -1,4 +1,4 @@
-"""PoolingModelRunner: loads an encoder or decoder embedder and pools one step's sequences (engine core).
+"""PoolingModelRunner: loads an encoder or decoder embedder, pools a step's sequences (engine core).
 
 A step is a list of whole prompts. Their tokens go through the model back to back in one forward
 (no KV cache is kept), then each sequence is pooled (CLS / MEAN / MAX / LAST / MEAN_SQRT_LEN),
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.model_files import ModelFiles
@@ -74,8 +73,9 @@ class PoolingModelRunner:
             loaded = self.model.load_weights(iterate_safetensors(files.weight_files))
             missing = sorted({n for n, _ in self.model.named_parameters()} - loaded)
             if missing:
+                more = " ..." if len(missing) > 5 else ""
                 raise ModelLoadError(f"checkpoint in {files.path} lacks weights: "
-                                     + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+                                     + ", ".join(missing[:5]) + more)
         self.vocab_size = int(hf["vocab_size"])
         self.num_labels = len(info.labels)
         logger.info("loaded %s for pooling (%s, %s, %s pooling%s) in %.2f s",

@@ -1,4 +1,4 @@
-"""BERT-family encoders (BERT, RoBERTa, XLM-R) over flat varlen batches, with their heads (engine core).
+"""BERT-family encoders (BERT, RoBERTa, XLM-R) over flat varlen batches, and heads (engine core).
 
 Same math as HF transformers' `BertModel` / `*ForSequenceClassification` in eval mode, with Q, K
 and V fused into one matmul and no padding in the linear layers: tokens of all sequences of a step
@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.models.layers import (
     ColumnParallelLinear,
@@ -23,6 +21,7 @@ from fornax.runtime.models.layers import (
     VocabParallelEmbedding,
 )
 from fornax.runtime.pooling_attention import VarlenMetadata, varlen_attention
+from torch import nn
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),

@@ -2,7 +2,8 @@
 
 Qwen3-Embedding-style models: the causal decoder of `llama.py` run over whole prompts, its final
 hidden states pooled (last token or mean) by the pooling runner. Checkpoints saved as the base model
-(`Qwen3Model`: `layers.0...`) or as the causal LM (`model.layers.0...`, `lm_head` ignored) both load.
+(`Qwen3Model`: `layers.0...`) or as the causal LM (`model.layers.0...`, `lm_head` ignored) both
+load.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
-
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.models.llama import DecoderModel, DecoderSpec
 from fornax.runtime.pooling_attention import VarlenAttentionBackend, VarlenMetadata
+from torch import nn
 
 # HF checkpoint name fragment -> (our fused parameter fragment, shard id)
 _STACKED = (

@@ -124,6 +124,7 @@ class EngineCore:
             arrival_time=req.arrival_time or time.monotonic(), max_tokens=max_tokens)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.new_matcher(req.sampling_params.structured_outputs)
+            request.grammar_active = not req.sampling_params.structured_outputs_after
         self.scheduler.add_request(request)
         return request
 

@@ -37,6 +37,7 @@ class InputBatch:
         self.params: list[SamplingParams] = []
         self.generators: dict[str, torch.Generator] = {}
         self.grammars: dict[str, Any] = {}  # request id -> xgrammar matcher
+        self.requests: dict[str, Any] = {}  # request id -> scheduler Request (grammar state)
 
     @property
     def num_reqs(self) -> int:
@@ -44,7 +45,7 @@ class InputBatch:
 
     def add(self, req_id: str, token_ids: list[int], num_prompt: int, num_computed: int,
             block_ids: list[int], params: SamplingParams, device: torch.device,
-            grammar: Any = None) -> None:
+            grammar: Any = None, request: Any = None) -> None:
         if req_id in self.index:
             raise RuntimeError(f"request {req_id} is already in the batch")
         row = len(self.req_ids)
@@ -72,6 +73,7 @@ class InputBatch:
                                             else params.prompt_logprobs)
         if grammar is not None:
             self.grammars[req_id] = grammar
+            self.requests[req_id] = request
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
@@ -88,6 +90,7 @@ class InputBatch:
             return
         self.generators.pop(req_id, None)
         self.grammars.pop(req_id, None)
+        self.requests.pop(req_id, None)
         last = len(self.req_ids) - 1
         if row != last:
             moved = self.req_ids[last]
@@ -105,6 +108,10 @@ class InputBatch:
             self.block_table_np[row, :nb] = self.block_table_np[last, :nb]
         self.req_ids.pop()
         self.params.pop()
+
+    def grammar_active(self, req_id: str) -> bool:
+        request = self.requests.get(req_id)
+        return request is None or request.grammar_active
 
     def prompt_ids(self, row: int) -> np.ndarray:
         return self.token_ids_np[row, : self.num_prompt_np[row]]

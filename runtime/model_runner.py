@@ -191,7 +191,8 @@ class ModelRunner:
             self.batch.remove(new.req_id)
             self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
                            new.num_computed_tokens, new.block_ids,
-                           new.request.sampling_params, self.device, new.request.grammar)
+                           new.request.sampling_params, self.device, new.request.grammar,
+                           new.request)
         for cached in out.scheduled_cached_reqs:
             row = self.batch.index[cached.req_id]
             self.batch.num_computed_np[row] = cached.num_computed_tokens
@@ -305,6 +306,8 @@ class ModelRunner:
         if not grammars:
             return None
         matchers = [grammars.get(rid) for rid in sampled_ids]
+        matchers = [m if m is not None and self.batch.grammar_active(rid) else None
+                    for rid, m in zip(sampled_ids, matchers)]
         constrained = [j for j, m in enumerate(matchers) if m is not None]
         if not constrained:
             return None

@@ -57,6 +57,7 @@ class Request:
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
     grammar: Any = None  # xgrammar matcher when the output is constrained
+    grammar_active: bool = True  # False until the end-of-thinking marker (reasoning models)
     num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption-safe)
 
     def __post_init__(self) -> None:

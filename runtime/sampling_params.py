@@ -93,6 +93,9 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     repetition_detection: RepetitionDetectionParams | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # With a reasoning model, the constraint starts once the output ends with these token ids
+    # (the end-of-thinking marker); None: it applies from the first token.
+    structured_outputs_after: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

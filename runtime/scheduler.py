@@ -244,6 +244,11 @@ class Scheduler:
         grammar = request.grammar
         if grammar is None or grammar.is_terminated():
             return None
+        if not request.grammar_active:
+            marker = request.sampling_params.structured_outputs_after or []
+            out = request.output_token_ids
+            request.grammar_active = len(out) >= len(marker) and out[-len(marker):] == marker
+            return None  # the marker itself is not part of the constrained output
         if not grammar.accept_token(token):
             logger.error("request %s: token %d rejected by its grammar", request.request_id, token)
             request.stop_reason = "grammar_violation"

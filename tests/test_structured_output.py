@@ -81,3 +81,16 @@ def test_constraint_kinds_are_exclusive() -> None:
         Constraint()
     with pytest.raises(RequestError, match="choice"):
         Constraint(choice=[])
+
+
+def test_constraint_starts_after_the_thinking_marker(make_llm) -> None:
+    llm = make_llm()
+    free = llm.generate("think", SamplingParams(temperature=0, max_tokens=6,
+                                                ignore_eos=True))[0].outputs[0].token_ids
+    marker = free[2:4]  # the model emits these unconstrained; the regex applies afterwards
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs_after=marker,
+                            structured_outputs=Constraint(regex="[0-9]{4}"))
+    out = llm.generate("think", params)[0].outputs[0]
+    assert out.token_ids[:4] == free[:4]
+    tail = llm.tokenizer.decode(out.token_ids[4:])
+    assert re.fullmatch("[0-9]{4}", tail) and out.finish_reason == "stop"

@@ -88,12 +88,17 @@ class EngineCore:
                                                   self.info.eos_token_ids)
         self.runner.structured = self.structured
         self.num_steps = 0
+        from fornax.runtime.sleep_mode import SleepState
+
+        self._sleep = SleepState()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
                     self.info.kv_capacity_tokens)
 
     # ---- admission -----------------------------------------------------------------------------
     def validate_request(self, req: EngineCoreRequest) -> int:
         """Check a request against the model's limits; returns its resolved max_tokens."""
+        if self._sleep.sleeping:
+            raise RequestError("the engine is sleeping; POST /wake_up first", None)
         prompt = req.prompt_token_ids
         if not prompt:
             raise RequestError("the prompt must contain at least one token", "prompt")
@@ -180,6 +185,28 @@ class EngineCore:
                 out.prompt_logprobs_start = start + skip
                 request.num_prompt_logprobs_sent = start + skip + len(entries)
         return out
+
+    # ---- sleep mode (dev endpoints) -------------------------------------------------------
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleep.sleeping
+
+    def sleep(self, level: int = 1) -> None:
+        """Free memory while idle; refused while requests are in flight."""
+        from fornax.runtime.sleep_mode import put_to_sleep
+
+        if self.has_unfinished_requests():
+            raise RequestError("cannot sleep while requests are in flight", "level")
+        put_to_sleep(self.runner, self._sleep, level)
+        self.kv.reset_prefix_cache()  # the cached KV is gone
+
+    def wake_up(self) -> None:
+        from fornax.runtime.sleep_mode import wake_up
+
+        wake_up(self.runner, self._sleep)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
 
     def stats(self) -> dict[str, Any]:
         """Numbers for metrics and /load."""

@@ -83,6 +83,8 @@ class ModelRunner:
             self.model = model_cls(hf, self.arch, self.backend).to(self.dtype)
         self._load_weights()
         self.model.eval()
+        # Shapes by parameter identity, so sleep level 2 can release and later re-create them.
+        self.param_shapes = {id(p): tuple(p.shape) for p in self.model.parameters()}
         self.vocab_size = int(hf["vocab_size"])
         self.eos_token_ids: frozenset[int] = frozenset()  # set by the engine core
         self.structured: Any = None  # StructuredOutputManager, set by the engine core
@@ -119,6 +121,11 @@ class ModelRunner:
         if missing:
             raise ModelLoadError(f"checkpoint in {self.files.path} lacks weights: "
                                  + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+    def reload_weights(self) -> None:
+        """Load the checkpoint again into the existing parameters (after sleep level 2)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._load_weights()
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

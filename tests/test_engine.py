@@ -137,3 +137,23 @@ def test_bad_requests_are_refused_without_harming_the_engine(make_llm) -> None:
     out = llm.generate("hi", SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
     assert len(out[0].prompt_token_ids) + len(out[0].outputs[0].token_ids) == 64
     assert llm.generate("still serving", GREEDY)[0].outputs[0].token_ids
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_sleep_levels_free_memory_and_wake_up_answers_identically(make_llm) -> None:
+    llm = make_llm(kv_cache_memory=256 * 2**20)
+    before = llm.generate(PROMPTS, GREEDY)
+    for level in (1, 2):
+        awake_rss = _rss_mib()
+        llm.engine.sleep(level)
+        assert llm.engine.is_sleeping
+        assert _rss_mib() < awake_rss - 200  # the 256 MiB KV cache is gone
+        with pytest.raises(RequestError, match="sleeping"):
+            llm.generate("x", GREEDY)
+        llm.engine.wake_up()
+        assert not llm.engine.is_sleeping
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == token_ids(before)

@@ -17,6 +17,7 @@ def _as_exit_code(func: Any) -> Any:
     """Wrap a subcommand's `run(args)` so that `args.func(args)` returns a process exit code."""
 
     def call(args: argparse.Namespace) -> int:
+        setup_logging()  # the host CLI may not have configured logging; progress goes to stderr
         result = func(args)
         return result if isinstance(result, int) else 0
 

@@ -36,7 +36,7 @@ _SERVE_STATS = [f"{stat}_{what}_ms" for what in ("ttft", "tpot", "itl", "e2el")
 # Metrics each kind always reports (more may be present).
 METRICS: dict[str, list[str]] = {
     "throughput": ["elapsed_s", "requests_per_s", "output_throughput", "total_token_throughput",
-                   "num_input_tokens", "num_output_tokens", "num_steps",
+                   "num_input_tokens", "num_output_tokens", "num_cached_tokens", "num_steps",
                    "median_decode_step_ms"],
     "latency": ["mean_latency_s", "median_latency_s", "std_latency_s", "p90_latency_s",
                 "p99_latency_s", "mean_ttft_ms", "mean_tpot_ms", "output_throughput"],

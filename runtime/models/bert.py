@@ -75,11 +75,15 @@ class EncoderEmbeddings(nn.Module):
         self.token_type_embeddings = VocabParallelEmbedding(spec.type_vocab_size, spec.hidden_size)
         self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.eps)
         self.position_offset = spec.position_offset
+        self.single_type = spec.type_vocab_size == 1
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor) -> torch.Tensor:
         x = self.word_embeddings(input_ids)
-        x = x + self.token_type_embeddings(token_type_ids)
+        if self.single_type:  # RoBERTa: one segment type; pair separators carry no type ids
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(positions + self.position_offset)
         return self.LayerNorm(x)
 

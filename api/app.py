@@ -15,7 +15,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.api import chat, completions, embeddings, models, scoring, system, tokenization
+from fornax.api import (
+    chat,
+    completions,
+    dev,
+    embeddings,
+    models,
+    scoring,
+    system,
+    tokenization,
+)
 from fornax.api.errors import APIError
 from fornax.api.http import (
     ClientDisconnected,
@@ -41,6 +50,7 @@ class Route:
     path: str  # exact, or ending in "{name}" which captures the rest of the path
     handler: Handler
     public: bool = False  # reachable without an API key
+    dev: bool = False  # exists only with --enable-dev-endpoints (404 otherwise)
 
     def match(self, path: str) -> dict[str, str] | None:
         if "{" not in self.path:
@@ -72,6 +82,10 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/version", system.version, public=True),
     Route(("GET",), "/load", system.load),
     Route(("GET",), "/metrics", system.metrics),
+    Route(("POST",), "/sleep", dev.sleep, dev=True),
+    Route(("POST",), "/wake_up", dev.wake_up, dev=True),
+    Route(("GET",), "/is_sleeping", dev.is_sleeping, dev=True),
+    Route(("POST",), "/reset_prefix_cache", dev.reset_prefix_cache, dev=True),
 )
 PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
 _CORS_METHODS = "GET, POST, OPTIONS"
@@ -170,9 +184,10 @@ class FornaxApp:
 
     def _route(self, req: Request) -> tuple[Handler, dict[str, str]]:
         allowed: list[str] = []
+        dev = req.state.settings.enable_dev_endpoints
         for route in ROUTES:
             params = route.match(req.path)
-            if params is None:
+            if params is None or (route.dev and not dev):
                 continue
             if req.method in route.methods:
                 return route.handler, params
@@ -185,9 +200,12 @@ class FornaxApp:
     def _authorized(self, req: Request) -> bool:
         auth = req.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() == "bearer":
+            given = token.strip().encode()
+        elif "x-api-key" in req.headers:  # Anthropic clients send their key this way
+            given = req.headers["x-api-key"].strip().encode()
+        else:
             return False
-        given = token.strip().encode()
         ok = False
         for key in self._keys:  # constant time: every key compared, no early exit
             ok |= hmac.compare_digest(given, key)

@@ -58,7 +58,6 @@ NOT_SUPPORTED_YET = {
     "enable_auto_tool_choice": "automatic tool choice (--enable-auto-tool-choice)",
     "tool_call_parser": "tool-call parsing (--tool-call-parser)",
     "reasoning_parser": "reasoning parsing (--reasoning-parser)",
-    "enable_dev_endpoints": "the dev endpoints (--enable-dev-endpoints)",
     "tokenizer": "a separate tokenizer (--tokenizer)",
     "quantization": "on-the-fly quantization (--quantization)",
     "speculative_config": "speculative decoding (--speculative-config)",
@@ -109,6 +108,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "them (default: 20)")
     g.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413 (default: 32MiB)")
+    g.add_argument("--enable-dev-endpoints", action="store_true",
+                   help="serve the admin routes POST /sleep?level=1|2, POST /wake_up, GET "
+                   "/is_sleeping and POST /reset_prefix_cache (404 without it; also "
+                   "VLLM_SERVER_DEV_MODE=1)")
+    g.add_argument("--enable-sleep-mode", action="store_true",
+                   help="accepted for vLLM compatibility: sleep mode is always available "
+                   "through the dev endpoints")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
@@ -160,7 +166,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--enable-auto-tool-choice", action="store_true", default=None)
     n.add_argument("--tool-call-parser", default=None)
     n.add_argument("--reasoning-parser", default=None)
-    n.add_argument("--enable-dev-endpoints", action="store_true", default=None)
     n.add_argument("--tokenizer", default=None)
     n.add_argument("--quantization", "-q", default=None)
     n.add_argument("--speculative-config", default=None)

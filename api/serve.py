@@ -168,6 +168,8 @@ def run_serve(args: argparse.Namespace) -> int:
             generation_config=kwargs.get("generation_config", "auto"),
             max_request_body_bytes=args.max_request_body_bytes,
             log_requests=not args.disable_log_requests, created=int(time.time()),
+            enable_dev_endpoints=args.enable_dev_endpoints or
+            os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
             version=fornax_version())
         return _run_granian(args, launcher, settings)
     finally:

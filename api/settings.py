@@ -30,6 +30,7 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     generation_config: str = "auto"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = True
+    enable_dev_endpoints: bool = False  # /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
     created: int = 0
     version: str = ""
 

@@ -106,7 +106,16 @@ class StatsQuery(msgspec.Struct, tag="stats?", array_like=True, omit_defaults=Tr
     query_id: int
 
 
-ClientMessage = ClientHello | AddRequest | AbortRequests | StatsQuery
+class AdminCommand(msgspec.Struct, tag="admin?", array_like=True, omit_defaults=True, gc=False):
+    """A dev-endpoint operation run in the busy loop: sleep (with `level`), wake_up,
+    is_sleeping, reset_prefix_cache. Answered with an AdminResult of the same query id."""
+
+    query_id: int
+    command: str
+    level: int = 1
+
+
+ClientMessage = ClientHello | AddRequest | AbortRequests | StatsQuery | AdminCommand
 
 
 class EngineStats(msgspec.Struct, tag="stats", array_like=True, omit_defaults=True, gc=False):
@@ -144,7 +153,17 @@ class EngineDead(msgspec.Struct, tag="dead", array_like=True, omit_defaults=True
     message: str
 
 
-EngineMessage = EngineCoreOutputs | EngineStats | EngineDead
+class AdminResult(msgspec.Struct, tag="admin", array_like=True, omit_defaults=True, gc=False):
+    """The outcome of an AdminCommand: `status` 200, or the HTTP status of the refusal."""
+
+    query_id: int
+    status: int = 200
+    message: str = ""
+    is_sleeping: bool = False
+    value: bool = True  # reset_prefix_cache: whether the cache was reset
+
+
+EngineMessage = EngineCoreOutputs | EngineStats | EngineDead | AdminResult
 
 
 class EngineSpec(msgspec.Struct, omit_defaults=True, gc=False):

@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import uuid
+from typing import Any
 
 import msgspec
 import zmq
@@ -17,6 +18,8 @@ from fornax.api.errors import APIError, EngineDeadError, overloaded
 from fornax.runtime.messages import (
     AbortRequests,
     AddRequest,
+    AdminCommand,
+    AdminResult,
     ClientHello,
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -96,7 +99,7 @@ class EngineClient:
         self.ipc_dir = ipc_dir
         self.client_id = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.groups: dict[str, RequestGroup] = {}
-        self.queries: dict[int, asyncio.Future[EngineStats]] = {}
+        self.queries: dict[int, asyncio.Future[Any]] = {}  # StatsQuery / AdminCommand answers
         self._query_ids = itertools.count()
         self.dead_reason: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,6 +170,21 @@ class EngineClient:
         finally:
             self.queries.pop(qid, None)
 
+    async def admin(self, command: str, level: int = 1, timeout_s: float = 600.0) -> AdminResult:
+        """Run a dev-endpoint command in the engine (sleep, wake_up, ...) and wait for it."""
+        if self.dead:
+            raise EngineDeadError(self.dead_reason or "the engine core is not running")
+        qid = next(self._query_ids)
+        fut: asyncio.Future[AdminResult] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = fut
+        try:
+            await self._send(AdminCommand(qid, command, level))
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise APIError(503, f"the engine core did not finish {command} in time") from exc
+        finally:
+            self.queries.pop(qid, None)
+
     async def _send(self, msg: object) -> None:
         await self.dealer.send(self._encoder.encode(msg))
 
@@ -182,7 +200,7 @@ class EngineClient:
             try:
                 if isinstance(msg, EngineCoreOutputs):
                     self._dispatch(msg)
-                elif isinstance(msg, EngineStats):
+                elif isinstance(msg, (EngineStats, AdminResult)):
                     fut = self.queries.get(msg.query_id)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)

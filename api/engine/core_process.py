@@ -21,11 +21,13 @@ import msgspec
 import zmq
 
 from fornax.api.engine.addresses import alive_path, input_address
+from fornax.api.engine.admin import is_sleeping, run_admin
 from fornax.api.logging_setup import setup_logging
 from fornax.runtime.errors import FornaxError, RequestError
 from fornax.runtime.messages import (
     AbortRequests,
     AddRequest,
+    AdminCommand,
     ClientHello,
     ClientMessage,
     EngineCoreOutput,
@@ -246,12 +248,17 @@ class EngineCoreProcess:
         elif isinstance(msg, ClientHello):
             logger.debug("API worker %s connected", msg.client_id)
             self._put_out(("connect", client_id, msg.output_address.encode()))
+        elif isinstance(msg, AdminCommand):  # dev endpoints: runs between steps
+            self._put_out(("send", client_id, self.encoder.encode(run_admin(self.core, msg))))
 
     def _add(self, client_id: str, msg: AddRequest) -> None:
         req = msg.request
         rejection: RequestRejected | None = None
         if self.drain_requested:
             rejection = RequestRejected(req.request_id, "the server is shutting down", None, 503)
+        elif is_sleeping(self.core):
+            rejection = RequestRejected(req.request_id, "the model is sleeping (POST /sleep); "
+                                        "POST /wake_up first", None, 503)
         elif self.max_queued is not None and self.core.scheduler.num_waiting >= self.max_queued:
             rejection = RequestRejected(
                 req.request_id, f"the server is overloaded: {self.max_queued} requests are "

@@ -78,10 +78,11 @@ class PoolingModelRunner:
                                      + ", ".join(missing[:5]) + more)
         self.vocab_size = int(hf["vocab_size"])
         self.num_labels = len(info.labels)
-        logger.info("loaded %s for pooling (%s, %s, %s pooling%s) in %.2f s",
-                    files.source or files.path, info.architecture,
-                    str(self.dtype).removeprefix("torch."), info.pooling_type,
-                    ", normalized" if info.normalize else "", time.perf_counter() - start)
+        how = (f"{info.pooling_type} pooling{', normalized' if info.normalize else ''}"
+               if info.head == "embed" else f"classifier, {len(info.labels)} labels")
+        logger.info("loaded %s for pooling (%s, %s, %s) in %.2f s", files.source or files.path,
+                    info.architecture, str(self.dtype).removeprefix("torch."), how,
+                    time.perf_counter() - start)
 
     # ---- one step ------------------------------------------------------------------------------
     def execute(self, items: list[PoolingItem]) -> list[PoolingOutput]:

@@ -1,4 +1,4 @@
-"""Pooling engine, offline: parity with sentence-transformers and HF transformers, batching, limits."""
+"""Pooling engine, offline: parity with sentence-transformers and HF, batching, limits, runners."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_decoder_as_embedder_matches_hf_hidden_states(tiny_model, pooler_config)
     llm = LLM(str(path), runner="pooling", pooler_config=pooler_config, dtype="float32")
     outs = llm.embed(DOCS)
     hf = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    for out, doc in zip(outs, DOCS):
+    for out in outs:
         with torch.no_grad():
             hidden = hf(input_ids=torch.tensor([out.prompt_token_ids])).last_hidden_state[0]
         ref = (torch.nn.functional.normalize(hidden[-1], dim=-1) if not pooler_config

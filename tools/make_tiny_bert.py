@@ -1,4 +1,6 @@
-"""Generate seeded tiny random BERT-family checkpoints (embedder, cross-encoder, classifier); a CLI tool.
+"""Seeded tiny random BERT-family checkpoints (embedder, cross-encoders, classifier); a CLI tool.
+
+Run as `python -m tools.make_tiny_bert ARCH OUT_DIR` from the repository root.
 
 Each is an HF folder (config.json, model.safetensors, tokenizer.json with a WordPiece vocabulary
 trained on tools/make_tiny_model.py's paragraph) and, for the embedder, sentence-transformers files
@@ -41,8 +43,15 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _train_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -99,7 +108,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def build_tiny_bert(arch: str, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny checkpoint `arch` into `out_dir`; the same (arch, seed) gives the same files."""
+    """Write the tiny checkpoint `arch` into `out_dir`; one (arch, seed) gives the same files."""
     import torch
     import transformers
 

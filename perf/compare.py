@@ -21,6 +21,7 @@ HEADLINE_BY_KIND: dict[str, tuple[str, ...]] = {
     "latency": ("median_latency_s", "p99_latency_s", "mean_ttft_ms", "mean_tpot_ms"),
     "serve": ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
               "median_tpot_ms", "median_itl_ms", "median_e2el_ms", "request_goodput"),
+    "embed": ("sentences_per_s", "tokens_per_s"),
 }
 # config keys that may differ between a baseline and a new run without making them incomparable
 _VOLATILE_CONFIG = {"output_json", "disable_tqdm", "func", "bench_command", "command"}

@@ -43,11 +43,13 @@ METRICS: dict[str, list[str]] = {
     "serve": ["completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens",
               "request_throughput", "output_throughput", "total_token_throughput",
               *_SERVE_STATS],
+    "embed": ["elapsed_s", "sentences_per_s", "tokens_per_s", "num_sentences", "num_tokens"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
     "latency": ["load_s", "warmup_s"],
     "serve": ["warmup_s"],
+    "embed": ["load_s", "warmup_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

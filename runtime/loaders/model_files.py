@@ -58,6 +58,10 @@ def resolve_model_files(model: str | None, load_format: str = "auto") -> ModelFi
         model = str(default_model_path())
     path = Path(model).expanduser()
     source = str(path)
+    if not path.exists():  # a hub name of a model shipped as a pip package (all-MiniLM-L6-v2)
+        from fornax.runtime.loaders.packaged_models import packaged_model_path
+
+        path = packaged_model_path(model) or path
     if not path.exists():
         raise ModelLoadError(
             f"model path {model!r} does not exist (fornax loads local HF folders and .gguf files; "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fornax.api import (
+    anthropic,
     chat,
     completions,
     dev,
@@ -66,6 +67,8 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/v1/models/{model}", models.get_model),
     Route(("POST",), "/v1/chat/completions", chat.chat_completions),
     Route(("POST",), "/v1/completions", completions.completions),
+    Route(("POST",), "/v1/messages", anthropic.messages),
+    Route(("POST",), "/v1/messages/count_tokens", anthropic.count_tokens),
     Route(("POST",), "/v1/embeddings", embeddings.embeddings),
     Route(("POST",), "/v2/embed", embeddings.cohere_embed),
     Route(("POST",), "/pooling", embeddings.pooling),
@@ -175,12 +178,12 @@ class FornaxApp:
             req.path_params = params
             return await handler(req)
         except APIError as exc:
-            return error_response(exc)
+            return _error_response(req, exc)
         except (ClientDisconnected, asyncio.CancelledError):
             raise
         except Exception:
             logger.exception("unhandled error on %s %s", req.method, req.path)
-            return error_response(APIError(500, "internal server error"))
+            return _error_response(req, APIError(500, "internal server error"))
 
     def _route(self, req: Request) -> tuple[Handler, dict[str, str]]:
         allowed: list[str] = []
@@ -232,6 +235,13 @@ class FornaxApp:
             "access-control-allow-methods": _CORS_METHODS,
             "access-control-allow-headers": asked or "authorization, content-type",
             "access-control-max-age": "600"})
+
+
+def _error_response(req: Request, exc: APIError) -> Response:
+    """OpenAI's error shape, or Anthropic's on the /v1/messages routes."""
+    if req.path.startswith("/v1/messages"):
+        return anthropic.error_response(exc)
+    return error_response(exc)
 
 
 def create_app() -> Any:

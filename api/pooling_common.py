@@ -5,6 +5,7 @@ Torch-free: pooled vectors arrive as float32 bytes and leave as JSON floats or b
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -188,3 +189,24 @@ def encode_vector(out: PoolingOutput, encoding_format: str) -> list[float] | str
     if encoding_format == "base64":
         return base64.b64encode(out.data).decode("ascii")
     return output_values(out)
+
+
+async def pooling_probe(state: AppState, timeout_s: float) -> None:
+    """`/health?deep=1` on a pooling model: one tiny pooling forward within `timeout_s`."""
+    info = state.engine_info.pooling
+    task = "embed" if info is None or "embed" in info.tasks else "classify"
+    ids = state.tokenizer.encode("ping") or [0]
+    request = EngineCoreRequest(f"health-{uuid.uuid4().hex}", ids, _NO_SAMPLING,
+                                pooling_params=PoolingParams(task))
+    group = await state.engine.add([request])
+
+    async def wait() -> None:
+        while not group.finished:
+            await group.next()
+
+    try:
+        await asyncio.wait_for(wait(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"a pooling forward took over {timeout_s:.0f} s") from None
+    finally:
+        await state.engine.release(group)

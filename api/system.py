@@ -10,6 +10,7 @@ from fornax.api.errors import APIError, EngineDeadError
 from fornax.api.generate import Generation, PromptInput
 from fornax.api.http import Request, Response, json_response
 from fornax.api.metrics import CONTENT_TYPE
+from fornax.api.pooling_common import is_pooling, pooling_probe
 from fornax.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ async def health(req: Request) -> Response:
     if state.draining:
         raise APIError(503, "the server is shutting down")
     if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
-        await _one_token(req)
+        if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
+            await pooling_probe(state, DEEP_HEALTH_TIMEOUT_S)
+        else:
+            await _one_token(req)
     return Response(b"", 200, content_type=None)
 
 

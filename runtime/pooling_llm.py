@@ -162,10 +162,12 @@ class PoolingMixin:
             raise RequestError("at least one prompt is needed", "prompts")
         limit = resolve_truncation(truncate_prompt_tokens, info.max_model_len)
         tok = self._pooling_tokenizer()
+        prompts = [p.get("prompt_token_ids", p.get("prompt")) if isinstance(p, dict) else p
+                   for p in prompts]
+        if all(isinstance(p, str) for p in prompts):
+            return tok.texts(prompts, limit, "prompts")  # one batched (Rust) tokenizer call
         out: list[list[int]] = []
         for p in prompts:
-            if isinstance(p, dict):
-                p = p.get("prompt_token_ids", p.get("prompt"))
             if isinstance(p, str):
                 out.extend(tok.texts([p], limit, "prompts"))
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):

@@ -191,6 +191,21 @@ def test_generation_routes_and_wrong_tasks_are_501(servers) -> None:
         r = post(server, path, body)
         assert r.status_code == 501, (path, r.text)
         assert r.json()["error"]["type"] == "NotImplementedError"
+    assert httpx.get(server.url + "/health?deep=1", timeout=30).status_code == 200
+
+
+def test_pooling_routes_on_a_generation_model_are_501() -> None:
+    from types import SimpleNamespace
+
+    from fornax.api.errors import APIError
+    from fornax.api.pooling_common import require_task
+    from fornax.runtime.messages import EngineHandshake
+
+    info = EngineHandshake(ready=True, architecture="LlamaForCausalLM")  # runner "generate"
+    state = SimpleNamespace(engine_info=info)
+    with pytest.raises(APIError) as err:
+        require_task(state, "embed", "/v1/embeddings")  # type: ignore[arg-type]
+    assert err.value.status == 501 and "--runner pooling" in err.value.message
 
 
 BAD = [

@@ -31,8 +31,24 @@ def _vocab_type(tokenizer_json: dict[str, Any]) -> Any:
 
 
 def _choice_grammar(choices: list[str]) -> str:
-    alts = " | ".join(json.dumps(c) for c in choices)
+    alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)  # no \ud83d pairs
     return f"root ::= {alts}"
+
+
+# xgrammar (0.2.x) gives length-limited JSON strings (minLength/maxLength) the character class
+# [^"\\\r\n], which admits raw control characters (\t, \x06, ...) that JSON forbids inside
+# strings, so strict parsers reject the output; narrow it to what JSON allows unescaped.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def _strict_json_strings(grammar: Any) -> Any:
+    import xgrammar as xgr
+
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
 
 
 class StructuredOutputManager:
@@ -83,6 +99,8 @@ class StructuredOutputManager:
         return compiled
 
     def _compile(self, compiler: Any, p: StructuredOutputsParams) -> Any:
+        import xgrammar as xgr
+
         any_ws = not p.disable_any_whitespace
         if p.kind == "json":
             schema = p.json if isinstance(p.json, str) else json.dumps(p.json)
@@ -91,8 +109,9 @@ class StructuredOutputManager:
             except json.JSONDecodeError as exc:
                 raise RequestError(f"the JSON schema is not valid JSON: {exc}",
                                    "structured_outputs.json") from exc
-            return compiler.compile_json_schema(
-                schema, any_whitespace=any_ws, strict_mode=True)
+            grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_ws,
+                                                   strict_mode=True)
+            return compiler.compile_grammar(_strict_json_strings(grammar))
         if p.kind == "json_object":
             return compiler.compile_builtin_json_grammar()
         if p.kind == "regex":
@@ -103,7 +122,7 @@ class StructuredOutputManager:
             return compiler.compile_grammar(p.grammar)
         tag = p.structural_tag if isinstance(p.structural_tag, str) else json.dumps(
             p.structural_tag)
-        return compiler.compile_structural_tag(tag)
+        return compiler.compile_grammar(_strict_json_strings(xgr.Grammar.from_structural_tag(tag)))
 
     def new_matcher(self, params: StructuredOutputsParams) -> Any:
         import xgrammar as xgr

@@ -25,9 +25,9 @@ def run(llm, constraint, prompts=PROMPTS, **kw):
 
 def test_json_schema_output_parses_and_validates(make_llm) -> None:
     llm = make_llm("qwen2")
-    for out in run(llm, Constraint(json=SCHEMA), max_tokens=120):
+    for out in run(llm, Constraint(json=SCHEMA), max_tokens=240):  # room for whitespace runs
         assert out.finish_reason == "stop", out.text
-        value = json.loads(out.text, strict=False)  # xgrammar admits raw \f, \t in strings
+        value = json.loads(out.text)  # strict: no raw control characters inside strings
         assert set(value) == {"name", "age"}  # strict: no extra properties
         assert isinstance(value["name"], str) and len(value["name"]) <= 12
         assert isinstance(value["age"], int)

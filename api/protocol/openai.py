@@ -112,6 +112,8 @@ class _SamplingFields(Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted; xgrammar always (see the header)
+    guided_whitespace_pattern: str | None = None  # refused: xgrammar has no such option
     repetition_detection: dict[str, Any] | None = None
 
 
@@ -183,6 +185,7 @@ class ChatMessage(Struct):
     role: str
     content: str | None = None
     tool_calls: list[dict[str, Any]] = []
+    reasoning: str | None = None  # the thinking, with --reasoning-parser
 
 
 class ChatChoice(Struct):
@@ -213,9 +216,25 @@ class ChatCompletionResponse(Struct):
     prompt_logprobs: PromptLogprobs | None = None
 
 
+class DeltaFunctionCall(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Struct, omit_defaults=True):
+    """A streamed tool call: the first delta of a call has its id, type and name."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(Struct):

@@ -16,11 +16,14 @@ from fornax.runtime.sampling_params import SamplingParams
 
 @dataclass
 class PenaltyInputs:
-    prompt_ids: torch.Tensor  # [B, P] int64, padded with vocab_size
-    output_ids: torch.Tensor  # [B, O] int64, padded with vocab_size
-    repetition: torch.Tensor  # [B] float32 (1.0 = off)
-    frequency: torch.Tensor  # [B] float32
-    presence: torch.Tensor  # [B] float32
+    """Sparse (row, token) pairs: O(tokens seen), never a dense [B, V] count table."""
+
+    seen_rows: torch.Tensor  # [S] rows of tokens in the prompt or output
+    seen_cols: torch.Tensor  # [S] those token ids (unique per row)
+    seen_repetition: torch.Tensor  # [S] the row's repetition penalty
+    out_rows: torch.Tensor  # [O] rows of tokens in the output
+    out_cols: torch.Tensor  # [O] those token ids (unique per row)
+    out_amount: torch.Tensor  # [O] frequency * count + presence, subtracted from the logit
 
 
 @dataclass
@@ -36,14 +39,6 @@ class LogitsInputs:
                 and self.banned is None)
 
 
-def _pad(seqs: list[np.ndarray], pad: int) -> np.ndarray:
-    width = max((len(s) for s in seqs), default=0) or 1
-    out = np.full((len(seqs), width), pad, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
 def build_logits_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
                         outputs: list[np.ndarray], eos_token_ids: frozenset[int],
                         vocab_size: int, device: torch.device) -> LogitsInputs:
@@ -51,16 +46,7 @@ def build_logits_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
     result = LogitsInputs()
     num = len(params)
     if any(p.uses_penalties for p in params):
-        empty = np.zeros(0, dtype=np.int64)
-        use = [p.uses_penalties for p in params]
-        prompt_ids = _pad([prompts[i] if use[i] else empty for i in range(num)], vocab_size)
-        output_ids = _pad([outputs[i] if use[i] else empty for i in range(num)], vocab_size)
-        as_t = lambda a, dt=torch.float32: torch.tensor(a, dtype=dt, device=device)  # noqa: E731
-        result.penalties = PenaltyInputs(
-            torch.from_numpy(prompt_ids).to(device), torch.from_numpy(output_ids).to(device),
-            as_t([p.repetition_penalty for p in params]),
-            as_t([p.frequency_penalty for p in params]),
-            as_t([p.presence_penalty for p in params]))
+        result.penalties = _penalty_inputs(params, prompts, outputs, device)
     b_rows: list[int] = []
     b_cols: list[int] = []
     b_vals: list[float] = []
@@ -101,21 +87,42 @@ def build_logits_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
     return result
 
 
+def _penalty_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
+                    outputs: list[np.ndarray], device: torch.device) -> PenaltyInputs:
+    seen_r, seen_c, seen_rep, out_r, out_c, out_amt = [], [], [], [], [], []
+    for i, p in enumerate(params):
+        if not p.uses_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([prompts[i], outputs[i]]))
+            seen_r.append(np.full(len(seen), i))
+            seen_c.append(seen)
+            seen_rep.append(np.full(len(seen), p.repetition_penalty, dtype=np.float32))
+        if (p.frequency_penalty or p.presence_penalty) and len(outputs[i]):
+            tokens, counts = np.unique(outputs[i], return_counts=True)
+            out_r.append(np.full(len(tokens), i))
+            out_c.append(tokens)
+            out_amt.append((p.frequency_penalty * counts + p.presence_penalty).astype(np.float32))
+
+    def cat(parts: list[np.ndarray], dtype: type) -> torch.Tensor:
+        arr = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+        return torch.from_numpy(arr).to(device)
+
+    return PenaltyInputs(cat(seen_r, np.int64), cat(seen_c, np.int64),
+                         cat(seen_rep, np.float32), cat(out_r, np.int64), cat(out_c, np.int64),
+                         cat(out_amt, np.float32))
+
+
 def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> torch.Tensor:
     """vLLM/OpenAI semantics: repetition over prompt+output; frequency/presence over output."""
-    num, vocab = logits.shape
-    output_counts = torch.zeros(num, vocab + 1, dtype=logits.dtype, device=logits.device)
-    output_counts.scatter_add_(1, pen.output_ids, torch.ones_like(pen.output_ids,
-                                                                  dtype=logits.dtype))
-    output_counts = output_counts[:, :vocab]
-    prompt_seen = torch.zeros(num, vocab + 1, dtype=torch.bool, device=logits.device)
-    prompt_seen.scatter_(1, pen.prompt_ids, True)
-    seen = prompt_seen[:, :vocab] | (output_counts > 0)
-    rep = pen.repetition.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalized, logits)
-    logits = logits - pen.frequency.unsqueeze(1) * output_counts
-    return logits - pen.presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
+    if pen.seen_rows.numel():
+        vals = logits[pen.seen_rows, pen.seen_cols]
+        rep = pen.seen_repetition.to(vals.dtype)
+        logits[pen.seen_rows, pen.seen_cols] = torch.where(vals > 0, vals / rep, vals * rep)
+    if pen.out_rows.numel():
+        logits.index_put_((pen.out_rows, pen.out_cols), -pen.out_amount.to(logits.dtype),
+                          accumulate=True)
+    return logits
 
 
 def apply_logits_processors(logits: torch.Tensor, inputs: LogitsInputs) -> torch.Tensor:

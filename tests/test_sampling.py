@@ -70,12 +70,14 @@ def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
     return float(1 - cdf)
 
 
+@pytest.mark.parametrize("num_candidates", [1024, 5], ids=["whole-vocab", "candidates"])
 @pytest.mark.parametrize("case", CASES)
-def test_sampled_frequencies_match_distribution(case) -> None:
+def test_sampled_frequencies_match_distribution(case, num_candidates) -> None:
+    """With 5 candidates, top-k 4 and top-p 0.6 take the candidate path, the rest fall back."""
     draws = 5000
     torch.manual_seed(1234)
     logits = torch.tensor(LOGITS, dtype=torch.float32).repeat(draws, 1)
-    out = Sampler()(logits, meta(draws, **case))
+    out = Sampler(num_candidates)(logits, meta(draws, **case))
     counts = np.bincount(out.sampled.numpy(), minlength=VOCAB)
     p = chi_square_p_value(counts, reference_probs(LOGITS, **case))
     assert p > 1e-3, f"chi-square p={p:.2e} for {case}: {counts}"
@@ -84,7 +86,7 @@ def test_sampled_frequencies_match_distribution(case) -> None:
 def test_seeded_rows_reproduce_whatever_their_batch_mates() -> None:
     def draw(batch: int, row: int) -> list[int]:
         gen = torch.Generator().manual_seed(7)
-        m = meta(batch, temperature=1.0)
+        m = meta(batch, temperature=1.0, top_k=6)
         m.generators = {row: gen}
         logits = torch.tensor(LOGITS, dtype=torch.float32).repeat(batch, 1)
         return [int(Sampler()(logits, m).sampled[row]) for _ in range(20)]

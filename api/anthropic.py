@@ -197,9 +197,13 @@ def _output_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def to_chat_body(body: MessagesRequest) -> dict[str, Any]:
+def to_chat_body(body: MessagesRequest, raw: dict[str, Any]) -> dict[str, Any]:
+    """The chat request answering `body`; fields Anthropic does not define (vLLM's sampling
+    extras such as seed, min_p, repetition_penalty) pass through."""
     tool_choice, parallel = _tool_choice(body.tool_choice)
+    extras = {k: v for k, v in raw.items() if k not in MessagesRequest.__struct_fields__}
     chat_body: dict[str, Any] = {
+        **extras,
         "model": body.model, "messages": chat_messages(body.system, body.messages),
         "max_tokens": body.max_tokens, "stop": body.stop_sequences,
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
@@ -218,10 +222,10 @@ def to_chat_body(body: MessagesRequest) -> dict[str, Any]:
 # ---- chat answer -> Anthropic ---------------------------------------------------------------
 
 
-def _stop(finish_reason: str | None, stop_reason: Any, stops: list[str] | None
-          ) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) of a chat finish."""
-    if finish_reason == "tool_calls":
+def _stop(finish_reason: str | None, stop_reason: Any, stops: list[str] | None,
+          called: bool) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of a chat finish (`called`: the answer has tool calls)."""
+    if finish_reason == "tool_calls" or called:
         return "tool_use", None
     if finish_reason == "length":
         return "max_tokens", None
@@ -267,16 +271,18 @@ async def messages(req: Request) -> Response:
     body = await req.json(MessagesRequest)
     model = req.state.resolve_model(body.model)
     msg_id = f"msg_{uuid.uuid4().hex}"
-    inner = subrequest(req, "/v1/chat/completions", to_chat_body(body))
+    raw = msgspec.json.decode(await req.body())
+    inner = subrequest(req, "/v1/chat/completions", to_chat_body(body, raw))
     if body.stream:
         events = await open_stream(chat.chat_completions, inner)
         return StreamingResponse(_stream(events, model, msg_id, body.stop_sequences),
                                  headers={"x-request-id": msg_id})
     answer = await call_json(chat.chat_completions, inner)
     choice = answer["choices"][0]
+    blocks = blocks_of_message(choice["message"])
     reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"),
-                             body.stop_sequences)
-    content = [_block_json(b) for b in blocks_of_message(choice["message"])]
+                             body.stop_sequences, any(b.kind == "tool_call" for b in blocks))
+    content = [_block_json(b) for b in blocks]
     return json_response(Message(msg_id, model, content, reason, sequence,
                                  _usage(answer.get("usage"))), headers={"x-request-id": msg_id})
 
@@ -297,7 +303,8 @@ async def _stream(events: AsyncIterator[dict[str, Any]], model: str, msg_id: str
                 yield _block_event(kind, block, text)
         for kind, block, text in reader.close():
             yield _block_event(kind, block, text)
-        reason, sequence = _stop(reader.finish_reason, reader.stop_reason, stops)
+        reason, sequence = _stop(reader.finish_reason, reader.stop_reason, stops,
+                                 any(b.kind == "tool_call" for b in reader.blocks))
         usage = _usage(reader.usage)
         yield _event("message_delta", {
             "type": "message_delta",

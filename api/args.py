@@ -45,6 +45,12 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _responses_store(text: str) -> str:
+    if text == "memory" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected memory or sqlite:PATH, got {text!r}")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
@@ -115,6 +121,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="accepted for vLLM compatibility: sleep mode is always available "
                    "through the dev endpoints")
+    g.add_argument("--responses-store", type=_responses_store, default="memory",
+                   help="where /v1/responses keeps stored responses: memory (default; bounded, "
+                   "per API worker) or sqlite:PATH (shared by the workers, survives restarts)")
+    g.add_argument("--responses-store-max-count", type=int, default=10000,
+                   help="most stored responses kept; the oldest go first (default: 10000)")
+    g.add_argument("--responses-store-max-age", type=float, default=24 * 3600.0,
+                   help="seconds a stored response is kept (default: 86400)")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,

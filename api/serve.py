@@ -170,6 +170,9 @@ def run_serve(args: argparse.Namespace) -> int:
             log_requests=not args.disable_log_requests, created=int(time.time()),
             enable_dev_endpoints=args.enable_dev_endpoints or
             os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+            responses_store=args.responses_store,
+            responses_store_max_count=args.responses_store_max_count,
+            responses_store_max_age_s=args.responses_store_max_age,
             version=fornax_version())
         return _run_granian(args, launcher, settings)
     finally:

@@ -31,6 +31,9 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = True
     enable_dev_endpoints: bool = False  # /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
+    responses_store: str = "memory"  # /v1/responses: "memory" (per worker) or "sqlite:PATH"
+    responses_store_max_count: int = 10000
+    responses_store_max_age_s: float = 24 * 3600.0
     created: int = 0
     version: str = ""
 

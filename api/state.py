@@ -37,11 +37,14 @@ class AppState:
         self.sampling_defaults = self._sampling_defaults(settings)
         self.draining = False
         self.num_inflight = 0
+        self.responses: Any = None  # /v1/responses: store and background runs (on first use)
 
     async def start(self) -> None:
         await self.engine.start()
 
     async def close(self) -> None:
+        if self.responses is not None:
+            await self.responses.close()
         await self.engine.close()
 
     def resolve_model(self, requested: str | None) -> str:

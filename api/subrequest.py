@@ -108,6 +108,7 @@ class Block:
     call_id: str = ""
     name: str = ""
     key: Any = None
+    item_id: str = ""  # set by the surfaces that give blocks ids (Responses' output items)
 
     def arguments(self) -> dict[str, Any]:
         """A tool call's arguments as an object ({} when the model wrote no valid JSON object)."""

@@ -118,6 +118,29 @@ def main_server() -> ServerProcess:
         "--max-request-body-bytes", "1MiB", "--seed", "0")
 
 
+SURFACES_KV_MIB = 64
+SURFACES_DB = Path(tempfile.gettempdir()) / f"fornax-test-responses-{os.getpid()}.db"
+
+
+def surfaces_server() -> ServerProcess:
+    """The tiny-llama server of the dev-endpoint and Responses tests: no API key, dev endpoints
+    on, a 64 MiB KV cache (so sleeping frees a visible amount), and a SQLite responses store that
+    its 2 workers share and that a restarted server (same call after stop()) finds again."""
+    return shared_server(
+        "surfaces", str(tiny_model_path("llama")), "--served-model-name", "tiny",
+        "--max-model-len", "512", "--api-server-count", "2", "--enable-dev-endpoints",
+        "--kv-cache-memory", f"{SURFACES_KV_MIB}MiB", "--responses-store", f"sqlite:{SURFACES_DB}")
+
+
+@atexit.register
+def _remove_surfaces_db() -> None:
+    server = _shared.get("surfaces")
+    if server is not None:
+        server.stop(timeout_s=10)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{SURFACES_DB}{suffix}").unlink(missing_ok=True)
+
+
 def auth(key: str = API_KEYS[0]) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

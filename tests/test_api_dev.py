@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
-from api_server import ServerProcess, auth, main_server, tiny_model_path
+from api_server import SURFACES_KV_MIB as KV_MIB
+from api_server import auth, main_server, surfaces_server
 
-KV_MIB = 64
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 16,
         "temperature": 0}
 
@@ -25,11 +25,7 @@ def _rss_mib(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    server = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
-                           "--enable-dev-endpoints", "--kv-cache-memory", f"{KV_MIB}MiB",
-                           "--served-model-name", "tiny").wait_ready()
-    yield server
-    server.stop()
+    return surfaces_server()
 
 
 @pytest.fixture(scope="module")

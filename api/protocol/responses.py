@@ -1,0 +1,44 @@
+"""OpenAI Responses API request struct (msgspec) (API workers).
+
+Input and output items stay dicts: their shape depends on their `type`. Unknown fields are
+ignored here; vLLM's sampling extras (top_k, min_p, seed, ...) are forwarded to the chat path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import Struct
+
+# Fields of a Responses request that are not chat fields (everything else is forwarded to chat).
+RESPONSES_ONLY_FIELDS = frozenset({
+    "input", "instructions", "tools", "tool_choice", "text", "reasoning", "max_output_tokens",
+    "previous_response_id", "store", "background", "stream", "metadata", "include",
+    "truncation", "top_logprobs", "service_tier", "prompt", "prompt_cache_key",
+    "prompt_cache_retention", "safety_identifier", "conversation", "max_tool_calls",
+    "stream_options", "messages", "n", "response_format", "max_tokens",
+    "max_completion_tokens",
+})
+
+
+class ResponsesRequest(Struct, kw_only=True):
+    model: str | None = None
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    background: bool = False
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    request_id: str | None = None  # vLLM's extra: the response id is resp_<request_id>

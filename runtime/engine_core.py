@@ -111,6 +111,9 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = next(t for t in prompt if t < 0 or t >= vocab)
             raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "prompt")
+        if req.priority != 0 and self.config.scheduler_config.policy != "priority":
+            raise RequestError("priority is only honoured with --scheduling-policy priority "
+                               "(this server schedules first come, first served)", "priority")
         params = req.sampling_params
         params.validate(self.config.max_logprobs)
         if params.structured_outputs is not None:

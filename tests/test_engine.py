@@ -157,3 +157,24 @@ def test_sleep_levels_free_memory_and_wake_up_answers_identically(make_llm) -> N
         llm.engine.wake_up()
         assert not llm.engine.is_sleeping
         assert token_ids(llm.generate(PROMPTS, GREEDY)) == token_ids(before)
+
+
+def test_priority_is_honoured_or_refused(make_llm) -> None:
+    fcfs = make_llm()
+    with pytest.raises(RequestError, match="scheduling-policy priority") as err:
+        fcfs.generate("x", GREEDY, priority=[1])
+    assert err.value.param == "priority"
+    # One sequence slot: the urgent request (lower value) runs first although it came last.
+    llm = make_llm(scheduling_policy="priority", max_num_seqs=1)
+    order: list[str] = []
+    step = llm.engine.step
+
+    def recording_step():
+        outs = step()
+        order.extend(o.request_id for o in outs if o.finish_reason and o.request_id not in order)
+        return outs
+
+    llm.engine.step = recording_step
+    outs = llm.generate(["first", "second", "urgent"], SamplingParams(max_tokens=3, ignore_eos=True),
+                        priority=[5, 5, -1])
+    assert order.index(outs[2].request_id) < order.index(outs[1].request_id)

@@ -50,10 +50,11 @@ class Request:
     def query(self) -> dict[str, list[str]]:
         return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
 
-    async def body(self) -> bytes:
+    async def body(self, limit: int | None = None) -> bytes:
+        """The whole body; 413 beyond `limit` (default: --max-request-body-bytes)."""
         if self._body is not None:
             return self._body
-        limit = self.state.settings.max_request_body_bytes
+        limit = limit or self.state.settings.max_request_body_bytes
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)

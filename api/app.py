@@ -17,6 +17,7 @@ from typing import Any
 
 from fornax.api import (
     anthropic,
+    audio,
     batch,
     chat,
     completions,
@@ -86,6 +87,8 @@ ROUTES: tuple[Route, ...] = (
     Route(("POST",), "/rerank", scoring.rerank),
     Route(("POST",), "/v1/rerank", scoring.rerank),
     Route(("POST",), "/v2/rerank", scoring.rerank),
+    Route(("POST",), "/v1/audio/transcriptions", audio.transcriptions),
+    Route(("POST",), "/v1/audio/translations", audio.translations),
     Route(("POST",), "/tokenize", tokenization.tokenize),
     Route(("POST",), "/detokenize", tokenization.detokenize),
     Route(("POST",), "/invocations", sagemaker.invocations),

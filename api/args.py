@@ -114,6 +114,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "them (default: 20)")
     g.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413 (default: 32MiB)")
+    g.add_argument("--max-audio-filesize-mb", type=float, default=25.0,
+                   help="audio uploads to /v1/audio/* larger than this get 413 (default: 25)")
     g.add_argument("--enable-dev-endpoints", action="store_true",
                    help="serve the admin routes POST /sleep?level=1|2, POST /wake_up, GET "
                    "/is_sleeping and POST /reset_prefix_cache (404 without it; also "

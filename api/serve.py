@@ -167,6 +167,7 @@ def run_serve(args: argparse.Namespace) -> int:
             trust_request_chat_template=args.trust_request_chat_template,
             generation_config=kwargs.get("generation_config", "auto"),
             max_request_body_bytes=args.max_request_body_bytes,
+            max_audio_filesize_mb=args.max_audio_filesize_mb,
             log_requests=not args.disable_log_requests, created=int(time.time()),
             enable_dev_endpoints=args.enable_dev_endpoints or
             os.environ.get("VLLM_SERVER_DEV_MODE") == "1",

@@ -29,6 +29,7 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     trust_request_chat_template: bool = False
     generation_config: str = "auto"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_audio_filesize_mb: float = 25.0  # audio uploads beyond this get 413
     log_requests: bool = True
     enable_dev_endpoints: bool = False  # /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
     responses_store: str = "memory"  # /v1/responses: "memory" (per worker) or "sqlite:PATH"

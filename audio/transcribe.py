@@ -192,6 +192,12 @@ class TranscriptionSession:
             return_alignment=opts.word_timestamps)
         return self._pending
 
+    def partial_text(self, token_ids: list[int]) -> str:
+        """Text of the pending window's output so far (its language/forced prefix skipped)."""
+        req = self._pending
+        prefix = ((1 if req.detect_language else 0) + len(req.forced_token_ids)) if req else 0
+        return self.decode(token_ids[prefix:])
+
     # ---- window results ------------------------------------------------------------------------
     def feed(self, result: WindowResult) -> list[Segment]:
         """Take the pending window's result; returns the segments it finalized (maybe none, when

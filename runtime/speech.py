@@ -17,18 +17,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from fornax.audio.decode import decode_audio
+from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.transcribe import (
     Segment,
     TranscribeOptions,
     TranscriptionSession,
     WhisperInfo,
-    WindowRequest,
-    WindowResult,
 )
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import ConfigError
-from fornax.runtime.messages import EncoderInput, EngineCoreRequest
-from fornax.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +38,6 @@ class Transcription:
     language: str  # the language name ("english")
     duration: float
     segments: list[Segment] = field(default_factory=list)
-
-
-def engine_request(request_id: str, window: WindowRequest) -> EngineCoreRequest:
-    """The engine request of one window (shared with the API workers)."""
-    params = SamplingParams(temperature=window.temperature, max_tokens=window.max_tokens,
-                            seed=window.seed if window.temperature > 0 else None, logprobs=0,
-                            skip_special_tokens=False)
-    enc = EncoderInput(window.features.tobytes(), list(window.features.shape),
-                       content_frames=window.content_frames,
-                       detect_language=window.detect_language,
-                       forced_token_ids=window.forced_token_ids,
-                       return_alignment=window.return_alignment)
-    return EngineCoreRequest(request_id, window.prompt_token_ids, params, encoder_input=enc)
 
 
 class SpeechToText:
@@ -102,7 +86,7 @@ class SpeechToText:
     def run(self, sessions: list[TranscriptionSession]) -> None:
         """Drive every session to its end; all their current windows run in the engine together."""
         engine = self.engine
-        inflight: dict[str, tuple[TranscriptionSession, list[int], list[float]]] = {}
+        inflight: dict[str, tuple[TranscriptionSession, WindowCollector]] = {}
         waiting = list(sessions)
         while waiting or inflight:
             for session in waiting:
@@ -111,18 +95,15 @@ class SpeechToText:
                     continue
                 rid = f"stt-{next(self._ids)}"
                 engine.add_request(engine_request(rid, window))
-                inflight[rid] = (session, [], [])
+                inflight[rid] = (session, WindowCollector())
             waiting = []
             for out in engine.step():
                 entry = inflight.get(out.request_id)
                 if entry is None:
                     continue
-                session, tokens, logprobs = entry
-                tokens.extend(out.new_token_ids)
-                for lp in out.new_logprobs or []:
-                    logprobs.append(lp.logprobs[0])
-                if out.finish_reason is None:
-                    continue
-                del inflight[out.request_id]
-                session.feed(WindowResult(tokens, logprobs, out.alignment, out.finish_reason))
-                waiting.append(session)
+                session, collector = entry
+                collector.add(out)
+                if collector.finished:
+                    del inflight[out.request_id]
+                    session.feed(collector.result())
+                    waiting.append(session)

@@ -24,7 +24,7 @@ from fornax.api import chat
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, StreamingResponse, json_response
 from fornax.api.protocol.responses import ResponsesRequest
-from fornax.api.responses_items import chat_body, input_messages, new_id
+from fornax.api.responses_items import chat_body, input_items, input_messages, new_id
 from fornax.api.responses_store import ResponseStore, make_store
 from fornax.api.responses_stream import ResponseRun, sse_event
 from fornax.api.settings import ServerSettings
@@ -84,7 +84,10 @@ async def create_response(req: Request) -> Response:
     if not messages:
         raise APIError(400, "input is required", "input")
     rid = f"resp_{body.request_id}" if body.request_id else new_id("resp")
-    run = ResponseRun(service.store, rid, body, model, messages)
+    tokenizer = req.state.tokenizer
+    run = ResponseRun(service.store, rid, body, model, messages,
+                      lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
+    run.input_items = input_items(body.input)
     streamed = body.stream or body.background
     inner = chat_body(raw, body, messages, streamed)
     headers = {"x-request-id": rid}
@@ -190,7 +193,7 @@ def _split(req: Request) -> tuple[str, str]:
 
 async def get_response(req: Request) -> Response:
     rid, action = _split(req)
-    if action:
+    if action not in ("", "input_items"):
         raise APIError(404, f"no route {req.path}")
     if req.query.get("stream", ["false"])[-1].lower() == "true":
         raise APIError(400, "resuming a response stream is not supported; GET it without "
@@ -198,7 +201,29 @@ async def get_response(req: Request) -> Response:
     record = await service_of(req).store.get(rid)
     if record is None:
         raise _not_found(rid)
+    if action == "input_items":
+        return json_response(_page(req, record.input_items))
     return json_response(record.response)
+
+
+def _page(req: Request, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A page of input items: `order` (desc by default), `limit` (20), `after` (an item id)."""
+    query = {k: v[-1] for k, v in req.query.items()}
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, "order must be asc or desc", "order")
+    limit = query.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise APIError(400, "limit must be an integer in [1, 100]", "limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [item.get("id") for item in ordered]
+        ordered = ordered[ids.index(after) + 1:] if after in ids else []
+    page = ordered[:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(ordered) > len(page)}
 
 
 async def cancel_response(req: Request) -> Response:

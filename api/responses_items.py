@@ -90,6 +90,26 @@ def input_messages(items: str | list[dict[str, Any]] | None) -> list[dict[str, A
     return out
 
 
+_INPUT_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+                      "reasoning": "rs"}
+
+
+def input_items(value: str | list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The request's input as items with ids (GET /v1/responses/{id}/input_items)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    items = []
+    for item in value:
+        item = {"type": "message", **item} if "type" not in item else dict(item)
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            item["content"] = [{"type": "input_text", "text": item["content"]}]
+        item.setdefault("id", new_id(_INPUT_ID_PREFIXES.get(item["type"], "item")))
+        items.append(item)
+    return items
+
+
 def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     if not tools:
         return None
@@ -184,14 +204,15 @@ def assistant_message(blocks: list[Block]) -> dict[str, Any]:
     return message
 
 
-def usage_of(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+def usage_of(usage: dict[str, Any] | None, reasoning_tokens: int = 0
+             ) -> dict[str, Any] | None:
     if not usage:
         return None
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     return {"input_tokens": usage.get("prompt_tokens", 0),
             "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": usage.get("completion_tokens", 0),
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": usage.get("total_tokens", 0)}
 
 

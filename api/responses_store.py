@@ -33,6 +33,7 @@ class StoredResponse(msgspec.Struct):
     response: dict[str, Any]
     messages: list[dict[str, Any]] = []
     created: float = 0.0
+    input_items: list[dict[str, Any]] = []  # this request's input, with ids (input_items route)
 
     @property
     def status(self) -> str:
@@ -71,7 +72,7 @@ class ResponseStore(ABC):
 
 def _cancelled(record: StoredResponse) -> StoredResponse:
     response = dict(record.response, status="cancelled")
-    return StoredResponse(response, record.messages, record.created)
+    return StoredResponse(response, record.messages, record.created, record.input_items)
 
 
 class MemoryResponseStore(ResponseStore):

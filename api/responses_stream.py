@@ -37,8 +37,10 @@ class ResponseRun:
     """A response's output so far, its status, and how to store it."""
 
     def __init__(self, store: ResponseStore | None, rid: str, body: ResponsesRequest, model: str,
-                 messages: list[dict[str, Any]]) -> None:
+                 messages: list[dict[str, Any]],
+                 count_tokens: Callable[[str], int] | None = None) -> None:
         self.store = store if body.store else None
+        self.count_tokens = count_tokens  # reasoning tokens in the usage (re-tokenized text)
         self.rid = rid
         self.body = body
         self.model = model
@@ -48,10 +50,12 @@ class ResponseRun:
         self.reader = ChatDeltaReader()
         self.blocks: list[Block] = []
         self.usage: dict[str, Any] | None = None
+        self.reasoning_tokens = 0
         self.error: dict[str, Any] | None = None
         self.incomplete = False
         self.completed_at: int | None = None
         self.seq = 0
+        self.input_items: list[dict[str, Any]] = []
 
     # ---- state -----------------------------------------------------------------------------------
     @property
@@ -64,7 +68,8 @@ class ResponseRun:
         output = [output_item(b, "in_progress" if b is self.reader.open else "completed")
                   for b in blocks]
         return response_object(self.rid, self.created_at, self.body, self.model,
-                               status=self.status, output=output, usage=usage_of(self.usage),
+                               status=self.status, output=output,
+                               usage=usage_of(self.usage, self.reasoning_tokens),
                                error=self.error, incomplete=self.incomplete,
                                completed_at=self.completed_at)
 
@@ -72,7 +77,7 @@ class ResponseRun:
         messages = self.messages
         if self.status in ("completed", "incomplete"):
             messages = [*messages, assistant_message(self.blocks)]
-        return StoredResponse(self.snapshot(), messages, time.time())
+        return StoredResponse(self.snapshot(), messages, float(self.created_at), self.input_items)
 
     async def save(self) -> bool:
         """Store the response now (when `store`); False when it was cancelled meanwhile."""
@@ -85,6 +90,9 @@ class ResponseRun:
         self.usage = usage or self.usage
         self.incomplete = finish_reason == "length"
         self.status = "incomplete" if self.incomplete else "completed"
+        reasoning = "".join(b.text for b in self.blocks if b.kind == "reasoning")
+        if reasoning and self.count_tokens is not None:
+            self.reasoning_tokens = self.count_tokens(reasoning)
         self.completed_at = int(time.time())
 
     def fail(self, exc: APIError) -> None:

@@ -95,6 +95,12 @@ def test_input_items_and_previous_response_id(client):
                                                     if k != "type"}}]
     assert first.output_text == _chat_text(client, conversation, 8, tools=chat_tools,
                                            tool_choice="none")
+    items = client.responses.input_items.list(first.id, order="asc").data
+    assert [i.type for i in items] == ["message", "message", "function_call",
+                                       "function_call_output"]
+    assert items[1].content[0].text == "What is the weather in Paris?" and items[2].id
+    newest = client.responses.input_items.list(first.id, limit=1)
+    assert [i.type for i in newest.data] == ["function_call_output"] and newest.has_more
     follow = client.responses.create(model="tiny", input="And tomorrow?", max_output_tokens=8,
                                      previous_response_id=first.id, **GREEDY)
     assert follow.previous_response_id == first.id

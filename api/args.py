@@ -61,9 +61,6 @@ def _int_list(text: str) -> list[int]:
 # Flags of features fornax does not have yet: accepted (scripts keep working when unused) but a
 # clear error at start when used, never silently ignored. dest -> what it is.
 NOT_SUPPORTED_YET = {
-    "enable_auto_tool_choice": "automatic tool choice (--enable-auto-tool-choice)",
-    "tool_call_parser": "tool-call parsing (--tool-call-parser)",
-    "reasoning_parser": "reasoning parsing (--reasoning-parser)",
     "tokenizer": "a separate tokenizer (--tokenizer)",
     "quantization": "on-the-fly quantization (--quantization)",
     "speculative_config": "speculative decoding (--speculative-config)",
@@ -177,10 +174,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cuda-graph-sizes", type=_int_list, action="extend", default=None,
                    help="batch sizes to capture CUDA graphs for (e.g. 1 2 4 8 16)")
 
+    t = p.add_argument_group("tool calling and reasoning")
+    t.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                   help='let the model decide when to call tools (tool_choice "auto", the default '
+                   "when a request has tools); needs --tool-call-parser")
+    t.add_argument("--tool-call-parser", default=None,
+                   help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, "
+                   'qwen3_xml, or a name a plugin registers (tool_choice "required" and named '
+                   "choices work without it: a grammar forces the call)")
+    t.add_argument("--tool-parser-plugin", default=None, metavar="FILE",
+                   help="a Python file that registers more tool parsers "
+                   "(fornax.api.tools.registry.register_tool_parser)")
+    t.add_argument("--reasoning-parser", default=None,
+                   help="split the thinking into `reasoning`: deepseek_r1 or qwen3; output "
+                   "constraints then start after </think>")
+
     n = p.add_argument_group("not supported yet (accepted; an error at start when used)")
-    n.add_argument("--enable-auto-tool-choice", action="store_true", default=None)
-    n.add_argument("--tool-call-parser", default=None)
-    n.add_argument("--reasoning-parser", default=None)
     n.add_argument("--tokenizer", default=None)
     n.add_argument("--quantization", "-q", default=None)
     n.add_argument("--speculative-config", default=None)

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fornax.api.beam import beam_search, check_beam_request
+from fornax.api.chat_features import ChatPlan, plan_chat, resolve_thinking
+from fornax.api.chat_output import ChoiceShaper
 from fornax.api.errors import APIError
 from fornax.api.generate import (
     ChoiceUpdate,
@@ -38,21 +40,10 @@ from fornax.api.sampling import (
     truncate_prompt,
 )
 from fornax.api.state import AppState
+from fornax.api.tools.messages import prepare_messages
 from fornax.runtime.errors import RequestError
 
 logger = logging.getLogger(__name__)
-
-
-def check_tools(body: ChatCompletionRequest) -> None:
-    """Tools are rendered into the prompt; tool *calling* needs parsers fornax does not have yet."""
-    choice = body.tool_choice
-    if choice is None or choice == "none":
-        return
-    if choice == "auto":
-        raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and '
-                       "--tool-call-parser, which fornax does not support yet", "tool_choice")
-    raise APIError(400, f"tool_choice {choice!r} is not supported by this server yet",
-                   "tool_choice")
 
 
 _TEXT_PARTS = ("text", "input_text")
@@ -80,6 +71,7 @@ def render_prompt(state: AppState, messages: list[dict[str, Any]], *, add_genera
                   ) -> tuple[str, list[int]]:
     """The chat prompt's text and token ids (RequestError -> 400 naming the field)."""
     check_messages(messages)
+    messages = prepare_messages(messages)  # tool-call arguments as objects, reasoning_content
     if chat_template is not None and not state.settings.trust_request_chat_template:
         raise APIError(400, "chat templates in requests are refused unless the server runs with "
                        "--trust-request-chat-template", "chat_template")
@@ -112,8 +104,8 @@ async def chat_completions(req: Request) -> Response:
     state = req.state
     body = await req.json(ChatCompletionRequest)
     model = state.resolve_model(body.model)
-    check_unsupported(body)
-    check_tools(body)
+    check_unsupported(body, structured=True)
+    plan = plan_chat(state.chat_features, body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     if body.top_logprobs is not None and not \
@@ -127,6 +119,7 @@ async def chat_completions(req: Request) -> Response:
         template_kwargs=body.chat_template_kwargs, add_special_tokens=body.add_special_tokens)
     ids = truncate_prompt(ids, body.truncate_prompt_tokens, state.max_model_len)
     check_prompt(ids, state.max_model_len, state.engine_info.vocab_size, "messages")
+    resolve_thinking(plan, state, body, text)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -140,7 +133,8 @@ async def chat_completions(req: Request) -> Response:
                                    defaults=state.sampling_defaults,
                                    max_logprobs=state.engine_info.max_logprobs,
                                    tokenizer=state.tokenizer,
-                                   vocab_size=state.engine_info.vocab_size)
+                                   vocab_size=state.engine_info.vocab_size,
+                                   extra=plan.sampling_extra())
     public_id, engine_id = new_request_id("chatcmpl", body.request_id or req.request_id)
     if state.settings.log_requests:
         logger.info("chat request %s: %d prompt tokens, %s", public_id, len(ids), params)
@@ -150,10 +144,10 @@ async def chat_completions(req: Request) -> Response:
     created = int(time.time())
     if body.stream:
         first, rest = await start_updates(gen)
-        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
-                                 headers={"x-request-id": public_id})
-    return json_response(await _complete(gen, body, model, public_id, created),
-                         headers={"x-request-id": public_id})
+        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest,
+                                         plan), headers={"x-request-id": public_id, **plan.headers})
+    return json_response(await _complete(gen, body, model, public_id, created, plan),
+                         headers={"x-request-id": public_id, **plan.headers})
 
 
 async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
@@ -173,10 +167,10 @@ async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list
 
 
 async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
-                    created: int) -> ChatCompletionResponse:
+                    created: int, plan: ChatPlan) -> ChatCompletionResponse:
     k = gen.num_candidates
     echo = _echo_text(body)
-    texts = [echo] * k
+    texts = [""] * k
     finish: list[str | None] = [None] * k
     stop: list[int | str | None] = [None] * k
     entries: list[list[Any]] = [[] for _ in range(k)]
@@ -187,10 +181,11 @@ async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, pu
             if u.logprobs:
                 entries[u.index].extend(u.logprobs)
     as_ids = bool(body.return_tokens_as_token_ids)
+    shaped = [ChoiceShaper(plan).message(texts[i], finish[i], echo) for i in range(k)]
     choices = gen.pick([ChatChoice(
-        i, ChatMessage("assistant", texts[i]),
+        i, shaped[i][0],
         chat_logprobs(entries[i], body.top_logprobs or 0, as_ids) if body.logprobs else None,
-        finish[i], stop[i]) for i in range(k)])
+        shaped[i][1], stop[i]) for i in range(k)])
     for index, choice in enumerate(choices):
         choice.index = index
     return ChatCompletionResponse(public_id, created, model, choices, usage_of(gen),
@@ -199,13 +194,14 @@ async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, pu
 
 async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
                   created: int, first: list[ChoiceUpdate],
-                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[bytes]:
+                  rest: AsyncIterator[list[ChoiceUpdate]], plan: ChatPlan) -> AsyncIterator[bytes]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     as_ids = bool(body.return_tokens_as_token_ids)
     echo = _echo_text(body)
     started: set[int] = set()
+    shapers: dict[int, ChoiceShaper] = {}
 
     def chunk(choice: ChatStreamChoice) -> bytes:
         return sse(ChatCompletionChunk(public_id, created, model, [choice],
@@ -216,14 +212,17 @@ async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, publ
             for u in batch:
                 if u.index not in started:
                     started.add(u.index)
+                    shapers[u.index] = ChoiceShaper(plan)
                     yield chunk(ChatStreamChoice(u.index, DeltaMessage("assistant", "")))
                     if echo:
                         yield chunk(ChatStreamChoice(u.index, DeltaMessage(content=echo)))
                 lps = chat_logprobs(u.logprobs, body.top_logprobs or 0, as_ids) \
                     if body.logprobs and u.logprobs is not None else None
-                if u.text or u.finish_reason is not None or (lps and lps.content):
-                    yield chunk(ChatStreamChoice(u.index, DeltaMessage(content=u.text), lps,
-                                                 u.finish_reason, u.stop_reason))
+                delta, finish = shapers[u.index].delta(u.text, u.finish_reason)
+                if delta is not None and (delta.content or delta.reasoning or delta.tool_calls) \
+                        or finish is not None or (lps and lps.content):
+                    yield chunk(ChatStreamChoice(u.index, delta or DeltaMessage(), lps, finish,
+                                                 u.stop_reason))
         if include_usage:
             yield sse(ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
     except APIError as exc:  # mid-stream failure: an error event, then [DONE]

@@ -36,6 +36,7 @@ from fornax.api.sampling import (
     truncate_prompt,
 )
 from fornax.api.state import AppState
+from fornax.api.structured import backend_headers, request_constraint
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ async def completions(req: Request) -> Response:
     state = req.state
     body = await req.json(CompletionRequest)
     model = state.resolve_model(body.model)
-    check_unsupported(body)
+    check_unsupported(body, structured=True)
+    constraint = request_constraint(body)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
     prompts = parse_prompts(state, body.prompt, body.add_special_tokens)
@@ -87,9 +89,15 @@ async def completions(req: Request) -> Response:
     shortest = min(len(p.token_ids) for p in prompts)  # the engine clamps each prompt's own
     max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, shortest,
                                     state.max_model_len)
-    extra = {}
+    extra: dict[str, Any] = {}
     if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
         extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
+    if constraint is not None:
+        if body.use_beam_search:
+            raise APIError(400, "beam search cannot follow an output constraint",
+                           "use_beam_search")
+        extra["structured_outputs"] = constraint
+    headers = {"x-request-id": "", **backend_headers(constraint)}
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, prompts, max_tokens))
     params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
@@ -109,12 +117,12 @@ async def completions(req: Request) -> Response:
     gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
     req.watch_disconnect()
     created = int(time.time())
+    headers["x-request-id"] = public_id
     if body.stream:
         first, rest = await start_updates(gen)
         return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
-                                 headers={"x-request-id": public_id})
-    return json_response(await _complete(gen, body, model, public_id, created),
-                         headers={"x-request-id": public_id})
+                                 headers=headers)
+    return json_response(await _complete(gen, body, model, public_id, created), headers=headers)
 
 
 async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],

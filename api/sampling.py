@@ -33,19 +33,20 @@ def _is_set(value: Any, neutral: Any) -> bool:
     return value is not None and value != neutral and value != {}
 
 
-def check_unsupported(req: _SamplingFields) -> None:
-    """400 for features fornax does not have yet, naming the field."""
+def check_unsupported(req: _SamplingFields, *, structured: bool = False) -> None:
+    """400 for features fornax does not have yet, naming the field. `structured`: the caller
+    enforces output constraints (fornax.api.structured); other callers refuse them."""
     if req.length_penalty not in (None, 1.0) and not req.use_beam_search:
         raise APIError(400, "length_penalty applies to beam search only (use_beam_search)",
                        "length_penalty")
     fmt = req.response_format
-    if fmt is not None:
+    if fmt is not None and not structured:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         if kind not in ("text", None):
             raise _not_supported("response_format", f"response_format {kind!r} (structured output)")
     for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
                  "guided_grammar"):
-        if getattr(req, name) is not None:
+        if getattr(req, name) is not None and not structured:
             raise _not_supported(name, f"{name} (structured output)")
     for name, neutral in _PASS_THROUGH.items():
         if name not in _ENGINE_FIELDS and _is_set(getattr(req, name, None), neutral):

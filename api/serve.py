@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fornax.api.args import engine_kwargs, unsupported_flags_used
+from fornax.api.chat_features import check_chat_flags
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.api.logging_setup import logging_dictconfig, setup_logging
 from fornax.api.settings import MULTIPROC_ENV, ServerSettings, settings_to_env
@@ -106,6 +107,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if used:
         logger.error("not supported yet: %s", "; ".join(used))
         return 2
+    problem = check_chat_flags(args)
+    if problem:
+        logger.error("%s", problem)
+        return 2
     if args.trust_remote_code:
         logger.warning("--trust-remote-code is ignored: fornax never runs code from a model")
     if args.api_server_count < 1:
@@ -174,6 +179,9 @@ def run_serve(args: argparse.Namespace) -> int:
             responses_store=args.responses_store,
             responses_store_max_count=args.responses_store_max_count,
             responses_store_max_age_s=args.responses_store_max_age,
+            enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
+            tool_call_parser=args.tool_call_parser, tool_parser_plugin=args.tool_parser_plugin,
+            reasoning_parser=args.reasoning_parser,
             version=fornax_version())
         return _run_granian(args, launcher, settings)
     finally:

@@ -35,6 +35,10 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     responses_store: str = "memory"  # /v1/responses: "memory" (per worker) or "sqlite:PATH"
     responses_store_max_count: int = 10000
     responses_store_max_age_s: float = 24 * 3600.0
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # a registered name (built-in or from the plugin)
+    tool_parser_plugin: str | None = None  # a Python file that registers tool parsers
+    reasoning_parser: str | None = None
     created: int = 0
     version: str = ""
 

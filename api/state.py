@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fornax.api.chat_features import ChatFeatures
 from fornax.api.engine.client import EngineClient
 from fornax.api.errors import APIError
 from fornax.api.metrics import Metrics
@@ -36,6 +37,7 @@ class AppState:
         self._names = set(settings.served_model_names) | set(settings.model_aliases)
         self.sampling_defaults = self._sampling_defaults(settings)
         self.draining = False
+        self.chat_features = ChatFeatures.from_settings(settings)  # tool and reasoning parsers
         self.num_inflight = 0
         self.responses: Any = None  # /v1/responses: store and background runs (on first use)
 

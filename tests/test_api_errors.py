@@ -86,7 +86,7 @@ BAD_COMPLETIONS = [
     ({"prompt": [-1]}, 400, "prompt"),
     ({}, 400, "prompt"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
-    ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ({"prompt": "x", "use_beam_search": True, "stream": True}, 400, "use_beam_search"),
     ({"prompt": "x", "length_penalty": 2.0}, 400, "length_penalty"),
     ({"prompt": "x", "truncate_prompt_tokens": 100000}, 400, "truncate_prompt_tokens"),

@@ -229,9 +229,10 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def test_unsupported_and_invalid_flags_fail_fast():
     model = str(tiny_model_path("llama"))
-    for flags, expect in ((["--tool-call-parser", "hermes"], "not supported yet"),
-                          (["--enable-auto-tool-choice"], "not supported yet"),
-                          (["--reasoning-parser", "qwen3"], "not supported yet"),
+    for flags, expect in ((["--tool-call-parser", "nope"], "unknown tool-call parser"),
+                          (["--enable-auto-tool-choice"], "requires --tool-call-parser"),
+                          (["--reasoning-parser", "nope"], "unknown reasoning parser"),
+                          (["--tool-parser-plugin", "/no/such.py"], "no such file"),
                           (["--block-size", "0"], "block_size"),
                           (["--chat-template", "/no/such/file"], "chat-template")):
         started = time.monotonic()

@@ -124,7 +124,8 @@ def test_tool_choice_plans() -> None:
     assert [v["properties"]["name"]["enum"] for v in schema["items"]["anyOf"]] == [["f"], ["g"]]
     named = plan_tools(TOOLS, {"type": "function", "function": {"name": "f"}}, None,
                        parser=get_tool_parser("mistral"), auto_enabled=False)
-    assert named.constraint == {"json": TOOLS[0]["function"]["parameters"]}
+    assert named.constraint == {"json": TOOLS[0]["function"]["parameters"],
+                                "disable_any_whitespace": True}
     assert named.id_style == "mistral" and not named.finish_as_tool_calls
     for tools, choice in ((TOOLS, {"type": "function", "function": {"name": "nope"}}),
                           (None, "required"), (TOOLS, "sometimes"),

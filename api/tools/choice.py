@@ -52,6 +52,12 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
     return tools
 
 
+def _forced(schema: dict[str, Any]) -> dict[str, Any]:
+    """A forced call is read by a machine: JSON with xgrammar's ", " and ": " separators (what
+    models trained on json.dumps write anyway) and no free whitespace to wander in."""
+    return {"json": schema, "disable_any_whitespace": True}
+
+
 def _named(choice: dict[str, Any]) -> str:
     fn = choice.get("function")
     name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
@@ -87,7 +93,7 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
         return ToolPlan("auto", lambda: auto(tools), parallel=parallel, id_style=ids)
     if tool_choice == "required":
         return ToolPlan("required", lambda: RequiredToolParser(tools),
-                        {"json": required_schema(tools, parallel)}, parallel, ids)
+                        _forced(required_schema(tools, parallel)), parallel, ids)
     if not isinstance(tool_choice, dict):
         raise APIError(400, "tool_choice must be a string or an object", "tool_choice")
     name = _named(tool_choice)
@@ -95,4 +101,4 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
     if tool is None:
         raise APIError(400, f"tool_choice names {name!r}, which is not in tools", "tool_choice")
     return ToolPlan("named", lambda: NamedToolParser(tools, name),
-                    {"json": tool_parameters(tool)}, parallel, ids)
+                    _forced(tool_parameters(tool)), parallel, ids)

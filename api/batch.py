@@ -52,9 +52,9 @@ async def _run_all(req: Request, bodies: list[dict[str, Any]]) -> list[dict[str,
                                                       detached=True)))
              for b in bodies]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for i, task in enumerate(tasks):
-            if task.done() and task.exception() is not None:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 exc = task.exception()
                 if isinstance(exc, APIError):  # name the conversation: messages[i][j].role
                     exc.message = f"conversation {i}: {exc.message}"

@@ -44,6 +44,9 @@ def test_every_route_needs_a_key_but_health_ping_version(server):
             resp = httpx.request(method, server.url + _path(route.path), json={}, timeout=30)
             if route.path in public:
                 assert resp.status_code == 200, (method, route.path)
+            elif route.path.startswith("/v1/messages"):  # Anthropic's routes: Anthropic's shape
+                assert resp.status_code == 401
+                assert resp.json()["error"]["type"] == "authentication_error"
             else:
                 _assert_error(resp, 401)
             bad = httpx.request(method, server.url + _path(route.path), json={},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,6 +140,23 @@ def _remove_surfaces_db() -> None:
         server.stop(timeout_s=10)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{SURFACES_DB}{suffix}").unlink(missing_ok=True)
+
+
+def thinker_server() -> ServerProcess:
+    """test_api_tools' thinking model (the tiny llama with Qwen3's <think> and <tool_call> tokens
+    and a template that thinks and takes tools) with the hermes tool parser and the qwen3
+    reasoning parser; shared by the tool-calling and reasoning tests of every surface."""
+    server = _shared.get("thinker")
+    if server is not None and server.proc.poll() is None:
+        return server
+    from test_api_tools import thinker_model
+
+    root = Path(tempfile.mkdtemp(prefix="fornax-thinker-"))
+    atexit.register(shutil.rmtree, root, True)
+    return shared_server("thinker", thinker_model(root), "--max-model-len", "1024", "--seed", "0",
+                         "--chat-template", str(root / "template.jinja"),
+                         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                         "--reasoning-parser", "qwen3", "--served-model-name", "thinker")
 
 
 def auth(key: str = API_KEYS[0]) -> dict[str, str]:

@@ -11,7 +11,8 @@ import anthropic
 import httpx
 import openai
 import pytest
-from api_server import API_KEYS, main_server
+from api_server import API_KEYS, main_server, thinker_server
+from test_api_tools import end_think_id
 
 GREEDY = {"temperature": 0}
 SYSTEM = "You are terse."
@@ -157,6 +158,32 @@ def test_forced_tool_use_streamed_and_not(client, choice):
                       if e.type == "content_block_delta" and e.delta.type == "input_json_delta")
     assert json.loads(partial) == uses[0].input  # the same seed: the same call
     assert events[-2].delta.stop_reason == "tool_use"
+
+
+def test_reasoning_becomes_a_thinking_block():
+    thinker = thinker_server()
+    client = anthropic.Anthropic(base_url=thinker.url, api_key="none", max_retries=0)
+    oai = openai.OpenAI(base_url=thinker.url + "/v1", api_key="none", max_retries=0)
+    with httpx.Client(base_url=thinker.url, timeout=60) as http:
+        extra = {"seed": 0, "ignore_eos": True, "temperature": 1.0,
+                 "logit_bias": {str(end_think_id(http)): 20.0}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ref = oai.chat.completions.create(model="thinker", messages=ask, max_tokens=40,
+                                      extra_body=extra).choices[0].message
+    msg = client.messages.create(model="thinker", max_tokens=40, messages=ask, extra_body=extra)
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking == ref.model_extra["reasoning"]
+    assert msg.content[1].text == ref.content
+    events = list(client.messages.create(model="thinker", max_tokens=40, messages=ask,
+                                         stream=True, extra_body=extra))
+    deltas = [e.delta for e in events if e.type == "content_block_delta"]
+    assert "".join(d.thinking for d in deltas if d.type == "thinking_delta") == \
+        msg.content[0].thinking
+    assert [e.content_block.type for e in events if e.type == "content_block_start"] == \
+        ["thinking", "text"]
+    plain = client.messages.create(model="thinker", max_tokens=8, messages=ask,
+                                   thinking={"type": "disabled"}, extra_body=extra)
+    assert [b.type for b in plain.content] == ["text"]
 
 
 def test_errors_use_anthropic_shape(client, server):

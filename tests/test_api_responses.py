@@ -12,7 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from api_server import surfaces_server
+from api_server import surfaces_server, thinker_server
+from test_api_tools import end_think_id
 
 from fornax.api.responses_store import (
     MemoryResponseStore,
@@ -213,6 +214,32 @@ def test_text_format_json_schema_constrains_the_output(client):
         raise
     assert r.status == "completed" and r.text.format.type == "json_schema"
     assert json.loads(r.output_text)["answer"] in ("yes", "no")
+
+
+def test_reasoning_becomes_a_reasoning_item_before_the_message():
+    thinker = thinker_server()
+    oai = openai.OpenAI(base_url=thinker.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    with httpx.Client(base_url=thinker.url, timeout=60) as http:
+        extra = {"seed": 0, "ignore_eos": True, "logit_bias": {str(end_think_id(http)): 20.0}}
+    ask = "What is the weather in Paris?"
+    ref = oai.chat.completions.create(model="thinker", messages=[{"role": "user", "content": ask}],
+                                      max_tokens=40, temperature=1.0, extra_body=extra)
+    reasoning = ref.choices[0].message.model_extra["reasoning"]
+    assert reasoning and ref.choices[0].message.content  # this seed thinks, then answers
+    kwargs = dict(model="thinker", input=ask, max_output_tokens=40, temperature=1.0,
+                  extra_body=extra)
+    r = oai.responses.create(**kwargs)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == reasoning and r.output[0].id.startswith("rs_")
+    assert r.output_text == ref.choices[0].message.content
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    events = list(oai.responses.create(stream=True, **kwargs))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
+        reasoning
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == \
+        r.output_text
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["reasoning", "message"]
 
 
 def test_stored_responses_survive_a_restart(server, client):

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from api_server import ServerProcess, sse_events, tiny_model_path
+from api_server import sse_events, thinker_server, tiny_model_path
 
 ADDED = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 TEMPLATE = """\
@@ -72,15 +72,8 @@ def thinker_model(root) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tools")
-    proc = ServerProcess(thinker_model(root), "--max-model-len", "1024", "--seed", "0",
-                         "--chat-template", str(root / "template.jinja"),
-                         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                         "--reasoning-parser", "qwen3",
-                         "--served-model-name", "thinker").wait_ready()
-    yield proc
-    proc.stop()
+def server():
+    return thinker_server()  # thinker_model's server, shared with the other reasoning tests
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from fornax.runtime.whisper_decoding import WhisperLogitsRules, WhisperVocab, ro
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_CPU_BYTES = 2 * 1024**3  # cross K/V and self-attention KV, each, on CPU
+_DEFAULT_CPU_BYTES = 1024**3  # cross K/V and self-attention KV, each, on CPU
 ENCODER_MAX_BATCH = 8  # windows per encoder forward (bounds activation memory)
 
 

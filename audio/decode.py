@@ -1,7 +1,8 @@
 """Decode uploaded audio to 16 kHz mono float32 (API workers, torch-free).
 
-soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis/Opus, MP3 and more from memory; librosa is the
-fallback for what libsndfile cannot open. Channels are averaged, the rate is converted with soxr
+soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis/Opus, MP3 and more from memory; librosa (over
+audioread, i.e. ffmpeg or gstreamer where installed) is the fallback for containers libsndfile
+cannot open (MP4/M4A, WebM, AAC, AMR, WMA). Channels are averaged, the rate is converted with soxr
 (librosa's default resampler). Every failure is an `AudioDecodeError` with a message meant for
 the client: the caller turns it into a 400.
 """
@@ -40,12 +41,15 @@ def decode_audio(data: bytes, filename: str | None = None,
     except Exception as exc:  # libsndfile's errors are generic RuntimeErrors
         first = _describe(exc)
         try:
+            if not _other_container(data):
+                raise ValueError(first)
             audio, rate = _read_librosa(data)
         except Exception:
             name = f" ({filename})" if filename else ""
             raise AudioDecodeError(
                 f"could not decode the audio file{name}: {first}; supported formats are wav, "
-                "flac, ogg (vorbis, opus), mp3 and the other formats of libsndfile") from None
+                "flac, ogg (vorbis, opus), mp3 and the other formats of libsndfile (and, where "
+                "ffmpeg is installed, m4a/aac/webm through librosa)") from None
     if audio.size == 0:
         raise AudioDecodeError("the audio file holds no samples (empty or truncated)")
     if not np.isfinite(audio).all():
@@ -103,10 +107,24 @@ def _read_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     return audio, rate
 
 
+# containers libsndfile does not read: worth handing to librosa/audioread (ffmpeg, gstreamer)
+_OTHER_CONTAINERS = (b"\x1a\x45\xdf\xa3", b"#!AMR", b"\x30\x26\xb2\x75", b"\xff\xf1", b"\xff\xf9")
+
+
+def _other_container(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" or data.startswith(_OTHER_CONTAINERS)
+
+
 def _read_librosa(data: bytes) -> tuple[np.ndarray, int]:
+    """librosa.load through a temporary file (audioread's backends need a path)."""
+    import tempfile
+
     import librosa
 
-    audio, rate = librosa.load(io.BytesIO(data), sr=None, mono=True)
+    with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        audio, rate = librosa.load(tmp.name, sr=None, mono=True)
     return np.asarray(audio, dtype=np.float32), int(rate)
 
 

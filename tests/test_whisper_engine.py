@@ -1,0 +1,150 @@
+"""The encoder-decoder engine core on a tiny random Whisper: batching, preemption, aborts, refusals,
+language detection, timestamp rules and alignment output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from whisper_fixtures import tiny_whisper_dir
+
+from fornax.audio.transcribe import WhisperInfo
+from fornax.runtime.config import make_engine_config
+from fornax.runtime.errors import RequestError
+from fornax.runtime.messages import EncoderInput, EngineCoreRequest
+from fornax.runtime.pooling_engine import make_engine_core
+from fornax.runtime.sampling_params import SamplingParams
+from fornax.runtime.whisper_decoding import MAX_INITIAL_TIMESTAMP_INDEX
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    path = tiny_whisper_dir()
+    return path, WhisperInfo.from_folder(path)
+
+
+def _engine(path, **kwargs):
+    return make_engine_core(make_engine_config(str(path), dtype="float32", device="cpu",
+                                               **kwargs))
+
+
+def _feats(seed: int, frames: int = 300) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.6, (80, frames)).astype(np.float32)
+
+
+def _req(rid: str, prompt: list[int], seed: int, max_tokens: int = 30, **enc) -> EngineCoreRequest:
+    f = _feats(seed)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return EngineCoreRequest(rid, prompt, params,
+                             encoder_input=EncoderInput(f.tobytes(), list(f.shape), **enc))
+
+
+def _drain(engine, abort_after: dict[str, int] | None = None) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        steps += 1
+        for rid, at in (abort_after or {}).items():
+            if steps == at:
+                engine.abort_requests([rid])
+    assert engine.kv.num_free_blocks() == engine.kv.pool.num_usable_blocks, "KV blocks leaked"
+    return out
+
+
+def test_concurrent_equals_solo_and_survives_preemption_and_aborts(tiny):
+    path, info = tiny
+    prompt = [info.ids["sot"], info.ids["no_timestamps"]]
+    solo = {}
+    engine = _engine(path)
+    for i in range(4):
+        engine.add_request(_req(f"r{i}", prompt, seed=i))
+        solo.update(_drain(engine))
+    for i in range(4):
+        engine.add_request(_req(f"r{i}", prompt, seed=i))
+    assert _drain(engine) == solo
+    # 6 usable blocks of 16 tokens for 4 requests of 32 tokens: preemption and recompute
+    small = _engine(path, num_gpu_blocks=7, max_num_batched_tokens=64, max_model_len=64)
+    for i in range(4):
+        small.add_request(_req(f"r{i}", prompt, seed=i))
+    assert _drain(small) == solo
+    assert small.scheduler.num_preemptions > 0
+    # an abort in the middle moves the last row's cross K/V into the freed slot
+    for i in range(4):
+        engine.add_request(_req(f"r{i}", prompt, seed=i))
+    got = _drain(engine, abort_after={"r1": 5})
+    assert len(got["r1"]) < 30
+    assert {k: v for k, v in got.items() if k != "r1"} == {k: v for k, v in solo.items()
+                                                            if k != "r1"}
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_working(tiny):
+    path, info = tiny
+    engine = _engine(path)
+    good = [info.ids["sot"], info.ids["no_timestamps"]]
+    f = _feats(0)
+    nan = f.copy()
+    nan[3, 7] = np.nan
+    params = SamplingParams(max_tokens=4)
+    bad = [
+        EngineCoreRequest("a", good, params),  # no audio: a text prompt to a speech model
+        EngineCoreRequest("b", good, params, encoder_input=EncoderInput(f.tobytes(), [80, 299])),
+        EngineCoreRequest("c", good, params, encoder_input=EncoderInput(f.tobytes()[:-4],
+                                                                         [80, 300])),
+        EngineCoreRequest("d", good, params, encoder_input=EncoderInput(nan.tobytes(), [80, 300])),
+        EngineCoreRequest("e", [10**7], params, encoder_input=EncoderInput(f.tobytes(), [80, 300])),
+        EngineCoreRequest("f", [], params, encoder_input=EncoderInput(f.tobytes(), [80, 300])),
+        EngineCoreRequest("g", good, SamplingParams(n=2),
+                          encoder_input=EncoderInput(f.tobytes(), [80, 300])),
+        EngineCoreRequest("h", good, params, encoder_input=EncoderInput(
+            f.tobytes(), [80, 300], forced_token_ids=[-3])),
+    ]
+    for req in bad:
+        with pytest.raises(RequestError):
+            engine.add_request(req)
+    assert not engine.has_unfinished_requests()
+    engine.add_request(_req("ok", good, seed=0, max_tokens=5))
+    assert len(_drain(engine)["ok"]) == 5
+
+
+def test_language_detection_then_forced_tokens_equals_explicit_prompt(tiny):
+    path, info = tiny
+    ids = info.ids
+    engine = _engine(path)
+    forced = [ids["transcribe"], ids["no_timestamps"]]
+    engine.add_request(_req("d", [ids["sot"]], seed=3, max_tokens=12, detect_language=True,
+                            forced_token_ids=forced))
+    out = _drain(engine)["d"]
+    assert out[0] in info.language_ids.values() and out[1:3] == forced
+    engine.add_request(_req("e", [ids["sot"], out[0], *forced], seed=3, max_tokens=9))
+    assert _drain(engine)["e"] == out[3:]
+
+
+def test_timestamp_rules_hold_and_alignment_covers_every_token(tiny):
+    path, info = tiny
+    tsb, eot = info.timestamp_begin, info.eot
+    engine = _engine(path)
+    for i in range(3):
+        engine.add_request(_req(f"t{i}", [info.ids["sot"]], seed=10 + i, max_tokens=40,
+                                return_alignment=True))
+    alignments = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finish_reason:
+                alignments[o.request_id] = o.alignment
+    engine2 = _engine(path)
+    for i in range(3):
+        engine2.add_request(_req(f"t{i}", [info.ids["sot"]], seed=10 + i, max_tokens=40))
+    outs = _drain(engine2)
+    for rid, tokens in outs.items():
+        assert tsb <= tokens[0] <= tsb + MAX_INITIAL_TIMESTAMP_INDEX, "starts with a timestamp"
+        stamps = [t for t in tokens if t >= tsb]
+        assert stamps == sorted(stamps), "timestamps never decrease"
+        for a, b, c in zip(tokens, tokens[1:], tokens[2:]):
+            assert not (a >= tsb and b >= tsb and c >= tsb), "no three timestamps in a row"
+        assert not any(info.ids["sot"] <= t < tsb for t in tokens), "no special tokens"
+        align = alignments[rid]
+        assert align is not None and len(align) == len(tokens)
+        frames = [f for t, f in zip(tokens, align) if t <= eot]
+        assert all(f >= 0 for f in frames) and frames == sorted(frames)
+        assert all(f == -1 for t, f in zip(tokens, align) if t > eot)

@@ -1,0 +1,74 @@
+"""Real speech through the packaged Whisper models (espeak-ng fixtures): word error rate, long
+recordings across window seams, German transcription and translation."""
+
+from __future__ import annotations
+
+import pytest
+from whisper_fixtures import (
+    AUDIO_DIR,
+    edit_distance,
+    manifest,
+    normalize_words,
+    packaged_whisper,
+    word_error_rate,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    from fornax.runtime.speech import SpeechToText
+
+    return SpeechToText(str(packaged_whisper("whisper-tiny.en")), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base():
+    from fornax.runtime.speech import SpeechToText
+
+    return SpeechToText(str(packaged_whisper("whisper-base")), dtype="float32", device="cpu")
+
+
+def test_tiny_en_word_error_rate_on_spoken_sentences(tiny_en):
+    short = manifest()["short"]
+    files = [AUDIO_DIR / name for name in short]
+    outs = tiny_en.transcribe(files, timestamps=False)  # all files share the engine's batches
+    wer = word_error_rate(list(short.values()), [o.text for o in outs])
+    assert wer <= 0.15, [o.text for o in outs]
+    assert all(o.language == "english" for o in outs)
+
+
+def _best_window_errors(sentence: list[str], hyp: list[str]) -> float:
+    n = len(sentence)
+    best = n
+    for size in range(max(1, n - 3), n + 4):
+        for start in range(0, max(1, len(hyp) - size + 1)):
+            best = min(best, edit_distance(sentence, hyp[start:start + size]))
+    return best / n
+
+
+def test_long_recording_keeps_every_sentence_across_windows(tiny_en):
+    (name, sentences), = manifest()["long"].items()
+    out = tiny_en.transcribe(AUDIO_DIR / name)[0]
+    assert out.duration > 75
+    hyp = normalize_words(out.text)
+    for sentence in sentences:
+        assert _best_window_errors(normalize_words(sentence), hyp) <= 0.35, (sentence, out.text)
+    assert word_error_rate([" ".join(sentences)], [out.text]) <= 0.15
+    starts = [s.start for s in out.segments]
+    assert starts == sorted(starts) and all(s.end >= s.start for s in out.segments)
+    assert out.segments[-1].end > 70  # the third window was decoded too
+
+
+def test_german_transcription_and_translation_with_the_multilingual_model(base):
+    (name, _), = manifest()["german"].items()
+    path = AUDIO_DIR / name
+    german = base.transcribe(path, language="de", timestamps=False)[0]
+    assert german.language == "german"
+    words = set(normalize_words(german.text))
+    assert {"heute", "park"} <= words and words & {"wetter", "schön", "gehen", "wir"}
+    english = base.transcribe(path, task="translate", timestamps=False)[0]
+    assert english.language == "german"  # detected
+    words = set(normalize_words(english.text))
+    assert {"weather", "park"} <= words and "today" in words

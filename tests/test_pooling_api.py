@@ -68,13 +68,14 @@ def test_openai_client_float_and_base64(servers, minilm_offline) -> None:
                {"model": "minilm", "input": texts, "encoding_format": "base64"}).json()
     expected = [o.outputs.embedding for o in minilm_offline.embed(texts)]
     default = client.embeddings.create(model="minilm", input=texts)  # base64 on the wire
+    # separate requests may land in differently shaped batches: float32 rounding apart
     for i, item in enumerate(as_float.data):
         assert item.index == i and item.object == "embedding" and len(item.embedding) == 384
         assert np.allclose(item.embedding, expected[i], atol=1e-5)
-        assert np.allclose(default.data[i].embedding, item.embedding, atol=1e-7)
+        assert np.allclose(default.data[i].embedding, item.embedding, atol=1e-6)
         for b64 in (as_b64.data[i].embedding, raw["data"][i]["embedding"]):
             decoded = np.frombuffer(base64.b64decode(b64), dtype="<f4")
-            assert np.allclose(decoded, item.embedding, atol=1e-7)
+            assert np.allclose(decoded, item.embedding, atol=1e-6)
     tokens = sum(len(o.prompt_token_ids) for o in minilm_offline.embed(texts))
     assert as_float.usage.prompt_tokens == as_float.usage.total_tokens == tokens
     assert as_float.model == "minilm" and as_float.object == "list"

@@ -184,7 +184,8 @@ class FornaxApp:
                 return self._preflight(req, extra)
             if req.path not in PUBLIC_PATHS and self._keys and not self._authorized(req):
                 raise APIError(401, "Unauthorized: a valid API key is required "
-                               "(Authorization: Bearer <key>)", type="AuthenticationError")
+                               "(Authorization: Bearer <key>, or x-api-key: <key>)",
+                               type="AuthenticationError")
             handler, params = self._route(req)
             check_route_runner(req)  # generation routes on a pooling model: 501
             req.path_params = params

@@ -1,5 +1,5 @@
-"""Real speech through the packaged Whisper models (espeak-ng fixtures): word error rate, long
-recordings across window seams, German transcription and translation."""
+"""Real speech through the packaged tiny.en (espeak-ng fixtures): word error rate, and a long
+recording across window seams (German with whisper-base runs over HTTP in test_api_audio.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,6 @@ def tiny_en():
     from fornax.runtime.speech import SpeechToText
 
     return SpeechToText(str(packaged_whisper("whisper-tiny.en")), dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def base():
-    from fornax.runtime.speech import SpeechToText
-
-    return SpeechToText(str(packaged_whisper("whisper-base")), dtype="float32", device="cpu")
 
 
 def test_tiny_en_word_error_rate_on_spoken_sentences(tiny_en):
@@ -59,16 +52,3 @@ def test_long_recording_keeps_every_sentence_across_windows(tiny_en):
     starts = [s.start for s in out.segments]
     assert starts == sorted(starts) and all(s.end >= s.start for s in out.segments)
     assert out.segments[-1].end > 70  # the third window was decoded too
-
-
-def test_german_transcription_and_translation_with_the_multilingual_model(base):
-    (name, _), = manifest()["german"].items()
-    path = AUDIO_DIR / name
-    german = base.transcribe(path, language="de", timestamps=False)[0]
-    assert german.language == "german"
-    words = set(normalize_words(german.text))
-    assert {"heute", "park"} <= words and words & {"wetter", "schön", "gehen", "wir"}
-    english = base.transcribe(path, task="translate", timestamps=False)[0]
-    assert english.language == "german"  # detected
-    words = set(normalize_words(english.text))
-    assert {"weather", "park"} <= words and "today" in words

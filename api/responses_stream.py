@@ -148,8 +148,10 @@ class ResponseRun:
             if chunks is not None:
                 await chunks.aclose()  # type: ignore[attr-defined]
         if await self.save():
-            yield self._ev("response.incomplete" if self.incomplete else "response.completed",
-                           response=self.snapshot())
+            # as vLLM: response.completed ends every finished stream (its status may say
+            # incomplete); OpenAI sends response.incomplete, which the openai SDK's
+            # responses.stream() helper does not accept as an end
+            yield self._ev("response.completed", response=self.snapshot())
         else:
             self.cancel()
 

@@ -58,9 +58,8 @@ async def _run_all(req: Request, bodies: list[dict[str, Any]]) -> list[dict[str,
                 exc = task.exception()
                 if isinstance(exc, APIError):  # name the conversation: messages[i][j].role
                     exc.message = f"conversation {i}: {exc.message}"
-                    rest = exc.param[len("messages"):] if exc.param and \
-                        exc.param.startswith("messages") else ""
-                    exc.param = f"messages[{i}]{rest}"
+                    if exc.param is None or exc.param.startswith("messages"):
+                        exc.param = f"messages[{i}]{(exc.param or '')[len('messages'):]}"
                 raise exc  # type: ignore[misc]
         return [t.result() for t in tasks]
     finally:  # an error or a client that went away: nothing keeps running

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -93,18 +94,43 @@ async def create_response(req: Request) -> Response:
     headers = {"x-request-id": rid}
     if body.background:
         return await _start_background(req, service, run, inner, headers)
-    if body.stream:  # opened here: a refusal is still answered with its own status
-        chunks = await open_stream(chat.chat_completions,
-                                   subrequest(req, "/v1/chat/completions", inner))
+    try:
+        if body.stream:  # opened here: a refusal is still answered with its own status
+            chunks = await open_stream(chat.chat_completions,
+                                       subrequest(req, "/v1/chat/completions", inner))
+        else:
+            answer = await call_json(chat.chat_completions,
+                                     subrequest(req, "/v1/chat/completions", inner))
+    except APIError as exc:
+        raise _in_responses_terms(exc) from None
+    if body.stream:
 
         async def opened() -> AsyncIterator[dict[str, Any]]:
             return chunks
 
         return StreamingResponse(_sse(run.events(opened)), headers=headers)
-    answer = await call_json(chat.chat_completions, subrequest(req, "/v1/chat/completions", inner))
     obj = run.from_answer(answer)
     await run.save()
     return json_response(obj, headers=headers)
+
+
+_CHAT_PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+                "response_format": "text.format", "messages": "input",
+                "reasoning_effort": "reasoning.effort"}
+
+
+def _in_responses_terms(exc: APIError) -> APIError:
+    """A chat refusal naming this request's fields (max_tokens -> max_output_tokens, ...)."""
+    param = exc.param
+    if param:
+        head = re.match(r"[A-Za-z_]*", param).group(0)  # type: ignore[union-attr]
+        if head == "messages":
+            exc.param = "input"  # the chat conversation also holds history and instructions
+        elif head in _CHAT_PARAMS:
+            exc.param = _CHAT_PARAMS[head] + param[len(head):]
+        elif head == "tools":
+            exc.param = param.replace(".function.", ".")
+    return exc
 
 
 async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

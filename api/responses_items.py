@@ -11,6 +11,7 @@ from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesReques
 from fornax.api.subrequest import Block
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+_EFFORTS = ("minimal", "low", "medium", "high")
 _ID_PREFIXES = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
@@ -135,6 +136,8 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise APIError(400, "text.format must be an object", "text.format")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
@@ -154,11 +157,14 @@ def chat_body(raw: dict[str, Any], body: ResponsesRequest, messages: list[dict[s
     if body.instructions:
         messages = [{"role": "system", "content": body.instructions}, *messages]
     effort = (body.reasoning or {}).get("effort")
+    if effort is not None and effort not in _EFFORTS:
+        raise APIError(400, f"reasoning.effort must be one of {', '.join(_EFFORTS)}",
+                       "reasoning.effort")
     out.update({
         "messages": messages, "stream": stream, "max_tokens": body.max_output_tokens,
         "tools": _tools(body.tools), "tool_choice": _tool_choice(body.tool_choice),
         "response_format": _response_format(body.text),
-        "reasoning_effort": effort if isinstance(effort, str) else None,
+        "reasoning_effort": effort,
         "stream_options": {"include_usage": True} if stream else None,
     })
     return {k: v for k, v in out.items() if v is not None}

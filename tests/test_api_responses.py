@@ -127,6 +127,9 @@ def test_store_false_and_missing_ids(client, server):
             ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0]"),
             ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
             ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
+            ({"input": "hi", "text": {"format": 5}}, "text.format"),
+            ({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
+            ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),  # chat's refusal
             ({}, "input")):
         bad = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

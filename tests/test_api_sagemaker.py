@@ -158,6 +158,7 @@ def test_batch_chat_answers_each_conversation_as_chat(http):
     ({"messages": [[{"role": "user", "content": "x"}], []]}, "messages"),
     ({"messages": [[{"role": "user", "content": "x"}], [{"content": "no role"}]]},
      "messages[1][0].role"),
+    ({"max_tokens": "many"}, "max_tokens"),
 ])
 def test_batch_chat_refusals_name_the_field(http, extra, param):
     body = {**CHAT, "messages": [CHAT["messages"], CHAT["messages"]], **extra}

@@ -176,6 +176,11 @@ def test_background_stream_sends_the_events(client):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert _wait(client, events[-1].response.id, {"completed", "incomplete"}).output_text == \
         events[-1].response.output_text
+    stream = client.responses.create(model="tiny", input="Hello", background=True, stream=True,
+                                     max_output_tokens=40, extra_body={"ignore_eos": True})
+    rid = next(iter(stream)).response.id
+    stream.close()  # the client goes away; a background response runs on
+    assert _wait(client, rid, {"incomplete"}).usage.output_tokens == 40
 
 
 def _forced(client: openai.OpenAI, **kw):

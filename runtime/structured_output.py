@@ -62,7 +62,14 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._cache: dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
-        self._ready: Future = self._pool.submit(self._make_compiler)  # import xgrammar early
+        self._ready: Future | None = None
+
+    def prewarm(self) -> None:
+        """Import xgrammar and build the tokenizer info in the background (a server calls this
+        after start-up; offline use pays it on the first constrained request instead)."""
+        with self._lock:
+            if self._ready is None:
+                self._ready = self._pool.submit(self._make_compiler)
 
     def _make_compiler(self) -> Any:
         import xgrammar as xgr
@@ -86,7 +93,8 @@ class StructuredOutputManager:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        compiler = self._ready.result()
+        self.prewarm()
+        compiler = self._ready.result()  # type: ignore[union-attr]
         try:
             compiled = self._compile(compiler, params)
         except RequestError:

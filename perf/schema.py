@@ -45,6 +45,7 @@ METRICS: dict[str, list[str]] = {
               *_SERVE_STATS],
     "embed": ["elapsed_s", "sentences_per_s", "tokens_per_s", "num_sentences", "num_tokens"],
     "structured": ["free_tpot_ms", "json_tpot_ms", "free_decode_step_ms", "json_decode_step_ms"],
+    "asr": ["elapsed_s", "rtf", "audio_s_per_s", "wer", "num_files", "audio_seconds"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
@@ -52,6 +53,7 @@ STARTUP: dict[str, list[str]] = {
     "serve": ["warmup_s"],
     "embed": ["load_s", "warmup_s"],
     "structured": ["load_s", "grammar_compile_s", "warmup_s"],
+    "asr": ["load_s", "warmup_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

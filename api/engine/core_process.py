@@ -121,7 +121,7 @@ class EngineCoreProcess:
         in_thread.start()
         handshake.send(self.encoder.encode(self._ready()))
         handshake.close()
-        structured = getattr(self.engine, "structured", None)
+        structured = getattr(self.core, "structured", None)
         if structured is not None:
             structured.prewarm()  # xgrammar loads in the background, not on the first request
         code = 0

@@ -182,7 +182,7 @@ async def _handle(req: Request, task: str) -> Response:
         raise APIError(400, f"malformed upload: {exc}") from None
     if len(form.file.data) > limit:
         raise too_large
-    model = state.resolve_model(form.model)
+    state.resolve_model(form.model)  # 404 for a model this server does not serve
     try:
         audio = await asyncio.to_thread(decode_audio, form.file.data, form.file.filename)
     except AudioDecodeError as exc:

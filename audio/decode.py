@@ -13,7 +13,6 @@ import io
 import logging
 
 import numpy as np
-
 from fornax.audio.features import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -38,13 +37,13 @@ def decode_audio(data: bytes, filename: str | None = None,
         audio, rate = _read_soundfile(data, max_seconds)
     except AudioDecodeError:
         raise
-    except Exception as exc:  # libsndfile's errors are generic RuntimeErrors
+    except Exception as exc:  # noqa: BLE001 - libsndfile raises generic errors; all are a 400
         first = _describe(exc)
         try:
             if not _other_container(data):
                 raise ValueError(first)
             audio, rate = _read_librosa(data)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever librosa/audioread raise, the upload is bad
             name = f" ({filename})" if filename else ""
             raise AudioDecodeError(
                 f"could not decode the audio file{name}: {first}; supported formats are wav, "

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from fornax.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from fornax.audio.languages import LANGUAGES, NO_SPACE_LANGUAGES
 from fornax.audio.words import Word, words_of_segment

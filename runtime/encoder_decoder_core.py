@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine_core import EngineRuntimeInfo, _eos_ids
 from fornax.runtime.errors import ConfigError, RequestError

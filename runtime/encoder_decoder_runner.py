@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ConfigError, ModelLoadError

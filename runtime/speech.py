@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
-
 from fornax.audio.decode import decode_audio
 from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.transcribe import (
@@ -26,6 +24,7 @@ from fornax.audio.transcribe import (
 )
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import ConfigError
+from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ class AlignmentTracker:
 
 
 class _Track:
-    __slots__ = ("prompt_len", "num_frames", "rows")
+    __slots__ = ("num_frames", "prompt_len", "rows")
 
     def __init__(self, prompt_len: int, num_frames: int) -> None:
         self.prompt_len, self.num_frames = prompt_len, num_frames

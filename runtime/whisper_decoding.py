@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fornax.runtime.loaders.speech_models import language_token_ids, special_token_ids
 
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s (OpenAI's default)

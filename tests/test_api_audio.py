@@ -13,9 +13,8 @@ import openai
 import pytest
 import soundfile as sf
 from api_server import shared_server, sse_events
-from whisper_fixtures import AUDIO_DIR, manifest, normalize_words, packaged_whisper, word_error_rate
-
 from fornax.audio.decode import decode_audio
+from whisper_fixtures import AUDIO_DIR, manifest, normalize_words, packaged_whisper, word_error_rate
 
 pytestmark = pytest.mark.slow
 LIMIT_MB = 0.25
@@ -75,7 +74,7 @@ def test_srt_and_vtt_parse_with_increasing_timestamps(client, two_sentences):
     vtt = client.audio.transcriptions.create(model="whisper-tiny.en", response_format="vtt",
                                              file=("two.ogg", two_sentences))
     assert vtt.startswith("WEBVTT\n\n")
-    cues = re.findall(r"^(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})$", vtt, re.M)
+    cues = re.findall(r"^(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})$", vtt, re.MULTILINE)
     assert len(cues) == len(blocks) and all(a < b for a, b in cues)
     assert [c[0] for c in cues] == sorted(c[0] for c in cues)
 

@@ -36,7 +36,7 @@ def _best_window_errors(sentence: list[str], hyp: list[str]) -> float:
     n = len(sentence)
     best = n
     for size in range(max(1, n - 3), n + 4):
-        for start in range(0, max(1, len(hyp) - size + 1)):
+        for start in range(max(1, len(hyp) - size + 1)):
             best = min(best, edit_distance(sentence, hyp[start:start + size]))
     return best / n
 

@@ -8,8 +8,6 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
-from whisper_fixtures import AUDIO_DIR
-
 from fornax.api.multipart import MultipartError, parse_header_params, parse_multipart
 from fornax.audio.decode import AudioDecodeError, decode_audio
 from fornax.audio.features import N_SAMPLES, log_mel_spectrogram
@@ -17,6 +15,7 @@ from fornax.audio.formats import format_timestamp, to_srt, to_vtt
 from fornax.audio.languages import language_code
 from fornax.audio.transcribe import Segment
 from fornax.runtime.whisper_alignment import dtw, median_filter
+from whisper_fixtures import AUDIO_DIR
 
 
 def _speech() -> np.ndarray:
@@ -175,3 +174,29 @@ def test_decode_hands_other_containers_to_librosa(monkeypatch):
     with pytest.raises(AudioDecodeError):
         decode_audio(b"not a container at all" * 10)
     assert len(seen) == 1
+
+
+def test_the_audio_front_end_never_imports_torch():
+    """API workers decode, featurize and plan windows without torch (DESIGN: torch-free API)."""
+    import subprocess
+    import sys
+
+    from whisper_fixtures import packaged_whisper
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import fornax.api.app, fornax.api.audio\n"
+        "from tokenizers import Tokenizer\n"
+        "from fornax.audio.decode import decode_audio\n"
+        "from fornax.audio.engine_io import engine_request\n"
+        "from fornax.audio.transcribe import TranscribeOptions, TranscriptionSession, WhisperInfo\n"
+        "path = Path(sys.argv[2])\n"
+        "audio = decode_audio(Path(sys.argv[1]).read_bytes())\n"
+        "session = TranscriptionSession(audio, WhisperInfo.from_folder(path),\n"
+        "    Tokenizer.from_file(str(path / 'tokenizer.json')), TranscribeOptions())\n"
+        "engine_request('x', session.next_request())\n"
+        "sys.exit(1 if 'torch' in sys.modules else 0)\n")
+    args = [sys.executable, "-c", code, str(AUDIO_DIR / "en_00.flac"),
+            str(packaged_whisper("whisper-tiny.en"))]
+    assert subprocess.run(args).returncode == 0

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from whisper_fixtures import packaged_whisper, tiny_whisper_dir
-
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_state_dict
 from fornax.runtime.loaders.speech_models import prepare_ct2_whisper, resolve_speech_model
+from whisper_fixtures import packaged_whisper, tiny_whisper_dir
 
 _DTYPE_IDS = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2,
               np.dtype("float16"): 4}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from whisper_fixtures import tiny_whisper_dir
-
 from fornax.audio.transcribe import WhisperInfo
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import RequestError
@@ -14,6 +12,7 @@ from fornax.runtime.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.pooling_engine import make_engine_core
 from fornax.runtime.sampling_params import SamplingParams
 from fornax.runtime.whisper_decoding import MAX_INITIAL_TIMESTAMP_INDEX
+from whisper_fixtures import tiny_whisper_dir
 
 
 @pytest.fixture(scope="module")

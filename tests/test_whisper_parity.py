@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from whisper_fixtures import AUDIO_DIR, packaged_whisper, tiny_whisper_dir
-
 from fornax.audio.decode import decode_audio
 from fornax.audio.transcribe import WhisperInfo
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.pooling_engine import make_engine_core
 from fornax.runtime.sampling_params import SamplingParams
+from whisper_fixtures import AUDIO_DIR, packaged_whisper, tiny_whisper_dir
 
 
 def _engine(path, **kwargs):
@@ -104,9 +103,8 @@ def test_tiny_random_whisper_greedy_matches_hf_in_a_mixed_batch():
                                                   (True, ("en_05.flac",))])
 def test_tiny_en_matches_hf_generate_on_speech(timestamps: bool, files: tuple[str, ...]):
     """Real tiny.en weights (converted from CTranslate2): HF's own generate() vs the engine."""
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
-
     from fornax.runtime.speech import SpeechToText
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     path = packaged_whisper("whisper-tiny.en")
     hf = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()

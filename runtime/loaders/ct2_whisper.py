@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from fornax.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_hf_config, whisper_state_dict
 

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from fornax.runtime.attention.backend import AttentionBackend
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.models.layers import (
@@ -25,6 +23,7 @@ from fornax.runtime.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from torch import nn
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured")
+SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
+               "asr")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -26,9 +27,18 @@ def _as_exit_code(func: Any) -> Any:
 
 def add_bench_subcommands(subparsers: Any) -> None:
     """Register throughput, latency, serve and compare on an argparse subparsers object."""
-    from fornax.perf import compare, embed, latency, sampler, serve, structured, throughput
+    from fornax.perf import (
+        bench_asr,
+        compare,
+        embed,
+        latency,
+        sampler,
+        serve,
+        structured,
+        throughput,
+    )
 
-    for module in (throughput, latency, serve, compare, embed, sampler, structured):
+    for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

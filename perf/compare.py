@@ -62,7 +62,8 @@ def load_record(path: str | Path) -> dict[str, Any]:
 
 def comparable_metrics(record: dict[str, Any], names: list[str] | None) -> dict[str, float]:
     """Headline metrics plus the side-by-side speedups vs a peer (`speedup_vs_<peer>:<metric>`)."""
-    wanted = names or list(HEADLINE_BY_KIND.get(record["kind"], ()))
+    wanted = names or list(HEADLINE_BY_KIND.get(record["kind"], ())) or [
+        k for k in record["metrics"] if higher_is_better(k) is not None]  # a kind new to compare
     out = {k: float(record["metrics"][k]) for k in wanted
            if isinstance(record["metrics"].get(k), (int, float))}
     peer = record.get("peer") or {}

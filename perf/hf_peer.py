@@ -20,6 +20,7 @@ class HFRun:
 
     start: float
     elapsed_s: float
+    cpu_s: float = 0.0  # process CPU time (all threads)
     step_times: list[float] = field(default_factory=list)  # perf_counter at each logits call
     batch_size: int = 0
     padded_prompt_len: int = 0
@@ -89,15 +90,17 @@ class HFPeer:
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
         clock = _StepClock()
         with torch.inference_mode():
+            cpu_start = time.process_time()
             start = time.perf_counter()
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       generation_config=gen_config,
                                       logits_processor=LogitsProcessorList([clock]))
             elapsed = time.perf_counter() - start
+            cpu_s = time.process_time() - cpu_start
         produced = out.shape[1] - width
         if produced != new_tokens:
             logger.warning("HF generate produced %d new tokens, expected %d", produced, new_tokens)
-        return HFRun(start=start, elapsed_s=elapsed, step_times=clock.times,
+        return HFRun(start=start, elapsed_s=elapsed, cpu_s=cpu_s, step_times=clock.times,
                      batch_size=len(prompts), padded_prompt_len=width, new_tokens=produced)
 
     def warm_up(self, prompts: list[list[int]], new_tokens: int) -> float:
@@ -119,6 +122,7 @@ class HFPeer:
             bar.update(len(idx))
         bar.close()
         elapsed = sum(r.elapsed_s for r in runs)
+        cpu_s = sum(r.cpu_s for r in runs)
         useful_out = sum(r.output_len for r in requests)
         useful_in = sum(len(p) for p in prompts)
         generated = sum(r.batch_size * r.new_tokens for r in runs)
@@ -128,6 +132,8 @@ class HFPeer:
             "requests_per_s": len(requests) / elapsed,
             "output_throughput": useful_out / elapsed,
             "total_token_throughput": (useful_in + useful_out) / elapsed,
+            "cpu_s": cpu_s,
+            "output_throughput_cpu": useful_out / cpu_s if cpu_s else 0.0,
             "generated_tokens": generated,
             "generated_throughput": generated / elapsed,
             "padded_prompt_tokens": sum(r.batch_size * r.padded_prompt_len for r in runs),

@@ -22,7 +22,7 @@ from fornax.perf.common import (
 logger = logging.getLogger(__name__)
 
 HEADLINE = ("median_latency_s", "p99_latency_s", "mean_ttft_ms", "mean_tpot_ms",
-            "output_throughput")
+            "output_throughput", "output_throughput_cpu")
 DETAIL_PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
@@ -62,7 +62,7 @@ def _fornax_iter(llm: Any, prompts: list[list[int]], output_len: int) -> dict[st
     ttft = max(firsts) if firsts else elapsed
     return {"latency_s": elapsed, "ttft_s": ttft, "mean_request_ttft_s": sum(firsts) / len(firsts),
             "tpot_s": (elapsed - ttft) / (output_len - 1) if output_len > 1 else 0.0,
-            "num_steps": len(timer.steps)}
+            "num_steps": len(timer.steps), "cpu_s": timer.cpu_s}
 
 
 def _hf_iter(peer: Any, prompts: list[list[int]], output_len: int) -> dict[str, float]:
@@ -70,7 +70,7 @@ def _hf_iter(peer: Any, prompts: list[list[int]], output_len: int) -> dict[str, 
     ttft = run.ttft_s
     return {"latency_s": run.elapsed_s, "ttft_s": ttft, "mean_request_ttft_s": ttft,
             "tpot_s": (run.elapsed_s - ttft) / (output_len - 1) if output_len > 1 else 0.0,
-            "num_steps": len(run.step_times)}
+            "num_steps": len(run.step_times), "cpu_s": run.cpu_s}
 
 
 def _metrics(iters: list[dict[str, float]], batch: int, output_len: int) -> dict[str, float]:
@@ -79,6 +79,8 @@ def _metrics(iters: list[dict[str, float]], batch: int, output_len: int) -> dict
     m["mean_ttft_ms"] = 1e3 * sum(it["ttft_s"] for it in iters) / len(iters)
     m["mean_tpot_ms"] = 1e3 * sum(it["tpot_s"] for it in iters) / len(iters)
     m["output_throughput"] = batch * output_len / m["median_latency_s"]
+    cpu = sorted(it["cpu_s"] for it in iters)
+    m["output_throughput_cpu"] = batch * output_len / cpu[len(cpu) // 2] if cpu[0] else 0.0
     return m
 
 
@@ -151,7 +153,7 @@ def print_report(record: dict[str, Any]) -> None:
     title = (f"latency: {record['model']} | batch {cfg['batch_size']}, input {cfg['input_len']}, "
              f"output {cfg['output_len']}, {cfg['num_iters']} iters")
     names = ["mean_latency_s", "median_latency_s", "p90_latency_s", "p99_latency_s",
-             "mean_ttft_ms", "mean_tpot_ms", "output_throughput"]
+             "mean_ttft_ms", "mean_tpot_ms", "output_throughput", "output_throughput_cpu"]
     rows: list[list[Any]] = []
     for name in names:
         row: list[Any] = [name, m.get(name)]

@@ -136,6 +136,7 @@ class StepTimer:
     steps: list[StepRecord] = field(default_factory=list)
     first_token_at: dict[str, float] = field(default_factory=dict)
     finished_at: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0  # CPU time of this process (all threads) over the measured region
 
     def step(self) -> Any:
         start = time.perf_counter()
@@ -160,15 +161,20 @@ class StepTimer:
 
 def timed_generate(llm: Any, prompts: list[list[int]], max_tokens: list[int],
                    use_tqdm: bool) -> tuple[list[Any], float, StepTimer, float]:
-    """Run one measured `llm.generate`: (outputs, elapsed s, step timer, start time)."""
+    """Run one measured `llm.generate`: (outputs, elapsed s, step timer, start time).
+
+    `timer.cpu_s` is the process CPU time of the region: on a shared, oversubscribed machine
+    tokens per CPU-second moves far less than tokens per wall-second."""
     timer = StepTimer(llm.engine)
     params = [greedy_params(m) for m in max_tokens]
     inputs = [{"prompt_token_ids": ids} for ids in prompts]
     llm.engine = timer
     try:
+        cpu_start = time.process_time()
         start = time.perf_counter()
         outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
         elapsed = time.perf_counter() - start
+        timer.cpu_s = time.process_time() - cpu_start
     finally:
         llm.engine = timer.engine
     return outputs, elapsed, timer, start

@@ -78,12 +78,12 @@ def validate_record(record: Mapping[str, Any], *, check_metrics: bool = True) ->
         return errors
     if record["schema_version"] != SCHEMA_VERSION:
         errors.append(f"schema_version {record['schema_version']} != {SCHEMA_VERSION}")
-    kind = record["kind"]
-    if kind not in METRICS:
-        return errors + [f"unknown kind {kind!r}"]
     check("device", record["device"], DEVICE_KEYS)
     if not check_metrics:
         return errors
+    kind = record["kind"]
+    if kind not in METRICS:
+        return errors + [f"unknown kind {kind!r}"]
     for name in METRICS[kind]:
         value = record["metrics"].get(name)
         if not isinstance(value, _NUM) or isinstance(value, bool):

@@ -116,3 +116,16 @@ def test_config_mismatch_warns_but_compares(tmp_path: Path,
                _write(tmp_path, "b.json", other)])
     assert rc == EXIT_OK
     assert "config differs in: num_prompts" in caplog.text
+
+
+def test_kind_without_headline_list_uses_directional_metrics(tmp_path: Path) -> None:
+    """A benchmark kind added later (no headline list here yet) still gets checked."""
+    def rec(rate: float) -> dict[str, Any]:
+        r = make_record("future-kind", "m", {})
+        r["metrics"] = {"items_per_s": rate, "wall_s": 10.0, "num_items": 5}
+        return r
+
+    assert main(["compare", _write(tmp_path, "a.json", rec(10.0)),
+                 _write(tmp_path, "b.json", rec(10.0))]) == EXIT_OK
+    assert main(["compare", _write(tmp_path, "c.json", rec(10.0)),
+                 _write(tmp_path, "d.json", rec(7.0))]) == EXIT_REGRESSION

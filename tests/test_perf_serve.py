@@ -205,3 +205,29 @@ def test_serve_unreachable_server_fails_loudly(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="warm-up request"):
         main(["serve", "--base-url", f"http://127.0.0.1:{port}", "--model", "m",
               "--num-prompts", "2", "--disable-tqdm"])
+
+
+def test_serve_against_real_fornax_server(tmp_path: Path) -> None:
+    """The same client against `fornax serve` (tiny model): exact lengths, both endpoints."""
+    from api_server import ServerProcess, tiny_model_path
+
+    model = str(tiny_model_path("llama"))
+    server = ServerProcess(model, "--max-model-len", "256", "--served-model-name", "tiny",
+                           "--seed", "0").wait_ready()
+    try:
+        for endpoint, dataset in (("/v1/completions", "random"),
+                                  ("/v1/chat/completions", "synthetic-chat")):
+            out = tmp_path / f"real{len(endpoint)}.json"
+            rc = main(["serve", "--base-url", server.url, "--endpoint", endpoint,
+                       "--dataset", dataset, "--tokenizer", model, "--num-prompts", "4",
+                       "--input-len", "24", "--output-len", "6", "--max-concurrency", "2",
+                       "--disable-tqdm", "--output-json", str(out)])
+            assert rc == 0
+            rec = json.loads(out.read_text())
+            assert validate_record(rec) == []
+            m = rec["metrics"]
+            assert (m["completed"], m["failed"], m["total_output_tokens"]) == (4, 0, 24)
+            assert rec["model"] == "tiny" and rec["details"]["output_len_mismatches"] == 0
+            assert 0 < m["median_ttft_ms"] <= m["median_e2el_ms"]
+    finally:
+        server.stop()

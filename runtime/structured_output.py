@@ -18,6 +18,8 @@ from fornax.runtime.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
+_MAX_CACHED = 1024  # distinct constraints kept compiled (oldest dropped first)
+
 
 def _vocab_type(tokenizer_json: dict[str, Any]) -> Any:
     import xgrammar as xgr
@@ -91,19 +93,25 @@ class StructuredOutputManager:
         key = params.cache_key()
         with self._lock:
             hit = self._cache.get(key)
+        if isinstance(hit, RequestError):
+            raise hit  # a spec that failed once fails again at once
         if hit is not None:
             return hit
         self.prewarm()
         compiler = self._ready.result()  # type: ignore[union-attr]
         try:
             compiled = self._compile(compiler, params)
-        except RequestError:
-            raise
+        except RequestError as exc:
+            compiled = exc
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the reason
-            raise RequestError(f"invalid {params.kind} constraint: {exc}",
-                               f"structured_outputs.{params.kind}") from exc
+            compiled = RequestError(f"invalid {params.kind} constraint: {exc}",
+                                    f"structured_outputs.{params.kind}")
         with self._lock:
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = compiled
+        if isinstance(compiled, RequestError):
+            raise compiled
         return compiled
 
     def _compile(self, compiler: Any, p: StructuredOutputsParams) -> Any:

@@ -193,7 +193,21 @@ class EngineCoreProcess:
             except msgspec.DecodeError as exc:
                 logger.warning("dropping an undecodable message from a worker: %s", exc)
                 continue
+            if isinstance(msg, AddRequest):
+                self._precompile(msg)
             self.in_q.put((identity, msg))
+
+    def _precompile(self, msg: AddRequest) -> None:
+        """Compile a request's output constraint here, on the input thread, so the busy loop
+        finds it cached (or its error cached) instead of stalling every running request."""
+        constraint = msg.request.sampling_params.structured_outputs
+        structured = getattr(self.core, "structured", None)
+        if constraint is None or structured is None:
+            return
+        try:
+            structured.compile(constraint)
+        except Exception:  # noqa: BLE001 - the busy loop's add_request reports it to the client
+            pass
 
     def _put_out(self, item: tuple[str, str, bytes]) -> None:
         self.out.q.put(item)

@@ -135,7 +135,7 @@ def parse_form(parts: list[Part]) -> AudioForm:
 
 def _options(info: WhisperInfo, form: AudioForm, task: str, duration: float) -> TranscribeOptions:
     language = None
-    if form.language:
+    if form.language and form.language.lower() not in ("auto", "detect"):
         language = language_code(form.language)
         if language is None:
             raise APIError(400, f"unknown language {form.language!r}; use an ISO-639-1 code such "

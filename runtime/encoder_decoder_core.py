@@ -27,6 +27,7 @@ from fornax.runtime.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
+MAX_FEATURE_ABS = 100.0  # Whisper's normalized log-mel lies within about [-1.5, 2.5]
 
 
 @dataclass(eq=False)
@@ -56,6 +57,9 @@ def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
     feats = np.frombuffer(enc.data, dtype="<f4").reshape(want)
     if not np.isfinite(feats).all():
         raise RequestError("encoder input holds NaN or infinite values", "file")
+    if np.abs(feats).max(initial=0.0) > MAX_FEATURE_ABS:
+        raise RequestError(f"encoder input values must lie within +-{MAX_FEATURE_ABS:g} "
+                           "(normalized log-mel features)", "file")
     return feats
 
 

@@ -97,6 +97,8 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(tiny):
                           encoder_input=EncoderInput(f.tobytes(), [80, 300])),
         EngineCoreRequest("h", good, params, encoder_input=EncoderInput(
             f.tobytes(), [80, 300], forced_token_ids=[-3])),
+        EngineCoreRequest("i", good, params, encoder_input=EncoderInput(
+            (f * 1e30).tobytes(), [80, 300])),
     ]
     for req in bad:
         with pytest.raises(RequestError):

@@ -61,6 +61,7 @@ def setup_logging(verbose: bool = False) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

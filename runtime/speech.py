@@ -1,4 +1,4 @@
-"""Offline speech-to-text: `SpeechToText` runs transcription sessions on an in-process engine core."""
+"""Offline speech-to-text: `SpeechToText` runs transcription sessions on an in-process engine core.
 
 Every file's current window is in the engine at the same time, so windows of different files
 share encoder batches and decoder steps (continuous batching), as they do behind `fornax serve`.

@@ -30,6 +30,7 @@ class WindowCollector:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     alignment: list[int] | None = None
+    no_speech_prob: float | None = None
     finish_reason: str | None = None
 
     def add(self, out: EngineCoreOutput) -> None:
@@ -38,6 +39,8 @@ class WindowCollector:
             self.logprobs.append(lp.logprobs[0])
         if out.alignment is not None:
             self.alignment = out.alignment
+        if out.no_speech_prob is not None:
+            self.no_speech_prob = out.no_speech_prob
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
 
@@ -46,4 +49,5 @@ class WindowCollector:
         return self.finish_reason is not None
 
     def result(self) -> WindowResult:
-        return WindowResult(self.token_ids, self.logprobs, self.alignment, self.finish_reason)
+        return WindowResult(self.token_ids, self.logprobs, self.alignment, self.finish_reason,
+                            self.no_speech_prob)

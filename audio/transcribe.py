@@ -27,6 +27,7 @@ INPUT_STRIDE = 2  # mel frames per timestamp step
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class WindowResult:
     logprobs: list[float] | None = None  # log-probability of each output token
     alignment: list[int] | None = None  # start frame of each output token (-1: none)
     finish_reason: str | None = "stop"
+    no_speech_prob: float | None = None  # P(<|nospeech|>) at the start of the transcript
 
 
 @dataclass
@@ -216,7 +218,11 @@ class TranscriptionSession:
         ratio = compression_ratio(self.decode(tokens))
         avg_logprob = float(sum(logprobs)) / (len(tokens) + 1) if logprobs else 0.0
         attempt = (avg_logprob, req, tokens, alignment, ratio)
-        failed = ratio > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOGPROB_THRESHOLD
+        no_speech = result.no_speech_prob or 0.0
+        # OpenAI's rule: a likely-silent window whose text is improbable is skipped, not retried
+        silent = no_speech > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
+        failed = not silent and (ratio > COMPRESSION_RATIO_THRESHOLD
+                                 or avg_logprob < LOGPROB_THRESHOLD)
         self._pending = None
         if failed and self._attempt + 1 < len(self._temperatures):
             self._attempt += 1
@@ -227,8 +233,13 @@ class TranscriptionSession:
                           key=lambda a: (a[4] <= COMPRESSION_RATIO_THRESHOLD, a[0]))
         self._failed, self._attempt = [], 0
         self._window += 1
+        if silent:
+            self.seek += req.content_frames
+            return []
         avg_logprob, req, tokens, alignment, ratio = attempt
         new = self._segments(req, tokens, alignment, avg_logprob, ratio)
+        for seg in new:
+            seg.no_speech_prob = no_speech
         for seg in new:
             self.all_tokens.extend(seg.tokens)
         if not self.options.condition_on_previous_text or req.temperature > 0.5:

@@ -170,6 +170,7 @@ class EncoderDecoderEngineCore:
             if request.is_finished:
                 out.alignment = self.runner.alignment.finish(
                     request.request_id, request.output_token_ids, self.vocab.eot)
+                out.no_speech_prob = self.runner.no_speech.get(request.request_id)
             outputs.append(out)
         return outputs
 

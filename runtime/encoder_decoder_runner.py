@@ -84,6 +84,7 @@ class EncoderDecoderModelRunner:
                          spec.head_dim), dtype=self.dtype, device=self.device)
             for _ in range(self.num_layers)]
         self.states: dict[str, Any] = {}  # request id -> WhisperRowState
+        self.no_speech: dict[str, float] = {}  # request id -> P(no speech), once its SOT is run
         self._arange = np.arange(max(self.max_num_tokens, self.max_num_reqs) + 1, dtype=np.int64)
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class EncoderDecoderModelRunner:
         last = self.batch.num_reqs - 1
         self.batch.remove(req_id)
         self.states.pop(req_id, None)
+        self.no_speech.pop(req_id, None)
         self.alignment.drop(req_id)
         if row != last:
             for store in self.cross_stores:
@@ -230,6 +232,7 @@ class EncoderDecoderModelRunner:
                             torch.from_numpy(positions).to(dev), self.kv_caches, attn_metadata,
                             self.cross_stores, cross)
         self.alignment.collect(cross)
+        self._no_speech(hidden, req_ids, computed, num_sched, qsl)
         done_idx = np.nonzero(seq_lens >= batch.num_tokens_np[rows])[0]
         if len(done_idx) == 0:
             return ModelRunnerOutput({}, {})
@@ -255,6 +258,23 @@ class EncoderDecoderModelRunner:
             if lp is not None and k >= 0:
                 logprobs[rid] = StepLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
         return ModelRunnerOutput(sampled, logprobs)
+
+    def _no_speech(self, hidden: torch.Tensor, req_ids: list[str], computed: np.ndarray,
+                   num_sched: np.ndarray, qsl: np.ndarray) -> None:
+        """P(<|nospeech|>) at each request's start-of-transcript, in the step that computes it."""
+        token = self.vocab.ids.get("no_speech")
+        if token is None:
+            return
+        rids, idx = [], []
+        for i, rid in enumerate(req_ids):
+            pos = self.states[rid].sot_index
+            if 0 <= pos - int(computed[i]) < int(num_sched[i]):
+                rids.append(rid)
+                idx.append(int(qsl[i]) + pos - int(computed[i]))
+        if rids:
+            logits = self.model.compute_logits(hidden[torch.tensor(idx, device=self.device)])
+            probs = logits.float().softmax(dim=-1)[:, token].tolist()
+            self.no_speech.update(zip(rids, probs))
 
     def _cross_metadata(self, rows: np.ndarray, num_sched: np.ndarray, qsl: np.ndarray,
                         req_ids: list[str], computed: np.ndarray) -> CrossAttentionMetadata:

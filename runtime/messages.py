@@ -60,6 +60,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     # encoder-decoder requests with `return_alignment`: at finish, the start frame (20 ms units)
     # of each output token that is text or the final end-of-text, -1 for the others
     alignment: list[int] | None = None
+    no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at <|startoftranscript|>
 
 
 # ---- engine-core process <-> API workers (fornax serve) ---------------------------------------

@@ -64,6 +64,7 @@ class WhisperRowState:
     detect_language: bool
     forced: list[int]
     timestamps: bool
+    sot_index: int = -1  # prompt position of <|startoftranscript|> (no-speech probability)
 
     @property
     def prefix_len(self) -> int:
@@ -73,9 +74,10 @@ class WhisperRowState:
 
 def row_state(vocab: WhisperVocab, prompt: list[int], detect_language: bool,
               forced: list[int]) -> WhisperRowState:
-    no_ts = vocab.ids["no_timestamps"]
+    no_ts, sot = vocab.ids["no_timestamps"], vocab.ids["sot"]
     timestamps = no_ts not in prompt and no_ts not in forced
-    return WhisperRowState(len(prompt), detect_language, list(forced), timestamps)
+    sot_index = len(prompt) - 1 - prompt[::-1].index(sot) if sot in prompt else -1
+    return WhisperRowState(len(prompt), detect_language, list(forced), timestamps, sot_index)
 
 
 class WhisperLogitsRules:

@@ -200,3 +200,46 @@ def test_the_audio_front_end_never_imports_torch():
     args = [sys.executable, "-c", code, str(AUDIO_DIR / "en_00.flac"),
             str(packaged_whisper("whisper-tiny.en"))]
     assert subprocess.run(args).returncode == 0
+
+
+def _session(seconds: float, **opts):
+    from tokenizers import Tokenizer
+    from whisper_fixtures import packaged_whisper
+
+    from fornax.audio.transcribe import TranscribeOptions, TranscriptionSession, WhisperInfo
+
+    path = packaged_whisper("whisper-tiny.en")
+    info = WhisperInfo.from_folder(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    audio = np.random.default_rng(0).normal(0, 0.05, int(seconds * 16000)).astype(np.float32)
+    return TranscriptionSession(audio, info, tok, TranscribeOptions(**opts)), info, tok
+
+
+def test_session_seeks_to_the_last_complete_segment_and_skips_silence():
+    from fornax.audio.transcribe import WindowResult
+
+    session, info, tok = _session(70.0)
+    tsb, eot = info.timestamp_begin, info.eot
+    hello, world = tok.encode(" Hello there.").ids, tok.encode(" Cut off").ids
+    first = session.next_request()
+    assert first.prompt_token_ids == [info.ids["sot"]] and first.content_frames == 3000
+    # <0.00> Hello there. <5.00><5.00> Cut off <eot>: the unfinished tail is decoded again
+    tokens = [tsb, *hello, tsb + 250, tsb + 250, *world, eot]
+    segs = session.feed(WindowResult(tokens, [-0.1] * len(tokens)))
+    assert [(s.start, s.end, s.text) for s in segs] == [(0.0, 5.0, " Hello there.")]
+    assert session.seek == 500  # 5 s: where the cut-off segment starts
+    second = session.next_request()
+    assert second.prompt_token_ids[0] == info.ids["sot_prev"]  # conditioned on earlier text
+    assert second.prompt_token_ids[1:-1] == segs[0].tokens
+    # a likely-silent window with improbable text is skipped whole, not retried
+    assert session.feed(WindowResult([tsb, *world, eot], [-3.0] * 5, no_speech_prob=0.9)) == []
+    assert session.seek == 3500 and session._attempt == 0
+    # an improbable window with speech is retried at a higher temperature
+    third = session.next_request()
+    assert session.feed(WindowResult([tsb, *world, eot], [-3.0] * 5, no_speech_prob=0.1)) == []
+    retry = session.next_request()
+    assert retry.temperature > third.temperature and retry.features is not None
+    ending = [tsb, *hello, tsb + 100, eot]  # single timestamp ending: the whole window is done
+    session.feed(WindowResult(ending, [-0.1] * len(ending)))
+    assert session.seek == 3500 + 3000 and session.next_request() is not None
+    assert session.text.startswith("Hello there.")

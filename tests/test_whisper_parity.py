@@ -48,7 +48,8 @@ def _hf_greedy(model, feats: np.ndarray, prompt: list[int], steps: int, forbid: 
     return tokens[len(prompt):]
 
 
-def _run(engine, requests: list[EngineCoreRequest], stagger: int = 0) -> dict[str, list[int]]:
+def _run(engine, requests: list[EngineCoreRequest], stagger: int = 0,
+         no_speech: dict[str, float] | None = None) -> dict[str, list[int]]:
     """Add requests (the later half after `stagger` steps, so prefills meet decodes)."""
     out: dict[str, list[int]] = {r.request_id: [] for r in requests}
     first = requests[: (len(requests) + 1) // 2]
@@ -63,6 +64,8 @@ def _run(engine, requests: list[EngineCoreRequest], stagger: int = 0) -> dict[st
             later = []
         for o in engine.step():
             out[o.request_id].extend(o.new_token_ids)
+            if o.no_speech_prob is not None and no_speech is not None:
+                no_speech[o.request_id] = o.no_speech_prob
         steps += 1
     return out
 
@@ -90,11 +93,18 @@ def test_tiny_random_whisper_greedy_matches_hf_in_a_mixed_batch():
         f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True),
         encoder_input=EncoderInput(f.tobytes(), [80, frames]))
         for i, (p, f) in enumerate(zip(prompts, feats))]
-    got = _run(engine, requests, stagger=3)
+    no_speech: dict[str, float] = {}
+    got = _run(engine, requests, stagger=3, no_speech=no_speech)
     forbid = _forbidden(info, hf.config, hf.config.vocab_size)
     begin = list(hf.config.begin_suppress_tokens)
     for i, (p, f) in enumerate(zip(prompts, feats)):
         assert got[f"r{i}"] == _hf_greedy(hf, f, p, steps, forbid, begin), f"request {i}"
+        sot = p.index(ids["sot"])  # P(no speech) is read at the start-of-transcript position
+        with torch.inference_mode():
+            logits = hf(input_features=torch.from_numpy(f)[None],
+                        decoder_input_ids=torch.tensor([p[: sot + 1]])).logits[0, -1]
+        want = float(logits.softmax(-1)[ids["no_speech"]])
+        assert no_speech[f"r{i}"] == pytest.approx(want, rel=1e-4, abs=1e-7)
     assert engine.kv.num_free_blocks() == engine.kv.pool.num_usable_blocks
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -211,6 +212,7 @@ async def run_session(state: AppState, session: TranscriptionSession, engine_id:
     """Send the session's windows one by one; yields (collector, None) after every engine
     delivery and (collector, finalized segments) when a window is done."""
     n = 0
+    arrival = time.monotonic()
     while (window := session.next_request()) is not None:
         rid = f"{engine_id}-{n}"
         n += 1
@@ -224,8 +226,12 @@ async def run_session(state: AppState, session: TranscriptionSession, engine_id:
                     yield collector, None
         finally:
             await state.engine.release(group)
+        state.metrics.prompt_tokens.inc(len(window.prompt_token_ids))
+        state.metrics.generation_tokens.inc(len(collector.token_ids))
         segments = await asyncio.to_thread(session.feed, collector.result())
         yield collector, segments
+    state.metrics.request_finished("stop")
+    state.metrics.e2e.observe(time.monotonic() - arrival)
 
 
 def _usage(session: TranscriptionSession) -> TranscriptionUsage:

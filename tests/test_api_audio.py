@@ -119,6 +119,10 @@ def test_concurrent_uploads_share_the_engine(server):
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         texts = list(pool.map(one, names))
     assert word_error_rate([SHORT[n] for n in names], texts) <= 0.15
+    metrics = httpx.get(server.url + "/metrics").text
+    done = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="stop"[^}]*\} (\S+)',
+                     metrics, re.MULTILINE)
+    assert done and float(done.group(1)) >= len(names)
 
 
 def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):

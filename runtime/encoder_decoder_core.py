@@ -27,6 +27,7 @@ from fornax.runtime.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
+MAX_NEW_PER_STEP = 8  # requests admitted (so encoded) per step: bounds the stall of running ones
 MAX_FEATURE_ABS = 100.0  # Whisper's normalized log-mel lies within about [-1.5, 2.5]
 
 
@@ -63,6 +64,24 @@ def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
     return feats
 
 
+class EncoderBudgetScheduler(Scheduler):
+    """The shared scheduler, admitting at most `max_new` waiting requests per step: every admitted
+    request runs the encoder in that step, so a burst of uploads cannot stall the running decodes
+    for more than one encoder batch."""
+
+    max_new = MAX_NEW_PER_STEP
+
+    def schedule(self):  # type: ignore[override]
+        held = self.waiting[self.max_new:]
+        self.waiting = self.waiting[: self.max_new]
+        try:
+            return super().schedule()
+        finally:
+            self.waiting = self.waiting + held
+            if self.priority_policy:
+                self.waiting.sort(key=lambda r: r.sort_key())
+
+
 class EncoderDecoderEngineCore:
     """Owns the encoder-decoder runner, the KV-cache manager and the scheduler."""
 
@@ -89,7 +108,8 @@ class EncoderDecoderEngineCore:
                               f"than one sequence of {self.max_model_len}; raise --kv-cache-memory")
         self.runner.initialize_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len, enable_caching=False)
-        self.scheduler = Scheduler(sched, config.cache_config, self.kv, self.max_model_len)
+        self.scheduler = EncoderBudgetScheduler(sched, config.cache_config, self.kv,
+                                                self.max_model_len)
         self.info = EngineRuntimeInfo(
             num_kv_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
             vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(files),

@@ -149,3 +149,24 @@ def test_timestamp_rules_hold_and_alignment_covers_every_token(tiny):
         frames = [f for t, f in zip(tokens, align) if t <= eot]
         assert all(f >= 0 for f in frames) and frames == sorted(frames)
         assert all(f == -1 for t, f in zip(tokens, align) if t > eot)
+
+
+def test_a_burst_is_admitted_one_encoder_batch_per_step(tiny):
+    from fornax.runtime.encoder_decoder_core import MAX_NEW_PER_STEP
+
+    path, info = tiny
+    engine = _engine(path)
+    prompt = [info.ids["sot"], info.ids["no_timestamps"]]
+    n = MAX_NEW_PER_STEP + 3
+    for i in range(n):
+        engine.add_request(_req(f"b{i}", prompt, seed=i, max_tokens=6))
+    first = engine.step()
+    assert engine.scheduler.num_running == MAX_NEW_PER_STEP
+    assert engine.scheduler.num_waiting == 3
+    second = engine.step()
+    assert engine.scheduler.num_running == n
+    out = _drain(engine)
+    for o in first + second:
+        out[o.request_id] = o.new_token_ids + out.get(o.request_id, [])
+    assert sorted(out) == sorted(f"b{i}" for i in range(n))
+    assert all(len(v) == 6 for v in out.values())

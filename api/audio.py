@@ -264,8 +264,9 @@ def _response(session: TranscriptionSession, form: AudioForm, task: str,
 
 async def _stream(state: AppState, session: TranscriptionSession, engine_id: str,
                   form: AudioForm) -> AsyncIterator[bytes]:
-    """Token deltas inside a window decoded without timestamps (nothing is ever re-decoded),
-    whole segments as windows with timestamps finish (their tail may be decoded again)."""
+    """Token deltas inside a window decoded without timestamps (nothing is ever re-decoded);
+    with timestamps, each segment once its closing timestamp pair arrives (the window's unclosed
+    tail may be decoded again by the next window, so it waits)."""
     sent = ""
     finished = ""  # text of finalized segments
     try:
@@ -273,8 +274,6 @@ async def _stream(state: AppState, session: TranscriptionSession, engine_id: str
             if segments is not None:
                 finished += "".join(s.text for s in segments)
                 current = finished
-            elif session.options.timestamps:
-                continue
             else:
                 current = finished + session.partial_text(collector.token_ids)
                 if current.endswith("\ufffd"):

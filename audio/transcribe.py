@@ -194,10 +194,18 @@ class TranscriptionSession:
         return self._pending
 
     def partial_text(self, token_ids: list[int]) -> str:
-        """Text of the pending window's output so far (its language/forced prefix skipped)."""
+        """The part of the pending window's output so far that is final: everything without
+        timestamps, else the segments closed by a timestamp pair (the text after the last pair
+        may be decoded again in the next window)."""
         req = self._pending
         prefix = ((1 if req.detect_language else 0) + len(req.forced_token_ids)) if req else 0
-        return self.decode(token_ids[prefix:])
+        tokens = token_ids[prefix:]
+        if self.options.timestamps:
+            tsb = self.info.timestamp_begin
+            cut = max((i for i in range(1, len(tokens))
+                       if tokens[i - 1] >= tsb and tokens[i] >= tsb), default=0)
+            tokens = tokens[:cut]
+        return self.decode(tokens)
 
     # ---- window results ------------------------------------------------------------------------
     def feed(self, result: WindowResult) -> list[Segment]:

@@ -107,6 +107,26 @@ def test_stream_deltas_add_up_to_the_done_text(client, server):
     assert sse_events(raw.text)[-1] == "[DONE]"
 
 
+def test_stream_of_a_long_file_sends_whole_segments(server):
+    """Past 30 s, windows decode with timestamps: deltas are closed segments, never retracted."""
+    names = list(SHORT)[:7]
+    parts = []
+    for name in names:
+        parts += [decode_audio((AUDIO_DIR / name).read_bytes()), np.zeros(8000, np.float32)]
+    audio = np.concatenate(parts)
+    assert len(audio) > 30 * 16000
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="OGG")
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("long.ogg",
+                   buf.getvalue())}, data={"stream": "true"}, timeout=180)
+    events = sse_events(r.text)
+    deltas = [e["delta"] for e in events[:-1] if e["type"] == "transcript.text.delta"]
+    done = [e for e in events[:-1] if e["type"] == "transcript.text.done"]
+    assert len(deltas) >= len(names) - 1 and len(done) == 1
+    assert "".join(deltas) == done[0]["text"]
+    assert word_error_rate([" ".join(SHORT[n] for n in names)], [done[0]["text"]]) <= 0.15
+
+
 def test_concurrent_uploads_share_the_engine(server):
     names = list(SHORT)[:4]
 

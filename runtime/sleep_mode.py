@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import time
@@ -50,6 +51,7 @@ def put_to_sleep(runner: Any, state: SleepState, level: int) -> None:
     gc.collect()
     if runner.device.type == "cuda":
         torch.cuda.empty_cache()
+    _return_freed_host_memory()
     logger.info("asleep at level %d (%.2f s)", level, time.perf_counter() - start)
 
 
@@ -72,6 +74,14 @@ def wake_up(runner: Any, state: SleepState) -> None:
     runner.initialize_kv_cache(state.num_blocks)
     state.level = 0
     logger.info("awake (%.2f s)", time.perf_counter() - start)
+
+
+def _return_freed_host_memory() -> None:
+    """glibc keeps freed heap memory for reuse; give it back so the process really shrinks."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _shape_of(runner: Any, param: torch.Tensor) -> tuple[int, ...]:

@@ -150,8 +150,10 @@ def test_sleep_levels_free_memory_and_wake_up_answers_identically(make_llm) -> N
     for level in (1, 2):
         awake_rss = _rss_mib()
         llm.engine.sleep(level)
-        assert llm.engine.is_sleeping
-        assert _rss_mib() < awake_rss - 200  # the 256 MiB KV cache is gone
+        assert llm.engine.is_sleeping and llm.engine.runner.kv_caches == []
+        params = list(llm.engine.runner.model.parameters())
+        assert all(p.numel() == 0 for p in params) == (level == 2)
+        assert _rss_mib() < awake_rss - 200  # the 256 MiB KV cache went back to the OS
         with pytest.raises(RequestError, match="sleeping"):
             llm.generate("x", GREEDY)
         llm.engine.wake_up()

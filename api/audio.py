@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,37 @@ class AudioForm:
     stream: bool = False
 
 
+def is_transcription(state: AppState) -> bool:
+    return getattr(state.engine_info, "runner", "generate") == "transcription"
+
+
+async def transcription_probe(state: AppState, timeout_s: float) -> None:
+    """/health?deep=1 on a speech model: one token from one window of silence, within timeout."""
+    import numpy as np
+    from fornax.audio.transcribe import WindowRequest
+
+    info = whisper_info(state)
+    ids = info.ids
+    prompt = [ids["sot"]] + ([info.language_ids["en"], ids["transcribe"]]
+                             if info.multilingual else []) + [ids["no_timestamps"]]
+    silence = np.full((info.num_mel_bins, 3000), -1.5, dtype=np.float32)  # log-mel of zeros
+    window = WindowRequest(prompt, silence, 3000, False, [], 0.0, 0, 1, False)
+    group = await state.engine.add([engine_request(f"health-{uuid.uuid4().hex}", window)])
+    collector = WindowCollector()
+
+    async def run() -> None:
+        while not collector.finished:
+            for out in await group.next():
+                collector.add(out)
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"one transcription window took over {timeout_s:.0f} s") from None
+    finally:
+        await state.engine.release(group)
+
+
 def max_audio_bytes(state: AppState) -> int:
     mb = getattr(state.settings, "max_audio_filesize_mb", None) or DEFAULT_MAX_AUDIO_MB
     return int(mb * MIB)
@@ -65,7 +97,7 @@ def max_audio_bytes(state: AppState) -> int:
 def whisper_info(state: AppState) -> WhisperInfo:
     """The served model's Whisper facts; 501 when this server does not run a speech model."""
     info = state.engine_info
-    if getattr(info, "runner", "generate") != "transcription":
+    if not is_transcription(state):
         raise APIError(501, f"the served model ({info.architecture or 'unknown'}) does not "
                        "support transcriptions; serve a Whisper model (e.g. fornax serve "
                        "whisper-tiny.en)", "model")

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 
+from fornax.api.audio import is_transcription, transcription_probe
 from fornax.api.errors import APIError, EngineDeadError
 from fornax.api.generate import Generation, PromptInput
 from fornax.api.http import Request, Response, json_response
@@ -32,6 +33,8 @@ async def health(req: Request) -> Response:
     if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
         if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
             await pooling_probe(state, DEEP_HEALTH_TIMEOUT_S)
+        elif is_transcription(state):  # Whisper: one window of silence, one token
+            await transcription_probe(state, DEEP_HEALTH_TIMEOUT_S)
         else:
             await _one_token(req)
     return Response(b"", 200, content_type=None)

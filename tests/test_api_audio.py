@@ -179,6 +179,7 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.BadRequestError, match="English-only"):
         client.audio.translations.create(model="whisper-tiny.en", file=_file("en_00.flac"))
     assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/health?deep=1", timeout=30).status_code == 200
     ok = client.audio.transcriptions.create(model="whisper-tiny.en", file=_file("en_06.flac"))
     assert word_error_rate([SHORT["en_06.flac"]], [ok.text]) <= 0.2
 

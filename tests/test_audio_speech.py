@@ -9,11 +9,12 @@ from whisper_fixtures import (
     edit_distance,
     manifest,
     normalize_words,
+    one_thread,  # noqa: F401 - module fixture, used below
     packaged_whisper,
     word_error_rate,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

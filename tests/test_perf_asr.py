@@ -7,9 +7,12 @@ import json
 
 import pytest
 from fornax.perf.schema import validate_record
-from whisper_fixtures import packaged_whisper
+from whisper_fixtures import (
+    one_thread,  # noqa: F401 - module fixture, used below
+    packaged_whisper,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_bench_asr_record(tmp_path):

@@ -13,7 +13,14 @@ import torch
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_state_dict
 from fornax.runtime.loaders.speech_models import prepare_ct2_whisper, resolve_speech_model
-from whisper_fixtures import packaged_whisper, tiny_whisper_dir
+from whisper_fixtures import (
+    one_thread,  # noqa: F401 - module fixture, used below
+    packaged_whisper,
+    tiny_whisper_dir,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 _DTYPE_IDS = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2,
               np.dtype("float16"): 4}

@@ -12,7 +12,12 @@ from fornax.runtime.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.pooling_engine import make_engine_core
 from fornax.runtime.sampling_params import SamplingParams
 from fornax.runtime.whisper_decoding import MAX_INITIAL_TIMESTAMP_INDEX
-from whisper_fixtures import tiny_whisper_dir
+from whisper_fixtures import (
+    one_thread,  # noqa: F401 - module fixture, used below
+    tiny_whisper_dir,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

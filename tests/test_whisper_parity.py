@@ -11,7 +11,14 @@ from fornax.runtime.config import make_engine_config
 from fornax.runtime.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.pooling_engine import make_engine_core
 from fornax.runtime.sampling_params import SamplingParams
-from whisper_fixtures import AUDIO_DIR, packaged_whisper, tiny_whisper_dir
+from whisper_fixtures import (
+    AUDIO_DIR,
+    one_thread,  # noqa: F401 - module fixture, used below
+    packaged_whisper,
+    tiny_whisper_dir,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(path, **kwargs):

@@ -18,6 +18,18 @@ _NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5":
             "6": "six", "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Speech tests run torch on one thread (as the API test servers do): Whisper's small decode
+    steps gain nothing from a second thread, and on a shared machine its barriers cost a lot."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def manifest() -> dict:
     return json.loads((AUDIO_DIR / "manifest.json").read_text(encoding="utf-8"))
 

@@ -105,6 +105,10 @@ def _warn_mismatch(base: dict[str, Any], new: dict[str, Any]) -> list[str]:
         notes.append(f"kinds differ: {base['kind']} vs {new['kind']}")
     if base.get("device", {}).get("name") != new.get("device", {}).get("name"):
         notes.append("devices differ: a ratio across machines says little")
+    b_threads = base.get("device", {}).get("omp_num_threads")
+    n_threads = new.get("device", {}).get("omp_num_threads")
+    if b_threads != n_threads:
+        notes.append(f"OMP_NUM_THREADS differs: {b_threads} vs {n_threads}")
     if base.get("model") != new.get("model"):
         notes.append(f"models differ: {base.get('model')} vs {new.get('model')}")
     bc, nc = base.get("config", {}), new.get("config", {})

@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("random", "synthetic-chat")
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - one readable paragraph of words
     "the of and to in is was for on that with as by at from his her they this which are have "
     "time people year way day man thing woman life child world school state family student group "
     "country problem hand part place case week company system program question work government "

@@ -56,7 +56,7 @@ def _batch(rng: random.Random, batch: int, length: int, upper: int,
 
 
 def _fornax_iter(llm: Any, prompts: list[list[int]], output_len: int) -> dict[str, float]:
-    outputs, elapsed, timer, start = offline.timed_generate(
+    _, elapsed, timer, start = offline.timed_generate(
         llm, prompts, [output_len] * len(prompts), use_tqdm=False)
     firsts = [t - start for t in timer.first_token_at.values()]
     ttft = max(firsts) if firsts else elapsed

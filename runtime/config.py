@@ -103,6 +103,7 @@ class CompilationConfig:
 
     enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU
     cuda_graph_sizes: tuple[int, ...] = ()
+    use_cuda_graphs: bool = True  # False: compiled but no CUDA graphs (benchmarks compare both)
     max_capture_size: int = 256
 
     def __post_init__(self) -> None:

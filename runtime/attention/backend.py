@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +36,7 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and attends over each request's context."""
 
     name: str = "abstract"
+    supports_cuda_graphs: bool = False  # True: build_graph_metadata plans fixed-address buffers
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -52,6 +56,11 @@ class AttentionBackend(ABC):
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
         """Once per step, before the forward: everything the layers share."""
 
+    def build_graph_metadata(self, common: CommonAttentionMetadata, bucket: int) -> Any:
+        """Like build_metadata, for a pure-decode batch padded to a captured bucket: everything
+        the captured kernels read must sit at addresses fixed per bucket."""
+        raise NotImplementedError(f"the {self.name} backend cannot run inside CUDA graphs")
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: Any, scale: float | None = None) -> torch.Tensor:
@@ -65,11 +74,14 @@ def make_attention_backend(name: str, **kwargs: Any) -> AttentionBackend:
         name = "torch_ref"
         if device.type == "cuda":
             try:
+                from fornax.runtime.attention.flashinfer_backend import check_supported
+
+                check_supported(kwargs["head_dim"], kwargs["dtype"], device)
                 import flashinfer  # noqa: F401
 
                 name = "flashinfer"
-            except ImportError:
-                pass
+            except (ImportError, ValueError) as exc:
+                logger.warning("attention backend auto: torch_ref (%s)", exc)
     if name == "torch_ref":
         from fornax.runtime.attention.torch_ref import TorchRefBackend
 

@@ -101,6 +101,14 @@ class ModelRunner:
         self.input_ids = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
         self.positions = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
         self.slot_mapping = torch.zeros(self.max_num_tokens, dtype=torch.int64, device=self.device)
+        # On CUDA, host inputs go through pinned buffers so the copies above run asynchronously.
+        self._pinned = self.device.type == "cuda"
+        if self._pinned:
+            self._staging = {name: torch.zeros(self.max_num_tokens, dtype=torch.int64,
+                                               pin_memory=True)
+                             for name in ("input_ids", "positions", "slot_mapping")}
+            self._staged = torch.cuda.Event()  # the last step's copies out of the staging buffers
+        self.graph_runner: Any = None  # graphs/cuda_graphs.CudaGraphRunner once captured
         self._arange = np.arange(max(self.max_num_tokens, self.max_num_reqs) + 1, dtype=np.int64)
         eager = config.compilation_config.enforce_eager
         self.compiled = not (eager if eager is not None else self.device.type == "cpu")
@@ -140,9 +148,9 @@ class ModelRunner:
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * cache.gpu_memory_utilization) - used
+            from fornax.runtime.gpu_memory import gpu_kv_budget
+
+            budget = gpu_kv_budget(self, cache.gpu_memory_utilization, self._wants_graphs())
         else:
             # Enough for every sequence slot at full length, capped at 2 GiB of host memory.
             needed = (self.max_num_reqs * self.max_blocks_per_req + 1) * per_block
@@ -154,9 +162,33 @@ class ModelRunner:
         return int(num_blocks)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        recapture = self.graph_runner is not None  # graphs read the old caches' addresses
+        self.graph_runner = None
         shape = self.backend.kv_cache_shape(num_blocks)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.num_layers)]
+        if recapture:
+            self._capture_graphs()
+
+    def _wants_graphs(self) -> bool:
+        """CUDA graphs: on a GPU, compiled, not turned off, and a capturable attention backend."""
+        return (self.device.type == "cuda" and self.compiled
+                and self.config.compilation_config.use_cuda_graphs
+                and self.backend.supports_cuda_graphs)
+
+    def _capture_graphs(self) -> float:
+        from fornax.graphs.buckets import capture_sizes
+        from fornax.graphs.cuda_graphs import CudaGraphRunner
+
+        cc = self.config.compilation_config
+        sizes = capture_sizes(cc.cuda_graph_sizes, self.max_num_reqs, cc.max_capture_size)
+        sizes = [s for s in sizes if s <= self.max_num_tokens]
+        runner = CudaGraphRunner(self.forward_fn, self.backend, sizes, self.input_ids,
+                                 self.positions, self.slot_mapping, self.kv_caches,
+                                 self.max_blocks_per_req, self.block_size)
+        seconds = runner.capture()
+        self.graph_runner = runner
+        return seconds
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -169,9 +201,11 @@ class ModelRunner:
             self._dummy_forward(num_reqs, q_len)
         elapsed = time.perf_counter() - start
         logger.info("compiled in %.1f s", elapsed)
+        if self._wants_graphs():
+            elapsed += self._capture_graphs()
         return elapsed
 
-    def _dummy_forward(self, num_reqs: int, q_len: int) -> None:
+    def _dummy_forward(self, num_reqs: int, q_len: int) -> torch.Tensor:
         """A forward over fake requests whose K/V all land in the reserved null block."""
         num_tokens = num_reqs * q_len
         qsl = (np.arange(num_reqs + 1) * q_len).astype(np.int32)
@@ -187,8 +221,8 @@ class ModelRunner:
             num_reqs=num_reqs, num_actual_tokens=num_tokens, max_query_len=q_len,
             max_seq_len=q_len, block_size=self.block_size)
         meta = self.backend.build_metadata(common)
-        self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
-                        self.kv_caches, meta)
+        return self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
+                               self.kv_caches, meta)
 
     # ---- one step ------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -229,9 +263,13 @@ class ModelRunner:
                  * self.block_size + positions % self.block_size)
         seq_lens = (computed + num_sched).astype(np.int32)
 
-        self.input_ids[:num_tokens].copy_(torch.from_numpy(input_ids), non_blocking=True)
-        self.positions[:num_tokens].copy_(torch.from_numpy(positions), non_blocking=True)
-        self.slot_mapping[:num_tokens].copy_(torch.from_numpy(slots), non_blocking=True)
+        if self._pinned:
+            self._staged.synchronize()  # a step without sampled tokens had no sync of its own
+        self._stage("input_ids", self.input_ids, input_ids)
+        self._stage("positions", self.positions, positions)
+        self._stage("slot_mapping", self.slot_mapping, slots)
+        if self._pinned:
+            self._staged.record()
         common = CommonAttentionMetadata(
             query_start_loc_np=qsl, seq_lens_np=seq_lens,
             block_table=torch.from_numpy(block_table_np).to(self.device, non_blocking=True),
@@ -239,13 +277,16 @@ class ModelRunner:
             num_reqs=num_reqs, num_actual_tokens=num_tokens,
             max_query_len=int(num_sched.max()), max_seq_len=int(seq_lens.max()),
             block_size=self.block_size)
-        attn_metadata = self.backend.build_metadata(common)
         # Only requests whose whole known sequence is now computed get a token.
         done = seq_lens >= batch.num_tokens_np[rows]
         done_idx = np.nonzero(done)[0]
         bitmask_job = self._start_bitmask([req_ids[i] for i in done_idx])
-        hidden = self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
-                                 self.kv_caches, attn_metadata)
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_replay(num_tokens, num_reqs):
+            hidden = graphs.replay(common)
+        else:
+            hidden = self.forward_fn(self.input_ids[:num_tokens], self.positions[:num_tokens],
+                                     self.kv_caches, self.backend.build_metadata(common))
         prompt_lps = {}
         if (batch.num_prompt_logprobs_np[rows] >= 0).any():
             prompt_lps = self._prompt_logprobs(hidden, req_ids, rows, computed, num_sched, qsl)
@@ -276,6 +317,17 @@ class ModelRunner:
             if lp_ids is not None and k >= 0:
                 logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1], ranks[j])
         return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+
+    def _stage(self, name: str, dst: torch.Tensor, values: np.ndarray) -> None:
+        """Host int64 array -> the persistent device buffer; through pinned memory on CUDA (the
+        caller waited for the previous step's copies, so the staging buffer is free)."""
+        n = len(values)
+        if self._pinned:
+            staged = self._staging[name][:n]
+            staged.numpy()[:] = values
+            dst[:n].copy_(staged, non_blocking=True)
+        else:
+            dst[:n].copy_(torch.from_numpy(values), non_blocking=True)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str], rows: np.ndarray,
                          computed: np.ndarray, num_sched: np.ndarray, qsl: np.ndarray

@@ -48,3 +48,27 @@ def make_llm(tiny_model: Callable[..., Path]):
         engine = llm.engine
         assert not engine.has_unfinished_requests(), "requests left in the engine"
         assert engine.kv.num_free_blocks() == engine.kv.pool.num_usable_blocks, "KV blocks leaked"
+
+
+def _flashinfer_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip without CUDA; those also marked `flashinfer` skip without flashinfer."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    has_flashinfer = has_cuda and _flashinfer_importable()
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_flashinfer = pytest.mark.skip(reason="needs flashinfer-python (pip install -e '.[gpu]')")
+    for item in gpu_items:
+        if not has_cuda:
+            item.add_marker(no_cuda)
+        elif "flashinfer" in item.keywords and not has_flashinfer:
+            item.add_marker(no_flashinfer)

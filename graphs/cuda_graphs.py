@@ -91,7 +91,7 @@ class CudaGraphRunner:
         self.max_blocks_per_req = max_blocks_per_req
         self.block_size = block_size
         self.num_warmups = num_warmups
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, Any] = {}  # size -> torch.cuda.CUDAGraph
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.num_replays = 0
@@ -112,7 +112,7 @@ class CudaGraphRunner:
         reserve = getattr(self.backend, "reserve_graph_buffers", None)
         if reserve is not None:
             reserve(self.max_size, self.max_size * self.max_blocks_per_req)
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._new_pool()
         for size in capture_order(self.sizes):
             self._zero_inputs(size)
             common = dummy_decode_metadata(size, self.max_blocks_per_req, self.block_size,
@@ -121,18 +121,28 @@ class CudaGraphRunner:
             for _ in range(self.num_warmups):  # compile / autotune outside the capture
                 self.forward_fn(self.input_ids[:size], self.positions[:size], self.kv_caches,
                                 meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self.forward_fn(self.input_ids[:size], self.positions[:size],
-                                      self.kv_caches, meta)
-            self.graphs[size] = graph
-            self.outputs[size] = out
-        torch.cuda.synchronize()
+            self.graphs[size], self.outputs[size] = self._capture_one(size, meta, pool)
+        self._sync()
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.graphs),
                     self.sizes[0], self.max_size, self.capture_seconds)
         return self.capture_seconds
+
+    # The CUDA calls, apart so that the CPU tests can stand in for them.
+    def _new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def _sync(self) -> None:
+        torch.cuda.synchronize()
+
+    def _capture_one(self, size: int, meta: Any, pool: Any) -> tuple[Any, torch.Tensor]:
+        """Capture one bucket's forward -> (graph, its static output [size, H])."""
+        self._sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.forward_fn(self.input_ids[:size], self.positions[:size], self.kv_caches,
+                                  meta)
+        return graph, out
 
     def bucket(self, num_reqs: int) -> int | None:
         return bucket_for(num_reqs, self.sizes)

@@ -170,3 +170,67 @@ def test_custom_op_passes_opcheck() -> None:
                               test_utils=("test_schema", "test_faketensor"))
     finally:
         unregister_impl(handle)
+
+
+def _make_replayable(backend) -> None:
+    """torch_ref as a 'graph' backend: its graph metadata is ordinary metadata, kept for the
+    stand-in replay below."""
+
+    def build_graph_metadata(common, bucket):
+        assert common.num_reqs == bucket and common.max_query_len == 1
+        backend.last_graph_meta = backend.build_metadata(common)
+        return backend.last_graph_meta
+
+    backend.supports_cuda_graphs = True
+    backend.build_graph_metadata = build_graph_metadata
+
+
+class _FakeGraph:
+    def __init__(self, replay) -> None:
+        self.replay = replay
+
+
+class _CpuGraphRunner(CudaGraphRunner):
+    """CudaGraphRunner with the CUDA calls replaced: 'replay' re-runs the forward over the same
+    static buffers (padded rows included) and writes the static output, as a graph would."""
+
+    def _new_pool(self):
+        return None
+
+    def _sync(self) -> None:
+        pass
+
+    def _capture_one(self, size, meta, pool):
+        out = self.forward_fn(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+
+        def replay() -> None:
+            fresh = self.forward_fn(self.input_ids[:size], self.positions[:size],
+                                    self.kv_caches, self.backend.last_graph_meta)
+            out.copy_(fresh)
+
+        return _FakeGraph(replay), out
+
+
+def test_runner_replays_padded_decode_buckets_with_eager_tokens(make_llm) -> None:
+    """The ModelRunner <-> CudaGraphRunner protocol on CPU: pure-decode steps go through the
+    bucket path (padding rows in the null block), prefills do not, tokens equal eager's."""
+    from fornax.runtime import SamplingParams
+
+    prompts = ["Hello world", "The quick brown fox", "1 2 3", "x", "def f(a):"]
+    # different lengths: the decode batch shrinks 5 -> 1 (buckets 8, 4, 4, 2, 1)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+              for m in (12, 7, 3, 9, 5)]
+    eager = make_llm("llama", enforce_eager=True, attention_backend="torch_ref")
+    graphed = make_llm("llama", enforce_eager=True, attention_backend="torch_ref")
+    runner = graphed.engine.runner
+    backend = runner.backend
+    _make_replayable(backend)
+    graphs = _CpuGraphRunner(runner.forward_fn, backend, [1, 2, 4, 8], runner.input_ids,
+                             runner.positions, runner.slot_mapping, runner.kv_caches,
+                             runner.max_blocks_per_req, runner.block_size, num_warmups=1)
+    graphs.capture()
+    assert sorted(graphs.graphs) == [1, 2, 4, 8]
+    runner.graph_runner = graphs
+    ours = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
+    assert graphs.num_replays == 11  # every decode step: the first token comes from prefill
+    assert ours == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
 MAX_NEW_PER_STEP = 8  # requests admitted (so encoded) per step: bounds the stall of running ones
 MAX_FEATURE_ABS = 100.0  # Whisper's normalized log-mel lies within about [-1.5, 2.5]
+MIN_FRAMES = 2  # a shorter window (realtime partials) is encoded at its length, then silence
 
 
 @dataclass(eq=False)
@@ -45,17 +46,22 @@ def is_encoder_decoder(hf_config: dict[str, Any]) -> bool:
 
 def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
                          num_frames: int) -> np.ndarray:
-    """Validate an encoder input and view it as [mels, frames] float32 (RequestError if bad)."""
+    """Validate an encoder input and view it as [mels, frames] float32 (RequestError if bad).
+
+    A window shorter than the model's (`num_frames`) is allowed: the runner encodes only its
+    frames and continues the encoder states with those of silence (realtime partial decodes).
+    """
     if enc is None:
         raise RequestError("this model transcribes audio: send the audio to "
                            "/v1/audio/transcriptions or /v1/audio/translations", "file")
-    want = [num_mel_bins, num_frames]
-    if list(enc.shape) != want:
-        raise RequestError(f"encoder input must have shape {want}, got {list(enc.shape)}", "file")
-    if len(enc.data) != num_mel_bins * num_frames * 4:
+    shape = list(enc.shape)
+    if len(shape) != 2 or shape[0] != num_mel_bins or not MIN_FRAMES <= shape[1] <= num_frames:
+        raise RequestError(f"encoder input must have shape [{num_mel_bins}, F] with "
+                           f"{MIN_FRAMES} <= F <= {num_frames}, got {shape}", "file")
+    if len(enc.data) != num_mel_bins * shape[1] * 4:
         raise RequestError(f"encoder input has {len(enc.data)} bytes, expected "
-                           f"{num_mel_bins * num_frames * 4}", "file")
-    feats = np.frombuffer(enc.data, dtype="<f4").reshape(want)
+                           f"{num_mel_bins * shape[1] * 4}", "file")
+    feats = np.frombuffer(enc.data, dtype="<f4").reshape(shape)
     if not np.isfinite(feats).all():
         raise RequestError("encoder input holds NaN or infinite values", "file")
     if np.abs(feats).max(initial=0.0) > MAX_FEATURE_ABS:

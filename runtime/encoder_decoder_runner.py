@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_BYTES = 1024**3  # cross K/V and self-attention KV, each, on CPU
 ENCODER_MAX_BATCH = 8  # windows per encoder forward (bounds activation memory)
+SILENCE_LOG_MEL = -1.5  # Whisper's normalized log-mel of all-zero audio
 
 
 class EncoderDecoderModelRunner:
@@ -86,6 +87,7 @@ class EncoderDecoderModelRunner:
         self.states: dict[str, Any] = {}  # request id -> WhisperRowState
         self.no_speech: dict[str, float] = {}  # request id -> P(no speech), once its SOT is run
         self._arange = np.arange(max(self.max_num_tokens, self.max_num_reqs) + 1, dtype=np.int64)
+        self._silence: torch.Tensor | None = None  # encoder states of a silent window
 
     # ---- set-up --------------------------------------------------------------------------------
     def _load_weights(self) -> None:
@@ -187,11 +189,32 @@ class EncoderDecoderModelRunner:
         return [(self.batch.index[rid], feats) for rid, feats in to_encode]
 
     def _encode(self, pending: list[tuple[int, np.ndarray]]) -> None:
-        for i in range(0, len(pending), ENCODER_MAX_BATCH):
-            chunk = pending[i:i + ENCODER_MAX_BATCH]
-            feats = torch.from_numpy(np.stack([f for _, f in chunk])).to(self.device, self.dtype)
-            rows = torch.tensor([r for r, _ in chunk], device=self.device)
-            self.model.write_cross_kv(self.model.encode(feats), rows, self.cross_stores)
+        """Encode in batches of one window length. A short window (a realtime partial) costs in
+        proportion to its frames; its encoder states continue with those of a silent window,
+        which the decoder sees after the audio in a full window too."""
+        by_len: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for row, feats in pending:
+            by_len.setdefault(feats.shape[1], []).append((row, feats))
+        for frames, group in by_len.items():
+            for i in range(0, len(group), ENCODER_MAX_BATCH):
+                chunk = group[i:i + ENCODER_MAX_BATCH]
+                feats = torch.from_numpy(np.stack([f for _, f in chunk])).to(self.device,
+                                                                              self.dtype)
+                rows = torch.tensor([r for r, _ in chunk], device=self.device)
+                states = self.model.encode(feats)  # [B, T, d]
+                if frames < self.spec.num_frames:
+                    tail = self._silence_states()[:, states.shape[1]:]
+                    states = torch.cat([states, tail.expand(len(chunk), -1, -1)], dim=1)
+                self.model.write_cross_kv(states, rows, self.cross_stores)
+
+    def _silence_states(self) -> torch.Tensor:
+        """[1, T_enc, d] encoder states of a window of digital silence (computed once)."""
+        if self._silence is None:
+            spec = self.spec
+            silent = torch.full((1, spec.num_mel_bins, spec.num_frames), SILENCE_LOG_MEL,
+                                device=self.device, dtype=self.dtype)
+            self._silence = self.model.encode(silent)
+        return self._silence
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()

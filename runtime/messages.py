@@ -8,10 +8,10 @@ from fornax.runtime.sampling_params import SamplingParams
 
 
 class EncoderInput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """The encoder side of an encoder-decoder request (Whisper: one 30 s log-mel window)."""
+    """The encoder side of an encoder-decoder request (Whisper: a log-mel window of at most 30 s)."""
 
     data: bytes  # float32 little-endian, C order, of `shape`
-    shape: list[int]  # [num_mel_bins, num_frames]
+    shape: list[int]  # [num_mel_bins, frames]: up to one window; fewer frames encode faster
     content_frames: int = 0  # frames holding audio (the rest is padding); 0 = all of them
     detect_language: bool = False  # the first output token is the language the model hears
     forced_token_ids: list[int] = []  # output tokens forced after the detected language

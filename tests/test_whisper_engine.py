@@ -104,6 +104,10 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(tiny):
             f.tobytes(), [80, 300], forced_token_ids=[-3])),
         EngineCoreRequest("i", good, params, encoder_input=EncoderInput(
             (f * 1e30).tobytes(), [80, 300])),
+        EngineCoreRequest("j", good, params, encoder_input=EncoderInput(  # longer than a window
+            np.zeros((80, 301), np.float32).tobytes(), [80, 301])),
+        EngineCoreRequest("k", good, params, encoder_input=EncoderInput(
+            f[:79].tobytes(), [79, 300])),
     ]
     for req in bad:
         with pytest.raises(RequestError):
@@ -175,3 +179,28 @@ def test_a_burst_is_admitted_one_encoder_batch_per_step(tiny):
         out[o.request_id] = o.new_token_ids + out.get(o.request_id, [])
     assert sorted(out) == sorted(f"b{i}" for i in range(n))
     assert all(len(v) == 6 for v in out.values())
+
+
+def test_short_windows_batch_with_full_ones_and_match_their_solo_run(tiny):
+    """Realtime partials send fewer frames than a window: encoded at their length (grouped by
+    length in one step), then continued by the encoder states of silence."""
+    path, info = tiny
+    prompt = [info.ids["sot"], info.ids["no_timestamps"]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def req(rid, frames, seed):
+        f = np.ascontiguousarray(_feats(seed)[:, :frames])
+        return EngineCoreRequest(rid, prompt, params,
+                                 encoder_input=EncoderInput(f.tobytes(), list(f.shape)))
+
+    sizes = {"s100": 100, "s100b": 100, "s200": 200, "full": 300}
+    solo = {}
+    for i, (rid, frames) in enumerate(sizes.items()):
+        engine = _engine(path)
+        engine.add_request(req(rid, frames, i))
+        solo.update(_drain(engine))
+    engine = _engine(path)
+    for i, (rid, frames) in enumerate(sizes.items()):
+        engine.add_request(req(rid, frames, i))
+    together = _drain(engine)
+    assert together == solo and all(len(t) == 6 for t in together.values())

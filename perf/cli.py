@@ -11,7 +11,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
-               "asr")
+               "asr", "decode-floor", "modes")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -31,6 +31,8 @@ def add_bench_subcommands(subparsers: Any) -> None:
         bench_asr,
         compare,
         embed,
+        gpu_decode_floor,
+        gpu_modes,
         latency,
         sampler,
         serve,
@@ -38,7 +40,8 @@ def add_bench_subcommands(subparsers: Any) -> None:
         throughput,
     )
 
-    for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr):
+    for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
+                   gpu_decode_floor, gpu_modes):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

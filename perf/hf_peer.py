@@ -50,7 +50,8 @@ class HFPeer:
     """`AutoModelForCausalLM` over the folder fornax loaded (random init for `--load-format dummy`)."""
 
     def __init__(self, model_dir: str | Path, dtype: str, *, random_weights: bool, seed: int,
-                 pad_token_id: int | None = None, eos_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None, eos_token_id: int | None = None,
+                 device: str = "cpu") -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,6 +64,9 @@ class HFPeer:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
         self.model.eval()
+        self.device = device
+        if device != "cpu":
+            self.model.to(device)
         self.load_s = time.perf_counter() - start
         cfg = self.model.config
         eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
@@ -92,9 +96,13 @@ class HFPeer:
         with torch.inference_mode():
             cpu_start = time.process_time()
             start = time.perf_counter()
+            if self.device != "cpu":
+                ids, mask = ids.to(self.device), mask.to(self.device)
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       generation_config=gen_config,
                                       logits_processor=LogitsProcessorList([clock]))
+            if self.device != "cpu":
+                torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             cpu_s = time.process_time() - cpu_start
         produced = out.shape[1] - width

@@ -28,12 +28,16 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of the real shapes, small enough to keep activations finite."""
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn where the weights live: an 8B model fills in seconds on a GPU, minutes on its host.
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or ".q_norm." in name or ".k_norm." in name:
                 param.fill_(1.0)
                 continue
-            values = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.05, 0.05,
-                                                                           generator=gen)
+            dev = param.device
+            if dev not in gens:
+                gens[dev] = torch.Generator(device=dev).manual_seed(seed)
+            values = torch.empty(param.shape, dtype=torch.float32, device=dev).uniform_(
+                -0.05, 0.05, generator=gens[dev])
             param.copy_(values.to(param.dtype))

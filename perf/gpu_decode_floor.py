@@ -93,6 +93,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = sorted({int(b) for b in str(args.batch_sizes).split(",") if b.strip()})
     model_path = args.model or str(shape_dir(args.shape))
     max_len = args.context_len + args.decode_steps + 16
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = measure_bandwidth(device, args.bandwidth_mib)  # before the KV cache takes memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
     start = time.perf_counter()
     llm = LLM(model_path, load_format="dummy", dtype=args.dtype, seed=args.seed,
               max_model_len=max_len, max_num_seqs=max(batches),
@@ -102,8 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     engine = llm.engine
     runner = engine.runner
-    device = str(runner.device.type)
-    bandwidth = measure_bandwidth(device, args.bandwidth_mib)
+    if str(runner.device.type) != device:
+        raise SystemExit(f"the engine runs on {runner.device.type}, bandwidth measured on {device}")
     weights = weight_bytes_read_per_step(runner.model)
     kv_tok = kv_bytes_per_token(runner)
     upper = offline.vocab_upper(llm)
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, batch in enumerate(batches):
         prompts = _random_prompts(batch, args.context_len, upper, args.seed + 1000 * (i + 1))
         replays_before = graphs.num_replays if graphs else 0
-        outputs, elapsed, timer, _ = offline.timed_generate(
+        _, _, timer, _ = offline.timed_generate(
             llm, prompts, [args.decode_steps + 1] * batch, use_tqdm=False)
         decode = [1e3 * (s.end - s.start) for s in timer.steps
                   if s.num_first_tokens == 0 and s.num_outputs == batch]

@@ -75,7 +75,7 @@ def test_graph_replay_equals_eager_logits_for_every_bucket(gpu_llama) -> None:
         assert err < 1e-2, f"batch {n} (bucket {graphs.bucket(n)}): relative error {err}"
         assert (logits.argmax(-1) == eager_logits.argmax(-1)).float().mean() > 0.9
         for ours, theirs in zip(runner.kv_caches, eager_caches):  # padding wrote nowhere real
-            torch.testing.assert_close(ours[1:], theirs[1:])
+            torch.testing.assert_close(ours[1:], theirs[1:], rtol=2e-2, atol=1e-2)
     assert not graphs.can_replay(MAX_SEQS, MAX_SEQS)  # past the largest bucket: eager
     assert not graphs.can_replay(9, 3)  # a prefill step never replays
 

@@ -129,7 +129,8 @@ class _CausalCpuImpl:
 def test_custom_op_keeps_fullgraph_compile_and_writes_the_cache() -> None:
     torch.manual_seed(0)
     heads, kv_heads, dim, tokens, block = 4, 2, 8, 5, 4
-    handle = register_impl(_CausalCpuImpl(heads, kv_heads))
+    impl = _CausalCpuImpl(heads, kv_heads)  # the registry holds it weakly
+    handle = register_impl(impl)
     try:
         proj = torch.nn.Linear(dim * heads, dim * (heads + 2 * kv_heads))
         out_proj = torch.nn.Linear(dim * heads, dim * heads)
@@ -161,7 +162,8 @@ def test_custom_op_keeps_fullgraph_compile_and_writes_the_cache() -> None:
 
 def test_custom_op_passes_opcheck() -> None:
     heads, kv_heads, dim = 2, 1, 8
-    handle = register_impl(_CausalCpuImpl(heads, kv_heads))
+    impl = _CausalCpuImpl(heads, kv_heads)
+    handle = register_impl(impl)
     try:
         args = (torch.randn(3, heads, dim), torch.randn(3, kv_heads, dim),
                 torch.randn(3, kv_heads, dim), torch.zeros(2, 2, 4, kv_heads, dim),
@@ -234,3 +236,17 @@ def test_runner_replays_padded_decode_buckets_with_eager_tokens(make_llm) -> Non
     ours = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
     assert graphs.num_replays == 11  # every decode step: the first token comes from prefill
     assert ours == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+
+
+def test_op_registry_does_not_keep_backends_alive() -> None:
+    import gc
+
+    impl = _CausalCpuImpl(2, 1)
+    handle = register_impl(impl)
+    args = (torch.randn(2, 2, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8),
+            torch.zeros(2, 2, 4, 1, 8), torch.tensor([4, 5]), handle)
+    assert torch.ops.fornax.paged_attention(*args).shape == (2, 2, 8)
+    del impl
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no backend registered"):
+        torch.ops.fornax.paged_attention(*args)

@@ -13,7 +13,8 @@ for this step (FlashInfer's `plan` runs once per step, before the forward, outsi
 from __future__ import annotations
 
 import itertools
-from typing import Any, Protocol
+import weakref
+from typing import Protocol
 
 import torch
 
@@ -23,12 +24,14 @@ class PagedAttentionImpl(Protocol):
                slot_mapping: torch.Tensor) -> torch.Tensor: ...
 
 
-_IMPLS: dict[int, Any] = {}
+# Weak: a backend lives as long as its model holds it; its workspace must not outlive it.
+_IMPLS: weakref.WeakValueDictionary[int, PagedAttentionImpl] = weakref.WeakValueDictionary()
 _NEXT = itertools.count(1)
 
 
 def register_impl(impl: PagedAttentionImpl) -> int:
-    """Make `impl` reachable from the op; returns the handle to pass as `handle`."""
+    """Make `impl` reachable from the op (while the caller keeps it alive); returns the handle
+    to pass as `handle`."""
     handle = next(_NEXT)
     _IMPLS[handle] = impl
     return handle

@@ -149,7 +149,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: sampling defaults from the model's generation_config.json; "
                    "fornax: fornax's own defaults")
     m.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    m.add_argument("--attention-backend", choices=("auto", "torch_ref", "flashinfer"),
+    m.add_argument("--attention-backend", choices=("auto", "torch_ref", "cpu_paged", "flashinfer"),
                    default=None)
     m.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     m.add_argument("--max-logprobs", type=int, default=None,

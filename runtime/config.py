@@ -130,7 +130,7 @@ class EngineConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if self.device == "auto":
             object.__setattr__(self, "device", _detect_device())
-        if self.attention_backend not in ("auto", "torch_ref", "flashinfer"):
+        if self.attention_backend not in ("auto", "torch_ref", "cpu_paged", "flashinfer"):
             raise ConfigError(f"unknown attention backend {self.attention_backend!r}")
         if self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet")

@@ -68,11 +68,19 @@ class AttentionBackend(ABC):
 
 
 def make_attention_backend(name: str, **kwargs: Any) -> AttentionBackend:
-    """The backend by name; 'auto' picks flashinfer on CUDA when installed, else torch_ref."""
+    """The backend by name; 'auto' picks flashinfer on CUDA when installed, cpu_paged on CPU
+    when its C kernel builds, else torch_ref."""
     device: torch.device = kwargs["device"]
     if name == "auto":
         name = "torch_ref"
-        if device.type == "cuda":
+        if device.type == "cpu":
+            from fornax.runtime.attention.cpu_paged import CpuPagedBackend
+
+            try:
+                return CpuPagedBackend(**kwargs)
+            except RuntimeError as exc:
+                logger.info("cpu_paged attention unavailable (%s); using torch_ref", exc)
+        elif device.type == "cuda":
             try:
                 from fornax.runtime.attention.flashinfer_backend import check_supported
 
@@ -86,6 +94,10 @@ def make_attention_backend(name: str, **kwargs: Any) -> AttentionBackend:
         from fornax.runtime.attention.torch_ref import TorchRefBackend
 
         return TorchRefBackend(**kwargs)
+    if name == "cpu_paged":
+        from fornax.runtime.attention.cpu_paged import CpuPagedBackend
+
+        return CpuPagedBackend(**kwargs)
     if name == "flashinfer":
         from fornax.runtime.attention.flashinfer_backend import FlashInferBackend  # type: ignore
 

@@ -44,21 +44,31 @@ class TorchRefBackend(AttentionBackend):
         bs = self.block_size
         slots = common.slot_mapping
         k_slots = (slots // bs) * (2 * bs) + slots % bs
-        qsl = common.query_start_loc_np
-        q_lens = np.diff(qsl)
-        seq_lens = common.seq_lens_np
-        dev = common.slot_mapping.device
+        q_lens = np.diff(common.query_start_loc_np)
         meta = TorchRefMetadata(k_slots, None, None, None)
         dec_rows = np.nonzero(q_lens == 1)[0]
         if len(dec_rows):
-            max_len = int(seq_lens[dec_rows].max())
-            ctx = self._ctx_rows(common.block_table_np, dec_rows, max_len)
-            valid = np.arange(max_len)[None, :] < seq_lens[dec_rows][:, None]
-            ctx = np.where(valid, ctx, 0)
-            meta.decode_token_index = torch.from_numpy(qsl[dec_rows].astype(np.int64)).to(dev)
-            meta.decode_ctx_index = torch.from_numpy(ctx).to(dev)
-            meta.decode_mask = torch.from_numpy(valid[:, None, None, :]).to(dev)
-        for row in np.nonzero(q_lens > 1)[0]:
+            self._decode_metadata(common, dec_rows, meta)
+        self._prefill_metadata(common, np.nonzero(q_lens > 1)[0], meta)
+        return meta
+
+    def _decode_metadata(self, common: CommonAttentionMetadata, dec_rows: np.ndarray,
+                         meta: TorchRefMetadata) -> None:
+        """Padded flat K row indices of every decode's context, and the padding mask."""
+        qsl, seq_lens, dev = common.query_start_loc_np, common.seq_lens_np, meta.k_slots.device
+        max_len = int(seq_lens[dec_rows].max())
+        ctx = self._ctx_rows(common.block_table_np, dec_rows, max_len)
+        valid = np.arange(max_len)[None, :] < seq_lens[dec_rows][:, None]
+        ctx = np.where(valid, ctx, 0)
+        meta.decode_token_index = torch.from_numpy(qsl[dec_rows].astype(np.int64)).to(dev)
+        meta.decode_ctx_index = torch.from_numpy(ctx).to(dev)
+        meta.decode_mask = torch.from_numpy(valid[:, None, None, :]).to(dev)
+
+    def _prefill_metadata(self, common: CommonAttentionMetadata, rows: np.ndarray,
+                          meta: TorchRefMetadata) -> None:
+        """Multi-token requests: the context rows and causal mask of those with prior KV."""
+        qsl, seq_lens, dev = common.query_start_loc_np, common.seq_lens_np, meta.k_slots.device
+        for row in rows:
             start, end, length = int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row])
             q_len = end - start
             if length == q_len:
@@ -69,7 +79,6 @@ class TorchRefBackend(AttentionBackend):
             mask = np.arange(length)[None, :] <= q_pos[:, None]
             meta.prefills.append(_Prefill(start, end, torch.from_numpy(ctx).to(dev),
                                           torch.from_numpy(mask).to(dev)))
-        return meta
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: TorchRefMetadata, scale: float | None = None) -> torch.Tensor:
@@ -79,16 +88,29 @@ class TorchRefBackend(AttentionBackend):
         flat.index_copy_(0, metadata.k_slots, k[:num_tokens].to(flat.dtype))
         flat.index_copy_(0, metadata.k_slots + self.block_size, v[:num_tokens].to(flat.dtype))
         out = torch.empty_like(q)
+        self._decode(q, kv_cache, metadata, out, scale)
+        self._prefill(q, k, v, flat, metadata, out, scale)
+        return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchRefMetadata,
+                out: torch.Tensor, scale: float) -> None:
+        """Single-token requests, batched in one padded SDPA over gathered contexts."""
+        if metadata.decode_token_index is None:
+            return
+        flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
+        idx = metadata.decode_ctx_index
+        keys = flat[idx].transpose(1, 2)  # [Bd, Hkv, max_L, D]
+        values = flat[idx + self.block_size].transpose(1, 2)
+        query = q[metadata.decode_token_index].unsqueeze(2)  # [Bd, Hq, 1, D]
+        res = F.scaled_dot_product_attention(query, keys.to(q.dtype), values.to(q.dtype),
+                                             attn_mask=metadata.decode_mask, scale=scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out[metadata.decode_token_index] = res.squeeze(2)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: torch.Tensor,
+                 metadata: TorchRefMetadata, out: torch.Tensor, scale: float) -> None:
+        """Each multi-token request in its own SDPA call (causal; masked when it has prior KV)."""
         gqa = self.num_heads != self.num_kv_heads
-        if metadata.decode_token_index is not None:
-            idx = metadata.decode_ctx_index
-            keys = flat[idx].transpose(1, 2)  # [Bd, Hkv, max_L, D]
-            values = flat[idx + self.block_size].transpose(1, 2)
-            query = q[metadata.decode_token_index].unsqueeze(2)  # [Bd, Hq, 1, D]
-            res = F.scaled_dot_product_attention(query, keys.to(q.dtype), values.to(q.dtype),
-                                                 attn_mask=metadata.decode_mask, scale=scale,
-                                                 enable_gqa=gqa)
-            out[metadata.decode_token_index] = res.squeeze(2)
         for pf in metadata.prefills:
             query = q[pf.token_start:pf.token_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
             if pf.ctx_index is None:
@@ -103,4 +125,3 @@ class TorchRefBackend(AttentionBackend):
                                                      attn_mask=pf.mask, scale=scale,
                                                      enable_gqa=gqa)
             out[pf.token_start:pf.token_end] = res.squeeze(0).transpose(0, 1)
-        return out

@@ -1,0 +1,91 @@
+"""Builds fornax's C kernels with the system compiler once per machine, caches and loads them."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SRC_DIR = Path(__file__).with_name("csrc")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("FORNAX_CACHE") or str(Path.home() / ".cache" / "fornax")
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags: -march=native code must not move to another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(name: str, source: Path, compiler: str) -> Path:
+    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()
+                         + _cpu_signature().encode() + compiler.encode()).hexdigest()[:16]
+    target = _cache_root() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *_FLAGS, str(source), "-o", str(out), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders never see half a library
+    logger.info("built native kernel %s with %s", target.name, compiler)
+    return target
+
+
+@lru_cache(maxsize=None)
+def load_paged_decode() -> ctypes.CDLL | None:
+    """The CPU paged-decode kernel, or None (no compiler, build failure, FORNAX_NATIVE_KERNELS=0).
+
+    torch is imported first so the kernel's OpenMP runtime resolves to the one torch already
+    loaded (same soname): one thread pool, no oversubscription.
+    """
+    if os.environ.get("FORNAX_NATIVE_KERNELS", "1") == "0":
+        return None
+    import torch  # noqa: F401  (loads libgomp before the kernel does)
+
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found: CPU attention falls back to the pure-torch path")
+        return None
+    try:
+        with _lock:
+            path = _build("paged_decode_cpu", _SRC_DIR / "paged_decode_cpu.c", compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("native CPU attention kernel unavailable (%s): using the pure-torch path",
+                       exc)
+        return None
+    fn = lib.fornax_paged_decode
+    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [vp, vp, vp, i64, vp, vp, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
+    fn.restype = i32
+    return lib

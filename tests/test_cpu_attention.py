@@ -1,0 +1,98 @@
+"""cpu_paged attention (C kernel over the paged cache) against the torch_ref reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
+from fornax.runtime.attention.cpu_paged import CpuPagedBackend
+from fornax.runtime.attention.native_kernels import load_paged_decode
+from fornax.runtime.attention.torch_ref import TorchRefBackend
+
+pytestmark = pytest.mark.skipif(load_paged_decode() is None, reason="no C compiler")
+
+
+def _step(q_lens: list[int], ctx_lens: list[int], block_size: int, seed: int):
+    """A random step: each request's prior context, scattered over shuffled cache blocks."""
+    rng = np.random.RandomState(seed)
+    n = len(q_lens)
+    seq = np.array([c + q for c, q in zip(ctx_lens, q_lens)], dtype=np.int32)
+    max_blocks = int(-(-seq.max() // block_size)) + 1
+    num_blocks = n * max_blocks + 1
+    table = rng.permutation(np.arange(1, num_blocks))[: n * max_blocks]
+    table = table.reshape(n, max_blocks).astype(np.int32)
+    qsl = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(q_lens, out=qsl[1:])
+    pos = np.concatenate([np.arange(c, c + q) for c, q in zip(ctx_lens, q_lens)])
+    req = np.repeat(np.arange(n), q_lens)
+    slots = torch.from_numpy(table[req, pos // block_size].astype(np.int64) * block_size
+                             + pos % block_size)
+    common = CommonAttentionMetadata(qsl, seq, torch.from_numpy(table), table, slots, n,
+                                     int(qsl[-1]), int(max(q_lens)), int(seq.max()), block_size)
+    return common, num_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),    # SmolLM2-135M: grouped-query, the bf16 fast path
+    (8, 8, 32, 16),    # multi-head, head_dim not a multiple of 32 (portable path)
+    (16, 1, 128, 32),  # multi-query, bigger blocks
+    (4, 2, 80, 16),    # head_dim 80
+])
+def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, block_size):
+    torch.manual_seed(0)
+    # Decodes with short and long contexts (one of a single token), a fresh prefill, and a
+    # chunked prefill continuing from cached context, all in one step.
+    q_lens, ctx_lens = [1, 1, 7, 1, 5, 1], [0, 37, 0, 300, 20, 15]
+    common, num_blocks = _step(q_lens, ctx_lens, block_size, seed=heads)
+    kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+              dtype=dtype, device=torch.device("cpu"))
+    ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim).to(dtype)
+    tokens = common.num_actual_tokens
+    q = torch.randn(tokens, heads, head_dim).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim).to(dtype)
+    cache_ref, cache_fast = cache.clone(), cache.clone()
+    expected = ref.forward(q, k, v, cache_ref, ref.build_metadata(common))
+    got = fast.forward(q, k, v, cache_fast, fast.build_metadata(common))
+    assert torch.equal(cache_ref, cache_fast)  # both wrote the new K/V to the same slots
+    err = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+def test_all_decode_batch_writes_in_place():
+    """The common pure-decode step skips the gather/scatter of q; results must still match."""
+    q_lens, ctx_lens = [1] * 12, list(range(3, 600, 50))
+    common, num_blocks = _step(q_lens, ctx_lens, 16, seed=1)
+    kw = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16,
+              device=torch.device("cpu"))
+    ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)
+    meta = fast.build_metadata(common)
+    assert meta.all_decode and meta.decode_token_index is None
+    cache = torch.randn(num_blocks, 2, 16, 3, 64).to(torch.bfloat16)
+    q, k, v = (torch.randn(12, h, 64).to(torch.bfloat16) for h in (9, 3, 3))
+    expected = ref.forward(q, k, v, cache.clone(), ref.build_metadata(common))
+    got = fast.forward(q, k, v, cache.clone(), meta)
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
+
+
+def test_auto_picks_cpu_paged_and_falls_back(monkeypatch):
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+              device=torch.device("cpu"))
+    assert isinstance(make_attention_backend("auto", **kw), CpuPagedBackend)
+    # Shapes the kernel cannot take (group of 64 query heads per kv head) fall back to torch_ref.
+    wide = dict(kw, num_heads=64, num_kv_heads=1)
+    backend = make_attention_backend("auto", **wide)
+    assert type(backend) is TorchRefBackend
+    with pytest.raises(RuntimeError, match="float16"):
+        CpuPagedBackend(**dict(kw, dtype=torch.float16))
+    monkeypatch.setenv("FORNAX_NATIVE_KERNELS", "0")
+    load_paged_decode.cache_clear()
+    try:
+        assert type(make_attention_backend("auto", **kw)) is TorchRefBackend
+    finally:
+        monkeypatch.delenv("FORNAX_NATIVE_KERNELS")
+        load_paged_decode.cache_clear()

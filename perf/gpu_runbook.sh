@@ -53,7 +53,7 @@ EOF
 }
 
 stage_tests() {
-    timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests \
+    timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_*.py \
         --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 }
 

@@ -55,14 +55,29 @@ def shape_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     config = out / "config.json"
     if config.exists() and json.loads(config.read_text(encoding="utf-8")) == SHAPES[name]:
         return out
-    from tools.make_tiny_model import tiny_model_dir  # the repo's tiny tokenizer
-
-    tokenizer_src = tiny_model_dir("llama")
+    tokenizer_src = _tiny_model_dir()("llama")
     out.mkdir(parents=True, exist_ok=True)
     for fname in _TOKENIZER_FILES:
         shutil.copy(tokenizer_src / fname, out / fname)
     config.write_text(json.dumps(SHAPES[name], indent=2), encoding="utf-8")
     return out
+
+
+def _tiny_model_dir() -> Any:
+    """tools/make_tiny_model.py's builder (the repo's tiny tokenizer); `tools` is a folder of the
+    checkout, not of the installed package, so run the benches from the repo root."""
+    import sys
+
+    try:
+        from tools.make_tiny_model import tiny_model_dir
+    except ImportError:
+        root = Path.cwd()
+        if not (root / "tools" / "make_tiny_model.py").exists():
+            raise SystemExit("built-in shapes need the repo's tools/ folder: run from the repo "
+                             "root, or pass --model DIR") from None
+        sys.path.insert(0, str(root))
+        from tools.make_tiny_model import tiny_model_dir
+    return tiny_model_dir
 
 
 def weight_bytes_read_per_step(model: Any) -> int:

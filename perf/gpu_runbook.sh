@@ -40,7 +40,8 @@ report_env() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     "$PY" - <<'EOF'
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
 for name in ("flashinfer", "tvm_ffi", "msgspec", "transformers", "triton"):
     try:
         mod = importlib.import_module(name)

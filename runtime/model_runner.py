@@ -18,6 +18,7 @@ from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
+from fornax.runtime.models.cpu_packing import pack_linear_weights, packing_supported
 from fornax.runtime.models.registry import resolve_architecture
 from fornax.runtime.sampler import Sampler, SamplingMetadata
 from fornax.runtime.scheduler import SchedulerOutput
@@ -117,6 +118,7 @@ class ModelRunner:
             from fornax.graphs.compile import compile_model_forward
 
             self.forward_fn = compile_model_forward(self.model)
+        self._pack_weights()
 
     # ---- set-up --------------------------------------------------------------------------------
     def _load_weights(self) -> None:
@@ -134,6 +136,12 @@ class ModelRunner:
         """Load the checkpoint again into the existing parameters (after sleep level 2)."""
         with torch.inference_mode(False), torch.no_grad():
             self._load_weights()
+        self._pack_weights()
+
+    def _pack_weights(self) -> None:
+        """bf16 on CPU: hand oneDNN pre-packed weights (eager only; compiled graphs trace F.linear)."""
+        if not self.compiled and packing_supported(self.device, self.dtype):
+            pack_linear_weights(self.model)
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

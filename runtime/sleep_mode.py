@@ -45,6 +45,9 @@ def put_to_sleep(runner: Any, state: SleepState, level: int) -> None:
             for p in params.values():
                 p.data = torch.empty(0, dtype=p.dtype, device=runner.device)
     else:
+        from fornax.runtime.models.cpu_packing import unpack_linear_weights
+
+        unpack_linear_weights(runner.model)
         for p in params.values():
             p.data = torch.empty(0, dtype=p.dtype, device=runner.device)
     state.level = level

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fornax.runtime.models.cpu_packing import packed_linear
+
 
 class RMSNorm(nn.Module):
     """RMS norm computed in float32 and cast back, as the HF reference does."""
@@ -36,6 +38,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None
+        self.packed_weight: torch.Tensor | None = None  # oneDNN copy on CPU (cpu_packing.py)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
@@ -45,6 +48,8 @@ class ColumnParallelLinear(nn.Module):
         _default_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias, self.output_size)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -102,7 +107,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    packed_weight: torch.Tensor | None = None  # oneDNN copy on CPU (cpu_packing.py)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(hidden, self.packed_weight, None, self.weight.shape[0])
         return F.linear(hidden, self.weight)
 
 

@@ -1,0 +1,57 @@
+"""oneDNN pre-packed bf16 weights on CPU: same numbers as plain F.linear, dropped on deep sleep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fornax.runtime.models.cpu_packing import packed_linear, packing_supported
+from fornax.runtime.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(
+    not packing_supported(torch.device("cpu"), torch.bfloat16), reason="no oneDNN bf16 packing")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 300])
+def test_packed_linear_is_bit_identical(rows):
+    torch.manual_seed(rows)
+    weight = torch.randn(96, 64).to(torch.bfloat16)
+    bias = torch.randn(96).to(torch.bfloat16)
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    assert torch.equal(packed_linear(x, packed, bias, 96), torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(packed_linear(x, packed, None, 96), torch.nn.functional.linear(x, weight))
+
+
+def _linears(llm):
+    return [m for m in llm.engine.runner.model.modules() if hasattr(m, "packed_weight")]
+
+
+def test_bf16_engine_packs_and_generates_the_same_tokens(make_llm):
+    prompts = ["The quick brown fox", "Once upon a time there was"]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    packed = make_llm("llama", dtype="bfloat16")
+    assert all(m.packed_weight is not None for m in _linears(packed))
+    plain = make_llm("llama", dtype="bfloat16")
+    for module in _linears(plain):
+        module.packed_weight = None
+    got, expected = packed.generate(prompts, params), plain.generate(prompts, params)
+    for a, b in zip(got, expected):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [d.logprob for step in a.outputs[0].logprobs for d in step.values()] == \
+            [d.logprob for step in b.outputs[0].logprobs for d in step.values()]
+
+
+def test_deep_sleep_drops_packed_weights_and_wake_repacks(make_llm):
+    llm = make_llm("llama", dtype="bfloat16")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    before = llm.generate(["Hello there"], params)[0].outputs[0].token_ids
+    llm.engine.sleep(level=2)
+    assert all(m.packed_weight is None for m in _linears(llm))
+    llm.engine.wake_up()
+    assert all(m.packed_weight is not None for m in _linears(llm))
+    assert llm.generate(["Hello there"], params)[0].outputs[0].token_ids == before
+
+
+def test_float32_models_do_not_pack(make_llm):
+    assert all(m.packed_weight is None for m in _linears(make_llm("llama")))

@@ -24,6 +24,7 @@ from fornax.api import (
     dev,
     embeddings,
     models,
+    realtime,
     responses,
     sagemaker,
     scoring,
@@ -120,8 +121,12 @@ class FornaxApp:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+        elif kind == "websocket":  # WS /v1/realtime (any other path is closed with 1008)
+            if self.state is None:
+                await self.startup()
+            assert self.state is not None
+            await realtime.websocket_endpoint(self.state, scope, receive, send,
+                                              self._key_ok if self._keys else None)
 
     # ---- lifespan ------------------------------------------------------------------------------
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -222,6 +227,11 @@ class FornaxApp:
             given = req.headers["x-api-key"].strip().encode()
         else:
             return False
+        return self._key_ok(given)
+
+    def _key_ok(self, given: bytes | str) -> bool:
+        if isinstance(given, str):
+            given = given.encode("utf-8", "replace")
         ok = False
         for key in self._keys:  # constant time: every key compared, no early exit
             ok |= hmac.compare_digest(given, key)

@@ -51,6 +51,16 @@ def _responses_store(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected memory or sqlite:PATH, got {text!r}")
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
@@ -113,6 +123,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413 (default: 32MiB)")
     g.add_argument("--max-audio-filesize-mb", type=float, default=25.0,
                    help="audio uploads to /v1/audio/* larger than this get 413 (default: 25)")
+    g.add_argument("--realtime-max-buffer-seconds", type=_positive, default=300.0,
+                   help="WS /v1/realtime: most seconds of audio a session may have waiting to be "
+                   "transcribed; appends beyond it get an invalid_audio error (default: 300)")
+    g.add_argument("--realtime-max-session-seconds", type=_positive, default=3600.0,
+                   help="WS /v1/realtime: a session is closed after this many seconds "
+                   "(default: 3600)")
+    g.add_argument("--realtime-idle-timeout", type=_positive, default=60.0,
+                   help="WS /v1/realtime: a session is closed after this many seconds without "
+                   "a client event while nothing is being transcribed (default: 60)")
     g.add_argument("--enable-dev-endpoints", action="store_true",
                    help="serve the admin routes POST /sleep?level=1|2, POST /wake_up, GET "
                    "/is_sleeping and POST /reset_prefix_cache (404 without it; also "

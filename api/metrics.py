@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -24,6 +24,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0)
+_WS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -52,6 +53,16 @@ class Metrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.", labels,
                              buckets=_E2E_BUCKETS, registry=reg).labels(model_name)
+
+        # WS /v1/realtime connections (vLLM's names, no labels)
+        self.ws_active = Gauge("vllm:websocket_connections_active",
+                               "Number of currently active WebSocket connections.",
+                               multiprocess_mode="livesum", registry=reg)
+        self.ws_total = Counter("vllm:websocket_connections_total",
+                                "Total number of WebSocket connections.", registry=reg)
+        self.ws_duration = Histogram("vllm:websocket_connection_duration_seconds",
+                                     "Duration of WebSocket connections in seconds.",
+                                     buckets=_WS_BUCKETS, registry=reg)
 
     def request_finished(self, finished_reason: str) -> None:
         self._success.labels(self.model_name, finished_reason).inc()

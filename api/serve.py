@@ -173,6 +173,9 @@ def run_serve(args: argparse.Namespace) -> int:
             generation_config=kwargs.get("generation_config", "auto"),
             max_request_body_bytes=args.max_request_body_bytes,
             max_audio_filesize_mb=args.max_audio_filesize_mb,
+            realtime_max_buffer_s=args.realtime_max_buffer_seconds,
+            realtime_max_session_s=args.realtime_max_session_seconds,
+            realtime_idle_timeout_s=args.realtime_idle_timeout,
             log_requests=not args.disable_log_requests, created=int(time.time()),
             enable_dev_endpoints=args.enable_dev_endpoints or
             os.environ.get("VLLM_SERVER_DEV_MODE") == "1",

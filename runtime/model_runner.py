@@ -18,6 +18,7 @@ from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
+from fornax.runtime.models.cpu_fused_ops import enable_fused_ops, fused_ops_supported
 from fornax.runtime.models.cpu_packing import pack_linear_weights, packing_supported
 from fornax.runtime.models.registry import resolve_architecture
 from fornax.runtime.sampler import Sampler, SamplingMetadata
@@ -139,9 +140,14 @@ class ModelRunner:
         self._pack_weights()
 
     def _pack_weights(self) -> None:
-        """bf16 on CPU: hand oneDNN pre-packed weights (eager only; compiled graphs trace F.linear)."""
-        if not self.compiled and packing_supported(self.device, self.dtype):
+        """bf16 on CPU, eager: oneDNN pre-packed weights and fused C norm/activation kernels
+        (compiled graphs trace the plain torch bodies instead)."""
+        if self.compiled:
+            return
+        if packing_supported(self.device, self.dtype):
             pack_linear_weights(self.model)
+        if fused_ops_supported(self.device, self.dtype):
+            enable_fused_ops(self.model)
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -61,9 +61,8 @@ def _build(name: str, source: Path, compiler: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=None)
-def load_paged_decode() -> ctypes.CDLL | None:
-    """The CPU paged-decode kernel, or None (no compiler, build failure, FORNAX_NATIVE_KERNELS=0).
+def _load(name: str) -> ctypes.CDLL | None:
+    """Build (once per machine and source version) and load csrc/<name>.c, or None.
 
     torch is imported first so the kernel's OpenMP runtime resolves to the one torch already
     loaded (same soname): one thread pool, no oversubscription.
@@ -74,18 +73,40 @@ def load_paged_decode() -> ctypes.CDLL | None:
 
     compiler = _compiler()
     if compiler is None:
-        logger.warning("no C compiler found: CPU attention falls back to the pure-torch path")
+        logger.warning("no C compiler found: CPU kernels fall back to pure torch")
         return None
     try:
         with _lock:
-            path = _build("paged_decode_cpu", _SRC_DIR / "paged_decode_cpu.c", compiler)
-        lib = ctypes.CDLL(str(path))
+            path = _build(name, _SRC_DIR / f"{name}.c", compiler)
+        return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("native CPU attention kernel unavailable (%s): using the pure-torch path",
-                       exc)
+        logger.warning("native CPU kernel %s unavailable (%s): using pure torch", name, exc)
         return None
-    fn = lib.fornax_paged_decode
-    vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [vp, vp, vp, i64, vp, vp, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
-    fn.restype = i32
+
+
+_vp, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+@lru_cache(maxsize=None)
+def load_paged_decode() -> ctypes.CDLL | None:
+    """The CPU paged-decode attention kernel, or None (no compiler, build failure,
+    FORNAX_NATIVE_KERNELS=0)."""
+    lib = _load("paged_decode_cpu")
+    if lib is not None:
+        fn = lib.fornax_paged_decode
+        fn.argtypes = [_vp, _vp, _vp, _i64, _vp, _vp, _i32, _i32, _i32, _i32, _i32, _f32, _i32,
+                       _i32]
+        fn.restype = _i32
+    return lib
+
+
+@lru_cache(maxsize=None)
+def load_fused_ops() -> ctypes.CDLL | None:
+    """The fused bf16 RMSNorm and SiLU-and-multiply kernels, or None."""
+    lib = _load("fused_ops_cpu")
+    if lib is not None:
+        lib.fornax_rms_norm_bf16.argtypes = [_vp, _i64, _vp, _vp, _i32, _i32, _f32, _i32]
+        lib.fornax_rms_norm_bf16.restype = None
+        lib.fornax_silu_mul_bf16.argtypes = [_vp, _vp, _i32, _i32, _i32]
+        lib.fornax_silu_mul_bf16.restype = None
     return lib

@@ -16,8 +16,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused = None  # FusedCpuOps on bf16 CPU models (cpu_fused_ops.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and x.dtype == torch.bfloat16:
+            return self.fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -118,6 +121,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 class SiluAndMul(nn.Module):
     """silu(gate) * up over the fused [gate | up] projection."""
 
+    fused = None  # FusedCpuOps on bf16 CPU models (cpu_fused_ops.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and x.dtype == torch.bfloat16:
+            return self.fused.silu_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

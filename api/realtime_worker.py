@@ -4,7 +4,7 @@ Each decode is an ordinary engine request (a short log-mel window), so the decod
 sessions share the engine's batches. A session never queues a second decode behind the first:
 when the engine is slow, partial decodes simply come less often (each covers all audio so far).
 When a segment ends while a partial decode of it runs, that decode is aborted and the final one
-starts at once, unless it already covers all the segment's audio (then it is the final one).
+starts at once, unless it already covers all the segment's speech (then it is the final one).
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ class DecodeWorker:
                     await self._failed(job, exc)
                     continue
                 collector = task.result()
-                if not job.final and self.tr.covers(job):
-                    job.final = True  # the segment closed with no new audio: this is final
+                if not job.final and collector.finish_reason != "length" \
+                        and self.tr.covers(job):
+                    job.final = True  # the segment closed, only silence came since: final
                 out = self.tr.feed(job, collector.token_ids, collector.logprobs,
                                    collector.no_speech_prob)
                 if out is not None:

@@ -35,6 +35,7 @@ MARGIN_FRAMES = 100  # silence after the audio in a short window (1 s): Whisper 
 FRAME_QUANTUM = 100  # window lengths are multiples of this (1 s), so engine batches share them
 MAX_PROMPT_TEXT_TOKENS = 100  # the session's text prompt, last tokens kept
 DEFAULT_VAD = VadConfig()
+COVER_MARGIN_S = 0.2  # silence after the voice a partial decode must have to count as final
 
 
 @dataclass(frozen=True)
@@ -291,10 +292,15 @@ class StreamingTranscriber:
         return None
 
     def covers(self, job: DecodeJob) -> bool:
-        """A partial job of a segment that has since closed, with no audio added: its result is
-        the final one (no need to decode again)."""
+        """Whether a partial job of a segment that has since closed can stand as its final one:
+        it has all the segment's voiced audio and `COVER_MARGIN_S` after it (what it lacks is
+        silence, which would not change the text), so no decode needs to start again."""
         seg = job.segment
-        return seg.closed and job.num_samples == seg.num_samples and seg in self.segments
+        if not seg.closed or seg not in self.segments:
+            return False
+        voiced_end = min(seg.num_samples, self._vad.last_voiced - seg.start_sample
+                         + int(COVER_MARGIN_S * SAMPLE_RATE))
+        return job.num_samples >= max(voiced_end, 1)
 
     def _job(self, seg: Segment, final: bool) -> DecodeJob:
         ids, info = self.info.ids, self.info

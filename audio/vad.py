@@ -63,6 +63,7 @@ class EnergyVad:
         self.floor_db = -60.0
         self.speaking = False
         self._run = 0  # consecutive voiced frames (before a start), silent ones (after)
+        self.last_voiced = 0  # stream position where the last voiced frame ended
         self._blocks: deque[float] = deque(maxlen=FLOOR_WINDOW_BLOCKS)  # 100 ms minima
         self._block_min, self._block_frames = 0.0, 0
 
@@ -78,6 +79,8 @@ class EnergyVad:
         for level in levels:
             voiced = level > max(cfg.min_level_db, self.floor_db + cfg.margin_db)
             self._track_floor(float(level))
+            if voiced:
+                self.last_voiced = (self._frame + 1) * FRAME_SAMPLES
             if not self.speaking:
                 self._run = self._run + 1 if voiced else 0
                 if self._run >= start_frames:

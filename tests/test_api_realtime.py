@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -41,6 +42,86 @@ def test_stable_prefix_needs_agreement_and_a_whole_word():
     assert stable_prefix([1, 7], [1, 2, 3, 7], 2, piece) == 2
     assert stable_prefix([], [1, 2], 0, piece) == 0
     assert is_break(" word") and is_break("!") and not is_break("wn") and not is_break("'s")
+
+
+WORDS = (" The", " cat", " sat", " on", " the", " mat", ".", " hat")
+
+
+class _Tokenizer:
+    """Whisper-like ids: 0.. are words (with their leading space), 100+ special."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(WORDS[i] for i in ids if i < len(WORDS))
+
+    def encode(self, text, add_special_tokens=False):
+        return SimpleNamespace(ids=[WORDS.index(" " + w) for w in text.split()])
+
+
+def _transcriber(**kwargs):
+    from fornax.audio.streaming import StreamConfig, StreamingTranscriber
+    from fornax.audio.transcribe import WhisperInfo
+
+    ids = {"sot": 101, "sot_prev": 102, "transcribe": 103, "translate": 104,
+           "no_timestamps": 105, "eot": 100, "timestamp_begin": 106}
+    info = WhisperInfo(ids, {}, False, 80, 448)
+    return StreamingTranscriber(info, _Tokenizer(), config=StreamConfig(step_s=0.5,
+                                                                        agree_gap_s=1.0),
+                                **kwargs)
+
+
+def test_transcriber_sends_agreed_words_once_and_the_rest_at_the_end():
+    tr = _transcriber(vad=None)  # manual segments
+    # each decode's continuation after the stable tokens in its prompt; "hat" misheard early
+    hyps = iter([[0, 7], [0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4]])
+    sent, prompts = [], []
+    for _ in range(20):  # 2 s of audio in 100 ms chunks
+        tr.append(_tone(0.1, 0.3))
+        job = tr.next_job()
+        if job is not None:
+            prompts.append(job.prompt)
+            window = tr.window(job)
+            assert window.features.shape == (80, -(-(len(job.segment.audio()[:job.num_samples])
+                                                    // 160 + 100) // 100) * 100)
+            out = tr.feed(job, next(hyps) + [100])
+            sent.append(out.delta)
+    # decodes at 0.5, 1.0, 1.5, 2.0 s; agreement needs a decode of 1 s less audio, and a
+    # word that ends one of the two decodes may be cut: "sat" waits
+    assert sent == ["", "", "The", " cat"]
+    assert prompts[-1] == [101, 105, 0]  # stable tokens ride in the prompt
+    assert tr.close() == 0
+    job = tr.next_job()
+    assert job.final and job.prompt == [101, 105, 0, 1]
+    out = tr.feed(job, [2, 3, 4, 5, 6, 100])  # the final decode continues the stable text
+    assert out.final and out.delta == " sat on the mat."
+    assert "".join(sent) + out.delta == "The cat sat on the mat." and not tr.segments
+    tr.append(_tone(0.3, 0.3))  # the next item: a separator before its first words
+    assert tr.next_job() is None  # less than a step of audio: no partial decode yet
+    tr.close()
+    job = tr.next_job()
+    out = tr.feed(job, [0, 7, 100])
+    assert job.segment.item == 1 and out.delta == " The hat" and out.final
+
+
+def test_transcriber_segments_on_silence_and_a_covering_partial_is_final():
+    tr = _transcriber()
+    silence = np.zeros(1600, np.float32)
+    notices = []
+    for chunk in [silence] * 3 + [_tone(0.1, 0.3)] * 10:
+        notices += tr.append(chunk)
+    assert [n.kind for n in notices] == ["start"]
+    seg = tr.segments[0]
+    assert abs(seg.start_sample / 16000 - 0.0) < 0.05  # the onset minus 300 ms of padding
+    for _ in range(3):
+        tr.append(silence)
+    job = tr.next_job()  # a partial covering the voice and 300 ms of silence
+    assert job is not None and not job.final
+    for _ in range(3):
+        notices += tr.append(silence)
+    assert [n.kind for n in notices] == ["start", "stop"] and seg.closed
+    assert tr.covers(job)  # only silence came since: its result can be the final one
+    job.final = True
+    out = tr.feed(job, [0, 1, 100])
+    assert out.final and out.delta == "The cat" and not tr.segments
 
 
 def _tone(seconds: float, level: float, rate: int = 16000) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
-               "asr", "decode-floor", "modes")
+               "asr", "realtime", "decode-floor", "modes")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -29,6 +29,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
     """Register throughput, latency, serve and compare on an argparse subparsers object."""
     from fornax.perf import (
         bench_asr,
+        bench_realtime,
         compare,
         embed,
         gpu_decode_floor,
@@ -41,7 +42,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
     )
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
-                   gpu_decode_floor, gpu_modes):
+                   bench_realtime, gpu_decode_floor, gpu_modes):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

@@ -46,6 +46,8 @@ METRICS: dict[str, list[str]] = {
     "embed": ["elapsed_s", "sentences_per_s", "tokens_per_s", "num_sentences", "num_tokens"],
     "structured": ["free_tpot_ms", "json_tpot_ms", "free_decode_step_ms", "json_decode_step_ms"],
     "asr": ["elapsed_s", "rtf", "audio_s_per_s", "wer", "num_files", "audio_seconds"],
+    "realtime": ["final_latency_p50_ms", "final_latency_p90_ms", "first_delta_p50_ms",
+                 "first_delta_p90_ms", "max_realtime_sessions", "wer", "num_utterances"],
     # per batch size B: step_ms_bB, floor_ms_bB, floor_fraction_bB (checked by the tests)
     "decode_floor": ["bandwidth_gb_s", "weight_gb_per_step", "kv_kib_per_token"],
     # per mode M: M_output_throughput, M_elapsed_s, M_median_decode_step_ms
@@ -58,6 +60,7 @@ STARTUP: dict[str, list[str]] = {
     "embed": ["load_s", "warmup_s"],
     "structured": ["load_s", "grammar_compile_s", "warmup_s"],
     "asr": ["load_s", "warmup_s"],
+    "realtime": ["load_s", "warmup_s"],
     "decode_floor": ["load_s", "compile_capture_s"],
     "modes": [],
 }

@@ -109,6 +109,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logger.info("hf iteration %d: %.1f output tok/s", it, hf_it["output_throughput"])
 
     record["metrics"] = _medians(fx_iters)
+    if llm.engine.info.device == "cpu":
+        from fornax.perf.roofline import cpu_floor
+
+        floor = cpu_floor(llm, requests)
+        floor["fornax_fraction"] = floor["floor_s"] / record["metrics"]["elapsed_s"]
+        if peer is not None:
+            peer_s = _medians(record["peer"]["iterations"])["elapsed_s"]
+            floor["peer_fraction"] = floor["floor_s"] / peer_s
+        record["roofline"] = floor
     record["details"] = {"workload": workload_summary(requests), "iterations": fx_iters,
                          "engine": _engine_info(llm)}
     if peer is not None:
@@ -175,5 +184,10 @@ def print_report(record: dict[str, Any]) -> None:
                 + ([peer["startup"]["load_s"], ""] if peer else []))
     rows.append(["startup warmup_s", record["startup"]["warmup_s"]]
                 + ([peer["startup"]["warmup_s"], ""] if peer else []))
+    roof = record.get("roofline")
+    if roof:
+        rows.append(["floor_s (measured ceilings)", roof["floor_s"]] + ([roof["floor_s"], ""] if peer else []))
+        rows.append(["fraction of floor", roof["fornax_fraction"]]
+                    + ([roof.get("peer_fraction"), ""] if peer else []))
     headers = ["metric", "fornax"] + (["hf", "speedup"] if peer else [])
     print_table(rows, headers, title)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fornax.runtime.logits_processors import LogitsInputs, apply_logits_processors
+from fornax.runtime.models.cpu_fused_ops import fast_argmax
 
 _GREEDY_EPS = 1e-5
 
@@ -47,7 +48,7 @@ class Sampler:
                         if meta.max_num_logprobs >= 0 else None)
         if meta.logits_inputs is not None:
             logits = apply_logits_processors(logits, meta.logits_inputs)
-        greedy = logits.argmax(dim=-1)
+        greedy = fast_argmax(logits)
         if meta.all_greedy:
             sampled = greedy
         else:

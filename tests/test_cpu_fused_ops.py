@@ -78,3 +78,23 @@ def test_fast_argmax_matches_torch_including_ties_and_nans():
     logits[6, 123] = float("nan")  # torch reports the NaN's index; so must we
     assert torch.equal(fast_argmax(logits), logits.argmax(dim=-1))
     assert torch.equal(fast_argmax(logits[:, :100]), logits[:, :100].argmax(dim=-1))
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rotary_in_place_matches_eager(ops, partial):
+    from fornax.runtime.models.rotary import RotaryEmbedding
+
+    torch.manual_seed(1)
+    rope = RotaryEmbedding(64, 2048, 10000.0, None, partial)
+    qkv = torch.randn(11, (9 + 3 + 3) * 64).to(torch.bfloat16) * 2
+    positions = torch.tensor([0, 1, 2, 5, 100, 1023, 2047, 7, 8, 9, 10])
+    q = qkv[:, : 9 * 64].view(11, 9, 64)  # strided views, as the model splits its qkv output
+    k = qkv[:, 9 * 64: 12 * 64].view(11, 3, 64)
+    expected_q, expected_k = rope(positions, q, k)
+    rope.fused = ops
+    qkv_fused = qkv.clone()
+    q2, k2 = qkv_fused[:, : 9 * 64].view(11, 9, 64), qkv_fused[:, 9 * 64: 12 * 64].view(11, 3, 64)
+    got_q, got_k = rope(positions, q2, k2)
+    assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
+    assert got_q.data_ptr() == q2.data_ptr()  # rotated in place inside the qkv buffer
+    assert torch.equal(qkv_fused[:, 12 * 64:], qkv[:, 12 * 64:])  # v untouched

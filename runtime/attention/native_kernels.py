@@ -102,7 +102,7 @@ def load_paged_decode() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=None)
 def load_fused_ops() -> ctypes.CDLL | None:
-    """The fused bf16 RMSNorm and SiLU-and-multiply kernels and a row argmax, or None."""
+    """The fused bf16 RMSNorm, SiLU-and-multiply and rotary kernels and a row argmax, or None."""
     lib = _load("fused_ops_cpu")
     if lib is not None:
         lib.fornax_rms_norm_bf16.argtypes = [_vp, _i64, _vp, _vp, _i32, _i32, _f32, _i32]
@@ -111,4 +111,7 @@ def load_fused_ops() -> ctypes.CDLL | None:
         lib.fornax_silu_mul_bf16.restype = None
         lib.fornax_argmax_f32.argtypes = [_vp, _i32, _i32, _vp, _i32]
         lib.fornax_argmax_f32.restype = _i32
+        lib.fornax_rotary_bf16.argtypes = [_vp, _i64, _i64, _i32, _i32, _i32, _vp, _vp, _vp,
+                                           _i32]
+        lib.fornax_rotary_bf16.restype = None
     return lib

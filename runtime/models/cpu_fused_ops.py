@@ -38,6 +38,18 @@ class FusedCpuOps:
                                        torch.get_num_threads())
         return out
 
+    def rotary(self, positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+        """Rotate x [T, H, D] (a view whose last dim is contiguous) in place; returns x."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        positions = positions.contiguous()
+        self._lib.fornax_rotary_bf16(x.data_ptr(), x.stride(0), x.stride(1), x.shape[0],
+                                     x.shape[1], rotary_dim, positions.data_ptr(),
+                                     cos_cache.data_ptr(), sin_cache.data_ptr(),
+                                     torch.get_num_threads())
+        return x
+
 
 def fast_argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch.argmax(logits, -1) for 2-D float32 CPU logits; the C loop is vectorized where
@@ -58,7 +70,8 @@ def fused_ops_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def enable_fused_ops(model: nn.Module) -> int:
-    """Point every module with a `fused` slot (RMSNorm, SiluAndMul) at the C kernels."""
+    """Point every module with a `fused` slot (RMSNorm, SiluAndMul, RotaryEmbedding) at the
+    C kernels."""
     lib = load_fused_ops()
     if lib is None:
         return 0

@@ -107,10 +107,14 @@ class RotaryEmbedding(nn.Module):
         # Plain attributes, not buffers: they stay float32 when the model is cast to bf16/fp16.
         self.cos_cache = emb.cos() * attn_factor
         self.sin_cache = emb.sin() * attn_factor
+        self.fused = None  # FusedCpuOps on bf16 CPU models: rotates q/k in place
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated copies."""
+        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated copies (rotated in place when fused)."""
+        if self.fused is not None and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16:
+            return (self.fused.rotary(positions, q, self.cos_cache, self.sin_cache, self.rotary_dim),
+                    self.fused.rotary(positions, k, self.cos_cache, self.sin_cache, self.rotary_dim))
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [T, 1, rotary_dim]
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -132,3 +132,28 @@ int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_
     }
     return has_nan ? -1 : 0;
 }
+
+/* Neox-style rotary embedding in place on a [tokens, heads, head_dim] bf16 view (last dim
+ * contiguous): cos/sin rows come from float32 caches [max_pos, rotary_dim] indexed by position,
+ * rounded to bf16 first, and each product and the sum rounded as the eager torch code does. */
+void fornax_rotary_bf16(uint16_t *x, int64_t token_stride, int64_t head_stride, int tokens,
+                        int heads, int rotary_dim, const int64_t *positions,
+                        const float *cos_cache, const float *sin_cache, int num_threads) {
+    const int half = rotary_dim / 2;
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim > 65536) schedule(static)
+    for (int t = 0; t < tokens; t++) {
+        const float *cs = cos_cache + positions[t] * rotary_dim;
+        const float *sn = sin_cache + positions[t] * rotary_dim;
+        for (int h = 0; h < heads; h++) {
+            uint16_t *v = x + (int64_t)t * token_stride + (int64_t)h * head_stride;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                const float x1 = bf16_to_float(v[i]), x2 = bf16_to_float(v[i + half]);
+                const float c1 = round_bf16(cs[i]), s1 = round_bf16(sn[i]);
+                const float c2 = round_bf16(cs[i + half]), s2 = round_bf16(sn[i + half]);
+                v[i] = float_to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
+                v[i + half] = float_to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
+            }
+        }
+    }
+}

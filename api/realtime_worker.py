@@ -23,6 +23,8 @@ from fornax.audio.streaming import DecodeJob, StreamingTranscriber, StreamOutput
 logger = logging.getLogger(__name__)
 
 ERROR_BACKOFF_S = 1.0
+# the engine admits lower values first: an ended utterance's decode goes before partial ones
+FINAL_PRIORITY, PARTIAL_PRIORITY = 0, 1
 
 
 class DecodeWorker:
@@ -134,7 +136,9 @@ class DecodeWorker:
         rid = f"rt-{self.session_id}-{next(self._ids)}"
         engine = self.state.engine
         try:
-            group = await engine.add([engine_request(rid, window)])
+            request = engine_request(rid, window)
+            request.priority = FINAL_PRIORITY if job.final else PARTIAL_PRIORITY
+            group = await engine.add([request])
         except asyncio.CancelledError:
             await engine.abort([rid])  # cancelled while sending: the engine may have it
             raise

@@ -73,13 +73,21 @@ def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
 class EncoderBudgetScheduler(Scheduler):
     """The shared scheduler, admitting at most `max_new` waiting requests per step: every admitted
     request runs the encoder in that step, so a burst of uploads cannot stall the running decodes
-    for more than one encoder batch."""
+    for more than one encoder batch. Those admitted first are the ones of the lowest `priority`
+    value (in arrival order among equals), whatever the policy, and no others join them in that
+    step: realtime sessions send their final decodes at 0 and partial ones at 1, so a finished
+    utterance never waits behind others' partial encodes."""
 
     max_new = MAX_NEW_PER_STEP
 
     def schedule(self):  # type: ignore[override]
-        held = self.waiting[self.max_new:]
-        self.waiting = self.waiting[: self.max_new]
+        limit = self.max_new
+        if any(r.priority != self.waiting[0].priority for r in self.waiting):
+            self.waiting = sorted(self.waiting, key=lambda r: r.priority)  # stable
+            best = self.waiting[0].priority  # this step encodes only the most urgent class
+            limit = min(limit, sum(1 for r in self.waiting if r.priority == best))
+        held = self.waiting[limit:]
+        self.waiting = self.waiting[:limit]
         try:
             return super().schedule()
         finally:

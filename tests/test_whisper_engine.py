@@ -181,6 +181,25 @@ def test_a_burst_is_admitted_one_encoder_batch_per_step(tiny):
     assert all(len(v) == 6 for v in out.values())
 
 
+def test_urgent_requests_are_admitted_first_and_alone(tiny):
+    """Realtime finals (priority 0) go before partials (1) that arrived earlier, in a step of
+    their own, whatever the scheduling policy."""
+    path, info = tiny
+    engine = _engine(path)
+    prompt = [info.ids["sot"], info.ids["no_timestamps"]]
+    for i in range(3):
+        req = _req(f"partial{i}", prompt, seed=i, max_tokens=4)
+        req.priority = 1
+        engine.add_request(req)
+    for i in range(2):
+        engine.add_request(_req(f"final{i}", prompt, seed=10 + i, max_tokens=4))
+    engine.step()
+    assert sorted(r.request_id for r in engine.scheduler.running) == ["final0", "final1"]
+    engine.step()
+    assert engine.scheduler.num_running == 5 and engine.scheduler.num_waiting == 0
+    assert all(len(v) >= 2 for v in _drain(engine).values())
+
+
 def test_short_windows_batch_with_full_ones_and_match_their_solo_run(tiny):
     """Realtime partials send fewer frames than a window: encoded at their length (grouped by
     length in one step), then continued by the encoder states of silence."""

@@ -51,6 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,2,4,6,8,12",
                    help="comma list of concurrent session counts (default 1,2,4,6,8,12)")
     p.add_argument("--utterances", type=int, default=3, help="sentences per session")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up sentences (default 1)")
     p.add_argument("--slo-ms", type=float, default=1000.0,
                    help="p90 final latency bound for the capacity figure (default 1000)")
     p.add_argument("--output", type=Path, default=None, help="write the JSON record here")
@@ -224,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
         t = time.monotonic()
-        asyncio.run(level(ws_url, headers, 1, 1, sentences))  # warm-up, untimed
+        if args.warmup > 0:
+            asyncio.run(level(ws_url, headers, 1, args.warmup, sentences))  # untimed
         record["startup"] = {"load_s": load_s, "warmup_s": time.monotonic() - t}
         summaries = []
         for n in levels:

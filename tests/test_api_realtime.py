@@ -525,3 +525,17 @@ async def _disconnect_many(server, audios: list[np.ndarray]) -> None:
         ws.transport.abort()  # gone mid-utterance, no close handshake
 
     await asyncio.gather(*(one(a) for a in audios[:20]))
+
+
+def test_bench_realtime_writes_a_valid_record(server, tmp_path):
+    from fornax.perf.cli import main as bench
+    from fornax.perf.schema import validate_record
+
+    out = tmp_path / "rt.json"
+    assert bench(["realtime", "--base-url", server.url, "--api-key", KEY, "--concurrency", "1",
+                  "--utterances", "1", "--warmup", "0", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert validate_record(record) == []
+    metrics = record["metrics"]
+    assert 0 < metrics["final_latency_p50_ms"] < 5000 and metrics["num_utterances"] == 1
+    assert record["details"]["levels"][0]["consistent"] is True

@@ -126,7 +126,8 @@ class FornaxApp:
                 await self.startup()
             assert self.state is not None
             await realtime.websocket_endpoint(self.state, scope, receive, send,
-                                              self._key_ok if self._keys else None)
+                                              self._key_ok if self._keys else None,
+                                              self._origin_allowed)
 
     # ---- lifespan ------------------------------------------------------------------------------
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -80,14 +80,22 @@ def chosen_subprotocol(scope: Scope) -> str | None:
 
 
 async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, send: Send,
-                             key_ok: Callable[[str], bool] | None) -> None:
-    """Handle one WebSocket connection (`key_ok` is None when the server has no API keys)."""
+                             key_ok: Callable[[str], bool] | None,
+                             origin_ok: Callable[[str | None], bool] | None = None) -> None:
+    """Handle one WebSocket connection (`key_ok` is None when the server has no API keys). A
+    browser's connection (it carries an Origin) must come from an --allowed-origins origin, as
+    for HTTP: CORS does not cover WebSockets, so any web page could otherwise use the server."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     if scope.get("path") != REALTIME_PATH:
         await send({"type": "websocket.close", "code": CLOSE_POLICY,
                     "reason": f"no WebSocket route {scope.get('path')}"})
+        return
+    origin = _headers(scope).get("origin")
+    if origin is not None and origin_ok is not None and not origin_ok(origin):
+        await send({"type": "websocket.close", "code": CLOSE_POLICY,
+                    "reason": "this origin is not allowed (--allowed-origins)"})
         return
     if key_ok is not None:
         given = offered_key(scope)

@@ -437,6 +437,9 @@ def test_api_key_forms(server):
         async with websockets.connect(_url(server), additional_headers={"x-api-key": KEY},
                                       proxy=None) as ws:
             assert (await _recv(ws))["type"] == "session.created"
+        # a web page of another origin (no --allowed-origins) is refused even with the key
+        with pytest.raises(websockets.InvalidStatus):
+            await _connect(server, origin="http://evil.example")
 
     asyncio.run(run())
 
@@ -539,3 +542,21 @@ def test_bench_realtime_writes_a_valid_record(server, tmp_path):
     metrics = record["metrics"]
     assert 0 < metrics["final_latency_p50_ms"] < 5000 and metrics["num_utterances"] == 1
     assert record["details"]["levels"][0]["consistent"] is True
+
+
+def test_a_text_model_answers_with_an_error_event_and_closes():
+    import websockets
+    from api_server import API_KEYS, main_server
+
+    server = main_server()  # tiny llama, --allowed-origins http://good.example
+
+    async def run():
+        async with await _connect(server, key=API_KEYS[0], origin="http://good.example") as ws:
+            event = await _recv(ws)
+            assert event["type"] == "error" and event["code"] == "model_not_found"
+            assert "not a speech-to-text model" in event["error"]
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1008
+
+    asyncio.run(run())

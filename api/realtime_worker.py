@@ -91,27 +91,38 @@ class DecodeWorker:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.enabled and (job := self.tr.next_job()) is not None:
-                self._job = job
-                self._task = asyncio.create_task(self._decode(job))
-                try:
-                    await asyncio.wait({self._task})
-                finally:
-                    task, self._task, self._job = self._task, None, None
-                if task.cancelled():
-                    continue  # moot (see segment_closed); the loop picks the next job
-                exc = task.exception()
-                if exc is not None:
-                    await self._failed(job, exc)
-                    continue
-                collector = task.result()
-                if not job.final and collector.finish_reason != "length" \
-                        and self.tr.covers(job):
-                    job.final = True  # the segment closed, only silence came since: final
-                out = self.tr.feed(job, collector.token_ids, collector.logprobs,
-                                   collector.no_speech_prob)
-                if out is not None:
-                    await self.on_output(out)
+            try:
+                await self._run_jobs()
+            except Exception as exc:  # a bug must not silence the session: say so, go on
+                logger.exception("realtime session %s: the decode loop failed", self.session_id)
+                await self.on_error(f"the server failed to transcribe: {type(exc).__name__}: "
+                                    f"{exc}")
+                await asyncio.sleep(ERROR_BACKOFF_S)
+                self.poke()
+
+    async def _run_jobs(self) -> None:
+        """Run jobs while there are any."""
+        while self.enabled and (job := self.tr.next_job()) is not None:
+            self._job = job
+            self._task = asyncio.create_task(self._decode(job))
+            try:
+                await asyncio.wait({self._task})
+            finally:
+                task, self._task, self._job = self._task, None, None
+            if task.cancelled():
+                continue  # moot (see segment_closed); the loop picks the next job
+            exc = task.exception()
+            if exc is not None:
+                await self._failed(job, exc)
+                continue
+            collector = task.result()
+            if not job.final and collector.finish_reason != "length" \
+                    and self.tr.covers(job):
+                job.final = True  # the segment closed, only silence came since: final
+            out = self.tr.feed(job, collector.token_ids, collector.logprobs,
+                               collector.no_speech_prob)
+            if out is not None:
+                await self.on_output(out)
 
     async def _failed(self, job: DecodeJob, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"

@@ -92,6 +92,7 @@ class DecodeJob:
     prompt: list[int]
     prefix_len: int  # output tokens before the text (language, task, no-timestamps if detected)
     detect_language: bool
+    audio: np.ndarray  # the segment's first num_samples, taken when the job was made
 
 
 @dataclass
@@ -316,12 +317,13 @@ class StreamingTranscriber:
             prompt.append(ids["no_timestamps"])
             prompt += seg.committed
         seg.decoded_samples = seg.num_samples
-        return DecodeJob(seg, final, seg.num_samples, prompt, 3 if detect else 0, detect)
+        audio = seg.audio()[: seg.num_samples]  # here, not in window(): appends go on meanwhile
+        return DecodeJob(seg, final, seg.num_samples, prompt, 3 if detect else 0, detect, audio)
 
     def window(self, job: DecodeJob) -> WindowRequest:
         """The engine request of a job: log-mel of the segment's audio plus a silent margin
-        (NumPy work: run it off the event loop)."""
-        audio = job.segment.audio()[: job.num_samples]
+        (NumPy work: run it off the event loop; it reads only the job)."""
+        audio = job.audio
         content = len(audio) // HOP_LENGTH
         frames = min(N_FRAMES, -(-(content + MARGIN_FRAMES) // FRAME_QUANTUM) * FRAME_QUANTUM)
         mel = log_mel_spectrogram(audio, self.info.num_mel_bins, pad_to=frames * HOP_LENGTH)

@@ -234,6 +234,7 @@ def _with_silence(audio: np.ndarray, before: float = 0.3, after: float = 0.3) ->
                            np.zeros(int(after * 16000), np.float32)])
 
 
+@pytest.mark.slow
 def test_vllm_protocol_streams_deltas_before_the_commit_in_real_time(server, clips):
     out = asyncio.run(_vllm_session(server, _with_silence(clips["en_04.flac"])))
     created = out["created"]
@@ -289,6 +290,7 @@ async def _openai_session(server, audio16k: np.ndarray) -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 def test_openai_transcription_session_event_by_event(server, clips):
     events = asyncio.run(_openai_session(server, _with_silence(clips["en_03.flac"])))
     assert events[0]["type"] == "transcription_session.created"
@@ -324,6 +326,7 @@ def test_openai_transcription_session_event_by_event(server, clips):
     assert word_error_rate([SHORT["en_03.flac"]], [" ".join(transcripts)]) <= 0.15
 
 
+@pytest.mark.slow
 def test_bad_events_get_error_codes_and_the_vllm_session_goes_on(server, clips):
     async def run():
         async with await _connect(server) as ws:
@@ -366,6 +369,7 @@ def test_bad_events_get_error_codes_and_the_vllm_session_goes_on(server, clips):
     asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_openai_errors_echo_the_event_and_the_session_goes_on(server, clips):
     async def run():
         async with await _connect(server) as ws:
@@ -419,6 +423,7 @@ def test_openai_errors_echo_the_event_and_the_session_goes_on(server, clips):
     asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_api_key_forms(server):
     import websockets
 
@@ -444,6 +449,7 @@ def test_api_key_forms(server):
     asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_buffer_limit_and_idle_timeout(server, clips):
     import websockets
 
@@ -481,6 +487,7 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_sessions_then_twenty_disconnects(server, clips):
     names = list(SHORT)
     outs = asyncio.run(_many(server, [clips[names[i % len(names)]] for i in range(20)]))
@@ -530,6 +537,7 @@ async def _disconnect_many(server, audios: list[np.ndarray]) -> None:
     await asyncio.gather(*(one(a) for a in audios[:20]))
 
 
+@pytest.mark.slow
 def test_bench_realtime_writes_a_valid_record(server, tmp_path):
     from fornax.perf.cli import main as bench
     from fornax.perf.schema import validate_record
@@ -544,6 +552,7 @@ def test_bench_realtime_writes_a_valid_record(server, tmp_path):
     assert record["details"]["levels"][0]["consistent"] is True
 
 
+@pytest.mark.slow
 def test_a_text_model_answers_with_an_error_event_and_closes():
     import websockets
     from api_server import API_KEYS, main_server

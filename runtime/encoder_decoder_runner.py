@@ -20,6 +20,11 @@ from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ConfigError, ModelLoadError
 from fornax.runtime.input_batch import InputBatch
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
+from fornax.runtime.kv_cache.sizing import (
+    allocate_layer_caches,
+    blocks_in_budget,
+    full_length_bytes,
+)
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
@@ -133,18 +138,13 @@ class EncoderDecoderModelRunner:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         per_block = self.kv_bytes_per_block()
-        needed = (self.max_num_reqs * self.max_blocks_per_req + 1) * per_block
-        budget = cache.kv_cache_memory_bytes or min(_DEFAULT_CPU_BYTES, needed)
-        num_blocks = budget // per_block
-        if num_blocks < 2:
-            raise ConfigError(f"the KV-cache budget ({budget} bytes) holds less than 2 blocks of "
-                              f"{per_block} bytes; raise --kv-cache-memory")
-        return int(num_blocks)
+        budget = cache.kv_cache_memory_bytes or full_length_bytes(
+            self.max_num_reqs, self.max_blocks_per_req, per_block, _DEFAULT_CPU_BYTES)
+        return blocks_in_budget(budget, per_block)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        shape = self.backend.kv_cache_shape(num_blocks)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.num_layers)]
+        self.kv_caches = allocate_layer_caches(self.backend.kv_cache_shape(num_blocks),
+                                               self.num_layers, self.dtype, self.device)
 
     # ---- request state -------------------------------------------------------------------------
     def _remove(self, req_id: str) -> None:

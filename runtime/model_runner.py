@@ -12,9 +12,14 @@ import torch
 
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
-from fornax.runtime.errors import ConfigError, ModelLoadError
+from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.input_batch import InputBatch
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
+from fornax.runtime.kv_cache.sizing import (
+    allocate_layer_caches,
+    blocks_in_budget,
+    full_length_bytes,
+)
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
@@ -165,22 +170,16 @@ class ModelRunner:
             from fornax.runtime.gpu_memory import gpu_kv_budget
 
             budget = gpu_kv_budget(self, cache.gpu_memory_utilization, self._wants_graphs())
-        else:
-            # Enough for every sequence slot at full length, capped at 2 GiB of host memory.
-            needed = (self.max_num_reqs * self.max_blocks_per_req + 1) * per_block
-            budget = min(_DEFAULT_CPU_KV_BYTES, needed)
-        num_blocks = budget // per_block
-        if num_blocks < 2:
-            raise ConfigError(f"the KV-cache budget ({budget} bytes) holds less than 2 blocks of "
-                              f"{per_block} bytes; raise --kv-cache-memory")
-        return int(num_blocks)
+        else:  # every sequence slot at full length, capped at 2 GiB of host memory
+            budget = full_length_bytes(self.max_num_reqs, self.max_blocks_per_req, per_block,
+                                       _DEFAULT_CPU_KV_BYTES)
+        return blocks_in_budget(budget, per_block)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         recapture = self.graph_runner is not None  # graphs read the old caches' addresses
         self.graph_runner = None
-        shape = self.backend.kv_cache_shape(num_blocks)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.num_layers)]
+        self.kv_caches = allocate_layer_caches(self.backend.kv_cache_shape(num_blocks),
+                                               self.num_layers, self.dtype, self.device)
         if recapture:
             self._capture_graphs()
 

@@ -14,12 +14,12 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gguf
 import numpy as np
 from fornax.runtime.errors import ModelLoadError
+from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
 from fornax.runtime.loaders.gguf_tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 # Bump when the prepared folder's content changes for the same GGUF bytes: old folders are then
 # ignored (they sit next to the new ones until the cache is cleaned).
 FORMAT_VERSION = 1
-MARKER_NAME = "fornax-prepared.json"
 _INDEX_NAME = "hash-index.json"
 _INDEX_MAX_ENTRIES = 256
 
@@ -89,12 +88,12 @@ def prepare_gguf(
     digest = _content_hash(path, st, gguf_dir)
     key = f"{digest[:32]}-v{FORMAT_VERSION}"
     final = gguf_dir / key
-    if _is_prepared(final):
+    if is_prepared(final, FORMAT_VERSION):
         logger.debug("GGUF cache hit: %s -> %s", path, final)
         return final
 
-    with _build_lock(gguf_dir / f".{key}.lock"):
-        if _is_prepared(final):  # another process finished it while we waited
+    with build_lock(gguf_dir / f".{key}.lock"):
+        if is_prepared(final, FORMAT_VERSION):  # another process finished it while we waited
             return final
         _remove_stale_temps(gguf_dir)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=gguf_dir))
@@ -164,29 +163,6 @@ def _sha256_file(f: Any) -> str:
     return h.hexdigest()
 
 
-def _is_prepared(folder: pathlib.Path) -> bool:
-    try:
-        marker = json.loads((folder / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("format_version") == FORMAT_VERSION
-
-
-@contextlib.contextmanager
-def _build_lock(lock_path: pathlib.Path) -> Iterator[None]:
-    """One build per key across processes (POSIX flock); the atomic rename is the backstop."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: rely on the atomic rename alone
-        yield
-        return
-    with open(lock_path, "a+b") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
-
 
 def _remove_stale_temps(gguf_dir: pathlib.Path, max_age_s: float = 24 * 3600) -> None:
     now = time.time()
@@ -203,7 +179,7 @@ def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
             os.replace(tmp, final)
             return
         except OSError:
-            if _is_prepared(final):
+            if is_prepared(final, FORMAT_VERSION):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             shutil.rmtree(final, ignore_errors=True)  # a leftover without a valid marker

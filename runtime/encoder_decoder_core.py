@@ -16,9 +16,14 @@ from typing import Any
 
 import numpy as np
 from fornax.runtime.config import EngineConfig
-from fornax.runtime.engine_core import EngineRuntimeInfo, _eos_ids
+from fornax.runtime.engine_core_base import (
+    SchedulingCoreMixin,
+    allocate_kv_cache,
+    check_prompt_ids,
+    runtime_info,
+)
 from fornax.runtime.errors import ConfigError, RequestError
-from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager, cdiv
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from fornax.runtime.request import Request
@@ -96,10 +101,11 @@ class EncoderBudgetScheduler(Scheduler):
                 self.waiting.sort(key=lambda r: r.sort_key())
 
 
-class EncoderDecoderEngineCore:
+class EncoderDecoderEngineCore(SchedulingCoreMixin):
     """Owns the encoder-decoder runner, the KV-cache manager and the scheduler."""
 
     runner_type = "transcription"  # reported in the handshake: the API serves the audio routes
+    reports_prefix_cache = False  # decoder KV depends on the audio: nothing is shared
 
     def __init__(self, config: EngineConfig, files: ModelFiles) -> None:
         from fornax.runtime.encoder_decoder_runner import EncoderDecoderModelRunner
@@ -115,20 +121,14 @@ class EncoderDecoderEngineCore:
         self.runner = EncoderDecoderModelRunner(config, files, self.max_model_len)
         sched = dataclasses.replace(config.scheduler_config, max_num_seqs=self.runner.num_slots)
         self.config = dataclasses.replace(config, scheduler_config=sched)
-        num_blocks = self.runner.determine_num_blocks()
         block_size = config.cache_config.block_size
-        if (num_blocks - 1) < cdiv(self.max_model_len, block_size):
-            raise ConfigError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, less "
-                              f"than one sequence of {self.max_model_len}; raise --kv-cache-memory")
-        self.runner.initialize_kv_cache(num_blocks)
+        num_blocks = allocate_kv_cache(self.runner, block_size, self.max_model_len,
+                                       "raise --kv-cache-memory")
         self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len, enable_caching=False)
         self.scheduler = EncoderBudgetScheduler(sched, config.cache_config, self.kv,
                                                 self.max_model_len)
-        self.info = EngineRuntimeInfo(
-            num_kv_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
-            vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(files),
-            architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
-            device=config.device)
+        self.info = runtime_info(self.runner, files, num_blocks, block_size,
+                                 self.max_model_len, config.device)
         self.runner.eos_token_ids = self.info.eos_token_ids
         self.vocab = self.runner.vocab
         self.num_steps = 0
@@ -141,14 +141,11 @@ class EncoderDecoderEngineCore:
         spec = self.runner.spec
         feats = decode_encoder_input(req.encoder_input, spec.num_mel_bins, spec.num_frames)
         prompt = req.prompt_token_ids
-        if not prompt:
-            raise RequestError("the decoder prompt must contain at least one token", "prompt")
+        vocab = self.info.vocab_size
+        check_prompt_ids(prompt, vocab, "prompt", noun="decoder prompt")
         if len(prompt) >= self.max_model_len:
             raise RequestError(f"the decoder prompt has {len(prompt)} tokens; the decoder holds "
                                f"{self.max_model_len}", "prompt")
-        vocab = self.info.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise RequestError(f"a prompt token id is out of vocabulary (size {vocab})", "prompt")
         enc = req.encoder_input
         assert enc is not None
         if any(not 0 <= t < vocab for t in enc.forced_token_ids):
@@ -165,8 +162,7 @@ class EncoderDecoderEngineCore:
 
     def add_request(self, req: EngineCoreRequest) -> Request:
         max_tokens, feats = self.validate_request(req)
-        if req.request_id in self.scheduler.requests:
-            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        self.ensure_new_request_id(req.request_id)
         request = EncoderDecoderRequest(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
@@ -174,14 +170,6 @@ class EncoderDecoderEngineCore:
             max_tokens=max_tokens, encoder_input=req.encoder_input, encoder_features=feats)
         self.scheduler.add_request(request)
         return request
-
-    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
-                                 num_prompt_tokens=r.num_prompt_tokens)
-                for r in self.scheduler.abort_requests(request_ids)]
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
 
     # ---- the busy loop's body ------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -207,13 +195,3 @@ class EncoderDecoderEngineCore:
                 out.no_speech_prob = self.runner.no_speech.get(request.request_id)
             outputs.append(out)
         return outputs
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_usage": self.kv.usage(),
-            "prefix_cache_queries": 0,
-            "prefix_cache_hits": 0,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }

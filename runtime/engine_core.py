@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from fornax.runtime.config import EngineConfig
-from fornax.runtime.errors import ConfigError, RequestError
-from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager, cdiv
+from fornax.runtime.engine_core_base import (
+    SchedulingCoreMixin,
+    allocate_kv_cache,
+    check_prompt_ids,
+    runtime_info,
+)
+from fornax.runtime.errors import RequestError
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.loaders.model_files import (
     ModelFiles,
     derive_max_model_len,
@@ -22,36 +26,7 @@ from fornax.runtime.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineRuntimeInfo:
-    """What the engine found at start (not configuration): capacity and limits."""
-
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    architecture: str
-    dtype: str
-    device: str
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return (self.num_kv_blocks - 1) * self.block_size
-
-
-def _eos_ids(files: ModelFiles) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (files.generation_config, files.hf_config):
-        value = source.get("eos_token_id")
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
-
-
-class EngineCore:
+class EngineCore(SchedulingCoreMixin):
     """Owns the model runner, the KV-cache manager and the scheduler. Never dies of a bad request:
     bad requests are refused by `add_request` with a RequestError."""
 
@@ -63,24 +38,16 @@ class EngineCore:
         self.files = files or resolve_model_files(mc.model, mc.load_format)
         self.max_model_len = derive_max_model_len(self.files.hf_config, mc.max_model_len)
         self.runner = ModelRunner(config, self.files, self.max_model_len)
-        num_blocks = self.runner.determine_num_blocks()
         block_size = config.cache_config.block_size
-        if (num_blocks - 1) < cdiv(self.max_model_len, block_size):
-            raise ConfigError(
-                f"the KV cache holds {(num_blocks - 1) * block_size} tokens, less than one "
-                f"sequence of max_model_len {self.max_model_len}; raise --kv-cache-memory "
-                "or lower --max-model-len")
-        self.runner.initialize_kv_cache(num_blocks)
+        num_blocks = allocate_kv_cache(self.runner, block_size, self.max_model_len,
+                                       "raise --kv-cache-memory or lower --max-model-len")
         self.compile_seconds = self.runner.warm_up()
         self.kv = KVCacheManager(num_blocks, block_size, self.max_model_len,
                                  config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.kv,
                                    self.max_model_len)
-        self.info = EngineRuntimeInfo(
-            num_kv_blocks=num_blocks, block_size=block_size, max_model_len=self.max_model_len,
-            vocab_size=self.runner.vocab_size, eos_token_ids=_eos_ids(self.files),
-            architecture=self.runner.arch, dtype=str(self.runner.dtype).removeprefix("torch."),
-            device=config.device)
+        self.info = runtime_info(self.runner, self.files, num_blocks, block_size,
+                                 self.max_model_len, config.device)
         self.runner.eos_token_ids = self.info.eos_token_ids
         from fornax.runtime.structured_output import StructuredOutputManager
 
@@ -100,17 +67,12 @@ class EngineCore:
         if self._sleep.sleeping:
             raise RequestError("the engine is sleeping; POST /wake_up first", None)
         prompt = req.prompt_token_ids
-        if not prompt:
-            raise RequestError("the prompt must contain at least one token", "prompt")
+        check_prompt_ids(prompt, self.info.vocab_size, "prompt")
         num = len(prompt)
         if num >= self.max_model_len:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but the "
                 f"prompt has {num} tokens, leaving no room for output", "prompt")
-        vocab = self.info.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = next(t for t in prompt if t < 0 or t >= vocab)
-            raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "prompt")
         if req.priority != 0 and self.config.scheduler_config.policy != "priority":
             raise RequestError("priority is only honoured with --scheduling-policy priority "
                                "(this server schedules first come, first served)", "priority")
@@ -123,8 +85,7 @@ class EngineCore:
 
     def add_request(self, req: EngineCoreRequest) -> Request:
         max_tokens = self.validate_request(req)
-        if req.request_id in self.scheduler.requests:
-            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        self.ensure_new_request_id(req.request_id)
         request = Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
@@ -135,15 +96,6 @@ class EngineCore:
             request.grammar_active = not req.sampling_params.structured_outputs_after
         self.scheduler.add_request(request)
         return request
-
-    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
-                                 num_prompt_tokens=r.num_prompt_tokens,
-                                 num_cached_tokens=max(r.num_cached_tokens, 0))
-                for r in self.scheduler.abort_requests(request_ids)]
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
 
     # ---- the busy loop's body ------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -210,14 +162,3 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
-
-    def stats(self) -> dict[str, Any]:
-        """Numbers for metrics and /load."""
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_usage": self.kv.usage(),
-            "prefix_cache_queries": self.kv.stats.queries,
-            "prefix_cache_hits": self.kv.stats.hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fornax.runtime.config import EngineConfig
+from fornax.runtime.engine_core_base import SchedulingCoreMixin, check_prompt_ids
 from fornax.runtime.errors import RequestError
 from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
 from fornax.runtime.messages import EngineCoreOutput, EngineCoreRequest
@@ -119,7 +120,7 @@ class PoolingScheduler:
         return bool(self.requests)
 
 
-class PoolingEngineCore:
+class PoolingEngineCore(SchedulingCoreMixin):
     """Owns the pooling model runner and its scheduler; never dies of a bad request."""
 
     runner_type = "pooling"
@@ -159,15 +160,10 @@ class PoolingEngineCore:
             raise RequestError(f"this model does not support the {params.task!r} task (it "
                                f"supports {', '.join(self.pooling_info.tasks)})", "task")
         prompt = req.prompt_token_ids
-        if not prompt:
-            raise RequestError("the input must contain at least one token", "input")
+        check_prompt_ids(prompt, self.info.vocab_size, "input", noun="input")
         if len(prompt) > self.max_model_len:
             raise RequestError(f"This model's maximum context length is {self.max_model_len} "
                                f"tokens, but the input has {len(prompt)} tokens", "input")
-        vocab = self.info.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = next(t for t in prompt if t < 0 or t >= vocab)
-            raise RequestError(f"token id {bad} is out of vocabulary (size {vocab})", "input")
         types = req.token_type_ids
         if types is not None and len(types) != len(prompt):
             raise RequestError("token_type_ids must be as long as the prompt", "token_type_ids")
@@ -188,21 +184,12 @@ class PoolingEngineCore:
 
     def add_request(self, req: EngineCoreRequest) -> PoolingRequest:
         self.validate_request(req)
-        if req.request_id in self.scheduler.requests:
-            raise RequestError(f"request id {req.request_id!r} is already running", "request_id")
+        self.ensure_new_request_id(req.request_id)
         request = PoolingRequest(req.request_id, list(req.prompt_token_ids), req.token_type_ids,
                                  req.pooling_params, req.priority,
                                  req.arrival_time or time.monotonic())
         self.scheduler.add_request(request)
         return request
-
-    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
-                                 num_prompt_tokens=r.num_prompt_tokens)
-                for r in self.scheduler.abort_requests(request_ids)]
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
 
     # ---- the busy loop's body ------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -223,9 +210,3 @@ class PoolingEngineCore:
         return [EngineCoreOutput(r.request_id, [], finish_reason="stop",
                                  num_prompt_tokens=r.num_prompt_tokens, pooled=out)
                 for r, out in zip(batch, pooled)]
-
-    def stats(self) -> dict[str, Any]:
-        """Numbers for metrics and /load (no KV cache: its usage is always 0)."""
-        return {"num_running": self.scheduler.num_running,
-                "num_waiting": self.scheduler.num_waiting, "kv_usage": 0.0,
-                "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}

@@ -15,8 +15,10 @@ from fornax.api.generate import (
     ChoiceUpdate,
     Generation,
     PromptInput,
+    begin_generation,
     chain,
     new_request_id,
+    request_sampling_params,
     start_updates,
     usage_of,
 )
@@ -33,7 +35,6 @@ from fornax.api.protocol.openai import (
     UsageInfo,
 )
 from fornax.api.sampling import (
-    build_sampling_params,
     check_prompt,
     check_unsupported,
     resolve_max_tokens,
@@ -128,20 +129,11 @@ async def chat_completions(req: Request) -> Response:
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, ids, max_tokens))
     top_n = body.top_logprobs or 0
-    params = build_sampling_params(body, max_tokens=max_tokens,
-                                   logprobs=top_n if body.logprobs else None,
-                                   defaults=state.sampling_defaults,
-                                   max_logprobs=state.engine_info.max_logprobs,
-                                   tokenizer=state.tokenizer,
-                                   vocab_size=state.engine_info.vocab_size,
-                                   extra=plan.sampling_extra())
-    public_id, engine_id = new_request_id("chatcmpl", body.request_id or req.request_id)
-    if state.settings.log_requests:
-        logger.info("chat request %s: %d prompt tokens, %s", public_id, len(ids), params)
-    gen = Generation(state, engine_id, [PromptInput(ids, text)], params, body.priority,
-                     body.cache_salt)
-    req.watch_disconnect()
-    created = int(time.time())
+    params = request_sampling_params(state, body, max_tokens=max_tokens,
+                                     logprobs=top_n if body.logprobs else None,
+                                     extra=plan.sampling_extra())
+    gen, public_id, created = begin_generation(req, body, "chatcmpl", [PromptInput(ids, text)],
+                                               params)
     if body.stream:
         first, rest = await start_updates(gen)
         return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest,

@@ -13,8 +13,10 @@ from fornax.api.generate import (
     ChoiceUpdate,
     Generation,
     PromptInput,
+    begin_generation,
     chain,
     new_request_id,
+    request_sampling_params,
     start_updates,
     usage_of,
 )
@@ -29,7 +31,6 @@ from fornax.api.protocol.openai import (
     UsageInfo,
 )
 from fornax.api.sampling import (
-    build_sampling_params,
     check_prompt,
     check_unsupported,
     resolve_max_tokens,
@@ -99,23 +100,13 @@ async def completions(req: Request) -> Response:
         extra["structured_outputs"] = constraint
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, prompts, max_tokens))
-    params = build_sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
-                                   extra=extra,
-                                   defaults=state.sampling_defaults,
-                                   max_logprobs=state.engine_info.max_logprobs,
-                                   tokenizer=state.tokenizer,
-                                   vocab_size=state.engine_info.vocab_size)
+    params = request_sampling_params(state, body, max_tokens=max_tokens,
+                                     logprobs=body.logprobs, extra=extra)
     if body.echo:
         for p in prompts:
             if p.text is None:
                 p.text = state.tokenizer.decode(p.token_ids, skip_special_tokens=False)
-    public_id, engine_id = new_request_id("cmpl", body.request_id or req.request_id)
-    if state.settings.log_requests:
-        logger.info("completion request %s: %d prompt(s), %d prompt tokens, %s", public_id,
-                    len(prompts), sum(len(p.token_ids) for p in prompts), params)
-    gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
-    req.watch_disconnect()
-    created = int(time.time())
+    gen, public_id, created = begin_generation(req, body, "cmpl", prompts, params)
     headers = {"x-request-id": public_id, **backend_headers(constraint)}
     if body.stream:
         first, rest = await start_updates(gen)

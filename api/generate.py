@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fornax.api.errors import APIError
-from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo
+from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
+from fornax.api.sampling import build_sampling_params
 from fornax.api.state import AppState
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.outputs import Logprob
@@ -240,6 +241,30 @@ def new_request_id(prefix: str, user_id: str | None) -> tuple[str, str]:
     unique = uuid.uuid4().hex
     public = f"{prefix}-{user_id}" if user_id else f"{prefix}-{unique}"
     return public, f"{public}-{unique[:8]}" if user_id else public
+
+
+def request_sampling_params(state: AppState, body: _SamplingFields, *, max_tokens: int,
+                            logprobs: int | None, extra: dict | None) -> SamplingParams:
+    """A chat or completions request's SamplingParams under the server's defaults and limits."""
+    return build_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, extra=extra,
+                                 defaults=state.sampling_defaults,
+                                 max_logprobs=state.engine_info.max_logprobs,
+                                 tokenizer=state.tokenizer,
+                                 vocab_size=state.engine_info.vocab_size)
+
+
+def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[PromptInput],
+                     params: SamplingParams) -> tuple[Generation, str, int]:
+    """The Generation of an API request, its public id and creation time; a client disconnect
+    from now on aborts its engine requests."""
+    state = req.state
+    public_id, engine_id = new_request_id(id_prefix, body.request_id or req.request_id)
+    if state.settings.log_requests:
+        logger.info("%s request %s: %d prompt(s), %d prompt tokens, %s", id_prefix, public_id,
+                    len(prompts), sum(len(p.token_ids) for p in prompts), params)
+    gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
+    req.watch_disconnect()
+    return gen, public_id, int(time.time())
 
 
 async def start_updates(gen: Generation

@@ -11,7 +11,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
-               "asr", "realtime", "decode-floor", "modes")
+               "asr", "realtime", "decode-floor", "modes", "cpu-linear")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -31,6 +31,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
         bench_asr,
         bench_realtime,
         compare,
+        cpu_linear,
         embed,
         gpu_decode_floor,
         gpu_modes,
@@ -42,7 +43,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
     )
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
-                   bench_realtime, gpu_decode_floor, gpu_modes):
+                   bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

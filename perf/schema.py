@@ -52,6 +52,8 @@ METRICS: dict[str, list[str]] = {
     "decode_floor": ["bandwidth_gb_s", "weight_gb_per_step", "kv_kib_per_token"],
     # per mode M: M_output_throughput, M_elapsed_s, M_median_decode_step_ms
     "modes": [],
+    # per row count R: onednn_ms_mR, amx_ms_mR, amx_speedup_mR
+    "cpu_linear": ["weight_gbytes"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
@@ -63,6 +65,7 @@ STARTUP: dict[str, list[str]] = {
     "realtime": ["load_s", "warmup_s"],
     "decode_floor": ["load_s", "compile_capture_s"],
     "modes": [],
+    "cpu_linear": ["pack_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

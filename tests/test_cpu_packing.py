@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fornax.runtime.models.cpu_packing import packed_linear, packing_supported
+from fornax.runtime.models.cpu_packing import pack_weight, packed_linear, packing_supported
 from fornax.runtime.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -18,9 +18,10 @@ def test_packed_linear_is_bit_identical(rows):
     weight = torch.randn(96, 64).to(torch.bfloat16)
     bias = torch.randn(96).to(torch.bfloat16)
     x = torch.randn(rows, 64).to(torch.bfloat16)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-    assert torch.equal(packed_linear(x, packed, bias, 96), torch.nn.functional.linear(x, weight, bias))
-    assert torch.equal(packed_linear(x, packed, None, 96), torch.nn.functional.linear(x, weight))
+    packed = pack_weight(weight, "onednn")
+    assert packed.amx is None
+    assert torch.equal(packed_linear(x, packed, bias), torch.nn.functional.linear(x, weight, bias))
+    assert torch.equal(packed_linear(x, packed, None), torch.nn.functional.linear(x, weight))
 
 
 def _linears(llm):

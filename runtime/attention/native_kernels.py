@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _load(name: str) -> ctypes.CDLL | None:
 _vp, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_paged_decode() -> ctypes.CDLL | None:
     """The CPU paged-decode attention kernel, or None (no compiler, build failure,
     FORNAX_NATIVE_KERNELS=0)."""
@@ -100,7 +100,7 @@ def load_paged_decode() -> ctypes.CDLL | None:
     return lib
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_fused_ops() -> ctypes.CDLL | None:
     """The fused bf16 RMSNorm, SiLU-and-multiply and rotary kernels and a row argmax, or None."""
     lib = _load("fused_ops_cpu")
@@ -114,4 +114,17 @@ def load_fused_ops() -> ctypes.CDLL | None:
         lib.fornax_rotary_bf16.argtypes = [_vp, _i64, _i64, _i32, _i32, _i32, _vp, _vp, _vp,
                                            _i32]
         lib.fornax_rotary_bf16.restype = None
+    return lib
+
+
+@cache
+def load_amx_linear() -> ctypes.CDLL | None:
+    """The AMX bf16 linear kernel, or None; callers check the CPU has AMX before using it."""
+    lib = _load("amx_linear_cpu")
+    if lib is not None:
+        lib.fornax_amx_init.argtypes = []
+        lib.fornax_amx_init.restype = _i32
+        lib.fornax_amx_linear_bf16.argtypes = [_vp, _i64, _vp, _vp, _vp, _i64, _i64, _i64, _i64,
+                                               _i32]
+        lib.fornax_amx_linear_bf16.restype = _i32
     return lib

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fornax.runtime.models.cpu_packing import packed_linear
+from fornax.runtime.models.cpu_packing import PackedWeight, packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +41,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None
-        self.packed_weight: torch.Tensor | None = None  # oneDNN copy on CPU (cpu_packing.py)
+        self.packed_weight: PackedWeight | None = None  # CPU bf16 packs (cpu_packing.py)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
@@ -52,7 +52,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(x, self.packed_weight, self.bias, self.output_size)
+            return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -110,11 +110,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    packed_weight: torch.Tensor | None = None  # oneDNN copy on CPU (cpu_packing.py)
+    packed_weight: PackedWeight | None = None  # CPU bf16 packs (cpu_packing.py)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
-            return packed_linear(hidden, self.packed_weight, None, self.weight.shape[0])
+            return packed_linear(hidden, self.packed_weight, None)
         return F.linear(hidden, self.weight)
 
 

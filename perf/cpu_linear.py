@@ -1,0 +1,110 @@
+"""`fornax bench cpu-linear`: a model's bf16 linear layers on CPU, oneDNN packs vs AMX tiles (CLI).
+
+Every layer of a decoder (qkv, o, gate_up, down per layer, plus the LM head) is timed at several
+row counts with weights laid out as the engine packs them, one copy per layer, so a pass streams
+the whole model from memory the way a decode step does. The two kernels alternate round by
+round, so machine noise hits both alike; the medians and the weight-read rate are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from fornax.perf.common import check_threads, make_record, median, print_table, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "cpu-linear", help="time a model's bf16 linear layers: oneDNN vs AMX (CPU)",
+        description="Time every bf16 linear layer of a decoder shape per row count, with the "
+                    "oneDNN pack and with the AMX tile kernel.")
+    p.add_argument("--rows", default="1,8,16,32,64,256",
+                   help="comma-separated row counts (batched tokens per step)")
+    p.add_argument("--hidden-size", type=int, default=576)
+    p.add_argument("--intermediate-size", type=int, default=1536)
+    p.add_argument("--num-heads", type=int, default=9)
+    p.add_argument("--num-kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=30)
+    p.add_argument("--vocab-size", type=int, default=49152)
+    p.add_argument("--rounds", type=int, default=7, help="alternating timed rounds per kernel")
+    p.add_argument("--model-name", default="SmolLM2-135M shape",
+                   help="the label the JSON carries as its model")
+    p.add_argument("--output-json", default=None)
+    p.set_defaults(func=run)
+    return p
+
+
+def layer_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
+    """(name, out_features, in_features, copies) of every linear layer of the decoder."""
+    h, d = args.hidden_size, args.head_dim
+    qkv = (args.num_heads + 2 * args.num_kv_heads) * d
+    layers = args.num_layers
+    return [("qkv", qkv, h, layers), ("o", h, args.num_heads * d, layers),
+            ("gate_up", 2 * args.intermediate_size, h, layers),
+            ("down", h, args.intermediate_size, layers), ("lm_head", args.vocab_size, h, 1)]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from fornax.runtime.models.cpu_amx_linear import amx_supported
+    from fornax.runtime.models.cpu_packing import pack_weight, packed_linear
+
+    check_threads()
+    if not amx_supported():
+        logger.error("this CPU (or kernel) has no AMX-BF16: nothing to compare")
+        return 2
+    rows_list = [int(r) for r in str(args.rows).split(",") if r.strip()]
+    record = make_record("cpu_linear", args.model_name, vars(args))
+    shapes = layer_shapes(args)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    onednn: list[tuple[int, list[Any]]] = []  # (in_features, one pack per layer copy)
+    amx: list[tuple[int, list[Any]]] = []
+    weight_bytes = 0
+    for _name, out_f, in_f, copies in shapes:
+        weights = [torch.randn(out_f, in_f, generator=gen).to(torch.bfloat16)
+                   for _ in range(copies)]
+        onednn.append((in_f, [pack_weight(w, "onednn") for w in weights]))
+        amx.append((in_f, [pack_weight(w, "amx") for w in weights]))
+        weight_bytes += out_f * in_f * 2 * copies
+    record["startup"]["pack_s"] = time.perf_counter() - start
+    in_sizes = sorted({in_f for _n, _o, in_f, _c in shapes})
+    table, metrics, details = [], {}, {}
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in in_sizes}
+        times: dict[str, list[float]] = {"onednn": [], "amx": []}
+        for round_index in range(args.rounds + 1):  # round 0 warms up both
+            for kind, packs in (("onednn", onednn), ("amx", amx)):
+                elapsed = sum(_time_group(group, xs[in_f], packed_linear)
+                              for in_f, group in packs)
+                if round_index:
+                    times[kind].append(elapsed)
+        one, tiles = median(times["onednn"]), median(times["amx"])
+        metrics[f"onednn_ms_m{rows}"] = one * 1e3
+        metrics[f"amx_ms_m{rows}"] = tiles * 1e3
+        metrics[f"amx_speedup_m{rows}"] = one / tiles
+        details[f"m{rows}"] = {k: [t * 1e3 for t in v] for k, v in times.items()}
+        table.append([rows, one * 1e3, weight_bytes / one / 1e9, tiles * 1e3,
+                      weight_bytes / tiles / 1e9, one / tiles])
+    metrics["weight_gbytes"] = weight_bytes / 1e9
+    record["metrics"] = metrics
+    record["details"] = {"layers": [list(s) for s in shapes], "rounds_ms": details}
+    print_table(table, ["rows", "oneDNN ms", "oneDNN GB/s", "AMX ms", "AMX GB/s", "AMX speedup"],
+                title=f"bf16 linear layers of {args.model_name}, "
+                      f"{torch.get_num_threads()} thread(s)")
+    write_json(record, args.output_json)
+    return 0
+
+
+def _time_group(group: list[Any], x: Any, linear: Any) -> float:
+    """One pass over a layer kind's copies (each a different weight, as in the model)."""
+    start = time.perf_counter()
+    for packed in group:
+        linear(x, packed, None)
+    return time.perf_counter() - start

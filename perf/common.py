@@ -83,7 +83,9 @@ def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # results are data, not code: a run writing perf/results/ does not dirty the next one
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", ":(exclude)perf/results"],
                                 cwd=repo, capture_output=True, text=True, timeout=10,
                                 check=True).stdout
     except (OSError, subprocess.SubprocessError):

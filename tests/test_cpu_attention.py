@@ -8,7 +8,7 @@ import torch
 
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.attention.cpu_paged import CpuPagedBackend
-from fornax.runtime.attention.native_kernels import load_paged_decode
+from fornax.runtime.attention.native_kernels import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend
 
 pytestmark = pytest.mark.skipif(load_paged_decode() is None, reason="no C compiler")
@@ -96,3 +96,37 @@ def test_auto_picks_cpu_paged_and_falls_back(monkeypatch):
     finally:
         monkeypatch.delenv("FORNAX_NATIVE_KERNELS")
         load_paged_decode.cache_clear()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
+    (9, 3, 64, 16),    # SmolLM2-135M
+    (16, 1, 128, 32),  # multi-query, head_dim 128, bigger blocks
+    (4, 4, 96, 16),    # multi-head, head_dim 96 (a 64 + 32 split of the value product)
+])
+def test_prefill_kernel_matches_torch_ref_on_long_and_chunked_prompts(heads, kv_heads, head_dim,
+                                                                      block_size):
+    """Prompts spanning several query tiles, fresh and continuing cached context, with decodes."""
+    if load_paged_prefill() is None:
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(1)
+    q_lens, ctx_lens = [150, 1, 65, 2, 64, 1], [0, 90, 203, 31, 0, 7]
+    common, num_blocks = _step(q_lens, ctx_lens, block_size, seed=7)
+    kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+              dtype=torch.bfloat16, device=torch.device("cpu"))
+    ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)
+    meta = fast.build_metadata(common)
+    assert meta.prefill_q_lens.tolist() == [150, 65, 2, 64] and not meta.prefills
+    cache = torch.randn(num_blocks, 2, block_size, kv_heads, head_dim).to(torch.bfloat16)
+    tokens = common.num_actual_tokens
+    # q as a strided view of a wider projection, like the model's fused qkv output
+    qkv = torch.randn(tokens, heads + 2, head_dim).to(torch.bfloat16)
+    q = qkv[:, :heads]
+    k = torch.randn(tokens, kv_heads, head_dim).to(torch.bfloat16)
+    v = torch.randn(tokens, kv_heads, head_dim).to(torch.bfloat16)
+    expected = ref.forward(q, k, v, cache.clone(), ref.build_metadata(common)).float()
+    got = fast.forward(q, k, v, cache.clone(), meta).float()
+    assert torch.isfinite(got).all()
+    for start, end in zip(common.query_start_loc_np[:-1], common.query_start_loc_np[1:]):
+        err = ((got[start:end] - expected[start:end]).norm()
+               / expected[start:end].norm()).item()
+        assert err < 1e-2, (start, end, err)

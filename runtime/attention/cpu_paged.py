@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fornax.runtime.attention.backend import CommonAttentionMetadata
-from fornax.runtime.attention.native_kernels import load_paged_decode
+from fornax.runtime.attention.native_kernels import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend, TorchRefMetadata
 
 _KERNEL_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
@@ -19,6 +19,11 @@ class CpuPagedMetadata(TorchRefMetadata):
     decode_block_table: np.ndarray | None = None  # [Bd, max_blocks] int32, C-contiguous
     decode_seq_lens: np.ndarray | None = None  # [Bd] int32
     all_decode: bool = False  # every token of the step is a decode: no gather/scatter of q
+    # Multi-token requests for the prefill kernel (None: they take torch's SDPA instead).
+    prefill_block_table: np.ndarray | None = None  # [P, max_blocks] int32
+    prefill_q_starts: np.ndarray | None = None  # [P] int32 first token of each in the batch
+    prefill_q_lens: np.ndarray | None = None  # [P] int32
+    prefill_seq_lens: np.ndarray | None = None  # [P] int32 context length after this step
 
 
 class CpuPagedBackend(TorchRefBackend):
@@ -26,7 +31,9 @@ class CpuPagedBackend(TorchRefBackend):
 
     torch_ref copies every decode's K/V rows into a padded tensor per layer and step (most of its
     time); this backend hands the block table to `csrc/paged_decode_cpu.c`, which walks the
-    blocks in place. Prefills keep torch's SDPA (matrix kernels beat a per-token loop there).
+    blocks in place. Multi-token requests go to `csrc/paged_prefill_cpu.c` (bf16 with
+    AVX512-BF16: both products on the bf16 dot-product instruction, keys read from the cache in
+    place, no mask tensors); other dtypes and CPUs keep torch's SDPA.
     """
 
     name = "cpu_paged"
@@ -42,6 +49,9 @@ class CpuPagedBackend(TorchRefBackend):
             raise RuntimeError("the native CPU attention kernel could not be built")
         if self.dtype not in _KERNEL_DTYPES:
             raise RuntimeError(f"cpu_paged supports bfloat16 and float32, not {self.dtype}")
+        self._prefill_lib = None
+        if self.dtype == torch.bfloat16 and self.head_dim % 32 == 0:
+            self._prefill_lib = load_paged_prefill()
 
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedMetadata:
         bs = self.block_size
@@ -59,7 +69,18 @@ class CpuPagedBackend(TorchRefBackend):
             if not meta.all_decode:
                 qsl = common.query_start_loc_np
                 meta.decode_token_index = torch.from_numpy(qsl[dec_rows].astype(np.int64))
-        self._prefill_metadata(common, np.nonzero(q_lens > 1)[0], meta)
+        prefill_rows = np.nonzero(q_lens > 1)[0]
+        if self._prefill_lib is None:
+            self._prefill_metadata(common, prefill_rows, meta)
+        elif len(prefill_rows):
+            seq_lens = common.seq_lens_np[prefill_rows].astype(np.int32)
+            num_blocks = -(-int(seq_lens.max()) // bs)
+            meta.prefill_seq_lens = np.ascontiguousarray(seq_lens)
+            meta.prefill_q_lens = np.ascontiguousarray(q_lens[prefill_rows], dtype=np.int32)
+            meta.prefill_q_starts = np.ascontiguousarray(
+                common.query_start_loc_np[prefill_rows], dtype=np.int32)
+            meta.prefill_block_table = np.ascontiguousarray(
+                common.block_table_np[prefill_rows, :num_blocks], dtype=np.int32)
         return meta
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: CpuPagedMetadata,
@@ -91,3 +112,28 @@ class CpuPagedBackend(TorchRefBackend):
             result = target
         if not metadata.all_decode:
             out[metadata.decode_token_index] = result.to(out.dtype)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: torch.Tensor,
+                 metadata: CpuPagedMetadata, out: torch.Tensor, scale: float) -> None:
+        """Every multi-token request in one kernel call over the cache (K/V already written)."""
+        if metadata.prefill_seq_lens is None:
+            super()._prefill(q, k, v, flat, metadata, out, scale)
+            return
+        d = self.head_dim
+        query = q if q.dtype == torch.bfloat16 and q.stride()[1:] == (d, 1) else (
+            q.to(torch.bfloat16).contiguous())
+        result = out if out.dtype == torch.bfloat16 and out.stride()[1:] == (d, 1) else (
+            torch.empty_like(query))
+        table = metadata.prefill_block_table
+        status = self._prefill_lib.fornax_paged_prefill(
+            query.data_ptr(), query.stride(0), flat.data_ptr(), table.ctypes.data, table.shape[1],
+            metadata.prefill_q_starts.ctypes.data, metadata.prefill_q_lens.ctypes.data,
+            metadata.prefill_seq_lens.ctypes.data, len(table), result.data_ptr(),
+            result.stride(0), self.num_heads, self.num_kv_heads, d, self.block_size, float(scale),
+            torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"paged prefill kernel refused shape heads={self.num_heads}/"
+                               f"{self.num_kv_heads} head_dim={d}")
+        if result is not out:
+            for start, length in zip(metadata.prefill_q_starts, metadata.prefill_q_lens):
+                out[start:start + length] = result[start:start + length].to(out.dtype)

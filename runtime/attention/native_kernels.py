@@ -101,6 +101,23 @@ def load_paged_decode() -> ctypes.CDLL | None:
 
 
 @cache
+def load_paged_prefill() -> ctypes.CDLL | None:
+    """The CPU paged-prefill attention kernel (bf16, needs AVX512-BF16), or None."""
+    lib = _load("paged_prefill_cpu")
+    if lib is None:
+        return None
+    lib.fornax_paged_prefill_supported.argtypes = []
+    lib.fornax_paged_prefill_supported.restype = _i32
+    if not lib.fornax_paged_prefill_supported():
+        return None
+    fn = lib.fornax_paged_prefill
+    fn.argtypes = [_vp, _i64, _vp, _vp, _i64, _vp, _vp, _vp, _i32, _vp, _i64, _i32, _i32, _i32,
+                   _i32, _f32, _i32]
+    fn.restype = _i32
+    return lib
+
+
+@cache
 def load_fused_ops() -> ctypes.CDLL | None:
     """The fused bf16 RMSNorm, SiLU-and-multiply and rotary kernels and a row argmax, or None."""
     lib = _load("fused_ops_cpu")

@@ -40,6 +40,9 @@ def _step(q_lens: list[int], ctx_lens: list[int], block_size: int, seed: int):
     (8, 8, 32, 16),    # multi-head, head_dim not a multiple of 32 (portable path)
     (16, 1, 128, 32),  # multi-query, bigger blocks
     (4, 2, 80, 16),    # head_dim 80
+    (6, 2, 128, 16),   # head_dim 128, a group of 3 over register tiles of 2 query heads
+    (12, 2, 64, 8),    # blocks of 8: the head_dim-64 tiles need 16, the generic bf16 path runs
+    (8, 8, 96, 16),    # head_dim 96: generic bf16 path
 ])
 def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, block_size):
     torch.manual_seed(0)

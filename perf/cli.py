@@ -11,7 +11,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
-               "asr", "realtime", "decode-floor", "modes", "cpu-linear")
+               "asr", "realtime", "decode-floor", "modes", "cpu-linear",
+               "cpu-attention")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -31,6 +32,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
         bench_asr,
         bench_realtime,
         compare,
+        cpu_attention,
         cpu_linear,
         embed,
         gpu_decode_floor,
@@ -43,7 +45,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
     )
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
-                   bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear):
+                   bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear, cpu_attention):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

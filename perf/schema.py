@@ -54,6 +54,8 @@ METRICS: dict[str, list[str]] = {
     "modes": [],
     # per row count R: onednn_ms_mR, amx_ms_mR, amx_speedup_mR
     "cpu_linear": ["weight_gbytes"],
+    # per case C (decode_bB, prefill_qN, chunk_qN_ctxM): torch_ref_ms_C, cpu_paged_ms_C, speedup_C
+    "cpu_attention": [],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
@@ -66,6 +68,7 @@ STARTUP: dict[str, list[str]] = {
     "decode_floor": ["load_s", "compile_capture_s"],
     "modes": [],
     "cpu_linear": ["pack_s"],
+    "cpu_attention": [],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

@@ -133,3 +133,25 @@ def test_prefill_kernel_matches_torch_ref_on_long_and_chunked_prompts(heads, kv_
         err = ((got[start:end] - expected[start:end]).norm()
                / expected[start:end].norm()).item()
         assert err < 1e-2, (start, end, err)
+
+
+def test_bench_cpu_attention_writes_a_valid_record(tmp_path):
+    import json
+
+    from fornax.perf.cli import main
+    from fornax.perf.schema import validate_record
+
+    out = tmp_path / "cpu_attention.json"
+    rc = main(["cpu-attention", "--batch-sizes", "1,3", "--context-len", "40",
+               "--prompt-lens", "20", "--chunk", "9:17", "--num-layers", "2", "--rounds", "1",
+               "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "64",
+               "--output-json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["kind"] == "cpu_attention" and validate_record(rec) == []
+    m = rec["metrics"]
+    for case in ("decode_b1", "decode_b3", "prefill_q20", "chunk_q9_ctx17"):
+        assert m[f"torch_ref_ms_{case}"] > 0 and m[f"cpu_paged_ms_{case}"] > 0
+        assert m[f"speedup_{case}"] == pytest.approx(
+            m[f"torch_ref_ms_{case}"] / m[f"cpu_paged_ms_{case}"])
+        assert len(rec["details"]["rounds_ms"][case]["cpu_paged"]) == 1

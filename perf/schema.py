@@ -52,7 +52,7 @@ METRICS: dict[str, list[str]] = {
     "decode_floor": ["bandwidth_gb_s", "weight_gb_per_step", "kv_kib_per_token"],
     # per mode M: M_output_throughput, M_elapsed_s, M_median_decode_step_ms
     "modes": [],
-    # per row count R: onednn_ms_mR, amx_ms_mR, amx_speedup_mR
+    # per row count R: onednn_ms_mR, onednn_gflops_mR; with AMX also amx_ms_mR, amx_speedup_mR
     "cpu_linear": ["weight_gbytes"],
     # per case C (decode_bB, prefill_qN, chunk_qN_ctxM): torch_ref_ms_C, cpu_paged_ms_C, speedup_C
     "cpu_attention": [],

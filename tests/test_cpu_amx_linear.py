@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,25 +94,3 @@ def test_bf16_engine_on_amx_matches_onednn_greedy_tokens(make_llm, monkeypatch):
     got, expected = llm.generate(prompts, params), reference.generate(prompts, params)
     for a, b in zip(got, expected):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-
-
-def test_bench_cpu_linear_writes_a_valid_record(tmp_path):
-    from fornax.perf.cli import main
-    from fornax.perf.schema import validate_record
-
-    out = tmp_path / "cpu_linear.json"
-    rc = main(["cpu-linear", "--rows", "1,40", "--rounds", "1", "--num-layers", "2",
-               "--hidden-size", "64", "--intermediate-size", "96", "--num-heads", "2",
-               "--num-kv-heads", "1", "--head-dim", "32", "--vocab-size", "256",
-               "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert rec["kind"] == "cpu_linear" and validate_record(rec) == []
-    for rows in (1, 40):
-        m = rec["metrics"]
-        assert m[f"onednn_ms_m{rows}"] > 0 and m[f"amx_ms_m{rows}"] > 0
-        assert m[f"amx_speedup_m{rows}"] == pytest.approx(
-            m[f"onednn_ms_m{rows}"] / m[f"amx_ms_m{rows}"])
-    # 2 layers x (qkv 128x64 + o 64x64 + gate_up 192x64 + down 64x96) + head 256x64, bf16
-    assert rec["metrics"]["weight_gbytes"] == pytest.approx(
-        (2 * (128 * 64 + 64 * 64 + 192 * 64 + 64 * 96) + 256 * 64) * 2 / 1e9)

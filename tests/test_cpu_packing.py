@@ -56,3 +56,39 @@ def test_deep_sleep_drops_packed_weights_and_wake_repacks(make_llm):
 
 def test_float32_models_do_not_pack(make_llm):
     assert all(m.packed_weight is None for m in _linears(make_llm("llama")))
+
+
+@pytest.mark.parametrize("with_amx", [False, True])
+def test_bench_cpu_linear_writes_a_valid_record(tmp_path, monkeypatch, with_amx):
+    """oneDNN alone on CPUs without AMX; both kernels and their ratio where AMX exists."""
+    import json
+
+    import fornax.runtime.models.cpu_amx_linear as amx_module
+    from fornax.perf.cli import main
+    from fornax.perf.schema import validate_record
+
+    if with_amx and not amx_module.amx_supported():
+        pytest.skip("no AMX-BF16 on this CPU")
+    if not with_amx:  # the benchmark asks the module at run time
+        monkeypatch.setattr(amx_module, "amx_supported", lambda: False)
+    out = tmp_path / "cpu_linear.json"
+    rc = main(["cpu-linear", "--rows", "1,40", "--rounds", "1", "--num-layers", "2",
+               "--hidden-size", "64", "--intermediate-size", "96", "--num-heads", "2",
+               "--num-kv-heads", "1", "--head-dim", "32", "--vocab-size", "256",
+               "--output-json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["kind"] == "cpu_linear" and validate_record(rec) == []
+    m = rec["metrics"]
+    # 2 layers x (qkv 128x64 + o 64x64 + gate_up 192x64 + down 64x96) + head 256x64, bf16
+    weights = 2 * (128 * 64 + 64 * 64 + 192 * 64 + 64 * 96) + 256 * 64
+    assert m["weight_gbytes"] == pytest.approx(weights * 2 / 1e9)
+    for rows in (1, 40):
+        assert m[f"onednn_ms_m{rows}"] > 0
+        assert m[f"onednn_gflops_m{rows}"] == pytest.approx(
+            2 * rows * weights / (m[f"onednn_ms_m{rows}"] / 1e3) / 1e9)
+        if with_amx:
+            assert m[f"amx_speedup_m{rows}"] == pytest.approx(
+                m[f"onednn_ms_m{rows}"] / m[f"amx_ms_m{rows}"])
+        else:
+            assert f"amx_ms_m{rows}" not in m

@@ -44,7 +44,8 @@ def _compiler() -> str | None:
 
 
 def _build(name: str, source: Path, compiler: str) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(_FLAGS).encode()
                          + _cpu_signature().encode() + compiler.encode()).hexdigest()[:16]
     target = _cache_root() / f"{name}-{key}.so"
     if target.exists():

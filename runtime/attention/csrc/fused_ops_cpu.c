@@ -6,9 +6,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "softmax_avx512.h"
 
 static inline float bf16_to_float(uint16_t h) {
     union { uint32_t u; float f; } c;
@@ -48,23 +46,6 @@ void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w
 }
 
 #if defined(__AVX512F__)
-/* exp over the float range (clamped), ~2 ulp. */
-static inline __m512 exp_avx512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-    const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(t, _mm512_set1_ps(1.428606765330187e-06f),
-                                      _mm512_fnmadd_ps(t, _mm512_set1_ps(0.693145751953125f), x));
-    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
-    q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(q, t);
-}
-
 static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -88,7 +69,7 @@ void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, i
         int j = 0;
 #if defined(__AVX512F__)
         for (; j < dim; j += 16) {
-            const __mmask16 k = dim - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (dim - j)) - 1u);
+            const __mmask16 k = tail_mask16(dim - j);
             const __m512 gv = load_bf16x16(g + j, k), uv = load_bf16x16(u + j, k);
             const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));

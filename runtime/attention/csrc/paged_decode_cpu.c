@@ -73,34 +73,8 @@ static inline void widen_rows(const void *cache, int64_t base, int64_t row_strid
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "softmax_avx512.h"
 #define HAVE_BF16_FAST_PATH 1
-
-/* exp(x - m) over n floats in place, returning their sum (16 lanes at a time, masked tail). */
-static inline float exp_shift_sum_avx512(float *x, int n, float m) {
-    const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-87.f);
-    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2hi = _mm512_set1_ps(0.693145751953125f);
-    const __m512 ln2lo = _mm512_set1_ps(1.428606765330187e-06f);
-    __m512 total = _mm512_setzero_ps();
-    for (int p = 0; p < n; p += 16) {
-        const __mmask16 k = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
-        __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + p), vm), lo);
-        const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 r = _mm512_fnmadd_ps(t, ln2lo, _mm512_fnmadd_ps(t, ln2hi, v));
-        __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
-        q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-        const __m512 e = _mm512_scalef_ps(q, t);
-        _mm512_mask_storeu_ps(x + p, k, e);
-        total = _mm512_mask_add_ps(total, k, total, e);
-    }
-    return _mm512_reduce_add_ps(total);
-}
 
 /* Sums of 16 vectors' lanes in one vector: lane 4t+u holds the sum of a[4u+t] (a 4x4 transpose
  * of the natural order, undone by the caller's slot order). 45 shuffles and adds instead of 16
@@ -147,7 +121,7 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     for (int j = 0; j < nq; j++) maxs[j] = -3.0e38f;
     for (int p0 = 0; p0 < seq_len; p0 += 16) {
       const int m = seq_len - p0 < 16 ? seq_len - p0 : 16;
-      const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1u);
+      const __mmask16 live = tail_mask16(m);
       for (int h = h_lo; h < h_hi; h++) { /* all heads of a chunk: each row is read once, whole */
         const uint16_t *k0 = cache_row(cache, blocks, p0, 0, h, D, block_size, row_stride);
         if (p0 + PREFETCH_AHEAD < seq_len) {
@@ -184,14 +158,7 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     for (int g = 0; g < nq; g++) {
         float *sg = scores + (int64_t)g * seq_len;
         uint16_t *pg = probs + (int64_t)g * prob_stride;
-        inv_sum[g] = 1.f / exp_shift_sum_avx512(sg, seq_len, maxs[g]);
-        for (int p = 0; p < seq_len; p += 16) {
-            const __mmask16 k = seq_len - p >= 16 ? (__mmask16)0xffff
-                                                  : (__mmask16)((1u << (seq_len - p)) - 1u);
-            const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, sg + p));
-            _mm256_mask_storeu_epi16(pg + p, k, (__m256i)w);
-        }
-        pg[seq_len] = pg[seq_len + 1] = 0;
+        inv_sum[g] = softmax_to_bf16(sg, pg, seq_len, seq_len + 2, maxs[g]);
     }
     /* word 2l of a pair vector = first position's element l, word 2l+1 = second's */
     const __m512i interleave = _mm512_set_epi16(
@@ -270,7 +237,7 @@ static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int3
         const int in_block = p0 % block_size, room = block_size - in_block;
         const int left = seq_len - p0 < room ? seq_len - p0 : room;
         const int m = left < 16 ? left : 16;
-        const __mmask16 live = m == 16 ? (__mmask16)0xffff : (__mmask16)((1u << m) - 1u);
+        const __mmask16 live = tail_mask16(m);
         const uint16_t *rows = cache + (int64_t)blocks[p0 / block_size] * 2 * half_stride +
                                (int64_t)in_block * row_stride;
         for (int h = h_lo; h < h_hi; h++) {
@@ -300,14 +267,8 @@ static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int3
     for (int j = 0; j < nq; j++) {
         float *sj = scores + (int64_t)j * seq_len;
         uint16_t *pj = probs + (int64_t)j * prob_stride;
-        inv_sum[j] = 1.f / exp_shift_sum_avx512(sj, seq_len, _mm512_reduce_max_ps(maxv[j]));
-        for (int p = 0; p < seq_len; p += 16) {
-            const __mmask16 k = seq_len - p >= 16 ? (__mmask16)0xffff
-                                                  : (__mmask16)((1u << (seq_len - p)) - 1u);
-            const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, sj + p));
-            _mm256_mask_storeu_epi16(pj + p, k, (__m256i)w);
-        }
-        pj[seq_len] = pj[seq_len + 1] = 0;
+        inv_sum[j] = softmax_to_bf16(sj, pj, seq_len, seq_len + 2,
+                                     _mm512_reduce_max_ps(maxv[j]));
         for (int c = 0; c < chunks16; c++) acc[j * chunks16 + c] = _mm512_setzero_ps();
     }
     /* word 2l of the pair vector = first position's element l, word 2l+1 = second's */

@@ -16,7 +16,7 @@
 #include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "softmax_avx512.h"
 
 #define ROWS 6          /* query rows (token, head) per register tile */
 #define KEYS 16         /* key positions per packed block */
@@ -82,49 +82,15 @@ static void pack_kv(const uint16_t *cache, const int32_t *blocks, int n, int h, 
     }
 }
 
-/* exp(x - m) for n floats in place (16 lanes at a time, masked tail); returns their sum. */
-static float exp_shift_sum(float *x, int n, float m) {
-    const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-87.f);
-    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2hi = _mm512_set1_ps(0.693145751953125f);
-    const __m512 ln2lo = _mm512_set1_ps(1.428606765330187e-06f);
-    __m512 total = _mm512_setzero_ps();
-    for (int p = 0; p < n; p += 16) {
-        const __mmask16 k = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
-        __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + p), vm), lo);
-        const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(v, log2e),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 r = _mm512_fnmadd_ps(t, ln2lo, _mm512_fnmadd_ps(t, ln2hi, v));
-        __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-        q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
-        q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-        const __m512 e = _mm512_scalef_ps(q, t);
-        _mm512_mask_storeu_ps(x + p, k, e);
-        total = _mm512_mask_add_ps(total, k, total, e);
-    }
-    return _mm512_reduce_add_ps(total);
-}
-
 /* Softmax of one row's first `n` scores (scaled already) into bf16 weights over `padded`
  * positions (zero past n); returns 1 / sum of the float32 weights. */
 static float row_softmax(float *s, uint16_t *prob, int n, int padded) {
     __m512 mx = _mm512_set1_ps(-3.0e38f);
     for (int p = 0; p < n; p += 16) {
-        const __mmask16 k = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
+        const __mmask16 k = tail_mask16(n - p);
         mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, s + p));
     }
-    const float inv = 1.f / exp_shift_sum(s, n, _mm512_reduce_max_ps(mx));
-    for (int p = 0; p < padded; p += 16) {
-        const int left = n - p;
-        const __mmask16 k = left >= 16 ? (__mmask16)0xffff
-                            : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-        const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, s + p));
-        _mm256_storeu_si256((__m256i *)(prob + p), (__m256i)w);
-    }
-    return inv;
+    return softmax_to_bf16(s, prob, n, padded, _mm512_reduce_max_ps(mx));
 }
 
 /* ROWS query rows against the packed keys/values; row r sees positions [0, lens[r]).

@@ -41,5 +41,10 @@ serve-whisper: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# pyflakes' checks (unused imports, undefined names); the style rules are not enforced yet
+lint: $(STAMP)
+	$(PIP) install --quiet -c constraints.txt ruff
+	$(VENV)/bin/ruff check --select F .
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -133,7 +133,8 @@ class CpuPagedBackend(TorchRefBackend):
             torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"paged prefill kernel refused shape heads={self.num_heads}/"
-                               f"{self.num_kv_heads} head_dim={d}")
+                               f"{self.num_kv_heads} head_dim={d} (or could not allocate its "
+                               f"scratch)")
         if result is not out:
             for start, length in zip(metadata.prefill_q_starts, metadata.prefill_q_lens):
                 out[start:start + length] = result[start:start + length].to(out.dtype)

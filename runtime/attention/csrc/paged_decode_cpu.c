@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     enum { C16_MAX = 8 };
     const int C16 = 2 * C32, D = 32 * C32, GS = 16 / C16;
     const int64_t row_stride = (int64_t)num_kv_heads * D;
-    const int64_t prob_stride = seq_len + 2;
+    const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
     const __m512 vscale = _mm512_set1_ps(scale);
     const int nq = (h_hi - h_lo) * G;
     float maxs[MAX_HEADS];
@@ -168,7 +168,7 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
         const int h = h_lo + hg / ((G + GS - 1) / GS), g0 = hg % ((G + GS - 1) / GS) * GS;
         const int j0 = (h - h_lo) * G;
         __m512 acc[16];
-        const int32_t *w[16 / 4];
+        const int32_t *w[8]; /* GS <= 8 query heads per sweep */
 #pragma GCC unroll 4
         for (int gi = 0; gi < GS; gi++) /* past G: repeat the last head, results dropped */
             w[gi] = (const int32_t *)(probs + (int64_t)(j0 + (g0 + gi < G ? g0 + gi : G - 1)) *
@@ -227,7 +227,7 @@ static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int3
                             __m512 *restrict acc) {
     const int64_t row_stride = (int64_t)num_kv_heads * D;
     const int64_t half_stride = (int64_t)block_size * row_stride;
-    const int64_t prob_stride = seq_len + 2; /* even, with a zero weight past the end */
+    const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
     const int chunks32 = D / 32, chunks16 = D / 16, nq = (h_hi - h_lo) * G;
     const uint16_t *q0 = q + seq_q_row + (int64_t)h_lo * G * D;
     const __m512 vscale = _mm512_set1_ps(scale);
@@ -418,7 +418,7 @@ int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_t
 #ifdef HAVE_BF16_FAST_PATH
         __m512 *acc = (__m512 *)_mm_malloc((size_t)num_q_heads * (MAX_HEAD_DIM / 16) *
                                            sizeof(__m512), 64);
-        uint16_t *probs = (uint16_t *)malloc((size_t)num_q_heads * (max_len + 2) * 2);
+        uint16_t *probs = (uint16_t *)malloc((size_t)num_q_heads * (max_len + 3) * 2);
 #else
         void *acc = scores, *probs = scores;
 #endif

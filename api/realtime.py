@@ -142,15 +142,18 @@ class RealtimeConnection:
         self.max_buffer = int(self.settings.realtime_max_buffer_s * SAMPLE_RATE)
 
     # ---- sending -------------------------------------------------------------------------------
-    async def send(self, event: Any) -> None:
+    async def send(self, *events: Any) -> None:
+        """Send events in order, as one group: no other task's event lands between them."""
         if self.closed:
             return
         async with self._send_lock:
-            try:
-                await self._send({"type": "websocket.send", "text": encode(event)})
-            except Exception as exc:  # noqa: BLE001 - the client is gone; the receive loop ends
-                logger.debug("realtime session %s: send failed: %s", self.session_id, exc)
-                self.closed = True
+            for event in events:
+                try:
+                    await self._send({"type": "websocket.send", "text": encode(event)})
+                except Exception as exc:  # noqa: BLE001 - the client is gone; receive ends
+                    logger.debug("realtime session %s: send failed: %s", self.session_id, exc)
+                    self.closed = True
+                    return
 
     async def send_error(self, code: str, message: str, param: str | None = None,
                          client_event_id: str | None = None) -> None:

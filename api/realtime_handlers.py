@@ -177,9 +177,8 @@ class OpenAIHandler:
                 ms = int(notice.sample * 1000 / SAMPLE_RATE)
                 if notice.kind == "start":
                     await conn.send(SpeechStarted(ms, item_id))
-                else:
-                    await conn.send(SpeechStopped(ms, item_id))
-                    await self._end_item(notice.item)
+                else:  # the stop, the commit and the item go out together
+                    await self._end_item(notice.item, SpeechStopped(ms, item_id))
         elif kind == "input_audio_buffer.commit":
             if self._resampler is not None:  # the resampler's last few samples
                 tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
@@ -235,11 +234,13 @@ class OpenAIHandler:
             item_id = self._item_ids[item] = f"item_{self.conn.session_id[-8:]}{item:04d}"
         return item_id
 
-    async def _end_item(self, item: int) -> None:
+    async def _end_item(self, item: int, *before: Any) -> None:
+        """Commit the item: `before` (a speech stop), committed and item.created as one group,
+        so a partial transcription delta of the item cannot fall between them."""
         item_id = self._item_id(item)
         previous, self._last_item_id = self._last_item_id, item_id
-        await self.conn.send(Committed(item_id, previous))
-        await self.conn.send(ItemCreated(user_item(item_id), previous))
+        await self.conn.send(*before, Committed(item_id, previous),
+                             ItemCreated(user_item(item_id), previous))
         self._ended.add(item)
         await self._maybe_complete(item)
 

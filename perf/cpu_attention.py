@@ -43,33 +43,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _case(name: str, q_lens: list[int], ctx_lens: list[int], layers: int,
-          args: argparse.Namespace, gen: Any) -> dict[str, Any]:
-    """One step's inputs: a shuffled block table, the metadata, q/k/v and `layers` caches."""
+def paged_step(q_lens: list[int], ctx_lens: list[int], block_size: int,
+               seed: int = 0) -> tuple[Any, int]:
+    """A step's attention metadata: request i adds q_lens[i] tokens after ctx_lens[i] cached
+    ones, its blocks scattered over a shuffled pool (one spare column in the block table).
+    Returns (CommonAttentionMetadata, number of cache blocks); the kernels' tests use it too."""
     import numpy as np
     import torch
     from fornax.runtime.attention.backend import CommonAttentionMetadata
 
-    bs, n = args.block_size, len(q_lens)
+    n = len(q_lens)
     seq = np.array([c + q for c, q in zip(ctx_lens, q_lens)], dtype=np.int32)
-    max_blocks = int(-(-seq.max() // bs))
+    max_blocks = int(-(-seq.max() // block_size)) + 1
     num_blocks = n * max_blocks + 1
-    table = np.random.RandomState(0).permutation(np.arange(1, num_blocks)).reshape(n, max_blocks)
-    table = table.astype(np.int32)
+    table = np.random.RandomState(seed).permutation(np.arange(1, num_blocks))
+    table = table.reshape(n, max_blocks).astype(np.int32)
     qsl = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(q_lens, out=qsl[1:])
     pos = np.concatenate([np.arange(c, c + q) for c, q in zip(ctx_lens, q_lens)])
     req = np.repeat(np.arange(n), q_lens)
-    slots = torch.from_numpy(table[req, pos // bs].astype(np.int64) * bs + pos % bs)
+    slots = torch.from_numpy(table[req, pos // block_size].astype(np.int64) * block_size
+                             + pos % block_size)
     common = CommonAttentionMetadata(qsl, seq, torch.from_numpy(table), table, slots, n,
-                                     int(qsl[-1]), int(max(q_lens)), int(seq.max()), bs)
+                                     int(qsl[-1]), int(max(q_lens)), int(seq.max()), block_size)
+    return common, num_blocks
+
+
+def _case(name: str, q_lens: list[int], ctx_lens: list[int], layers: int,
+          args: argparse.Namespace, gen: Any) -> dict[str, Any]:
+    """One step's inputs: the metadata, q/k/v and `layers` caches."""
+    import torch
+
+    common, num_blocks = paged_step(q_lens, ctx_lens, args.block_size)
     dtype = getattr(torch, args.dtype)
-    tokens, h, kv, d = int(qsl[-1]), args.num_heads, args.num_kv_heads, args.head_dim
-    caches = [torch.randn(num_blocks, 2, bs, kv, d, generator=gen).to(dtype)
+    h, kv, d = args.num_heads, args.num_kv_heads, args.head_dim
+    caches = [torch.randn(num_blocks, 2, args.block_size, kv, d, generator=gen).to(dtype)
               for _ in range(layers)]
-    qkv = [torch.randn(tokens, heads, d, generator=gen).to(dtype) for heads in (h, kv, kv)]
-    return {"name": name, "common": common, "caches": caches, "qkv": qkv,
-            "kv_tokens": int(seq.sum())}
+    qkv = [torch.randn(common.num_actual_tokens, heads, d, generator=gen).to(dtype)
+           for heads in (h, kv, kv)]
+    return {"name": name, "common": common, "caches": caches, "qkv": qkv}
 
 
 def _time_case(backend: Any, case: dict[str, Any], calls: int) -> float:

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
+from fornax.perf.cpu_attention import paged_step
+from fornax.runtime.attention.backend import make_attention_backend
 from fornax.runtime.attention.cpu_paged import CpuPagedBackend
 from fornax.runtime.attention.native_kernels import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend
 
 pytestmark = pytest.mark.skipif(load_paged_decode() is None, reason="no C compiler")
-
-
-def _step(q_lens: list[int], ctx_lens: list[int], block_size: int, seed: int):
-    """A random step: each request's prior context, scattered over shuffled cache blocks."""
-    rng = np.random.RandomState(seed)
-    n = len(q_lens)
-    seq = np.array([c + q for c, q in zip(ctx_lens, q_lens)], dtype=np.int32)
-    max_blocks = int(-(-seq.max() // block_size)) + 1
-    num_blocks = n * max_blocks + 1
-    table = rng.permutation(np.arange(1, num_blocks))[: n * max_blocks]
-    table = table.reshape(n, max_blocks).astype(np.int32)
-    qsl = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(q_lens, out=qsl[1:])
-    pos = np.concatenate([np.arange(c, c + q) for c, q in zip(ctx_lens, q_lens)])
-    req = np.repeat(np.arange(n), q_lens)
-    slots = torch.from_numpy(table[req, pos // block_size].astype(np.int64) * block_size
-                             + pos % block_size)
-    common = CommonAttentionMetadata(qsl, seq, torch.from_numpy(table), table, slots, n,
-                                     int(qsl[-1]), int(max(q_lens)), int(seq.max()), block_size)
-    return common, num_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,7 +29,7 @@ def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, bl
     # Decodes with short and long contexts (one of a single token), a fresh prefill, and a
     # chunked prefill continuing from cached context, all in one step.
     q_lens, ctx_lens = [1, 1, 7, 1, 5, 1], [0, 37, 0, 300, 20, 15]
-    common, num_blocks = _step(q_lens, ctx_lens, block_size, seed=heads)
+    common, num_blocks = paged_step(q_lens, ctx_lens, block_size, seed=heads)
     kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
               dtype=dtype, device=torch.device("cpu"))
     ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)
@@ -69,7 +49,7 @@ def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, bl
 def test_all_decode_batch_writes_in_place():
     """The common pure-decode step skips the gather/scatter of q; results must still match."""
     q_lens, ctx_lens = [1] * 12, list(range(3, 600, 50))
-    common, num_blocks = _step(q_lens, ctx_lens, 16, seed=1)
+    common, num_blocks = paged_step(q_lens, ctx_lens, 16, seed=1)
     kw = dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, dtype=torch.bfloat16,
               device=torch.device("cpu"))
     ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)
@@ -113,7 +93,7 @@ def test_prefill_kernel_matches_torch_ref_on_long_and_chunked_prompts(heads, kv_
         pytest.skip("this CPU has no AVX512-BF16")
     torch.manual_seed(1)
     q_lens, ctx_lens = [150, 1, 65, 2, 64, 1], [0, 90, 203, 31, 0, 7]
-    common, num_blocks = _step(q_lens, ctx_lens, block_size, seed=7)
+    common, num_blocks = paged_step(q_lens, ctx_lens, block_size, seed=7)
     kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
               dtype=torch.bfloat16, device=torch.device("cpu"))
     ref, fast = TorchRefBackend(**kw), CpuPagedBackend(**kw)

@@ -60,11 +60,7 @@ class CpuPagedBackend(TorchRefBackend):
         q_lens = np.diff(common.query_start_loc_np)
         dec_rows = np.nonzero(q_lens == 1)[0]
         if len(dec_rows):
-            seq_lens = common.seq_lens_np[dec_rows].astype(np.int32)
-            num_blocks = -(-int(seq_lens.max()) // bs)
-            meta.decode_seq_lens = np.ascontiguousarray(seq_lens)
-            meta.decode_block_table = np.ascontiguousarray(
-                common.block_table_np[dec_rows, :num_blocks], dtype=np.int32)
+            meta.decode_seq_lens, meta.decode_block_table = self._kernel_rows(common, dec_rows)
             meta.all_decode = len(dec_rows) == common.num_actual_tokens
             if not meta.all_decode:
                 qsl = common.query_start_loc_np
@@ -73,15 +69,21 @@ class CpuPagedBackend(TorchRefBackend):
         if self._prefill_lib is None:
             self._prefill_metadata(common, prefill_rows, meta)
         elif len(prefill_rows):
-            seq_lens = common.seq_lens_np[prefill_rows].astype(np.int32)
-            num_blocks = -(-int(seq_lens.max()) // bs)
-            meta.prefill_seq_lens = np.ascontiguousarray(seq_lens)
+            meta.prefill_seq_lens, meta.prefill_block_table = self._kernel_rows(common,
+                                                                                prefill_rows)
             meta.prefill_q_lens = np.ascontiguousarray(q_lens[prefill_rows], dtype=np.int32)
             meta.prefill_q_starts = np.ascontiguousarray(
                 common.query_start_loc_np[prefill_rows], dtype=np.int32)
-            meta.prefill_block_table = np.ascontiguousarray(
-                common.block_table_np[prefill_rows, :num_blocks], dtype=np.int32)
         return meta
+
+    def _kernel_rows(self, common: CommonAttentionMetadata,
+                     rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The C kernels' view of some requests: their context lengths and their block-table
+        rows cut to the blocks those lengths use, both C-contiguous int32."""
+        seq_lens = np.ascontiguousarray(common.seq_lens_np[rows], dtype=np.int32)
+        num_blocks = -(-int(seq_lens.max()) // self.block_size)
+        return seq_lens, np.ascontiguousarray(common.block_table_np[rows, :num_blocks],
+                                              dtype=np.int32)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: CpuPagedMetadata,
                 out: torch.Tensor, scale: float) -> None:

@@ -28,6 +28,7 @@ from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from fornax.runtime.request import Request
 from fornax.runtime.scheduler import Scheduler
+from fornax.runtime.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +88,20 @@ class EncoderBudgetScheduler(Scheduler):
 
     def schedule(self):  # type: ignore[override]
         limit = self.max_new
-        if any(r.priority != self.waiting[0].priority for r in self.waiting):
-            self.waiting = sorted(self.waiting, key=lambda r: r.priority)  # stable
-            best = self.waiting[0].priority  # this step encodes only the most urgent class
-            limit = min(limit, sum(1 for r in self.waiting if r.priority == best))
-        held = self.waiting[limit:]
-        self.waiting = self.waiting[:limit]
+        full = self.waiting
+        ordered = list(full)  # head first
+        if any(r.priority != ordered[0].priority for r in ordered):
+            ordered = sorted(ordered, key=lambda r: r.priority)  # stable
+            best = ordered[0].priority  # this step encodes only the most urgent class
+            limit = min(limit, sum(1 for r in ordered if r.priority == best))
+        if len(ordered) <= limit:
+            return super().schedule()  # everyone may join: the queue stays as it is
+        self.waiting = WaitingQueue(self.priority_policy, ordered[:limit])
         try:
             return super().schedule()
-        finally:
-            self.waiting = self.waiting + held
-            if self.priority_policy:
-                self.waiting.sort(key=lambda r: r.sort_key())
+        finally:  # the ones not admitted (and any preempted now) first, then those held back
+            self.waiting = WaitingQueue(self.priority_policy,
+                                        list(self.waiting) + ordered[limit:])
 
 
 class EncoderDecoderEngineCore(SchedulingCoreMixin):
@@ -152,8 +155,7 @@ class EncoderDecoderEngineCore(SchedulingCoreMixin):
             raise RequestError("a forced token id is out of vocabulary", "forced_token_ids")
         if enc.detect_language and not self.vocab.language_ids:
             raise RequestError("this model has no language tokens to detect", "language")
-        params = req.sampling_params
-        params.validate(self.config.max_logprobs)
+        params = req.sampling_params  # validated once at the edge (API worker or LLM)
         if params.prompt_logprobs is not None or params.n != 1 or (params.best_of or 1) > 1:
             raise RequestError("prompt_logprobs, n and best_of are not supported for "
                                "transcription requests", "sampling_params")

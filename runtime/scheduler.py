@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import bisect
 import logging
 from dataclasses import dataclass, field
 
 from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.request import Request, RequestStatus
+from fornax.runtime.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.priority_policy = scheduler_config.policy == "priority"
         self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []
+        self.waiting = WaitingQueue(self.priority_policy)  # O(1) removal (lazy deletion)
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()
         self._runner_known: set[str] = set()
@@ -75,13 +75,10 @@ class Scheduler:
         self._enqueue_waiting(request)
 
     def _enqueue_waiting(self, request: Request, front: bool = False) -> None:
-        if self.priority_policy:
-            keys = [r.sort_key() for r in self.waiting]
-            self.waiting.insert(bisect.bisect_right(keys, request.sort_key()), request)
-        elif front:
-            self.waiting.insert(0, request)
+        if front:
+            self.waiting.push_front(request)
         else:
-            self.waiting.append(request)
+            self.waiting.push(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         """Finish the given requests as aborted; unknown or already-finished ids are ignored."""
@@ -96,10 +93,8 @@ class Scheduler:
 
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        if not self.waiting.remove(request) and request in self.running:  # both O(1)-ish
+            self.running.remove(request)  # at most max_num_seqs long
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._forget(request.request_id)
@@ -113,6 +108,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_waiting_prompt_tokens(self) -> int:
+        """Prompt tokens of the waiting requests (--max-num-queued-tokens counts these)."""
+        return self.waiting.num_prompt_tokens
 
     @property
     def num_running(self) -> int:

@@ -1,0 +1,97 @@
+"""Overload and liveness: admission bounds, deadlines, watchdog, drain health, output delivery,
+O(1) aborts (unit tests first, then real `fornax serve` processes)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from fornax.runtime.config import CacheConfig, SchedulerConfig
+from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
+from fornax.runtime.request import Request, RequestStatus
+from fornax.runtime.sampling_params import SamplingParams
+from fornax.runtime.scheduler import Scheduler
+from fornax.runtime.waiting_queue import WaitingQueue
+
+
+# ---- aborts are O(1) per request ------------------------------------------------------------
+def _scheduler(policy: str) -> Scheduler:
+    kv = KVCacheManager(64, 4, max_model_len=256, enable_caching=True)
+    return Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, policy=policy),
+                     CacheConfig(block_size=4), kv, max_model_len=256)
+
+
+def _params() -> SamplingParams:
+    return SamplingParams(max_tokens=4)
+
+
+def _fill_and_abort(n: int, policy: str) -> float:
+    """Add n waiting requests, abort them all in a shuffled order; seconds the aborts took."""
+    s = _scheduler(policy)
+    params = _params()
+    for i in range(n):
+        s.add_request(Request(f"r{i}", [1, 2, 3], params, priority=i % 3, arrival_time=float(i)))
+    ids = [f"r{i}" for i in range(n)]
+    random.Random(0).shuffle(ids)
+    start = time.perf_counter()
+    for k in range(0, n, 1000):  # in batches, as abort messages arrive
+        s.abort_requests(ids[k:k + 1000])
+    took = time.perf_counter() - start
+    assert s.num_waiting == 0 and not s.has_unfinished_requests() and not s.requests
+    assert s.num_waiting_prompt_tokens == 0
+    return took
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_aborting_many_waiting_requests_scales_linearly(policy: str) -> None:
+    small = min(_fill_and_abort(10_000, policy) for _ in range(3))
+    large = _fill_and_abort(100_000, policy)
+    # 10x the requests: linear is ~10x, the old list scans were ~100x; 35x leaves room for noise
+    assert large < 35 * small, (small, large)
+
+
+@pytest.mark.parametrize("priority", [False, True])
+def test_waiting_queue_lazy_removal_keeps_order_and_compacts(priority: bool) -> None:
+    params = _params()
+    reqs = [Request(f"r{i}", [1] * (i % 5 + 1), params, priority=(i * 7) % 4,
+                    arrival_time=float(i)) for i in range(2000)]
+    q = WaitingQueue(priority, reqs)
+    assert len(q) == 2000 and q.num_prompt_tokens == sum(len(r.prompt_token_ids) for r in reqs)
+    removed = set(random.Random(1).sample(range(2000), 1500))
+    for i in removed:
+        assert q.remove(reqs[i])
+        assert not q.remove(reqs[i])  # twice: no effect
+    kept = [r for i, r in enumerate(reqs) if i not in removed]
+    # compaction bounds the dead entries by the live ones (plus a small constant)
+    assert len(q._fifo) + len(q._heap) <= 2 * len(kept) + 65
+    expected = sorted(kept, key=lambda r: r.sort_key()) if priority else kept
+    assert list(q) == expected
+    assert q.num_prompt_tokens == sum(len(r.prompt_token_ids) for r in kept)
+    popped = [q.pop(0) for _ in range(len(kept))]
+    assert popped == expected and not q
+    with pytest.raises(IndexError):
+        q.peek()
+
+
+def test_waiting_queue_readd_after_removal_is_one_entry() -> None:
+    r = Request("x", [1, 2], _params())
+    q = WaitingQueue(False, [r])
+    q.remove(r)
+    q.push(r)  # the old (dead) entry must not come back to life as a second copy
+    assert q.pop(0) is r
+    assert not q and len(q._fifo) == 0
+
+
+def test_preempted_request_goes_back_to_the_head_and_abort_frees_it() -> None:
+    s = _scheduler("fcfs")
+    params = _params()
+    for i in range(3):
+        s.add_request(Request(f"r{i}", [1, 2, 3], params))
+    s.schedule()
+    victim = s.running[-1]
+    s._preempt(victim)
+    assert s.waiting[0] is victim and victim.status == RequestStatus.PREEMPTED
+    s.abort_requests([victim.request_id, "r0"])
+    assert victim not in s.waiting and s.num_waiting == 0 and s.num_running == 1

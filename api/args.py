@@ -146,6 +146,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="most stored responses kept; the oldest go first (default: 10000)")
     g.add_argument("--responses-store-max-age", type=float, default=24 * 3600.0,
                    help="seconds a stored response is kept (default: 86400)")
+    g.add_argument("--responses-store-max-bytes", type=parse_size, default=512 * 1024 * 1024,
+                   help="most bytes (JSON) of stored responses kept, per worker for memory and "
+                   "in all for sqlite; the oldest go first (default: 512MiB)")
+    g.add_argument("--responses-store-max-record-bytes", type=parse_size,
+                   default=16 * 1024 * 1024,
+                   help="largest stored response (its input, conversation and output as JSON): "
+                   "store=true beyond it is refused with 400 up front, or the answer is returned "
+                   "unstored, a background one failed (default: 16MiB)")
+    g.add_argument("--responses-max-background", type=int, default=64,
+                   help="background responses running at once per API key in each API worker; "
+                   "more get 429 with Retry-After (default: 64)")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,

@@ -7,6 +7,11 @@ the input items) run in-process through `chat.chat_completions`; its answer beco
 received them; GET shows them queued / in_progress / completed, cancel stops them. With the SQLite
 store any worker can cancel: the running worker polls the store and stops. The in-memory store is
 per worker (see responses_store).
+
+Response ids are made here, never taken from the client (its `request_id` only becomes the
+x-request-id header). With API keys, a stored response belongs to the key that made it: another
+key's GET, DELETE, cancel or previous_response_id gets 404, as for an unknown id. Each key may run
+at most --responses-max-background background responses per worker (429 beyond).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,7 +32,7 @@ from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, StreamingResponse, json_response
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.responses_items import chat_body, input_items, input_messages, new_id
-from fornax.api.responses_store import ResponseStore, make_store
+from fornax.api.responses_store import RecordTooLarge, ResponseStore, make_store, owner_of
 from fornax.api.responses_stream import ResponseRun, sse_event
 from fornax.api.settings import ServerSettings
 from fornax.api.subrequest import call_json, open_stream, subrequest
@@ -43,8 +49,31 @@ class ResponsesService:
     def __init__(self, settings: ServerSettings) -> None:
         self.store: ResponseStore = make_store(settings.responses_store,
                                                settings.responses_store_max_count,
-                                               settings.responses_store_max_age_s)
+                                               settings.responses_store_max_age_s,
+                                               settings.responses_store_max_bytes,
+                                               settings.responses_store_max_record_bytes)
+        self.max_background = settings.responses_max_background
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.task_owner: dict[str, str] = {}  # background response id -> its owner
+        self.running: Counter[str] = Counter()  # owner -> background responses running here
+
+    def check_background(self, owner: str) -> None:
+        """429 when `owner` already runs --responses-max-background background responses here."""
+        if self.running[owner] >= self.max_background:
+            raise APIError(429, f"this API key already has {self.max_background} background "
+                           "responses running (--responses-max-background); retry later",
+                           "background", headers={"retry-after": "1"})
+
+    def release(self, rid: str, owner: str) -> None:
+        self.tasks.pop(rid, None)
+        self.task_owner.pop(rid, None)
+        self.running[owner] -= 1
+        if self.running[owner] <= 0:
+            del self.running[owner]
+
+    def task_of(self, rid: str, owner: str) -> asyncio.Task[None] | None:
+        """This worker's background run of `rid`, when `owner` started it."""
+        return self.tasks.get(rid) if self.task_owner.get(rid) == owner else None
 
     async def close(self) -> None:
         for task in list(self.tasks.values()):
@@ -60,6 +89,17 @@ def service_of(req: Request) -> ResponsesService:
     return state.responses
 
 
+def owner_of_request(req: Request) -> str:
+    """The owner tag of this request's records: a hash of its API key ('' without API keys).
+    The app has already checked the key; this reads it the same way (Bearer, then x-api-key)."""
+    if not req.state.settings.api_keys:
+        return ""
+    scheme, _, token = req.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return owner_of(token.strip())
+    return owner_of(req.headers.get("x-api-key", "").strip())
+
+
 def _not_found(rid: str) -> APIError:
     return APIError(404, f"Response with id '{rid}' not found.", "response_id")
 
@@ -71,9 +111,12 @@ async def create_response(req: Request) -> Response:
     if body.background and not body.store:
         raise APIError(400, "background responses need store=true", "background")
     service = service_of(req)
+    owner = owner_of_request(req)
+    if body.background:
+        service.check_background(owner)  # early: before any work
     history: list[dict[str, Any]] = []
-    if body.previous_response_id:
-        prev = await service.store.get(body.previous_response_id)
+    if body.previous_response_id:  # another key's response is not found
+        prev = await service.store.get(body.previous_response_id, owner)
         if prev is None:
             raise APIError(404, f"Previous response with id '{body.previous_response_id}' not "
                            "found.", "previous_response_id")
@@ -84,14 +127,21 @@ async def create_response(req: Request) -> Response:
     messages = [*history, *input_messages(body.input)]
     if not messages:
         raise APIError(400, "input is required", "input")
-    rid = f"resp_{body.request_id}" if body.request_id else new_id("resp")
+    rid = new_id("resp")  # never the client's request_id: ids are not chosen by clients
     tokenizer = req.state.tokenizer
     run = ResponseRun(service.store, rid, body, model, messages,
                       lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
     run.input_items = input_items(body.input)
+    run.owner = owner
+    if body.store:
+        try:  # the record without its output must fit the per-record cap
+            service.store.encode(run.record())
+        except RecordTooLarge as exc:
+            raise APIError(400, f"{exc}; send store=false to be answered without storing",
+                           "store") from None
     streamed = body.stream or body.background
     inner = chat_body(raw, body, messages, streamed)
-    headers = {"x-request-id": rid}
+    headers = {"x-request-id": body.request_id or rid}
     if body.background:
         return await _start_background(req, service, run, inner, headers)
     try:
@@ -109,9 +159,9 @@ async def create_response(req: Request) -> Response:
             return chunks
 
         return StreamingResponse(_sse(run.events(opened)), headers=headers)
-    obj = run.from_answer(answer)
-    await run.save()
-    return json_response(obj, headers=headers)
+    run.from_answer(answer)
+    await run.save()  # may find the answer too large to store: store=false then
+    return json_response(run.snapshot(), headers=headers)
 
 
 _CHAT_PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
@@ -148,7 +198,14 @@ async def _start_background(req: Request, service: ResponsesService, run: Respon
                             inner: dict[str, Any], headers: dict[str, str]) -> Response:
     """Store the response as queued and run it in a task that outlives this request; a streamed
     one also sends its events to this client while it stays connected."""
-    await run.save()
+    service.check_background(run.owner)  # again, with no await before the slot is taken
+    service.running[run.owner] += 1
+    service.task_owner[run.rid] = run.owner
+    try:
+        await run.save()
+    except BaseException:
+        service.release(run.rid, run.owner)
+        raise
     listener: asyncio.Queue[Any] | None = asyncio.Queue() if run.body.stream else None
 
     async def open_chunks() -> AsyncIterator[dict[str, Any]]:
@@ -157,7 +214,7 @@ async def _start_background(req: Request, service: ResponsesService, run: Respon
 
     task = asyncio.create_task(_run_background(service, run, open_chunks, listener))
     service.tasks[run.rid] = task
-    task.add_done_callback(lambda _: service.tasks.pop(run.rid, None))
+    task.add_done_callback(lambda _: service.release(run.rid, run.owner))
     if listener is None:
         return json_response(run.snapshot(), headers=headers)
     return StreamingResponse(_follow(listener), headers=headers)
@@ -185,7 +242,7 @@ async def _run_background(service: ResponsesService, run: ResponseRun,
                 listener.put_nowait(event)
             if service.store.shared and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + _POLL_CANCEL_S
-                held = await service.store.get(run.rid)
+                held = await service.store.get(run.rid, run.owner)
                 if held is not None and held.status == "cancelled":
                     raise asyncio.CancelledError  # cancelled by another API worker
         if run.status == "cancelled":  # cancelled elsewhere just before the end
@@ -224,7 +281,7 @@ async def get_response(req: Request) -> Response:
     if req.query.get("stream", ["false"])[-1].lower() == "true":
         raise APIError(400, "resuming a response stream is not supported; GET it without "
                        "stream", "stream")
-    record = await service_of(req).store.get(rid)
+    record = await service_of(req).store.get(rid, owner_of_request(req))
     if record is None:
         raise _not_found(rid)
     if action == "input_items":
@@ -257,17 +314,18 @@ async def cancel_response(req: Request) -> Response:
     if action != "cancel":
         raise APIError(404, f"no route {req.path}")
     service = service_of(req)
-    task = service.tasks.get(rid)
+    owner = owner_of_request(req)
+    task = service.task_of(rid, owner)
     if task is not None:  # running here: stop it and wait for its cancelled record
         task.cancel()
         await asyncio.wait([task], timeout=10)
-    record = await service.store.get(rid)
+    record = await service.store.get(rid, owner)
     if record is None:
         raise _not_found(rid)
     if not record.response.get("background"):
         raise APIError(400, "Cannot cancel a synchronous response.", "response_id")
     if task is None:  # elsewhere (another worker polls the shared store) or finished already
-        record = await service.store.cancel(rid) or record
+        record = await service.store.cancel(rid, owner) or record
     return json_response(record.response)
 
 
@@ -276,9 +334,10 @@ async def delete_response(req: Request) -> Response:
     if action:
         raise APIError(404, f"no route {req.path}")
     service = service_of(req)
-    task = service.tasks.get(rid)
+    owner = owner_of_request(req)
+    task = service.task_of(rid, owner)
     if task is not None:
         task.cancel()
-    if not await service.store.delete(rid):
+    if not await service.store.delete(rid, owner):
         raise _not_found(rid)
     return json_response({"id": rid, "object": "response", "deleted": True})

@@ -3,6 +3,7 @@ sequence (response.created ... response.completed), built from chat chunks (API 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,8 +20,10 @@ from fornax.api.responses_items import (
     response_object,
     usage_of,
 )
-from fornax.api.responses_store import ResponseStore, StoredResponse
+from fornax.api.responses_store import RecordTooLarge, ResponseStore, StoredResponse
 from fornax.api.subrequest import Block, ChatDeltaReader, blocks_of_message
+
+logger = logging.getLogger(__name__)
 
 _DELTA_EVENTS = {"text": "response.output_text.delta",
                  "reasoning": "response.reasoning_text.delta",
@@ -56,6 +59,9 @@ class ResponseRun:
         self.completed_at: int | None = None
         self.seq = 0
         self.input_items: list[dict[str, Any]] = []
+        self.owner = ""  # owner_of(the API key that asked)
+        self.unstored = False  # too large for the store: answered with store=false
+        self.output_dropped = False  # a background answer too large to store: failed, no output
 
     # ---- state -----------------------------------------------------------------------------------
     @property
@@ -64,26 +70,46 @@ class ResponseRun:
 
     def snapshot(self) -> dict[str, Any]:
         """The response object now (open items are in_progress)."""
-        blocks = self.blocks or self.reader.blocks
+        blocks = [] if self.output_dropped else self.blocks or self.reader.blocks
         output = [output_item(b, "in_progress" if b is self.reader.open else "completed")
                   for b in blocks]
-        return response_object(self.rid, self.created_at, self.body, self.model,
-                               status=self.status, output=output,
-                               usage=usage_of(self.usage, self.reasoning_tokens),
-                               error=self.error, incomplete=self.incomplete,
-                               completed_at=self.completed_at)
+        obj = response_object(self.rid, self.created_at, self.body, self.model,
+                              status=self.status, output=output,
+                              usage=usage_of(self.usage, self.reasoning_tokens),
+                              error=self.error, incomplete=self.incomplete,
+                              completed_at=self.completed_at)
+        if self.unstored:
+            obj["store"] = False
+        return obj
 
     def record(self) -> StoredResponse:
         messages = self.messages
         if self.status in ("completed", "incomplete"):
             messages = [*messages, assistant_message(self.blocks)]
-        return StoredResponse(self.snapshot(), messages, float(self.created_at), self.input_items)
+        return StoredResponse(self.snapshot(), messages, float(self.created_at), self.input_items,
+                              self.owner)
 
     async def save(self) -> bool:
-        """Store the response now (when `store`); False when it was cancelled meanwhile."""
+        """Store the response now (when `store`); False when it was cancelled meanwhile. An
+        answer beyond the store's per-record cap is not stored: a foreground one is answered with
+        store=false; a background one (the store is its only way out) is stored failed, without
+        its output."""
         if self.store is None:
             return True
-        return await self.store.put(self.rid, self.record())
+        try:
+            return await self.store.put(self.rid, self.record())
+        except RecordTooLarge as exc:
+            logger.warning("response %s is not stored: %s", self.rid, exc)
+            if not self.body.background:
+                self.store, self.unstored = None, True
+                return True
+            self.status, self.output_dropped = "failed", True
+            self.error = {"code": "response_too_large", "message": str(exc)}
+        try:
+            return await self.store.put(self.rid, self.record())
+        except RecordTooLarge:  # even without its output: leave no stale queued record behind
+            await self.store.delete(self.rid, self.owner)
+            return True
 
     def finish(self, finish_reason: str | None, usage: dict[str, Any] | None) -> None:
         self.blocks = self.blocks or self.reader.blocks
@@ -151,7 +177,8 @@ class ResponseRun:
             # as vLLM: response.completed ends every finished stream (its status may say
             # incomplete); OpenAI sends response.incomplete, which the openai SDK's
             # responses.stream() helper does not accept as an end
-            yield self._ev("response.completed", response=self.snapshot())
+            end = "response.failed" if self.status == "failed" else "response.completed"
+            yield self._ev(end, response=self.snapshot())
         else:
             self.cancel()
 

@@ -6,9 +6,9 @@ ignored here; vLLM's sampling extras (top_k, min_p, seed, ...) are forwarded to 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 # Fields of a Responses request that are not chat fields (everything else is forwarded to chat).
 RESPONSES_ONLY_FIELDS = frozenset({
@@ -41,4 +41,7 @@ class ResponsesRequest(Struct, kw_only=True):
     user: str | None = None
     truncation: str | None = None
     include: list[str] | None = None
-    request_id: str | None = None  # vLLM's extra: the response id is resp_<request_id>
+    # vLLM's extra (its response id is resp_<request_id>); here only the x-request-id header:
+    # response ids are always made by the server
+    request_id: Annotated[str, Meta(min_length=1, max_length=256,
+                                    pattern=r"^[!-~](?:[ -~]*[!-~])?$")] | None = None

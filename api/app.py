@@ -22,8 +22,10 @@ from fornax.api import (
     chat,
     completions,
     dev,
+    docs_page,
     embeddings,
     models,
+    openapi,
     realtime,
     responses,
     sagemaker,
@@ -31,6 +33,7 @@ from fornax.api import (
     system,
     tokenization,
 )
+from fornax.api.engine.client import DEADLINE_HEADER, REQUEST_DEADLINE, request_deadline
 from fornax.api.errors import APIError
 from fornax.api.http import (
     ClientDisconnected,
@@ -44,6 +47,7 @@ from fornax.api.http import (
 from fornax.api.pooling_common import check_route_runner
 from fornax.api.settings import ServerSettings, settings_from_env
 from fornax.api.state import AppState
+from fornax.runtime.limits import request_id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,8 @@ ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/version", system.version, public=True),
     Route(("GET",), "/load", system.load),
     Route(("GET",), "/metrics", system.metrics),
+    Route(("GET",), "/openapi.json", openapi.openapi_json, public=True),  # shapes only, no secret
+    Route(("GET",), "/docs", docs_page.docs, public=True),
     Route(("POST",), "/sleep", dev.sleep, dev=True),
     Route(("POST",), "/wake_up", dev.wake_up, dev=True),
     Route(("GET",), "/is_sleeping", dev.is_sleeping, dev=True),
@@ -165,10 +171,12 @@ class FornaxApp:
         assert state is not None
         req = Request(scope, receive, state)
         extra = self._cors_headers(req)
+        bad_id = _refuse_request_id(req)  # before any work; an unsafe id is never echoed
         if req.request_id:
             extra["x-request-id"] = req.request_id
         try:
-            response = await self._dispatch(req, extra)
+            response = _error_response(req, bad_id) if bad_id else \
+                await self._dispatch(req, extra)
             if response is None:
                 return
             await response.send(send, extra, before_end=req.stop_watching)
@@ -194,6 +202,8 @@ class FornaxApp:
                                type="AuthenticationError")
             handler, params = self._route(req)
             check_route_runner(req)  # generation routes on a pooling model: 501
+            REQUEST_DEADLINE.set(request_deadline(req.headers.get(DEADLINE_HEADER),
+                                                  req.state.settings.request_timeout_s))
             req.path_params = params
             return await handler(req)
         except APIError as exc:
@@ -259,6 +269,18 @@ class FornaxApp:
             "access-control-allow-methods": _CORS_METHODS,
             "access-control-allow-headers": asked or "authorization, content-type",
             "access-control-max-age": "600"})
+
+
+def _refuse_request_id(req: Request) -> APIError | None:
+    """A 400 for an x-request-id header that cannot be echoed safely (too long, control
+    characters, non-ASCII); the request then carries no id."""
+    if req.request_id is None:
+        return None
+    problem = request_id_problem(req.request_id)
+    if problem is None:
+        return None
+    req.request_id = None
+    return APIError(400, f"the x-request-id header is refused: {problem}", "x-request-id")
 
 
 def _error_response(req: Request, exc: APIError) -> Response:

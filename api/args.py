@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from fornax.api.settings import DEFAULT_MAX_BODY_BYTES
+from fornax.runtime.limits import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -51,6 +52,16 @@ def _responses_store(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected memory or sqlite:PATH, got {text!r}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -58,6 +69,11 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = 0.0 if text.strip() in ("0", "0.0") else _positive(text)
     return value
 
 
@@ -110,8 +126,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
                    default="auto", help="message content as a string or OpenAI's list of parts "
                    "(default: auto-detected from the template)")
-    g.add_argument("--max-num-queued-requests", type=int, default=None,
-                   help="beyond this many waiting requests, answer 503 with Retry-After")
+    g.add_argument("--max-num-queued-reqs", "--max-num-queued-requests", type=int, default=None,
+                   dest="max_num_queued_reqs",
+                   help="most requests in flight (waiting + running, engine-wide); beyond it "
+                   "new ones get 503 with Retry-After at once (default: sized from the KV "
+                   "cache, 4x its capacity at 1024 tokens a request, at least 2x --max-num-seqs;"
+                   " logged at start)")
+    g.add_argument("--max-num-queued-tokens", type=parse_size, default=None,
+                   help="most prompt tokens of waiting requests; a request that would go beyond "
+                   "it gets 503 with Retry-After (k/M suffixes allowed; default: no token bound)")
+    g.add_argument("--request-timeout", type=_positive, default=None,
+                   help="seconds a generation or pooling request may take in all (queue time "
+                   "included); beyond it the request is aborted, its KV freed, and answered "
+                   "504. A request may ask for less with the X-Request-Timeout header "
+                   "(seconds). Default: no deadline")
+    g.add_argument("--engine-stall-timeout", type=_non_negative, default=60.0,
+                   help="watchdog: when the engine core's loop makes no progress for this many "
+                   "seconds, /health answers 503 until it moves again (0 turns it off; "
+                   "default: 60)")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="do not log one line per request")
     g.add_argument("--enable-log-requests", action="store_true", help="log one line per request "
@@ -121,6 +153,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "them (default: 20)")
     g.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies get 413 (default: 32MiB)")
+    g.add_argument("--max-stop-strings", type=_positive_int, default=MAX_STOP_STRINGS,
+                   help=f"most stop strings one request may give (default: {MAX_STOP_STRINGS})")
+    g.add_argument("--max-n", type=_positive_int, default=MAX_N,
+                   help=f"cap of n, best_of and the beam width of one request (default: {MAX_N})")
+    g.add_argument("--max-prompts-per-request", type=_positive_int, default=MAX_PROMPTS,
+                   help="most prompts in one /v1/completions request (default: "
+                   f"{MAX_PROMPTS})")
     g.add_argument("--max-audio-filesize-mb", type=float, default=25.0,
                    help="audio uploads to /v1/audio/* larger than this get 413 (default: 25)")
     g.add_argument("--realtime-max-buffer-seconds", type=_positive, default=300.0,
@@ -235,7 +274,7 @@ _ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_form
                  "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
                  "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
                  "enable_chunked_prefill", "enforce_eager", "cuda_graph_sizes",
-                 "max_num_queued_requests")
+                 "max_num_queued_reqs", "max_num_queued_tokens")
 
 
 def unsupported_flags_used(args: argparse.Namespace) -> list[str]:

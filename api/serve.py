@@ -18,6 +18,7 @@ from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.api.logging_setup import logging_dictconfig, setup_logging
 from fornax.api.settings import MULTIPROC_ENV, ServerSettings, settings_to_env
 from fornax.runtime.errors import ConfigError, FornaxError
+from fornax.runtime.limits import InputLimits
 
 logger = logging.getLogger("fornax.api.serve")
 
@@ -132,8 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
         "served_model_name": served, "api_server_count": args.api_server_count,
         "api_key": f"{len(api_keys)} key(s)" if api_keys else None,
         "allowed_origins": args.allowed_origins, "uds": args.uds,
-        "chat_template": args.chat_template, "max_num_queued_requests":
-        args.max_num_queued_requests}.items() if v not in (None, [], 1)}
+        "chat_template": args.chat_template,
+        "request_timeout": args.request_timeout}.items() if v not in (None, [], 1)}
     logger.info("fornax %s serving %s; server settings: %s", fornax_version(), model, server_shown)
 
     if not args.uds and not _port_free(args.host, args.port):
@@ -164,6 +165,11 @@ def run_serve(args: argparse.Namespace) -> int:
                     "tokens = %d tokens", info.architecture, info.device, info.dtype,
                     info.max_model_len, info.num_kv_blocks, info.block_size,
                     info.kv_capacity_tokens)
+        logger.info("admission: at most %d requests in flight (--max-num-queued-reqs%s), %s; "
+                    "beyond that 503 with Retry-After", info.max_num_queued_reqs,
+                    "" if args.max_num_queued_reqs else ": the default, from the KV capacity",
+                    f"{info.max_num_queued_tokens} waiting prompt tokens (--max-num-queued-tokens)"
+                    if info.max_num_queued_tokens else "no bound on waiting prompt tokens")
         settings = ServerSettings(
             ipc_dir=launcher.ipc_dir, engine=info, served_model_names=served, model_root=root,
             model_aliases=aliases, api_keys=api_keys, allowed_origins=args.allowed_origins or [],
@@ -172,11 +178,15 @@ def run_serve(args: argparse.Namespace) -> int:
             trust_request_chat_template=args.trust_request_chat_template,
             generation_config=kwargs.get("generation_config", "auto"),
             max_request_body_bytes=args.max_request_body_bytes,
+            input_limits=InputLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
+                                     max_prompts=args.max_prompts_per_request),
             max_audio_filesize_mb=args.max_audio_filesize_mb,
             realtime_max_buffer_s=args.realtime_max_buffer_seconds,
             realtime_max_session_s=args.realtime_max_session_seconds,
             realtime_idle_timeout_s=args.realtime_idle_timeout,
             log_requests=not args.disable_log_requests, created=int(time.time()),
+            request_timeout_s=args.request_timeout,
+            engine_stall_timeout_s=args.engine_stall_timeout,
             enable_dev_endpoints=args.enable_dev_endpoints or
             os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
             responses_store=args.responses_store,

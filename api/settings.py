@@ -6,6 +6,7 @@ import os
 
 import msgspec
 
+from fornax.runtime.limits import InputLimits
 from fornax.runtime.messages import EngineHandshake
 
 SETTINGS_ENV = "FORNAX_SERVER_SETTINGS"
@@ -29,11 +30,14 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     trust_request_chat_template: bool = False
     generation_config: str = "auto"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    input_limits: InputLimits = InputLimits()  # --max-n, --max-stop-strings, ...
     max_audio_filesize_mb: float = 25.0  # audio uploads beyond this get 413
     realtime_max_buffer_s: float = 300.0  # WS /v1/realtime: audio waiting to be transcribed
     realtime_max_session_s: float = 3600.0  # a realtime session is closed after this long
     realtime_idle_timeout_s: float = 60.0  # ... or after this long without a client event
     log_requests: bool = True
+    request_timeout_s: float | None = None  # --request-timeout: deadline of every request
+    engine_stall_timeout_s: float = 60.0  # --engine-stall-timeout: /health 503 (0: off)
     enable_dev_endpoints: bool = False  # /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
     responses_store: str = "memory"  # /v1/responses: "memory" (per worker) or "sqlite:PATH"
     responses_store_max_count: int = 10000

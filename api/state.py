@@ -31,7 +31,7 @@ class AppState:
         self.max_model_len = settings.engine.max_model_len
         self.tokenizer = TokenizerFront(settings.engine.model_path, settings.chat_template)
         self.processor = OutputProcessor(self.tokenizer)
-        self.engine = EngineClient(settings.ipc_dir)
+        self.engine = EngineClient(settings.ipc_dir, settings.request_timeout_s)
         self.model_name = settings.served_model_names[0]
         self.metrics = Metrics(self.model_name)
         self._names = set(settings.served_model_names) | set(settings.model_aliases)

@@ -18,10 +18,14 @@ logger = logging.getLogger(__name__)
 
 
 DEEP_HEALTH_TIMEOUT_S = 10.0
+HEALTH_STATS_MAX_AGE_S = 1.0  # /health asks the engine at most this often per worker
+HEALTH_STATS_TIMEOUT_S = 5.0
 
 
 async def health(req: Request) -> Response:
-    """200 while the engine core runs; 503 once it is dead or the server is shutting down.
+    """200 while the engine core runs and makes progress; 503 once it is dead, while the server
+    drains (SIGTERM), or when its busy loop has not come round for --engine-stall-timeout
+    seconds (the watchdog). The engine's answer is cached for a second, so /health stays cheap.
 
     `?deep=1` (fornax's) also runs a one-token generation, which must finish within 10 s.
     """
@@ -30,6 +34,16 @@ async def health(req: Request) -> Response:
         raise EngineDeadError(state.engine.dead_reason or "the engine core is not running")
     if state.draining:
         raise APIError(503, "the server is shutting down")
+    try:
+        stats = await state.engine.recent_stats(HEALTH_STATS_MAX_AGE_S, HEALTH_STATS_TIMEOUT_S)
+    except APIError as exc:  # no answer in time (or dead meanwhile): not healthy
+        raise APIError(503, f"the engine core does not answer: {exc.message}") from None
+    if stats.draining:
+        raise APIError(503, "the server is shutting down (draining in-flight requests)")
+    limit = state.settings.engine_stall_timeout_s
+    if limit and stats.loop_stall_s >= limit:
+        raise APIError(503, f"the engine core has made no progress for {stats.loop_stall_s:.0f} s"
+                       f" (--engine-stall-timeout {limit:g})")
     if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
         if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
             await pooling_probe(state, DEEP_HEALTH_TIMEOUT_S)

@@ -87,12 +87,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"
-    max_num_queued_requests: int | None = None
+    # admission (vLLM's names): in-flight requests (waiting + running) and prompt tokens waiting;
+    # None = the default, sized from the KV cache at start (see queue_limits)
+    max_num_queued_reqs: int | None = None
+    max_num_queued_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("max_num_queued_requests", self.max_num_queued_requests)
+        _positive("max_num_queued_reqs", self.max_num_queued_reqs)
+        _positive("max_num_queued_tokens", self.max_num_queued_tokens)
         if self.policy not in _POLICIES:
             raise ConfigError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
@@ -178,7 +182,30 @@ for _sub_name, _sub_cls in (("model_config", ModelConfig), ("cache_config", Cach
     for _f in dataclasses.fields(_sub_cls):
         _ENGINE_ARG_FIELDS[_f.name] = _sub_name
 _ARG_ALIASES = {"scheduling_policy": "policy", "kv_cache_memory": "kv_cache_memory_bytes",
-                "num_gpu_blocks": "num_gpu_blocks_override"}
+                "num_gpu_blocks": "num_gpu_blocks_override",
+                "max_num_queued_requests": "max_num_queued_reqs"}
+
+# The default admission bound: enough in-flight requests to fill the KV cache QUEUE_KV_MULTIPLE
+# times over at QUEUE_TYPICAL_TOKENS tokens a request (prompt + output), and never fewer than
+# QUEUE_MIN_BATCHES full batches (--max-num-seqs), so a small cache still keeps the batch full.
+QUEUE_KV_MULTIPLE = 4
+QUEUE_TYPICAL_TOKENS = 1024
+QUEUE_MIN_BATCHES = 2
+
+
+def queue_limits(config: SchedulerConfig, kv_capacity_tokens: int, max_model_len: int
+                 ) -> tuple[int, int | None]:
+    """(max in-flight requests, max waiting prompt tokens or None) once the KV cache is sized.
+
+    Beyond the first, a request waits behind about `QUEUE_KV_MULTIPLE` full turnovers of the KV
+    cache: past that a client does better retrying elsewhere (503 + Retry-After) than queueing.
+    """
+    reqs = config.max_num_queued_reqs
+    if reqs is None:
+        typical = max(1, min(QUEUE_TYPICAL_TOKENS, max_model_len))
+        by_kv = QUEUE_KV_MULTIPLE * -(-max(kv_capacity_tokens, 1) // typical)
+        reqs = max(QUEUE_MIN_BATCHES * config.max_num_seqs, by_kv)
+    return reqs, config.max_num_queued_tokens
 
 
 def make_engine_config(model: str, **kwargs: Any) -> EngineConfig:

@@ -88,8 +88,7 @@ class EncoderBudgetScheduler(Scheduler):
 
     def schedule(self):  # type: ignore[override]
         limit = self.max_new
-        full = self.waiting
-        ordered = list(full)  # head first
+        ordered = list(self.waiting)  # head first
         if any(r.priority != ordered[0].priority for r in ordered):
             ordered = sorted(ordered, key=lambda r: r.priority)  # stable
             best = ordered[0].priority  # this step encodes only the most urgent class
@@ -165,6 +164,7 @@ class EncoderDecoderEngineCore(SchedulingCoreMixin):
     def add_request(self, req: EngineCoreRequest) -> Request:
         max_tokens, feats = self.validate_request(req)
         self.ensure_new_request_id(req.request_id)
+        self.check_admit_faults(req.request_id)
         request = EncoderDecoderRequest(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
@@ -174,26 +174,37 @@ class EncoderDecoderEngineCore(SchedulingCoreMixin):
         return request
 
     # ---- the busy loop's body ------------------------------------------------------------------
-    def step(self) -> list[EngineCoreOutput]:
+    def _step(self) -> list[EngineCoreOutput]:
+        """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute_model(sched_out)
             return []
+        requests = self.scheduler.requests
+        self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
+        self._step_forgotten = sched_out.finished_req_ids
+        self.check_step_faults(sched_out.num_scheduled_tokens)
         runner_out = self.runner.execute_model(sched_out)
         self.num_steps += 1
-        outputs = []
+        if runner_out.failed:
+            self.fail_runner_requests(runner_out.failed)
+        outputs: list[EngineCoreOutput] = []
         for request, new_tokens in self.scheduler.update_from_output(sched_out,
                                                                      runner_out.sampled):
-            lp = runner_out.logprobs.get(request.request_id)
-            out = EngineCoreOutput(
-                request_id=request.request_id, new_token_ids=new_tokens,
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
-                num_prompt_tokens=request.num_prompt_tokens)
-            if request.is_finished:
-                out.alignment = self.runner.alignment.finish(
-                    request.request_id, request.output_token_ids, self.vocab.eot)
-                out.no_speech_prob = self.runner.no_speech.get(request.request_id)
-            outputs.append(out)
+            self.guarded_output(outputs, request, self._make_output, new_tokens, runner_out)
         return outputs
+
+    def _make_output(self, request: Request, new_tokens: list[int],
+                     runner_out: Any) -> EngineCoreOutput:
+        lp = runner_out.logprobs.get(request.request_id)
+        out = EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=new_tokens,
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
+            num_prompt_tokens=request.num_prompt_tokens)
+        if request.is_finished:
+            out.alignment = self.runner.alignment.finish(
+                request.request_id, request.output_token_ids, self.vocab.eot)
+            out.no_speech_prob = self.runner.no_speech.get(request.request_id)
+        return out

@@ -61,6 +61,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     # of each output token that is text or the final end-of-text, -1 for the others
     alignment: list[int] | None = None
     no_speech_prob: float | None = None  # Whisper: P(<|nospeech|>) at <|startoftranscript|>
+    # finish_reason "error": the request failed while being served (`error` says why); the
+    # engine-core process sends it to the API worker as a RequestRejected of this status/param
+    error_status: int = 500
+    error_param: str | None = None
 
 
 # ---- engine-core process <-> API workers (fornax serve) ---------------------------------------
@@ -86,6 +90,8 @@ class EngineHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     eos_token_ids: list[int] = []
     runner: str = "generate"  # or "pooling"
     pooling: PoolingModelInfo | None = None  # what a pooling model serves, and how it pools
+    max_num_queued_reqs: int = 0  # admission bound in force (in-flight requests)
+    max_num_queued_tokens: int = 0  # admission bound on waiting prompt tokens (0: none)
 
 
 class ClientHello(msgspec.Struct, tag="hello", array_like=True, omit_defaults=True, gc=False):
@@ -130,6 +136,9 @@ class EngineStats(msgspec.Struct, tag="stats", array_like=True, omit_defaults=Tr
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     draining: bool = False
+    num_iterations: int = 0  # busy-loop iterations so far (the watchdog's progress counter)
+    loop_stall_s: float = 0.0  # seconds since the busy loop last came round (a long step shows)
+    num_rejected_overload: int = 0  # requests refused with 503 by the admission bounds
 
 
 class RequestRejected(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

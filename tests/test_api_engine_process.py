@@ -34,7 +34,7 @@ class _FakeCore:
 
     def __init__(self, error: Exception | None = None, num_waiting: int = 0) -> None:
         self.error = error
-        self.scheduler = SimpleNamespace(num_waiting=num_waiting, requests={})
+        self.scheduler = SimpleNamespace(num_waiting=num_waiting, num_running=0, requests={})
         self.added: list[str] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -53,15 +53,22 @@ class _FakeCore:
 def _process(core: _FakeCore, max_queued: int | None = None) -> EngineCoreProcess:
     proc = EngineCoreProcess(EngineSpec("m", {}, "/nonexistent", "ipc://x", 1))
     proc.core = core
-    proc.max_queued = max_queued
+    proc.max_queued_reqs = max_queued
     proc.out = SimpleNamespace(q=queue.Queue())
     return proc
 
 
 def _sent(proc: EngineCoreProcess) -> list[tuple[str, object]]:
+    """What the busy loop handed to the output thread, as the worker would decode it."""
     items = []
     while not proc.out.q.empty():
         kind, client, payload = proc.out.q.get()
+        if kind == "outputs":
+            payload = EngineCoreOutputs(outputs=payload)
+        elif kind == "rejected":
+            payload = EngineCoreOutputs(rejected=[payload])
+        if not isinstance(payload, bytes):
+            payload = msgspec.msgpack.encode(payload)
         items.append((client, msgspec.msgpack.decode(payload, type=EngineMessage)))
     return items
 

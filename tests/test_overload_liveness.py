@@ -95,3 +95,100 @@ def test_preempted_request_goes_back_to_the_head_and_abort_frees_it() -> None:
     assert s.waiting[0] is victim and victim.status == RequestStatus.PREEMPTED
     s.abort_requests([victim.request_id, "r0"])
     assert victim not in s.waiting and s.num_waiting == 0 and s.num_running == 1
+
+
+# ---- the output thread never drops a message ------------------------------------------------
+def _pull(tmp_path, name: str = "out"):
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.setsockopt(zmq.LINGER, 0)
+    addr = f"ipc://{tmp_path}/{name}"
+    pull.bind(addr)
+    return ctx, pull, addr
+
+
+def test_output_thread_delivers_every_final_to_a_slow_reader(tmp_path) -> None:
+    import msgspec
+
+    from fornax.api.engine.output_thread import OutputThread
+    from fornax.runtime.messages import EngineCoreOutput, EngineMessage
+
+    ctx, pull, addr = _pull(tmp_path)
+    stalled: list[str] = []
+    out = OutputThread(ctx, stalled.append, send_hwm=1, stall_s=120.0)
+    out.start()
+    out.q.put(("connect", "w", addr))
+    num_reqs, num_steps, width = 100, 40, 500  # ~100 KB a step: the socket fills quickly
+    for step in range(num_steps):
+        final = "length" if step == num_steps - 1 else None
+        out.q.put(("outputs", "w", [EngineCoreOutput(f"r{i}", [step] * width, finish_reason=final)
+                                    for i in range(num_reqs)]))
+        time.sleep(0.01)  # one step at a time, as the busy loop hands them over
+    deadline = time.monotonic() + 30
+    while out.num_blocked_sends == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # nobody reads yet: the sends must back up, not be dropped
+    assert out.num_blocked_sends > 0
+    decoder = msgspec.msgpack.Decoder(EngineMessage)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(num_reqs)}
+    finished: set[str] = set()
+    while len(finished) < num_reqs:
+        assert pull.poll(20_000), f"only {len(finished)} of {num_reqs} requests finished"
+        msg = decoder.decode(pull.recv())
+        for o in msg.outputs:
+            tokens[o.request_id].extend(o.new_token_ids)
+            if o.finish_reason is not None:
+                finished.add(o.request_id)
+        time.sleep(0.01)  # a slow reader
+    expected = [step for step in range(num_steps) for _ in range(width)]
+    assert all(t == expected for t in tokens.values())
+    assert not stalled
+    out.q.put(None)
+    out.join(5)
+    pull.close()
+    ctx.term()
+
+
+def test_output_thread_reports_a_worker_that_stopped_reading(tmp_path) -> None:
+    from fornax.api.engine.output_thread import OutputThread
+    from fornax.runtime.messages import EngineCoreOutput
+
+    ctx, pull, addr = _pull(tmp_path)
+    stalled: list[str] = []
+    out = OutputThread(ctx, stalled.append, send_hwm=1, stall_s=0.3)
+    out.start()
+    out.q.put(("connect", "w", addr))
+    for step in range(40):
+        out.q.put(("outputs", "w", [EngineCoreOutput(f"r{i}", [step] * 500) for i in range(100)]))
+        time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while not stalled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalled and stalled[0] == "w"
+    out.q.put(None)
+    out.join(5)
+    pull.close()
+    ctx.term()
+
+
+def test_a_stalled_worker_has_its_requests_aborted_with_503() -> None:
+    import queue
+    from types import SimpleNamespace
+
+    from fornax.api.engine.core_process import EngineCoreProcess
+    from fornax.runtime.messages import EngineSpec
+
+    aborted: list[list[str]] = []
+    proc = EngineCoreProcess(EngineSpec("m", {}, "/nonexistent", "ipc://x", 1))
+    proc.core = SimpleNamespace(abort_requests=aborted.append)
+    proc.out = SimpleNamespace(q=queue.Queue())
+    proc.owners = {"a": "w1", "b": "w2", "c": "w1"}
+    proc._on_worker_stall("w1")  # from the output thread: queued for the busy loop
+    identity, msg = proc.in_q.get_nowait()
+    proc._handle(identity, msg)
+    assert aborted == [["a", "c"]] and proc.owners == {"b": "w2"}
+    sent = [proc.out.q.get_nowait() for _ in range(2)]
+    assert {(k, c, r.request_id, r.status) for k, c, r in sent} == {
+        ("rejected", "w1", "a", 503), ("rejected", "w1", "c", 503)}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
+import math
 import os
+import time
 import uuid
 from typing import Any
 
@@ -14,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from fornax.api.engine.addresses import alive_path, input_address, output_address
+from fornax.api.engine.output_merge import merge_output
 from fornax.api.errors import APIError, EngineDeadError, overloaded
 from fornax.runtime.messages import (
     AbortRequests,
@@ -33,32 +37,50 @@ from fornax.runtime.messages import (
 
 logger = logging.getLogger(__name__)
 
+DEADLINE_HEADER = "x-request-timeout"  # seconds a request may take in all (it may only shorten)
+# the current HTTP request's deadline (time.monotonic()), set by the app before its handler runs
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "fornax_request_deadline", default=None)
 
-def _merge(into: EngineCoreOutput, new: EngineCoreOutput) -> None:
-    into.new_token_ids.extend(new.new_token_ids)
-    if new.new_logprobs:
-        into.new_logprobs = (into.new_logprobs or []) + new.new_logprobs
-    new_prompt = getattr(new, "prompt_logprobs", None)
-    if new_prompt:
-        if into.prompt_logprobs is None:
-            into.prompt_logprobs, into.prompt_logprobs_start = new_prompt, new.prompt_logprobs_start
-        else:  # a later chunk (or a resend after preemption) continues at its start position
-            keep = max(0, new.prompt_logprobs_start - into.prompt_logprobs_start)
-            into.prompt_logprobs = into.prompt_logprobs[:keep] + new_prompt
-    into.finish_reason = new.finish_reason
-    into.stop_reason = new.stop_reason
-    into.num_prompt_tokens = new.num_prompt_tokens or into.num_prompt_tokens
-    into.num_cached_tokens = new.num_cached_tokens
+
+def request_deadline(header: str | None, default_s: float | None,
+                     now: float | None = None) -> float | None:
+    """The deadline of a request arriving `now`: the server's --request-timeout, shortened by an
+    X-Request-Timeout header (seconds). A malformed header is a 400."""
+    timeout = default_s
+    if header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            asked = math.nan
+        if not math.isfinite(asked) or asked <= 0:
+            raise APIError(400, f"the {DEADLINE_HEADER} header must be a positive number of "
+                           f"seconds, got {header[:40]!r}", DEADLINE_HEADER)
+        timeout = asked if timeout is None else min(asked, timeout)
+    if timeout is None:
+        return None
+    return (time.monotonic() if now is None else now) + timeout
+
+
+def deadline_exceeded(timeout_s: float | None) -> APIError:
+    what = f" of {timeout_s:g} s" if timeout_s is not None else ""
+    return APIError(504, f"the request did not finish within its deadline{what} (--request-timeout"
+                    f" or the {DEADLINE_HEADER} header) and was aborted", type="TimeoutError")
 
 
 class RequestGroup:
-    """The engine requests behind one API request; outputs wait here merged (one slot each)."""
+    """The engine requests behind one API request; outputs wait here merged (one slot each).
 
-    def __init__(self, request_ids: list[str]) -> None:
+    With a `deadline` (time.monotonic()), `next()` raises 504 once it passes; the caller's
+    clean-up (release/abort) then frees the requests' KV in the engine."""
+
+    def __init__(self, request_ids: list[str], deadline: float | None = None) -> None:
         self.request_ids = request_ids
         self.unfinished = set(request_ids)
         self.pending: dict[str, EngineCoreOutput] = {}
         self.error: APIError | None = None
+        self.deadline = deadline
+        self._timeout_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._event = asyncio.Event()
 
     def put(self, out: EngineCoreOutput) -> None:
@@ -66,7 +88,7 @@ class RequestGroup:
         if held is None:
             self.pending[out.request_id] = out
         else:
-            _merge(held, out)
+            merge_output(held, out)
         if out.finish_reason is not None:
             self.unfinished.discard(out.request_id)
         self._event.set()
@@ -81,10 +103,19 @@ class RequestGroup:
         return not self.unfinished and not self.pending
 
     async def next(self) -> list[EngineCoreOutput]:
-        """Everything that arrived since the last call (waits for something); raises on failure."""
+        """Everything that arrived since the last call (waits for something); raises on failure
+        (and 504 past the deadline, even while outputs keep coming)."""
         while not self.pending and self.error is None:
             self._event.clear()
-            await self._event.wait()
+            if self.deadline is None:
+                await self._event.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._event.wait(), self.deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        if self.error is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.error = deadline_exceeded(self._timeout_s)
         if self.error is not None:
             raise self.error
         outs = list(self.pending.values())
@@ -95,8 +126,11 @@ class RequestGroup:
 class EngineClient:
     """One per API worker: a DEALER to the engine's ROUTER, a PULL for results, a liveness pipe."""
 
-    def __init__(self, ipc_dir: str) -> None:
+    def __init__(self, ipc_dir: str, request_timeout_s: float | None = None) -> None:
         self.ipc_dir = ipc_dir
+        self.request_timeout_s = request_timeout_s  # --request-timeout (None: no deadline)
+        self._recent: tuple[float, EngineStats] | None = None  # recent_stats' cache
+        self._stats_query: asyncio.Future[EngineStats] | None = None
         self.client_id = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.groups: dict[str, RequestGroup] = {}
         self.queries: dict[int, asyncio.Future[Any]] = {}  # StatsQuery / AdminCommand answers
@@ -140,7 +174,10 @@ class EngineClient:
             payloads = [self._encoder.encode(AddRequest(req)) for req in requests]
         except (msgspec.EncodeError, OverflowError) as exc:  # e.g. an integer beyond 64 bits
             raise APIError(400, f"a number in the request is out of range: {exc}") from None
-        group = RequestGroup([r.request_id for r in requests])
+        deadline = REQUEST_DEADLINE.get()
+        if deadline is None and self.request_timeout_s is not None:  # outside an HTTP request
+            deadline = time.monotonic() + self.request_timeout_s
+        group = RequestGroup([r.request_id for r in requests], deadline)
         for req in requests:
             self.groups[req.request_id] = group
         for payload in payloads:
@@ -169,6 +206,18 @@ class EngineClient:
             raise APIError(503, "the engine core did not answer in time") from exc
         finally:
             self.queries.pop(qid, None)
+
+    async def recent_stats(self, max_age_s: float = 1.0, timeout_s: float = 5.0) -> EngineStats:
+        """An answer at most `max_age_s` old; concurrent callers share one query (/health)."""
+        cached = self._recent
+        if cached is not None and time.monotonic() - cached[0] <= max_age_s:
+            return cached[1]
+        if self._stats_query is None or self._stats_query.done():
+            self._stats_query = asyncio.ensure_future(self.stats(timeout_s))
+            self._stats_query.add_done_callback(_consume_exception)
+        stats = await asyncio.shield(self._stats_query)
+        self._recent = (time.monotonic(), stats)
+        return stats
 
     async def admin(self, command: str, level: int = 1, timeout_s: float = 600.0) -> AdminResult:
         """Run a dev-endpoint command in the engine (sleep, wake_up, ...) and wait for it."""
@@ -247,6 +296,11 @@ class EngineClient:
         for fut in self.queries.values():
             if not fut.done():
                 fut.set_exception(error)
+
+
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 def _rejection_error(rej: RequestRejected) -> APIError:

@@ -22,7 +22,9 @@ import zmq
 
 from fornax.api.engine.addresses import alive_path, input_address
 from fornax.api.engine.admin import is_sleeping, run_admin
+from fornax.api.engine.output_thread import QUEUE_LIMIT, OutputThread
 from fornax.api.logging_setup import setup_logging
+from fornax.runtime import fault_injection
 from fornax.runtime.errors import FornaxError, RequestError
 from fornax.runtime.messages import (
     AbortRequests,
@@ -31,7 +33,6 @@ from fornax.runtime.messages import (
     ClientHello,
     ClientMessage,
     EngineCoreOutput,
-    EngineCoreOutputs,
     EngineDead,
     EngineHandshake,
     EngineSpec,
@@ -43,42 +44,12 @@ from fornax.runtime.messages import (
 logger = logging.getLogger("fornax.api.engine.core_process")
 
 SPEC_ENV = "FORNAX_ENGINE_SPEC"
-_QUEUE_LIMIT = 65536  # bounded hand-off between the socket threads and the busy loop
+_QUEUE_LIMIT = QUEUE_LIMIT  # bounded hand-off between the socket threads and the busy loop
 _IDLE_POLL_S = 0.5
-_SEND_HWM = 100_000  # messages queued per API worker before sends are dropped
 
 
-class _OutputThread(threading.Thread):
-    """Owns the PUSH sockets to the API workers; sends what the busy loop encodes."""
-
-    def __init__(self, ctx: zmq.Context) -> None:
-        super().__init__(name="engine-output", daemon=True)
-        self.ctx = ctx
-        self.q: queue.Queue[tuple[str, str, bytes] | None] = queue.Queue(_QUEUE_LIMIT)
-        self.sockets: dict[str, zmq.Socket] = {}
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                break
-            kind, client_id, payload = item
-            if kind == "connect":
-                sock = self.ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 2000)
-                sock.setsockopt(zmq.SNDHWM, _SEND_HWM)
-                sock.connect(payload.decode())
-                self.sockets[client_id] = sock
-                continue
-            targets = list(self.sockets.items()) if kind == "all" else \
-                [(client_id, self.sockets[client_id])] if client_id in self.sockets else []
-            for target_id, sock in targets:
-                try:  # never block: a worker that stopped reading must not stall the others
-                    sock.send(payload, zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    logger.warning("dropping a message to API worker %s: %s", target_id, exc)
-        for sock in self.sockets.values():
-            sock.close()
+class _WorkerStalled(msgspec.Struct):
+    """Internal (output thread -> busy loop): this API worker stopped reading its results."""
 
 
 class EngineCoreProcess:
@@ -94,7 +65,14 @@ class EngineCoreProcess:
         self.drain_deadline: float | None = None
         self.encoder = msgspec.msgpack.Encoder()
         self.core: Any = None
-        self.max_queued: int | None = None
+        self.max_queued_reqs: int | None = None  # admission bounds (set from the KV at start)
+        self.max_queued_tokens: int | None = None
+        # adds on their way to the busy loop: counted in by the input thread, out by the loop
+        # (each counter has one writer, so no lock is needed)
+        self._adds_in = self._adds_out = self._tokens_in = self._tokens_out = 0
+        self.num_rejected_overload = 0
+        self.num_iterations = 0  # watchdog: busy-loop progress
+        self.loop_beat = time.monotonic()
         self._alive_conns: list[socket.socket] = []
 
     # ---- start ---------------------------------------------------------------------------------
@@ -111,9 +89,9 @@ class EngineCoreProcess:
             handshake.send(self.encoder.encode(EngineHandshake(ready=False, error=msg)))
             handshake.close()
             return 1
-        self.max_queued = self.core.config.scheduler_config.max_num_queued_requests
+        self._set_queue_limits()
         router = self._bind_sockets()
-        out = _OutputThread(self.ctx)
+        out = OutputThread(self.ctx, self._on_worker_stall)
         out.start()
         self.out = out
         in_thread = threading.Thread(target=self._input_loop, args=(router,), name="engine-input",
@@ -147,9 +125,21 @@ class EngineCoreProcess:
         config = make_engine_config(self.spec.model, **self.spec.engine_kwargs)
         return make_engine_core(config)  # EngineCore, or PoolingEngineCore for --runner pooling
 
+    def _set_queue_limits(self) -> None:
+        from fornax.runtime.config import queue_limits
+
+        info = self.core.info
+        self.max_queued_reqs, self.max_queued_tokens = queue_limits(
+            self.core.config.scheduler_config, info.kv_capacity_tokens, info.max_model_len)
+        logger.info("admission: at most %d requests in flight (--max-num-queued-reqs), %s "
+                    "waiting prompt tokens (--max-num-queued-tokens); beyond them: 503",
+                    self.max_queued_reqs, self.max_queued_tokens or "any number of")
+
     def _ready(self) -> EngineHandshake:
         info = self.core.info
         return EngineHandshake(
+            max_num_queued_reqs=self.max_queued_reqs or 0,
+            max_num_queued_tokens=self.max_queued_tokens or 0,
             ready=True, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
             kv_capacity_tokens=info.kv_capacity_tokens, max_model_len=info.max_model_len,
             vocab_size=info.vocab_size, model_path=str(self.core.files.path),
@@ -193,9 +183,69 @@ class EngineCoreProcess:
             except msgspec.DecodeError as exc:
                 logger.warning("dropping an undecodable message from a worker: %s", exc)
                 continue
-            if isinstance(msg, AddRequest):
-                self._precompile(msg)
-            self.in_q.put((identity, msg))
+            if isinstance(msg, StatsQuery):  # answered here: a long step must not delay it
+                self._put_out(("send", identity.decode(), self._stats(msg.query_id)))
+            elif isinstance(msg, AddRequest):
+                self._admit(identity, msg)
+            else:
+                self.in_q.put((identity, msg))  # aborts, admin: back-pressure, never dropped
+
+    def _admit(self, identity: bytes, msg: AddRequest) -> None:
+        """Input thread: refuse at once (503) beyond the admission bounds, else queue the add."""
+        req = msg.request
+        reason = self._overloaded(req)
+        if reason is None:
+            self._precompile(msg)
+            self._adds_in += 1
+            self._tokens_in += len(req.prompt_token_ids)
+            try:
+                self.in_q.put_nowait((identity, msg))
+                return
+            except queue.Full:
+                self._adds_in -= 1
+                self._tokens_in -= len(req.prompt_token_ids)
+                reason = "the server is overloaded: the engine's input queue is full; retry later"
+        self.num_rejected_overload += 1
+        self._put_out(("rejected", identity.decode(),
+                       RequestRejected(req.request_id, reason, None, 503)))
+
+    def _overloaded(self, req: Any, pending: bool = True) -> str | None:
+        """Why `req` must wait outside (the bounds are full), or None. `pending`: count the adds
+        still on their way to the busy loop (the input thread's view)."""
+        sched = self.core.scheduler
+        in_flight = sched.num_waiting + sched.num_running
+        tokens = getattr(sched, "num_waiting_prompt_tokens", 0)
+        if pending:
+            in_flight += max(0, self._adds_in - self._adds_out)
+            tokens += max(0, self._tokens_in - self._tokens_out)
+        if self.max_queued_reqs is not None and in_flight >= self.max_queued_reqs:
+            return (f"the server is overloaded: {in_flight} requests are in flight, the most it "
+                    f"takes (--max-num-queued-reqs {self.max_queued_reqs}); retry later")
+        size = len(req.prompt_token_ids)
+        if self.max_queued_tokens is not None and tokens and tokens + size > self.max_queued_tokens:
+            return (f"the server is overloaded: {tokens} prompt tokens are waiting and this "
+                    f"request's {size} would pass --max-num-queued-tokens "
+                    f"{self.max_queued_tokens}; retry later")
+        return None
+
+    def _stats(self, query_id: int) -> EngineStats:
+        """Engine numbers plus the watchdog's; read from any thread (counters and lengths only)."""
+        try:
+            numbers = self.core.stats()
+        except Exception:  # noqa: BLE001 - a racing mutation: the liveness fields still go out
+            logger.debug("stats failed", exc_info=True)
+            numbers = {}
+        return EngineStats(query_id, draining=self.drain_requested,
+                           num_iterations=self.num_iterations,
+                           loop_stall_s=max(0.0, time.monotonic() - self.loop_beat),
+                           num_rejected_overload=self.num_rejected_overload, **numbers)
+
+    def _on_worker_stall(self, client_id: str) -> None:
+        """Output thread: a worker reads nothing; have the busy loop fail its requests."""
+        try:
+            self.in_q.put_nowait((client_id.encode(), _WorkerStalled()))
+        except queue.Full:  # the output thread tries again after another stall period
+            logger.warning("could not queue the failing of API worker %s's requests", client_id)
 
     def _precompile(self, msg: AddRequest) -> None:
         """Compile a request's output constraint here, on the input thread, so the busy loop
@@ -227,6 +277,10 @@ class EngineCoreProcess:
                 self._route(core.step())
 
     def _take_input(self, block: bool) -> None:
+        self.loop_beat = time.monotonic()  # the watchdog's heartbeat: once per loop iteration
+        self.num_iterations += 1
+        if fault_injection.INJECTOR is not None:  # test-only: the "stall" stage sleeps here
+            fault_injection.INJECTOR.stall(list(getattr(self.core.scheduler, "requests", ())))
         try:
             item = self.in_q.get(timeout=_IDLE_POLL_S) if block else self.in_q.get_nowait()
         except queue.Empty:
@@ -260,26 +314,41 @@ class EngineCoreProcess:
             for rid in msg.request_ids:
                 self.owners.pop(rid, None)
         elif isinstance(msg, StatsQuery):
-            stats = EngineStats(msg.query_id, draining=self.drain_requested, **self.core.stats())
-            self._put_out(("send", client_id, self.encoder.encode(stats)))
+            self._put_out(("send", client_id, self._stats(msg.query_id)))
+        elif isinstance(msg, _WorkerStalled):
+            self._fail_worker(client_id)
         elif isinstance(msg, ClientHello):
             logger.debug("API worker %s connected", msg.client_id)
             self._put_out(("connect", client_id, msg.output_address.encode()))
         elif isinstance(msg, AdminCommand):  # dev endpoints: runs between steps
             self._put_out(("send", client_id, self.encoder.encode(run_admin(self.core, msg))))
 
+    def _fail_worker(self, client_id: str) -> None:
+        """Abort (KV freed) every request of a worker that stopped reading; each gets a 503."""
+        ids = [rid for rid, owner in self.owners.items() if owner == client_id]
+        if not ids:
+            return
+        logger.error("aborting %d requests of API worker %s: it stopped reading results",
+                     len(ids), client_id)
+        self.core.abort_requests(ids)
+        for rid in ids:
+            del self.owners[rid]
+            self._put_out(("rejected", client_id, RequestRejected(
+                rid, "the request was aborted: its API worker stopped reading results", None,
+                503)))
+
     def _add(self, client_id: str, msg: AddRequest) -> None:
         req = msg.request
+        self._adds_out += 1  # no longer on its way (see _admit)
+        self._tokens_out += len(req.prompt_token_ids)
         rejection: RequestRejected | None = None
         if self.drain_requested:
             rejection = RequestRejected(req.request_id, "the server is shutting down", None, 503)
         elif is_sleeping(self.core):
             rejection = RequestRejected(req.request_id, "the model is sleeping (POST /sleep); "
                                         "POST /wake_up first", None, 503)
-        elif self.max_queued is not None and self.core.scheduler.num_waiting >= self.max_queued:
-            rejection = RequestRejected(
-                req.request_id, f"the server is overloaded: {self.max_queued} requests are "
-                "already waiting (--max-num-queued-requests); retry later", None, 503)
+        elif (reason := self._overloaded(req, pending=False)) is not None:
+            rejection = RequestRejected(req.request_id, reason, None, 503)
         else:
             try:
                 self.core.add_request(req)
@@ -291,9 +360,10 @@ class EngineCoreProcess:
                 rejection = RequestRejected(req.request_id, f"invalid request: {exc}", None, 400)
             except Exception as exc:  # a bug, not the client's fault; the engine lives on
                 logger.exception("add_request failed for %s", req.request_id)
-                rejection = RequestRejected(req.request_id, f"internal error: {exc}", None, 500)
-        self._put_out(("send", client_id,
-                       self.encoder.encode(EngineCoreOutputs(rejected=[rejection]))))
+                rejection = RequestRejected(
+                    req.request_id, f"internal error while admitting request {req.request_id}: "
+                    f"{type(exc).__name__}: {exc}", None, 500)
+        self._put_out(("rejected", client_id, rejection))
 
     def _route(self, outputs: list[EngineCoreOutput]) -> None:
         by_client: dict[str, list[EngineCoreOutput]] = defaultdict(list)
@@ -301,11 +371,16 @@ class EngineCoreProcess:
             owner = self.owners.get(out.request_id)
             if owner is None:
                 continue
+            if out.error is not None:  # it failed while being served: its client gets the error
+                del self.owners[out.request_id]
+                self._put_out(("rejected", owner, RequestRejected(
+                    out.request_id, out.error, out.error_param, out.error_status)))
+                continue
             by_client[owner].append(out)
             if out.finish_reason is not None:
                 del self.owners[out.request_id]
         for client_id, outs in by_client.items():
-            self._put_out(("send", client_id, self.encoder.encode(EngineCoreOutputs(outs))))
+            self._put_out(("outputs", client_id, outs))  # encoded on the output thread
 
 
 def main() -> None:

@@ -271,7 +271,7 @@ async def messages(req: Request) -> Response:
     body = await req.json(MessagesRequest)
     model = req.state.resolve_model(body.model)
     msg_id = f"msg_{uuid.uuid4().hex}"
-    raw = msgspec.json.decode(await req.body())
+    raw = await req.json_value()
     inner = subrequest(req, "/v1/chat/completions", to_chat_body(body, raw))
     if body.stream:
         events = await open_stream(chat.chat_completions, inner)

@@ -14,15 +14,13 @@ import time
 import uuid
 from typing import Any
 
-import msgspec
-
 from fornax.api import chat
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, json_response
 from fornax.api.pooling_common import check_route_runner
 from fornax.api.subrequest import call_json, subrequest
+from fornax.runtime.limits import MAX_CONVERSATIONS
 
-MAX_CONVERSATIONS = 256
 
 
 def _conversations(body: Any) -> list[list[dict[str, Any]]]:
@@ -69,10 +67,7 @@ async def _run_all(req: Request, bodies: list[dict[str, Any]]) -> list[dict[str,
 
 
 async def chat_batch(req: Request) -> Response:
-    try:
-        body = msgspec.json.decode(await req.body())
-    except msgspec.DecodeError as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    body = await req.json_value()  # size and depth limits, as every JSON route
     convs = _conversations(body)
     check_route_runner(subrequest(req, "/v1/chat/completions", {}))  # pooling model: 501
     model = req.state.resolve_model(body.get("model"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,15 +33,23 @@ def check_beam_request(req: _SamplingFields) -> None:
 
 async def beam_search(state: AppState, prompt_ids: list[int], req: _SamplingFields,
                       max_tokens: int) -> list[BeamResult]:
-    """The best `n` beams for one prompt, best first (HF's length-penalised score)."""
-    width = req.n or 1
+    """The best `n` of `best_of` (default n) beams for one prompt, best first (HF's
+    length-penalised score). The width is under the same cap as n and best_of."""
+    n = req.n or 1
+    width = n if req.best_of is None else req.best_of  # vLLM's: best_of beams, the n best kept
+    if width < n:
+        raise APIError(400, f"best_of ({width}) must not be smaller than n ({n})", "best_of")
+    lp = 1.0 if req.length_penalty is None else req.length_penalty
+    if not math.isfinite(lp) or abs(lp) > 100.0:
+        raise APIError(400, f"length_penalty must be a finite number in [-100, 100], got {lp}",
+                       "length_penalty")
     try:
         params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
-                                  ignore_eos=req.ignore_eos,
-                                  length_penalty=1.0 if req.length_penalty is None
-                                  else req.length_penalty)
+                                  ignore_eos=req.ignore_eos, length_penalty=lp,
+                                  max_width=state.settings.input_limits.max_n)
     except RequestError as exc:
-        raise APIError(400, str(exc), exc.param) from None
+        param = "best_of" if exc.param == "n" and req.best_of is not None else exc.param
+        raise APIError(400, str(exc), param) from None
     search = BeamSearchState(params, frozenset(state.engine_info.eos_token_ids))
     step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
                           logprobs=min(2 * width, state.engine_info.max_logprobs))
@@ -52,7 +61,7 @@ async def beam_search(state: AppState, prompt_ids: list[int], req: _SamplingFiel
                     for b, beam in enumerate(search.running)]
         search.advance(await _one_step(state, requests))
         num_steps += 1
-    return [_result(state, beam) for beam in search.best()]
+    return [_result(state, beam) for beam in search.best()[:n]]
 
 
 async def _one_step(state: AppState, requests: list[EngineCoreRequest]

@@ -24,6 +24,7 @@ from fornax.api.generate import (
 )
 from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
 from fornax.api.logprobs import chat_logprobs, prompt_logprobs_json
+from fornax.api.offload import prepare
 from fornax.api.protocol.openai import (
     ChatChoice,
     ChatCompletionChunk,
@@ -113,8 +114,9 @@ async def chat_completions(req: Request) -> Response:
             0 <= body.top_logprobs <= state.engine_info.max_logprobs:
         raise APIError(400, f"top_logprobs must be in [0, {state.engine_info.max_logprobs}] "
                        "(--max-logprobs)", "top_logprobs")
-    text, ids = render_prompt(
-        state, body.messages, add_generation_prompt=body.add_generation_prompt,
+    text, ids = await prepare(
+        req, render_prompt, state, body.messages,
+        add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, tools=body.tools,
         documents=body.documents, chat_template=body.chat_template,
         template_kwargs=body.chat_template_kwargs, add_special_tokens=body.add_special_tokens)

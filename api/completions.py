@@ -22,6 +22,7 @@ from fornax.api.generate import (
 )
 from fornax.api.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
 from fornax.api.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
+from fornax.api.offload import prepare
 from fornax.api.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
@@ -41,7 +42,6 @@ from fornax.api.structured import backend_headers, request_constraint
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPTS = 1024
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for completions
 _PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token ids or a list of "
                   "token-id lists")
@@ -64,8 +64,10 @@ def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> lis
         items = prompt
     else:
         raise APIError(400, _PROMPT_SHAPES, "prompt")
-    if len(items) > MAX_PROMPTS:
-        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+    max_prompts = state.settings.input_limits.max_prompts
+    if len(items) > max_prompts:
+        raise APIError(400, f"at most {max_prompts} prompts per request "
+                       "(--max-prompts-per-request)", "prompt")
     if all(isinstance(p, str) for p in items):
         ids = state.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
         return [PromptInput(i, t) for i, t in zip(ids, items)]
@@ -82,7 +84,7 @@ async def completions(req: Request) -> Response:
     constraint = request_constraint(body)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
-    prompts = parse_prompts(state, body.prompt, body.add_special_tokens)
+    prompts = await prepare(req, parse_prompts, state, body.prompt, body.add_special_tokens)
     for p in prompts:
         p.token_ids = truncate_prompt(p.token_ids, body.truncate_prompt_tokens,
                                       state.max_model_len)

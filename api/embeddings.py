@@ -10,6 +10,7 @@ from typing import Any
 
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, json_response
+from fornax.api.offload import prepare
 from fornax.api.pooling_common import (
     chat_input,
     encode_vector,
@@ -79,7 +80,7 @@ async def embeddings(req: Request) -> Response:
     model = state.resolve_model(body.model)
     info = require_task(state, "embed", "/v1/embeddings")
     check_dimensions(info, body.dimensions)
-    token_lists = _inputs(state, info, body)
+    token_lists = await prepare(req, _inputs, state, info, body)
     public_id, engine_id = request_ids("embd", body.request_id or req.request_id)
     params = PoolingParams("embed", dimensions=body.dimensions, normalize=body.normalize)
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)
@@ -103,7 +104,7 @@ async def pooling(req: Request) -> Response:
     if task != "encode":
         require_task(state, task, "/pooling")
     check_dimensions(info, body.dimensions)
-    token_lists = _inputs(state, info, body)
+    token_lists = await prepare(req, _inputs, state, info, body)
     public_id, engine_id = request_ids("pool", body.request_id or req.request_id)
     params = PoolingParams(task, dimensions=body.dimensions, normalize=body.normalize)
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)

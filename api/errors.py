@@ -63,6 +63,9 @@ def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) ->
     param = (match.group(1) or match.group(2)) if match else None
     if isinstance(exc, msgspec.ValidationError):
         message = f"invalid request: {text}"
+        if param is not None and param.rsplit(".", 1)[-1] == "request_id" and "regex" in text:
+            message = (f"invalid request: {param} must be printable ASCII (no control characters "
+                       "such as CR/LF, no non-ASCII text, no leading or trailing spaces)")
     else:
         message = f"the request body is not valid JSON: {text}"
     return APIError(400, message, param or None)

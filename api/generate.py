@@ -13,6 +13,7 @@ from fornax.api.errors import APIError
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
 from fornax.api.sampling import build_sampling_params
 from fornax.api.state import AppState
+from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.outputs import Logprob
 from fornax.runtime.sampling_params import SamplingParams
@@ -250,7 +251,8 @@ def request_sampling_params(state: AppState, body: _SamplingFields, *, max_token
                                  defaults=state.sampling_defaults,
                                  max_logprobs=state.engine_info.max_logprobs,
                                  tokenizer=state.tokenizer,
-                                 vocab_size=state.engine_info.vocab_size)
+                                 vocab_size=state.engine_info.vocab_size,
+                                 limits=state.settings.input_limits)
 
 
 def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[PromptInput],
@@ -258,10 +260,14 @@ def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[P
     """The Generation of an API request, its public id and creation time; a client disconnect
     from now on aborts its engine requests."""
     state = req.state
+    count = max(params.n, params.best_of or 1)
+    if len(prompts) * count > MAX_CHOICES_PER_REQUEST:
+        raise APIError(400, f"{len(prompts)} prompt(s) x {count} choices is more than the "
+                       f"{MAX_CHOICES_PER_REQUEST} sequences one request may start", "n")
     public_id, engine_id = new_request_id(id_prefix, body.request_id or req.request_id)
     if state.settings.log_requests:
         logger.info("%s request %s: %d prompt(s), %d prompt tokens, %s", id_prefix, public_id,
-                    len(prompts), sum(len(p.token_ids) for p in prompts), params)
+                    len(prompts), sum(len(p.token_ids) for p in prompts), clip_for_log(params))
     gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
     req.watch_disconnect()
     return gen, public_id, int(time.time())

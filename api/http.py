@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from fornax.api.errors import APIError, from_validation_error
+from fornax.runtime.limits import MAX_JSON_DEPTH, json_too_deep
 
 if TYPE_CHECKING:
     from fornax.api.state import AppState
@@ -80,6 +81,7 @@ class Request:
         body = await self.body()
         if not body.strip():
             raise APIError(400, "the request body is empty; a JSON object is expected")
+        check_json_depth(body)
         decoder = _decoders.get(type_)
         if decoder is None:
             decoder = _decoders[type_] = msgspec.json.Decoder(type_)
@@ -88,7 +90,21 @@ class Request:
         except msgspec.DecodeError as exc:
             raise from_validation_error(exc) from None
         except RecursionError:
-            raise APIError(400, "the request JSON is nested too deeply") from None
+            raise _too_deep() from None
+
+    async def json_value(self) -> Any:
+        """The body as plain JSON values (for routes that dispatch on its shape), under the same
+        size and depth limits as `json`; None for an empty body."""
+        body = await self.body()
+        if not body.strip():
+            return None
+        check_json_depth(body)
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise _too_deep() from None
 
     def watch_disconnect(self) -> None:
         """After the body is read: cancel this request's task when the client goes away."""
@@ -110,6 +126,18 @@ class Request:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+
+
+def check_json_depth(body: bytes) -> None:
+    """400 when arrays/objects nest deeper than MAX_JSON_DEPTH: every JSON route passes here
+    (through `Request.json` / `Request.json_value`) before decoding."""
+    if json_too_deep(body, MAX_JSON_DEPTH):
+        raise _too_deep()
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"the request JSON nests arrays/objects deeper than {MAX_JSON_DEPTH} "
+                    "levels")
 
 
 def _too_large(limit: int) -> APIError:

@@ -16,6 +16,7 @@ from fornax.api.http import Request
 from fornax.api.protocol.pooling import PoolingUsage
 from fornax.api.state import AppState
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import MAX_POOLING_INPUTS
 from fornax.runtime.messages import (
     EngineCoreRequest,
     PoolingModelInfo,
@@ -25,7 +26,7 @@ from fornax.runtime.messages import (
 from fornax.runtime.pooling_io import PoolingTokenizer, output_values, resolve_truncation
 from fornax.runtime.sampling_params import SamplingParams
 
-MAX_INPUTS = 2048
+MAX_INPUTS = MAX_POOLING_INPUTS
 _NO_SAMPLING = SamplingParams(max_tokens=1)
 _INPUT_SHAPES = ("must be a string, a list of strings, a list of token ids or a list of token-id "
                  "lists")

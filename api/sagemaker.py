@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import msgspec
-
 from fornax.api import chat, completions, embeddings, scoring
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response
@@ -56,10 +54,7 @@ def route_for(req: Request, body: dict[str, Any]) -> tuple[str, Handler]:
 
 async def invocations(req: Request) -> Response:
     raw = await req.body()
-    try:
-        body = msgspec.json.decode(raw) if raw.strip() else None
-    except msgspec.DecodeError as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    body = await req.json_value()  # size and depth limits, as every JSON route
     if not isinstance(body, dict):
         raise APIError(400, _SHAPES)
     path, handler = route_for(req, body)

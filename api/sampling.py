@@ -8,6 +8,7 @@ from typing import Any
 from fornax.api.errors import APIError
 from fornax.api.protocol.openai import _SamplingFields
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import DEFAULT_LIMITS, InputLimits
 from fornax.runtime.request_prep import prepare_sampling_params
 from fornax.runtime.sampling_params import SamplingParams
 from fornax.runtime.tokenizer import TokenizerFront
@@ -21,7 +22,6 @@ _PASS_THROUGH: dict[str, Any] = {
     "logit_bias": None, "allowed_token_ids": None, "bad_words": None, "prompt_logprobs": None,
     "repetition_detection": None, "best_of": None,
 }
-_INT64 = (-(2 ** 63), 2 ** 63 - 1)
 _REPETITION_KEYS = {"max_pattern_size", "min_pattern_size", "min_count"}
 
 
@@ -55,15 +55,8 @@ def check_unsupported(req: _SamplingFields, *, structured: bool = False) -> None
     if rd is not None and not set(rd) <= _REPETITION_KEYS:
         raise APIError(400, f"repetition_detection accepts {sorted(_REPETITION_KEYS)}",
                        "repetition_detection")
-    if req.logit_bias:
-        for key in req.logit_bias:
-            if not key.lstrip("-").isdigit():
-                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
-                               "logit_bias")
-    if req.seed is not None and not _INT64[0] <= req.seed <= _INT64[1]:
-        raise APIError(400, "seed must fit in a signed 64-bit integer", "seed")
-    if not _INT64[0] <= req.priority <= _INT64[1]:
-        raise APIError(400, "priority must fit in a signed 64-bit integer", "priority")
+    # priority, request_id, ...: bounded while decoding (api/protocol/bounded.py); logit_bias,
+    # seed and every other decoding setting: SamplingParams.validate, once (build_sampling_params)
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true",
                        "stream_options")
@@ -73,8 +66,10 @@ def check_unsupported(req: _SamplingFields, *, structured: bool = False) -> None
 
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                           defaults: dict[str, Any], max_logprobs: int, tokenizer: TokenizerFront,
-                          vocab_size: int, extra: dict[str, Any] | None = None) -> SamplingParams:
-    """SamplingParams from a chat or completions request; RequestError -> 400 naming the field."""
+                          vocab_size: int, extra: dict[str, Any] | None = None,
+                          limits: InputLimits = DEFAULT_LIMITS) -> SamplingParams:
+    """SamplingParams from a chat or completions request, validated once here (the engine does
+    not check them again); RequestError -> 400 naming the field."""
     n = 1 if req.n is None else req.n
     kwargs: dict[str, Any] = {
         "n": n,
@@ -102,9 +97,8 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logpr
             kwargs[name] = value
     kwargs.update(extra or {})
     try:
-        params = SamplingParams(**kwargs)
-        params.validate(max_logprobs)
-        params = prepare_sampling_params(params, tokenizer, vocab_size)  # bad words -> ids
+        params = prepare_sampling_params(SamplingParams(**kwargs), tokenizer, vocab_size,
+                                         max_logprobs, limits)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param) from None
     return params

@@ -12,6 +12,7 @@ from typing import Any
 
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, json_response
+from fornax.api.offload import prepare
 from fornax.api.pooling_common import (
     MAX_INPUTS,
     chat_input,
@@ -62,10 +63,11 @@ async def classify(req: Request) -> Response:
     info = require_task(state, "classify", "/classify")
     limit = truncation_limit(body.truncate_prompt_tokens, info)
     if body.messages is not None:
-        token_lists = chat_input(state, info, body, limit)
+        token_lists = await prepare(req, chat_input, state, info, body, limit)
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        token_lists = parse_input(state, info, body.input, limit, add_special)
+        token_lists = await prepare(req, parse_input, state, info, body.input, limit,
+                                    add_special)
     public_id, engine_id = request_ids("classify", body.request_id or req.request_id)
     params = PoolingParams("classify", activation=_activation(body))
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)

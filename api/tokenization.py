@@ -5,6 +5,7 @@ from __future__ import annotations
 from fornax.api.chat import render_prompt
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, json_response
+from fornax.api.offload import prepare
 from fornax.api.protocol.openai import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -19,14 +20,16 @@ async def tokenize(req: Request) -> Response:
     state.resolve_model(body.model)
     if body.messages is not None:
         add_special = bool(body.add_special_tokens)  # the template places special tokens
-        _, ids = render_prompt(
-            state, body.messages, add_generation_prompt=body.add_generation_prompt,
+        _, ids = await prepare(
+            req, render_prompt, state, body.messages,
+            add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message, tools=body.tools,
             documents=None, chat_template=body.chat_template,
             template_kwargs=body.chat_template_kwargs, add_special_tokens=add_special)
     elif body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = state.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        ids = await prepare(req, state.tokenizer.encode, body.prompt,
+                            add_special_tokens=add_special)
     else:
         raise APIError(400, "either prompt or messages is required", "prompt")
     strs = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import MAX_N
 
 
 @dataclass
@@ -16,10 +17,12 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    max_width: int = MAX_N  # n, best_of and the beam width share one cap (--max-n)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise RequestError("beam width (n) must be >= 1", "n")
+        if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= self.max_width:
+            raise RequestError(f"beam width (n) must be in [1, {self.max_width}] (the cap of n "
+                               "and best_of)", "n")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1", "max_tokens")
 

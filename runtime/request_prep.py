@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import DEFAULT_LIMITS, InputLimits
 from fornax.runtime.sampling_params import SamplingParams
 from fornax.runtime.tokenizer import TokenizerFront
 
@@ -24,18 +25,21 @@ def bad_words_to_token_ids(words: list[str], tokenizer: TokenizerFront) -> list[
     return out
 
 
-def prepare_sampling_params(params: SamplingParams, tokenizer: TokenizerFront,
-                            vocab_size: int) -> SamplingParams:
-    """Resolve text-level parameters into token ids and check ids against the vocabulary."""
-    for name in ("logit_bias", "allowed_token_ids"):
-        ids = getattr(params, name) or ()
-        bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise RequestError(f"{name} has token id {bad[0]} outside the vocabulary "
-                               f"(size {vocab_size})", name)
+def prepare_sampling_params(params: SamplingParams, tokenizer: TokenizerFront, vocab_size: int,
+                            max_logprobs: int | None = None,
+                            limits: InputLimits = DEFAULT_LIMITS) -> SamplingParams:
+    """The one edge check of a request's decoding settings (API worker or `LLM`): every rule of
+    `SamplingParams.validate` with the model's vocabulary, then bad words -> token ids (checked
+    against the vocabulary too). The engine core trusts what comes out."""
+    params.validate(max_logprobs, vocab_size, limits)
     if params.bad_words and params.bad_words_token_ids is None:
-        params = replace(params, bad_words_token_ids=bad_words_to_token_ids(params.bad_words,
-                                                                              tokenizer))
+        ids = bad_words_to_token_ids(params.bad_words, tokenizer)
+        for word in ids:
+            bad = next((t for t in word if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"bad_words has token id {bad} outside the vocabulary "
+                                   f"(size {vocab_size})", "bad_words")
+        params = replace(params, bad_words_token_ids=ids)
     return params
 
 

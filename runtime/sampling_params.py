@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import (
+    DEFAULT_LIMITS,
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    LOGIT_BIAS_RANGE,
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_CHOICE_CHARS,
+    MAX_CHOICE_OPTIONS,
+    MAX_GRAMMAR_CHARS,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_REPETITION_MIN_COUNT,
+    MAX_REPETITION_PATTERN_SIZE,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    InputLimits,
+)
 
-_MAX_STOP_STRINGS = 64
-_MAX_STOP_STRING_LEN = 1024
-MAX_N = 128
+__all__ = ["MAX_N", "RepetitionDetectionParams", "SamplingParams", "StructuredOutputsParams"]
 
 
 @dataclass
@@ -36,17 +57,36 @@ class StructuredOutputsParams:
     structural_tag: str | dict[str, Any] | None = None
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
+    source: str | None = None  # the request field it came from, named by compile errors
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Exactly one kind, and its raw text within the size caps (compile time is bounded
+        where the grammar compiles)."""
         kinds = [k for k in _CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
         if len(kinds) != 1:
             raise RequestError("structured_outputs needs exactly one of json, regex, choice, "
                                f"grammar, json_object, structural_tag (got {kinds or 'none'})",
                                "structured_outputs")
-        if self.choice is not None and (not self.choice or not all(
-                isinstance(c, str) for c in self.choice)):
-            raise RequestError("structured_outputs.choice must be a non-empty list of strings",
-                               "structured_outputs.choice")
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not self.choice or \
+                    len(self.choice) > MAX_CHOICE_OPTIONS or not all(
+                    isinstance(c, str) and len(c) <= MAX_CHOICE_CHARS for c in self.choice):
+                raise RequestError(f"structured_outputs.choice must be a non-empty list of at "
+                                   f"most {MAX_CHOICE_OPTIONS} strings of at most "
+                                   f"{MAX_CHOICE_CHARS} characters", "structured_outputs.choice")
+        for kind in ("json", "regex", "grammar", "structural_tag"):
+            value = getattr(self, kind)
+            if value is None:
+                continue
+            if not isinstance(value, (str, dict)) or (kind in ("regex", "grammar")
+                                                      and not isinstance(value, str)):
+                raise RequestError(f"structured_outputs.{kind} has the wrong type",
+                                   f"structured_outputs.{kind}")
+            size = len(value) if isinstance(value, str) else _json_size(value)
+            if size > MAX_GRAMMAR_CHARS:
+                raise RequestError(f"structured_outputs.{kind} is {size} characters; at most "
+                                   f"{MAX_GRAMMAR_CHARS} are accepted",
+                                   f"structured_outputs.{kind}")
 
     @property
     def kind(self) -> str:
@@ -98,17 +138,28 @@ class SamplingParams:
     structured_outputs_after: list[int] | None = None
 
     def __post_init__(self) -> None:
+        """Normalise shapes only (a str stop, dicts, str logit_bias keys): no validation here,
+        so that msgspec decoding in the engine and `clone` stay cheap. `validate` runs once, at
+        the edge (the API worker, or `LLM`)."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)) or self.stop is None:
+            self.stop = list(self.stop or [])
+        if isinstance(self.stop_token_ids, (list, tuple)) or self.stop_token_ids is None:
+            self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.structured_outputs, dict):
-            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise RequestError(f"structured_outputs: {exc}", "structured_outputs") from None
         if isinstance(self.repetition_detection, dict):
-            self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
-        if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self.validate()
+            try:
+                self.repetition_detection = RepetitionDetectionParams(**self.repetition_detection)
+            except TypeError as exc:
+                raise RequestError(f"repetition_detection: {exc}",
+                                   "repetition_detection") from None
+        if isinstance(self.logit_bias, dict) and self.logit_bias:
+            self.logit_bias = {_token_key(k): _as_float(v) for k, v in self.logit_bias.items()}
 
     @property
     def uses_penalties(self) -> bool:
@@ -120,16 +171,51 @@ class SamplingParams:
         """True when decoding is plain argmax (temperature 0 or top_k 1)."""
         return self.temperature < 1e-5 or self.top_k == 1
 
-    def validate(self, max_logprobs: int | None = None) -> None:
-        """Raise RequestError naming the first invalid field."""
-        _int_at_least("n", self.n, 1)
-        if self.n > MAX_N:
-            raise RequestError(f"n must be at most {MAX_N}, got {self.n}", "n")
+    def validate(self, max_logprobs: int | None = None, vocab_size: int | None = None,
+                 limits: InputLimits = DEFAULT_LIMITS) -> None:
+        """Every rule on a request's decoding settings, in one place: types, machine ranges,
+        meanings, list and string caps, and (given `vocab_size`) token ids inside the
+        vocabulary. Raises RequestError naming the first invalid field. Runs once per request,
+        at the edge."""
+        self._validate_counts(limits)
+        self._validate_floats()
+        self._validate_lengths(max_logprobs)
+        self._validate_stops(limits, vocab_size)
+        self._validate_token_lists(vocab_size)
+        rd = self.repetition_detection
+        if rd is not None:
+            if not isinstance(rd, RepetitionDetectionParams):
+                raise RequestError("repetition_detection must be an object",
+                                   "repetition_detection")
+            _int_in("repetition_detection.min_pattern_size", rd.min_pattern_size, 1,
+                    MAX_REPETITION_PATTERN_SIZE)
+            _int_in("repetition_detection.max_pattern_size", rd.max_pattern_size,
+                    rd.min_pattern_size, MAX_REPETITION_PATTERN_SIZE)
+            _int_in("repetition_detection.min_count", rd.min_count, 2, MAX_REPETITION_MIN_COUNT)
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise RequestError("structured_outputs must be an object", "structured_outputs")
+            so.validate()
+        if self.structured_outputs_after is not None:
+            _token_ids("structured_outputs_after", self.structured_outputs_after, vocab_size,
+                       MAX_STOP_TOKEN_IDS)
+
+    def _validate_counts(self, limits: InputLimits) -> None:
+        _int_in("n", self.n, 1, limits.max_n)
         if self.best_of is not None:
-            _int_at_least("best_of", self.best_of, 1)
-            if self.best_of < self.n or self.best_of > MAX_N:
-                raise RequestError(f"best_of must be between n ({self.n}) and {MAX_N}, got "
-                                   f"{self.best_of}", "best_of")
+            _int_in("best_of", self.best_of, 1, limits.max_n)
+            if self.best_of < self.n:
+                raise RequestError(f"best_of must be between n ({self.n}) and {limits.max_n}, "
+                                   f"got {self.best_of}", "best_of")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not (
+                self.top_k in (-1, 0) or 1 <= self.top_k <= INT32_MAX):
+            raise RequestError(f"top_k must be -1 (disabled) or in [1, {INT32_MAX}], got "
+                               f"{self.top_k!r}", "top_k")
+        if self.seed is not None:
+            _int_in("seed", self.seed, INT64_MIN, INT64_MAX)
+
+    def _validate_floats(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
@@ -137,73 +223,140 @@ class SamplingParams:
         if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
             raise RequestError(f"repetition_penalty must be in (0, 100], got "
                                f"{self.repetition_penalty}", "repetition_penalty")
-        for tid, bias in (self.logit_bias or {}).items():
-            if not -100.0 <= bias <= 100.0:
-                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
-                                   f"token {tid}", "logit_bias")
-        if self.allowed_token_ids is not None:
-            if not self.allowed_token_ids:
-                raise RequestError("allowed_token_ids must not be empty", "allowed_token_ids")
-            for t in self.allowed_token_ids:
-                _int_at_least("allowed_token_ids", t, 0)
-        if self.truncate_prompt_tokens is not None:
-            _int_at_least("truncate_prompt_tokens", self.truncate_prompt_tokens, -1)
-            if self.truncate_prompt_tokens == 0:
-                raise RequestError("truncate_prompt_tokens must be -1 or >= 1",
-                                   "truncate_prompt_tokens")
-        rd = self.repetition_detection
-        if rd is not None:
-            _int_at_least("repetition_detection.min_pattern_size", rd.min_pattern_size, 1)
-            _int_at_least("repetition_detection.max_pattern_size", rd.max_pattern_size,
-                          rd.min_pattern_size)
-            _int_at_least("repetition_detection.min_count", rd.min_count, 2)
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise RequestError(f"temperature must be a finite number >= 0, got "
+                               f"{self.temperature}", "temperature")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or (
-            self.top_k < 1 and self.top_k not in (-1, 0)
-        ):
-            raise RequestError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}", "top_k")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+
+    def _validate_lengths(self, max_logprobs: int | None) -> None:
         if self.max_tokens is not None:
-            _int_at_least("max_tokens", self.max_tokens, 1)
-        _int_at_least("min_tokens", self.min_tokens, 0)
+            _int_in("max_tokens", self.max_tokens, 1, INT32_MAX)
+        _int_in("min_tokens", self.min_tokens, 0, INT32_MAX)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise RequestError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                 "min_tokens",
             )
-        if len(self.stop) > _MAX_STOP_STRINGS:
-            raise RequestError(f"at most {_MAX_STOP_STRINGS} stop strings are allowed", "stop")
-        for s in self.stop:
-            if not isinstance(s, str) or not s or len(s) > _MAX_STOP_STRING_LEN:
-                raise RequestError(
-                    f"each stop string must be a non-empty string of at most "
-                    f"{_MAX_STOP_STRING_LEN} characters", "stop")
-        for t in self.stop_token_ids:
-            _int_at_least("stop_token_ids", t, 0)
+        if self.truncate_prompt_tokens is not None:
+            _int_in("truncate_prompt_tokens", self.truncate_prompt_tokens, -1, INT32_MAX)
+            if self.truncate_prompt_tokens == 0:
+                raise RequestError("truncate_prompt_tokens must be -1 or >= 1",
+                                   "truncate_prompt_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is None:
                 continue
-            _int_at_least(name, value, -1)
+            _int_in(name, value, -1, INT32_MAX)
             if max_logprobs is not None and value > max_logprobs:
                 raise RequestError(
                     f"{name}={value} exceeds the server's --max-logprobs ({max_logprobs})", name)
 
-    def clone(self, **changes: Any) -> SamplingParams:
-        """A copy with some fields changed (re-validated)."""
-        return replace(self, **changes)
+    def _validate_stops(self, limits: InputLimits, vocab_size: int | None) -> None:
+        if not isinstance(self.stop, list):
+            raise RequestError("stop must be a string or a list of strings", "stop")
+        if len(self.stop) > limits.max_stop_strings:
+            raise RequestError(f"at most {limits.max_stop_strings} stop strings are allowed "
+                               "(--max-stop-strings)", "stop")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise RequestError(
+                    f"each stop string must be a non-empty string of at most "
+                    f"{MAX_STOP_STRING_CHARS} characters", "stop")
+        _token_ids("stop_token_ids", self.stop_token_ids, vocab_size, MAX_STOP_TOKEN_IDS)
 
+    def _validate_token_lists(self, vocab_size: int | None) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+                raise RequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to "
+                                   "biases", "logit_bias")
+            _token_ids("logit_bias", list(bias), vocab_size, MAX_LOGIT_BIAS,
+                       what="keys must be token ids")
+            for tid, value in bias.items():
+                if not _is_number(value) or not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                    raise RequestError(f"logit_bias values must be in [-100, 100], got {value} "
+                                       f"for token {tid}", "logit_bias")
+        if self.allowed_token_ids is not None:
+            if isinstance(self.allowed_token_ids, list) and not self.allowed_token_ids:
+                raise RequestError("allowed_token_ids must not be empty", "allowed_token_ids")
+            _token_ids("allowed_token_ids", self.allowed_token_ids, vocab_size,
+                       min(MAX_ALLOWED_TOKEN_IDS, vocab_size or MAX_ALLOWED_TOKEN_IDS))
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list) or len(self.bad_words) > MAX_BAD_WORDS:
+                raise RequestError(f"bad_words must be a list of at most {MAX_BAD_WORDS} strings",
+                                   "bad_words")
+            for word in self.bad_words:
+                if not isinstance(word, str) or not word.strip() or \
+                        len(word) > MAX_BAD_WORD_CHARS:
+                    raise RequestError(f"each bad word must be a non-blank string of at most "
+                                       f"{MAX_BAD_WORD_CHARS} characters", "bad_words")
+        if self.bad_words_token_ids is not None:
+            words = self.bad_words_token_ids
+            if not isinstance(words, list) or len(words) > 2 * MAX_BAD_WORDS:
+                raise RequestError("bad_words_token_ids must be a list of token-id lists",
+                                   "bad_words")
+            for word in words:
+                if isinstance(word, list) and not word:
+                    raise RequestError("a bad word tokenizes to nothing", "bad_words")
+                _token_ids("bad_words", word, vocab_size, MAX_BAD_WORD_CHARS)
+
+    def clone(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (not re-validated: the edge validated the original)."""
+        return replace(self, **changes)
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise RequestError(f"{name} must be an integer >= {low}, got {value!r}", name)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
+
+
+def _token_ids(name: str, ids: Any, vocab_size: int | None, max_len: int,
+               what: str = "must be a list of token ids") -> None:
+    """A list of token ids: at most `max_len`, each in [0, vocab_size) (int32 without one)."""
+    if not isinstance(ids, list):
+        raise RequestError(f"{name} {what}", name)
+    if len(ids) > max_len:
+        raise RequestError(f"{name} holds {len(ids)} token ids; at most {max_len} are accepted",
+                           name)
+    high = vocab_size if vocab_size is not None else INT32_MAX + 1
+    for t in ids:
+        if not _is_int(t):
+            raise RequestError(f"{name} {what}, got {t!r}", name)
+        if not 0 <= t < high:
+            raise RequestError(f"{name} has token id {t} outside the vocabulary (size {high})",
+                               name)
+
+
+def _token_key(key: Any) -> Any:
+    """A logit_bias key as an int when it is one ("12", 12); anything else is left for
+    `validate` to refuse (`"²".isdigit()` is True: only ASCII digits count)."""
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and _INT_KEY.match(key):
+        return int(key)
+    return key
+
+
+_INT_KEY = re.compile(r"-?[0-9]{1,19}\Z")
+
+
+def _as_float(value: Any) -> Any:
+    return float(value) if _is_int(value) else value
+
+
+def _json_size(value: Any) -> int:
+    try:
+        return len(json.dumps(value))
+    except (TypeError, ValueError, RecursionError):
+        raise RequestError("structured_outputs holds a value that is not JSON",
+                           "structured_outputs") from None

@@ -127,12 +127,13 @@ def test_bad_requests_are_refused_without_harming_the_engine(make_llm) -> None:
         llm.generate("word " * 100, GREEDY)
     with pytest.raises(RequestError, match="out of vocabulary"):
         llm.generate([[1, 2, 10_000_000]], GREEDY)
+    # Decoding settings are checked once, at the edge (generate), not at construction.
     with pytest.raises(RequestError, match="top_p"):
-        SamplingParams(top_p=0.0)
+        llm.generate("x", SamplingParams(top_p=0.0))
     with pytest.raises(RequestError, match="temperature"):
-        SamplingParams(temperature=-1)
+        llm.generate("x", SamplingParams(temperature=-1))
     with pytest.raises(RequestError, match="top_k"):
-        SamplingParams(top_k=-5)
+        llm.generate("x", SamplingParams(top_k=-5))
     # max_tokens past the context is clamped, not an error.
     out = llm.generate("hi", SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
     assert len(out[0].prompt_token_ids) + len(out[0].outputs[0].token_ids) == 64

@@ -11,9 +11,11 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from fornax.api.protocol.bounded import Messages, Tools
+
 
 class MessagesRequest(Struct, kw_only=True):
-    messages: list[dict[str, Any]]
+    messages: Messages
     max_tokens: int  # required by the Anthropic API
     model: str | None = None
     system: str | list[dict[str, Any]] | None = None
@@ -22,7 +24,7 @@ class MessagesRequest(Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
@@ -31,10 +33,10 @@ class MessagesRequest(Struct, kw_only=True):
 
 
 class CountTokensRequest(Struct, kw_only=True):
-    messages: list[dict[str, Any]]
+    messages: Messages
     model: str | None = None
     system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
 

@@ -11,6 +11,17 @@ from typing import Any
 import msgspec
 from msgspec import Struct, field
 
+from fornax.api.protocol.bounded import (
+    CacheSalt,
+    ChatTemplate,
+    Documents,
+    Int64,
+    Messages,
+    RequestId,
+    Tools,
+    User,
+)
+
 # ---- errors ----------------------------------------------------------------------------------
 
 
@@ -82,7 +93,7 @@ class _SamplingFields(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
-    user: str | None = None
+    user: User | None = None
     response_format: dict[str, Any] | None = None
     # vLLM extras
     best_of: int | None = None
@@ -101,9 +112,9 @@ class _SamplingFields(Struct, kw_only=True):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    cache_salt: str | None = None
-    request_id: str | None = None
+    priority: Int64 = 0
+    cache_salt: CacheSalt | None = None
+    request_id: RequestId | None = None
     return_tokens_as_token_ids: bool | None = None
     echo: bool = False
     detokenize: bool = True
@@ -118,18 +129,18 @@ class _SamplingFields(Struct, kw_only=True):
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
-    messages: list[dict[str, Any]]
+    messages: Messages
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Tools | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
-    documents: list[dict[str, Any]] | None = None
-    chat_template: str | None = None
+    documents: Documents | None = None
+    chat_template: ChatTemplate | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -291,13 +302,13 @@ class CompletionChunk(Struct, omit_defaults=True):
 class TokenizeRequest(Struct, kw_only=True):
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: Messages | None = None
+    tools: Tools | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool | None = False
-    chat_template: str | None = None
+    chat_template: ChatTemplate | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 

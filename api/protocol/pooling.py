@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from msgspec import Struct
 
+from fornax.api.protocol.bounded import ChatTemplate, Int64, Messages, RequestId, User
+
 # ---- shared ----------------------------------------------------------------------------------
 
 
@@ -23,19 +25,19 @@ class PoolingUsage(Struct):
 class _PoolingFields(Struct, kw_only=True):
     model: str | None = None
     truncate_prompt_tokens: int | None = None
-    priority: int = 0
-    request_id: str | None = None
-    user: str | None = None
+    priority: Int64 = 0
+    request_id: RequestId | None = None
+    user: User | None = None
 
 
 class _ChatInput(_PoolingFields, kw_only=True):
     """vLLM lets embedding-like requests give a conversation instead of `input`."""
 
-    messages: list[dict[str, Any]] | None = None
+    messages: Messages | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = False
     continue_final_message: bool = False
-    chat_template: str | None = None
+    chat_template: ChatTemplate | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -202,7 +204,7 @@ class CohereEmbedRequest(Struct, kw_only=True):
     embedding_types: list[str] | None = None
     output_dimension: int | None = None
     truncate: Literal["NONE", "START", "END"] = "END"
-    priority: int = 0
+    priority: Int64 = 0
 
 
 class CohereEmbedResponse(Struct):

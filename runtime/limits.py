@@ -1,0 +1,113 @@
+"""Bounds on every client-supplied value, in one place: machine ranges, list and string caps,
+the request-id charset and the JSON depth limit (torch-free; any process).
+
+The constants are the defaults; `InputLimits` carries the few that operators can change with a
+flag (`fornax serve --max-stop-strings ...`) from `serve` to every API worker.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+# ---- machine ranges: values that end up in numpy / torch tensors ------------------------------
+INT32_MAX = 2**31 - 1
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+# ---- fan-out ------------------------------------------------------------------------------------
+MAX_N = 128  # n, best_of and beam width share this cap (--max-n)
+MAX_CHOICES_PER_REQUEST = 4096  # prompts x max(n, best_of): engine requests one call may make
+MAX_PROMPTS = 1024  # prompts in one completions request (a batch of prompts)
+MAX_CONVERSATIONS = 256  # conversations in one /v1/chat/completions/batch request
+MAX_POOLING_INPUTS = 2048  # inputs of one embeddings / pooling / classify / score request
+
+# ---- sampling lists and strings -----------------------------------------------------------------
+MAX_STOP_STRINGS = 64  # --max-stop-strings
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_BAD_WORDS = 256
+MAX_BAD_WORD_CHARS = 1024
+MAX_ALLOWED_TOKEN_IDS = 262_144  # and never more than the vocabulary
+MAX_CHOICE_OPTIONS = 1024  # structured-output choice lists
+MAX_CHOICE_CHARS = 4096  # one choice
+MAX_GRAMMAR_CHARS = 256 * 1024  # raw regex / grammar / JSON schema / structural tag text
+MAX_REPETITION_PATTERN_SIZE = 128  # repetition_detection.max_pattern_size
+MAX_REPETITION_MIN_COUNT = 32  # repetition_detection.min_count
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: each bias in [-100, 100]
+
+# ---- identifiers and free text ------------------------------------------------------------------
+MAX_REQUEST_ID_CHARS = 256
+MAX_CACHE_SALT_CHARS = 1024
+MAX_USER_CHARS = 1024
+MAX_CHAT_TEMPLATE_CHARS = 128 * 1024  # a request's own chat template (needs a trust flag anyway)
+MAX_MESSAGES = 8192  # messages of one conversation
+MAX_TOOLS = 512  # tool definitions of one request
+MAX_DOCUMENTS = 1024  # chat `documents` (RAG templates)
+
+# ---- request bodies -----------------------------------------------------------------------------
+MAX_JSON_DEPTH = 128  # arrays and objects nested deeper are a 400 on every JSON route
+# tokenization / template rendering above this many characters runs off the event loop
+OFFLOAD_CHARS = 64 * 1024
+LOG_FIELD_CHARS = 512  # request logging truncates what it prints to this many characters
+
+REQUEST_ID_PATTERN = r"\A[!-~](?:[ -~]*[!-~])?\Z"  # printable ASCII, no CR/LF, no edge spaces
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+
+
+class InputLimits(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The limits operators can change, handed from `serve` to the API workers."""
+
+    max_n: int = MAX_N
+    max_stop_strings: int = MAX_STOP_STRINGS
+    max_prompts: int = MAX_PROMPTS
+
+
+DEFAULT_LIMITS = InputLimits()
+
+
+def request_id_problem(value: object) -> str | None:
+    """Why `value` cannot be a request id (echoed in headers and response ids), or None."""
+    if not isinstance(value, str):
+        return "request_id must be a string"
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        return f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters"
+    if not _REQUEST_ID_RE.match(value):
+        return ("request_id must be printable ASCII (no control characters such as CR/LF, no "
+                "non-ASCII text, no leading or trailing spaces)")
+    return None
+
+
+def clip_for_log(value: object, limit: int = LOG_FIELD_CHARS) -> str:
+    """`repr(value)` cut to `limit` characters, so request logging stays bounded."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when arrays/objects in the JSON text `body` nest deeper than `limit`.
+
+    C-speed: strings are cut out, brackets kept, then innermost pairs removed `limit` times; a
+    pair left after that sits deeper than the limit. Bytes that are not valid JSON are not this
+    function's business (the decoder rejects them)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    if b'"' in body:
+        body = _STRING_RE.sub(b"", body)
+    shape = body.translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(limit):
+        reduced = shape.replace(b"()", b"")
+        if len(reduced) == len(shape):
+            return False
+        shape = reduced
+    return b"()" in shape

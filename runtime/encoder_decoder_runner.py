@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fornax.runtime import fault_injection
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ConfigError, ModelLoadError
@@ -29,6 +30,7 @@ from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
 from fornax.runtime.model_runner import ModelRunnerOutput, StepLogprobs, resolve_dtype
+from fornax.runtime.request_failure import is_device_error
 from fornax.runtime.models.whisper import (
     CrossAttentionMetadata,
     WhisperForConditionalGeneration,
@@ -81,7 +83,8 @@ class EncoderDecoderModelRunner:
         self.max_num_reqs = self.num_slots
         self.max_num_tokens = config.scheduler_config.max_num_batched_tokens
         self.max_blocks_per_req = cdiv(max_model_len, self.block_size)
-        self.batch = InputBatch(self.max_num_reqs, max_model_len, self.max_blocks_per_req)
+        self.batch = InputBatch(self.max_num_reqs, max_model_len, self.max_blocks_per_req,
+                                self.vocab_size)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         # [slots, 2, H, T_enc, Dh] per decoder layer; never zeroed (slots are written before use)
@@ -161,32 +164,53 @@ class EncoderDecoderModelRunner:
             for store in self.cross_stores:
                 store[row].copy_(store[last])
 
-    def _update_states(self, out: SchedulerOutput) -> list[tuple[int, np.ndarray]]:
-        """Apply the scheduler's diff; returns (row, features) of requests that need encoding."""
+    def remove_requests(self, req_ids: list[str]) -> None:
+        """Drop these requests' rows now (failed requests; unknown ids are ignored)."""
+        for rid in req_ids:
+            self._remove(rid)
+
+    def _update_states(self, out: SchedulerOutput, failed: dict[str, tuple[str, BaseException]]
+                       ) -> list[tuple[int, np.ndarray]]:
+        """Apply the scheduler's diff; returns (row, features) of requests that need encoding.
+        A new request that cannot join (a bad parameter, say) goes to `failed`, with no row."""
         for rid in out.finished_req_ids:
             self._remove(rid)
         for new in out.scheduled_new_reqs:
             self._remove(new.req_id)
         to_encode: list[tuple[str, np.ndarray]] = []
         for new in out.scheduled_new_reqs:
-            req = new.request
-            enc = req.encoder_input
-            self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
-                           new.num_computed_tokens, new.block_ids, req.sampling_params,
-                           self.device)
-            prompt = list(req.prompt_token_ids)
-            self.states[new.req_id] = row_state(self.vocab, prompt, enc.detect_language,
-                                                list(enc.forced_token_ids))
-            if enc.return_alignment:
-                frames = enc.content_frames or self.spec.num_frames
-                self.alignment.start(new.req_id, len(prompt), (frames + 1) // 2)
-            to_encode.append((new.req_id, req.encoder_features))
+            try:
+                self._join(new)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the step's
+                if is_device_error(exc):
+                    raise
+                self._remove(new.req_id)  # a row if batch.add got that far
+                self.states.pop(new.req_id, None)
+                self.alignment.drop(new.req_id)
+                failed[new.req_id] = ("prepare", exc)
+                continue
+            to_encode.append((new.req_id, new.request.encoder_features))
         for cached in out.scheduled_cached_reqs:
             row = self.batch.index[cached.req_id]
             self.batch.num_computed_np[row] = cached.num_computed_tokens
             if cached.new_block_ids:
                 self.batch.append_blocks(row, cached.new_block_ids)
         return [(self.batch.index[rid], feats) for rid, feats in to_encode]
+
+    def _join(self, new: Any) -> None:
+        """A new request's row: batch state, Whisper decoding state, alignment tracking."""
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("prepare", new.req_id)
+        req = new.request
+        enc = req.encoder_input
+        self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
+                       new.num_computed_tokens, new.block_ids, req.sampling_params, self.device)
+        prompt = list(req.prompt_token_ids)
+        self.states[new.req_id] = row_state(self.vocab, prompt, enc.detect_language,
+                                            list(enc.forced_token_ids))
+        if enc.return_alignment:
+            frames = enc.content_frames or self.spec.num_frames
+            self.alignment.start(new.req_id, len(prompt), (frames + 1) // 2)
 
     def _encode(self, pending: list[tuple[int, np.ndarray]]) -> None:
         """Encode in batches of one window length. A short window (a realtime partial) costs in
@@ -219,14 +243,16 @@ class EncoderDecoderModelRunner:
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        pending = self._update_states(out)
-        if out.is_empty:
-            return ModelRunnerOutput({}, {})
-        if pending:
-            self._encode(pending)
+        failed: dict[str, tuple[str, BaseException]] = {}
+        pending = self._update_states(out, failed)
         batch = self.batch
         # rows in slot order, so the decode rows of a full batch are one contiguous store view
-        req_ids = sorted(out.num_scheduled_tokens, key=batch.index.__getitem__)
+        req_ids = sorted((r for r in out.num_scheduled_tokens if r not in failed),
+                         key=batch.index.__getitem__)
+        if not req_ids:
+            return ModelRunnerOutput({}, {}, failed=failed)
+        if pending:
+            self._encode(pending)
         rows = np.fromiter((batch.index[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         num_sched = np.fromiter((out.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64,
                                 count=len(req_ids))
@@ -258,7 +284,7 @@ class EncoderDecoderModelRunner:
         self._no_speech(hidden, req_ids, computed, num_sched, qsl)
         done_idx = np.nonzero(seq_lens >= batch.num_tokens_np[rows])[0]
         if len(done_idx) == 0:
-            return ModelRunnerOutput({}, {})
+            return ModelRunnerOutput({}, {}, failed=failed)
         logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(dev)
         logits = self.model.compute_logits(hidden[logits_idx]).float()
         done_rows = rows[done_idx]
@@ -275,12 +301,20 @@ class EncoderDecoderModelRunner:
                   result.sampled_ranks.tolist())
         for j, rid in enumerate(done_ids):
             row, token = int(done_rows[j]), sampled_list[j]
-            sampled[rid] = token
-            batch.append_token(row, token)
-            k = int(batch.num_logprobs_np[row])
-            if lp is not None and k >= 0:
-                logprobs[rid] = StepLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
-        return ModelRunnerOutput(sampled, logprobs)
+            try:  # one row's failure fails its request alone
+                if fault_injection.INJECTOR is not None:
+                    fault_injection.INJECTOR.check("sample", rid)
+                k = int(batch.num_logprobs_np[row])
+                if lp is not None and k >= 0:
+                    logprobs[rid] = StepLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
+                batch.append_token(row, token)
+                sampled[rid] = token
+            except Exception as exc:  # noqa: BLE001 - the engine core fails the request
+                logprobs.pop(rid, None)
+                failed[rid] = ("sample", exc)
+        for rid in failed:
+            self._remove(rid)
+        return ModelRunnerOutput(sampled, logprobs, failed=failed)
 
     def _no_speech(self, hidden: torch.Tensor, req_ids: list[str], computed: np.ndarray,
                    num_sched: np.ndarray, qsl: np.ndarray) -> None:

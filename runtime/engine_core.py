@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 class EngineCore(SchedulingCoreMixin):
     """Owns the model runner, the KV-cache manager and the scheduler. Never dies of a bad request:
-    bad requests are refused by `add_request` with a RequestError."""
+    bad requests are refused by `add_request` with a RequestError, and one that fails while being
+    served fails alone (see SchedulingCoreMixin.step)."""
 
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
         from fornax.runtime.model_runner import ModelRunner  # torch stays out of import time
@@ -76,8 +77,7 @@ class EngineCore(SchedulingCoreMixin):
         if req.priority != 0 and self.config.scheduler_config.policy != "priority":
             raise RequestError("priority is only honoured with --scheduling-policy priority "
                                "(this server schedules first come, first served)", "priority")
-        params = req.sampling_params
-        params.validate(self.config.max_logprobs)
+        params = req.sampling_params  # validated once at the edge (API worker or LLM)
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # 400 now if it cannot compile
         room = self.max_model_len - num
@@ -86,6 +86,7 @@ class EngineCore(SchedulingCoreMixin):
     def add_request(self, req: EngineCoreRequest) -> Request:
         max_tokens = self.validate_request(req)
         self.ensure_new_request_id(req.request_id)
+        self.check_admit_faults(req.request_id)
         request = Request(
             request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
             sampling_params=req.sampling_params, eos_token_ids=self.info.eos_token_ids,
@@ -98,26 +99,31 @@ class EngineCore(SchedulingCoreMixin):
         return request
 
     # ---- the busy loop's body ------------------------------------------------------------------
-    def step(self) -> list[EngineCoreOutput]:
-        """Run one scheduling step and return what every touched request produced."""
+    def _step(self) -> list[EngineCoreOutput]:
+        """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             if sched_out.finished_req_ids:
                 self.runner.execute_model(sched_out)  # let the runner drop finished rows
             return []
+        requests = self.scheduler.requests
+        self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
+        self._step_forgotten = sched_out.finished_req_ids
+        self.check_step_faults(sched_out.num_scheduled_tokens)
         runner_out = self.runner.execute_model(sched_out)
         self.num_steps += 1
+        if runner_out.failed:
+            self.fail_runner_requests(runner_out.failed)
         # Requests with prompt logprobs report them even from chunks that sample nothing.
-        pending_prompt_lps = {rid: self.scheduler.requests.get(rid)
-                              for rid in runner_out.prompt_logprobs}
+        pending_prompt_lps = {rid: requests.get(rid) for rid in runner_out.prompt_logprobs}
         results = self.scheduler.update_from_output(sched_out, runner_out.sampled)
-        outputs = []
+        outputs: list[EngineCoreOutput] = []
         for request, new_tokens in results:
             pending_prompt_lps.pop(request.request_id, None)
-            outputs.append(self._make_output(request, new_tokens, runner_out))
+            self.guarded_output(outputs, request, self._make_output, new_tokens, runner_out)
         for request in pending_prompt_lps.values():
             if request is not None:
-                outputs.append(self._make_output(request, [], runner_out))
+                self.guarded_output(outputs, request, self._make_output, [], runner_out)
         return outputs
 
     @staticmethod

@@ -1,14 +1,29 @@
-"""What the three engine cores share: prompt checks, KV sizing, runtime info, abort and stats."""
+"""What the three engine cores share: prompt checks, KV sizing, runtime info, abort, stats, and
+the fault isolation of `step()` (a failure fails one request, or one step, never the engine)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.runtime.errors import ConfigError, RequestError
+from fornax.runtime import fault_injection
+from fornax.runtime.errors import ConfigError, FornaxError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.messages import EngineCoreOutput
+from fornax.runtime.request_failure import RequestFailure, failure_output, is_device_error
+
+logger = logging.getLogger(__name__)
+
+# Steps in a row whose failure cannot be pinned on one request before the engine gives up (the
+# engine-core process then dies with EngineDead, and an orchestrator restarts it).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class EngineStepError(FornaxError):
+    """The engine cannot go on: a device error, or MAX_CONSECUTIVE_STEP_FAILURES failed steps."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +89,108 @@ def check_prompt_ids(prompt: list[int], vocab_size: int, field: str,
 
 
 class SchedulingCoreMixin:
-    """Admission bookkeeping shared by the cores: `self.scheduler` holds the live requests."""
+    """Admission bookkeeping shared by the cores: `self.scheduler` holds the live requests.
+
+    `step()` runs the core's `_step()` under fault isolation. A per-request stage (admit,
+    schedule, prepare, grammar, sample, stop check, output) that raises fails that request alone
+    through `scheduler.fail_request`: its KV blocks are freed, the runner drops its row, and it
+    ends with an error output (finish_reason "error"). An exception that escapes `_step()` fails
+    the requests of that step (`_step_requests`) and the engine goes on; a device error, or
+    MAX_CONSECUTIVE_STEP_FAILURES failed steps in a row, raises EngineStepError.
+    """
 
     scheduler: Any
+    runner: Any
     reports_prefix_cache = True  # False where the cache never shares blocks (encoder-decoder)
+    _step_requests: list[Any] | None = None  # what the running step serves, once scheduled
+    _step_forgotten: set[str] | None = None  # ids the runner was to drop in the running step
+    _consecutive_step_failures = 0
+
+    def _step(self) -> list[EngineCoreOutput]:
+        raise NotImplementedError
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one scheduling step; returns what every touched request produced (failed ones
+        end with an error output)."""
+        self._step_requests = self._step_forgotten = None
+        try:
+            outputs = self._step()
+        except Exception as exc:  # noqa: BLE001 - sorted out by _fail_step (or re-raised there)
+            self._fail_step(exc)
+            outputs = []
+        else:
+            self._consecutive_step_failures = 0
+        failures = self.scheduler.failures
+        if not failures:
+            return outputs
+        self.scheduler.failures = []
+        return self._with_failures(outputs, failures)
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A step failed as a whole: fail the requests it served, unless the engine must end."""
+        if is_device_error(exc):
+            raise EngineStepError(f"device error: {type(exc).__name__}: {exc}") from exc
+        self._consecutive_step_failures += 1
+        count = self._consecutive_step_failures
+        logger.error("engine step failed (%d in a row, %d ends the engine)", count,
+                     MAX_CONSECUTIVE_STEP_FAILURES, exc_info=exc)
+        if count >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineStepError(f"{count} engine steps in a row failed; the last: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        victims = self._step_requests
+        if victims is None:  # failed while scheduling: whatever holds blocks may be half-done
+            victims = list(getattr(self.scheduler, "running", ()))
+        for request in victims:
+            self.scheduler.fail_request(request, "step", exc, batch=True)
+        if self._step_forgotten:
+            self._drop_rows(self._step_forgotten)
+
+    def _with_failures(self, outputs: list[EngineCoreOutput],
+                       failures: list[RequestFailure]) -> list[EngineCoreOutput]:
+        """Replace the outputs of failed requests by one error output each."""
+        errors: dict[str, EngineCoreOutput] = {}
+        for failure in failures:
+            if failure.request_id not in errors:
+                errors[failure.request_id] = failure_output(failure)
+        self._drop_rows(errors)
+        return [o for o in outputs if o.request_id not in errors] + list(errors.values())
+
+    def _drop_rows(self, request_ids: Any) -> None:
+        """The runner forgets these requests now (the scheduler also tells it next step)."""
+        remove = getattr(getattr(self, "runner", None), "remove_requests", None)
+        if remove is not None:
+            remove(list(request_ids))
+
+    def fail_runner_requests(self, failed: dict[str, tuple[str, BaseException]]) -> None:
+        """Requests the runner could not serve this step (it already dropped their rows)."""
+        for rid, (stage, exc) in failed.items():
+            request = self.scheduler.requests.get(rid)
+            if request is not None:
+                self.scheduler.fail_request(request, stage, exc)
+
+    def guarded_output(self, outputs: list[EngineCoreOutput], request: Any,
+                       build: Callable[..., EngineCoreOutput], *args: Any) -> None:
+        """Append `build(request, *args)`; if it raises, the request fails alone ("output")."""
+        try:
+            if fault_injection.INJECTOR is not None:
+                fault_injection.INJECTOR.check("output", request.request_id)
+            outputs.append(build(request, *args))
+        except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+            if is_device_error(exc):
+                raise
+            self.scheduler.fail_request(request, "output", exc)
+
+    @staticmethod
+    def check_step_faults(request_ids: Any) -> None:
+        """Test-only fault injection of the whole-step stage (see fault_injection)."""
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check_batch(list(request_ids))
+
+    @staticmethod
+    def check_admit_faults(request_id: str) -> None:
+        """Test-only fault injection while admitting (see fault_injection)."""
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("admit", request_id)
 
     def ensure_new_request_id(self, request_id: str) -> None:
         if request_id in self.scheduler.requests:

@@ -21,3 +21,7 @@ class RequestError(FornaxError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class RequestFailedError(FornaxError):
+    """The engine failed a request while serving it (offline API; the server answers 4xx/5xx)."""

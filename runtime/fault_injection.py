@@ -21,6 +21,8 @@ JSON object:
 - ``error``: ``RuntimeError`` (default, a bug: 500), ``ValueError`` or ``RequestError`` (the
   request's fault: 400).
 - ``times``: fire at most this many times (default: unlimited).
+- ``skip``: let each matching request pass the stage this many times first (``{"stage":
+  "sample", "skip": 3}`` fails a request after it streamed 3 tokens).
 
 When the variable is unset, :data:`INJECTOR` is None and every call site costs one module
 attribute check (``if fault_injection.INJECTOR is not None``).
@@ -59,6 +61,7 @@ class FaultInjector:
     error: str = "RuntimeError"
     times: int | None = None
     seconds: float = 0.0  # the `stall` stage: how long the busy loop sleeps
+    skip: int = 0  # passes of the stage each matching request gets before it fails
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -66,6 +69,7 @@ class FaultInjector:
         if self.error not in _ERRORS:
             raise ValueError(f"{ENV_VAR}: unknown error {self.error!r} (one of {list(_ERRORS)})")
         self._lock = threading.Lock()
+        self._passes: dict[str, int] = {}  # request id -> passes so far (with `skip`)
 
     def matches(self, request_id: str) -> bool:
         return self.request_id_contains in request_id
@@ -75,6 +79,11 @@ class FaultInjector:
         if stage != self.stage or not self.matches(request_id):
             return
         with self._lock:
+            if self.skip:
+                passes = self._passes.get(request_id, 0)
+                if passes < self.skip:
+                    self._passes[request_id] = passes + 1
+                    return
             if self.times is not None:
                 if self.times <= 0:
                     return

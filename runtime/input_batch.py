@@ -7,7 +7,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from fornax.runtime.errors import RequestError
 from fornax.runtime.sampling_params import SamplingParams
+
+_INT32_MAX = 2**31 - 1
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_row_params(params: SamplingParams, vocab_size: int) -> None:
+    """A request's sampling settings as its row and the sampler will index with them: token ids
+    that become tensor indices lie in the vocabulary, the seed fits a generator. The API worker
+    validates these first; this keeps a request that slipped through from failing a whole step
+    (or, on a GPU, the device) - it fails alone, with a RequestError naming the field."""
+
+    def in_vocab(ids: Any, field: str) -> None:
+        for tid in ids:
+            if not 0 <= tid < vocab_size:
+                raise RequestError(f"token id {tid} in {field} is out of vocabulary (size "
+                                   f"{vocab_size})", field)
+
+    if params.min_tokens > 0:  # stop ids are banned until min_tokens (as indices)
+        in_vocab(params.stop_token_ids, "stop_token_ids")
+    if params.logit_bias:
+        in_vocab(params.logit_bias, "logit_bias")
+    if params.allowed_token_ids is not None:
+        in_vocab(params.allowed_token_ids, "allowed_token_ids")
+    for word in params.bad_words_token_ids or ():
+        in_vocab(word[-1:], "bad_words")
+    seed = params.seed
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise RequestError(f"seed {seed} is out of range", "seed")
 
 
 class InputBatch:
@@ -16,8 +45,10 @@ class InputBatch:
     Rows are kept dense: removing a request moves the last row into its place.
     """
 
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
+                 vocab_size: int = 0) -> None:
         self.max_num_reqs = max_num_reqs
+        self.vocab_size = vocab_size  # > 0: `add` checks a request's token-id settings against it
         self.max_model_len = max_model_len
         self.req_ids: list[str] = []
         self.index: dict[str, int] = {}
@@ -51,6 +82,8 @@ class InputBatch:
         row = len(self.req_ids)
         if row >= self.max_num_reqs:
             raise RuntimeError("input batch is full")
+        if self.vocab_size > 0:
+            check_row_params(params, self.vocab_size)  # before any state changes
         self.req_ids.append(req_id)
         self.params.append(params)
         self.index[req_id] = row
@@ -66,7 +99,7 @@ class InputBatch:
         self.append_blocks(row, block_ids)
         self.temperature_np[row] = params.temperature
         self.top_p_np[row] = params.top_p
-        self.top_k_np[row] = params.top_k if params.top_k > 0 else 0
+        self.top_k_np[row] = min(params.top_k, _INT32_MAX) if params.top_k > 0 else 0
         self.min_p_np[row] = params.min_p
         self.num_logprobs_np[row] = -1 if params.logprobs is None else params.logprobs
         self.num_prompt_logprobs_np[row] = (-1 if params.prompt_logprobs is None

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.errors import RequestError
+from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.output_processor import OutputProcessor
 from fornax.runtime.pooling_engine import make_engine_core
@@ -110,6 +110,8 @@ class LLM(PoolingMixin):
                              [step] * len(live), False, None)
             per_state: dict[int, list[list[tuple[int, float]]]] = {}
             for (k, _), out in zip(live, outs):
+                if out.outputs[0].error is not None:
+                    raise RequestFailedError(out.outputs[0].error)
                 entry = out.outputs[0].logprobs[0]
                 per_state.setdefault(k, []).append([(t, lp.logprob) for t, lp in entry.items()])
             for k, candidates in per_state.items():
@@ -161,7 +163,6 @@ class LLM(PoolingMixin):
     def _children(self, rid: str, ids: list[int], params: SamplingParams,
                   priority: int) -> list[EngineCoreRequest]:
         """One engine request per candidate: n of them, or best_of when that is larger."""
-        params = prepare_sampling_params(params, self.tokenizer, self.engine.info.vocab_size)
         count = max(params.n, params.best_of or 1)
         if count == 1:
             return [EngineCoreRequest(rid, ids, params, priority=priority)]
@@ -175,14 +176,33 @@ class LLM(PoolingMixin):
                                               parent_id=rid))
         return children
 
+    @staticmethod
+    def _failed_output(request_id: str, index: int, error: str) -> CompletionOutput:
+        """The output of a request the engine failed: finish_reason "error" and why."""
+        logger.warning("%s", error)
+        return CompletionOutput(index, "", [], finish_reason="error", error=error)
+
+    def _abandon(self, request_ids: list[str]) -> None:
+        """Abort these requests in the engine and forget their text state."""
+        try:
+            self.engine.abort_requests(request_ids)
+        finally:
+            for rid in request_ids:
+                self.processor.abort(rid)
+
     def _run(self, texts: list[str | None], token_lists: list[list[int]],
              params_list: list[SamplingParams], use_tqdm: bool,
              priority: Sequence[int] | None) -> list[RequestOutput]:
         results: list[RequestOutput] = []
         sub_to_parent: dict[str, tuple[int, int]] = {}
         pending: list[tuple[EngineCoreRequest, int]] = []
+        prepared: dict[int, SamplingParams] = {}  # validated once each, here at the edge
         for i, (text, ids, params) in enumerate(zip(texts, token_lists, params_list)):
             rid = str(next(self._counter))
+            if id(params) not in prepared:
+                prepared[id(params)] = prepare_sampling_params(
+                    params, self.tokenizer, self.engine.info.vocab_size, self.config.max_logprobs)
+            params = prepared[id(params)]
             ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
             children = self._children(rid, ids, params, priority[i] if priority else 0)
             results.append(RequestOutput(rid, text, ids, outputs=[None] * len(children)))  # type: ignore[list-item]
@@ -190,34 +210,54 @@ class LLM(PoolingMixin):
                 self.engine.validate_request(req)  # refuse the whole batch before adding any
                 pending.append((req, j))
                 sub_to_parent[req.request_id] = (i, j)
+        remaining = len(sub_to_parent)
         for req, j in pending:
-            self.engine.add_request(req)
+            try:
+                self.engine.add_request(req)
+            except Exception as exc:  # noqa: BLE001 - validated above: the engine failed it
+                i, _ = sub_to_parent[req.request_id]
+                results[i].outputs[j] = self._failed_output(
+                    req.request_id, j, f"request {req.request_id} failed while being admitted: "
+                    f"{type(exc).__name__}: {exc}")
+                remaining -= 1
+                continue
             self.processor.add_request(req.request_id, j, req.sampling_params,
                                        req.prompt_token_ids)
-        remaining = len(sub_to_parent)
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
             progress = tqdm(total=remaining, desc="Processed requests", unit="req")
-        while remaining:
-            touched, to_abort = self.processor.process(self.engine.step())
-            if to_abort:
-                self.engine.abort_requests(to_abort)
-            for state in touched:
-                if not state.finished:
-                    continue
-                i, j = sub_to_parent[state.request_id]
-                results[i].outputs[j] = state.to_output()
-                if j == 0 and state.prompt_logprobs is not None:
-                    results[i].prompt_logprobs = state.prompt_logprobs
-                results[i].num_cached_tokens = max(results[i].num_cached_tokens,
-                                                   state.num_cached_tokens)
-                remaining -= 1
-                if progress is not None:
-                    progress.update(1)
-        if progress is not None:
-            progress.close()
+        try:
+            while remaining:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine finished without completing every request")
+                outputs = self.engine.step()
+                errors = {o.request_id: o.error for o in outputs if o.error is not None}
+                touched, to_abort = self.processor.process(outputs)
+                if to_abort:
+                    self.engine.abort_requests(to_abort)
+                for state in touched:
+                    if not state.finished:
+                        continue
+                    i, j = sub_to_parent[state.request_id]
+                    results[i].outputs[j] = state.to_output()
+                    if state.request_id in errors:
+                        results[i].outputs[j].error = errors[state.request_id]
+                        logger.warning("%s", errors[state.request_id])
+                    if j == 0 and state.prompt_logprobs is not None:
+                        results[i].prompt_logprobs = state.prompt_logprobs
+                    results[i].num_cached_tokens = max(results[i].num_cached_tokens,
+                                                       state.num_cached_tokens)
+                    remaining -= 1
+                    if progress is not None:
+                        progress.update(1)
+        except BaseException:  # the engine failed (or Ctrl-C): leave nothing of this call in it
+            self._abandon(list(sub_to_parent))
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
         for out, params in zip(results, params_list):
             out.finished = True
             if len(out.outputs) > params.n:  # best_of: keep the n most likely candidates

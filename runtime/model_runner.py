@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fornax.runtime import fault_injection
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ModelLoadError
@@ -26,6 +27,7 @@ from fornax.runtime.logits_processors import build_logits_inputs
 from fornax.runtime.models.cpu_fused_ops import enable_fused_ops, fused_ops_supported
 from fornax.runtime.models.cpu_packing import pack_linear_weights, packing_supported
 from fornax.runtime.models.registry import resolve_architecture
+from fornax.runtime.request_failure import is_device_error
 from fornax.runtime.sampler import Sampler, SamplingMetadata
 from fornax.runtime.scheduler import SchedulerOutput
 from fornax.runtime.structured_output import apply_bitmask, fill_bitmask
@@ -51,6 +53,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, StepLogprobs]
     # request id -> (index of the first prompt token covered, logprobs of each covered token)
     prompt_logprobs: dict[str, tuple[int, list[StepLogprobs]]] = field(default_factory=dict)
+    # request id -> (stage, error): requests this step could not serve; their rows are gone
+    failed: dict[str, tuple[str, BaseException]] = field(default_factory=dict)
 
 
 def resolve_dtype(requested: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -101,7 +105,8 @@ class ModelRunner:
         self.max_num_reqs = sched.max_num_seqs
         self.max_num_tokens = sched.max_num_batched_tokens
         self.max_blocks_per_req = cdiv(max_model_len, self.block_size)
-        self.batch = InputBatch(self.max_num_reqs, max_model_len, self.max_blocks_per_req)
+        self.batch = InputBatch(self.max_num_reqs, max_model_len, self.max_blocks_per_req,
+                                self.vocab_size)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         # Persistent device buffers, reused every step (CUDA graphs need fixed addresses).
@@ -238,30 +243,49 @@ class ModelRunner:
                                self.kv_caches, meta)
 
     # ---- one step ------------------------------------------------------------------------------
-    def _update_states(self, out: SchedulerOutput) -> None:
+    def remove_requests(self, req_ids: list[str]) -> None:
+        """Drop these requests' rows now (failed requests; unknown ids are ignored)."""
+        for rid in req_ids:
+            self.batch.remove(rid)
+
+    def _update_states(self, out: SchedulerOutput) -> dict[str, tuple[str, BaseException]]:
+        """Apply the scheduler's diff; returns the new requests that could not join the batch
+        (a bad parameter, say): they fail alone, with no row."""
+        failed: dict[str, tuple[str, BaseException]] = {}
         for rid in out.finished_req_ids:
             self.batch.remove(rid)
         for new in out.scheduled_new_reqs:
             self.batch.remove(new.req_id)
-            self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
-                           new.num_computed_tokens, new.block_ids,
-                           new.request.sampling_params, self.device, new.request.grammar,
-                           new.request)
+            try:
+                if fault_injection.INJECTOR is not None:
+                    fault_injection.INJECTOR.check("prepare", new.req_id)
+                self.batch.add(new.req_id, new.token_ids, new.num_prompt_tokens,
+                               new.num_computed_tokens, new.block_ids,
+                               new.request.sampling_params, self.device, new.request.grammar,
+                               new.request)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the step's
+                if is_device_error(exc):
+                    raise
+                self.batch.remove(new.req_id)
+                failed[new.req_id] = ("prepare", exc)
         for cached in out.scheduled_cached_reqs:
             row = self.batch.index[cached.req_id]
             self.batch.num_computed_np[row] = cached.num_computed_tokens
             if cached.new_block_ids:
                 self.batch.append_blocks(row, cached.new_block_ids)
+        return failed
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(out)
-        if out.is_empty:
-            return ModelRunnerOutput({}, {})
-        batch = self.batch
+        failed = self._update_states(out)
         req_ids = list(out.num_scheduled_tokens)
+        if failed:
+            req_ids = [rid for rid in req_ids if rid not in failed]
+        if not req_ids:
+            return ModelRunnerOutput({}, {}, failed=failed)
+        batch = self.batch
         rows = np.fromiter((batch.index[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
-        num_sched = np.fromiter(out.num_scheduled_tokens.values(), dtype=np.int64,
+        num_sched = np.fromiter((out.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64,
                                 count=len(req_ids))
         num_reqs, num_tokens = len(req_ids), int(num_sched.sum())
         qsl = np.zeros(num_reqs + 1, dtype=np.int32)
@@ -305,7 +329,7 @@ class ModelRunner:
             prompt_lps = self._prompt_logprobs(hidden, req_ids, rows, computed, num_sched, qsl)
 
         if len(done_idx) == 0:
-            return ModelRunnerOutput({}, {}, prompt_lps)
+            return ModelRunnerOutput({}, {}, prompt_lps, failed)
         logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(self.device)
         logits = self.model.compute_logits(hidden[logits_idx])
         if bitmask_job is not None:
@@ -323,13 +347,22 @@ class ModelRunner:
             ranks = result.sampled_ranks.tolist()
         for j, i in enumerate(done_idx):
             rid, row = req_ids[i], int(rows[i])
-            token = sampled_list[j]
-            sampled[rid] = token
-            batch.append_token(row, token)
-            k = int(batch.num_logprobs_np[row])
-            if lp_ids is not None and k >= 0:
-                logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1], ranks[j])
-        return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+            try:  # one row's failure fails its request alone
+                if fault_injection.INJECTOR is not None:
+                    fault_injection.INJECTOR.check("sample", rid)
+                token = sampled_list[j]
+                k = int(batch.num_logprobs_np[row])
+                if lp_ids is not None and k >= 0:
+                    logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1],
+                                                 ranks[j])
+                batch.append_token(row, token)
+                sampled[rid] = token
+            except Exception as exc:  # noqa: BLE001 - the engine core fails the request
+                logprobs.pop(rid, None)
+                failed[rid] = ("sample", exc)
+        for rid in failed:
+            batch.remove(rid)
+        return ModelRunnerOutput(sampled, logprobs, prompt_lps, failed)
 
     def _stage(self, name: str, dst: torch.Tensor, values: np.ndarray) -> None:
         """Host int64 array -> the persistent device buffer; through pinned memory on CUDA (the

@@ -21,6 +21,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    error: str | None = None  # finish_reason "error": why the engine failed this request
 
     @property
     def finished(self) -> bool:

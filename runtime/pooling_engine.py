@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fornax.runtime import fault_injection
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine_core_base import SchedulingCoreMixin, check_prompt_ids
 from fornax.runtime.errors import RequestError
 from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
 from fornax.runtime.messages import EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.pooling_config import parse_pooler_config, pooling_model_info, resolve_runner
+from fornax.runtime.request_failure import RequestFailure
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class PoolingScheduler:
         self._order = itertools.count()
         self.num_running = 0
         self.num_preemptions = 0
+        self.failures: list[RequestFailure] = []  # taken by the engine core after each step
 
     @property
     def num_waiting(self) -> int:
@@ -99,6 +102,16 @@ class PoolingScheduler:
         # left in the heap; skipped when popped
         return [r for r in (self.requests.pop(rid, None) for rid in request_ids) if r is not None]
 
+    def fail_request(self, request: PoolingRequest, stage: str, error: BaseException,
+                     batch: bool = False) -> None:
+        """End a request that failed while being served; `failures` keeps the record."""
+        if not batch:
+            logger.error("request %s failed at stage %s", request.request_id, stage,
+                         exc_info=error)
+        self.requests.pop(request.request_id, None)  # left in the heap; skipped when popped
+        self.failures.append(RequestFailure(request.request_id, stage, error, batch,
+                                            request.num_prompt_tokens))
+
     def schedule(self) -> list[PoolingRequest]:
         batch: list[PoolingRequest] = []
         tokens = 0
@@ -112,6 +125,12 @@ class PoolingScheduler:
                 break
             heapq.heappop(self._heap)
             del self.requests[rid]
+            try:
+                if fault_injection.INJECTOR is not None:
+                    fault_injection.INJECTOR.check("schedule", rid)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+                self.fail_request(request, "schedule", exc)
+                continue
             batch.append(request)
             tokens += request.num_prompt_tokens
         return batch
@@ -121,7 +140,8 @@ class PoolingScheduler:
 
 
 class PoolingEngineCore(SchedulingCoreMixin):
-    """Owns the pooling model runner and its scheduler; never dies of a bad request."""
+    """Owns the pooling model runner and its scheduler; never dies of a bad request (one that
+    fails while being served fails alone, see SchedulingCoreMixin.step)."""
 
     runner_type = "pooling"
 
@@ -185,6 +205,7 @@ class PoolingEngineCore(SchedulingCoreMixin):
     def add_request(self, req: EngineCoreRequest) -> PoolingRequest:
         self.validate_request(req)
         self.ensure_new_request_id(req.request_id)
+        self.check_admit_faults(req.request_id)
         request = PoolingRequest(req.request_id, list(req.prompt_token_ids), req.token_type_ids,
                                  req.pooling_params, req.priority,
                                  req.arrival_time or time.monotonic())
@@ -192,21 +213,40 @@ class PoolingEngineCore(SchedulingCoreMixin):
         return request
 
     # ---- the busy loop's body ------------------------------------------------------------------
-    def step(self) -> list[EngineCoreOutput]:
-        """Pool one batch of waiting requests; each finishes in this step."""
+    def _step(self) -> list[EngineCoreOutput]:
+        """Pool one batch of waiting requests; each finishes in this step (under
+        SchedulingCoreMixin.step's fault isolation)."""
         from fornax.runtime.pooling_runner import PoolingItem
 
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        self.scheduler.num_running = len(batch)
+        self._step_requests = batch
+        self.check_step_faults(r.request_id for r in batch)
+        ready, items = [], []
+        for r in batch:
+            try:
+                if fault_injection.INJECTOR is not None:
+                    fault_injection.INJECTOR.check("prepare", r.request_id)
+                items.append(PoolingItem(r.request_id, r.token_ids, r.token_type_ids, r.params))
+                ready.append(r)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the step's
+                self.scheduler.fail_request(r, "prepare", exc)
+        if not items:
+            return []
+        self.scheduler.num_running = len(items)
         try:
-            pooled = self.runner.execute([PoolingItem(r.request_id, r.token_ids, r.token_type_ids,
-                                                      r.params) for r in batch])
+            pooled = self.runner.execute(items)
         finally:
             self.scheduler.num_running = 0
         self.num_steps += 1
-        self.num_pooled += len(batch)
-        return [EngineCoreOutput(r.request_id, [], finish_reason="stop",
-                                 num_prompt_tokens=r.num_prompt_tokens, pooled=out)
-                for r, out in zip(batch, pooled)]
+        self.num_pooled += len(items)
+        outputs: list[EngineCoreOutput] = []
+        for r, out in zip(ready, pooled):
+            self.guarded_output(outputs, r, self._make_output, out)
+        return outputs
+
+    @staticmethod
+    def _make_output(request: PoolingRequest, pooled: Any) -> EngineCoreOutput:
+        return EngineCoreOutput(request.request_id, [], finish_reason="stop",
+                                num_prompt_tokens=request.num_prompt_tokens, pooled=pooled)

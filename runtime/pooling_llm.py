@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from fornax.runtime.errors import RequestError
+from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.messages import EngineCoreRequest, PoolingOutput, PoolingParams
 from fornax.runtime.pooling_io import (
     PoolingTokenizer,
@@ -190,10 +190,15 @@ class PoolingMixin:
         for req in requests:
             self.engine.add_request(req)
         results: dict[str, PoolingOutput] = {}
-        while len(results) < len(requests):
+        errors: list[str] = []  # requests the engine failed (the others still finish first)
+        while len(results) + len(errors) < len(requests):
             if not self.engine.has_unfinished_requests():
                 raise RuntimeError("the engine finished without pooling every request")
             for out in self.engine.step():
-                if out.pooled is not None:
+                if out.error is not None:
+                    errors.append(out.error)
+                elif out.pooled is not None:
                     results[out.request_id] = out.pooled
+        if errors:
+            raise RequestFailedError("; ".join(errors))
         return [(r.request_id, results[r.request_id]) for r in requests]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from fornax.runtime import fault_injection
 from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.request import Request, RequestStatus
+from fornax.runtime.request_failure import RequestFailure
 from fornax.runtime.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Scheduler:
         self._runner_known: set[str] = set()
         self._num_sent_blocks: dict[str, int] = {}
         self.num_preemptions = 0
+        self.failures: list[RequestFailure] = []  # taken by the engine core after each step
 
     # ---- admission and removal -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -99,6 +102,19 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
         self._forget(request.request_id)
 
+    def fail_request(self, request: Request, stage: str, error: BaseException,
+                     batch: bool = False) -> None:
+        """End a request that failed while being served: its blocks are freed, the runner
+        forgets it, and `failures` keeps the record for the engine core to report."""
+        if not batch:
+            logger.error("request %s failed at stage %s", request.request_id, stage,
+                         exc_info=error)
+        if self.requests.get(request.request_id) is request:
+            self.finish_request(request, RequestStatus.FINISHED_ERROR)
+        request.status = RequestStatus.FINISHED_ERROR
+        self.failures.append(RequestFailure(request.request_id, stage, error, batch,
+                                            request.num_prompt_tokens))
+
     def _forget(self, req_id: str) -> None:
         self._num_sent_blocks.pop(req_id, None)
         if req_id in self._runner_known:
@@ -129,58 +145,87 @@ class Scheduler:
         preempted_now: set[str] = set()
 
         # 1. Running requests first, in order; preempt from the back when blocks run out.
+        # A request whose scheduling raises fails alone (it leaves self.running; i stays).
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
-                i += 1
+            try:
+                num_new = self._schedule_running(request, budget, preempted_now)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+                self.fail_request(request, "schedule", exc)
                 continue
-            while True:
-                if self.kv.allocate_slots(request, num_new):
-                    break
-                victim = self._pick_victim()
-                self._preempt(victim)
-                preempted_now.add(victim.request_id)
-                if victim is request:
-                    break
             if request.request_id in preempted_now:
                 continue  # it was removed from self.running; index i now names the next one
-            scheduled.append(request)
-            out.num_scheduled_tokens[request.request_id] = num_new
-            budget -= num_new
+            if num_new > 0:
+                scheduled.append(request)
+                out.num_scheduled_tokens[request.request_id] = num_new
+                budget -= num_new
             i += 1
 
         # 2. Then waiting requests, while budget, sequence slots and blocks allow.
         while (self.waiting and budget > 0 and not preempted_now
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            if request.sampling_params.prompt_logprobs is not None and num_hit_tokens:
-                hits, num_hit_tokens = [], 0  # every prompt position's logits are needed
-            num_new = request.num_tokens - num_hit_tokens
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            try:
+                num_new = self._admit_waiting(request, budget)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+                self.fail_request(request, "schedule", exc)
+                continue
+            if num_new is None:
                 break
-            num_new = min(num_new, budget)
-            request.num_computed_tokens = num_hit_tokens
-            if not self.kv.allocate_slots(request, num_new, hits):
-                request.num_computed_tokens = 0
-                break
-            self.waiting.pop(0)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
             scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
         for request in scheduled:
-            self._describe(request, out)
+            try:
+                self._describe(request, out)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+                out.num_scheduled_tokens.pop(request.request_id, None)
+                self.fail_request(request, "schedule", exc)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         out.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
         return out
+
+    def _schedule_running(self, request: Request, budget: int, preempted_now: set[str]) -> int:
+        """Blocks for a running request's next tokens, preempting from the back when they run
+        out; returns how many tokens it runs (0: none to run)."""
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("schedule", request.request_id)
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        if num_new <= 0:
+            return 0
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self._pick_victim()
+            self._preempt(victim)
+            preempted_now.add(victim.request_id)
+            if victim is request:
+                break
+        return num_new
+
+    def _admit_waiting(self, request: Request, budget: int) -> int | None:
+        """Move the head of the waiting queue to running with blocks for its next tokens;
+        returns how many it runs, or None when it does not fit (it stays at the head)."""
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("schedule", request.request_id)
+        hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+        if request.sampling_params.prompt_logprobs is not None and num_hit_tokens:
+            hits, num_hit_tokens = [], 0  # every prompt position's logits are needed
+        num_new = request.num_tokens - num_hit_tokens
+        if num_new > budget and not self.config.enable_chunked_prefill:
+            return None
+        num_new = min(num_new, budget)
+        request.num_computed_tokens = num_hit_tokens
+        if not self.kv.allocate_slots(request, num_new, hits):
+            request.num_computed_tokens = 0
+            return None
+        self.waiting.pop(0)
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return num_new
 
     def _pick_victim(self) -> Request:
         if self.priority_policy:
@@ -226,15 +271,23 @@ class Scheduler:
         for rid, num in out.num_scheduled_tokens.items():
             request = self.requests.get(rid)
             if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted or preempted in the meantime
-            request.num_computed_tokens += num
-            if request.num_computed_tokens < request.num_tokens:
-                continue  # a partial prefill chunk: its sample is discarded
-            token = sampled[rid]
-            request.append_output_token(token)
-            status = self._advance_grammar(request, token) or self._check_stop(request, token)
-            if status is not None:
-                self.finish_request(request, status)
+                continue  # aborted, preempted or failed in the meantime
+            stage = "sample"
+            try:  # whatever raises here fails this request alone
+                request.num_computed_tokens += num
+                if request.num_computed_tokens < request.num_tokens:
+                    continue  # a partial prefill chunk: its sample is discarded
+                token = sampled[rid]
+                request.append_output_token(token)
+                stage = "grammar"
+                status = self._advance_grammar(request, token)
+                stage = "stop_check"
+                status = status or self._check_stop(request, token)
+                if status is not None:
+                    self.finish_request(request, status)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
+                self.fail_request(request, stage, exc)
+                continue
             results.append((request, [token]))
         return results
 
@@ -244,6 +297,8 @@ class Scheduler:
         grammar = request.grammar
         if grammar is None or grammar.is_terminated():
             return None
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("grammar", request.request_id)
         if not request.grammar_active:
             marker = request.sampling_params.structured_outputs_after or []
             out = request.output_token_ids
@@ -256,6 +311,8 @@ class Scheduler:
         return RequestStatus.FINISHED_STOPPED if grammar.is_terminated() else None
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        if fault_injection.INJECTOR is not None:
+            fault_injection.INJECTOR.check("stop_check", request.request_id)
         params = request.sampling_params
         num_out = request.num_output_tokens
         if num_out >= params.min_tokens:

@@ -23,7 +23,7 @@ from fornax.audio.transcribe import (
     WhisperInfo,
 )
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.errors import ConfigError
+from fornax.runtime.errors import ConfigError, RequestFailedError
 from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class SpeechToText:
                 if entry is None:
                     continue
                 session, collector = entry
+                if out.error is not None:  # the engine failed this window: end the run cleanly
+                    engine.abort_requests(list(inflight))
+                    raise RequestFailedError(out.error)
                 collector.add(out)
                 if collector.finished:
                     del inflight[out.request_id]

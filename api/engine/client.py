@@ -82,6 +82,7 @@ class RequestGroup:
         self.deadline = deadline
         self._timeout_s = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._event = asyncio.Event()
+        self._deliver_before_error = False  # outputs that came before a request's failure
 
     def put(self, out: EngineCoreOutput) -> None:
         held = self.pending.get(out.request_id)
@@ -93,9 +94,12 @@ class RequestGroup:
             self.unfinished.discard(out.request_id)
         self._event.set()
 
-    def fail(self, error: APIError) -> None:
+    def fail(self, error: APIError, deliver_pending: bool = False) -> None:
+        """Fail the group; with `deliver_pending`, the next `next()` still returns what arrived
+        before the failure (a stream shows those tokens, then the error event)."""
         if self.error is None:
             self.error = error
+            self._deliver_before_error = deliver_pending and bool(self.pending)
         self._event.set()
 
     @property
@@ -116,8 +120,9 @@ class RequestGroup:
                 break
         if self.error is None and self.deadline is not None and time.monotonic() >= self.deadline:
             self.error = deadline_exceeded(self._timeout_s)
-        if self.error is not None:
+        if self.error is not None and not self._deliver_before_error:
             raise self.error
+        self._deliver_before_error = False
         outs = list(self.pending.values())
         self.pending.clear()
         return outs
@@ -269,7 +274,7 @@ class EngineClient:
         for rej in msg.rejected:
             group = self.groups.pop(rej.request_id, None)
             if group is not None:
-                group.fail(_rejection_error(rej))
+                group.fail(_rejection_error(rej), deliver_pending=True)
 
     async def _watch_alive(self) -> None:
         try:

@@ -28,6 +28,7 @@ from fornax.runtime.limits import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_TOKEN_IDS,
     InputLimits,
+    clip_for_log,
 )
 
 __all__ = ["MAX_N", "RepetitionDetectionParams", "SamplingParams", "StructuredOutputsParams"]
@@ -211,7 +212,7 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not (
                 self.top_k in (-1, 0) or 1 <= self.top_k <= INT32_MAX):
             raise RequestError(f"top_k must be -1 (disabled) or in [1, {INT32_MAX}], got "
-                               f"{self.top_k!r}", "top_k")
+                               f"{clip_for_log(self.top_k, 64)}", "top_k")
         if self.seed is not None:
             _int_in("seed", self.seed, INT64_MIN, INT64_MAX)
 
@@ -317,7 +318,8 @@ def _is_int(value: Any) -> bool:
 
 def _int_in(name: str, value: Any, low: int, high: int) -> None:
     if not _is_int(value) or not low <= value <= high:
-        raise RequestError(f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
+        raise RequestError(f"{name} must be an integer in [{low}, {high}], got "
+                           f"{clip_for_log(value, 64)}", name)
 
 
 def _token_ids(name: str, ids: Any, vocab_size: int | None, max_len: int,
@@ -331,7 +333,7 @@ def _token_ids(name: str, ids: Any, vocab_size: int | None, max_len: int,
     high = vocab_size if vocab_size is not None else INT32_MAX + 1
     for t in ids:
         if not _is_int(t):
-            raise RequestError(f"{name} {what}, got {t!r}", name)
+            raise RequestError(f"{name} {what}, got {clip_for_log(t, 64)}", name)
         if not 0 <= t < high:
             raise RequestError(f"{name} has token id {t} outside the vocabulary (size {high})",
                                name)

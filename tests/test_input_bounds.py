@@ -263,3 +263,51 @@ def test_offline_llm_validates_once_per_request_and_the_engine_not_again(make_ll
     with pytest.raises(RequestError, match="stop_token_ids"):
         llm.generate("x", SamplingParams(min_tokens=1, stop_token_ids=[10**9]))
     assert llm.generate("still serving", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,deep", [
+    (b"[" * 128 + b"]" * 128, False),
+    (b"[" * 129 + b"]" * 129, True),
+    (b'{"a":' * 129 + b"1" + b"}" * 129, True),
+    (b"[" + b"[]," * 500 + b"[]]", False),  # wide, not deep
+    (b'["' + b"[{" * 300 + b'\\"]"]', False),  # brackets inside a string
+    (b"[" * 300, False),  # unbalanced: not valid JSON, the decoder refuses it
+])
+def test_json_depth_scanner(text, deep):
+    assert limits.json_too_deep(text) is deep
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("req-1", True), ("a b", True), ("x" * limits.MAX_REQUEST_ID_CHARS, True), ("", False),
+    ("a\nb", False), ("a\r", False), ("ab\n", False), ("a\u2028", False), ("é", False),
+    (" a", False), ("a\tb", False), ("x" * (limits.MAX_REQUEST_ID_CHARS + 1), False),
+])
+def test_request_id_rules(value, ok):
+    assert (limits.request_id_problem(value) is None) is ok
+
+
+def test_large_request_preparation_runs_off_the_event_loop():
+    import asyncio
+    import threading
+
+    from fornax.api.offload import prepare
+
+    class FakeRequest:
+        def __init__(self, size: int) -> None:
+            self._size = size
+
+        async def body(self) -> bytes:
+            return b"x" * self._size
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    async def run() -> tuple[str, str]:
+        small = await prepare(FakeRequest(10), where)  # type: ignore[arg-type]
+        large = await prepare(FakeRequest(limits.OFFLOAD_CHARS), where)  # type: ignore[arg-type]
+        return small, large
+
+    small, large = asyncio.run(run())
+    assert small == threading.current_thread().name and large.startswith("fornax-prep")

@@ -6,9 +6,11 @@ ignored here; vLLM's sampling extras (top_k, min_p, seed, ...) are forwarded to 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from msgspec import Meta, Struct
+from msgspec import Struct
+
+from fornax.api.protocol.bounded import RequestId
 
 # Fields of a Responses request that are not chat fields (everything else is forwarded to chat).
 RESPONSES_ONLY_FIELDS = frozenset({
@@ -43,5 +45,4 @@ class ResponsesRequest(Struct, kw_only=True):
     include: list[str] | None = None
     # vLLM's extra (its response id is resp_<request_id>); here only the x-request-id header:
     # response ids are always made by the server
-    request_id: Annotated[str, Meta(min_length=1, max_length=256,
-                                    pattern=r"^[!-~](?:[ -~]*[!-~])?$")] | None = None
+    request_id: RequestId | None = None

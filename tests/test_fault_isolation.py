@@ -20,7 +20,10 @@ from fornax.runtime.sampling_params import StructuredOutputsParams
 
 PROMPTS = ["The quick brown fox", "Once upon a time there", "In a galaxy far away"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-PER_REQUEST_STAGES = ["admit", "schedule", "prepare", "sample", "stop_check", "output"]
+# (stage, passes each request gets first): with passes, the fault hits a running request
+PER_REQUEST_STAGES = [("admit", 0), ("schedule", 0), ("schedule", 2), ("prepare", 0),
+                      ("sample", 0), ("stop_check", 0), ("stop_check", 3), ("output", 0),
+                      ("output", 3)]
 
 
 @pytest.fixture(autouse=True)
@@ -40,12 +43,12 @@ def _tokens(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
-@pytest.mark.parametrize("stage", PER_REQUEST_STAGES)
-def test_a_fault_at_a_per_request_stage_fails_that_request_alone(make_llm, stage):
+@pytest.mark.parametrize("stage, skip", PER_REQUEST_STAGES)
+def test_a_fault_at_a_per_request_stage_fails_that_request_alone(make_llm, stage, skip):
     llm = make_llm("llama")
     baseline = _tokens(llm.generate(PROMPTS, GREEDY))
     ids = _next_ids(llm, len(PROMPTS))
-    fault_injection.configure({"stage": stage, "request_id_contains": ids[1]})
+    fault_injection.configure({"stage": stage, "request_id_contains": ids[1], "skip": skip})
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.request_id for o in outs] == ids
     failed = outs[1].outputs[0]
@@ -145,11 +148,11 @@ def _add_unvalidated(engine, rid: str, params: SamplingParams) -> None:
 
 
 @pytest.mark.parametrize("bad, status", [
-    (dict(min_tokens=1, stop_token_ids=[10**9]), 400),  # the issue's first repro
-    (dict(temperature=1.0, top_k=2**31), None),  # its second: clamped, so it simply runs
-    (dict(seed=2**70, temperature=1.0), 400),
-    (dict(logprobs=2**40), 500),
-    (dict(logit_bias={10**12: 1.0}), 400),
+    ({"min_tokens": 1, "stop_token_ids": [10**9]}, 400),  # the issue's first repro
+    ({"temperature": 1.0, "top_k": 2**31}, None),  # its second: clamped, so it simply runs
+    ({"seed": 2**70, "temperature": 1.0}, 400),
+    ({"logprobs": 2**40}, 500),
+    ({"logit_bias": {10**12: 1.0}}, 400),
 ])
 def test_unvalidated_parameters_fail_their_request_alone(make_llm, bad, status):
     llm = make_llm("llama")
@@ -280,8 +283,8 @@ def test_server_stream_ends_with_an_error_event_then_done(fault_server):
 
 
 @pytest.mark.parametrize("extra, param", [
-    (dict(min_tokens=1, stop_token_ids=[1_000_000_000]), "stop_token_ids"),
-    (dict(temperature=1.0, top_k=2147483648), "top_k"),
+    ({"min_tokens": 1, "stop_token_ids": [1_000_000_000]}, "stop_token_ids"),
+    ({"temperature": 1.0, "top_k": 2147483648}, "top_k"),
 ])
 def test_server_refuses_the_issue_repros_with_a_400(fault_server, extra, param):
     resp = _completion(fault_server, "repro", **{**extra, "max_tokens": 4})
@@ -289,3 +292,20 @@ def test_server_refuses_the_issue_repros_with_a_400(fault_server, extra, param):
     assert resp.json()["error"]["param"] == param
     assert httpx.get(fault_server.url + "/health", timeout=10).status_code == 200
     assert _completion(fault_server, "after-repro").status_code == 200
+
+
+def test_server_dies_after_consecutive_failed_steps():
+    server = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
+                           "--served-model-name", "tiny",
+                           env={fault_injection.ENV_VAR: json.dumps({"stage": "step"})})
+    try:
+        server.wait_ready()
+        for k in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):  # each fails alone; /health stays up
+            resp = _completion(server, f"doomed-{k}")
+            assert resp.status_code == 500 and "engine step" in resp.json()["error"]["message"]
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        resp = _completion(server, "last-straw")
+        assert resp.status_code == 503, resp.text  # the engine core died (EngineDead)
+        assert server.proc.wait(timeout=30) != 0  # so `fornax serve` exits for a restart
+    finally:
+        server.stop()

@@ -79,15 +79,14 @@ class StructuredOutputsParams:
             value = getattr(self, kind)
             if value is None:
                 continue
+            param = self.source or f"structured_outputs.{kind}"
             if not isinstance(value, (str, dict)) or (kind in ("regex", "grammar")
                                                       and not isinstance(value, str)):
-                raise RequestError(f"structured_outputs.{kind} has the wrong type",
-                                   f"structured_outputs.{kind}")
+                raise RequestError(f"structured_outputs.{kind} has the wrong type", param)
             size = len(value) if isinstance(value, str) else _json_size(value)
             if size > MAX_GRAMMAR_CHARS:
-                raise RequestError(f"structured_outputs.{kind} is {size} characters; at most "
-                                   f"{MAX_GRAMMAR_CHARS} are accepted",
-                                   f"structured_outputs.{kind}")
+                raise RequestError(f"the {kind} constraint is {size} characters; at most "
+                                   f"{MAX_GRAMMAR_CHARS} are accepted", param)
 
     @property
     def kind(self) -> str:

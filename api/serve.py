@@ -237,6 +237,7 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
         timer.start()
 
     launcher.watch(on_engine_death)
+    drain_started = threading.Event()
 
     @server.on_startup
     def drain_on_signal() -> None:  # runs after Granian installed its own handlers
@@ -244,13 +245,25 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
             granian_handler = signal.getsignal(sig)
 
             def handler(signum: int, frame: Any, _inner: Any = granian_handler) -> None:
-                logger.info("received %s: draining (up to %.0f s)", signal.Signals(signum).name,
-                            args.shutdown_timeout)
-                launcher.request_drain()
-                if callable(_inner):
+                if not callable(_inner):
+                    return
+                if drain_started.is_set():  # a second signal: stop the HTTP server now
                     _inner(signum, frame)
+                    return
+                drain_started.set()
+                logger.info("received %s: draining (up to %.0f s); /health answers 503 "
+                            "meanwhile", signal.Signals(signum).name, args.shutdown_timeout)
+                launcher.request_drain()
+                # keep listening while the engine drains, so that load balancers see /health
+                # 503 (not a refused connection) and in-flight requests finish; then stop
+                threading.Thread(target=stop_http_after_drain, args=(_inner, signum),
+                                 name="drain-wait", daemon=True).start()
 
             signal.signal(sig, handler)
+
+    def stop_http_after_drain(granian_handler: Any, signum: int) -> None:
+        launcher.wait(args.shutdown_timeout + 5)
+        granian_handler(signum, None)
 
     code = 0
     try:

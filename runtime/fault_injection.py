@@ -15,8 +15,8 @@ JSON object:
   batch), ``grammar`` (advancing a request's output grammar), ``sample`` (a request's row of the
   sampled batch), ``stop_check``, ``output`` (building its EngineCoreOutput), and ``step``, which
   raises for the whole batch (before the forward) whenever a matching request is scheduled.
-  ``stall`` raises nothing: the engine-core busy loop sleeps ``seconds`` while a matching request
-  is in the engine (the liveness watchdog's test).
+  ``stall`` raises nothing: the engine-core busy loop sleeps ``seconds`` once for each matching
+  request in the engine (the liveness watchdog's test).
 - ``request_id_contains``: only requests whose id contains this text (default: every request).
 - ``error``: ``RuntimeError`` (default, a bug: 500), ``ValueError`` or ``RequestError`` (the
   request's fault: 400).
@@ -69,6 +69,7 @@ class FaultInjector:
         if self.error not in _ERRORS:
             raise ValueError(f"{ENV_VAR}: unknown error {self.error!r} (one of {list(_ERRORS)})")
         self._lock = threading.Lock()
+        self._stalled: set[str] = set()  # the `stall` stage fires once per request
         self._passes: dict[str, int] = {}  # request id -> passes so far (with `skip`)
 
     def matches(self, request_id: str) -> bool:
@@ -97,9 +98,14 @@ class FaultInjector:
         raise _ERRORS[self.error](message)
 
     def stall(self, request_ids: list[str]) -> None:
-        """The `stall` stage: sleep the busy loop once per firing if a request matches."""
-        if self.stage != "stall" or not any(self.matches(rid) for rid in request_ids):
+        """The `stall` stage: sleep the busy loop once for each matching request (each firing
+        counts against `times`)."""
+        if self.stage != "stall":
             return
+        fresh = [rid for rid in request_ids if self.matches(rid) and rid not in self._stalled]
+        if not fresh:
+            return
+        self._stalled.update(fresh)
         with self._lock:
             if self.times is not None:
                 if self.times <= 0:

@@ -182,7 +182,7 @@ def test_queue_limit_answers_503_with_retry_after(options_server):
     for r in results:
         if r.status_code == 503:
             assert r.headers["retry-after"].isdigit()
-            assert "max-num-queued-requests" in r.json()["error"]["message"]
+            assert "max-num-queued-reqs" in r.json()["error"]["message"]
 
 
 def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):

@@ -10,7 +10,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -22,6 +21,7 @@ import zmq
 
 from fornax.api.engine.addresses import alive_path, input_address
 from fornax.api.engine.admin import is_sleeping, run_admin
+from fornax.api.engine.grammar_gate import GrammarGate
 from fornax.api.engine.output_thread import QUEUE_LIMIT, OutputThread
 from fornax.api.logging_setup import setup_logging
 from fornax.runtime import fault_injection
@@ -74,6 +74,7 @@ class EngineCoreProcess:
         self.num_iterations = 0  # watchdog: busy-loop progress
         self.loop_beat = time.monotonic()
         self._alive_conns: list[socket.socket] = []
+        self._gate: GrammarGate | None = None  # made on the first constrained request
 
     # ---- start ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -175,6 +176,7 @@ class EngineCoreProcess:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         while not self.stop_event.is_set():
+            self._settle_grammar()
             if not poller.poll(200):
                 continue
             identity, payload = router.recv_multipart()[:2]
@@ -185,9 +187,13 @@ class EngineCoreProcess:
                 continue
             if isinstance(msg, StatsQuery):  # answered here: a long step must not delay it
                 self._put_out(("send", identity.decode(), self._stats(msg.query_id)))
+            elif isinstance(msg, ClientHello):  # here too, so it is ahead of any answer
+                self._handle(identity, msg)
             elif isinstance(msg, AddRequest):
                 self._admit(identity, msg)
             else:
+                if isinstance(msg, AbortRequests) and self._gate is not None:
+                    self._gate.abort(msg.request_ids)  # those still waiting for a grammar
                 self.in_q.put((identity, msg))  # aborts, admin: back-pressure, never dropped
 
     def _admit(self, identity: bytes, msg: AddRequest) -> None:
@@ -195,9 +201,10 @@ class EngineCoreProcess:
         req = msg.request
         reason = self._overloaded(req)
         if reason is None:
-            self._precompile(msg)
             self._adds_in += 1
             self._tokens_in += len(req.prompt_token_ids)
+            if self._precompile(identity, msg):
+                return  # held while its grammar compiles: the gate queues or refuses it
             try:
                 self.in_q.put_nowait((identity, msg))
                 return
@@ -247,17 +254,40 @@ class EngineCoreProcess:
         except queue.Full:  # the output thread tries again after another stall period
             logger.warning("could not queue the failing of API worker %s's requests", client_id)
 
-    def _precompile(self, msg: AddRequest) -> None:
-        """Compile a request's output constraint here, on the input thread, so the busy loop
-        finds it cached (or its error cached) instead of stalling every running request."""
-        constraint = msg.request.sampling_params.structured_outputs
-        structured = getattr(self.core, "structured", None)
-        if constraint is None or structured is None:
-            return
+    def _precompile(self, identity: bytes, msg: AddRequest) -> bool:
+        """Input thread: start compiling a request's output constraint, never waiting for it.
+        True when the grammar gate holds the request: it reaches the busy loop once its grammar
+        is compiled and cached (so neither thread waits on xgrammar), or is refused (400 too
+        complex / invalid, 503 busy) through `_settle_grammar`."""
+        if msg.request.sampling_params.structured_outputs is None:
+            return False
+        if self._gate is None:
+            structured = getattr(self.core, "structured", None)
+            if structured is None:
+                return False
+            self._gate = GrammarGate(structured, self._forward_compiled)
+        held = self._gate.admit(identity, msg)
+        self._settle_grammar()
+        return held
+
+    def _forward_compiled(self, identity: bytes, msg: AddRequest) -> bool:
+        """Any thread: a held request whose grammar compiled goes to the busy loop."""
         try:
-            structured.compile(constraint)
-        except Exception:  # noqa: BLE001 - the busy loop's add_request reports it to the client
-            pass
+            self.in_q.put_nowait((identity, msg))
+            return True
+        except queue.Full:
+            return False
+
+    def _settle_grammar(self) -> None:
+        """Input thread: requests the gate refused or dropped leave the in-flight count (the
+        input thread writes it); the refused get their error."""
+        if self._gate is None:
+            return
+        for identity, msg, rejection in self._gate.settle():
+            self._adds_in -= 1
+            self._tokens_in -= len(msg.request.prompt_token_ids)
+            if rejection is not None:
+                self._put_out(("rejected", identity.decode(), rejection))
 
     def _put_out(self, item: tuple[str, str, bytes]) -> None:
         self.out.q.put(item)
@@ -393,7 +423,10 @@ def main() -> None:
         proc.drain_requested = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    sys.exit(proc.run())
+    code = proc.run()
+    from fornax.runtime.grammar_pool import exit_process
+
+    exit_process(code)  # at once while a runaway grammar compile still runs
 
 
 if __name__ == "__main__":

@@ -84,6 +84,15 @@ class EngineLauncher:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def wait(self, timeout_s: float) -> int | None:
+        """Wait up to `timeout_s` for the process to exit (a drain ends that way); its code."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self, timeout_s: float) -> int | None:
         """Drain and wait for the process; kill it after `timeout_s`. Returns its exit code."""
         self.request_drain()

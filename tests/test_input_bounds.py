@@ -311,3 +311,22 @@ def test_large_request_preparation_runs_off_the_event_loop():
 
     small, large = asyncio.run(run())
     assert small == threading.current_thread().name and large.startswith("fornax-prep")
+
+
+def test_operator_limits_reach_the_checks():
+    from fornax.api.settings import ServerSettings
+    from fornax.runtime.beam_search import BeamSearchParams
+
+    tight = limits.InputLimits(max_n=4, max_stop_strings=2, max_prompts=8)
+    encoded = msgspec.json.encode({"input_limits": tight})
+    assert msgspec.json.decode(encoded, type=dict)["input_limits"]["max_n"] == 4
+    assert ServerSettings.__struct_fields__.count("input_limits") == 1
+    with pytest.raises(RequestError) as err:
+        SamplingParams(n=5).validate(limits=tight)
+    assert err.value.param == "n"
+    with pytest.raises(RequestError) as err:
+        SamplingParams(stop=["a", "b", "c"]).validate(limits=tight)
+    assert err.value.param == "stop" and "--max-stop-strings" in str(err.value)
+    SamplingParams(n=4, stop=["a", "b"]).validate(limits=tight)
+    with pytest.raises(RequestError):
+        BeamSearchParams(beam_width=5, max_tokens=4, max_width=4)

@@ -216,6 +216,18 @@ def test_brackets_inside_strings_do_not_count_as_depth(http):
     assert resp.status_code == 200, resp.text
 
 
+def test_large_requests_are_prepared_off_the_loop_with_the_same_answers(http):
+    text = "word " * (limits.OFFLOAD_CHARS // 4)  # a body past the off-loop threshold
+    small = http.post("/tokenize", json={"model": "tiny", "prompt": "word word"}).json()
+    large = http.post("/tokenize", json={"model": "tiny", "prompt": text})
+    assert large.status_code == 200 and large.json()["tokens"][:2] == small["tokens"][:2]
+    chat = http.post("/tokenize", json={"model": "tiny",
+                                        "messages": [{"role": "user", "content": text}]})
+    assert chat.status_code == 200 and chat.json()["count"] > large.json()["count"] // 2
+    _bad(http.post("/v1/chat/completions", json=_chat(messages=[{"role": "user",
+                                                                  "content": text}])), "messages")
+
+
 # ---- the engine stayed up --------------------------------------------------------------------
 
 def test_engine_survived_every_case_above(server, http, engine_pid):

@@ -2,7 +2,9 @@
 engine's StructuredOutputsParams fields; every constraint is enforced or refused (API workers).
 
 The engine compiles the constraint with xgrammar and refuses what cannot compile (a 400 with the
-compiler's message); this module only checks shapes and that a request asks for one constraint.
+compiler's message naming the request's field), or what does not compile within its time limit
+(a 400 "grammar too complex"); this module only checks shapes and that a request asks for one
+constraint.
 """
 
 from __future__ import annotations
@@ -30,20 +32,22 @@ def request_constraint(req: Any) -> dict[str, Any] | None:
 
     Sources: response_format (json_object, json_schema, structural_tag), structured_outputs
     (vLLM's field) and guided_json/guided_regex/guided_choice/guided_grammar (older vLLM). Two of
-    them at once, or an unknown option, is a 400 naming the field.
+    them at once, or an unknown option, is a 400 naming the field. `source` names the field
+    for the engine's compile errors (invalid, "grammar too complex"); structured_outputs needs
+    none (the engine names structured_outputs.<kind>).
     """
     found: list[tuple[str, dict[str, Any]]] = []
     fmt = req.response_format
     if fmt is not None:
         constraint = _from_response_format(fmt)
         if constraint is not None:
-            found.append(("response_format", constraint))
+            found.append(("response_format", {**constraint, "source": "response_format"}))
     if req.structured_outputs is not None:
         found.append(("structured_outputs", _from_structured_outputs(req.structured_outputs)))
     for name, kind in _LEGACY:
         value = getattr(req, name, None)
         if value is not None:
-            found.append((name, {kind: _checked(kind, value, name)}))
+            found.append((name, {kind: _checked(kind, value, name), "source": name}))
     if getattr(req, "guided_whitespace_pattern", None) is not None:
         raise APIError(400, "guided_whitespace_pattern is not supported (xgrammar allows any JSON "
                        "whitespace, or none with structured_outputs.disable_any_whitespace)",

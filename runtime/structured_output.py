@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,17 @@ import numpy as np
 import torch
 
 from fornax.runtime.errors import RequestError
+from fornax.runtime.grammar_cache import Failure, GrammarCache, digest
+from fornax.runtime.grammar_pool import (
+    CompileJob,
+    GrammarBusy,
+    GrammarCompilePool,
+    GrammarLimits,
+    GrammarTooComplex,
+)
 from fornax.runtime.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
-
-_MAX_CACHED = 1024  # distinct constraints kept compiled (oldest dropped first)
 
 
 def _vocab_type(tokenizer_json: dict[str, Any]) -> Any:
@@ -54,16 +61,28 @@ def _strict_json_strings(grammar: Any) -> Any:
 
 
 class StructuredOutputManager:
-    """Compiles constraints once per distinct spec, off the busy loop, and makes matchers."""
+    """Compiles constraints once per distinct spec, off the busy loop, and makes matchers.
 
-    def __init__(self, model_dir: Path, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
+    Compiles run on a bounded pool with a time limit (runtime/grammar_pool.py); results go to a
+    cache bounded in bytes (runtime/grammar_cache.py). The server's input side calls `prepare`
+    (never blocks: the request waits for its job, other requests run on); `compile` and
+    `new_matcher` then find the grammar cached and pinned. Offline use may call `compile`
+    directly, which waits for the compile (within the same time limit).
+    """
+
+    def __init__(self, model_dir: Path, vocab_size: int, eos_token_ids: frozenset[int],
+                 limits: GrammarLimits | None = None) -> None:
         self.model_dir = model_dir
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
+        self.limits = limits or GrammarLimits.from_env()
         self._compiler = None
         self._lock = threading.Lock()
-        self._cache: dict[str, Any] = {}
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self.cache = GrammarCache(self.limits.cache_bytes, self.limits.max_failures)
+        self._inflight: dict[bytes, CompileJob] = {}  # spec digest -> its running compile
+        self._holds: dict[bytes, int] = {}  # requests that will want the grammar pinned
+        self._compiles = GrammarCompilePool(self.limits)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # bitmasks
         self._ready: Future | None = None
 
     def prewarm(self) -> None:
@@ -86,33 +105,78 @@ class StructuredOutputManager:
                 encoded[tid] = text
         info = xgr.TokenizerInfo(encoded, vocab_type=_vocab_type(tok), vocab_size=self.vocab_size,
                                  stop_token_ids=self.eos_token_ids, add_prefix_space=False)
-        return xgr.GrammarCompiler(info, max_threads=2)
+        # xgrammar's own cache is unbounded by default; ours (bounded in bytes) replaces it
+        return xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+
+    def prepare(self, params: StructuredOutputsParams) -> CompileJob | None:
+        """For a request about to be admitted, without blocking: None when the spec is cached
+        (the grammar is pinned for the request until `new_matcher`; a refused spec is
+        refused now with RequestError), else the job compiling it, which caches and pins the
+        grammar before its other callbacks run. GrammarBusy when the pool is full."""
+        key = digest(params.cache_key())
+        with self._lock:
+            hit = self.cache.get(key, pin=True)
+            if isinstance(hit, Failure):
+                raise RequestError(hit.message, constraint_param(params))
+            if hit is not None:
+                return None
+            job = self._inflight.get(key) or self._submit(key, params)
+            self._holds[key] = self._holds.get(key, 0) + 1
+            return job
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar (cached); an invalid spec raises RequestError with its message."""
-        key = params.cache_key()
-        with self._lock:
-            hit = self._cache.get(key)
-        if isinstance(hit, RequestError):
-            raise hit  # a spec that failed once fails again at once
-        if hit is not None:
-            return hit
+        """The compiled grammar (cached); an invalid or too complex spec raises RequestError
+        naming the request's field. On a miss this waits for the pool (offline use)."""
+        key = digest(params.cache_key())
+        with self._lock:  # with _finish's update: a miss here means a job is, or will be, ours
+            hit = self.cache.get(key)
+            try:
+                job = None if hit is not None else (
+                    self._inflight.get(key) or self._submit(key, params))
+            except GrammarBusy as exc:
+                raise RequestError(f"grammar compiler busy: {exc}",
+                                   constraint_param(params)) from None
+        if job is not None:
+            try:
+                return job.wait()
+            except Exception as exc:  # noqa: BLE001 - every failure is the request's 400
+                raise RequestError(failure_message(params.kind, exc),
+                                   constraint_param(params)) from None
+        if isinstance(hit, Failure):
+            raise RequestError(hit.message, constraint_param(params))  # refused again at once
+        return hit
+
+    def unpin(self, params: StructuredOutputsParams) -> None:
+        """The request no longer needs its grammar held (a refused or aborted request)."""
+        self.cache.unpin(digest(params.cache_key()))
+
+    def _submit(self, key: bytes, params: StructuredOutputsParams) -> CompileJob:
+        """Start compiling `params` (lock held): one job per spec, whoever else waits on it."""
+        job = self._compiles.submit(partial(self._compile_in_pool, params),
+                                    on_done=partial(self._finish, key, params.kind),
+                                    setup=self._compiler_ready)
+        self._inflight[key] = job
+        return job
+
+    def _compiler_ready(self) -> Any:
         self.prewarm()
-        compiler = self._ready.result()  # type: ignore[union-attr]
-        try:
-            compiled = self._compile(compiler, params)
-        except RequestError as exc:
-            compiled = exc
-        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the reason
-            compiled = RequestError(f"invalid {params.kind} constraint: {exc}",
-                                    f"structured_outputs.{params.kind}")
+        return self._ready.result()  # type: ignore[union-attr]
+
+    def _compile_in_pool(self, params: StructuredOutputsParams) -> Any:
+        return self._compile(self._compiler_ready(), params)
+
+    def _finish(self, key: bytes, kind: str, job: CompileJob) -> None:
+        """Runs first when a compile ends or times out: cache the grammar (pinned for every
+        request that waits on it) or the failure (a busy pool is not remembered)."""
         with self._lock:
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = compiled
-        if isinstance(compiled, RequestError):
-            raise compiled
-        return compiled
+            self._inflight.pop(key, None)
+            holds = self._holds.pop(key, 0)
+            if job.error is None:
+                self.cache.put(key, job.result, pins=holds)
+            elif not isinstance(job.error, GrammarBusy):
+                if isinstance(job.error, GrammarTooComplex):
+                    logger.warning("a %s constraint is too complex: %s", kind, job.error)
+                self.cache.put(key, Failure(failure_message(kind, job.error)))
 
     def _compile(self, compiler: Any, p: StructuredOutputsParams) -> Any:
         import xgrammar as xgr
@@ -143,13 +207,31 @@ class StructuredOutputManager:
     def new_matcher(self, params: StructuredOutputsParams) -> Any:
         import xgrammar as xgr
 
-        return xgr.GrammarMatcher(self.compile(params))
+        matcher = xgr.GrammarMatcher(self.compile(params))
+        self.unpin(params)  # the matcher holds the grammar now
+        return matcher
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
 
     def shutdown(self) -> None:
+        self._compiles.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def constraint_param(params: StructuredOutputsParams) -> str:
+    """The request field a constraint came from (response_format, guided_json, tools, ...)."""
+    return getattr(params, "source", None) or f"structured_outputs.{params.kind}"
+
+
+def failure_message(kind: str, exc: BaseException) -> str:
+    if isinstance(exc, GrammarTooComplex):
+        return f"grammar too complex: the {kind} constraint {exc}"
+    if isinstance(exc, GrammarBusy):
+        return f"grammar compiler busy: {exc}"
+    if isinstance(exc, RequestError):
+        return str(exc)
+    return f"invalid {kind} constraint: {exc}"  # xgrammar raises RuntimeError/ValueError
 
 
 def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:

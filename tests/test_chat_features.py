@@ -67,24 +67,27 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 @pytest.mark.parametrize("fields, expected", [
     ({}, None),
     ({"response_format": {"type": "text"}}, None),
-    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"response_format": {"type": "json_object"}},
+     {"json_object": True, "source": "response_format"}),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA,
                                                                  "strict": False}}},
-     {"json": SCHEMA}),
+     {"json": SCHEMA, "source": "response_format"}),
     ({"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}},
      {"regex": "[0-9]+", "disable_any_whitespace": True}),
     ({"structured_outputs": {"choice": ["a", "b"], "disable_fallback": True}},
      {"choice": ["a", "b"]}),
-    ({"guided_json": SCHEMA, "guided_decoding_backend": "outlines"}, {"json": SCHEMA}),
-    ({"guided_regex": "a+"}, {"regex": "a+"}),
-    ({"guided_choice": ["x"]}, {"choice": ["x"]}),
-    ({"guided_grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"'}),
+    ({"guided_json": SCHEMA, "guided_decoding_backend": "outlines"},
+     {"json": SCHEMA, "source": "guided_json"}),
+    ({"guided_regex": "a+"}, {"regex": "a+", "source": "guided_regex"}),
+    ({"guided_choice": ["x"]}, {"choice": ["x"], "source": "guided_choice"}),
+    ({"guided_grammar": 'root ::= "a"'}, {"grammar": 'root ::= "a"', "source": "guided_grammar"}),
     ({"response_format": {"type": "structural_tag", "structures": [
         {"begin": "<f>", "schema": SCHEMA, "end": "</f>"}], "triggers": ["<f"]}},
      {"structural_tag": {"type": "structural_tag", "format": {
          "type": "triggered_tags", "triggers": ["<f"], "tags": [
              {"type": "tag", "begin": "<f>", "end": "</f>",
-              "content": {"type": "json_schema", "json_schema": SCHEMA}}]}}}),
+              "content": {"type": "json_schema", "json_schema": SCHEMA}}]}},
+      "source": "response_format"}),
 ])
 def test_every_constraint_source(fields, expected) -> None:
     assert request_constraint(_req(**fields)) == expected
@@ -125,7 +128,7 @@ def test_tool_choice_plans() -> None:
     named = plan_tools(TOOLS, {"type": "function", "function": {"name": "f"}}, None,
                        parser=get_tool_parser("mistral"), auto_enabled=False)
     assert named.constraint == {"json": TOOLS[0]["function"]["parameters"],
-                                "disable_any_whitespace": True}
+                                "disable_any_whitespace": True, "source": "tools"}
     assert named.id_style == "mistral" and not named.finish_as_tool_calls
     for tools, choice in ((TOOLS, {"type": "function", "function": {"name": "nope"}}),
                           (None, "required"), (TOOLS, "sometimes"),
@@ -144,7 +147,8 @@ def test_plan_chat_refuses_two_constraints_and_beam_search() -> None:
         plan_chat(features, _req(guided_regex="a", use_beam_search=True))
     assert err.value.param == "use_beam_search"
     plan = plan_chat(features, _req(guided_regex="a"))
-    assert plan.sampling_extra() == {"structured_outputs": {"regex": "a"}}
+    assert plan.sampling_extra() == {"structured_outputs": {"regex": "a",
+                                                            "source": "guided_regex"}}
     assert plan.headers == {"x-fornax-structured-output-backend": "xgrammar"}
     plan.constraint_after = [7, 8]
     assert plan.sampling_extra()["structured_outputs_after"] == [7, 8]

@@ -55,7 +55,7 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
 def _forced(schema: dict[str, Any]) -> dict[str, Any]:
     """A forced call is read by a machine: JSON with xgrammar's ", " and ": " separators (what
     models trained on json.dumps write anyway) and no free whitespace to wander in."""
-    return {"json": schema, "disable_any_whitespace": True}
+    return {"json": schema, "disable_any_whitespace": True, "source": "tools"}
 
 
 def _named(choice: dict[str, Any]) -> str:

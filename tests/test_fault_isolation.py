@@ -3,8 +3,11 @@ engine; offline on tiny models, then through a real `fornax serve` with injected
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import threading
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -14,7 +17,13 @@ from api_server import ServerProcess, sse_events, tiny_model_path
 from fornax.runtime import SamplingParams, fault_injection
 from fornax.runtime.engine_core_base import MAX_CONSECUTIVE_STEP_FAILURES, EngineStepError
 from fornax.runtime.errors import RequestFailedError
-from fornax.runtime.messages import EncoderInput, EngineCoreRequest
+from fornax.runtime.messages import (
+    EncoderInput,
+    EngineCoreOutput,
+    EngineCoreRequest,
+    EngineSpec,
+    RequestRejected,
+)
 from fornax.runtime.request import Request
 from fornax.runtime.sampling_params import StructuredOutputsParams
 
@@ -231,6 +240,38 @@ def test_encoder_decoder_core_fails_one_request_alone():
     assert "boom-1" not in engine.runner.batch.index
     for k in (0, 2):
         assert faulty[f"boom-{k}"] == baseline[f"base-{k}"]
+
+
+# ---- delivery to the API worker -----------------------------------------------------------------
+def test_a_failed_request_reaches_its_worker_as_a_rejection_and_is_forgotten():
+    from fornax.api.engine.core_process import EngineCoreProcess
+
+    proc = EngineCoreProcess(EngineSpec("m", {}, "/nonexistent", "ipc://x", 1))
+    proc.out = SimpleNamespace(q=queue.Queue())
+    proc.owners = {"ok": "w1", "bad": "w2"}
+    proc._route([EngineCoreOutput("ok", [5]),
+                 EngineCoreOutput("bad", [], finish_reason="error", error="request bad is "
+                                  "invalid: nope", error_status=400, error_param="top_k")])
+    sent = [proc.out.q.get_nowait() for _ in range(proc.out.q.qsize())]
+    assert ("rejected", "w2", RequestRejected("bad", "request bad is invalid: nope", "top_k",
+                                              400)) in sent
+    assert ("outputs", "w1", [EngineCoreOutput("ok", [5])]) in sent
+    assert proc.owners == {"ok": "w1"}
+
+
+def test_a_group_shows_what_came_before_its_failure_then_raises():
+    from fornax.api.engine.client import RequestGroup
+    from fornax.api.errors import APIError
+
+    async def scenario() -> None:
+        group = RequestGroup(["a"])
+        group.put(EngineCoreOutput("a", [1, 2]))
+        group.fail(APIError(500, "request a failed"), deliver_pending=True)
+        assert [o.new_token_ids for o in await group.next()] == [[1, 2]]
+        with pytest.raises(APIError, match="request a failed"):
+            await group.next()
+
+    asyncio.run(scenario())
 
 
 # ---- through a real server ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import httpx
+import msgspec
 import pytest
 from api_server import API_KEYS, ServerProcess, auth, tiny_model_path
 
@@ -200,6 +201,30 @@ def test_an_answer_too_large_to_store(background):
             snap = run.snapshot()
             assert snap["store"] is False and snap["output"][0]["content"][0]["text"] == "y" * 5000
             assert held is None
+        store.close()
+
+    asyncio.run(run())
+
+
+def test_a_sqlite_file_from_before_owners_is_upgraded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, created REAL NOT NULL, "
+                "status TEXT NOT NULL, record BLOB NOT NULL)")
+    record = StoredResponse({"id": "resp_old", "status": "completed"}, [], time.time())
+    old.execute("INSERT INTO responses VALUES (?, ?, ?, ?)",
+                ("resp_old", record.created, "completed", msgspec.json.encode(record)))
+    old.commit()
+    old.close()
+
+    async def run() -> None:
+        store = SQLiteResponseStore(str(path), 10, 60.0)
+        assert (await store.get("resp_old")).status == "completed"  # no owner: keyless only
+        assert await store.get("resp_old", owner_of("k1")) is None
+        assert await store.put("resp_new", _record(1, owner=owner_of("k1")))
+        assert (await store.get("resp_new", owner_of("k1"))).owner == owner_of("k1")
         store.close()
 
     asyncio.run(run())

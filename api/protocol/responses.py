@@ -6,11 +6,13 @@ ignored here; vLLM's sampling extras (top_k, min_p, seed, ...) are forwarded to 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
-from fornax.api.protocol.bounded import RequestId
+from fornax.api.protocol.bounded import Messages, RequestId, Tools, User
+
+ResponseId = Annotated[str, Meta(max_length=256)]  # ours are resp_ + 32 hex digits
 
 # Fields of a Responses request that are not chat fields (everything else is forwarded to chat).
 RESPONSES_ONLY_FIELDS = frozenset({
@@ -25,9 +27,9 @@ RESPONSES_ONLY_FIELDS = frozenset({
 
 class ResponsesRequest(Struct, kw_only=True):
     model: str | None = None
-    input: str | list[dict[str, Any]] | None = None
+    input: str | Messages | None = None
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Tools | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
@@ -35,12 +37,12 @@ class ResponsesRequest(Struct, kw_only=True):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    previous_response_id: str | None = None
+    previous_response_id: ResponseId | None = None
     store: bool = True
     background: bool = False
     stream: bool = False
     metadata: dict[str, Any] | None = None
-    user: str | None = None
+    user: User | None = None
     truncation: str | None = None
     include: list[str] | None = None
     # vLLM's extra (its response id is resp_<request_id>); here only the x-request-id header:

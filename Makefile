@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve serve-embed test lint clean serve-whisper
+.PHONY: install serve serve-embed test lint clean serve-whisper fuzz
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ serve-whisper: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the long fuzzing campaign (10,000+ cases on every route, the realtime WebSocket, a 1,000-stream
+# abort storm, an overload burst); its summary lands in perf/results/fuzz-<seed>.json.
+# FUZZ_ARGS passes options, e.g. `make fuzz FUZZ_ARGS="--seed 7 --cases 20000"`
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m tools.fuzz_server $(FUZZ_ARGS)
 
 # pyflakes' checks (unused imports, undefined names); the style rules are not enforced yet
 lint: $(STAMP)

@@ -317,7 +317,8 @@ class ModelRunner:
         # Only requests whose whole known sequence is now computed get a token.
         done = seq_lens >= batch.num_tokens_np[rows]
         done_idx = np.nonzero(done)[0]
-        bitmask_job = self._start_bitmask([req_ids[i] for i in done_idx])
+        done_ids = [req_ids[i] for i in done_idx]
+        bitmask_job = self._start_bitmask(done_ids)
         graphs = self.graph_runner
         if graphs is not None and graphs.can_replay(num_tokens, num_reqs):
             hidden = graphs.replay(common)
@@ -333,10 +334,11 @@ class ModelRunner:
         logits_idx = torch.from_numpy(qsl[1:][done_idx].astype(np.int64) - 1).to(self.device)
         logits = self.model.compute_logits(hidden[logits_idx])
         if bitmask_job is not None:
-            bitmask, constrained = bitmask_job[0].result(), bitmask_job[1]
+            bitmask, constrained = self._finish_bitmask(bitmask_job, done_ids, failed)
             logits = logits.float()
-            apply_bitmask(logits, bitmask, constrained)
-        meta = self._sampling_metadata(rows[done_idx], [req_ids[i] for i in done_idx])
+            if constrained:
+                apply_bitmask(logits, bitmask, constrained)
+        meta = self._sampling_metadata(rows[done_idx], done_ids)
         result = self.sampler(logits, meta)
         sampled_list = result.sampled.tolist()  # the one device->host sync of the step
         sampled: dict[str, int] = {}
@@ -347,6 +349,8 @@ class ModelRunner:
             ranks = result.sampled_ranks.tolist()
         for j, i in enumerate(done_idx):
             rid, row = req_ids[i], int(rows[i])
+            if rid in failed:  # its grammar failed: its sample is discarded
+                continue
             try:  # one row's failure fails its request alone
                 if fault_injection.INJECTOR is not None:
                     fault_injection.INJECTOR.check("sample", rid)
@@ -416,7 +420,27 @@ class ModelRunner:
         constrained = [j for j, m in enumerate(matchers) if m is not None]
         if not constrained:
             return None
-        return self.structured.submit(fill_bitmask, matchers, self.vocab_size), constrained
+        return self.structured.submit(fill_bitmask, matchers, self.vocab_size), constrained, \
+            matchers
+
+    def _finish_bitmask(self, job: Any, sampled_ids: list[str],
+                        failed: dict[str, tuple[str, BaseException]]
+                        ) -> tuple[torch.Tensor, list[int]]:
+        """The filled bitmask and its constrained rows. If filling raised, fill again row by row:
+        a row whose grammar raises fails its request alone (stage "grammar"), unconstrained."""
+        future, constrained, matchers = job
+        try:
+            return future.result(), constrained
+        except Exception as exc:  # noqa: BLE001 - pinned on the rows below
+            if is_device_error(exc):
+                raise
+        bitmask = fill_bitmask([None] * len(matchers), self.vocab_size)  # all tokens allowed
+        for j in constrained:
+            try:
+                bitmask[j] = fill_bitmask([matchers[j]], self.vocab_size)[0]
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the step's
+                failed[sampled_ids[j]] = ("grammar", exc)
+        return bitmask, [j for j in constrained if sampled_ids[j] not in failed]
 
     def _sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
         b = self.batch

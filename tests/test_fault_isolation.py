@@ -99,6 +99,43 @@ def test_a_grammar_fault_fails_the_constrained_request_alone(make_llm):
     assert llm.generate(PROMPTS, params)[1].outputs[0].text in ("yes", "no")
 
 
+class _BrokenMatcher:
+    """A grammar matcher whose bitmask filling raises (everything else is the real one's)."""
+
+    def __init__(self, matcher) -> None:
+        self.matcher = matcher
+
+    def __getattr__(self, name: str):
+        return getattr(self.matcher, name)
+
+    def fill_next_token_bitmask(self, *args) -> None:
+        raise RuntimeError("this matcher broke")
+
+
+def test_a_grammar_whose_bitmask_fails_fails_its_request_alone(make_llm):
+    llm = make_llm("llama")
+    engine = llm.engine
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    for rid, broken in (("g-ok", False), ("g-broken", True)):
+        _add_unvalidated(engine, rid, SamplingParams(temperature=0.0, max_tokens=8,
+                                                     structured_outputs=choice))
+        request = engine.scheduler.requests[rid]
+        request.grammar = engine.structured.new_matcher(choice)
+        if broken:
+            request.grammar = _BrokenMatcher(request.grammar)
+    finals, tokens = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                finals[out.request_id] = out
+    assert finals["g-broken"].finish_reason == "error"
+    assert "output grammar" in finals["g-broken"].error and "matcher broke" in finals[
+        "g-broken"].error
+    assert finals["g-ok"].finish_reason == "stop"
+    assert llm.tokenizer.decode(tokens["g-ok"]) in ("yes", "no")
+
+
 def test_a_request_at_fault_gets_a_400_class_error(make_llm):
     llm = make_llm("llama")
     ids = _next_ids(llm, len(PROMPTS))

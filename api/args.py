@@ -162,6 +162,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    f"{MAX_PROMPTS})")
     g.add_argument("--max-audio-filesize-mb", type=float, default=25.0,
                    help="audio uploads to /v1/audio/* larger than this get 413 (default: 25)")
+    g.add_argument("--max-audio-seconds", type=_positive, default=7200.0,
+                   help="audio longer than this (counted at the model's 16 kHz, refused from the "
+                   "file's header where it can be) gets 400 (default: 7200)")
+    g.add_argument("--realtime-max-sessions", type=_positive_int, default=100,
+                   help="WS /v1/realtime: open sessions per API worker; more are closed at once "
+                   "with code 1013, try again later (default: 100)")
     g.add_argument("--realtime-max-buffer-seconds", type=_positive, default=300.0,
                    help="WS /v1/realtime: most seconds of audio a session may have waiting to be "
                    "transcribed; appends beyond it get an invalid_audio error (default: 300)")

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_AUDIO_MB = 25
 MIB = 1024 * 1024
 _FORM_SLACK_BYTES = 1 * MIB  # the other form fields and multipart framing around the file
+MAX_FIELD_BYTES = 64 * 1024  # one form field other than `file` (a prompt, a language, ...)
 _infos: dict[str, WhisperInfo] = {}
 
 
@@ -126,6 +127,10 @@ def _bool(value: str | None, name: str) -> bool:
 def parse_form(parts: list[Part]) -> AudioForm:
     by_name: dict[str, list[Part]] = {}
     for part in parts:
+        if part.name != "file" and len(part.data) > MAX_FIELD_BYTES:
+            raise APIError(400, f"form field {part.name[:64]!r} is {len(part.data)} bytes; at "
+                           f"most {MAX_FIELD_BYTES} are accepted (only 'file' holds audio)",
+                           part.name[:64])
         by_name.setdefault(part.name, []).append(part)
     files = by_name.get("file")
     if not files:
@@ -217,7 +222,8 @@ async def _handle(req: Request, task: str) -> Response:
         raise too_large
     state.resolve_model(form.model)  # 404 for a model this server does not serve
     try:
-        audio = await asyncio.to_thread(decode_audio, form.file.data, form.file.filename)
+        audio = await asyncio.to_thread(decode_audio, form.file.data, form.file.filename,
+                                        state.settings.max_audio_seconds)
     except AudioDecodeError as exc:
         raise APIError(400, str(exc), "file") from None
     duration = len(audio) / 16000

@@ -6,7 +6,9 @@ then gets vLLM's `session.created` (or OpenAI's `transcription_session.created` 
 for `?intent=transcription`). Its first event picks the protocol (see realtime_handlers). Bad
 events get an error event and the session goes on; the session ends at the client's close, at
 `--realtime-idle-timeout` without a client event, or after `--realtime-max-session-seconds`.
-Whatever the session still has in the engine is aborted when it ends.
+Whatever the session still has in the engine is aborted when it ends. Bounds: one event at most
+MAX_EVENT_BYTES, the audio waiting in a session `--realtime-max-buffer-seconds` (at 16 kHz), open
+sessions per worker `--realtime-max-sessions` (more are closed at once with 1013).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ logger = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 CLOSE_NORMAL, CLOSE_POLICY, CLOSE_ERROR, CLOSE_TRY_LATER = 1000, 1008, 1011, 1013
+
+
+class _SessionCount:
+    """Open realtime sessions of this API worker (one event loop: no lock needed)."""
+
+    open = 0
+
+
+_SESSIONS = _SessionCount()
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -108,16 +119,24 @@ async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, se
                     "reason": "the server is shutting down"})
         return
     await send({"type": "websocket.accept", "subprotocol": chosen_subprotocol(scope)})
+    limit = getattr(state.settings, "realtime_max_sessions", None)
+    if limit is not None and _SESSIONS.open >= limit:  # accepted first: the client sees 1013
+        await send({"type": "websocket.close", "code": CLOSE_TRY_LATER,
+                    "reason": f"{limit} realtime sessions are open (--realtime-max-sessions); "
+                    "try again later"})
+        return
     metrics = state.metrics
     metrics.ws_active.inc()
     metrics.ws_total.inc()
     start = time.monotonic()
+    _SESSIONS.open += 1
     try:
         conn = RealtimeConnection(state, scope, send)
         await conn.run(receive)
     except OSError as exc:  # the transport broke while sending
         logger.debug("realtime connection broke: %s", exc)
     finally:
+        _SESSIONS.open -= 1
         metrics.ws_active.dec()
         metrics.ws_duration.observe(time.monotonic() - start)
 

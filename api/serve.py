@@ -181,6 +181,8 @@ def run_serve(args: argparse.Namespace) -> int:
             input_limits=InputLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
                                      max_prompts=args.max_prompts_per_request),
             max_audio_filesize_mb=args.max_audio_filesize_mb,
+            max_audio_seconds=args.max_audio_seconds,
+            realtime_max_sessions=args.realtime_max_sessions,
             realtime_max_buffer_s=args.realtime_max_buffer_seconds,
             realtime_max_session_s=args.realtime_max_session_seconds,
             realtime_idle_timeout_s=args.realtime_idle_timeout,

@@ -158,17 +158,19 @@ def test_vectorized_dtw_matches_openai_reference():
     assert median_filter(x, 7).shape == x.shape
 
 
-def test_decode_hands_other_containers_to_librosa(monkeypatch):
-    """m4a/webm are not libsndfile's: they go to librosa (which needs ffmpeg to succeed)."""
+def test_decode_hands_other_containers_to_audioread(monkeypatch):
+    """m4a/webm are not libsndfile's: they go to audioread (which needs ffmpeg to succeed),
+    under the same duration cap."""
     import fornax.audio.decode as dec
 
     seen = []
 
-    def fake_librosa(data: bytes):
+    def fake_audioread(data: bytes, max_seconds: float):
         seen.append(data[:8])
-        return np.zeros(16000, dtype=np.float32), 16000
+        assert max_seconds == dec.DEFAULT_MAX_SECONDS
+        return np.zeros(16000, dtype=np.float32)
 
-    monkeypatch.setattr(dec, "_read_librosa", fake_librosa)
+    monkeypatch.setattr(dec, "_read_audioread", fake_audioread)
     m4a = b"\x00\x00\x00\x20ftypM4A " + bytes(100)
     assert len(decode_audio(m4a)) == 16000 and seen == [m4a[:8]]
     with pytest.raises(AudioDecodeError):

@@ -28,6 +28,7 @@ DEFAULT_MAX_SECONDS = 2 * 3600  # decoded audio beyond this is refused (--max-au
 MAX_CHANNELS = 64  # interleaved channels of one file
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000  # a file's own rate, in Hz
 _BLOCK_SAMPLES = 1 << 18  # interleaved samples decoded per block (frames = this // channels)
+_MAX_WAV_CHUNKS = 4096  # RIFF chunks scanned for the data chunk's size check
 
 
 class AudioDecodeError(ValueError):
@@ -132,7 +133,9 @@ def wav_missing_bytes(data: bytes) -> int:
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return 0
     pos = 12
-    while pos + 8 <= len(data):
+    for _ in range(_MAX_WAV_CHUNKS):  # a file of tiny chunks must not cost a Python loop each
+        if pos + 8 > len(data):
+            break
         chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
         if chunk == b"data":
             if size in (0, 0xFFFFFFFF) or size >= 0xFFFFFF00:

@@ -22,7 +22,8 @@ class GrammarGate:
     and is forwarded to the busy loop when the compile ends, or refused: 400 "grammar too
     complex" / invalid constraint, 503 when the compile pool, this gate or the busy loop's
     queue is full. An abort of a waiting request drops it here. Requests that leave without
-    reaching the busy loop come back to the input thread through `settle`."""
+    reaching the busy loop come back to the input thread through `settle` (it runs at least
+    every poll interval, 200 ms: the delay of a refusal decided on a compile thread)."""
 
     def __init__(self, structured: Any, forward: Callable[[bytes, AddRequest], bool]) -> None:
         self.structured = structured

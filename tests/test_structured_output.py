@@ -75,12 +75,15 @@ def test_uncompilable_constraints_are_refused_with_the_compiler_message(make_llm
 
 
 def test_constraint_kinds_are_exclusive() -> None:
+    # checked once at the edge (validate), not on construction or msgspec decoding
     with pytest.raises(RequestError, match="exactly one"):
-        Constraint(regex="a", choice=["b"])
+        Constraint(regex="a", choice=["b"]).validate()
     with pytest.raises(RequestError, match="exactly one"):
-        Constraint()
+        Constraint().validate()
     with pytest.raises(RequestError, match="choice"):
-        Constraint(choice=[])
+        Constraint(choice=[]).validate()
+    with pytest.raises(RequestError, match="exactly one"):
+        SamplingParams(structured_outputs=Constraint()).validate()
 
 
 def test_constraint_starts_after_the_thinking_marker(make_llm) -> None:

@@ -246,6 +246,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None)
     m.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="no torch.compile, no CUDA graphs")
+    m.add_argument("--grammar-compile-timeout", dest="grammar_compile_timeout_s", type=_positive,
+                   default=None, help="seconds one structured-output grammar may take to "
+                   "compile; beyond it the request gets 400 'grammar too complex' (default: 10)")
+    m.add_argument("--grammar-compile-threads", type=_positive_int, default=None,
+                   help="threads compiling grammars; also the most runaway compiles at once "
+                   "(default: 2)")
+    m.add_argument("--grammar-max-pending-compiles", type=_positive_int, default=None,
+                   help="grammar compiles queued or running; beyond it 503 with Retry-After "
+                   "(default: 64)")
+    m.add_argument("--grammar-cache-memory", dest="grammar_cache_bytes", type=parse_size,
+                   default=None, help="memory of compiled grammars kept for reuse, LRU "
+                   "(default: 512MiB)")
     m.add_argument("--cuda-graph-sizes", type=_int_list, action="extend", default=None,
                    help="batch sizes to capture CUDA graphs for (e.g. 1 2 4 8 16)")
 
@@ -280,7 +292,9 @@ _ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_form
                  "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
                  "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
                  "enable_chunked_prefill", "enforce_eager", "cuda_graph_sizes",
-                 "max_num_queued_reqs", "max_num_queued_tokens")
+                 "max_num_queued_reqs", "max_num_queued_tokens", "grammar_compile_timeout_s",
+                 "grammar_compile_threads", "grammar_max_pending_compiles",
+                 "grammar_cache_bytes")
 
 
 def unsupported_flags_used(args: argparse.Namespace) -> list[str]:

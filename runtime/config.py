@@ -117,6 +117,41 @@ class CompilationConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Bounds on grammar compilation (runtime/grammar_pool.py, runtime/grammar_cache.py).
+
+    xgrammar's compile cannot be interrupted: a compile past its time limit is answered at once
+    ("grammar too complex", 400) while its thread runs on, so at most `grammar_compile_threads`
+    compiles ever run. A compile also waits at most the time limit for a free thread (then 503).
+    """
+
+    grammar_compile_timeout_s: float = 10.0  # one compile, then 400
+    grammar_compile_threads: int = 2
+    grammar_max_pending_compiles: int = 64  # compiles queued or running, then 503
+    grammar_cache_bytes: int = 512 * 2**20  # compiled grammars kept (LRU by memory size)
+    grammar_max_failures: int = 1024  # refused specs remembered (refused again at once)
+    grammar_max_waiting_requests: int = 4096  # requests held for their compile, then 503
+
+    def __post_init__(self) -> None:
+        timeout = self.grammar_compile_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not 0 < timeout <= 3600:
+            raise ConfigError(f"grammar_compile_timeout_s must be in (0, 3600], got {timeout!r}")
+        for name in ("grammar_compile_threads", "grammar_max_pending_compiles",
+                     "grammar_cache_bytes", "grammar_max_failures",
+                     "grammar_max_waiting_requests"):
+            _positive(name, getattr(self, name))
+        if self.grammar_compile_threads > 64:
+            raise ConfigError("grammar_compile_threads must be at most 64, got "
+                              f"{self.grammar_compile_threads}")
+
+    @property
+    def grammar_queue_wait_s(self) -> float:
+        """How long a compile may wait for a free thread before the request gets 503."""
+        return self.grammar_compile_timeout_s
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine core needs, made once from the CLI or `LLM(...)` arguments."""
 
@@ -124,6 +159,8 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
+    structured_outputs_config: StructuredOutputsConfig = field(
+        default_factory=StructuredOutputsConfig)
     device: str = "cpu"
     attention_backend: str = "auto"
     max_logprobs: int = 20
@@ -157,7 +194,7 @@ class EngineConfig:
         """The settings that differ from their defaults, for one log line at start."""
         out: dict[str, Any] = {}
         for sub in (self.model_config, self.cache_config, self.scheduler_config,
-                    self.compilation_config):
+                    self.compilation_config, self.structured_outputs_config):
             for f in dataclasses.fields(sub):
                 value = getattr(sub, f.name)
                 default = f.default if f.default is not dataclasses.MISSING else (
@@ -178,7 +215,8 @@ def _detect_device() -> str:
 _ENGINE_ARG_FIELDS: dict[str, str] = {}
 for _sub_name, _sub_cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
                             ("scheduler_config", SchedulerConfig),
-                            ("compilation_config", CompilationConfig)):
+                            ("compilation_config", CompilationConfig),
+                            ("structured_outputs_config", StructuredOutputsConfig)):
     for _f in dataclasses.fields(_sub_cls):
         _ENGINE_ARG_FIELDS[_f.name] = _sub_name
 _ARG_ALIASES = {"scheduling_policy": "policy", "kv_cache_memory": "kv_cache_memory_bytes",
@@ -230,6 +268,7 @@ def make_engine_config(model: str, **kwargs: Any) -> EngineConfig:
         cache_config=CacheConfig(**groups["cache_config"]),
         scheduler_config=SchedulerConfig(**groups["scheduler_config"]),
         compilation_config=CompilationConfig(**groups["compilation_config"]),
+        structured_outputs_config=StructuredOutputsConfig(**groups["structured_outputs_config"]),
         **top,
     )
 

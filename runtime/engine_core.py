@@ -53,7 +53,8 @@ class EngineCore(SchedulingCoreMixin):
         from fornax.runtime.structured_output import StructuredOutputManager
 
         self.structured = StructuredOutputManager(self.files.path, self.info.vocab_size,
-                                                  self.info.eos_token_ids)
+                                                  self.info.eos_token_ids,
+                                                  config.structured_outputs_config)
         self.runner.structured = self.structured
         self.num_steps = 0
         from fornax.runtime.sleep_mode import SleepState

@@ -3,10 +3,10 @@ a limit on the wait for a thread (engine-core process).
 
 xgrammar's compile is C++ that releases the GIL (the busy loop keeps running beside it) but
 cannot be interrupted: a compile past its limit is answered at once ("too complex") while its
-thread runs on until xgrammar returns, still counted against the pool. So at most `num_threads`
-compiles ever run, at most `max_pending` wait or run, and a job that waits longer than
-`queue_wait_s` for a thread is answered "busy" — a stream of pathological grammars costs those
-threads and a 503 for later compiles, never the engine's loop or an unbounded pile of threads.
+thread runs on until xgrammar returns, still counted against the pool. So at most
+`grammar_compile_threads` compiles ever run, at most `grammar_max_pending_compiles` wait or run,
+and a job that waits longer than the time limit for a thread is answered "busy" — a stream of
+pathological grammars costs those threads and a 503 for later compiles, never the engine's loop or an unbounded pile of threads.
 """
 
 from __future__ import annotations
@@ -20,52 +20,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from fornax.runtime.config import StructuredOutputsConfig
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GrammarLimits:
-    """Operators tune these with environment variables (the engine-core process reads them)."""
-
-    time_limit_s: float = 10.0  # FORNAX_GRAMMAR_COMPILE_TIMEOUT_S: one compile, then 400
-    queue_wait_s: float = 10.0  # FORNAX_GRAMMAR_QUEUE_WAIT_S: wait for a thread, then 503
-    num_threads: int = 2  # FORNAX_GRAMMAR_COMPILE_THREADS
-    max_pending: int = 64  # FORNAX_GRAMMAR_MAX_PENDING: compiles queued or running, then 503
-    cache_bytes: int = 512 * 2**20  # FORNAX_GRAMMAR_CACHE_MB: compiled grammars kept
-    max_failures: int = 1024  # FORNAX_GRAMMAR_MAX_FAILURES: refused specs remembered
-    max_waiting_requests: int = 4096  # FORNAX_GRAMMAR_MAX_WAITING: requests held for compiles
-
-    @classmethod
-    def from_env(cls) -> GrammarLimits:
-        d = cls()
-        return cls(
-            time_limit_s=_env_float("FORNAX_GRAMMAR_COMPILE_TIMEOUT_S", d.time_limit_s),
-            queue_wait_s=_env_float("FORNAX_GRAMMAR_QUEUE_WAIT_S", d.queue_wait_s),
-            num_threads=int(_env_float("FORNAX_GRAMMAR_COMPILE_THREADS", d.num_threads)),
-            max_pending=int(_env_float("FORNAX_GRAMMAR_MAX_PENDING", d.max_pending)),
-            cache_bytes=int(_env_float("FORNAX_GRAMMAR_CACHE_MB", d.cache_bytes / 2**20)
-                            * 2**20),
-            max_failures=int(_env_float("FORNAX_GRAMMAR_MAX_FAILURES", d.max_failures)),
-            max_waiting_requests=int(_env_float("FORNAX_GRAMMAR_MAX_WAITING",
-                                                d.max_waiting_requests)))
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        logger.warning("ignoring %s=%r (not a number); using %s", name, raw, default)
-        return default
-    if not value > 0:
-        logger.warning("ignoring %s=%r (must be positive); using %s", name, raw, default)
-        return default
-    return value
 
 
 _POOLS: weakref.WeakSet[GrammarCompilePool] = weakref.WeakSet()
@@ -160,9 +119,9 @@ class CompileJob:
 
 
 class GrammarCompilePool:
-    """`num_threads` compile threads and one watchdog, started on the first submit."""
+    """`grammar_compile_threads` compile threads and one watchdog, started on the first submit."""
 
-    def __init__(self, limits: GrammarLimits) -> None:
+    def __init__(self, limits: StructuredOutputsConfig) -> None:
         self.limits = limits
         self._cond = threading.Condition()
         self._queued: deque[CompileJob] = deque()
@@ -178,17 +137,17 @@ class GrammarCompilePool:
     def submit(self, fn: Callable[[], Any], on_done: Callable[[CompileJob], None] | None = None,
                setup: Callable[[], Any] | None = None) -> CompileJob:
         """Queue a compile (`on_done` runs first when it ends; `setup` runs on the compile
-        thread before the time limit's clock starts); GrammarBusy at once when `max_pending`
-        are queued or running."""
+        thread before the time limit's clock starts); GrammarBusy at once when
+        `grammar_max_pending_compiles` are queued or running."""
         job = CompileJob(fn, setup)
         if on_done is not None:
             job.add_done_callback(on_done)
         with self._cond:
             if self._closed:
                 raise GrammarBusy("the grammar compiler is shut down")
-            if len(self._queued) + len(self._running) >= self.limits.max_pending:
-                raise GrammarBusy(f"{self.limits.max_pending} grammar compiles are already "
-                                  "queued or running")
+            most = self.limits.grammar_max_pending_compiles
+            if len(self._queued) + len(self._running) >= most:
+                raise GrammarBusy(f"{most} grammar compiles are already queued or running")
             if not self._started:
                 self._start()
             self._queued.append(job)
@@ -208,7 +167,7 @@ class GrammarCompilePool:
         if not _POOLS:
             atexit.register(_wait_at_exit)
         _POOLS.add(self)
-        for i in range(self.limits.num_threads):
+        for i in range(self.limits.grammar_compile_threads):
             threading.Thread(target=self._work, name=f"grammar-compile-{i}", daemon=True).start()
         threading.Thread(target=self._watch, name="grammar-watchdog", daemon=True).start()
 
@@ -238,7 +197,7 @@ class GrammarCompilePool:
             if not job.resolve(result, error) and job.started_at is not None:
                 logger.warning("a grammar compile finished %.1f s after it started, past its "
                                "%.1f s limit", time.monotonic() - job.started_at,
-                               self.limits.time_limit_s)
+                               self.limits.grammar_compile_timeout_s)
 
     def _watch(self) -> None:
         limits = self.limits
@@ -249,19 +208,20 @@ class GrammarCompilePool:
                     return
                 now = time.monotonic()
                 next_at = now + 60.0
-                while self._queued and self._queued[0].queued_at + limits.queue_wait_s <= now:
+                wait_s = limits.grammar_queue_wait_s
+                while self._queued and self._queued[0].queued_at + wait_s <= now:
                     job = self._queued.popleft()
                     expired.append((job, GrammarBusy(
-                        f"no grammar compile thread was free within {limits.queue_wait_s:g} s")))
+                        f"no grammar compile thread was free within {wait_s:g} s")))
                 if self._queued:
-                    next_at = min(next_at, self._queued[0].queued_at + limits.queue_wait_s)
+                    next_at = min(next_at, self._queued[0].queued_at + wait_s)
                 for job in self._running:
                     if job.resolved or job.started_at is None:
                         continue
-                    deadline = job.started_at + limits.time_limit_s
+                    deadline = job.started_at + limits.grammar_compile_timeout_s
                     if deadline <= now:
                         expired.append((job, GrammarTooComplex(
-                            f"did not compile within {limits.time_limit_s:g} s")))
+                            f"did not compile within {limits.grammar_compile_timeout_s:g} s")))
                     else:
                         next_at = min(next_at, deadline)
                 if not expired:

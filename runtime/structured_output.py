@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fornax.runtime.config import StructuredOutputsConfig
 from fornax.runtime.errors import RequestError
 from fornax.runtime.grammar_cache import Failure, GrammarCache, digest
 from fornax.runtime.grammar_pool import (
     CompileJob,
     GrammarBusy,
     GrammarCompilePool,
-    GrammarLimits,
     GrammarTooComplex,
 )
 from fornax.runtime.sampling_params import StructuredOutputsParams
@@ -71,14 +71,15 @@ class StructuredOutputManager:
     """
 
     def __init__(self, model_dir: Path, vocab_size: int, eos_token_ids: frozenset[int],
-                 limits: GrammarLimits | None = None) -> None:
+                 limits: StructuredOutputsConfig | None = None) -> None:
         self.model_dir = model_dir
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
-        self.limits = limits or GrammarLimits.from_env()
+        self.limits = limits or StructuredOutputsConfig()
         self._compiler = None
         self._lock = threading.Lock()
-        self.cache = GrammarCache(self.limits.cache_bytes, self.limits.max_failures)
+        self.cache = GrammarCache(self.limits.grammar_cache_bytes,
+                                  self.limits.grammar_max_failures)
         self._inflight: dict[bytes, CompileJob] = {}  # spec digest -> its running compile
         self._holds: dict[bytes, int] = {}  # requests that will want the grammar pinned
         self._compiles = GrammarCompilePool(self.limits)

@@ -23,6 +23,10 @@ from fornax.runtime.errors import ConfigError, FornaxError, ModelLoadError
     ({"no_such_flag": 1}, "unknown engine argument"),
     ({"enable_chunked_prefill": False, "max_num_batched_tokens": 64, "max_model_len": 128},
      "without chunked prefill"),
+    ({"grammar_compile_timeout_s": 0}, "grammar_compile_timeout_s"),
+    ({"grammar_compile_timeout_s": float("nan")}, "grammar_compile_timeout_s"),
+    ({"grammar_compile_threads": 1000}, "grammar_compile_threads must be at most"),
+    ({"grammar_cache_bytes": -1}, "grammar_cache_bytes"),
 ])
 def test_bad_engine_arguments_raise_config_error(kwargs, message) -> None:
     with pytest.raises(ConfigError, match=message):

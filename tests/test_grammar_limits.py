@@ -14,13 +14,9 @@ import httpx
 import pytest
 from api_server import ServerProcess, tiny_model_path
 
+from fornax.runtime.config import StructuredOutputsConfig
 from fornax.runtime.grammar_cache import Failure, GrammarCache
-from fornax.runtime.grammar_pool import (
-    GrammarBusy,
-    GrammarCompilePool,
-    GrammarLimits,
-    GrammarTooComplex,
-)
+from fornax.runtime.grammar_pool import GrammarBusy, GrammarCompilePool, GrammarTooComplex
 
 LIMIT_S = 0.2
 
@@ -34,8 +30,9 @@ def pathological(seed: int, n: int = 1500) -> dict:
 
 # ---- the pool and the cache, in-process -------------------------------------------------------
 def _pool(**kw) -> GrammarCompilePool:
-    return GrammarCompilePool(GrammarLimits(**{"time_limit_s": 0.2, "queue_wait_s": 0.2,
-                                               "num_threads": 1, "max_pending": 2, **kw}))
+    return GrammarCompilePool(StructuredOutputsConfig(**{
+        "grammar_compile_timeout_s": 0.2, "grammar_compile_threads": 1,
+        "grammar_max_pending_compiles": 2, **kw}))
 
 
 def test_pool_time_limit_and_bounds() -> None:
@@ -115,7 +112,7 @@ def test_manager_cache_bounded_in_bytes(tiny_model) -> None:
     path = tiny_model("llama")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     manager = StructuredOutputManager(path, vocab, frozenset([2]),
-                                      GrammarLimits(cache_bytes=150_000))
+                                      StructuredOutputsConfig(grammar_cache_bytes=150_000))
     sizes = []
     for i in range(12):
         grammar = manager.compile(StructuredOutputsParams(regex=f"[a-z]{{{i + 1},40}}x{i}"))
@@ -130,11 +127,10 @@ def test_manager_cache_bounded_in_bytes(tiny_model) -> None:
 # ---- a real server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
-    env = {"FORNAX_GRAMMAR_COMPILE_TIMEOUT_S": str(LIMIT_S),
-           "FORNAX_GRAMMAR_QUEUE_WAIT_S": str(LIMIT_S), "FORNAX_GRAMMAR_COMPILE_THREADS": "2",
-           "FORNAX_GRAMMAR_MAX_PENDING": "3"}
     proc = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
-                         "--served-model-name", "tiny", env=env).wait_ready()
+                         "--served-model-name", "tiny", "--grammar-compile-timeout", str(LIMIT_S),
+                         "--grammar-compile-threads", "2", "--grammar-max-pending-compiles", "3"
+                         ).wait_ready()
     yield proc
     pid = proc.engine_pid()
     assert proc.stop() == 0, proc.log()  # runaway compiles do not spoil the exit

@@ -28,7 +28,7 @@ class GrammarGate:
     def __init__(self, structured: Any, forward: Callable[[bytes, AddRequest], bool]) -> None:
         self.structured = structured
         self.forward = forward  # (identity, msg) -> the busy loop's queue; False when full
-        self.max_waiting = structured.limits.max_waiting_requests
+        self.max_waiting = structured.limits.grammar_max_waiting_requests
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[bytes, AddRequest]] = {}
         self._aborted: dict[str, Any] = {}  # waiting requests aborted: id -> their constraint

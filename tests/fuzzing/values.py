@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+import random
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -55,8 +57,8 @@ def deep_nesting(draw: st.DrawFn) -> Any:
 
 @functools.cache
 def edge_ints() -> st.SearchStrategy[int]:
-    return st.one_of(st.sampled_from(EDGE_INTS), st.integers(-(2**70), 2**70),
-                     st.integers(-5, 600))
+    edges = st.sampled_from(EDGE_INTS)
+    return st.one_of(edges, edges, edges, st.integers(-5, 600), st.integers(-(2**65), 2**65))
 
 
 @functools.cache
@@ -99,60 +101,106 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def from_schema(schema: dict[str, Any], defs: dict[str, Any], wild: float = 0.25,
-                depth: int = 0) -> st.SearchStrategy[Any]:
-    """Values that fit `schema`, mixed (with weight `wild`) with extremes and wrong types."""
-    schema = _resolve(schema, defs)
-    fitting = _fitting(schema, defs, wild, depth)
-    if depth > 3:
-        return fitting
-    weight = max(1, int(wild * 10))
-    return st.one_of(*([fitting] * (10 - weight)), *([any_json()] * weight))
+@dataclass
+class Pool:
+    """One case's hypothesis-drawn values. Every case draws the same shape of pool, whatever it
+    turns out to be, so hypothesis sees a consistent choice sequence; a seeded Random then builds
+    the case from the pool and the tables above (exact odds, full variety)."""
+
+    seed: int
+    ints: list[int]
+    floats: list[float]
+    texts: list[str]
+    jsons: list[Any]
+    blobs: list[bytes]
+
+    def int(self, rnd: random.Random) -> int:
+        return rnd.choice(self.ints) if rnd.random() < 0.5 else rnd.choice(EDGE_INTS)
+
+    def float(self, rnd: random.Random) -> float | int:
+        if rnd.random() < 0.15:
+            return self.int(rnd)
+        return rnd.choice(self.floats) if rnd.random() < 0.5 else rnd.choice(EDGE_FLOATS)
+
+    def text(self, rnd: random.Random) -> str:
+        return rnd.choice(self.texts) if rnd.random() < 0.5 else rnd.choice(EDGE_TEXT)
+
+    def small_text(self, rnd: random.Random) -> str:
+        """Text that is at most a few KB (for values that may be repeated many times)."""
+        text = self.text(rnd)
+        return text if len(text) <= 4096 else rnd.choice(EDGE_TEXT)
+
+    def json(self, rnd: random.Random) -> Any:
+        return rnd.choice(self.jsons) if rnd.random() < 0.6 else rnd.choice(
+            (*EDGE_INTS, *EDGE_FLOATS, *EDGE_TEXT, None, True, [], {}, [None], {"": None}))
+
+    def scalar(self, rnd: random.Random) -> Any:
+        return rnd.choice((self.int, self.float, self.text, self.json))(rnd)
 
 
-def _fitting(schema: dict[str, Any], defs: dict[str, Any], wild: float,
-             depth: int) -> st.SearchStrategy[Any]:
-    if "anyOf" in schema:
-        return st.one_of(*(from_schema(s, defs, wild, depth + 1) for s in schema["anyOf"]))
-    if "enum" in schema:
-        return st.one_of(st.sampled_from(schema["enum"]), edge_text())
-    kind = schema.get("type")
-    if kind == "integer":
-        return edge_ints()
-    if kind == "number":
-        return st.one_of(edge_floats(), edge_ints())
-    if kind == "string":
-        return edge_text()
-    if kind == "boolean":
-        return st.booleans()
-    if kind == "null":
-        return st.none()
-    if kind == "array":
-        items = from_schema(schema.get("items", {}), defs, wild, depth + 1)
-        return st.one_of(st.lists(items, max_size=5), huge_list())
-    if kind == "object":
-        props = schema.get("properties")
-        if props:
-            return struct_values(schema, defs, wild, depth + 1)
-        values = from_schema(schema.get("additionalProperties", {}), defs, wild, depth + 1)
-        return st.dictionaries(edge_text(), values, max_size=4)
-    return any_json()
+POOLS = st.builds(Pool, st.integers(0, 2**64 - 1),
+                  st.lists(edge_ints(), min_size=6, max_size=6),
+                  st.lists(edge_floats(), min_size=4, max_size=4),
+                  st.lists(edge_text(), min_size=4, max_size=4),
+                  st.lists(any_json(), min_size=3, max_size=3),
+                  st.lists(st.binary(max_size=200), min_size=2, max_size=2))
 
 
-def struct_values(schema: dict[str, Any], defs: dict[str, Any], wild: float = 0.25,
-                  depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects with the schema's required fields (mostly) and a few of its optional ones."""
+def schema_value(schema: dict[str, Any], defs: dict[str, Any], rnd: random.Random, pool: Pool,
+                 wild: float = 0.15, depth: int = 0) -> Any:
+    """A value that fits `schema` (mostly at its edges), or with odds `wild` (at the top level
+    only: deeper, wrong types hide the rest) one of the wrong type."""
+    if depth == 0 and rnd.random() < wild:
+        return pool.json(rnd)
+    kinds = _kinds(schema, defs)
+    if not kinds or rnd.random() < 0.05:
+        return None
+    kind = rnd.choice(kinds)
+    t = kind.get("type")
+    text = pool.text if depth == 0 else pool.small_text
+    if "enum" in kind:
+        return rnd.choice(kind["enum"]) if rnd.random() < 0.7 else text(rnd)
+    if t == "integer":
+        return pool.int(rnd) if rnd.random() < 0.8 else rnd.randint(-5, 600)
+    if t == "number":
+        return pool.float(rnd) if rnd.random() < 0.8 else rnd.uniform(-3, 3)
+    if t == "string":
+        if depth == 0 and rnd.random() < 0.05:  # huge only at the top: never huge x huge
+            return rnd.choice(("a", "hi ", "日本", "\u2028", "\ud800x")) * rnd.choice(HUGE_SIZES)
+        return text(rnd)
+    if t == "boolean":
+        return rnd.choice((True, False)) if rnd.random() < 0.9 else rnd.choice((0, 1, "true"))
+    if t == "array":
+        size = rnd.choice((0, 1, 1, 2, 3, 5, 8, 300, 5000) if depth == 0 else (0, 1, 2, 3))
+        item = kind.get("items", {})
+        distinct = [schema_value(item, defs, rnd, pool, wild, depth + 1)
+                    for _ in range(min(size, 6))]
+        return distinct * max(1, size // 6) if distinct else []
+    if t == "object":
+        if kind.get("properties"):
+            return struct_value(kind, defs, rnd, pool, wild, depth + 1)
+        values = kind.get("additionalProperties", {})
+        return {pool.small_text(rnd) if rnd.random() < 0.7 else str(pool.int(rnd)):
+                schema_value(values, defs, rnd, pool, wild, depth + 1)
+                for _ in range(rnd.choice((0, 1, 2, 3)))}
+    return pool.json(rnd) if depth == 0 else rnd.choice((*EDGE_INTS, *EDGE_FLOATS, *EDGE_TEXT))
+
+
+def struct_value(schema: dict[str, Any], defs: dict[str, Any], rnd: random.Random, pool: Pool,
+                 wild: float = 0.15, depth: int = 0) -> dict[str, Any]:
+    """An object with the schema's required fields (mostly) and a few of its optional ones."""
     props: dict[str, Any] = schema.get("properties", {})
-    required = set(schema.get("required", ()))
     names = sorted(props)
+    chosen = set(rnd.sample(names, min(len(names), rnd.choice((0, 1, 2, 3, 5))))) if names \
+        else set()
+    if rnd.random() < 0.9:
+        chosen |= set(schema.get("required", ()))
+    return {name: schema_value(props[name], defs, rnd, pool, wild, depth)
+            for name in sorted(chosen)}
 
-    values = {name: from_schema(props[name], defs, wild, depth) for name in names}
 
-    @st.composite
-    def build(draw: st.DrawFn) -> dict[str, Any]:
-        chosen = set(draw(st.lists(st.sampled_from(names), max_size=5))) if names else set()
-        if draw(st.integers(0, 9)) > 0:
-            chosen |= required
-        return {name: draw(values[name]) for name in sorted(chosen)}
-
-    return build()
+def _kinds(schema: dict[str, Any], defs: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = _resolve(schema, defs)
+    if "anyOf" in schema:
+        return [k for s in schema["anyOf"] for k in _kinds(s, defs)]
+    return [schema] if schema.get("type") != "null" else []

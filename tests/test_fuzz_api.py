@@ -67,3 +67,25 @@ def test_realtime_event_fuzz(fleet):
     assert fleet.dead(ASR) is None and fleet.health(ASR) == 200
     left = fleet.leftovers(ASR)
     assert left["requests"] == 0 and left["leaked_blocks"] == 0, left
+
+
+def test_every_recorded_finding_keeps_the_invariants(fleet):
+    import asyncio
+
+    from fuzzing.client import new_client, send
+    from fuzzing.regressions import regression_cases
+
+    async def run() -> list[str]:
+        failed = []
+        async with new_client() as client:
+            for what, case in regression_cases():
+                out = await send(client, fleet.url(case.server), case)
+                why = out.problem or fleet.dead(case.server)
+                if why:
+                    failed.append(f"{what}: {why}; HTTP {out.status} {out.body[:300]!r}")
+        return failed
+
+    failed = asyncio.run(run())
+    assert failed == [], "\n".join(failed)
+    for kind in fleet.kinds:
+        assert fleet.dead(kind) is None and fleet.health(kind) == 200

@@ -79,8 +79,8 @@ class Stats:
             known.count += 1
         else:
             self.findings[finding.signature] = finding
-            logger.warning("fuzz finding: %s %s: %s", finding.route, finding.status,
-                           finding.problem)
+            logger.warning("fuzz finding: %s %s: %s\n%s\n%s", finding.route, finding.status,
+                           finding.problem, finding.case[:1500], finding.traceback[-2500:])
 
     def summary(self, fleet: Fleet, leftovers: dict[str, Any]) -> dict[str, Any]:
         return {

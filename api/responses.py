@@ -25,8 +25,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
-
 from fornax.api import chat
 from fornax.api.errors import APIError
 from fornax.api.http import Request, Response, StreamingResponse, json_response
@@ -106,7 +104,7 @@ def _not_found(rid: str) -> APIError:
 
 async def create_response(req: Request) -> Response:
     body = await req.json(ResponsesRequest)  # 400 naming the field on bad input
-    raw = msgspec.json.decode(await req.body())
+    raw = await req.json_value()  # the typed decode skips unknown fields; this one checks them
     model = req.state.resolve_model(body.model)
     if body.background and not body.store:
         raise APIError(400, "background responses need store=true", "background")

@@ -179,6 +179,8 @@ class FornaxApp:
                 await self._dispatch(req, extra)
             if response is None:
                 return
+            if response.status >= 400 and not await req.discard_unread_body():
+                response.headers["connection"] = "close"
             await response.send(send, extra, before_end=req.stop_watching)
         except (ClientDisconnected, asyncio.CancelledError):
             if not req.client_gone:

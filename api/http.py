@@ -44,6 +44,7 @@ class Request:
         self.path_params: dict[str, str] = {}
         self.request_id: str | None = self.headers.get("x-request-id")
         self._body: bytes | None = None
+        self._body_started = False
         self.client_gone = False
         self._watcher: asyncio.Task[None] | None = None
 
@@ -55,6 +56,7 @@ class Request:
         """The whole body; 413 beyond `limit` (default: --max-request-body-bytes)."""
         if self._body is not None:
             return self._body
+        self._body_started = True
         limit = limit or self.state.settings.max_request_body_bytes
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -75,6 +77,29 @@ class Request:
                 break
         self._body = b"".join(chunks)
         return self._body
+
+    async def discard_unread_body(self) -> bool:
+        """Before an early refusal (401, 404, 501...): read and drop a body nobody read, up to
+        the body limit, so the client sees the answer instead of a reset connection. False when
+        the body is larger than the limit (the connection must then be closed)."""
+        if self._body_started or self.method in ("GET", "HEAD", "OPTIONS"):
+            return True
+        self._body_started = True
+        limit = self.state.settings.max_request_body_bytes
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return False
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                return False
+            size += len(message.get("body", b""))
+            if size > limit:
+                return False
+            if not message.get("more_body", False):
+                return True
 
     async def json(self, type_: type[T]) -> T:
         """Decode the body into a protocol struct; 400 naming the field on bad input."""

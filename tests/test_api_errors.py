@@ -59,6 +59,36 @@ def test_every_route_needs_a_key_but_health_ping_version(server):
                   401)
 
 
+def test_early_refusal_of_a_large_body_is_answered_not_reset(server):
+    """A request refused before its body is read (no key, unknown route) still gets its answer
+    and leaves the connection usable: the unread upload (under the body limit) is drained first,
+    instead of the socket being reset under a client that is still sending."""
+    import socket
+    import time
+
+    body = b'{"prompt": "' + b"x" * 300_000 + b'"}'
+    for path, key, status in (("/v1/completions", None, b" 401 "),
+                              ("/no/such/route", API_KEYS[0], b" 404 ")):
+        head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + (f"Authorization: Bearer {key}\r\n" if key else "") + "\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + body[:1000])
+            time.sleep(0.3)  # the server has refused by now; the client is still uploading
+            sock.sendall(body[1000:])
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # same connection
+            data = b""
+            deadline = time.monotonic() + 10
+            while data.count(b"HTTP/1.1 ") < 2 and time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        first, _, rest = data.partition(b"\r\n")
+        assert status in first, data[:300]
+        assert b"HTTP/1.1 200 " in rest, data[:600]
+
+
 def test_openai_client_without_key_is_rejected(server):
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -16,6 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from fuzzing import cases as cases_module
 from fuzzing.cases import Case, case
 from fuzzing.client import NO_RESPONSE, TIMED_OUT, Outcome, new_client, send
 from fuzzing.fleet import Fleet, tracebacks
@@ -151,9 +152,10 @@ def run_campaign(fleet: Fleet, num_cases: int, seed_value: int, batch: int = 4,
     """At least `num_cases` cases (fewer only when `time_limit_s` runs out), `batch` at a time."""
     stats = Stats(seed_value)
     kinds = tuple(fleet.kinds)
-    # hypothesis mutates earlier examples: many repeat one another. Repeats are skipped and the
+    cases_module.restart_count()  # the same seed builds the same cases in any process
+    # hypothesis may repeat an example: repeats are skipped and the
     # campaign stops at `num_cases` distinct cases, so it asks for more examples than that.
-    examples = 4 * -(-num_cases // batch)
+    examples = 3 * -(-num_cases // batch) // 2 + 10
     deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     counter = [0]
     seen: set[int] = set()
@@ -176,6 +178,9 @@ def run_campaign(fleet: Fleet, num_cases: int, seed_value: int, batch: int = 4,
         if fresh:
             counter[0] += 1
             run_batch(fleet, stats, fresh[:num_cases - stats.cases], counter[0])
+            if counter[0] % 250 == 0:
+                logger.info("fuzz: %d cases, %d findings, %.0f s", stats.cases,
+                            len(stats.findings), time.monotonic() - stats.started)
 
     one_batch()
     return stats

@@ -258,6 +258,11 @@ WEIGHTS = {"chat": 8, "completions": 10, "responses": 4, "messages": 4, "chat_ba
 _RUNNING = itertools.count()  # mixed into each case's Random: hypothesis repeats its draws a lot
 
 
+def restart_count() -> None:
+    global _RUNNING
+    _RUNNING = itertools.count()
+
+
 @st.composite
 def case(draw: st.DrawFn, kinds: tuple[str, ...], response_ids: list[str]) -> Case:
     """One case: hypothesis draws a pool of values (always the same shape); a Random seeded

@@ -76,6 +76,7 @@ class Session:
     query: str
     key: str | None
     frames: list[tuple[str, Any]]
+    abrupt: bool = False  # drop the TCP connection right after the frames (no close handshake)
 
 
 def _rare(options: tuple[Any, ...], common: Any) -> st.SearchStrategy[Any]:
@@ -87,7 +88,8 @@ def _rare(options: tuple[Any, ...], common: Any) -> st.SearchStrategy[Any]:
 SESSIONS = st.builds(
     Session, _rare(("?intent=transcription", "?model=asr", "?x=%00", "?intent=transcription"),
                    ""),
-    _rare((None, "wrong"), API_KEY), st.lists(FRAMES, min_size=1, max_size=10))
+    _rare((None, "wrong"), API_KEY), st.lists(FRAMES, min_size=1, max_size=10),
+    _rare((True,), False))
 
 
 @dataclass
@@ -150,6 +152,10 @@ async def run_session(url: str, session: Session, stats: RealtimeStats) -> None:
             trail.append(frame[:120] if isinstance(frame, str) else repr(frame[:40]))
             stats.frames += 1
             await ws.send(frame)
+        if session.abrupt:
+            ws.transport.abort()
+            stats.closes["abrupt"] = stats.closes.get("abrupt", 0) + 1
+            return
         await reader()
         await ws.close()
     except websockets.ConnectionClosed:

@@ -3,7 +3,7 @@ that serve it (fuzzer process)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fornax.api.protocol import anthropic, openai, pooling, responses
@@ -82,7 +82,6 @@ class Target:
     body: str = "json"  # "json", "multipart" (audio) or "none"
     streams: bool = False
     anthropic_errors: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _POOL = frozenset({EMBED})

@@ -27,31 +27,25 @@ EDGE_TEXT = ("", " ", "\r\n", "a\r\nX-Injected: 1", "\u2028", "\u2029", "\x00", 
 HUGE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 
 
-@st.composite
-def huge_string(draw: st.DrawFn) -> str:
-    """A long string built from one drawn piece (kept out of hypothesis's byte budget)."""
-    piece = draw(st.sampled_from(("a", "hi ", "日本", "🦊", "\u2028", " ", "<s>", "\ud800x")))
-    size = draw(st.sampled_from(HUGE_SIZES))
-    return piece * (size // len(piece))
+# Huge values come from the case's Random, never from hypothesis: hypothesis keeps a record of
+# every example it draws, and megabyte examples made the fuzzer itself run out of memory.
+def huge_string(rnd: random.Random) -> str:
+    """A long string built from one piece."""
+    piece = rnd.choice(("a", "hi ", "日本", "🦊", "\u2028", " ", "<s>", "\ud800x"))
+    return piece * (rnd.choice(HUGE_SIZES) // len(piece))
 
 
-@st.composite
-def huge_list(draw: st.DrawFn) -> list[Any]:
-    item = draw(st.sampled_from((0, 1, 2**31, "a", "", None, {}, [], 0.5, -1, 100000)))
-    size = draw(st.sampled_from(HUGE_SIZES))
-    return [item] * size
+def huge_list(rnd: random.Random) -> list[Any]:
+    item = rnd.choice((0, 1, 2**31, "a", "", None, {}, [], 0.5, -1, 100000))
+    return [item] * rnd.choice(HUGE_SIZES)
 
 
-@st.composite
-def deep_nesting(draw: st.DrawFn) -> Any:
-    depth = draw(st.sampled_from((50, 200, 1000, 5000, 20000)))
-    kind = draw(st.sampled_from(("list", "dict", "mixed")))
-    value: Any = draw(st.sampled_from((1, "x", None)))
+def deep_nesting(rnd: random.Random) -> Any:
+    depth = rnd.choice((50, 200, 1000, 5000, 20000))
+    kind = rnd.choice(("list", "dict", "mixed"))
+    value: Any = rnd.choice((1, "x", None))
     for i in range(depth):
-        if kind == "list" or (kind == "mixed" and i % 2):
-            value = [value]
-        else:
-            value = {"a": value}
+        value = [value] if kind == "list" or (kind == "mixed" and i % 2) else {"a": value}
     return value
 
 
@@ -70,7 +64,7 @@ def edge_floats() -> st.SearchStrategy[float]:
 @functools.cache
 def edge_text() -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(EDGE_TEXT), st.text(max_size=40),
-                     st.text(st.characters(codec="utf-8"), max_size=10), huge_string())
+                     st.text(st.characters(codec="utf-8"), max_size=10))
 
 
 @functools.cache
@@ -81,10 +75,9 @@ def scalars() -> st.SearchStrategy[Any]:
 @functools.cache
 def any_json() -> st.SearchStrategy[Any]:
     """Any JSON-ish value: scalars, small containers, huge lists and deep nesting."""
-    small = st.recursive(scalars(), lambda inner: st.one_of(
+    return st.recursive(scalars(), lambda inner: st.one_of(
         st.lists(inner, max_size=4), st.dictionaries(edge_text(), inner, max_size=4)),
         max_leaves=8)
-    return st.one_of(small, huge_list(), deep_nesting())
 
 
 # ---- msgspec structs -> JSON schema -> strategies --------------------------------------------
@@ -123,6 +116,8 @@ class Pool:
         return rnd.choice(self.floats) if rnd.random() < 0.5 else rnd.choice(EDGE_FLOATS)
 
     def text(self, rnd: random.Random) -> str:
+        if rnd.random() < 0.02:
+            return huge_string(rnd)
         return rnd.choice(self.texts) if rnd.random() < 0.5 else rnd.choice(EDGE_TEXT)
 
     def small_text(self, rnd: random.Random) -> str:
@@ -131,6 +126,8 @@ class Pool:
         return text if len(text) <= 4096 else rnd.choice(EDGE_TEXT)
 
     def json(self, rnd: random.Random) -> Any:
+        if rnd.random() < 0.1:
+            return rnd.choice((huge_list, deep_nesting, huge_string))(rnd)
         return rnd.choice(self.jsons) if rnd.random() < 0.6 else rnd.choice(
             (*EDGE_INTS, *EDGE_FLOATS, *EDGE_TEXT, None, True, [], {}, [None], {"": None}))
 

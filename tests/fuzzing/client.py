@@ -18,18 +18,6 @@ TIMEOUT_S = 60.0
 NO_RESPONSE = -1  # the client cut the connection on purpose, or sent a truncated body
 TIMED_OUT = -2
 BODY_LIMIT = 1 << 20  # the fleet's --max-request-body-bytes
-EARLY_ANSWER_BYTES = 64 << 10  # bodies big enough that a 401 may beat the upload's end
-
-
-def _answered_early(case: Case) -> bool:
-    """Whether the server may answer before reading the body (no key: 401; a route the model
-    cannot serve: 501), so that closing the connection resets the rest of a large upload (see
-    fuzz_findings: the server does not drain the body it refuses)."""
-    from fuzzing.cases import API_KEY
-
-    authorized = case.headers.get("authorization") == f"Bearer {API_KEY}" or \
-        case.headers.get("x-api-key") == API_KEY
-    return not authorized or case.server not in case.target.servers
 
 
 @dataclass
@@ -135,9 +123,6 @@ async def send(client: httpx.AsyncClient, base_url: str, case: Case) -> Outcome:
     except httpx.HTTPError as exc:
         if len(case.body or b"") > BODY_LIMIT:  # refused (413) while the upload went on
             return Outcome(NO_RESPONSE)
-        if len(case.body or b"") > EARLY_ANSWER_BYTES and _answered_early(case):
-            return Outcome(NO_RESPONSE)  # a 401/501 sent before the upload ended: reset races
-
         return Outcome(NO_RESPONSE, f"the connection failed: {exc!r}")
     chunks: list[bytes] = []
     try:

@@ -29,7 +29,7 @@ from fornax.runtime.kv_cache.sizing import (
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.logits_processors import build_logits_inputs
-from fornax.runtime.model_runner import ModelRunnerOutput, StepLogprobs, resolve_dtype
+from fornax.runtime.model_runner import ModelRunnerOutput, resolve_dtype
 from fornax.runtime.request_failure import is_device_error
 from fornax.runtime.models.whisper import (
     CrossAttentionMetadata,
@@ -292,26 +292,8 @@ class EncoderDecoderModelRunner:
         self.rules.apply(logits, [self.states[r] for r in done_ids],
                          [batch.output_ids(int(r)) for r in done_rows])
         result = self.sampler(logits, self._sampling_metadata(done_rows, done_ids))
-        sampled_list = result.sampled.tolist()
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, StepLogprobs] = {}
-        lp = None
-        if result.logprobs is not None:
-            lp = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
-                  result.sampled_ranks.tolist())
-        for j, rid in enumerate(done_ids):
-            row, token = int(done_rows[j]), sampled_list[j]
-            try:  # one row's failure fails its request alone
-                if fault_injection.INJECTOR is not None:
-                    fault_injection.INJECTOR.check("sample", rid)
-                k = int(batch.num_logprobs_np[row])
-                if lp is not None and k >= 0:
-                    logprobs[rid] = StepLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
-                batch.append_token(row, token)
-                sampled[rid] = token
-            except Exception as exc:  # noqa: BLE001 - the engine core fails the request
-                logprobs.pop(rid, None)
-                failed[rid] = ("sample", exc)
+        sampled, logprobs = batch.record_samples(
+            [(rid, int(row)) for rid, row in zip(done_ids, done_rows)], result, failed)
         for rid in failed:
             self._remove(rid)
         return ModelRunnerOutput(sampled, logprobs, failed=failed)

@@ -14,7 +14,7 @@ from fornax.runtime import fault_injection
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.input_batch import InputBatch
+from fornax.runtime.input_batch import InputBatch, StepLogprobs
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.kv_cache.sizing import (
     allocate_layer_caches,
@@ -36,15 +36,6 @@ logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DEFAULT_CPU_KV_BYTES = 2 * 1024**3
-
-
-@dataclass
-class StepLogprobs:
-    """Logprobs of one sampled token: the sampled one first, then the top-k alternatives."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    rank: int
 
 
 @dataclass
@@ -340,30 +331,8 @@ class ModelRunner:
                 apply_bitmask(logits, bitmask, constrained)
         meta = self._sampling_metadata(rows[done_idx], done_ids)
         result = self.sampler(logits, meta)
-        sampled_list = result.sampled.tolist()  # the one device->host sync of the step
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, StepLogprobs] = {}
-        lp_ids = lp_vals = ranks = None
-        if result.logprobs is not None:
-            lp_ids, lp_vals = result.logprob_token_ids.tolist(), result.logprobs.tolist()
-            ranks = result.sampled_ranks.tolist()
-        for j, i in enumerate(done_idx):
-            rid, row = req_ids[i], int(rows[i])
-            if rid in failed:  # its grammar failed: its sample is discarded
-                continue
-            try:  # one row's failure fails its request alone
-                if fault_injection.INJECTOR is not None:
-                    fault_injection.INJECTOR.check("sample", rid)
-                token = sampled_list[j]
-                k = int(batch.num_logprobs_np[row])
-                if lp_ids is not None and k >= 0:
-                    logprobs[rid] = StepLogprobs(lp_ids[j][: k + 1], lp_vals[j][: k + 1],
-                                                 ranks[j])
-                batch.append_token(row, token)
-                sampled[rid] = token
-            except Exception as exc:  # noqa: BLE001 - the engine core fails the request
-                logprobs.pop(rid, None)
-                failed[rid] = ("sample", exc)
+        done = [(req_ids[i], int(rows[i])) for i in done_idx]
+        sampled, logprobs = batch.record_samples(done, result, failed)
         for rid in failed:
             batch.remove(rid)
         return ModelRunnerOutput(sampled, logprobs, prompt_lps, failed)

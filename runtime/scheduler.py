@@ -149,10 +149,26 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            victims: list[tuple[Request, int]] = []  # (preempted request, its index in running)
             try:
-                num_new = self._schedule_running(request, budget, preempted_now)
+                num_new = self._schedule_running(request, budget, preempted_now, victims)
             except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
-                self.fail_request(request, "schedule", exc)
+                num_new = None
+                failure = exc
+            for victim, index in victims:
+                if victim is request:
+                    continue
+                # a victim scheduled earlier in this step (the priority policy may pick one)
+                # leaves the step: its tokens go back to the budget, and the requests after it
+                # moved up one place in self.running
+                taken = out.num_scheduled_tokens.pop(victim.request_id, None)
+                if taken is not None:
+                    budget += taken
+                    scheduled.remove(victim)
+                if index < i:
+                    i -= 1
+            if num_new is None:
+                self.fail_request(request, "schedule", failure)
                 continue
             if request.request_id in preempted_now:
                 continue  # it was removed from self.running; index i now names the next one
@@ -188,9 +204,11 @@ class Scheduler:
         self._finished_req_ids = set()
         return out
 
-    def _schedule_running(self, request: Request, budget: int, preempted_now: set[str]) -> int:
+    def _schedule_running(self, request: Request, budget: int, preempted_now: set[str],
+                          victims: list[tuple[Request, int]]) -> int:
         """Blocks for a running request's next tokens, preempting from the back when they run
-        out; returns how many tokens it runs (0: none to run)."""
+        out (each victim and its former index go into `victims`); returns how many tokens it
+        runs (0: none to run)."""
         if fault_injection.INJECTOR is not None:
             fault_injection.INJECTOR.check("schedule", request.request_id)
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -198,7 +216,7 @@ class Scheduler:
             return 0
         while not self.kv.allocate_slots(request, num_new):
             victim = self._pick_victim()
-            self._preempt(victim)
+            victims.append((victim, self._preempt(victim)))
             preempted_now.add(victim.request_id)
             if victim is request:
                 break
@@ -232,8 +250,10 @@ class Scheduler:
             return max(self.running, key=lambda r: r.sort_key())
         return self.running[-1]
 
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
+    def _preempt(self, request: Request) -> int:
+        """Back to the waiting queue with its blocks freed; returns its former running index."""
+        index = self.running.index(request)
+        del self.running[index]
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -242,6 +262,7 @@ class Scheduler:
         self._forget(request.request_id)
         self._enqueue_waiting(request, front=True)
         logger.debug("preempted %s (recompute later)", request.request_id)
+        return index
 
     def _describe(self, request: Request, out: SchedulerOutput) -> None:
         block_ids = self.kv.block_ids(request.request_id)

@@ -137,6 +137,38 @@ def test_priority_policy_orders_waiting_and_preempts_lowest_priority() -> None:
     assert s2.requests["vip"].status == RequestStatus.RUNNING
 
 
+def test_priority_preemption_of_a_request_scheduled_earlier_in_the_step() -> None:
+    """The priority policy may preempt a request that already got tokens this step (it runs
+    first but has the worst priority): it must leave the step entirely, with its budget back,
+    and never reach the runner as a 'new' request without blocks."""
+    s = make_scheduler(num_blocks=3, budget=64, policy="priority", block_size=4)  # 2 usable
+    low = make_request("low", 1, max_tokens=6, priority=5, arrival=0.0)
+    s.add_request(low)
+    run_step(s)
+    s.add_request(make_request("high", 3, max_tokens=5, priority=0, arrival=1.0, start=100))
+    run_step(s)
+    assert [r.request_id for r in s.running] == ["low", "high"]
+    out = None
+    for _ in range(10):
+        out = run_step(s)
+        if low.status == RequestStatus.PREEMPTED:
+            break
+    assert out is not None
+    assert "low" not in out.num_scheduled_tokens  # it left this step
+    assert all(r.req_id != "low" for r in out.scheduled_new_reqs)
+    assert all(r.req_id != "low" for r in out.scheduled_cached_reqs)
+    assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
+    assert "high" in out.num_scheduled_tokens
+    assert "low" not in s._runner_known  # re-sent whole, with blocks, when it comes back
+    assert [r.request_id for r in s.waiting] == ["low"]
+    for _ in range(50):
+        if not s.has_unfinished_requests():
+            break
+        run_step(s)
+    assert not s.has_unfinished_requests()
+    assert_all_free(s)
+
+
 def test_abort_running_and_waiting_requests() -> None:
     s = make_scheduler(max_seqs=1)
     s.add_request(make_request("run", 4))

@@ -10,7 +10,8 @@ JSON object:
 
     {"stage": "sample", "request_id_contains": "boom", "error": "RuntimeError", "times": 1}
 
-- ``stage`` (required): one of ``STAGES`` - ``admit`` (add_request), ``schedule`` (the
+- ``stage`` (required): one of ``STAGES`` - ``input`` (the engine-core process's input thread
+  taking a request from a worker), ``admit`` (add_request), ``schedule`` (the
   scheduler's per-request pass), ``prepare`` (a request's sampling state as it joins the runner's
   batch), ``grammar`` (advancing a request's output grammar), ``sample`` (a request's row of the
   sampled batch), ``stop_check``, ``output`` (building its EngineCoreOutput), and ``step``, which
@@ -42,8 +43,8 @@ from fornax.runtime.errors import RequestError
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "FORNAX_FAULT_INJECTION"
-STAGES = ("admit", "schedule", "prepare", "grammar", "sample", "stop_check", "output", "step",
-          "stall")
+STAGES = ("input", "admit", "schedule", "prepare", "grammar", "sample", "stop_check", "output",
+          "step", "stall")
 _ERRORS: dict[str, type[Exception]] = {"RuntimeError": RuntimeError, "ValueError": ValueError,
                                        "RequestError": RequestError}
 

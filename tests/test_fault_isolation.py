@@ -372,6 +372,23 @@ def test_server_refuses_the_issue_repros_with_a_400(fault_server, extra, param):
     assert _completion(fault_server, "after-repro").status_code == 200
 
 
+def test_server_input_thread_survives_a_failure_while_taking_a_request():
+    """A bug on the engine's input thread fails that request (500), not admission itself."""
+    fault = {"stage": "input", "request_id_contains": "boom"}
+    server = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
+                           "--served-model-name", "tiny",
+                           env={fault_injection.ENV_VAR: json.dumps(fault)}).wait_ready()
+    try:
+        for i in range(3):
+            bad = _completion(server, f"boom-{i}")
+            assert bad.status_code == 500, bad.text
+            assert "while admitting" in bad.json()["error"]["message"]
+            assert _completion(server, f"fine-{i}").status_code == 200
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
 def test_server_dies_after_consecutive_failed_steps():
     server = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
                            "--served-model-name", "tiny",

@@ -185,16 +185,29 @@ class EngineCoreProcess:
             except msgspec.DecodeError as exc:
                 logger.warning("dropping an undecodable message from a worker: %s", exc)
                 continue
-            if isinstance(msg, StatsQuery):  # answered here: a long step must not delay it
-                self._put_out(("send", identity.decode(), self._stats(msg.query_id)))
-            elif isinstance(msg, ClientHello):  # here too, so it is ahead of any answer
-                self._handle(identity, msg)
-            elif isinstance(msg, AddRequest):
-                self._admit(identity, msg)
-            else:
-                if isinstance(msg, AbortRequests) and self._gate is not None:
-                    self._gate.abort(msg.request_ids)  # those still waiting for a grammar
-                self.in_q.put((identity, msg))  # aborts, admin: back-pressure, never dropped
+            try:
+                self._take(identity, msg)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end admission
+                logger.exception("the input thread failed on a %s", type(msg).__name__)
+                if isinstance(msg, AddRequest):
+                    self._put_out(("rejected", identity.decode(), RequestRejected(
+                        msg.request.request_id, "internal error while admitting the request: "
+                        f"{type(exc).__name__}", None, 500)))
+
+    def _take(self, identity: bytes, msg: Any) -> None:
+        """Input thread: one decoded message from a worker."""
+        if isinstance(msg, StatsQuery):  # answered here: a long step must not delay it
+            self._put_out(("send", identity.decode(), self._stats(msg.query_id)))
+        elif isinstance(msg, ClientHello):  # here too, so it is ahead of any answer
+            self._handle(identity, msg)
+        elif isinstance(msg, AddRequest):
+            if fault_injection.INJECTOR is not None:
+                fault_injection.INJECTOR.check("input", msg.request.request_id)
+            self._admit(identity, msg)
+        else:
+            if isinstance(msg, AbortRequests) and self._gate is not None:
+                self._gate.abort(msg.request_ids)  # those still waiting for a grammar
+            self.in_q.put((identity, msg))  # aborts, admin: back-pressure, never dropped
 
     def _admit(self, identity: bytes, msg: AddRequest) -> None:
         """Input thread: refuse at once (503) beyond the admission bounds, else queue the add."""

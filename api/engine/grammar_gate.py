@@ -101,13 +101,16 @@ class GrammarGate:
         with self._lock:
             entry = self._waiting.pop(rid, None)
             aborted = self._aborted.pop(rid, None)
+            # forwarded under the lock (a non-blocking put): an abort racing this either still
+            # finds the request here or reaches the busy loop after its add, never before it
+            forwarded = entry is not None and job.error is None and self.forward(*entry)
         if entry is None:
             if aborted is not None and job.error is None:
                 self.structured.unpin(aborted)
             return
         identity, msg = entry
         if job.error is None:
-            if self.forward(identity, msg):
+            if forwarded:
                 return
             self.structured.unpin(params)
             rejection = RequestRejected(rid, "the server is overloaded: the engine's input queue "

@@ -45,6 +45,7 @@ class Request:
         self.request_id: str | None = self.headers.get("x-request-id")
         self._body: bytes | None = None
         self._body_started = False
+        self._depth_checked = False  # the JSON depth scan runs once per body
         self.client_gone = False
         self._watcher: asyncio.Task[None] | None = None
 
@@ -106,7 +107,9 @@ class Request:
         body = await self.body()
         if not body.strip():
             raise APIError(400, "the request body is empty; a JSON object is expected")
-        check_json_depth(body)
+        if not self._depth_checked:
+            check_json_depth(body)
+            self._depth_checked = True
         decoder = _decoders.get(type_)
         if decoder is None:
             decoder = _decoders[type_] = msgspec.json.Decoder(type_)
@@ -123,7 +126,9 @@ class Request:
         body = await self.body()
         if not body.strip():
             return None
-        check_json_depth(body)
+        if not self._depth_checked:
+            check_json_depth(body)
+            self._depth_checked = True
         try:
             return msgspec.json.decode(body)
         except msgspec.DecodeError as exc:

@@ -285,7 +285,8 @@ def test_offline_llm_validates_once_per_request_and_the_engine_not_again(make_ll
     (b'{"a":' * 129 + b"1" + b"}" * 129, True),
     (b"[" + b"[]," * 500 + b"[]]", False),  # wide, not deep
     (b'["' + b"[{" * 300 + b'\\"]"]', False),  # brackets inside a string
-    (b"[" * 300, False),  # unbalanced: not valid JSON, the decoder refuses it
+    (b"[" * 300, True),  # unbalanced, and already deeper than the limit where it stops
+    (b"[" * 100 + b"]" * 100 + b"[" * 100 + b"]" * 100, False),  # deep twice, never too deep
 ])
 def test_json_depth_scanner(text, deep):
     assert limits.json_too_deep(text) is deep

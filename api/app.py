@@ -276,7 +276,8 @@ class FornaxApp:
 def _refuse_request_id(req: Request) -> APIError | None:
     """A 400 for an x-request-id header that cannot be echoed safely (too long, control
     characters, non-ASCII); the request then carries no id."""
-    if req.request_id is None:
+    if req.request_id is None or not req.request_id.strip():
+        req.request_id = None  # an empty header (proxies send them) is no id, not an error
         return None
     problem = request_id_problem(req.request_id)
     if problem is None:

@@ -8,10 +8,12 @@ import uuid
 from dataclasses import dataclass
 
 from fornax.api.errors import APIError
+from fornax.api.generate import request_sampling_params
 from fornax.api.protocol.openai import _SamplingFields
 from fornax.api.state import AppState
 from fornax.runtime.beam_search import Beam, BeamSearchParams, BeamSearchState
 from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST
 from fornax.runtime.messages import EngineCoreRequest
 from fornax.runtime.sampling_params import SamplingParams
 
@@ -24,18 +26,27 @@ class BeamResult:
     cumulative_logprob: float
 
 
-def check_beam_request(req: _SamplingFields) -> None:
+def check_beam_request(state: AppState, req: _SamplingFields, max_tokens: int,
+                       num_prompts: int = 1) -> None:
+    """A beam-search request passes the same one validation layer as any other (its fields
+    are bounded even where beam search does not use them), then beam search's own rules."""
     if req.stream:
         raise APIError(400, "beam search results cannot be streamed", "use_beam_search")
     if req.temperature not in (None, 0, 0.0):
         raise APIError(400, "beam search is deterministic: temperature must be 0", "temperature")
+    params = request_sampling_params(state, req, max_tokens=max_tokens, logprobs=None,
+                                     extra=None)
+    width = max(params.n, params.best_of or 1)
+    if num_prompts * width > MAX_CHOICES_PER_REQUEST:
+        raise APIError(400, f"{num_prompts} prompt(s) x {width} beams is more than the "
+                       f"{MAX_CHOICES_PER_REQUEST} sequences one request may start", "n")
 
 
 async def beam_search(state: AppState, prompt_ids: list[int], req: _SamplingFields,
                       max_tokens: int) -> list[BeamResult]:
     """The best `n` of `best_of` (default n) beams for one prompt, best first (HF's
     length-penalised score). The width is under the same cap as n and best_of."""
-    n = req.n or 1
+    n = 1 if req.n is None else req.n
     width = n if req.best_of is None else req.best_of  # vLLM's: best_of beams, the n best kept
     if width < n:
         raise APIError(400, f"best_of ({width}) must not be smaller than n ({n})", "best_of")

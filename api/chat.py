@@ -147,7 +147,7 @@ async def chat_completions(req: Request) -> Response:
 async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
                 max_tokens: int) -> ChatCompletionResponse:
     """use_beam_search: the n best beams (not streamed)."""
-    check_beam_request(body)
+    check_beam_request(req.state, body, max_tokens)
     if body.logprobs:
         raise APIError(400, "beam search returns no logprobs", "use_beam_search")
     req.watch_disconnect()

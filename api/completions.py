@@ -120,7 +120,7 @@ async def completions(req: Request) -> Response:
 async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],
                 max_tokens: int) -> CompletionResponse:
     """use_beam_search: the n best beams of each prompt (not streamed)."""
-    check_beam_request(body)
+    check_beam_request(req.state, body, max_tokens, len(prompts))
     if body.logprobs is not None or body.echo:
         raise APIError(400, "beam search returns no logprobs and no echo", "use_beam_search")
     state = req.state

@@ -34,8 +34,12 @@ async def tokenize(req: Request) -> Response:
         raise APIError(400, "either prompt or messages is required", "prompt")
     strs = None
     if body.return_token_strs:
-        strs = [state.tokenizer.id_to_token(t) or "" for t in ids]
+        strs = await prepare(req, _token_strs, state.tokenizer, ids)
     return json_response(TokenizeResponse(len(ids), state.max_model_len, ids, strs))
+
+
+def _token_strs(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.id_to_token(t) or "" for t in ids]
 
 
 async def detokenize(req: Request) -> Response:
@@ -46,5 +50,5 @@ async def detokenize(req: Request) -> Response:
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens")
-    return json_response(DetokenizeResponse(state.tokenizer.decode(body.tokens,
-                                                                   skip_special_tokens=False)))
+    text = await prepare(req, state.tokenizer.decode, body.tokens, skip_special_tokens=False)
+    return json_response(DetokenizeResponse(text))

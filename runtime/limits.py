@@ -16,7 +16,6 @@ import numpy as np
 INT32_MAX = 2**31 - 1
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
-UINT64_MAX = 2**64 - 1
 
 # ---- fan-out ------------------------------------------------------------------------------------
 MAX_N = 128  # n, best_of and beam width share this cap (--max-n)
@@ -48,6 +47,7 @@ MAX_CHAT_TEMPLATE_CHARS = 128 * 1024  # a request's own chat template (needs a t
 MAX_MESSAGES = 8192  # messages of one conversation
 MAX_TOOLS = 512  # tool definitions of one request
 MAX_DOCUMENTS = 1024  # chat `documents` (RAG templates)
+MAX_DETOKENIZE_TOKENS = 1 << 20  # token ids one /detokenize request may turn into text
 
 # ---- request bodies -----------------------------------------------------------------------------
 MAX_JSON_DEPTH = 128  # arrays and objects nested deeper are a 400 on every JSON route

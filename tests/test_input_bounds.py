@@ -228,6 +228,43 @@ def test_large_requests_are_prepared_off_the_loop_with_the_same_answers(http):
                                                                   "content": text}])), "messages")
 
 
+def test_empty_x_request_id_header_is_no_id_not_an_error(http):
+    resp = http.post("/v1/completions", json=_completion(), headers={"x-request-id": ""})
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"stop_token_ids": [1_000_000_000]}, "stop_token_ids"),
+    ({"logit_bias": {"999999999": 5}}, "logit_bias"),
+    ({"stop": ["a"] * (limits.MAX_STOP_STRINGS + 1)}, "stop"),
+    ({"n": 0}, "n"),
+])
+def test_beam_search_requests_pass_the_same_validation(http, fields, param):
+    _bad(http.post("/v1/completions", json=_completion(use_beam_search=True, temperature=0,
+                                                       **fields)), param)
+    _bad(http.post("/v1/chat/completions", json=_chat(use_beam_search=True, temperature=0,
+                                                      **fields)), param)
+
+
+def test_absurdly_nested_tool_call_arguments_are_kept_as_text(http):
+    args = "[" * 3000 + "]" * 3000  # inside a string: no JSON depth, but json.loads recurses
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                      "function": {"name": "f",
+                                                                   "arguments": args}}]}]
+    resp = http.post("/tokenize", json={"model": "tiny", "messages": messages})
+    assert resp.status_code == 200, resp.text
+
+
+def test_detokenize_is_bounded(http):
+    from fornax.api.protocol.openai import DetokenizeRequest
+
+    too_many = {"tokens": [1] * (limits.MAX_DETOKENIZE_TOKENS + 1)}  # past this server's 1 MiB
+    with pytest.raises(msgspec.ValidationError, match="tokens"):
+        msgspec.json.decode(json.dumps(too_many), type=DetokenizeRequest)
+    assert http.post("/detokenize", json={"model": "tiny", "tokens": [1, 2]}).status_code == 200
+
+
 # ---- the engine stayed up --------------------------------------------------------------------
 
 def test_engine_survived_every_case_above(server, http, engine_pid):

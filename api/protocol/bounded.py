@@ -24,4 +24,4 @@ Messages = Annotated[list[dict[str, Any]], Meta(max_length=L.MAX_MESSAGES)]
 Tools = Annotated[list[dict[str, Any]], Meta(max_length=L.MAX_TOOLS)]
 Documents = Annotated[list[dict[str, Any]], Meta(max_length=L.MAX_DOCUMENTS)]
 Int64 = Annotated[int, Meta(ge=L.INT64_MIN, le=L.INT64_MAX)]
-Count = Annotated[int, Meta(ge=0, le=L.INT32_MAX)]  # a size or token count
+DetokenizeTokens = Annotated[list[int], Meta(max_length=L.MAX_DETOKENIZE_TOKENS)]

@@ -14,6 +14,7 @@ from msgspec import Struct, field
 from fornax.api.protocol.bounded import (
     CacheSalt,
     ChatTemplate,
+    DetokenizeTokens,
     Documents,
     Int64,
     Messages,
@@ -320,7 +321,7 @@ class TokenizeResponse(Struct):
 
 
 class DetokenizeRequest(Struct, kw_only=True):
-    tokens: list[int]
+    tokens: DetokenizeTokens
     model: str | None = None
 
 

@@ -47,7 +47,7 @@ def _parsed_calls(calls: Any, i: int) -> list[Any]:
         if isinstance(args, str):
             try:
                 value = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # bad or absurdly nested JSON
                 value = args  # kept as written: the template decides
             call = {**call, "function": {**fn, "arguments": value}}
         parsed.append(call)

@@ -58,7 +58,7 @@ def convert_value(raw: str, schema: Any) -> Any:
     if types & {"object", "array", "any"}:
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # model text: maybe absurdly nested
             try:
                 return ast.literal_eval(raw.strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):

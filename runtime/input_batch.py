@@ -32,10 +32,11 @@ def check_row_params(params: SamplingParams, vocab_size: int) -> None:
     (or, on a GPU, the device) - it fails alone, with a RequestError naming the field."""
 
     def in_vocab(ids: Any, field: str) -> None:
-        for tid in ids:
-            if not 0 <= tid < vocab_size:
-                raise RequestError(f"token id {tid} in {field} is out of vocabulary (size "
-                                   f"{vocab_size})", field)
+        if not ids or (0 <= min(ids) and max(ids) < vocab_size):  # C-speed for the usual case
+            return
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise RequestError(f"token id {bad} in {field} is out of vocabulary (size "
+                           f"{vocab_size})", field)
 
     if params.min_tokens > 0:  # stop ids are banned until min_tokens (as indices)
         in_vocab(params.stop_token_ids, "stop_token_ids")

@@ -32,6 +32,7 @@ SEND_HWM = 1000  # messages ZMQ queues per worker before a send would block
 WORKER_STALL_S = 30.0  # a worker whose socket stays full this long has its requests failed
 MAX_CONTROL = 1024  # unsent stats/admin answers kept per worker (the oldest go first)
 _RETRY_S = 0.002  # how soon a blocked send is tried again
+_PARKED_RETRY_S = 1.0  # the same for a worker that stalled (it may be gone for good)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class _Link:
     rejected: list[RequestRejected] = field(default_factory=list)
     control: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_CONTROL))
     blocked_since: float | None = None
+    parked: bool = False  # stalled: retried once a second, not every _RETRY_S
 
     @property
     def pending(self) -> bool:
@@ -74,9 +76,11 @@ class OutputThread(threading.Thread):
 
     def run(self) -> None:
         while True:
-            waiting = any(link.pending for link in self.links.values())
+            pending = [link for link in self.links.values() if link.pending]
+            timeout = None if not pending else \
+                _PARKED_RETRY_S if all(link.parked for link in pending) else _RETRY_S
             try:
-                item = self.q.get(timeout=_RETRY_S) if waiting else self.q.get()
+                item = self.q.get(timeout=timeout)
             except queue.Empty:
                 item = ()
             if item is None:
@@ -143,8 +147,10 @@ class OutputThread(threading.Thread):
                 elif now - link.blocked_since >= self.stall_s:
                     self._stalled(client_id, link)
                     link.blocked_since = now  # fail again only after another full period
+                    link.parked = True
             else:
                 link.blocked_since = None
+                link.parked = False
 
     def _flush(self, link: _Link) -> bool:
         """Send what waits for this worker; False if its socket is full (the rest stays)."""

@@ -361,8 +361,9 @@ def has_repeating_tail(tokens: list[int], min_size: int, max_size: int, min_coun
         span = size * min_count
         if span > len(tokens):
             return False
+        if tokens[-1] != tokens[-1 - size]:  # O(1) for most sizes: no period of this size
+            continue
         tail = tokens[-span:]
-        pattern = tail[-size:]
-        if all(tail[i:i + size] == pattern for i in range(0, span - size, size)):
+        if tail[size:] == tail[:-size]:  # periodic with period `size`: one C-level compare
             return True
     return False

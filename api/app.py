@@ -232,15 +232,8 @@ class FornaxApp:
         raise APIError(404, f"no route {req.path}")
 
     def _authorized(self, req: Request) -> bool:
-        auth = req.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip().encode()
-        elif "x-api-key" in req.headers:  # Anthropic clients send their key this way
-            given = req.headers["x-api-key"].strip().encode()
-        else:
-            return False
-        return self._key_ok(given)
+        given = req.presented_key
+        return given is not None and self._key_ok(given)
 
     def _key_ok(self, given: bytes | str) -> bool:
         if isinstance(given, str):

@@ -50,6 +50,17 @@ class Request:
         self._watcher: asyncio.Task[None] | None = None
 
     @property
+    def presented_key(self) -> str | None:
+        """The API key the client sent: `Authorization: Bearer <key>`, else `x-api-key: <key>`
+        (Anthropic clients); None when it sent neither."""
+        scheme, _, token = self.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+        if "x-api-key" in self.headers:
+            return self.headers["x-api-key"].strip()
+        return None
+
+    @property
     def query(self) -> dict[str, list[str]]:
         return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
 

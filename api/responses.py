@@ -89,13 +89,10 @@ def service_of(req: Request) -> ResponsesService:
 
 def owner_of_request(req: Request) -> str:
     """The owner tag of this request's records: a hash of its API key ('' without API keys).
-    The app has already checked the key; this reads it the same way (Bearer, then x-api-key)."""
+    The app has already checked the key, read the same way (Request.presented_key)."""
     if not req.state.settings.api_keys:
         return ""
-    scheme, _, token = req.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        return owner_of(token.strip())
-    return owner_of(req.headers.get("x-api-key", "").strip())
+    return owner_of(req.presented_key or "")
 
 
 def _not_found(rid: str) -> APIError:

@@ -176,19 +176,10 @@ class EncoderDecoderEngineCore(SchedulingCoreMixin):
     # ---- the busy loop's body ------------------------------------------------------------------
     def _step(self) -> list[EngineCoreOutput]:
         """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            if sched_out.finished_req_ids:
-                self.runner.execute_model(sched_out)
+        ran = self._execute_scheduled()
+        if ran is None:
             return []
-        requests = self.scheduler.requests
-        self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
-        self._step_forgotten = sched_out.finished_req_ids
-        self.check_step_faults(sched_out.num_scheduled_tokens)
-        runner_out = self.runner.execute_model(sched_out)
-        self.num_steps += 1
-        if runner_out.failed:
-            self.fail_runner_requests(runner_out.failed)
+        sched_out, runner_out = ran
         outputs: list[EngineCoreOutput] = []
         for request, new_tokens in self.scheduler.update_from_output(sched_out,
                                                                      runner_out.sampled):

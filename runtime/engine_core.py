@@ -102,19 +102,11 @@ class EngineCore(SchedulingCoreMixin):
     # ---- the busy loop's body ------------------------------------------------------------------
     def _step(self) -> list[EngineCoreOutput]:
         """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            if sched_out.finished_req_ids:
-                self.runner.execute_model(sched_out)  # let the runner drop finished rows
+        ran = self._execute_scheduled()
+        if ran is None:
             return []
+        sched_out, runner_out = ran
         requests = self.scheduler.requests
-        self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
-        self._step_forgotten = sched_out.finished_req_ids
-        self.check_step_faults(sched_out.num_scheduled_tokens)
-        runner_out = self.runner.execute_model(sched_out)
-        self.num_steps += 1
-        if runner_out.failed:
-            self.fail_runner_requests(runner_out.failed)
         # Requests with prompt logprobs report them even from chunks that sample nothing.
         pending_prompt_lps = {rid: requests.get(rid) for rid in runner_out.prompt_logprobs}
         results = self.scheduler.update_from_output(sched_out, runner_out.sampled)

@@ -105,6 +105,7 @@ class SchedulingCoreMixin:
     _step_requests: list[Any] | None = None  # what the running step serves, once scheduled
     _step_forgotten: set[str] | None = None  # ids the runner was to drop in the running step
     _consecutive_step_failures = 0
+    num_steps = 0
 
     def _step(self) -> list[EngineCoreOutput]:
         raise NotImplementedError
@@ -125,6 +126,25 @@ class SchedulingCoreMixin:
             return outputs
         self.scheduler.failures = []
         return self._with_failures(outputs, failures)
+
+    def _execute_scheduled(self) -> tuple[Any, Any] | None:
+        """Schedule, then run the model on it (a paged-KV core's step up to its outputs): the
+        step's requests are recorded first, so a failure of the whole step fails exactly them.
+        None when nothing was scheduled."""
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            if sched_out.finished_req_ids:
+                self.runner.execute_model(sched_out)  # let the runner drop finished rows
+            return None
+        requests = self.scheduler.requests
+        self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
+        self._step_forgotten = sched_out.finished_req_ids
+        self.check_step_faults(sched_out.num_scheduled_tokens)
+        runner_out = self.runner.execute_model(sched_out)
+        self.num_steps += 1
+        if runner_out.failed:
+            self.fail_runner_requests(runner_out.failed)
+        return sched_out, runner_out
 
     def _fail_step(self, exc: Exception) -> None:
         """A step failed as a whole: fail the requests it served, unless the engine must end."""

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from fornax.api.args import add_serve_arguments
+from fornax.api.server.args import add_serve_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fornax.api.serve import run_serve
+    from fornax.api.server.serve import run_serve
 
     return run_serve(args)
 

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_threads()
     from fornax.runtime.loaders.speech_models import resolve_speech_model
-    from fornax.runtime.speech import SpeechToText
+    from fornax.runtime.offline.speech import SpeechToText
 
     path = resolve_speech_model(args.model) or Path(args.model)
     audio = _speech(args.seconds)

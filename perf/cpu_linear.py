@@ -54,8 +54,8 @@ def layer_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from fornax.runtime.models.cpu_amx_linear import amx_supported
-    from fornax.runtime.models.cpu_packing import pack_weight, packed_linear
+    from fornax.runtime.kernels.amx_linear import amx_supported
+    from fornax.runtime.kernels.packing import pack_weight, packed_linear
 
     check_threads()
     kinds = ("onednn", "amx") if amx_supported() else ("onednn",)

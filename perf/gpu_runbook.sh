@@ -48,13 +48,13 @@ for name in ("flashinfer", "tvm_ffi", "msgspec", "transformers", "triton"):
         print(name, getattr(mod, "__version__", "?"))
     except Exception as exc:  # noqa: BLE001
         print(name, "MISSING", type(exc).__name__, exc)
-import fornax.runtime.llm  # the offline engine path imports with what is here
+import fornax.runtime.offline.llm  # the offline engine path imports with what is here
 print("fornax offline engine imports")
 EOF
 }
 
 stage_tests() {
-    timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu_*.py \
+    timeout "${TESTS_TIMEOUT:-540}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/gpu/test_gpu_*.py \
         --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 }
 

@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _params(kind: str, batch: int, rng: np.random.Generator) -> list[Any]:
-    from fornax.runtime.sampling_params import SamplingParams
+    from fornax.runtime.sampling.params import SamplingParams
 
     if kind == "greedy":
         return [SamplingParams(temperature=0.0) for _ in range(batch)]
@@ -60,8 +60,8 @@ def _params(kind: str, batch: int, rng: np.random.Generator) -> list[Any]:
 def _time_kind(kind: str, args: argparse.Namespace, logits: Any) -> list[float]:
     import torch
 
-    from fornax.runtime.input_batch import InputBatch
-    from fornax.runtime.model_runner import ModelRunner
+    from fornax.runtime.worker.input_batch import InputBatch
+    from fornax.runtime.worker.model_runner import ModelRunner
 
     rng = np.random.default_rng(args.seed)
     params = _params(kind, args.batch_size, rng)
@@ -75,7 +75,7 @@ def _time_kind(kind: str, args: argparse.Namespace, logits: Any) -> list[float]:
     runner = ModelRunner.__new__(ModelRunner)
     runner.batch, runner.device, runner.vocab_size = batch, device, args.vocab_size
     runner.eos_token_ids = frozenset({0})
-    from fornax.runtime.sampler import Sampler
+    from fornax.runtime.sampling.sampler import Sampler
 
     sampler = Sampler()
     rows = np.arange(args.batch_size)

@@ -89,7 +89,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _load_tokenizer(spec: str | None) -> Any:
     if not spec:
         return None
-    from fornax.runtime.tokenizer import TokenizerFront
+    from fornax.runtime.text.tokenizer import TokenizerFront
 
     path = spec
     if spec == "default":

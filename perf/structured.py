@@ -88,7 +88,7 @@ def _timed(llm: Any, prompts: list[list[int]], params: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fornax.runtime import SamplingParams
-    from fornax.runtime.sampling_params import StructuredOutputsParams
+    from fornax.runtime.sampling.params import StructuredOutputsParams
 
     check_threads()
     offline.set_threads(args.num_threads)

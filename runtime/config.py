@@ -118,7 +118,7 @@ class CompilationConfig:
 
 @dataclass(frozen=True)
 class StructuredOutputsConfig:
-    """Bounds on grammar compilation (runtime/grammar_pool.py, runtime/grammar_cache.py).
+    """Bounds on grammar compilation (runtime/structured_output/grammar_pool.py, runtime/structured_output/grammar_cache.py).
 
     xgrammar's compile cannot be interrupted: a compile past its time limit is answered at once
     ("grammar too complex", 400) while its thread runs on, so at most `grammar_compile_threads`

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # makes `tools` importable
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _path in (REPO_ROOT, TESTS_DIR):  # `tools` and the tests' own `helpers` importable
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -55,10 +55,10 @@ def _whisper_installed() -> bool:
 
 
 def run_http(args: argparse.Namespace) -> dict[str, Any]:
-    from fuzzing.campaign import leftovers, run_campaign
-    from fuzzing.fleet import Fleet
-    from fuzzing.realtime import run_realtime
-    from fuzzing.routes import ASR, CLS, EMBED, GEN
+    from helpers.fuzzing.campaign import leftovers, run_campaign
+    from helpers.fuzzing.fleet import Fleet
+    from helpers.fuzzing.realtime import run_realtime
+    from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN
 
     audio = not args.no_audio and _whisper_installed()
     fleet = Fleet((GEN, EMBED, CLS, ASR) if audio else (GEN, EMBED, CLS)).start()
@@ -79,9 +79,9 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_storms(args: argparse.Namespace) -> dict[str, Any]:
-    from fuzzing.fleet import Fleet
-    from fuzzing.routes import GEN
-    from fuzzing.storm import abort_storm, overload_burst
+    from helpers.fuzzing.fleet import Fleet
+    from helpers.fuzzing.routes import GEN
+    from helpers.fuzzing.storm import abort_storm, overload_burst
 
     storm_fleet = Fleet((GEN,)).launch()
     burst_fleet = Fleet((GEN,), {GEN: ("--max-num-queued-requests", str(args.queue_bound),

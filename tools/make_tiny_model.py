@@ -32,7 +32,7 @@ MODEL_VOCAB = 512  # tokenizer size rounded up; rows >= len(tokenizer) are zero 
 MAX_POSITIONS = 2048
 
 # Init scales, tuned empirically so greedy decoding is non-degenerate with clear top-1/top-2
-# margins (tests/test_tiny_models.py checks both). Weight std of a linear = gain / sqrt(fan_in).
+# margins (tests/unit/test_tiny_models.py checks both). Weight std of a linear = gain / sqrt(fan_in).
 EMBED_STD = 1.0  # tied archs: logits std ~= EMBED_STD * sqrt(hidden) = 8
 LM_HEAD_STD = 1.0  # untied archs: logits std ~= LM_HEAD_STD * sqrt(hidden) = 8
 # q/k/v/gate/up: gain 2 makes attention sharp and the MLP strongly non-linear, so the next token

@@ -16,10 +16,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from fornax.api.engine.addresses import alive_path, input_address, output_address
-from fornax.api.engine.output_merge import merge_output
-from fornax.api.errors import APIError, EngineDeadError, overloaded
-from fornax.runtime.messages import (
+from fornax.runtime.engine.addresses import alive_path, input_address, output_address
+from fornax.runtime.engine.output_merge import merge_output
+from fornax.api.server.errors import APIError, EngineDeadError, overloaded
+from fornax.runtime.engine.messages import (
     AbortRequests,
     AddRequest,
     AdminCommand,

@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 import zmq
 
-from fornax.api.engine.addresses import handshake_address
-from fornax.api.engine.core_process import SPEC_ENV
-from fornax.runtime.messages import EngineHandshake, EngineSpec
+from fornax.runtime.engine.addresses import handshake_address
+from fornax.runtime.engine.process import SPEC_ENV
+from fornax.runtime.engine.messages import EngineHandshake, EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class EngineLauncher:
         pull.bind(self.spec.handshake_address)
         env = dict(os.environ)
         env[SPEC_ENV] = msgspec.json.encode(self.spec).decode()
-        self.proc = subprocess.Popen([sys.executable, "-m", "fornax.api.engine.core_process"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "fornax.runtime.engine.process"],
                                      env=env)
         try:
             while True:

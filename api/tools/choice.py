@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.api.errors import APIError
+from fornax.api.server.errors import APIError
 from fornax.api.tools.base import ToolParser
 from fornax.api.tools.forced import (
     NamedToolParser,

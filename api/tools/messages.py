@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fornax.api.errors import APIError
+from fornax.api.server.errors import APIError
 
 
 def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fornax.runtime.kv_cache.block_hash import extend_block_hashes
 from fornax.runtime.kv_cache.block_pool import BlockPool, KVCacheBlock
-from fornax.runtime.request import Request
+from fornax.runtime.scheduler.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

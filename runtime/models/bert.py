@@ -20,7 +20,7 @@ from fornax.runtime.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from fornax.runtime.pooling_attention import VarlenMetadata, varlen_attention
+from fornax.runtime.pooling.attention import VarlenMetadata, varlen_attention
 from torch import nn
 
 _ACTIVATIONS = {

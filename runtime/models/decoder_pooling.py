@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.models.llama import DecoderModel, DecoderSpec
-from fornax.runtime.pooling_attention import VarlenAttentionBackend, VarlenMetadata
+from fornax.runtime.pooling.attention import VarlenAttentionBackend, VarlenMetadata
 from torch import nn
 
 # HF checkpoint name fragment -> (our fused parameter fragment, shard id)

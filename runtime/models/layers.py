@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fornax.runtime.models.cpu_packing import PackedWeight, packed_linear
+from fornax.runtime.kernels.packing import PackedWeight, packed_linear
 
 
 class RMSNorm(nn.Module):

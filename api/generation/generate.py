@@ -1,0 +1,289 @@
+"""Runs one API request (prompts x n choices) through the engine, yielding deltas (API worker)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fornax.api.server.errors import APIError
+from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
+from fornax.api.generation.sampling import build_sampling_params
+from fornax.api.server.state import AppState
+from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
+from fornax.runtime.engine.messages import EngineCoreRequest
+from fornax.runtime.offline.outputs import Logprob
+from fornax.runtime.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class PromptInput:
+    token_ids: list[int]
+    text: str | None = None
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one choice produced since the last update."""
+
+    index: int
+    prompt_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class _ChoiceTiming:
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+    num_tokens: int = 0
+    num_cached: int = 0
+
+
+@dataclass
+class Generation:
+    """The engine requests of one API request and their text-side state.
+
+    Each prompt gets `count` candidates: n, or best_of when larger (then the n with the highest
+    cumulative logprob are kept, see `pick`). Updates carry the candidate index
+    `prompt_index * count + j`, which is the choice index whenever count == n.
+    """
+
+    state: AppState
+    request_id: str
+    prompts: list[PromptInput]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    record_metrics: bool = True
+    timings: dict[str, _ChoiceTiming] = field(default_factory=dict)
+    cumulative: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def count(self) -> int:
+        return max(self.params.n, getattr(self.params, "best_of", None) or 1)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.prompts) * self.count
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(t.num_tokens for t in self.timings.values())
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prefix-cache hits of each prompt's first candidate."""
+        return sum(self.timings[self._engine_id(i, 0)].num_cached
+                   for i in range(len(self.prompts)) if self._engine_id(i, 0) in self.timings)
+
+    def _engine_id(self, prompt_index: int, choice: int) -> str:
+        return f"{self.request_id}-{prompt_index}-{choice}"
+
+    def pick(self, candidates: list[T]) -> list[T]:
+        """best_of: the n most likely candidates of each prompt, best first (else all, in order)."""
+        if self.count == self.n:
+            return candidates
+        out: list[T] = []
+        for i in range(len(self.prompts)):
+            idx = range(i * self.count, (i + 1) * self.count)
+            best = sorted(idx, key=lambda c: self.cumulative.get(c, float("-inf")), reverse=True)
+            out.extend(candidates[c] for c in best[: self.n])
+        return out
+
+    def _child_requests(self, arrival: float) -> list[EngineCoreRequest]:
+        params, count = self.params, self.count
+        ranked = count > params.n
+        share = "parent_id" in EngineCoreRequest.__struct_fields__
+        requests = []
+        for i, prompt in enumerate(self.prompts):
+            for j in range(count):
+                eid = self._engine_id(i, j)
+                child = params
+                if count > 1:
+                    changes: dict[str, object] = {"n": 1, "seed": _child_seed(params.seed, j)}
+                    if hasattr(params, "best_of"):
+                        changes["best_of"] = None
+                    if ranked and params.logprobs is None:
+                        changes["logprobs"] = 0  # ranking needs each candidate's logprob
+                    child = params.clone(**changes)
+                extra = {"parent_id": f"{self.request_id}-{i}"} if share and count > 1 else {}
+                requests.append(EngineCoreRequest(eid, prompt.token_ids, child, arrival,
+                                                  self.priority, self.cache_salt, **extra))
+        return requests
+
+    async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
+        """Send the requests, then yield each batch of choice updates until all choices finish.
+
+        Whatever is still running when the caller stops (client gone, error) is aborted.
+        """
+        engine, processor = self.state.engine, self.state.processor
+        arrival = time.monotonic()
+        requests = self._child_requests(arrival)
+        where: dict[str, tuple[int, int]] = {}
+        for k, req in enumerate(requests):
+            where[req.request_id] = (k // self.count, k)
+            self.timings[req.request_id] = _ChoiceTiming(arrival)
+        unfinished = set(where)
+        failed = False
+        group = await engine.add(requests)
+        for req in requests:
+            processor.add_request(req.request_id, where[req.request_id][1], req.sampling_params,
+                                  req.prompt_token_ids)
+        try:
+            while unfinished:
+                outs = await group.next()
+                now = time.monotonic()
+                touched, to_abort = processor.process(outs)
+                if to_abort:
+                    await engine.abort(to_abort)
+                cached = {o.request_id: o.num_cached_tokens for o in outs}
+                batch = []
+                for st in touched:
+                    rid = st.request_id
+                    prompt_index, index = where[rid]
+                    k = st.num_new_tokens
+                    self._observe(rid, k, now, cached.get(rid, 0), len(st.prompt_token_ids))
+                    text = st.detokenizer.take_delta(st.finished) if st.detokenizer else ""
+                    new_lps = st.logprobs[-k:] if st.logprobs is not None and k else (
+                        [] if st.logprobs is not None else None)
+                    batch.append(ChoiceUpdate(
+                        index=index, prompt_index=prompt_index, text=text,
+                        token_ids=st.token_ids[-k:] if k else [], logprobs=new_lps,
+                        finish_reason=st.finish_reason, stop_reason=st.stop_reason))
+                    prompt_lps = getattr(st, "prompt_logprobs", None)
+                    if prompt_lps is not None and prompt_index not in self.prompt_logprobs:
+                        self.prompt_logprobs[prompt_index] = prompt_lps  # filled in place
+                    if st.finished:
+                        unfinished.discard(rid)
+                        self.cumulative[index] = st.cumulative_logprob
+                        self._finished(rid, st.finish_reason or "stop", now)
+                if batch:
+                    yield batch
+        except APIError:
+            failed = True  # refused by the engine, or the engine died: not a finished request
+            raise
+        finally:
+            if unfinished:
+                for rid in unfinished:
+                    processor.abort(rid)
+                    if not failed:
+                        self._finished(rid, "abort", time.monotonic())
+                await engine.abort(list(unfinished))
+
+    def _observe(self, rid: str, num_new: int, now: float, num_cached: int,
+                 num_prompt: int) -> None:
+        """Token counts and latencies: TTFT at the first token, then one inter-token latency per
+        token (a merged delivery of k tokens spreads its gap over the k)."""
+        if num_new <= 0:
+            return
+        t = self.timings[rid]
+        first = t.first is None
+        gap = 0.0 if first else (now - (t.last or now)) / num_new
+        if first:
+            t.first, t.num_cached = now, num_cached
+        t.last = now
+        t.num_tokens += num_new
+        if not self.record_metrics:
+            return
+        metrics = self.state.metrics
+        if first:
+            metrics.ttft.observe(now - t.arrival)
+            metrics.prompt_tokens.inc(num_prompt)
+        else:
+            for _ in range(num_new):
+                metrics.itl.observe(gap)
+        metrics.generation_tokens.inc(num_new)
+
+    def _finished(self, rid: str, reason: str, now: float) -> None:
+        if not self.record_metrics:
+            return
+        metrics = self.state.metrics
+        metrics.request_finished(reason)
+        metrics.e2e.observe(now - self.timings[rid].arrival)
+
+
+def _child_seed(seed: int | None, j: int) -> int | None:
+    """Candidate j's seed: seed + j (as the offline LLM does), kept inside int64."""
+    if seed is None:
+        return None
+    child = seed + j
+    return child if child < 2 ** 63 else child - 2 ** 64
+
+
+def usage_of(gen: Generation) -> UsageInfo:
+    """Token counts so far (prompts counted once however many choices)."""
+    prompt, completion = gen.num_prompt_tokens, gen.num_completion_tokens
+    return UsageInfo(prompt, prompt + completion, completion,
+                     PromptTokenUsageInfo(gen.num_cached_tokens))
+
+
+def new_request_id(prefix: str, user_id: str | None) -> tuple[str, str]:
+    """(response id, engine id prefix): the user's request_id is echoed, engine ids stay unique."""
+    unique = uuid.uuid4().hex
+    public = f"{prefix}-{user_id}" if user_id else f"{prefix}-{unique}"
+    return public, f"{public}-{unique[:8]}" if user_id else public
+
+
+def request_sampling_params(state: AppState, body: _SamplingFields, *, max_tokens: int,
+                            logprobs: int | None, extra: dict | None) -> SamplingParams:
+    """A chat or completions request's SamplingParams under the server's defaults and limits."""
+    return build_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, extra=extra,
+                                 defaults=state.sampling_defaults,
+                                 max_logprobs=state.engine_info.max_logprobs,
+                                 tokenizer=state.tokenizer,
+                                 vocab_size=state.engine_info.vocab_size,
+                                 limits=state.settings.input_limits)
+
+
+def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[PromptInput],
+                     params: SamplingParams) -> tuple[Generation, str, int]:
+    """The Generation of an API request, its public id and creation time; a client disconnect
+    from now on aborts its engine requests."""
+    state = req.state
+    count = max(params.n, params.best_of or 1)
+    if len(prompts) * count > MAX_CHOICES_PER_REQUEST:
+        raise APIError(400, f"{len(prompts)} prompt(s) x {count} choices is more than the "
+                       f"{MAX_CHOICES_PER_REQUEST} sequences one request may start", "n")
+    public_id, engine_id = new_request_id(id_prefix, body.request_id or req.request_id)
+    if state.settings.log_requests:
+        logger.info("%s request %s: %d prompt(s), %d prompt tokens, %s", id_prefix, public_id,
+                    len(prompts), sum(len(p.token_ids) for p in prompts), clip_for_log(params))
+    gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
+    req.watch_disconnect()
+    return gen, public_id, int(time.time())
+
+
+async def start_updates(gen: Generation
+                        ) -> tuple[list[ChoiceUpdate], AsyncIterator[list[ChoiceUpdate]]]:
+    """Send the requests and wait for the first results, so that a refusal (400, 503) is still
+    answered with its own status before any streamed bytes."""
+    updates = gen.updates()
+    first = await updates.__anext__()
+    return first, updates
+
+
+async def chain(first: list[ChoiceUpdate], rest: AsyncIterator[list[ChoiceUpdate]]
+                ) -> AsyncIterator[list[ChoiceUpdate]]:
+    yield first
+    async for batch in rest:
+        yield batch

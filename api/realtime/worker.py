@@ -1,0 +1,168 @@
+"""The engine side of one realtime session: one decode in flight at a time, aborted when moot (API workers).
+
+Each decode is an ordinary engine request (a short log-mel window), so the decodes of all
+sessions share the engine's batches. A session never queues a second decode behind the first:
+when the engine is slow, partial decodes simply come less often (each covers all audio so far).
+When a segment ends while a partial decode of it runs, that decode is aborted and the final one
+starts at once, unless it already covers all the segment's speech (then it is the final one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from fornax.api.server.errors import APIError
+from fornax.api.server.state import AppState
+from fornax.audio.engine_io import WindowCollector, engine_request
+from fornax.audio.streaming import DecodeJob, StreamingTranscriber, StreamOutput
+
+logger = logging.getLogger(__name__)
+
+ERROR_BACKOFF_S = 1.0
+# the engine admits lower values first: an ended utterance's decode goes before partial ones
+FINAL_PRIORITY, PARTIAL_PRIORITY = 0, 1
+
+
+class DecodeWorker:
+    """Runs a transcriber's decode jobs on the engine; reports outputs and failures."""
+
+    def __init__(self, state: AppState, transcriber: StreamingTranscriber, session_id: str,
+                 on_output: Callable[[StreamOutput], Awaitable[None]],
+                 on_error: Callable[[str], Awaitable[None]]) -> None:
+        self.state, self.tr, self.session_id = state, transcriber, session_id
+        self.on_output, self.on_error = on_output, on_error
+        self.enabled = False  # vLLM's protocol: no decode before the model is validated
+        self.prompt_tokens = 0  # engine work of the session's decodes (usage)
+        self.completion_tokens = 0
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._job: DecodeJob | None = None
+        self._task: asyncio.Task[WindowCollector] | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    def poke(self) -> None:
+        """New audio or a closed segment: look for a job to run."""
+        self._wake.set()
+
+    def segment_closed(self) -> None:
+        """A segment ended: a partial decode of it that does not cover it all is moot."""
+        job = self._job
+        if job is not None and not job.final and job.segment.closed \
+                and not self.tr.covers(job):
+            self._interrupt()
+        self.poke()
+
+    def segments_dropped(self) -> None:
+        """Segments were cleared: a decode of one of them is moot."""
+        job = self._job
+        if job is not None and job.segment not in self.tr.segments:
+            self._interrupt()
+        self.poke()
+
+    def _interrupt(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def close(self) -> bool:
+        """The session ended: abort the decode in flight (its engine request) and stop.
+        Returns whether a decode was in flight."""
+        in_flight = self._task is not None and not self._task.done()
+        for task in (self._task, self._runner):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._task, self._runner):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # closing anyway
+                    await task
+        return in_flight
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._run_jobs()
+            except Exception as exc:  # a bug must not silence the session: say so, go on
+                logger.exception("realtime session %s: the decode loop failed", self.session_id)
+                await self.on_error(f"the server failed to transcribe: {type(exc).__name__}: "
+                                    f"{exc}")
+                await asyncio.sleep(ERROR_BACKOFF_S)
+                self.poke()
+
+    async def _run_jobs(self) -> None:
+        """Run jobs while there are any."""
+        while self.enabled and (job := self.tr.next_job()) is not None:
+            self._job = job
+            self._task = asyncio.create_task(self._decode(job))
+            try:
+                await asyncio.wait({self._task})
+            finally:
+                task, self._task, self._job = self._task, None, None
+            if task.cancelled():
+                continue  # moot (see segment_closed); the loop picks the next job
+            exc = task.exception()
+            if exc is not None:
+                await self._failed(job, exc)
+                continue
+            collector = task.result()
+            if not job.final and collector.finish_reason != "length" \
+                    and self.tr.covers(job):
+                job.final = True  # the segment closed, only silence came since: final
+            out = self.tr.feed(job, collector.token_ids, collector.logprobs,
+                               collector.no_speech_prob)
+            if out is not None:
+                await self.on_output(out)
+
+    async def _failed(self, job: DecodeJob, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, APIError):
+            logger.error("realtime decode failed in session %s", self.session_id,
+                         exc_info=(type(exc), exc, exc.__traceback__))
+        if job.final:
+            # end the segment with the text already sent, so its item / task still completes
+            await self.on_error(f"transcribing the end of a segment failed: {message}")
+            out = self.tr.feed(job, [])
+            if out is not None:
+                await self.on_output(out)
+        else:
+            logger.warning("realtime partial decode failed in session %s: %s",
+                           self.session_id, message)
+        if self.state.engine.dead:
+            await self.on_error(f"the engine is not running: {message}")
+        await asyncio.sleep(ERROR_BACKOFF_S)
+
+    async def _decode(self, job: DecodeJob) -> WindowCollector:
+        window = await asyncio.to_thread(self.tr.window, job)
+        rid = f"rt-{self.session_id}-{next(self._ids)}"
+        engine = self.state.engine
+        try:
+            request = engine_request(rid, window)
+            request.priority = FINAL_PRIORITY if job.final else PARTIAL_PRIORITY
+            group = await engine.add([request])
+        except asyncio.CancelledError:
+            await engine.abort([rid])  # cancelled while sending: the engine may have it
+            raise
+        collector = WindowCollector()
+        try:
+            while not collector.finished:
+                for out in await group.next():
+                    collector.add(out)
+        finally:
+            await engine.release(group)  # aborts the request in the engine if unfinished
+        self.prompt_tokens += len(window.prompt_token_ids)
+        self.completion_tokens += len(collector.token_ids)
+        metrics = self.state.metrics
+        metrics.prompt_tokens.inc(len(window.prompt_token_ids))
+        metrics.generation_tokens.inc(len(collector.token_ids))
+        return collector

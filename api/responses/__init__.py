@@ -1,0 +1,1 @@
+"""/v1/responses: OpenAI's Responses API over chat, its item shapes, streaming events and store (API workers)."""

@@ -1,0 +1,233 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) -> JSON or SSE (API workers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fornax.api.generation.beam import beam_search, check_beam_request
+from fornax.api.server.errors import APIError
+from fornax.api.generation.generate import (
+    ChoiceUpdate,
+    Generation,
+    PromptInput,
+    begin_generation,
+    chain,
+    new_request_id,
+    request_sampling_params,
+    start_updates,
+    usage_of,
+)
+from fornax.api.server.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
+from fornax.api.generation.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
+from fornax.api.server.offload import prepare
+from fornax.api.protocol.openai import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from fornax.api.generation.sampling import (
+    check_prompt,
+    check_unsupported,
+    resolve_max_tokens,
+    truncate_prompt,
+)
+from fornax.api.server.state import AppState
+from fornax.api.generation.structured import backend_headers, request_constraint
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for completions
+_PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token ids or a list of "
+                  "token-id lists")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> list[PromptInput]:
+    """Every accepted prompt shape -> token ids (and text, for echo)."""
+    if prompt is None:
+        raise APIError(400, "prompt is required", "prompt")
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif _is_ids(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise APIError(400, _PROMPT_SHAPES, "prompt")
+    max_prompts = state.settings.input_limits.max_prompts
+    if len(items) > max_prompts:
+        raise APIError(400, f"at most {max_prompts} prompts per request "
+                       "(--max-prompts-per-request)", "prompt")
+    if all(isinstance(p, str) for p in items):
+        ids = state.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
+        return [PromptInput(i, t) for i, t in zip(ids, items)]
+    if all(_is_ids(p) for p in items):
+        return [PromptInput(list(p), None) for p in items]
+    raise APIError(400, _PROMPT_SHAPES, "prompt")
+
+
+async def completions(req: Request) -> Response:
+    state = req.state
+    body = await req.json(CompletionRequest)
+    model = state.resolve_model(body.model)
+    check_unsupported(body, structured=True)
+    constraint = request_constraint(body)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
+    prompts = await prepare(req, parse_prompts, state, body.prompt, body.add_special_tokens)
+    for p in prompts:
+        p.token_ids = truncate_prompt(p.token_ids, body.truncate_prompt_tokens,
+                                      state.max_model_len)
+        check_prompt(p.token_ids, state.max_model_len, state.engine_info.vocab_size, "prompt")
+    shortest = min(len(p.token_ids) for p in prompts)  # the engine clamps each prompt's own
+    max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, shortest,
+                                    state.max_model_len)
+    extra: dict[str, Any] = {}
+    if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
+        extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
+    if constraint is not None:
+        if body.use_beam_search:
+            raise APIError(400, "beam search cannot follow an output constraint",
+                           "use_beam_search")
+        extra["structured_outputs"] = constraint
+    if body.use_beam_search:
+        return json_response(await _beam(req, body, model, prompts, max_tokens))
+    params = request_sampling_params(state, body, max_tokens=max_tokens,
+                                     logprobs=body.logprobs, extra=extra)
+    if body.echo:
+        for p in prompts:
+            if p.text is None:
+                p.text = state.tokenizer.decode(p.token_ids, skip_special_tokens=False)
+    gen, public_id, created = begin_generation(req, body, "cmpl", prompts, params)
+    headers = {"x-request-id": public_id, **backend_headers(constraint)}
+    if body.stream:
+        first, rest = await start_updates(gen)
+        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
+                                 headers=headers)
+    return json_response(await _complete(gen, body, model, public_id, created), headers=headers)
+
+
+async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],
+                max_tokens: int) -> CompletionResponse:
+    """use_beam_search: the n best beams of each prompt (not streamed)."""
+    check_beam_request(req.state, body, max_tokens, len(prompts))
+    if body.logprobs is not None or body.echo:
+        raise APIError(400, "beam search returns no logprobs and no echo", "use_beam_search")
+    state = req.state
+    req.watch_disconnect()
+    choices: list[CompletionChoice] = []
+    completion_tokens = 0
+    for p in prompts:
+        room = state.max_model_len - len(p.token_ids)
+        for beam in await beam_search(state, p.token_ids, body, min(max_tokens, room)):
+            choices.append(CompletionChoice(len(choices), beam.text, None, beam.finish_reason))
+            completion_tokens += len(beam.token_ids)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    public_id, _ = new_request_id("cmpl", body.request_id or req.request_id)
+    return CompletionResponse(public_id, int(time.time()), model, choices,
+                              UsageInfo(prompt_tokens, prompt_tokens + completion_tokens,
+                                        completion_tokens))
+
+
+class _Echo:
+    """Per choice: the prompt text (and its token strings for logprobs) to put in front."""
+
+    def __init__(self, state: AppState, gen: Generation, body: CompletionRequest) -> None:
+        self.state, self.gen, self.body = state, gen, body
+        self.as_ids = bool(body.return_tokens_as_token_ids)
+        self.builders = [CompletionLogprobsBuilder(body.logprobs or 0, self.as_ids)
+                         for _ in range(gen.num_candidates)]
+
+    def prefix(self, index: int) -> tuple[str, CompletionLogprobs | None]:
+        prompt_index = index // self.gen.count
+        prompt = self.gen.prompts[prompt_index]
+        lps = None
+        if self.body.logprobs is not None:
+            ids = prompt.token_ids if self.body.echo else []
+            strs = [f"token_id:{t}" if self.as_ids else
+                    self.state.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+            lps = self.builders[index].prompt(ids, strs, self.gen.prompt_logprobs.get(prompt_index))
+        return (prompt.text or "") if self.body.echo else "", lps
+
+    def logprobs(self, u: ChoiceUpdate) -> CompletionLogprobs | None:
+        if self.body.logprobs is None or u.logprobs is None:
+            return None
+        return self.builders[u.index].add(u.logprobs)
+
+
+async def _complete(gen: Generation, body: CompletionRequest, model: str, public_id: str,
+                    created: int) -> CompletionResponse:
+    echo = _Echo(gen.state, gen, body)
+    k = gen.num_candidates
+    texts = [""] * k
+    finish: list[str | None] = [None] * k
+    stop: list[int | str | None] = [None] * k
+    entries: list[list[Any]] = [[] for _ in range(k)]
+    async for batch in gen.updates():
+        for u in batch:
+            texts[u.index] += u.text
+            finish[u.index], stop[u.index] = u.finish_reason, u.stop_reason
+            if u.logprobs:
+                entries[u.index].extend(u.logprobs)
+    choices = []
+    for i in range(k):
+        prefix, lps = echo.prefix(i)
+        more = echo.logprobs(ChoiceUpdate(i, 0, "", [], entries[i], None, None))
+        if lps is not None and more is not None:
+            merge(lps, more)
+        choices.append(CompletionChoice(
+            i, prefix + texts[i], lps, finish[i], stop[i],
+            prompt_logprobs_json(gen.prompt_logprobs.get(i // gen.count))
+            if body.prompt_logprobs is not None else None))
+    choices = gen.pick(choices)
+    for index, choice in enumerate(choices):
+        choice.index = index
+    return CompletionResponse(public_id, created, model, choices, usage_of(gen))
+
+
+async def _stream(gen: Generation, body: CompletionRequest, model: str, public_id: str,
+                  created: int, first: list[ChoiceUpdate],
+                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[bytes]:
+    opts = body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    echo = _Echo(gen.state, gen, body)
+    started: set[int] = set()
+    try:
+        async for batch in chain(first, rest):
+            for u in batch:
+                text, lps = "", None
+                if u.index not in started:
+                    started.add(u.index)
+                    text, lps = echo.prefix(u.index)
+                text += u.text
+                more = echo.logprobs(u)
+                if more is not None:
+                    if lps is None:
+                        lps = more
+                    else:
+                        merge(lps, more)
+                if text or u.finish_reason is not None or (lps and lps.tokens):
+                    choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason)
+                    yield sse(CompletionChunk(public_id, created, model, [choice],
+                                              usage=usage_of(gen) if continuous else None))
+        if include_usage:
+            yield sse(CompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
+    except APIError as exc:  # mid-stream failure: an error event, then [DONE]
+        yield sse(exc.to_response())
+    except Exception:  # a bug: still end the stream the way clients expect
+        logger.exception("stream %s failed", public_id)
+        yield sse(APIError(500, "internal server error").to_response())
+    finally:
+        await rest.aclose()
+    yield SSE_DONE

@@ -1,0 +1,213 @@
+"""Shared by the pooling routes: runner gating (501), inputs, engine round trip (API workers).
+
+Torch-free: pooled vectors arrive as float32 bytes and leave as JSON floats or base64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from typing import Any
+
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request
+from fornax.api.protocol.pooling import PoolingUsage
+from fornax.api.server.state import AppState
+from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import MAX_POOLING_INPUTS
+from fornax.runtime.engine.messages import (
+    EngineCoreRequest,
+    PoolingModelInfo,
+    PoolingOutput,
+    PoolingParams,
+)
+from fornax.runtime.pooling.io import PoolingTokenizer, output_values, resolve_truncation
+from fornax.runtime.sampling.params import SamplingParams
+
+MAX_INPUTS = MAX_POOLING_INPUTS
+_NO_SAMPLING = SamplingParams(max_tokens=1)
+_INPUT_SHAPES = ("must be a string, a list of strings, a list of token ids or a list of token-id "
+                 "lists")
+# Routes that need a generation model; a pooling model answers them with 501.
+GENERATION_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+    "/v1/chat/completions/render", "/v1/completions/render", "/v1/audio/transcriptions",
+    "/v1/audio/translations"})
+
+
+def is_pooling(state: AppState) -> bool:
+    return getattr(state.engine_info, "runner", "generate") == "pooling"
+
+
+def check_route_runner(req: Request) -> None:
+    """501 for a generation route on a pooling model (called by the app before dispatch)."""
+    state = req.state
+    if state is not None and req.path in GENERATION_PATHS and is_pooling(state):
+        info = state.engine_info.pooling
+        arch = info.architecture if info else "this model"
+        raise APIError(501, f"{req.path} needs a text-generation model, but this server runs a "
+                       f"pooling model ({arch}); it serves /v1/embeddings, /pooling, /classify, "
+                       "/score and /rerank as the model allows")
+
+
+def require_task(state: AppState, task: str, route: str) -> PoolingModelInfo:
+    """The pooling model's info, or 501 when the model cannot serve `task` on `route`."""
+    info = state.engine_info.pooling if is_pooling(state) else None
+    if info is None:
+        raise APIError(501, f"{route} needs a pooling model (an embedding model, classifier or "
+                       f"cross-encoder), but this server runs the generation model "
+                       f"{state.engine_info.architecture}; serve a pooling model, or this one "
+                       "with --runner pooling")
+    if task not in info.tasks:
+        what = {"embed": "embeddings", "classify": "classification",
+                "score": "pair scores"}.get(task, task)
+        if task == "score" and info.head == "classify":
+            detail = (f"it is a classifier with {len(info.labels)} labels; scoring needs a "
+                      "cross-encoder with one output label or an embedding model")
+        else:
+            detail = f"it serves {', '.join(t for t in info.tasks if t != 'encode')}"
+        raise APIError(501, f"{route}: this model ({info.architecture}) does not produce {what}; "
+                       f"{detail}")
+    return info
+
+
+def pooling_tokenizer(state: AppState, info: PoolingModelInfo,
+                      side: str | None = None) -> PoolingTokenizer:
+    return PoolingTokenizer(state.tokenizer, info.max_model_len, side or info.truncation_side)
+
+
+def truncation_limit(value: int | None, info: PoolingModelInfo) -> int | None:
+    try:
+        return resolve_truncation(value, info.max_model_len)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_input(state: AppState, info: PoolingModelInfo, value: Any, limit: int | None,
+                add_special_tokens: bool = True, param: str = "input",
+                prefix: str = "") -> list[list[int]]:
+    """Every accepted `input` shape -> token ids (texts tokenized, each within the context)."""
+    if value is None:
+        raise APIError(400, f"{param} is required", param)
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif _is_ids(value):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    elif isinstance(value, list):
+        raise APIError(400, f"{param} must not be an empty list", param)
+    else:
+        raise APIError(400, f"{param} {_INPUT_SHAPES}", param)
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param)
+    tok = pooling_tokenizer(state, info)
+    try:
+        if all(isinstance(t, str) for t in items):
+            for i, text in enumerate(items):
+                if not text:
+                    raise APIError(400, f"{param}[{i}] is an empty string" if len(items) > 1
+                                   else f"{param} is an empty string", param)
+            return tok.texts([prefix + t for t in items], limit, param, add_special_tokens)
+        if all(_is_ids(t) for t in items):
+            return tok.token_ids(items, limit, param)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param or param) from None
+    raise APIError(400, f"{param} {_INPUT_SHAPES}", param)
+
+
+def chat_input(state: AppState, info: PoolingModelInfo, body: Any,
+               limit: int | None) -> list[list[int]]:
+    """`messages` instead of `input`: the chat template's rendering, tokenized once."""
+    from fornax.api.routes.chat import render_prompt
+
+    _, ids = render_prompt(
+        state, body.messages, add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message, tools=None, documents=None,
+        chat_template=body.chat_template, template_kwargs=body.chat_template_kwargs,
+        add_special_tokens=bool(body.add_special_tokens))
+    tok = pooling_tokenizer(state, info)
+    try:
+        return tok.token_ids([ids], limit, "messages")
+    except RequestError as exc:
+        raise APIError(400, str(exc), "messages") from None
+
+
+def request_ids(prefix: str, user_id: str | None) -> tuple[str, str]:
+    unique = uuid.uuid4().hex
+    public = f"{prefix}-{user_id}" if user_id else f"{prefix}-{unique}"
+    return public, f"{public}-{unique[:8]}"
+
+
+async def run_pooling(req: Request, engine_id: str, token_lists: list[list[int]],
+                      params: PoolingParams, type_lists: list[list[int]] | None = None,
+                      priority: int = 0) -> list[PoolingOutput]:
+    """Send one engine request per input and wait for all; the outputs in input order."""
+    state = req.state
+    arrival = time.monotonic()
+    requests = [EngineCoreRequest(f"{engine_id}-{i}", ids, _NO_SAMPLING, arrival, priority,
+                                  pooling_params=params,
+                                  token_type_ids=type_lists[i] if type_lists else None)
+                for i, ids in enumerate(token_lists)]
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    results: list[PoolingOutput | None] = [None] * len(requests)
+    missing = len(requests)
+    req.watch_disconnect()
+    group = await state.engine.add(requests)
+    try:
+        while missing:
+            for out in await group.next():
+                if out.pooled is None:
+                    raise APIError(503, f"the engine ended request {out.request_id} without a "
+                                   f"result ({out.finish_reason or out.error})")
+                i = index[out.request_id]
+                if results[i] is None:
+                    results[i] = out.pooled
+                    missing -= 1
+    finally:
+        await state.engine.release(group)
+    metrics = state.metrics
+    metrics.prompt_tokens.inc(sum(len(t) for t in token_lists))
+    metrics.request_finished("stop")
+    metrics.e2e.observe(time.monotonic() - arrival)
+    return results  # type: ignore[return-value]
+
+
+def usage(token_lists: list[list[int]]) -> PoolingUsage:
+    n = sum(len(t) for t in token_lists)
+    return PoolingUsage(prompt_tokens=n, total_tokens=n)
+
+
+def encode_vector(out: PoolingOutput, encoding_format: str) -> list[float] | str:
+    """float: JSON numbers; base64: the float32 little-endian bytes, as OpenAI sends them."""
+    if encoding_format == "base64":
+        return base64.b64encode(out.data).decode("ascii")
+    return output_values(out)
+
+
+async def pooling_probe(state: AppState, timeout_s: float) -> None:
+    """`/health?deep=1` on a pooling model: one tiny pooling forward within `timeout_s`."""
+    info = state.engine_info.pooling
+    task = "embed" if info is None or "embed" in info.tasks else "classify"
+    ids = state.tokenizer.encode("ping") or [0]
+    request = EngineCoreRequest(f"health-{uuid.uuid4().hex}", ids, _NO_SAMPLING,
+                                pooling_params=PoolingParams(task))
+    group = await state.engine.add([request])
+
+    async def wait() -> None:
+        while not group.finished:
+            await group.next()
+
+    try:
+        await asyncio.wait_for(wait(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"a pooling forward took over {timeout_s:.0f} s") from None
+    finally:
+        await state.engine.release(group)

@@ -1,0 +1,100 @@
+"""Operational routes: /health, /ping, /version, /load, /metrics (API workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from fornax.api.routes.audio import is_transcription, transcription_probe
+from fornax.api.server.errors import APIError, EngineDeadError
+from fornax.api.generation.generate import Generation, PromptInput
+from fornax.api.server.http import Request, Response, json_response
+from fornax.api.server.metrics import CONTENT_TYPE
+from fornax.api.routes.pooling_common import is_pooling, pooling_probe
+from fornax.runtime.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+DEEP_HEALTH_TIMEOUT_S = 10.0
+HEALTH_STATS_MAX_AGE_S = 1.0  # /health asks the engine at most this often per worker
+HEALTH_STATS_TIMEOUT_S = 5.0
+
+
+async def health(req: Request) -> Response:
+    """200 while the engine core runs and makes progress; 503 once it is dead, while the server
+    drains (SIGTERM), or when its busy loop has not come round for --engine-stall-timeout
+    seconds (the watchdog). The engine's answer is cached for a second, so /health stays cheap.
+
+    `?deep=1` (fornax's) also runs a one-token generation, which must finish within 10 s.
+    """
+    state = req.state
+    if state.engine.dead:
+        raise EngineDeadError(state.engine.dead_reason or "the engine core is not running")
+    if state.draining:
+        raise APIError(503, "the server is shutting down")
+    try:
+        stats = await state.engine.recent_stats(HEALTH_STATS_MAX_AGE_S, HEALTH_STATS_TIMEOUT_S)
+    except APIError as exc:  # no answer in time (or dead meanwhile): not healthy
+        raise APIError(503, f"the engine core does not answer: {exc.message}") from None
+    if stats.draining:
+        raise APIError(503, "the server is shutting down (draining in-flight requests)")
+    limit = state.settings.engine_stall_timeout_s
+    if limit and stats.loop_stall_s >= limit:
+        raise APIError(503, f"the engine core has made no progress for {stats.loop_stall_s:.0f} s"
+                       f" (--engine-stall-timeout {limit:g})")
+    if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
+        if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
+            await pooling_probe(state, DEEP_HEALTH_TIMEOUT_S)
+        elif is_transcription(state):  # Whisper: one window of silence, one token
+            await transcription_probe(state, DEEP_HEALTH_TIMEOUT_S)
+        else:
+            await _one_token(req)
+    return Response(b"", 200, content_type=None)
+
+
+async def _one_token(req: Request) -> None:
+    state = req.state
+    prompt = state.tokenizer.encode("ping", add_special_tokens=False) or [0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    gen = Generation(state, f"health-{uuid.uuid4().hex}", [PromptInput(prompt)], params,
+                     record_metrics=False)
+
+    async def run() -> None:
+        async for _ in gen.updates():
+            pass
+
+    try:
+        await asyncio.wait_for(run(), DEEP_HEALTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise APIError(503, f"a one-token generation took over {DEEP_HEALTH_TIMEOUT_S:.0f} s") \
+            from None
+
+
+async def ping(req: Request) -> Response:
+    return await health(req)
+
+
+async def version(req: Request) -> Response:
+    return json_response({"version": req.state.settings.version})
+
+
+async def load(req: Request) -> Response:
+    stats = await req.state.engine.stats()
+    return json_response({
+        "server_load": stats.num_running + stats.num_waiting,
+        "num_requests_running": stats.num_running,
+        "num_requests_waiting": stats.num_waiting,
+        "kv_cache_usage_perc": stats.kv_usage,
+    })
+
+
+async def metrics(req: Request) -> Response:
+    state = req.state
+    stats = None
+    try:
+        stats = await state.engine.stats(timeout_s=2.0)
+    except APIError as exc:
+        logger.warning("/metrics without engine numbers: %s", exc.message)
+    return Response(state.metrics.render(stats), 200, content_type=CONTENT_TYPE)

@@ -1,0 +1,280 @@
+"""`fornax serve`: the engine core, then Granian with the API workers; SIGTERM drains (main)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fornax.api.server.args import engine_kwargs, unsupported_flags_used
+from fornax.api.routes.chat_features import check_chat_flags
+from fornax.api.engine.launcher import EngineLauncher, EngineStartError
+from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
+from fornax.api.server.settings import MULTIPROC_ENV, ServerSettings, settings_to_env
+from fornax.runtime.errors import ConfigError, FornaxError
+from fornax.runtime.limits import InputLimits
+
+logger = logging.getLogger("fornax.api.server.serve")
+
+APP_TARGET = "fornax.api.server.app:create_app"
+ENGINE_DEAD_GRACE_ENV = "FORNAX_ENGINE_DEAD_GRACE_S"  # keep answering 503 this long, then exit
+
+
+class _StartInterrupted(Exception):
+    """SIGTERM/SIGINT arrived before the server was up."""
+
+
+def fornax_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fornax")
+    except Exception:  # not installed (running from a checkout)
+        return "0.0.0+unknown"
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file path, or the template text itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" in value:
+        return value
+    raise ConfigError(f"--chat-template {value!r} is neither a file nor a jinja2 template")
+
+
+def _model_names(args: argparse.Namespace) -> tuple[str, str, list[str], list[str]]:
+    """(model argument, root, served names, extra aliases)."""
+    model = args.model or args.model_flag or ""
+    if model:
+        root = model
+    else:
+        from fornax.runtime.loaders.default_model import default_model_path
+
+        root = str(default_model_path())
+        model = root
+    served = list(args.served_model_name or [])
+    if not served:
+        if args.model or args.model_flag:
+            served = [model]
+        else:
+            from fornax.runtime.loaders.default_model import DEFAULT_MODEL_NAME
+
+            served = [DEFAULT_MODEL_NAME]
+    aliases = [n for n in dict.fromkeys([model, root]) if n not in served]
+    return model, root, served, aliases
+
+
+def _validate(model: str, kwargs: dict[str, Any]) -> None:
+    """Check the engine config here (fast, before any process starts); torch is not imported."""
+    from fornax.runtime.config import make_engine_config
+
+    check = dict(kwargs)
+    if check.get("device", "auto") == "auto":
+        check["device"] = "cpu"  # device detection imports torch; the engine process does it
+    config = make_engine_config(model, **check)
+    shown = {k: v for k, v in config.non_default_items().items() if k != "model"}
+    if kwargs.get("device", "auto") != "auto":
+        shown["device"] = kwargs["device"]
+    logger.info("engine config (non-default values): %s", shown or "all defaults")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Fail before loading a model when the port is taken (Granian binds it later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """The whole life of `fornax serve`; returns the process exit code."""
+    if args.log_level:
+        os.environ["FORNAX_LOG_LEVEL"] = args.log_level.upper()
+    setup_logging("APIServer")
+    used = unsupported_flags_used(args)
+    if used:
+        logger.error("not supported yet: %s", "; ".join(used))
+        return 2
+    problem = check_chat_flags(args)
+    if problem:
+        logger.error("%s", problem)
+        return 2
+    if args.trust_remote_code:
+        logger.warning("--trust-remote-code is ignored: fornax never runs code from a model")
+    if args.api_server_count < 1:
+        logger.error("--api-server-count must be at least 1")
+        return 2
+    try:
+        model, root, served, aliases = _model_names(args)
+        kwargs = engine_kwargs(args)
+        _validate(model, kwargs)
+        chat_template = read_chat_template(args.chat_template)
+    except (FornaxError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    api_keys = list(args.api_key or [])
+    for env in ("FORNAX_API_KEY", "VLLM_API_KEY"):
+        if not api_keys and os.environ.get(env):
+            api_keys = [os.environ[env]]
+    server_shown = {k: v for k, v in {
+        "served_model_name": served, "api_server_count": args.api_server_count,
+        "api_key": f"{len(api_keys)} key(s)" if api_keys else None,
+        "allowed_origins": args.allowed_origins, "uds": args.uds,
+        "chat_template": args.chat_template,
+        "request_timeout": args.request_timeout}.items() if v not in (None, [], 1)}
+    logger.info("fornax %s serving %s; server settings: %s", fornax_version(), model, server_shown)
+
+    if not args.uds and not _port_free(args.host, args.port):
+        logger.error("cannot listen on %s:%d: the address is in use", args.host, args.port)
+        return 1
+    launcher = EngineLauncher(model, kwargs, args.shutdown_timeout)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt_start(signum: int, frame: Any) -> None:
+        raise _StartInterrupted()
+
+    for sig in previous:
+        signal.signal(sig, interrupt_start)
+    try:
+        logger.info("starting the engine core (loading %s)", model)
+        try:
+            info = launcher.start()
+        except EngineStartError as exc:
+            logger.error("the engine core failed to start: %s", exc)
+            return 1
+        except _StartInterrupted:
+            logger.info("interrupted while starting; exiting")
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        logger.info("engine core ready: %s on %s (%s), max_model_len %d, KV cache %d blocks x %d "
+                    "tokens = %d tokens", info.architecture, info.device, info.dtype,
+                    info.max_model_len, info.num_kv_blocks, info.block_size,
+                    info.kv_capacity_tokens)
+        logger.info("admission: at most %d requests in flight (--max-num-queued-reqs%s), %s; "
+                    "beyond that 503 with Retry-After", info.max_num_queued_reqs,
+                    "" if args.max_num_queued_reqs else ": the default, from the KV capacity",
+                    f"{info.max_num_queued_tokens} waiting prompt tokens (--max-num-queued-tokens)"
+                    if info.max_num_queued_tokens else "no bound on waiting prompt tokens")
+        settings = ServerSettings(
+            ipc_dir=launcher.ipc_dir, engine=info, served_model_names=served, model_root=root,
+            model_aliases=aliases, api_keys=api_keys, allowed_origins=args.allowed_origins or [],
+            chat_template=chat_template,
+            chat_template_content_format=args.chat_template_content_format,
+            trust_request_chat_template=args.trust_request_chat_template,
+            generation_config=kwargs.get("generation_config", "auto"),
+            max_request_body_bytes=args.max_request_body_bytes,
+            input_limits=InputLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
+                                     max_prompts=args.max_prompts_per_request),
+            max_audio_filesize_mb=args.max_audio_filesize_mb,
+            max_audio_seconds=args.max_audio_seconds,
+            realtime_max_sessions=args.realtime_max_sessions,
+            realtime_max_buffer_s=args.realtime_max_buffer_seconds,
+            realtime_max_session_s=args.realtime_max_session_seconds,
+            realtime_idle_timeout_s=args.realtime_idle_timeout,
+            log_requests=not args.disable_log_requests, created=int(time.time()),
+            request_timeout_s=args.request_timeout,
+            engine_stall_timeout_s=args.engine_stall_timeout,
+            enable_dev_endpoints=args.enable_dev_endpoints or
+            os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+            responses_store=args.responses_store,
+            responses_store_max_count=args.responses_store_max_count,
+            responses_store_max_age_s=args.responses_store_max_age,
+            responses_store_max_bytes=args.responses_store_max_bytes,
+            responses_store_max_record_bytes=args.responses_store_max_record_bytes,
+            responses_max_background=args.responses_max_background,
+            enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
+            tool_call_parser=args.tool_call_parser, tool_parser_plugin=args.tool_parser_plugin,
+            reasoning_parser=args.reasoning_parser,
+            version=fornax_version())
+        return _run_granian(args, launcher, settings)
+    finally:
+        code = launcher.stop(args.shutdown_timeout + 5)
+        if code not in (None, 0):
+            logger.warning("the engine core exited with code %s", code)
+        launcher.cleanup()
+
+
+def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
+                 settings: ServerSettings) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+
+    metrics_dir = os.path.join(launcher.ipc_dir, "prometheus")
+    os.makedirs(metrics_dir, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = metrics_dir  # before any worker imports prometheus_client
+    settings_to_env(settings)
+    extra: dict[str, Any] = {}
+    if args.uds:
+        extra["uds"] = Path(args.uds)
+    if args.ssl_certfile and args.ssl_keyfile:
+        extra.update(ssl_cert=Path(args.ssl_certfile), ssl_key=Path(args.ssl_keyfile))
+    server = Granian(APP_TARGET, address=args.host, port=args.port, interface=Interfaces.ASGI,
+                     workers=args.api_server_count, loop=Loops.auto, factory=True,
+                     log_dictconfig=logging_dictconfig(),
+                     workers_kill_timeout=int(args.shutdown_timeout) + 5, **extra)
+    engine_died = threading.Event()
+    grace = float(os.environ.get(ENGINE_DEAD_GRACE_ENV, "2.0"))
+
+    def on_engine_death(code: int) -> None:
+        engine_died.set()
+        logger.error("the engine core died (exit code %s); failing requests with 503 and exiting "
+                     "in %.1f s", code, grace)
+        timer = threading.Timer(grace, server.signal_handler_interrupt)
+        timer.daemon = True
+        timer.start()
+
+    launcher.watch(on_engine_death)
+    drain_started = threading.Event()
+
+    @server.on_startup
+    def drain_on_signal() -> None:  # runs after Granian installed its own handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            granian_handler = signal.getsignal(sig)
+
+            def handler(signum: int, frame: Any, _inner: Any = granian_handler) -> None:
+                if not callable(_inner):
+                    return
+                if drain_started.is_set():  # a second signal: stop the HTTP server now
+                    _inner(signum, frame)
+                    return
+                drain_started.set()
+                logger.info("received %s: draining (up to %.0f s); /health answers 503 "
+                            "meanwhile", signal.Signals(signum).name, args.shutdown_timeout)
+                launcher.request_drain()
+                # keep listening while the engine drains, so that load balancers see /health
+                # 503 (not a refused connection) and in-flight requests finish; then stop
+                threading.Thread(target=stop_http_after_drain, args=(_inner, signum),
+                                 name="drain-wait", daemon=True).start()
+
+            signal.signal(sig, handler)
+
+    def stop_http_after_drain(granian_handler: Any, signum: int) -> None:
+        launcher.wait(args.shutdown_timeout + 5)
+        granian_handler(signum, None)
+
+    code = 0
+    try:
+        server.serve()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except OSError as exc:  # could not bind after all (the port was taken meanwhile)
+        logger.error("the HTTP server failed: %s", exc)
+        code = 1
+    if engine_died.is_set():
+        return 1
+    return code

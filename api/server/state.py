@@ -1,0 +1,78 @@
+"""Per-worker state: settings, tokenizer, engine client, metrics, model names (API worker)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fornax.api.routes.chat_features import ChatFeatures
+from fornax.api.engine.client import EngineClient
+from fornax.api.server.errors import APIError
+from fornax.api.server.metrics import Metrics
+from fornax.api.server.settings import ServerSettings
+from fornax.runtime.text.output_processor import OutputProcessor
+from fornax.runtime.text.tokenizer import TokenizerFront
+
+logger = logging.getLogger(__name__)
+
+# generation_config.json keys that become default sampling values (`--generation-config auto`)
+_GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "min_p": "min_p", "max_new_tokens": "max_tokens"}
+
+
+class AppState:
+    """Everything a handler needs; built once per worker at lifespan start."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.engine_info = settings.engine
+        self.max_model_len = settings.engine.max_model_len
+        self.tokenizer = TokenizerFront(settings.engine.model_path, settings.chat_template)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.engine = EngineClient(settings.ipc_dir, settings.request_timeout_s)
+        self.model_name = settings.served_model_names[0]
+        self.metrics = Metrics(self.model_name)
+        self._names = set(settings.served_model_names) | set(settings.model_aliases)
+        self.sampling_defaults = self._sampling_defaults(settings)
+        self.draining = False
+        self.chat_features = ChatFeatures.from_settings(settings)  # tool and reasoning parsers
+        self.num_inflight = 0
+        self.responses: Any = None  # /v1/responses: store and background runs (on first use)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def close(self) -> None:
+        if self.responses is not None:
+            await self.responses.close()
+        await self.engine.close()
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The model name to answer with; 404 for a model this server does not serve."""
+        if requested is None or requested == "":
+            return self.model_name
+        if requested in self._names:
+            return requested
+        raise APIError(404, f"The model `{requested}` does not exist.", "model")
+
+    @staticmethod
+    def _sampling_defaults(settings: ServerSettings) -> dict[str, Any]:
+        if settings.generation_config != "auto":
+            return {}
+        path = Path(settings.engine.model_path) / "generation_config.json"
+        if not path.exists():
+            return {}
+        try:
+            gen = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            logger.warning("ignoring unreadable %s", path)
+            return {}
+        defaults = {ours: gen[theirs] for theirs, ours in _GEN_CONFIG_KEYS.items() if theirs in gen}
+        if gen.get("do_sample") is False:
+            defaults.pop("temperature", None)
+        if defaults:
+            logger.info("default sampling parameters from the model's generation_config.json: %s "
+                        "(--generation-config fornax turns them off)", defaults)
+        return defaults

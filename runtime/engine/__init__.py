@@ -1,0 +1,1 @@
+"""The engine contract, the three engine cores' shared loop, and the engine-core process around them."""

@@ -1,0 +1,1 @@
+"""fornax's native CPU kernels (C sources in csrc/), their build and their Python wrappers."""

@@ -1,0 +1,140 @@
+/* Fused bf16 elementwise ops for the CPU decoder (RMSNorm, SiLU-and-multiply): one pass over
+ * memory instead of the five to seven eager torch ops (and temporaries) each replaces. Rounding
+ * to bf16 happens at the same points as in the torch reference, so results match it to the last
+ * bit except where float32 summation order differs. Built by runtime/kernels/build.py.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "softmax_avx512.h"
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)h << 16;
+    return c.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    uint32_t u = c.u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* out[r] = bf16(weight * bf16(x[r] * rsqrt(mean(x[r]^2) + eps))), rows `x_stride` apart. */
+void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight,
+                          uint16_t *out, int rows, int dim, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * dim > 65536) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *xr = x + (int64_t)r * x_stride;
+        uint16_t *o = out + (int64_t)r * dim;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < dim; j++) {
+            const float v = bf16_to_float(xr[j]);
+            sum += v * v;
+        }
+        const float scale = 1.f / sqrtf(sum / (float)dim + eps);
+#pragma omp simd
+        for (int j = 0; j < dim; j++)
+            o[j] = float_to_bf16(bf16_to_float(weight[j]) * round_bf16(bf16_to_float(xr[j]) * scale));
+    }
+}
+
+#if defined(__AVX512F__)
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+/* Round 16 floats to bf16 (nearest even; inputs here are finite). */
+static inline __m256i to_bf16x16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+#endif
+
+/* out[r, j] = bf16(bf16(silu(g)) * u) with g = x[r, j], u = x[r, dim + j]. */
+void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * dim > 65536) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *g = x + (int64_t)r * 2 * dim, *u = g + dim;
+        uint16_t *o = out + (int64_t)r * dim;
+        int j = 0;
+#if defined(__AVX512F__)
+        for (; j < dim; j += 16) {
+            const __mmask16 k = tail_mask16(dim - j);
+            const __m512 gv = load_bf16x16(g + j, k), uv = load_bf16x16(u + j, k);
+            const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+            const __m512 s_rounded = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(s)), 16));
+            _mm256_mask_storeu_epi16(o + j, k, to_bf16x16(_mm512_mul_ps(s_rounded, uv)));
+        }
+#endif
+        for (; j < dim; j++) {
+            const float gf = bf16_to_float(g[j]);
+            o[j] = float_to_bf16(round_bf16(gf / (1.f + expf(-gf))) * bf16_to_float(u[j]));
+        }
+    }
+}
+
+/* Row-wise argmax of float32 logits (first index of the maximum, as torch.argmax).
+ * Returns -1 if a row holds a NaN, where torch's answer (the NaN's index) is left to torch. */
+int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_threads) {
+    int has_nan = 0;
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * cols > 262144) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (int64_t)r * cols;
+        float best = -INFINITY;
+        int nan_seen = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan_seen)
+        for (int j = 0; j < cols; j++) {
+            best = xr[j] > best ? xr[j] : best;
+            nan_seen |= xr[j] != xr[j];
+        }
+        int64_t idx = 0;
+        for (int j = 0; j < cols; j++)
+            if (xr[j] == best) {
+                idx = j;
+                break;
+            }
+        out[r] = idx;
+        if (nan_seen) {
+#pragma omp atomic write
+            has_nan = 1;
+        }
+    }
+    return has_nan ? -1 : 0;
+}
+
+/* Neox-style rotary embedding in place on a [tokens, heads, head_dim] bf16 view (last dim
+ * contiguous): cos/sin rows come from float32 caches [max_pos, rotary_dim] indexed by position,
+ * rounded to bf16 first, and each product and the sum rounded as the eager torch code does. */
+void fornax_rotary_bf16(uint16_t *x, int64_t token_stride, int64_t head_stride, int tokens,
+                        int heads, int rotary_dim, const int64_t *positions,
+                        const float *cos_cache, const float *sin_cache, int num_threads) {
+    const int half = rotary_dim / 2;
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim > 65536) schedule(static)
+    for (int t = 0; t < tokens; t++) {
+        const float *cs = cos_cache + positions[t] * rotary_dim;
+        const float *sn = sin_cache + positions[t] * rotary_dim;
+        for (int h = 0; h < heads; h++) {
+            uint16_t *v = x + (int64_t)t * token_stride + (int64_t)h * head_stride;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                const float x1 = bf16_to_float(v[i]), x2 = bf16_to_float(v[i + half]);
+                const float c1 = round_bf16(cs[i]), s1 = round_bf16(sn[i]);
+                const float c2 = round_bf16(cs[i + half]), s2 = round_bf16(sn[i + half]);
+                v[i] = float_to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
+                v[i + half] = float_to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
+            }
+        }
+    }
+}

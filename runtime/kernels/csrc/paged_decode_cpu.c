@@ -1,0 +1,469 @@
+/* Paged decode attention on the CPU: one query token per sequence, read in place from the paged
+ * KV cache (layout per layer [num_blocks, 2 (K, V), block_size, num_kv_heads, head_dim]).
+ *
+ * Work is split over sequences (or (sequence, kv head) pairs when sequences are few) with OpenMP;
+ * every query head of a group shares one pass over its kv head's keys and values, so
+ * grouped-query attention reads the cache once. Three paths: bf16 with head_dim 64 or 128
+ * (register-tiled, AVX512-BF16), other bf16 head dims that are multiples of 32 (AVX512-BF16), and
+ * portable C that widens each block to float32 and lets the compiler vectorize.
+ * Built by runtime/kernels/build.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 32
+#define MAX_BLOCK 128
+#define MAX_HEADS 256
+/* The register-tiled kernel prefetches this many positions ahead into L2 (into L1 the miss
+ * queue fills up: 1.5x slower from DRAM on a Zen 4). */
+#define PREFETCH_AHEAD 32
+#define PREFETCH_HINT _MM_HINT_T1
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)h << 16;
+    return c.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    uint32_t u = c.u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                              /* round to even */
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0 (softmax after max subtraction), ~2 ulp; branch-free so loops vectorize. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+    const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * c.f;
+}
+
+/* Copy `n` rows of one kv head out of a cache block half into dst[n][D] as float32. */
+static inline void widen_rows(const void *cache, int64_t base, int64_t row_stride, int n, int D,
+                              int is_bf16, float *restrict dst) {
+    if (is_bf16) {
+        const uint16_t *src = (const uint16_t *)cache + base;
+        for (int i = 0; i < n; i++) {
+            const uint16_t *s = src + i * row_stride;
+            float *d = dst + (int64_t)i * D;
+#pragma omp simd
+            for (int j = 0; j < D; j++) d[j] = bf16_to_float(s[j]);
+        }
+    } else {
+        const float *src = (const float *)cache + base;
+        for (int i = 0; i < n; i++) memcpy(dst + (int64_t)i * D, src + i * row_stride,
+                                           (size_t)D * sizeof(float));
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include "softmax_avx512.h"
+#define HAVE_BF16_FAST_PATH 1
+
+/* Sums of 16 vectors' lanes in one vector: lane 4t+u holds the sum of a[4u+t] (a 4x4 transpose
+ * of the natural order, undone by the caller's slot order). 45 shuffles and adds instead of 16
+ * horizontal reductions. */
+static inline __attribute__((always_inline)) __m512 sum_lanes16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int k = 0; k < 8; k++)
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    for (int m = 0; m < 4; m++)
+        c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
+    for (int n = 0; n < 2; n++)
+        d[n] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(c[2 * n], c[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Row of kv head h at position pos in cache half `half` (0: K, 1: V). */
+static inline const uint16_t *cache_row(const uint16_t *cache, const int32_t *blocks, int pos,
+                                        int half, int h, int D, int block_size,
+                                        int64_t row_stride) {
+    return cache + ((int64_t)blocks[pos / block_size] * 2 + half) * block_size * row_stride +
+           (int64_t)(pos % block_size) * row_stride + (int64_t)h * D;
+}
+
+/* One kv head of one sequence with head_dim = 32 * C32 (inlined per C32 so every accumulator
+ * stays in a register): scores 16 positions at a time (a dot-product chain per key, then one
+ * transpose-and-add), then the values two positions per vector so the bf16 dot-product
+ * instruction applies the softmax weights, for up to 16 / (2 * C32) query heads per sweep.
+ * Needs block_size % 16 == 0 (chunks never straddle a block). */
+static inline __attribute__((always_inline)) void attend_head_bf16(
+    const uint16_t *q0, const uint16_t *cache, const int32_t *blocks, int seq_len, uint16_t *out0,
+    int G, int num_kv_heads, int block_size, int h_lo, int h_hi, float scale,
+    float *restrict scores, uint16_t *restrict probs, const int C32) {
+    enum { C16_MAX = 8 };
+    const int C16 = 2 * C32, D = 32 * C32, GS = 16 / C16;
+    const int64_t row_stride = (int64_t)num_kv_heads * D;
+    const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const int nq = (h_hi - h_lo) * G;
+    float maxs[MAX_HEADS];
+    for (int j = 0; j < nq; j++) maxs[j] = -3.0e38f;
+    for (int p0 = 0; p0 < seq_len; p0 += 16) {
+      const int m = seq_len - p0 < 16 ? seq_len - p0 : 16;
+      const __mmask16 live = tail_mask16(m);
+      for (int h = h_lo; h < h_hi; h++) { /* all heads of a chunk: each row is read once, whole */
+        const uint16_t *k0 = cache_row(cache, blocks, p0, 0, h, D, block_size, row_stride);
+        if (p0 + PREFETCH_AHEAD < seq_len) {
+            const char *ahead = (const char *)cache_row(cache, blocks, p0 + PREFETCH_AHEAD, 0, h,
+                                                        D, block_size, row_stride);
+            for (int i = 0; i < 16; i++)
+                for (int c = 0; c < C32; c++)
+                    _mm_prefetch(ahead + i * row_stride * 2 + 64 * c, PREFETCH_HINT);
+        }
+        for (int g = 0; g < G; g++) {
+            const int j = (h - h_lo) * G + g;
+            const uint16_t *qg = q0 + (int64_t)j * D;
+            __m512bh qv[C16_MAX / 2];
+#pragma GCC unroll 4
+            for (int c = 0; c < C32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
+            __m512 dots[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) {
+                const uint16_t *k = k0 + (i < m ? i : 0) * row_stride;
+                __m512 a = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                for (int c = 0; c < C32; c++)
+                    a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                dots[4 * (i % 4) + i / 4] = a;
+            }
+            const __m512 s = _mm512_mul_ps(sum_lanes16(dots), vscale);
+            _mm512_mask_storeu_ps(scores + (int64_t)j * seq_len + p0, live, s);
+            const float mx = _mm512_mask_reduce_max_ps(live, s);
+            maxs[j] = mx > maxs[j] ? mx : maxs[j];
+        }
+      }
+    }
+    float inv_sum[MAX_HEADS];
+    for (int g = 0; g < nq; g++) {
+        float *sg = scores + (int64_t)g * seq_len;
+        uint16_t *pg = probs + (int64_t)g * prob_stride;
+        inv_sum[g] = softmax_to_bf16(sg, pg, seq_len, seq_len + 2, maxs[g]);
+    }
+    /* word 2l of a pair vector = first position's element l, word 2l+1 = second's */
+    const __m512i interleave = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int hg = 0; hg < (h_hi - h_lo) * ((G + GS - 1) / GS); hg++) {
+        const int h = h_lo + hg / ((G + GS - 1) / GS), g0 = hg % ((G + GS - 1) / GS) * GS;
+        const int j0 = (h - h_lo) * G;
+        __m512 acc[16];
+        const int32_t *w[8]; /* GS <= 8 query heads per sweep */
+#pragma GCC unroll 4
+        for (int gi = 0; gi < GS; gi++) /* past G: repeat the last head, results dropped */
+            w[gi] = (const int32_t *)(probs + (int64_t)(j0 + (g0 + gi < G ? g0 + gi : G - 1)) *
+                                              prob_stride);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+        for (int p = 0; p < seq_len; p += 2) {
+            const uint16_t *va = cache_row(cache, blocks, p, 1, h, D, block_size, row_stride);
+            if (p + PREFETCH_AHEAD < seq_len && g0 == 0) {
+                const char *ahead = (const char *)cache_row(cache, blocks, p + PREFETCH_AHEAD, 1, h,
+                                                            D, block_size, row_stride);
+                for (int c = 0; c < C32; c++) {
+                    _mm_prefetch(ahead + 64 * c, PREFETCH_HINT);
+                    _mm_prefetch(ahead + row_stride * 2 + 64 * c, PREFETCH_HINT);
+                }
+            }
+            const int second = p + 1 < seq_len;
+            __m512bh vp[C16_MAX];
+#pragma GCC unroll 8
+            for (int c = 0; c < C16; c++) {
+                const __m512i lo = _mm512_castsi256_si512(
+                    _mm256_loadu_si256((const __m256i *)(va + 16 * c)));
+                const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                                (const __m256i *)(va + row_stride + 16 * c)))
+                                          : _mm512_setzero_si512();
+                vp[c] = (__m512bh)_mm512_permutex2var_epi16(lo, interleave, hi);
+            }
+#pragma GCC unroll 4
+            for (int gi = 0; gi < GS; gi++) {
+                const __m512bh wv = (__m512bh)_mm512_set1_epi32(w[gi][p / 2]);
+#pragma GCC unroll 8
+                for (int c = 0; c < C16; c++)
+                    acc[gi * C16 + c] = _mm512_dpbf16_ps(acc[gi * C16 + c], wv, vp[c]);
+            }
+        }
+        for (int gi = 0; gi < GS && g0 + gi < G; gi++) {
+            const __m512 inv = _mm512_set1_ps(inv_sum[j0 + g0 + gi]);
+            uint16_t *dst = out0 + (int64_t)(j0 + g0 + gi) * D;
+            for (int c = 0; c < C16; c++) {
+                const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[gi * C16 + c], inv));
+                _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)o);
+            }
+        }
+    }
+}
+
+/* bf16 fast path (head_dim a multiple of 32) for kv heads [h_lo, h_hi) of one sequence, 16
+ * positions at a time in cache order (each block half streams contiguously). Scores: the bf16
+ * dot-product instruction per key, then one transpose-and-add for 16 keys. Values: two positions
+ * interleaved per vector so the same instruction applies the softmax weights (rounded to bf16,
+ * as GPU kernels do), 32 multiply-adds each, float32 accumulation. */
+static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int32_t *blocks,
+                            int seq_len, uint16_t *out, int64_t seq_q_row, int G,
+                            int num_kv_heads, int D, int block_size, int h_lo, int h_hi,
+                            float scale, float *restrict scores, uint16_t *restrict probs,
+                            __m512 *restrict acc) {
+    const int64_t row_stride = (int64_t)num_kv_heads * D;
+    const int64_t half_stride = (int64_t)block_size * row_stride;
+    const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
+    const int chunks32 = D / 32, chunks16 = D / 16, nq = (h_hi - h_lo) * G;
+    const uint16_t *q0 = q + seq_q_row + (int64_t)h_lo * G * D;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    __m512 maxv[MAX_HEADS];
+    for (int j = 0; j < nq; j++) maxv[j] = _mm512_set1_ps(-3.0e38f);
+    for (int p0 = 0; p0 < seq_len; p0 += 16) {
+        const int in_block = p0 % block_size, room = block_size - in_block;
+        const int left = seq_len - p0 < room ? seq_len - p0 : room;
+        const int m = left < 16 ? left : 16;
+        const __mmask16 live = tail_mask16(m);
+        const uint16_t *rows = cache + (int64_t)blocks[p0 / block_size] * 2 * half_stride +
+                               (int64_t)in_block * row_stride;
+        for (int h = h_lo; h < h_hi; h++) {
+            const uint16_t *k0 = rows + (int64_t)h * D;
+            for (int g = 0; g < G; g++) {
+                const int j = (h - h_lo) * G + g;
+                const uint16_t *qj = q0 + (int64_t)j * D;
+                __m512 dots[16];
+                for (int i = 0; i < 16; i++) {
+                    __m512 a = _mm512_setzero_ps();
+                    if (i < m) {
+                        const uint16_t *k = k0 + i * row_stride;
+                        for (int c = 0; c < chunks32; c++)
+                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qj + 32 * c),
+                                                 (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                    }
+                    dots[4 * (i % 4) + i / 4] = a;
+                }
+                const __m512 s = _mm512_mul_ps(sum_lanes16(dots), vscale);
+                _mm512_mask_storeu_ps(scores + (int64_t)j * seq_len + p0, live, s);
+                maxv[j] = _mm512_mask_max_ps(maxv[j], live, maxv[j], s);
+            }
+        }
+        if (m < 16) p0 -= 16 - m; /* a block shorter than 16 positions: continue after it */
+    }
+    float inv_sum[MAX_HEADS];
+    for (int j = 0; j < nq; j++) {
+        float *sj = scores + (int64_t)j * seq_len;
+        uint16_t *pj = probs + (int64_t)j * prob_stride;
+        inv_sum[j] = softmax_to_bf16(sj, pj, seq_len, seq_len + 2,
+                                     _mm512_reduce_max_ps(maxv[j]));
+        for (int c = 0; c < chunks16; c++) acc[j * chunks16 + c] = _mm512_setzero_ps();
+    }
+    /* word 2l of the pair vector = first position's element l, word 2l+1 = second's */
+    const __m512i interleave = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int p = 0; p < seq_len; p += 2) {
+        const int64_t b = blocks[p / block_size];
+        const uint16_t *v_a = cache + b * 2 * half_stride + half_stride +
+                              (int64_t)(p % block_size) * row_stride;
+        const int second = p + 1 < seq_len;
+        const uint16_t *v_b = second ? v_a + row_stride : NULL;
+        if (second && (p + 1) % block_size == 0) /* odd block size: the pair spans two blocks */
+            v_b = cache + (int64_t)blocks[(p + 1) / block_size] * 2 * half_stride + half_stride;
+        for (int h = h_lo; h < h_hi; h++) {
+            __m512bh vp[MAX_HEAD_DIM / 16];
+            for (int c = 0; c < chunks16; c++) {
+                const __m512i lo = _mm512_castsi256_si512(
+                    _mm256_loadu_si256((const __m256i *)(v_a + (int64_t)h * D + 16 * c)));
+                const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
+                                                (const __m256i *)(v_b + (int64_t)h * D + 16 * c)))
+                                          : _mm512_setzero_si512();
+                vp[c] = (__m512bh)_mm512_permutex2var_epi16(lo, interleave, hi);
+            }
+            for (int g = 0; g < G; g++) {
+                const int j = (h - h_lo) * G + g;
+                const __m512bh w = (__m512bh)_mm512_set1_epi32(
+                    *(const int32_t *)(probs + (int64_t)j * prob_stride + p));
+                __m512 *aj = acc + j * chunks16;
+                for (int c = 0; c < chunks16; c++) aj[c] = _mm512_dpbf16_ps(aj[c], w, vp[c]);
+            }
+        }
+    }
+    for (int j = 0; j < nq; j++) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[j]);
+        uint16_t *dst = (uint16_t *)out + seq_q_row + ((int64_t)h_lo * G + j) * D;
+        for (int c = 0; c < chunks16; c++)
+            _mm256_storeu_si256((__m256i *)(dst + 16 * c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[j * chunks16 + c], inv)));
+    }
+}
+#endif
+
+/* One (sequence, kv head) pair: G query heads attend over seq_len cached positions. */
+static void attend_one(const void *q, const void *cache, const int32_t *blocks, int seq_len,
+                       void *out, int64_t q_row, int G, int num_kv_heads, int D, int block_size,
+                       int kv_head, float scale, int is_bf16, float *restrict scores) {
+    const int64_t row_stride = (int64_t)num_kv_heads * D;       /* next position in a block */
+    const int64_t half_stride = (int64_t)block_size * row_stride; /* K half -> V half */
+    float qf[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
+    float tile[MAX_BLOCK * MAX_HEAD_DIM];
+    float maxv[MAX_GROUP], inv_sum[MAX_GROUP];
+
+    widen_rows(q, q_row, D, G, D, is_bf16, qf);
+    for (int j = 0; j < G * D; j++) {
+        qf[j] *= scale;
+        acc[j] = 0.f;
+    }
+    for (int g = 0; g < G; g++) maxv[g] = -3.0e38f;
+    /* Pass 1: scores q.k for every cached position, a block at a time. */
+    for (int p0 = 0, b = 0; p0 < seq_len; p0 += block_size, b++) {
+        const int n = seq_len - p0 < block_size ? seq_len - p0 : block_size;
+        widen_rows(cache, (int64_t)blocks[b] * 2 * half_stride + (int64_t)kv_head * D, row_stride,
+                   n, D, is_bf16, tile);
+        for (int g = 0; g < G; g++) {
+            const float *qg = qf + g * D;
+            float *sg = scores + (int64_t)g * seq_len + p0;
+            float m = maxv[g];
+            for (int i = 0; i < n; i++) {
+                const float *k = tile + (int64_t)i * D;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (int j = 0; j < D; j++) s += qg[j] * k[j];
+                sg[i] = s;
+                m = s > m ? s : m;
+            }
+            maxv[g] = m;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = scores + (int64_t)g * seq_len;
+        const float m = maxv[g];
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int p = 0; p < seq_len; p++) {
+            const float e = exp_nonpositive(sg[p] - m);
+            sg[p] = e;
+            sum += e;
+        }
+        inv_sum[g] = 1.f / sum;
+    }
+    /* Pass 2: weighted sum of values. */
+    for (int p0 = 0, b = 0; p0 < seq_len; p0 += block_size, b++) {
+        const int n = seq_len - p0 < block_size ? seq_len - p0 : block_size;
+        widen_rows(cache, (int64_t)blocks[b] * 2 * half_stride + half_stride + (int64_t)kv_head * D,
+                   row_stride, n, D, is_bf16, tile);
+        for (int g = 0; g < G; g++) {
+            const float *sg = scores + (int64_t)g * seq_len + p0;
+            float *ag = acc + g * D;
+            for (int i = 0; i < n; i++) {
+                const float w = sg[i];
+                const float *v = tile + (int64_t)i * D;
+#pragma omp simd
+                for (int j = 0; j < D; j++) ag[j] += w * v[j];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float inv = inv_sum[g];
+        const float *ag = acc + g * D;
+        if (is_bf16) {
+            uint16_t *dst = (uint16_t *)out + q_row + (int64_t)g * D;
+            for (int j = 0; j < D; j++) dst[j] = float_to_bf16(ag[j] * inv);
+        } else {
+            float *dst = (float *)out + q_row + (int64_t)g * D;
+            for (int j = 0; j < D; j++) dst[j] = ag[j] * inv;
+        }
+    }
+}
+
+/* q, out: [num_seqs, num_q_heads, head_dim] contiguous; block_table: [num_seqs, bt_stride] int32.
+ * Returns 0, or -1 when the shape is outside the kernel's limits (the caller falls back). */
+int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_table,
+                        int64_t bt_stride, const int32_t *seq_lens, void *out, int num_seqs,
+                        int num_q_heads, int num_kv_heads, int head_dim, int block_size,
+                        float scale, int is_bf16, int num_threads) {
+    if (head_dim > MAX_HEAD_DIM || block_size > MAX_BLOCK || num_q_heads % num_kv_heads != 0 ||
+        num_q_heads / num_kv_heads > MAX_GROUP)
+        return -1;
+    const int G = num_q_heads / num_kv_heads;
+    int max_len = 1;
+    for (int s = 0; s < num_seqs; s++)
+        if (seq_lens[s] > max_len) max_len = seq_lens[s];
+    /* Enough sequences to keep every thread busy: one item per sequence (all its heads, so each
+     * block streams contiguously); otherwise one item per (sequence, kv head). */
+    int heads_per_item = num_seqs >= 2 * num_threads ? num_kv_heads : 1;
+#ifdef HAVE_BF16_FAST_PATH
+    /* head dims 64 and 128 in bf16 take the register-tiled kernel */
+    const int per_head = is_bf16 && (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 &&
+                         num_q_heads <= MAX_HEADS;
+#endif
+    const int items = num_seqs * (num_kv_heads / heads_per_item);
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = (float *)malloc((size_t)num_q_heads * max_len * sizeof(float));
+#ifdef HAVE_BF16_FAST_PATH
+        __m512 *acc = (__m512 *)_mm_malloc((size_t)num_q_heads * (MAX_HEAD_DIM / 16) *
+                                           sizeof(__m512), 64);
+        uint16_t *probs = (uint16_t *)malloc((size_t)num_q_heads * (max_len + 3) * 2);
+#else
+        void *acc = scores, *probs = scores;
+#endif
+        if (!scores || !acc || !probs) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int it = 0; it < items; it++) {
+            if (!scores || !acc || !probs) continue;
+            const int per_seq = num_kv_heads / heads_per_item;
+            const int s = it / per_seq, h_lo = (it % per_seq) * heads_per_item;
+            const int h_hi = h_lo + heads_per_item;
+            const int32_t *blocks = block_table + (int64_t)s * bt_stride;
+            const int64_t seq_q_row = (int64_t)s * num_q_heads * head_dim;
+#ifdef HAVE_BF16_FAST_PATH
+            if (per_head) {
+                const uint16_t *qh = (const uint16_t *)q + seq_q_row + (int64_t)h_lo * G * head_dim;
+                uint16_t *oh = (uint16_t *)out + seq_q_row + (int64_t)h_lo * G * head_dim;
+                if (head_dim == 64)
+                    attend_head_bf16(qh, (const uint16_t *)cache, blocks, seq_lens[s], oh, G,
+                                     num_kv_heads, block_size, h_lo, h_hi, scale, scores, probs,
+                                     2);
+                else
+                    attend_head_bf16(qh, (const uint16_t *)cache, blocks, seq_lens[s], oh, G,
+                                     num_kv_heads, block_size, h_lo, h_hi, scale, scores, probs,
+                                     4);
+                continue;
+            }
+            if (is_bf16 && head_dim % 32 == 0 && num_q_heads <= MAX_HEADS) {
+                attend_seq_bf16((const uint16_t *)q, (const uint16_t *)cache, blocks, seq_lens[s],
+                                (uint16_t *)out, seq_q_row, G, num_kv_heads, head_dim, block_size,
+                                h_lo, h_hi, scale, scores, probs, acc);
+                continue;
+            }
+#endif
+            for (int h = h_lo; h < h_hi; h++)
+                attend_one(q, cache, blocks, seq_lens[s], out, seq_q_row + (int64_t)h * G * head_dim,
+                           G, num_kv_heads, head_dim, block_size, h, scale, is_bf16, scores);
+        }
+        free(scores);
+#ifdef HAVE_BF16_FAST_PATH
+        _mm_free(acc);
+        free(probs);
+#endif
+    }
+    return failed ? -1 : 0;
+}

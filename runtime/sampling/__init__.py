@@ -1,0 +1,1 @@
+"""Sampling: SamplingParams and their validation, the batched sampler, logits processors, beam search."""

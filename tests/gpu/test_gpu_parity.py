@@ -1,0 +1,77 @@
+"""Engine vs HF transformers on the GPU: tiny Llama and Qwen3, logprob-close in bf16 (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fornax.runtime import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog and keeps running far away",
+    "def add(a, b):\n    return",
+    "1 2 3 4 5 6 7 8 9",
+    "a",
+    "Once upon a time there was a little model that learned to count",
+]
+MAX_TOKENS = 24
+TOP_K = 5
+
+
+def hf_greedy(model, tokenizer, prompt: str) -> tuple[list[int], list[torch.Tensor]]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+    model.generation_config.eos_token_id = None  # like ignore_eos
+    out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), [s[0] for s in out.scores]
+
+
+def assert_logprob_close(path, llm: LLM, label: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                            logprobs=TOP_K)
+    outputs = llm.generate(PROMPTS, params)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    for prompt, out in zip(PROMPTS, outputs):
+        expected, scores = hf_greedy(hf, tok, prompt)
+        ours = out.outputs[0].token_ids
+        assert len(ours) == MAX_TOKENS
+        for step, (a, b) in enumerate(zip(ours, expected)):
+            # our chosen token's logprob agrees with HF's for the same prefix
+            hf_lp = torch.log_softmax(scores[step].float(), -1)
+            assert abs(out.outputs[0].logprobs[step][a].logprob - float(hf_lp[a])) < 0.5, (
+                f"{label}: {prompt!r} step {step}")
+            if a != b:  # first divergence: each side's choice is in the other's top-k
+                assert b in set(out.outputs[0].logprobs[step]), f"{label}: {prompt!r}"
+                assert a in set(hf_lp.topk(TOP_K).indices.tolist()), f"{label}: {prompt!r}"
+                break
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tiny_models_on_gpu_are_logprob_close_to_transformers(arch, tiny_model) -> None:
+    """The CPU suite's tiny checkpoints (head dims 16/32: torch_ref, compiled, no graphs)."""
+    path = tiny_model(arch)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512,
+              num_gpu_blocks_override=256)
+    assert llm.engine.runner.compiled
+    assert_logprob_close(path, llm, f"{arch} tiny")
+
+
+@pytest.mark.flashinfer
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gpu_shaped_models_with_flashinfer_and_graphs_match_transformers(
+        arch, tiny_model, tmp_path_factory) -> None:
+    """head_dim 128 variants: FlashInfer attention, torch.compile and CUDA graphs together."""
+    from helpers.gpu_models import gpu_shaped_checkpoint
+
+    path = gpu_shaped_checkpoint(tiny_model(arch), arch, tmp_path_factory.mktemp(f"gpu-{arch}"))
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=16)
+    runner = llm.engine.runner
+    assert runner.backend.name == "flashinfer" and runner.graph_runner is not None
+    assert_logprob_close(path, llm, f"{arch} gpu-shaped")
+    assert runner.graph_runner.num_replays > 0

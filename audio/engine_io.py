@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fornax.audio.transcribe import WindowRequest, WindowResult
-from fornax.runtime.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
-from fornax.runtime.sampling_params import SamplingParams
+from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
+from fornax.runtime.sampling.params import SamplingParams
 
 
 def engine_request(request_id: str, window: WindowRequest) -> EngineCoreRequest:

@@ -9,22 +9,24 @@ attention call between them stays outside the graph, so any backend works and ea
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fornax.runtime import env
+from fornax.runtime.loaders.cache_folders import cache_root as fornax_cache_root
+
 logger = logging.getLogger(__name__)
 
 
 def enable_compile_cache(cache_root: str | None = None) -> Path:
     """Point Inductor's on-disk caches at fornax's cache so restarts reuse compiled kernels."""
-    root = Path(cache_root or os.environ.get("FORNAX_CACHE") or Path.home() / ".cache" / "fornax")
-    path = root / "inductor"
+    path = fornax_cache_root(cache_root) / "inductor"
     path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    if not env.TORCHINDUCTOR_CACHE_DIR.is_set():
+        env.TORCHINDUCTOR_CACHE_DIR.set(str(path))
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

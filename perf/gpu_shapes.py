@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fornax.runtime.loaders.cache_folders import cache_root
+
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -50,8 +52,7 @@ def shape_dir(name: str, root: str | os.PathLike[str] | None = None) -> Path:
     """The folder for shape `name` (written on first use under $FORNAX_CACHE/shapes)."""
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
-    base = Path(root or os.environ.get("FORNAX_CACHE") or Path.home() / ".cache" / "fornax")
-    out = base / "shapes" / name
+    out = cache_root(root) / "shapes" / name
     config = out / "config.json"
     if config.exists() and json.loads(config.read_text(encoding="utf-8")) == SHAPES[name]:
         return out

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import os
 from typing import Any
+
+from fornax.runtime import env
 
 LOG_FORMAT = "%(levelname)s %(asctime)s [%(processName)s %(name)s] %(message)s"
 DATE_FORMAT = "%m-%d %H:%M:%S"
@@ -13,7 +14,7 @@ DATE_FORMAT = "%m-%d %H:%M:%S"
 
 def log_level() -> str:
     """The level from FORNAX_LOG_LEVEL (default INFO)."""
-    return os.environ.get("FORNAX_LOG_LEVEL", "INFO").upper()
+    return env.LOG_LEVEL.get()
 
 
 def logging_dictconfig() -> dict[str, Any]:

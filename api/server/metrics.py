@@ -8,7 +8,6 @@ cache) are asked of the engine core at scrape time, so they are exact whichever 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from fornax.api.server.settings import MULTIPROC_ENV
+from fornax.runtime import env
 from fornax.runtime.engine.messages import EngineStats
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,7 +69,7 @@ class Metrics:
     def render(self, engine: EngineStats | None) -> bytes:
         """The exposition text: all workers' metrics plus the engine's, if it answered."""
         registry = CollectorRegistry()
-        path = os.environ.get(MULTIPROC_ENV)
+        path = env.PROMETHEUS_MULTIPROC_DIR.get()
         if path:
             MultiProcessCollector(registry, path)
         else:

@@ -22,13 +22,13 @@ this file fine (its host-side helpers are unit-tested there).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from fornax.runtime import env
 from fornax.runtime.attention.backend import AttentionBackend, CommonAttentionMetadata
 from fornax.runtime.attention.paged_attention_op import register_impl, write_kv
 
@@ -76,9 +76,9 @@ class FlashInferMetadata:
 
 def decode_uses_tensor_cores(num_heads: int, num_kv_heads: int) -> bool:
     """Grouped-query heads decode faster on tensor cores (FlashInfer's prefill kernels)."""
-    override = os.environ.get("FORNAX_FLASHINFER_TENSOR_CORES")
+    override = env.FLASHINFER_TENSOR_CORES.get()
     if override is not None:
-        return override not in ("0", "false", "False")
+        return override
     return num_heads // num_kv_heads >= 2
 
 
@@ -98,8 +98,8 @@ class FlashInferBackend(AttentionBackend):
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.tensor_core_decode = decode_uses_tensor_cores(num_heads, num_kv_heads)
         # fa2 is FlashInfer's portable path (and the quickest to JIT); override to try others.
-        self.prefill_backend = os.environ.get("FORNAX_FLASHINFER_PREFILL_BACKEND", "fa2")
-        self.decode_backend = os.environ.get("FORNAX_FLASHINFER_DECODE_BACKEND", "fa2")
+        self.prefill_backend = env.FLASHINFER_PREFILL_BACKEND.get()
+        self.decode_backend = env.FLASHINFER_DECODE_BACKEND.get()
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=self.prefill_backend)
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(

@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 
+from fornax.runtime import env
 from fornax.runtime.errors import RequestError
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "FORNAX_FAULT_INJECTION"
+ENV_VAR = env.FAULT_INJECTION.name
 STAGES = ("input", "admit", "schedule", "prepare", "grammar", "sample", "stop_check", "output",
           "step", "stall")
 _ERRORS: dict[str, type[Exception]] = {"RuntimeError": RuntimeError, "ValueError": ValueError,
@@ -138,4 +138,4 @@ def configure(spec: dict | None) -> None:
     INJECTOR = None if spec is None else FaultInjector(**spec)
 
 
-INJECTOR: FaultInjector | None = parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+INJECTOR: FaultInjector | None = parse(_spec) if (_spec := env.FAULT_INJECTION.get()) else None

@@ -14,6 +14,9 @@ import threading
 from functools import cache
 from pathlib import Path
 
+from fornax.runtime import env
+from fornax.runtime.loaders.cache_folders import cache_root
+
 logger = logging.getLogger(__name__)
 
 _SRC_DIR = Path(__file__).with_name("csrc")
@@ -22,8 +25,7 @@ _lock = threading.Lock()
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("FORNAX_CACHE") or str(Path.home() / ".cache" / "fornax")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _cpu_signature() -> str:
@@ -37,7 +39,7 @@ def _cpu_signature() -> str:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+    for name in (env.CC.get(), "gcc", "cc", "clang"):
         if name and shutil.which(name):
             return name
     return None
@@ -68,7 +70,7 @@ def _load(name: str) -> ctypes.CDLL | None:
     torch is imported first so the kernel's OpenMP runtime resolves to the one torch already
     loaded (same soname): one thread pool, no oversubscription.
     """
-    if os.environ.get("FORNAX_NATIVE_KERNELS", "1") == "0":
+    if not env.NATIVE_KERNELS.get():
         return None
     import torch  # noqa: F401  (loads libgomp before the kernel does)
 

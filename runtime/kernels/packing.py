@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import torch
+from fornax.runtime import env
 from fornax.runtime.kernels.amx_linear import (
     AMX_MAX_ROWS,
     amx_linear,
@@ -18,9 +18,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# FORNAX_CPU_LINEAR: auto (AMX tiles for decode-sized batches, oneDNN above: two packs), onednn
-# (oneDNN only), amx (AMX only: one pack, larger batches slower).
-_KINDS = ("auto", "onednn", "amx")
 _BOTH_PACKS_MAX_BYTES = 2 << 30  # beyond this many bytes of linear weights, auto packs AMX only
 
 
@@ -52,10 +49,9 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
 
 
 def linear_kind() -> str:
-    kind = os.environ.get("FORNAX_CPU_LINEAR", "auto").strip().lower()
-    if kind not in _KINDS:
-        raise ValueError(f"FORNAX_CPU_LINEAR must be one of {', '.join(_KINDS)}, got {kind!r}")
-    return kind
+    """FORNAX_CPU_LINEAR: auto (AMX tiles for decode-sized batches, oneDNN above: two packs),
+    onednn (oneDNN only), amx (AMX only: one pack, larger batches slower)."""
+    return env.CPU_LINEAR.get()
 
 
 def pack_weight(weight: torch.Tensor, kind: str = "auto") -> PackedWeight:

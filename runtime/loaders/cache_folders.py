@@ -1,13 +1,23 @@
-"""Prepared-model cache folders: a marker file that means "complete", and a per-key build lock."""
+"""The cache root ($FORNAX_CACHE) and prepared folders in it: "complete" marker, build lock."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from fornax.runtime import env
+
 MARKER_NAME = "fornax-prepared.json"  # written last into a prepared folder
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The one cache root: `override` when given, else $FORNAX_CACHE, else ~/.cache/fornax."""
+    if override is not None and str(override):
+        return Path(override).expanduser()
+    return env.CACHE.get() or Path.home() / ".cache" / "fornax"
 
 
 def is_prepared(folder: Path, format_version: int) -> bool:

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
+from fornax.runtime.loaders.cache_folders import cache_root as _cache_root
 from fornax.runtime.loaders.gguf_tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -113,15 +114,6 @@ def prepare_gguf(
 # ---------------------------------------------------------------------------------------------
 # cache: location, content hash, lock, atomic publish
 # ---------------------------------------------------------------------------------------------
-
-
-def _cache_root(cache_root: str | os.PathLike | None) -> pathlib.Path:
-    if cache_root is not None:
-        return pathlib.Path(cache_root).expanduser()
-    env = os.environ.get("FORNAX_CACHE")
-    if env:
-        return pathlib.Path(env).expanduser()
-    return pathlib.Path.home() / ".cache" / "fornax"
 
 
 def _content_hash(path: pathlib.Path, st: os.stat_result, gguf_dir: pathlib.Path) -> str:

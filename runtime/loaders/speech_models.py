@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
+from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, cache_root, is_prepared
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_hf_config, whisper_state_dict
 
 logger = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ PACKAGED_SPEECH_MODELS: dict[str, PackagedSpeechModel] = {
 }
 _ALIASES = {"tiny.en": "whisper-tiny.en", "openai/whisper-tiny.en": "whisper-tiny.en",
             "base": "whisper-base", "openai/whisper-base": "whisper-base"}
-
-
-def cache_root() -> Path:
-    env = os.environ.get("FORNAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fornax"
 
 
 def packaged_name(model: str) -> str | None:

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.metadata
 import json
 import logging
-import os
-import shutil
-import tempfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tools.tiny_checkpoint import (
+    REPO_ROOT,
+    TRAINING_TEXT,
+    cached_checkpoint,
+    cli,
+    init_parameters,
+    write_json,
+)
+
+__all__ = ["ARCHS", "GENERATOR_VERSION", "REPO_ROOT", "SPECIAL_TOKENS", "build_tiny_model",
+           "tiny_model_dir"]
+
 logger = logging.getLogger(__name__)
 
-# Bump when the generated files change meaning (the cache key also hashes this file's source).
+# Bump when the generated files change meaning (the cache key also hashes this file's source and
+# tools/tiny_checkpoint.py's).
 GENERATOR_VERSION = 1
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_ENV = "FORNAX_TEST_CACHE"
 
 ARCHS: tuple[str, ...] = ("llama", "llama-mha", "qwen2", "qwen3")
 
@@ -61,43 +64,10 @@ CHATML_TEMPLATE = (
     "{%- endif %}"
 )
 
-TRAINING_TEXT = """\
-The quick brown fox jumps over the lazy dog. A wizard's job is to vex chumps quickly in fog.
-Once upon a time, in a small village by the sea, there lived an old fisherman who told stories
-about the stars, the tides and the strange lights that danced over the water on winter nights.
-Every morning he walked down to the harbour, checked his nets, and greeted the other fishermen.
-"What is the capital of France?" asked the child. "Paris," said her mother, "and the capital of
-Italy is Rome, of Spain is Madrid, of Germany is Berlin, and of Japan is Tokyo."
-Hello! How are you today? I'm fine, thank you. Could you help me write a short poem about autumn
-leaves, rain on the window, and a warm cup of tea? Sure, here it is: golden leaves are falling down,
-softly covering the town; rain is tapping on the glass, waiting for the storm to pass.
-The inference server schedules requests in batches, stores keys and values in a paged cache, and
-streams tokens back to the client as soon as they are sampled. Latency, throughput and memory are
-the three numbers that matter; everything else is a detail of the implementation.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 42 100 256 1024 2048 3.14159 2.71828 -7 1e-5 0x1F 2024-06-01
-Math: 2 + 2 = 4, 3 * 7 = 21, 10 / 4 = 2.5, 2 ** 10 = 1024, (a + b) * c >= 0, x != y.
-def fibonacci(n: int) -> int:
-    if n < 2:
-        return n
-    return fibonacci(n - 1) + fibonacci(n - 2)
-
-for i in range(10):
-    print(f"fib({i}) = {fibonacci(i)}")
-
-class Request:
-    def __init__(self, request_id: str, prompt_token_ids: list[int]) -> None:
-        self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
-
-{"model": "tiny", "messages": [{"role": "user", "content": "Hi there"}], "temperature": 0.0}
-<html><body><p>Tokens &amp; text, URLs like https://example.com/a?q=1, a@b.io</p></body></html>
-SELECT name, count(*) FROM users WHERE age > 30 GROUP BY name ORDER BY 2 DESC;
-"""
-
 
 def _arch_config_kwargs(arch: str) -> tuple[str, dict[str, Any]]:
     """Return (transformers config class name, kwargs) for one architecture."""
-    common: dict[str, Any] = {
+    common: dict[str, Any] = {  # 2 layers of grouped-query attention unless an arch says otherwise
         "vocab_size": MODEL_VOCAB,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -108,21 +78,16 @@ def _arch_config_kwargs(arch: str) -> tuple[str, dict[str, Any]]:
         "pad_token_id": PAD_ID,
         "initializer_range": 0.02,  # unused: weights are set by _init_weights below
         "hidden_act": "silu",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
     }
+    qwen = {"rope_theta": 1000000.0, "use_sliding_window": False}
     if arch == "llama":
-        return "LlamaConfig", {
-            **common,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "tie_word_embeddings": True,
-            "rope_theta": 10000.0,
-        }
+        return "LlamaConfig", {**common, "tie_word_embeddings": True, "rope_theta": 10000.0}
     if arch == "llama-mha":
         return "LlamaConfig", {
             **common,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
             "num_key_value_heads": 4,
             "intermediate_size": 160,
             "tie_word_embeddings": False,
@@ -136,26 +101,10 @@ def _arch_config_kwargs(arch: str) -> tuple[str, dict[str, Any]]:
             },
         }
     if arch == "qwen2":
-        return "Qwen2Config", {
-            **common,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "tie_word_embeddings": False,
-            "rope_theta": 1000000.0,
-            "use_sliding_window": False,
-        }
+        return "Qwen2Config", {**common, **qwen, "tie_word_embeddings": False}
     if arch == "qwen3":
         return "Qwen3Config", {
-            **common,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "tie_word_embeddings": True,
-            "rope_theta": 1000000.0,
-            "use_sliding_window": False,
-        }
+            **common, **qwen, "num_hidden_layers": 3, "head_dim": 32, "tie_word_embeddings": True}
     raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
@@ -287,20 +236,15 @@ def _param_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
 
 def _init_weights(model: Any, seed: int, vocab_used: int) -> None:
     """Fill every parameter from its own generator seeded by (seed, name): order-independent."""
-    import torch
 
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            mean, std = _param_std(name, tuple(param.shape))
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std + mean
-            if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                values[vocab_used:] = 0.0  # padded ids: logit 0, far below the max of ~500 randoms
-            param.copy_(values)
+    def values(name: str, param: Any, noise: Any) -> Any:
+        mean, std = _param_std(name, tuple(param.shape))
+        out = noise * std + mean
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            out[vocab_used:] = 0.0  # padded ids: logit 0, far below the max of ~500 randoms
+        return out
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    init_parameters(model, seed, values)
 
 
 def _legacy_rope_config(config_path: Path) -> None:
@@ -316,7 +260,7 @@ def _legacy_rope_config(config_path: Path) -> None:
     data["rope_scaling"] = rope
     if "dtype" in data:
         data["torch_dtype"] = data.pop("dtype")
-    _write_json(config_path, data)
+    write_json(config_path, data)
 
 
 def build_tiny_model(arch: str, out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -351,15 +295,15 @@ def build_tiny_model(arch: str, out_dir: str | Path, *, seed: int = 0) -> Path:
             transformers.utils.logging.enable_progress_bar()
     # save_pretrained writes the generation config with transformers' own extras; rewrite both
     # JSON files sorted so the bytes depend only on their content.
-    _write_json(out / "generation_config.json", _generation_config(arch))
+    write_json(out / "generation_config.json", _generation_config(arch))
     config_data = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    _write_json(out / "config.json", config_data)
+    write_json(out / "config.json", config_data)
     if arch == "llama-mha":
         _legacy_rope_config(out / "config.json")
 
     tokenizer.save(str(out / "tokenizer.json"), pretty=True)
-    _write_json(out / "tokenizer_config.json", _tokenizer_config(arch))
-    _write_json(
+    write_json(out / "tokenizer_config.json", _tokenizer_config(arch))
+    write_json(
         out / "special_tokens_map.json",
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     )
@@ -378,22 +322,6 @@ def build_tiny_model(arch: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-def _generator_fingerprint() -> str:
-    """Hash of this file and of the libraries whose output lands in the files."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    for dist in ("transformers", "tokenizers", "torch", "safetensors"):
-        try:
-            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{dist}=none".encode())
-    return digest.hexdigest()[:10]
-
-
-def default_cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / ".cache" / "tiny-models"
-
-
 def tiny_model_dir(
     arch: str,
     cache_root: str | Path | None = None,
@@ -403,43 +331,16 @@ def tiny_model_dir(
 ) -> Path:
     """Return a cached checkpoint dir for (arch, seed), building it once; safe under races.
 
-    The key holds GENERATOR_VERSION and a hash of this file and of the transformers/tokenizers/torch
-    versions, so editing the generator or upgrading them rebuilds.
-    A build goes into a temporary sibling dir that is renamed into place (atomic), so a reader
-    never sees a half-written checkpoint and concurrent builders agree on one result.
+    The key holds GENERATOR_VERSION and a hash of this file, of tools/tiny_checkpoint.py and of
+    the transformers/tokenizers/torch versions, so editing the generator or upgrading them rebuilds.
     """
     _arch_config_kwargs(arch)  # validate early
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    final = root / f"{arch}-seed{seed}-v{GENERATOR_VERSION}-{_generator_fingerprint()}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        (builder or build_tiny_model)(arch, tmp, seed=seed)
-        tmp.chmod(0o755)  # mkdtemp made it 0700
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a failure other than "someone else finished first"
-                raise
-            logger.debug("another process built %s first", final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_checkpoint(__file__, GENERATOR_VERSION, arch, seed, cache_root,
+                             builder or build_tiny_model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("arch", choices=ARCHS)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = build_tiny_model(args.arch, args.out_dir, seed=args.seed)
-    print(out)
-    return 0
+    return cli(__doc__, ARCHS, build_tiny_model, argv)
 
 
 if __name__ == "__main__":

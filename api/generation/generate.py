@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fornax.api.server.errors import APIError
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
@@ -17,9 +17,16 @@ from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.offline.outputs import Logprob
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.sampling.request_prep import child_requests
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+
+
+class _Choice(Protocol):
+    index: int
+
+
+C = TypeVar("C", bound=_Choice)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Generation:
     timings: dict[str, _ChoiceTiming] = field(default_factory=dict)
     cumulative: dict[int, float] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+    _first_ids: list[str] = field(default_factory=list)  # each prompt's first engine request
 
     @property
     def n(self) -> int:
@@ -76,7 +84,7 @@ class Generation:
 
     @property
     def count(self) -> int:
-        return max(self.params.n, getattr(self.params, "best_of", None) or 1)
+        return max(self.params.n, self.params.best_of or 1)
 
     @property
     def num_candidates(self) -> int:
@@ -93,42 +101,30 @@ class Generation:
     @property
     def num_cached_tokens(self) -> int:
         """Prefix-cache hits of each prompt's first candidate."""
-        return sum(self.timings[self._engine_id(i, 0)].num_cached
-                   for i in range(len(self.prompts)) if self._engine_id(i, 0) in self.timings)
+        return sum(self.timings[rid].num_cached for rid in self._first_ids if rid in self.timings)
 
-    def _engine_id(self, prompt_index: int, choice: int) -> str:
-        return f"{self.request_id}-{prompt_index}-{choice}"
-
-    def pick(self, candidates: list[T]) -> list[T]:
-        """best_of: the n most likely candidates of each prompt, best first (else all, in order)."""
+    def pick(self, candidates: list[C]) -> list[C]:
+        """best_of: the n most likely candidates of each prompt, best first (else all, in order),
+        numbered as the answer's choices."""
         if self.count == self.n:
             return candidates
-        out: list[T] = []
+        out: list[C] = []
         for i in range(len(self.prompts)):
             idx = range(i * self.count, (i + 1) * self.count)
             best = sorted(idx, key=lambda c: self.cumulative.get(c, float("-inf")), reverse=True)
             out.extend(candidates[c] for c in best[: self.n])
+        for index, choice in enumerate(out):
+            choice.index = index
         return out
 
     def _child_requests(self, arrival: float) -> list[EngineCoreRequest]:
-        params, count = self.params, self.count
-        ranked = count > params.n
-        share = "parent_id" in EngineCoreRequest.__struct_fields__
         requests = []
         for i, prompt in enumerate(self.prompts):
-            for j in range(count):
-                eid = self._engine_id(i, j)
-                child = params
-                if count > 1:
-                    changes: dict[str, object] = {"n": 1, "seed": _child_seed(params.seed, j)}
-                    if hasattr(params, "best_of"):
-                        changes["best_of"] = None
-                    if ranked and params.logprobs is None:
-                        changes["logprobs"] = 0  # ranking needs each candidate's logprob
-                    child = params.clone(**changes)
-                extra = {"parent_id": f"{self.request_id}-{i}"} if share and count > 1 else {}
-                requests.append(EngineCoreRequest(eid, prompt.token_ids, child, arrival,
-                                                  self.priority, self.cache_salt, **extra))
+            children = child_requests(f"{self.request_id}-{i}", prompt.token_ids, self.params,
+                                      self.state.max_model_len, arrival_time=arrival,
+                                      priority=self.priority, cache_salt=self.cache_salt)
+            self._first_ids.append(children[0].request_id)
+            requests.extend(children)
         return requests
 
     async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
@@ -222,14 +218,6 @@ class Generation:
         metrics.e2e.observe(now - self.timings[rid].arrival)
 
 
-def _child_seed(seed: int | None, j: int) -> int | None:
-    """Candidate j's seed: seed + j (as the offline LLM does), kept inside int64."""
-    if seed is None:
-        return None
-    child = seed + j
-    return child if child < 2 ** 63 else child - 2 ** 64
-
-
 def usage_of(gen: Generation) -> UsageInfo:
     """Token counts so far (prompts counted once however many choices)."""
     prompt, completion = gen.num_prompt_tokens, gen.num_completion_tokens
@@ -245,20 +233,24 @@ def new_request_id(prefix: str, user_id: str | None) -> tuple[str, str]:
 
 
 def request_sampling_params(state: AppState, body: _SamplingFields, *, max_tokens: int,
-                            logprobs: int | None, extra: dict | None) -> SamplingParams:
-    """A chat or completions request's SamplingParams under the server's defaults and limits."""
+                            logprobs: int | None, extra: dict | None,
+                            logprobs_param: str = "logprobs") -> SamplingParams:
+    """A chat or completions request's SamplingParams under the server's defaults and limits
+    (the logprob limit is checked here only; `logprobs_param` names the field that asked)."""
     return build_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, extra=extra,
                                  defaults=state.sampling_defaults,
                                  max_logprobs=state.engine_info.max_logprobs,
                                  tokenizer=state.tokenizer,
                                  vocab_size=state.engine_info.vocab_size,
-                                 limits=state.settings.input_limits)
+                                 limits=state.settings.input_limits,
+                                 logprobs_param=logprobs_param)
 
 
 def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[PromptInput],
-                     params: SamplingParams) -> tuple[Generation, str, int]:
+                     params: SamplingParams, *, watch: bool = True
+                     ) -> tuple[Generation, str, int]:
     """The Generation of an API request, its public id and creation time; a client disconnect
-    from now on aborts its engine requests."""
+    from now on aborts its engine requests (unless not `watch`: background work)."""
     state = req.state
     count = max(params.n, params.best_of or 1)
     if len(prompts) * count > MAX_CHOICES_PER_REQUEST:
@@ -269,7 +261,8 @@ def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[P
         logger.info("%s request %s: %d prompt(s), %d prompt tokens, %s", id_prefix, public_id,
                     len(prompts), sum(len(p.token_ids) for p in prompts), clip_for_log(params))
     gen = Generation(state, engine_id, prompts, params, body.priority, body.cache_salt)
-    req.watch_disconnect()
+    if watch:
+        req.watch_disconnect()
     return gen, public_id, int(time.time())
 
 

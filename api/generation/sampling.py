@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fornax.api.server.errors import APIError
 from fornax.api.protocol.openai import _SamplingFields
 from fornax.runtime.errors import RequestError
 from fornax.runtime.limits import DEFAULT_LIMITS, InputLimits
-from fornax.runtime.sampling.request_prep import prepare_sampling_params
+from fornax.runtime.sampling.request_prep import (
+    check_prompt,
+    prepare_sampling_params,
+    resolve_max_tokens,
+    truncate_prompt,
+)
 from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.text.tokenizer import TokenizerFront
+
+if TYPE_CHECKING:
+    from fornax.api.server.state import AppState
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -67,7 +75,8 @@ def check_unsupported(req: _SamplingFields, *, structured: bool = False) -> None
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
                           defaults: dict[str, Any], max_logprobs: int, tokenizer: TokenizerFront,
                           vocab_size: int, extra: dict[str, Any] | None = None,
-                          limits: InputLimits = DEFAULT_LIMITS) -> SamplingParams:
+                          limits: InputLimits = DEFAULT_LIMITS,
+                          logprobs_param: str = "logprobs") -> SamplingParams:
     """SamplingParams from a chat or completions request, validated once here (the engine does
     not check them again); RequestError -> 400 naming the field."""
     n = 1 if req.n is None else req.n
@@ -99,8 +108,10 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logpr
     try:
         params = prepare_sampling_params(SamplingParams(**kwargs), tokenizer, vocab_size,
                                          max_logprobs, limits)
-    except RequestError as exc:
-        raise APIError(400, str(exc), exc.param) from None
+    except RequestError as exc:  # chat asks for logprobs as top_logprobs
+        param = logprobs_param if exc.param == "logprobs" else exc.param
+        raise APIError(400, str(exc).replace("logprobs", logprobs_param, 1)
+                       if param != exc.param else str(exc), param) from None
     return params
 
 
@@ -110,39 +121,22 @@ def _pick(value: Any, defaults: dict[str, Any], name: str, fallback: Any) -> Any
     return defaults.get(name, fallback)
 
 
-def check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int, param: str) -> None:
-    """400 for an empty prompt, one that leaves no room for output, or out-of-vocab ids."""
-    if not token_ids:
-        raise APIError(400, "the prompt is empty (it has no tokens)", param)
-    if len(token_ids) >= max_model_len:
-        raise APIError(
-            400, f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-            f"has {len(token_ids)} tokens, leaving no room for output. Please shorten the prompt.",
-            param)
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab_size})", param)
+def front_prompt(state: AppState, token_ids: list[int], truncate: int | None,
+                 param: str) -> list[int]:
+    """The prompt ids the engine gets: truncated (truncate_prompt_tokens) and checked, by the
+    front end the offline LLM shares (400 naming the field)."""
+    try:
+        token_ids = truncate_prompt(token_ids, truncate, state.max_model_len)
+        check_prompt(token_ids, state.max_model_len, state.engine_info.vocab_size, param)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+    return token_ids
 
 
-def truncate_prompt(token_ids: list[int], truncate: int | None, max_model_len: int) -> list[int]:
-    """vLLM's truncate_prompt_tokens: keep the last k tokens (-1: the model's context length)."""
-    if truncate is None:
-        return token_ids
-    if truncate == -1:
-        truncate = max_model_len
-    if truncate < 1 or truncate > max_model_len:
-        raise APIError(400, f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}], got "
-                       f"{truncate}", "truncate_prompt_tokens")
-    return token_ids[-truncate:]
-
-
-def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int,
-                       max_model_len: int, param: str = "max_tokens") -> int:
-    """max_tokens clamped to the context left (not an error); < 1 is a 400."""
-    room = max_model_len - prompt_len
-    value = requested if requested is not None else default
-    if value is None:
-        return room
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise APIError(400, f"{param} must be an integer >= 1, got {value!r}", param)
-    return min(value, room)
+def front_max_tokens(state: AppState, requested: int | None, prompt_len: int, param: str,
+                     default: int | None) -> int:
+    """max_tokens clamped to the context left (request_prep.resolve_max_tokens; < 1 is a 400)."""
+    try:
+        return resolve_max_tokens(requested, default, prompt_len, state.max_model_len, param)
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None

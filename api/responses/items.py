@@ -8,7 +8,8 @@ from typing import Any
 
 from fornax.api.server.errors import APIError
 from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesRequest
-from fornax.api.routes.subrequest import Block
+from fornax.api.protocol.openai import UsageInfo
+from fornax.api.routes.chat_blocks import Block
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 _EFFORTS = ("minimal", "low", "medium", "high")
@@ -210,16 +211,15 @@ def assistant_message(blocks: list[Block]) -> dict[str, Any]:
     return message
 
 
-def usage_of(usage: dict[str, Any] | None, reasoning_tokens: int = 0
-             ) -> dict[str, Any] | None:
-    if not usage:
+def usage_of(usage: UsageInfo | None, reasoning_tokens: int = 0) -> dict[str, Any] | None:
+    if usage is None:
         return None
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {"input_tokens": usage.get("prompt_tokens", 0),
-            "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": usage.get("completion_tokens", 0),
+    details = usage.prompt_tokens_details
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": details.cached_tokens if details else 0},
+            "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
-            "total_tokens": usage.get("total_tokens", 0)}
+            "total_tokens": usage.total_tokens}
 
 
 def response_object(rid: str, created_at: int, body: ResponsesRequest, model: str, *,

@@ -2,8 +2,8 @@
 Responses API over the chat path, with stored and background responses (API workers).
 
 A response is a chat request (instructions + the stored conversation of `previous_response_id` +
-the input items) run in-process through `chat.chat_completions`; its answer becomes output items
-(message, function_call, reasoning). `background` responses run in a task of the worker that
+the input items) run through the chat path's typed entry `chat.run_chat`; its answer becomes
+output items (message, function_call, reasoning). `background` responses run in a task of the worker that
 received them; GET shows them queued / in_progress / completed, cancel stops them. With the SQLite
 store any worker can cancel: the running worker polls the store and stops. The in-memory store is
 per worker (see responses_store).
@@ -33,7 +33,7 @@ from fornax.api.responses.items import chat_body, input_items, input_messages, n
 from fornax.api.responses.store import RecordTooLarge, ResponseStore, make_store, owner_of
 from fornax.api.responses.stream import ResponseRun, sse_event
 from fornax.api.server.settings import ServerSettings
-from fornax.api.routes.subrequest import call_json, open_stream, subrequest
+from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -135,26 +135,25 @@ async def create_response(req: Request) -> Response:
             raise APIError(400, f"{exc}; send store=false to be answered without storing",
                            "store") from None
     streamed = body.stream or body.background
-    inner = chat_body(raw, body, messages, streamed)
+    inner = _chat_request(chat_body(raw, body, messages, streamed))
     headers = {"x-request-id": body.request_id or rid}
     if body.background:
         return await _start_background(req, service, run, inner, headers)
-    try:
-        if body.stream:  # opened here: a refusal is still answered with its own status
-            chunks = await open_stream(chat.chat_completions,
-                                       subrequest(req, "/v1/chat/completions", inner))
+    try:  # a refusal is raised here, answered with its own status before any streamed byte
+        answer, _ = await chat.run_chat(req, inner)
+        if body.stream:
+            chunks = chat.as_stream(answer)
         else:
-            answer = await call_json(chat.chat_completions,
-                                     subrequest(req, "/v1/chat/completions", inner))
+            whole = await chat.as_response(answer)
     except APIError as exc:
         raise _in_responses_terms(exc) from None
     if body.stream:
 
-        async def opened() -> AsyncIterator[dict[str, Any]]:
+        async def opened() -> AsyncIterator[ChatCompletionChunk]:
             return chunks
 
         return StreamingResponse(_sse(run.events(opened)), headers=headers)
-    run.from_answer(answer)
+    run.from_answer(whole)
     await run.save()  # may find the answer too large to store: store=false then
     return json_response(run.snapshot(), headers=headers)
 
@@ -162,6 +161,14 @@ async def create_response(req: Request) -> Response:
 _CHAT_PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
                 "response_format": "text.format", "messages": "input",
                 "reasoning_effort": "reasoning.effort"}
+
+
+def _chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request as the typed struct; a field it refuses is named in this API's terms."""
+    try:
+        return chat.chat_request(body)
+    except APIError as exc:
+        raise _in_responses_terms(exc) from None
 
 
 def _in_responses_terms(exc: APIError) -> APIError:
@@ -190,7 +197,7 @@ async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
 
 
 async def _start_background(req: Request, service: ResponsesService, run: ResponseRun,
-                            inner: dict[str, Any], headers: dict[str, str]) -> Response:
+                            inner: ChatCompletionRequest, headers: dict[str, str]) -> Response:
     """Store the response as queued and run it in a task that outlives this request; a streamed
     one also sends its events to this client while it stays connected."""
     service.check_background(run.owner)  # again, with no await before the slot is taken
@@ -203,9 +210,9 @@ async def _start_background(req: Request, service: ResponsesService, run: Respon
         raise
     listener: asyncio.Queue[Any] | None = asyncio.Queue() if run.body.stream else None
 
-    async def open_chunks() -> AsyncIterator[dict[str, Any]]:
-        return await open_stream(chat.chat_completions,
-                                 subrequest(req, "/v1/chat/completions", inner, detached=True))
+    async def open_chunks() -> AsyncIterator[ChatCompletionChunk]:
+        answer, _ = await chat.run_chat(req, inner, detached=True)
+        return chat.as_stream(answer)
 
     task = asyncio.create_task(_run_background(service, run, open_chunks, listener))
     service.tasks[run.rid] = task
@@ -224,7 +231,7 @@ async def _follow(listener: asyncio.Queue[Any]) -> AsyncIterator[bytes]:
 
 
 async def _run_background(service: ResponsesService, run: ResponseRun,
-                          open_chunks: Callable[[], Awaitable[AsyncIterator[dict[str, Any]]]],
+                          open_chunks: Callable[[], Awaitable[AsyncIterator[ChatCompletionChunk]]],
                           listener: asyncio.Queue[Any] | None) -> None:
     events = run.events(open_chunks)
     next_poll = time.monotonic() + _POLL_CANCEL_S

@@ -21,7 +21,8 @@ from fornax.api.responses.items import (
     usage_of,
 )
 from fornax.api.responses.store import RecordTooLarge, ResponseStore, StoredResponse
-from fornax.api.routes.subrequest import Block, ChatDeltaReader, blocks_of_message
+from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionResponse, UsageInfo
+from fornax.api.routes.chat_blocks import Block, ChatDeltaReader, blocks_of_message
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ResponseRun:
         self.status = "queued"
         self.reader = ChatDeltaReader()
         self.blocks: list[Block] = []
-        self.usage: dict[str, Any] | None = None
+        self.usage: UsageInfo | None = None
         self.reasoning_tokens = 0
         self.error: dict[str, Any] | None = None
         self.incomplete = False
@@ -111,7 +112,7 @@ class ResponseRun:
             await self.store.delete(self.rid, self.owner)
             return True
 
-    def finish(self, finish_reason: str | None, usage: dict[str, Any] | None) -> None:
+    def finish(self, finish_reason: str | None, usage: UsageInfo | None) -> None:
         self.blocks = self.blocks or self.reader.blocks
         self.usage = usage or self.usage
         self.incomplete = finish_reason == "length"
@@ -132,11 +133,11 @@ class ResponseRun:
         self.reader.open = None
         self.status = "cancelled"
 
-    def from_answer(self, answer: dict[str, Any]) -> dict[str, Any]:
+    def from_answer(self, answer: ChatCompletionResponse) -> dict[str, Any]:
         """A complete (non-streamed) chat answer -> the finished response object."""
-        choice = answer["choices"][0]
-        self.blocks = blocks_of_message(choice["message"])
-        self.finish(choice.get("finish_reason"), answer.get("usage"))
+        choice = answer.choices[0]
+        self.blocks = blocks_of_message(choice.message)
+        self.finish(choice.finish_reason, answer.usage)
         return self.snapshot()
 
     # ---- events ----------------------------------------------------------------------------------
@@ -145,14 +146,14 @@ class ResponseRun:
         self.seq += 1
         return event
 
-    async def events(self, open_chunks: Callable[[], Awaitable[AsyncIterator[dict[str, Any]]]]
+    async def events(self, open_chunks: Callable[[], Awaitable[AsyncIterator[ChatCompletionChunk]]]
                      ) -> AsyncIterator[dict[str, Any]]:
         """The SSE events of this response from the chat chunks `open_chunks` starts; stores it
         at the end (a cancel that landed in the store meanwhile wins: the status is cancelled)."""
         self.status = "in_progress"
         yield self._ev("response.created", response=self.snapshot())
         yield self._ev("response.in_progress", response=self.snapshot())
-        chunks: AsyncIterator[dict[str, Any]] | None = None
+        chunks: AsyncIterator[ChatCompletionChunk] | None = None
         try:
             chunks = await open_chunks()
             async for chunk in chunks:

@@ -1,10 +1,10 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API over the chat path
 (API workers).
 
-A Messages request is translated into a chat body (system -> system message, tool_use ->
-assistant tool_calls, tool_result -> tool messages, stop_sequences -> stop), run through
-`chat.chat_completions` in-process, and its answer or SSE chunks are translated back into
-Anthropic's message object or event stream. Errors use Anthropic's shape.
+A Messages request is translated into a chat request (system -> system message, tool_use ->
+assistant tool_calls, tool_result -> tool messages, stop_sequences -> stop), run through the chat
+path's typed entry `chat.run_chat`, and its answer or chunks are translated back into Anthropic's
+message object or event stream. Errors use Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -29,14 +29,9 @@ from fornax.api.protocol.anthropic import (
     MessagesRequest,
     Usage,
 )
-from fornax.api.routes.subrequest import (
-    Block,
-    ChatDeltaReader,
-    blocks_of_message,
-    call_json,
-    open_stream,
-    subrequest,
-)
+from fornax.api.protocol.openai import ChatCompletionChunk, UsageInfo
+from fornax.api.routes.chat_blocks import Block, ChatDeltaReader, blocks_of_message
+from fornax.api.routes.subrequest import call_json, subrequest
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +229,13 @@ def _stop(finish_reason: str | None, stop_reason: Any, stops: list[str] | None,
     return "end_turn", None
 
 
-def _usage(usage: dict[str, Any] | None) -> Usage:
-    usage = usage or {}
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return Usage(input_tokens=usage.get("prompt_tokens", 0) - cached,
-                 output_tokens=usage.get("completion_tokens", 0),
-                 cache_read_input_tokens=cached)
+def _usage(usage: UsageInfo | None) -> Usage:
+    if usage is None:
+        return Usage()
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None else 0
+    return Usage(input_tokens=usage.prompt_tokens - cached,
+                 output_tokens=usage.completion_tokens, cache_read_input_tokens=cached)
 
 
 def _block_json(block: Block) -> dict[str, Any]:
@@ -272,27 +268,26 @@ async def messages(req: Request) -> Response:
     model = req.state.resolve_model(body.model)
     msg_id = f"msg_{uuid.uuid4().hex}"
     raw = await req.json_value()
-    inner = subrequest(req, "/v1/chat/completions", to_chat_body(body, raw))
+    answer, _ = await chat.run_chat(req, chat.chat_request(to_chat_body(body, raw)))
     if body.stream:
-        events = await open_stream(chat.chat_completions, inner)
-        return StreamingResponse(_stream(events, model, msg_id, body.stop_sequences),
-                                 headers={"x-request-id": msg_id})
-    answer = await call_json(chat.chat_completions, inner)
-    choice = answer["choices"][0]
-    blocks = blocks_of_message(choice["message"])
-    reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"),
+        return StreamingResponse(_stream(chat.as_stream(answer), model, msg_id,
+                                         body.stop_sequences), headers={"x-request-id": msg_id})
+    answer = await chat.as_response(answer)
+    choice = answer.choices[0]
+    blocks = blocks_of_message(choice.message)
+    reason, sequence = _stop(choice.finish_reason, choice.stop_reason,
                              body.stop_sequences, any(b.kind == "tool_call" for b in blocks))
     content = [_block_json(b) for b in blocks]
     return json_response(Message(msg_id, model, content, reason, sequence,
-                                 _usage(answer.get("usage"))), headers={"x-request-id": msg_id})
+                                 _usage(answer.usage)), headers={"x-request-id": msg_id})
 
 
-async def _stream(events: AsyncIterator[dict[str, Any]], model: str, msg_id: str,
+async def _stream(chunks: AsyncIterator[ChatCompletionChunk], model: str, msg_id: str,
                   stops: list[str] | None) -> AsyncIterator[bytes]:
     reader = ChatDeltaReader()
     started = False
     try:
-        async for chunk in events:
+        async for chunk in chunks:
             out = reader.feed(chunk)
             if not started:
                 started = True
@@ -318,7 +313,7 @@ async def _stream(events: AsyncIterator[dict[str, Any]], model: str, msg_id: str
         logger.exception("messages stream %s failed", msg_id)
         yield _event("error", error_body(APIError(500, "internal server error")))
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _block_event(kind: str, block: Block, text: str) -> bytes:

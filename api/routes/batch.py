@@ -3,8 +3,9 @@
 vLLM's shape: a chat body whose `messages` is a list of conversations; the answer is one
 chat.completion whose choice i (n = 1) answers conversation i, with the usage summed. Every
 other field applies to each conversation (structured output included). `stream` and `tools` are
-refused, as vLLM does. The conversations run concurrently through the chat path, so they share
-the engine's batches; if one fails, the others are cancelled and its error is the answer.
+refused, as vLLM does. The conversations run concurrently through the chat path's typed entry
+(`chat.run_chat`), so they share the engine's batches; if one fails, the others are cancelled
+and its error is the answer.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from fornax.api.routes import chat
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, json_response
 from fornax.api.routes.pooling_common import check_route_runner
-from fornax.api.routes.subrequest import call_json, subrequest
+from fornax.api.protocol.openai import ChatChoice, ChatCompletionResponse
+from fornax.api.routes.subrequest import subrequest
 from fornax.runtime.limits import MAX_CONVERSATIONS
-
 
 
 def _conversations(body: Any) -> list[list[dict[str, Any]]]:
@@ -44,11 +45,13 @@ def _conversations(body: Any) -> list[list[dict[str, Any]]]:
     return convs
 
 
-async def _run_all(req: Request, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    tasks = [asyncio.create_task(call_json(chat.chat_completions,
-                                           subrequest(req, "/v1/chat/completions", b,
-                                                      detached=True)))
-             for b in bodies]
+async def _answer(req: Request, body: dict[str, Any]) -> ChatCompletionResponse:
+    answer, _ = await chat.run_chat(req, chat.chat_request(body), detached=True)
+    return await chat.as_response(answer)
+
+
+async def _run_all(req: Request, bodies: list[dict[str, Any]]) -> list[ChatCompletionResponse]:
+    tasks = [asyncio.create_task(_answer(req, b)) for b in bodies]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for i, task in enumerate(tasks):
@@ -73,14 +76,15 @@ async def chat_batch(req: Request) -> Response:
     model = req.state.resolve_model(body.get("model"))
     req.watch_disconnect()  # cancels this task, which cancels every conversation
     answers = await _run_all(req, [{**body, "messages": conv} for conv in convs])
-    choices: list[dict[str, Any]] = []
+    choices: list[ChatChoice] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for i, answer in enumerate(answers):
-        choice = answer["choices"][0]
-        choice["index"] = i
+        choice = answer.choices[0]
+        choice.index = i
         choices.append(choice)
-        for key in usage:
-            usage[key] += answer["usage"].get(key, 0)
+        usage["prompt_tokens"] += answer.usage.prompt_tokens
+        usage["completion_tokens"] += answer.usage.completion_tokens
+        usage["total_tokens"] += answer.usage.total_tokens
     public_id = f"chatcmpl-batch-{uuid.uuid4().hex}"
     return json_response({"id": public_id, "object": "chat.completion",
                           "created": int(time.time()), "model": model, "choices": choices,

@@ -7,10 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from fornax.api.generation.beam import beam_search, check_beam_request
-from fornax.api.routes.chat_features import ChatPlan, plan_chat, resolve_thinking
-from fornax.api.routes.chat_output import ChoiceShaper
-from fornax.api.server.errors import APIError
 from fornax.api.generation.generate import (
     ChoiceUpdate,
     Generation,
@@ -22,9 +21,9 @@ from fornax.api.generation.generate import (
     start_updates,
     usage_of,
 )
-from fornax.api.server.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
 from fornax.api.generation.logprobs import chat_logprobs, prompt_logprobs_json
-from fornax.api.server.offload import prepare
+from fornax.api.generation.output import collect, sse_stream
+from fornax.api.generation.sampling import check_unsupported, front_max_tokens, front_prompt
 from fornax.api.protocol.openai import (
     ChatChoice,
     ChatCompletionChunk,
@@ -35,12 +34,11 @@ from fornax.api.protocol.openai import (
     DeltaMessage,
     UsageInfo,
 )
-from fornax.api.generation.sampling import (
-    check_prompt,
-    check_unsupported,
-    resolve_max_tokens,
-    truncate_prompt,
-)
+from fornax.api.routes.chat_features import ChatPlan, plan_chat, resolve_thinking
+from fornax.api.routes.chat_output import ChoiceShaper
+from fornax.api.server.errors import APIError, from_validation_error
+from fornax.api.server.http import Request, Response, StreamingResponse, json_response
+from fornax.api.server.offload import prepare
 from fornax.api.server.state import AppState
 from fornax.api.tools.messages import prepare_messages
 from fornax.runtime.errors import RequestError
@@ -102,55 +100,89 @@ def _echo_text(body: ChatCompletionRequest) -> str:
     return content if isinstance(content, str) else ""
 
 
+ChatAnswer = ChatCompletionResponse | AsyncIterator[ChatCompletionChunk]
+
+
+def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """A chat request built by another surface (Anthropic, Responses, batch) as the typed struct,
+    checked as the JSON route checks its body (400 naming the field)."""
+    try:
+        return msgspec.convert(body, ChatCompletionRequest)
+    except msgspec.ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def as_stream(answer: ChatAnswer) -> AsyncIterator[ChatCompletionChunk]:
+    """The chunks of an answer asked for with `stream` (beam search answers whole: a 500)."""
+    if isinstance(answer, ChatCompletionResponse):
+        raise APIError(500, "internal server error")
+    return answer
+
+
+async def as_response(answer: ChatAnswer) -> ChatCompletionResponse:
+    """The whole answer of a request asked for without `stream`."""
+    if not isinstance(answer, ChatCompletionResponse):
+        await answer.aclose()  # type: ignore[attr-defined]
+        raise APIError(500, "internal error: a streamed answer where JSON was expected")
+    return answer
+
+
 async def chat_completions(req: Request) -> Response:
-    state = req.state
     body = await req.json(ChatCompletionRequest)
+    answer, headers = await run_chat(req, body)
+    if isinstance(answer, ChatCompletionResponse):
+        return json_response(answer, headers=headers)
+    return StreamingResponse(sse_stream(answer, headers["x-request-id"]), headers=headers)
+
+
+async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool = False
+                   ) -> tuple[ChatAnswer, dict[str, str]]:
+    """The typed entry of the chat path (the route and every surface built on it): the whole
+    answer, or (with `stream`) its chunks once the engine has accepted the request, so a refusal
+    is raised here; and the response headers. `detached`: a client disconnect does not abort it
+    (background work). A failure mid-stream raises APIError from the chunk iterator."""
+    state = req.state
     model = state.resolve_model(body.model)
     check_unsupported(body, structured=True)
     plan = plan_chat(state.chat_features, body)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-    if body.top_logprobs is not None and not \
-            0 <= body.top_logprobs <= state.engine_info.max_logprobs:
-        raise APIError(400, f"top_logprobs must be in [0, {state.engine_info.max_logprobs}] "
-                       "(--max-logprobs)", "top_logprobs")
+    if body.top_logprobs is not None and body.top_logprobs < 0:  # the limit: SamplingParams
+        raise APIError(400, "top_logprobs must be >= 0", "top_logprobs")
     text, ids = await prepare(
         req, render_prompt, state, body.messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, tools=body.tools,
         documents=body.documents, chat_template=body.chat_template,
         template_kwargs=body.chat_template_kwargs, add_special_tokens=body.add_special_tokens)
-    ids = truncate_prompt(ids, body.truncate_prompt_tokens, state.max_model_len)
-    check_prompt(ids, state.max_model_len, state.engine_info.vocab_size, "messages")
+    ids = front_prompt(state, ids, body.truncate_prompt_tokens, "messages")
     resolve_thinking(plan, state, body, text)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None \
-        else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(requested, state.sampling_defaults.get("max_tokens"),
-                                    len(ids), state.max_model_len, param)
+    max_tokens = front_max_tokens(state, getattr(body, param), len(ids), param,
+                                  state.sampling_defaults.get("max_tokens"))
     if body.use_beam_search:
-        return json_response(await _beam(req, body, model, ids, max_tokens))
+        return await _beam(req, body, model, ids, max_tokens, detached), {}
     top_n = body.top_logprobs or 0
     params = request_sampling_params(state, body, max_tokens=max_tokens,
                                      logprobs=top_n if body.logprobs else None,
-                                     extra=plan.sampling_extra())
+                                     extra=plan.sampling_extra(), logprobs_param="top_logprobs")
     gen, public_id, created = begin_generation(req, body, "chatcmpl", [PromptInput(ids, text)],
-                                               params)
+                                               params, watch=not detached)
+    headers = {"x-request-id": public_id, **plan.headers}
     if body.stream:
         first, rest = await start_updates(gen)
-        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest,
-                                         plan), headers={"x-request-id": public_id, **plan.headers})
-    return json_response(await _complete(gen, body, model, public_id, created, plan),
-                         headers={"x-request-id": public_id, **plan.headers})
+        return _chunks(gen, body, model, public_id, created, first, rest, plan), headers
+    return await _complete(gen, body, model, public_id, created, plan), headers
 
 
 async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
-                max_tokens: int) -> ChatCompletionResponse:
+                max_tokens: int, detached: bool) -> ChatCompletionResponse:
     """use_beam_search: the n best beams (not streamed)."""
     check_beam_request(req.state, body, max_tokens)
     if body.logprobs:
         raise APIError(400, "beam search returns no logprobs", "use_beam_search")
-    req.watch_disconnect()
+    if not detached:
+        req.watch_disconnect()
     beams = await beam_search(req.state, ids, body, max_tokens)
     choices = [ChatChoice(i, ChatMessage("assistant", b.text), None, b.finish_reason)
                for i, b in enumerate(beams)]
@@ -162,68 +194,54 @@ async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list
 
 async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
                     created: int, plan: ChatPlan) -> ChatCompletionResponse:
-    k = gen.num_candidates
     echo = _echo_text(body)
-    texts = [""] * k
-    finish: list[str | None] = [None] * k
-    stop: list[int | str | None] = [None] * k
-    entries: list[list[Any]] = [[] for _ in range(k)]
-    async for batch in gen.updates():
-        for u in batch:
-            texts[u.index] += u.text
-            finish[u.index], stop[u.index] = u.finish_reason, u.stop_reason
-            if u.logprobs:
-                entries[u.index].extend(u.logprobs)
     as_ids = bool(body.return_tokens_as_token_ids)
-    shaped = [ChoiceShaper(plan).message(texts[i], finish[i], echo) for i in range(k)]
-    choices = gen.pick([ChatChoice(
-        i, shaped[i][0],
-        chat_logprobs(entries[i], body.top_logprobs or 0, as_ids) if body.logprobs else None,
-        shaped[i][1], stop[i]) for i in range(k)])
-    for index, choice in enumerate(choices):
-        choice.index = index
-    return ChatCompletionResponse(public_id, created, model, choices, usage_of(gen),
+    choices = []
+    for i, c in enumerate(await collect(gen)):
+        message, finish = ChoiceShaper(plan).message(c.text, c.finish_reason, echo)
+        lps = chat_logprobs(c.logprobs, body.top_logprobs or 0, as_ids) if body.logprobs else None
+        choices.append(ChatChoice(i, message, lps, finish, c.stop_reason))
+    return ChatCompletionResponse(public_id, created, model, gen.pick(choices), usage_of(gen),
                                   prompt_logprobs=prompt_logprobs_json(gen.prompt_logprobs.get(0)))
 
 
-async def _stream(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
+async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
                   created: int, first: list[ChoiceUpdate],
-                  rest: AsyncIterator[list[ChoiceUpdate]], plan: ChatPlan) -> AsyncIterator[bytes]:
+                  rest: AsyncIterator[list[ChoiceUpdate]], plan: ChatPlan
+                  ) -> AsyncIterator[ChatCompletionChunk]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     as_ids = bool(body.return_tokens_as_token_ids)
     echo = _echo_text(body)
-    started: set[int] = set()
     shapers: dict[int, ChoiceShaper] = {}
 
-    def chunk(choice: ChatStreamChoice) -> bytes:
-        return sse(ChatCompletionChunk(public_id, created, model, [choice],
-                                       usage=usage_of(gen) if continuous else None))
+    def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
+        return ChatCompletionChunk(public_id, created, model, [choice],
+                                   usage=usage_of(gen) if continuous else None)
 
     try:
         async for batch in chain(first, rest):
             for u in batch:
-                if u.index not in started:
-                    started.add(u.index)
-                    shapers[u.index] = ChoiceShaper(plan)
+                shaper = shapers.get(u.index)
+                if shaper is None:
+                    shaper = shapers[u.index] = ChoiceShaper(plan)
                     yield chunk(ChatStreamChoice(u.index, DeltaMessage("assistant", "")))
                     if echo:
                         yield chunk(ChatStreamChoice(u.index, DeltaMessage(content=echo)))
                 lps = chat_logprobs(u.logprobs, body.top_logprobs or 0, as_ids) \
                     if body.logprobs and u.logprobs is not None else None
-                delta, finish = shapers[u.index].delta(u.text, u.finish_reason)
+                delta, finish = shaper.delta(u.text, u.finish_reason)
                 if delta is not None and (delta.content or delta.reasoning or delta.tool_calls) \
                         or finish is not None or (lps and lps.content):
                     yield chunk(ChatStreamChoice(u.index, delta or DeltaMessage(), lps, finish,
                                                  u.stop_reason))
         if include_usage:
-            yield sse(ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
-    except APIError as exc:  # mid-stream failure: an error event, then [DONE]
-        yield sse(exc.to_response())
-    except Exception:  # a bug: still end the stream the way clients expect
+            yield ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen))
+    except APIError:
+        raise
+    except Exception:  # a bug: the consumer still sees an APIError it can answer with
         logger.exception("stream %s failed", public_id)
-        yield sse(APIError(500, "internal server error").to_response())
+        raise APIError(500, "internal server error") from None
     finally:
         await rest.aclose()
-    yield SSE_DONE

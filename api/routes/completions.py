@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fornax.api.generation.beam import beam_search, check_beam_request
-from fornax.api.server.errors import APIError
 from fornax.api.generation.generate import (
     ChoiceUpdate,
     Generation,
@@ -20,9 +19,10 @@ from fornax.api.generation.generate import (
     start_updates,
     usage_of,
 )
-from fornax.api.server.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
 from fornax.api.generation.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
-from fornax.api.server.offload import prepare
+from fornax.api.generation.output import collect, sse_stream
+from fornax.api.generation.sampling import check_unsupported, front_max_tokens, front_prompt
+from fornax.api.generation.structured import backend_headers, request_constraint
 from fornax.api.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
@@ -31,14 +31,10 @@ from fornax.api.protocol.openai import (
     CompletionResponse,
     UsageInfo,
 )
-from fornax.api.generation.sampling import (
-    check_prompt,
-    check_unsupported,
-    resolve_max_tokens,
-    truncate_prompt,
-)
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, StreamingResponse, json_response
+from fornax.api.server.offload import prepare
 from fornax.api.server.state import AppState
-from fornax.api.generation.structured import backend_headers, request_constraint
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +82,10 @@ async def completions(req: Request) -> Response:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
     prompts = await prepare(req, parse_prompts, state, body.prompt, body.add_special_tokens)
     for p in prompts:
-        p.token_ids = truncate_prompt(p.token_ids, body.truncate_prompt_tokens,
-                                      state.max_model_len)
-        check_prompt(p.token_ids, state.max_model_len, state.engine_info.vocab_size, "prompt")
-    shortest = min(len(p.token_ids) for p in prompts)  # the engine clamps each prompt's own
-    max_tokens = resolve_max_tokens(body.max_tokens, _DEFAULT_MAX_TOKENS, shortest,
-                                    state.max_model_len)
+        p.token_ids = front_prompt(state, p.token_ids, body.truncate_prompt_tokens, "prompt")
+    shortest = min(len(p.token_ids) for p in prompts)  # each prompt's own: request_prep
+    max_tokens = front_max_tokens(state, body.max_tokens, shortest, "max_tokens",
+                                  _DEFAULT_MAX_TOKENS)
     extra: dict[str, Any] = {}
     if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
         extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
@@ -112,8 +106,8 @@ async def completions(req: Request) -> Response:
     headers = {"x-request-id": public_id, **backend_headers(constraint)}
     if body.stream:
         first, rest = await start_updates(gen)
-        return StreamingResponse(_stream(gen, body, model, public_id, created, first, rest),
-                                 headers=headers)
+        return StreamingResponse(sse_stream(_chunks(gen, body, model, public_id, created, first,
+                                                    rest), public_id), headers=headers)
     return json_response(await _complete(gen, body, model, public_id, created), headers=headers)
 
 
@@ -168,36 +162,22 @@ class _Echo:
 async def _complete(gen: Generation, body: CompletionRequest, model: str, public_id: str,
                     created: int) -> CompletionResponse:
     echo = _Echo(gen.state, gen, body)
-    k = gen.num_candidates
-    texts = [""] * k
-    finish: list[str | None] = [None] * k
-    stop: list[int | str | None] = [None] * k
-    entries: list[list[Any]] = [[] for _ in range(k)]
-    async for batch in gen.updates():
-        for u in batch:
-            texts[u.index] += u.text
-            finish[u.index], stop[u.index] = u.finish_reason, u.stop_reason
-            if u.logprobs:
-                entries[u.index].extend(u.logprobs)
     choices = []
-    for i in range(k):
+    for i, c in enumerate(await collect(gen)):
         prefix, lps = echo.prefix(i)
-        more = echo.logprobs(ChoiceUpdate(i, 0, "", [], entries[i], None, None))
+        more = echo.logprobs(ChoiceUpdate(i, 0, "", [], c.logprobs, None, None))
         if lps is not None and more is not None:
             merge(lps, more)
         choices.append(CompletionChoice(
-            i, prefix + texts[i], lps, finish[i], stop[i],
+            i, prefix + c.text, lps, c.finish_reason, c.stop_reason,
             prompt_logprobs_json(gen.prompt_logprobs.get(i // gen.count))
             if body.prompt_logprobs is not None else None))
-    choices = gen.pick(choices)
-    for index, choice in enumerate(choices):
-        choice.index = index
-    return CompletionResponse(public_id, created, model, choices, usage_of(gen))
+    return CompletionResponse(public_id, created, model, gen.pick(choices), usage_of(gen))
 
 
-async def _stream(gen: Generation, body: CompletionRequest, model: str, public_id: str,
+async def _chunks(gen: Generation, body: CompletionRequest, model: str, public_id: str,
                   created: int, first: list[ChoiceUpdate],
-                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[bytes]:
+                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[CompletionChunk]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
@@ -219,15 +199,9 @@ async def _stream(gen: Generation, body: CompletionRequest, model: str, public_i
                         merge(lps, more)
                 if text or u.finish_reason is not None or (lps and lps.tokens):
                     choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason)
-                    yield sse(CompletionChunk(public_id, created, model, [choice],
-                                              usage=usage_of(gen) if continuous else None))
+                    yield CompletionChunk(public_id, created, model, [choice],
+                                          usage=usage_of(gen) if continuous else None)
         if include_usage:
-            yield sse(CompletionChunk(public_id, created, model, [], usage=usage_of(gen)))
-    except APIError as exc:  # mid-stream failure: an error event, then [DONE]
-        yield sse(exc.to_response())
-    except Exception:  # a bug: still end the stream the way clients expect
-        logger.exception("stream %s failed", public_id)
-        yield sse(APIError(500, "internal server error").to_response())
+            yield CompletionChunk(public_id, created, model, [], usage=usage_of(gen))
     finally:
         await rest.aclose()
-    yield SSE_DONE

@@ -12,14 +12,11 @@ from fornax.api.engine.client import EngineClient
 from fornax.api.server.errors import APIError
 from fornax.api.server.metrics import Metrics
 from fornax.api.server.settings import ServerSettings
+from fornax.runtime.sampling.request_prep import generation_defaults
 from fornax.runtime.text.output_processor import OutputProcessor
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 logger = logging.getLogger(__name__)
-
-# generation_config.json keys that become default sampling values (`--generation-config auto`)
-_GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "min_p": "min_p", "max_new_tokens": "max_tokens"}
 
 
 class AppState:
@@ -69,9 +66,7 @@ class AppState:
         except (OSError, json.JSONDecodeError):
             logger.warning("ignoring unreadable %s", path)
             return {}
-        defaults = {ours: gen[theirs] for theirs, ours in _GEN_CONFIG_KEYS.items() if theirs in gen}
-        if gen.get("do_sample") is False:
-            defaults.pop("temperature", None)
+        defaults = generation_defaults(gen)  # the offline LLM's rule too
         if defaults:
             logger.info("default sampling parameters from the model's generation_config.json: %s "
                         "(--generation-config fornax turns them off)", defaults)

@@ -15,15 +15,20 @@ from fornax.runtime.pooling.core import make_engine_core
 from fornax.runtime.offline.pooling_llm import PoolingMixin
 from fornax.runtime.sampling.beam_search import BeamSearchParams, BeamSearchState
 from fornax.runtime.offline.outputs import CompletionOutput, RequestOutput
-from fornax.runtime.sampling.request_prep import prepare_sampling_params, truncate_prompt
+from fornax.runtime.sampling.request_prep import (
+    check_prompt,
+    child_requests,
+    generation_defaults,
+    prepare_sampling_params,
+    resolve_max_tokens,
+    truncate_prompt,
+)
 from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
-_GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "min_p": "min_p", "max_new_tokens": "max_tokens"}
 
 
 class LLM(PoolingMixin):
@@ -50,11 +55,7 @@ class LLM(PoolingMixin):
         """vLLM's rule: with `generation_config="auto"`, the model's own defaults apply."""
         if self.config.model_config.generation_config != "auto":
             return SamplingParams()
-        gen = self.engine.files.generation_config
-        overrides = {ours: gen[theirs] for theirs, ours in _GEN_CONFIG_KEYS.items() if theirs in gen}
-        if gen.get("do_sample") is False:
-            overrides.pop("temperature", None)
-        return SamplingParams(**overrides) if overrides else SamplingParams()
+        return SamplingParams(**generation_defaults(self.engine.files.generation_config))
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -94,12 +95,9 @@ class LLM(PoolingMixin):
         eos = frozenset() if params.ignore_eos else self.engine.info.eos_token_ids
         states = []
         for ids in token_lists:
-            room = self.max_model_len - len(ids)
-            if room < 1:
-                raise RequestError(f"the prompt ({len(ids)} tokens) leaves no room in the "
-                                   f"context ({self.max_model_len})", "prompt")
-            capped = BeamSearchParams(**{**params.__dict__,
-                                         "max_tokens": min(params.max_tokens, room)})
+            check_prompt(ids, self.max_model_len, self.engine.info.vocab_size)
+            capped = BeamSearchParams(**{**params.__dict__, "max_tokens": resolve_max_tokens(
+                params.max_tokens, None, len(ids), self.max_model_len)})
             states.append(BeamSearchState(capped, eos))
         step = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
                               logprobs=min(2 * params.beam_width, self.config.max_logprobs))
@@ -160,22 +158,6 @@ class LLM(PoolingMixin):
             return list(prompt)
         raise RequestError(f"unsupported prompt type {type(prompt).__name__}", "prompt")
 
-    def _children(self, rid: str, ids: list[int], params: SamplingParams,
-                  priority: int) -> list[EngineCoreRequest]:
-        """One engine request per candidate: n of them, or best_of when that is larger."""
-        count = max(params.n, params.best_of or 1)
-        if count == 1:
-            return [EngineCoreRequest(rid, ids, params, priority=priority)]
-        ranked = count > params.n  # best_of: candidates are ranked by cumulative logprob
-        children = []
-        for j in range(count):
-            child = params.clone(
-                n=1, best_of=None, seed=None if params.seed is None else params.seed + j,
-                logprobs=params.logprobs if params.logprobs is not None or not ranked else 0)
-            children.append(EngineCoreRequest(f"{rid}-{j}", ids, child, priority=priority,
-                                              parent_id=rid))
-        return children
-
     @staticmethod
     def _failed_output(request_id: str, index: int, error: str) -> CompletionOutput:
         """The output of a request the engine failed: finish_reason "error" and why."""
@@ -204,7 +186,9 @@ class LLM(PoolingMixin):
                     params, self.tokenizer, self.engine.info.vocab_size, self.config.max_logprobs)
             params = prepared[id(params)]
             ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
-            children = self._children(rid, ids, params, priority[i] if priority else 0)
+            check_prompt(ids, self.max_model_len, self.engine.info.vocab_size)
+            children = child_requests(rid, ids, params, self.max_model_len,
+                                      priority=priority[i] if priority else 0)
             results.append(RequestOutput(rid, text, ids, outputs=[None] * len(children)))  # type: ignore[list-item]
             for j, req in enumerate(children):
                 self.engine.validate_request(req)  # refuse the whole batch before adding any

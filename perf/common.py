@@ -151,6 +151,11 @@ def check_threads() -> None:
 
 # ---- statistics ----------------------------------------------------------------------------------
 def percentile(values: Sequence[float], q: float) -> float:
+def int_list(spec: str | int) -> list[int]:
+    """A comma-separated list of whole numbers ("1,8,32"), blanks skipped, order kept."""
+    return [int(x) for x in str(spec).split(",") if x.strip()]
+
+
     """Linear-interpolated percentile (numpy's default), NaN for no values."""
     if not values:
         return math.nan
@@ -222,6 +227,23 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = N
 
 def progress(total: int, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar on stderr (or a no-op stand-in when disabled)."""
+def comparison_rows(record: Mapping[str, Any], names: Iterable[str],
+                    startup: Iterable[str] = ()) -> list[list[Any]]:
+    """Table rows `[metric, ours(, peer, speedup)]` for `names`, then `startup <key>` rows; the
+    peer's columns appear when the record has a peer."""
+    metrics, peer = record["metrics"], record.get("peer")
+    rows: list[list[Any]] = []
+    for name in names:
+        row: list[Any] = [name, metrics.get(name)]
+        if peer:
+            row += [peer["metrics"].get(name), record["ratios"].get(name, "")]
+        rows.append(row)
+    for key in startup:
+        rows.append([f"startup {key}", record["startup"][key]]
+                    + ([peer["startup"][key], ""] if peer else []))
+    return rows
+
+
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
@@ -253,6 +275,12 @@ def higher_is_better(name: str) -> bool | None:
 
 def speedup(name: str, ours: float, peer: float) -> float:
     """How many times better fornax is than the peer on `name` (> 1: fornax wins)."""
+def set_ratios(record: dict[str, Any], names: Iterable[str]) -> None:
+    """record["ratios"]: fornax's speedup over the peer on each of `names` the peer measured."""
+    peer = record["peer"]["metrics"]
+    record["ratios"] = {k: speedup(k, record["metrics"][k], peer[k]) for k in names if k in peer}
+
+
     better_up = higher_is_better(name)
     try:
         return ours / peer if better_up is not False else peer / ours

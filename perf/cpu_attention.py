@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from typing import Any
 
-from fornax.perf.common import check_threads, make_record, median, print_table, write_json
+from fornax.perf.common import check_threads, int_list, make_record, median, print_table, write_json
+from fornax.perf.kernel_bench import add_kernel_shape_args, alternating_rounds
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +31,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt-lens", default="128,512,2048", help="fresh prefill lengths")
     p.add_argument("--chunk", default="512:512",
                    help="chunked prefill NEW:CACHED (new tokens after a cached context)")
-    p.add_argument("--num-heads", type=int, default=9)
-    p.add_argument("--num-kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=30)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per backend")
-    p.add_argument("--model-name", default="SmolLM2-135M shape",
-                   help="the label the JSON carries as its model")
-    p.add_argument("--output-json", default=None)
+    add_kernel_shape_args(p, rounds=5, linear=False)
     p.set_defaults(func=run)
     return p
 
@@ -102,29 +97,26 @@ def run(args: argparse.Namespace) -> int:
     from fornax.runtime.attention.backend import make_attention_backend
 
     check_threads()
-    kw = dict(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-              block_size=args.block_size, dtype=getattr(torch, args.dtype),
-              device=torch.device("cpu"))
-    backends = {name: make_attention_backend(name, **kw) for name in BACKENDS}
+    backends = {name: make_attention_backend(
+        name, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+        block_size=args.block_size, dtype=getattr(torch, args.dtype), device=torch.device("cpu"))
+        for name in BACKENDS}
     record = make_record("cpu_attention", args.model_name, vars(args))
     gen = torch.Generator().manual_seed(0)
     cases = []
-    for b in (int(x) for x in str(args.batch_sizes).split(",") if x.strip()):
+    for b in int_list(args.batch_sizes):
         cases.append(_case(f"decode_b{b}", [1] * b, [args.context_len - 1] * b,
                            args.num_layers, args, gen))
-    for n in (int(x) for x in str(args.prompt_lens).split(",") if x.strip()):
+    for n in int_list(args.prompt_lens):
         cases.append(_case(f"prefill_q{n}", [n], [0], 1, args, gen))
     if args.chunk:
         new, cached = (int(x) for x in str(args.chunk).split(":"))
         cases.append(_case(f"chunk_q{new}_ctx{cached}", [new], [cached], 1, args, gen))
     table, metrics, details = [], {}, {}
     for case in cases:
-        times: dict[str, list[float]] = {name: [] for name in BACKENDS}
-        for round_index in range(args.rounds + 1):  # round 0 warms up both
-            for name, backend in backends.items():
-                elapsed = _time_case(backend, case, args.num_layers)
-                if round_index:
-                    times[name].append(elapsed)
+        times = alternating_rounds(
+            {name: partial(_time_case, backend, case, args.num_layers)
+             for name, backend in backends.items()}, args.rounds)
         ref, fast = median(times["torch_ref"]), median(times["cpu_paged"])
         name = case["name"]
         metrics[f"torch_ref_ms_{name}"] = ref * 1e3

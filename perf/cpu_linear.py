@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from functools import partial
 from typing import Any
 
-from fornax.perf.common import check_threads, make_record, median, print_table, write_json
+from fornax.perf.common import check_threads, int_list, make_record, median, print_table, write_json
+from fornax.perf.kernel_bench import add_kernel_shape_args, alternating_rounds
 
 logger = logging.getLogger(__name__)
 
@@ -23,21 +25,10 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "cpu-linear", help="time a model's bf16 linear layers: oneDNN vs AMX (CPU)",
-        description="Time every bf16 linear layer of a decoder shape per row count, with the "
-                    "oneDNN pack and with the AMX tile kernel.")
+        description="Time each bf16 linear layer of a decoder shape per row count: oneDNN vs AMX.")
+    add_kernel_shape_args(p, rounds=7, linear=True)
     p.add_argument("--rows", default="1,8,16,32,64,256",
                    help="comma-separated row counts (batched tokens per step)")
-    p.add_argument("--hidden-size", type=int, default=576)
-    p.add_argument("--intermediate-size", type=int, default=1536)
-    p.add_argument("--num-heads", type=int, default=9)
-    p.add_argument("--num-kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-layers", type=int, default=30)
-    p.add_argument("--vocab-size", type=int, default=49152)
-    p.add_argument("--rounds", type=int, default=7, help="alternating timed rounds per kernel")
-    p.add_argument("--model-name", default="SmolLM2-135M shape",
-                   help="the label the JSON carries as its model")
-    p.add_argument("--output-json", default=None)
     p.set_defaults(func=run)
     return p
 
@@ -61,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = ("onednn", "amx") if amx_supported() else ("onednn",)
     if len(kinds) == 1:
         logger.warning("this CPU (or kernel) has no AMX-BF16: timing oneDNN only")
-    rows_list = [int(r) for r in str(args.rows).split(",") if r.strip()]
+    rows_list = int_list(args.rows)
     record = make_record("cpu_linear", args.model_name, vars(args))
     shapes = layer_shapes(args)
     gen = torch.Generator().manual_seed(0)
@@ -80,13 +71,9 @@ def run(args: argparse.Namespace) -> int:
     table, metrics, details = [], {}, {}
     for rows in rows_list:
         xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in in_sizes}
-        times: dict[str, list[float]] = {kind: [] for kind in kinds}
-        for round_index in range(args.rounds + 1):  # round 0 warms up both
-            for kind in kinds:
-                elapsed = sum(_time_group(group, xs[in_f], packed_linear)
-                              for in_f, group in packs[kind])
-                if round_index:
-                    times[kind].append(elapsed)
+        times = alternating_rounds(
+            {kind: partial(_time_layers, packs[kind], xs, packed_linear) for kind in kinds},
+            args.rounds)
         one = median(times["onednn"])
         flops = 2 * rows * (weight_bytes // 2)  # a multiply and an add per weight and row
         metrics[f"onednn_ms_m{rows}"] = one * 1e3
@@ -110,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
                       f"{torch.get_num_threads()} thread(s)")
     write_json(record, args.output_json)
     return 0
+
+
+def _time_layers(packs: list[tuple[int, list[Any]]], xs: dict[int, Any], linear: Any) -> float:
+    """One pass over every layer kind: the seconds of each kind's pass, summed."""
+    return sum(_time_group(group, xs[in_f], linear) for in_f, group in packs)
 
 
 def _time_group(group: list[Any], x: Any, linear: Any) -> float:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from fornax.perf import offline
-from fornax.perf.common import check_threads, make_record, median, print_table, write_json
+from fornax.perf.common import check_threads, int_list, make_record, median, print_table, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fornax.runtime import LLM
 
     check_threads()
-    batches = sorted({int(b) for b in str(args.batch_sizes).split(",") if b.strip()})
+    batches = sorted(set(int_list(args.batch_sizes)))
     model_path = args.model or str(shape_dir(args.shape))
     max_len = args.context_len + args.decode_steps + 16
     import torch

@@ -149,13 +149,13 @@ def check_threads() -> None:
                        "(set it explicitly, e.g. OMP_NUM_THREADS=%d)", os.cpu_count() or 1)
 
 
-# ---- statistics ----------------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
 def int_list(spec: str | int) -> list[int]:
     """A comma-separated list of whole numbers ("1,8,32"), blanks skipped, order kept."""
     return [int(x) for x in str(spec).split(",") if x.strip()]
 
 
+# ---- statistics ----------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), NaN for no values."""
     if not values:
         return math.nan
@@ -225,8 +225,6 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = N
     print(format_table(rows, headers, title), flush=True)
 
 
-def progress(total: int, desc: str, enabled: bool = True) -> Any:
-    """A tqdm bar on stderr (or a no-op stand-in when disabled)."""
 def comparison_rows(record: Mapping[str, Any], names: Iterable[str],
                     startup: Iterable[str] = ()) -> list[list[Any]]:
     """Table rows `[metric, ours(, peer, speedup)]` for `names`, then `startup <key>` rows; the
@@ -244,6 +242,8 @@ def comparison_rows(record: Mapping[str, Any], names: Iterable[str],
     return rows
 
 
+def progress(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr (or a no-op stand-in when disabled)."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
@@ -273,14 +273,14 @@ def higher_is_better(name: str) -> bool | None:
     return None
 
 
-def speedup(name: str, ours: float, peer: float) -> float:
-    """How many times better fornax is than the peer on `name` (> 1: fornax wins)."""
 def set_ratios(record: dict[str, Any], names: Iterable[str]) -> None:
     """record["ratios"]: fornax's speedup over the peer on each of `names` the peer measured."""
     peer = record["peer"]["metrics"]
     record["ratios"] = {k: speedup(k, record["metrics"][k], peer[k]) for k in names if k in peer}
 
 
+def speedup(name: str, ours: float, peer: float) -> float:
+    """How many times better fornax is than the peer on `name` (> 1: fornax wins)."""
     better_up = higher_is_better(name)
     try:
         return ours / peer if better_up is not False else peer / ours

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import transformers
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders import gguf_loader
@@ -24,8 +25,6 @@ from fornax.runtime.loaders.default_model import (
     default_model_path,
 )
 from fornax.runtime.loaders.gguf_loader import prepare_gguf
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

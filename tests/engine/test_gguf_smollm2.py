@@ -9,16 +9,14 @@ import unicodedata
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # transformers' GGUF model loader needs it
+import transformers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, pre_tokenizers
 
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.default_model import default_model_path
 from fornax.runtime.loaders.gguf_loader import prepare_gguf
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, pre_tokenizers
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import uuid
 from dataclasses import dataclass
 
 from fornax.api.server.errors import APIError
-from fornax.api.generation.generate import request_sampling_params
+from fornax.api.generation.generate import new_request_id, request_sampling_params
 from fornax.api.protocol.openai import _SamplingFields
+from fornax.api.server.http import Request
 from fornax.api.server.state import AppState
 from fornax.runtime.sampling.beam_search import Beam, BeamSearchParams, BeamSearchState
 from fornax.runtime.errors import RequestError
@@ -24,6 +25,16 @@ class BeamResult:
     token_ids: list[int]
     finish_reason: str | None
     cumulative_logprob: float
+
+
+def start_beam(http: Request, req: _SamplingFields, id_prefix: str, max_tokens: int,
+               num_prompts: int = 1, *, watch: bool = True) -> str:
+    """Check a beam-search request, then (unless not `watch`) abort it when the client goes
+    away; its public id."""
+    check_beam_request(http.state, req, max_tokens, num_prompts)
+    if watch:
+        http.watch_disconnect()
+    return new_request_id(id_prefix, req.request_id or http.request_id)[0]
 
 
 def check_beam_request(state: AppState, req: _SamplingFields, max_tokens: int,

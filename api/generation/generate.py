@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar
 from fornax.api.server.errors import APIError
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
 from fornax.api.generation.sampling import build_sampling_params
+from fornax.api.server.http import Request
 from fornax.api.server.state import AppState
 from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.engine.messages import EngineCoreRequest
@@ -46,6 +47,9 @@ class ChoiceUpdate:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
     stop_reason: int | str | None
+
+
+Updates = AsyncIterator[list[ChoiceUpdate]]
 
 
 @dataclass
@@ -103,6 +107,12 @@ class Generation:
         """Prefix-cache hits of each prompt's first candidate."""
         return sum(self.timings[rid].num_cached for rid in self._first_ids if rid in self.timings)
 
+    def usage(self) -> UsageInfo:
+        """Token counts so far (prompts counted once however many choices)."""
+        prompt, completion = self.num_prompt_tokens, self.num_completion_tokens
+        return UsageInfo(prompt, prompt + completion, completion,
+                         PromptTokenUsageInfo(self.num_cached_tokens))
+
     def pick(self, candidates: list[C]) -> list[C]:
         """best_of: the n most likely candidates of each prompt, best first (else all, in order),
         numbered as the answer's choices."""
@@ -127,7 +137,15 @@ class Generation:
             requests.extend(children)
         return requests
 
-    async def updates(self) -> AsyncIterator[list[ChoiceUpdate]]:
+    async def start(self) -> Updates:
+        """Send the requests and wait for the first results, so that a refusal (400, 503) is still
+        answered with its own status before any streamed bytes; then every batch, the first
+        included. Closing it aborts what still runs."""
+        updates = self.updates()
+        first = await updates.__anext__()
+        return _chained(first, updates)
+
+    async def updates(self) -> Updates:
         """Send the requests, then yield each batch of choice updates until all choices finish.
 
         Whatever is still running when the caller stops (client gone, error) is aborted.
@@ -218,11 +236,13 @@ class Generation:
         metrics.e2e.observe(now - self.timings[rid].arrival)
 
 
-def usage_of(gen: Generation) -> UsageInfo:
-    """Token counts so far (prompts counted once however many choices)."""
-    prompt, completion = gen.num_prompt_tokens, gen.num_completion_tokens
-    return UsageInfo(prompt, prompt + completion, completion,
-                     PromptTokenUsageInfo(gen.num_cached_tokens))
+async def _chained(first: list[ChoiceUpdate], rest: Updates) -> Updates:
+    try:
+        yield first
+        async for batch in rest:
+            yield batch
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def new_request_id(prefix: str, user_id: str | None) -> tuple[str, str]:
@@ -246,12 +266,16 @@ def request_sampling_params(state: AppState, body: _SamplingFields, *, max_token
                                  logprobs_param=logprobs_param)
 
 
-def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[PromptInput],
-                     params: SamplingParams, *, watch: bool = True
-                     ) -> tuple[Generation, str, int]:
-    """The Generation of an API request, its public id and creation time; a client disconnect
-    from now on aborts its engine requests (unless not `watch`: background work)."""
+def begin_generation(req: Request, body: _SamplingFields, id_prefix: str,
+                     prompts: list[PromptInput], *, max_tokens: int, logprobs: int | None,
+                     extra: dict | None = None, logprobs_param: str = "logprobs",
+                     watch: bool = True) -> tuple[Generation, str, int]:
+    """The Generation of an API request (its SamplingParams built and validated once, see
+    request_sampling_params), its public id and creation time; a client disconnect from now on
+    aborts its engine requests (unless not `watch`: background work)."""
     state = req.state
+    params = request_sampling_params(state, body, max_tokens=max_tokens, logprobs=logprobs,
+                                     extra=extra, logprobs_param=logprobs_param)
     count = max(params.n, params.best_of or 1)
     if len(prompts) * count > MAX_CHOICES_PER_REQUEST:
         raise APIError(400, f"{len(prompts)} prompt(s) x {count} choices is more than the "
@@ -264,19 +288,3 @@ def begin_generation(req, body: _SamplingFields, id_prefix: str, prompts: list[P
     if watch:
         req.watch_disconnect()
     return gen, public_id, int(time.time())
-
-
-async def start_updates(gen: Generation
-                        ) -> tuple[list[ChoiceUpdate], AsyncIterator[list[ChoiceUpdate]]]:
-    """Send the requests and wait for the first results, so that a refusal (400, 503) is still
-    answered with its own status before any streamed bytes."""
-    updates = gen.updates()
-    first = await updates.__anext__()
-    return first, updates
-
-
-async def chain(first: list[ChoiceUpdate], rest: AsyncIterator[list[ChoiceUpdate]]
-                ) -> AsyncIterator[list[ChoiceUpdate]]:
-    yield first
-    async for batch in rest:
-        yield batch

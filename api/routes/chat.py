@@ -9,18 +9,8 @@ from typing import Any
 
 import msgspec
 
-from fornax.api.generation.beam import beam_search, check_beam_request
-from fornax.api.generation.generate import (
-    ChoiceUpdate,
-    Generation,
-    PromptInput,
-    begin_generation,
-    chain,
-    new_request_id,
-    request_sampling_params,
-    start_updates,
-    usage_of,
-)
+from fornax.api.generation.beam import beam_search, start_beam
+from fornax.api.generation.generate import Generation, PromptInput, Updates, begin_generation
 from fornax.api.generation.logprobs import chat_logprobs, prompt_logprobs_json
 from fornax.api.generation.output import collect, sse_stream
 from fornax.api.generation.sampling import check_unsupported, front_max_tokens, front_prompt
@@ -162,32 +152,27 @@ async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool 
                                   state.sampling_defaults.get("max_tokens"))
     if body.use_beam_search:
         return await _beam(req, body, model, ids, max_tokens, detached), {}
-    top_n = body.top_logprobs or 0
-    params = request_sampling_params(state, body, max_tokens=max_tokens,
-                                     logprobs=top_n if body.logprobs else None,
-                                     extra=plan.sampling_extra(), logprobs_param="top_logprobs")
-    gen, public_id, created = begin_generation(req, body, "chatcmpl", [PromptInput(ids, text)],
-                                               params, watch=not detached)
+    gen, public_id, created = begin_generation(
+        req, body, "chatcmpl", [PromptInput(ids, text)], max_tokens=max_tokens,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        extra=plan.sampling_extra(), logprobs_param="top_logprobs", watch=not detached)
     headers = {"x-request-id": public_id, **plan.headers}
     if body.stream:
-        first, rest = await start_updates(gen)
-        return _chunks(gen, body, model, public_id, created, first, rest, plan), headers
+        updates = await gen.start()
+        return _chunks(gen, body, model, public_id, created, updates, plan), headers
     return await _complete(gen, body, model, public_id, created, plan), headers
 
 
 async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
                 max_tokens: int, detached: bool) -> ChatCompletionResponse:
     """use_beam_search: the n best beams (not streamed)."""
-    check_beam_request(req.state, body, max_tokens)
     if body.logprobs:
         raise APIError(400, "beam search returns no logprobs", "use_beam_search")
-    if not detached:
-        req.watch_disconnect()
+    public_id = start_beam(req, body, "chatcmpl", max_tokens, watch=not detached)
     beams = await beam_search(req.state, ids, body, max_tokens)
     choices = [ChatChoice(i, ChatMessage("assistant", b.text), None, b.finish_reason)
                for i, b in enumerate(beams)]
     completion = sum(len(b.token_ids) for b in beams)
-    public_id, _ = new_request_id("chatcmpl", body.request_id or req.request_id)
     return ChatCompletionResponse(public_id, int(time.time()), model, choices,
                                   UsageInfo(len(ids), len(ids) + completion, completion))
 
@@ -201,13 +186,12 @@ async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, pu
         message, finish = ChoiceShaper(plan).message(c.text, c.finish_reason, echo)
         lps = chat_logprobs(c.logprobs, body.top_logprobs or 0, as_ids) if body.logprobs else None
         choices.append(ChatChoice(i, message, lps, finish, c.stop_reason))
-    return ChatCompletionResponse(public_id, created, model, gen.pick(choices), usage_of(gen),
+    return ChatCompletionResponse(public_id, created, model, gen.pick(choices), gen.usage(),
                                   prompt_logprobs=prompt_logprobs_json(gen.prompt_logprobs.get(0)))
 
 
 async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
-                  created: int, first: list[ChoiceUpdate],
-                  rest: AsyncIterator[list[ChoiceUpdate]], plan: ChatPlan
+                  created: int, updates: Updates, plan: ChatPlan
                   ) -> AsyncIterator[ChatCompletionChunk]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
@@ -218,10 +202,10 @@ async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, publ
 
     def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
         return ChatCompletionChunk(public_id, created, model, [choice],
-                                   usage=usage_of(gen) if continuous else None)
+                                   usage=gen.usage() if continuous else None)
 
     try:
-        async for batch in chain(first, rest):
+        async for batch in updates:
             for u in batch:
                 shaper = shapers.get(u.index)
                 if shaper is None:
@@ -237,11 +221,11 @@ async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, publ
                     yield chunk(ChatStreamChoice(u.index, delta or DeltaMessage(), lps, finish,
                                                  u.stop_reason))
         if include_usage:
-            yield ChatCompletionChunk(public_id, created, model, [], usage=usage_of(gen))
+            yield ChatCompletionChunk(public_id, created, model, [], usage=gen.usage())
     except APIError:
         raise
     except Exception:  # a bug: the consumer still sees an APIError it can answer with
         logger.exception("stream %s failed", public_id)
         raise APIError(500, "internal server error") from None
     finally:
-        await rest.aclose()
+        await updates.aclose()  # type: ignore[attr-defined]

@@ -7,18 +7,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fornax.api.generation.beam import beam_search, check_beam_request
-from fornax.api.generation.generate import (
-    ChoiceUpdate,
-    Generation,
-    PromptInput,
-    begin_generation,
-    chain,
-    new_request_id,
-    request_sampling_params,
-    start_updates,
-    usage_of,
-)
+from fornax.api.generation.beam import beam_search, start_beam
+from fornax.api.generation.generate import Generation, PromptInput, Updates, begin_generation
 from fornax.api.generation.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
 from fornax.api.generation.output import collect, sse_stream
 from fornax.api.generation.sampling import check_unsupported, front_max_tokens, front_prompt
@@ -35,6 +25,7 @@ from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.server.offload import prepare
 from fornax.api.server.state import AppState
+from fornax.runtime.offline.outputs import Logprob
 
 logger = logging.getLogger(__name__)
 
@@ -96,29 +87,26 @@ async def completions(req: Request) -> Response:
         extra["structured_outputs"] = constraint
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, prompts, max_tokens))
-    params = request_sampling_params(state, body, max_tokens=max_tokens,
-                                     logprobs=body.logprobs, extra=extra)
+    gen, public_id, created = begin_generation(req, body, "cmpl", prompts, max_tokens=max_tokens,
+                                               logprobs=body.logprobs, extra=extra)
     if body.echo:
         for p in prompts:
             if p.text is None:
                 p.text = state.tokenizer.decode(p.token_ids, skip_special_tokens=False)
-    gen, public_id, created = begin_generation(req, body, "cmpl", prompts, params)
     headers = {"x-request-id": public_id, **backend_headers(constraint)}
     if body.stream:
-        first, rest = await start_updates(gen)
-        return StreamingResponse(sse_stream(_chunks(gen, body, model, public_id, created, first,
-                                                    rest), public_id), headers=headers)
+        chunks = _chunks(gen, body, model, public_id, created, await gen.start())
+        return StreamingResponse(sse_stream(chunks, public_id), headers=headers)
     return json_response(await _complete(gen, body, model, public_id, created), headers=headers)
 
 
 async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],
                 max_tokens: int) -> CompletionResponse:
     """use_beam_search: the n best beams of each prompt (not streamed)."""
-    check_beam_request(req.state, body, max_tokens, len(prompts))
     if body.logprobs is not None or body.echo:
         raise APIError(400, "beam search returns no logprobs and no echo", "use_beam_search")
+    public_id = start_beam(req, body, "cmpl", max_tokens, len(prompts))
     state = req.state
-    req.watch_disconnect()
     choices: list[CompletionChoice] = []
     completion_tokens = 0
     for p in prompts:
@@ -127,7 +115,6 @@ async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list
             choices.append(CompletionChoice(len(choices), beam.text, None, beam.finish_reason))
             completion_tokens += len(beam.token_ids)
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    public_id, _ = new_request_id("cmpl", body.request_id or req.request_id)
     return CompletionResponse(public_id, int(time.time()), model, choices,
                               UsageInfo(prompt_tokens, prompt_tokens + completion_tokens,
                                         completion_tokens))
@@ -153,10 +140,11 @@ class _Echo:
             lps = self.builders[index].prompt(ids, strs, self.gen.prompt_logprobs.get(prompt_index))
         return (prompt.text or "") if self.body.echo else "", lps
 
-    def logprobs(self, u: ChoiceUpdate) -> CompletionLogprobs | None:
-        if self.body.logprobs is None or u.logprobs is None:
+    def logprobs(self, index: int, entries: list[dict[int, Logprob]] | None
+                 ) -> CompletionLogprobs | None:
+        if self.body.logprobs is None or entries is None:
             return None
-        return self.builders[u.index].add(u.logprobs)
+        return self.builders[index].add(entries)
 
 
 async def _complete(gen: Generation, body: CompletionRequest, model: str, public_id: str,
@@ -165,33 +153,32 @@ async def _complete(gen: Generation, body: CompletionRequest, model: str, public
     choices = []
     for i, c in enumerate(await collect(gen)):
         prefix, lps = echo.prefix(i)
-        more = echo.logprobs(ChoiceUpdate(i, 0, "", [], c.logprobs, None, None))
+        more = echo.logprobs(i, c.logprobs)
         if lps is not None and more is not None:
             merge(lps, more)
         choices.append(CompletionChoice(
             i, prefix + c.text, lps, c.finish_reason, c.stop_reason,
             prompt_logprobs_json(gen.prompt_logprobs.get(i // gen.count))
             if body.prompt_logprobs is not None else None))
-    return CompletionResponse(public_id, created, model, gen.pick(choices), usage_of(gen))
+    return CompletionResponse(public_id, created, model, gen.pick(choices), gen.usage())
 
 
 async def _chunks(gen: Generation, body: CompletionRequest, model: str, public_id: str,
-                  created: int, first: list[ChoiceUpdate],
-                  rest: AsyncIterator[list[ChoiceUpdate]]) -> AsyncIterator[CompletionChunk]:
+                  created: int, updates: Updates) -> AsyncIterator[CompletionChunk]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     echo = _Echo(gen.state, gen, body)
     started: set[int] = set()
     try:
-        async for batch in chain(first, rest):
+        async for batch in updates:
             for u in batch:
                 text, lps = "", None
                 if u.index not in started:
                     started.add(u.index)
                     text, lps = echo.prefix(u.index)
                 text += u.text
-                more = echo.logprobs(u)
+                more = echo.logprobs(u.index, u.logprobs)
                 if more is not None:
                     if lps is None:
                         lps = more
@@ -200,8 +187,8 @@ async def _chunks(gen: Generation, body: CompletionRequest, model: str, public_i
                 if text or u.finish_reason is not None or (lps and lps.tokens):
                     choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason)
                     yield CompletionChunk(public_id, created, model, [choice],
-                                          usage=usage_of(gen) if continuous else None)
+                                          usage=gen.usage() if continuous else None)
         if include_usage:
-            yield CompletionChunk(public_id, created, model, [], usage=usage_of(gen))
+            yield CompletionChunk(public_id, created, model, [], usage=gen.usage())
     finally:
-        await rest.aclose()
+        await updates.aclose()  # type: ignore[attr-defined]

@@ -1,7 +1,7 @@
-"""EncoderDecoderEngineCore: EngineCore's interface for Whisper-style models (engine-core process).
+"""EncoderDecoderEngineCore: the engine contract for Whisper-style models (engine-core process).
 
-Same contract as `EngineCore` (add_request / abort_requests / step / has_unfinished_requests /
-stats / info): requests carry an encoder input (a log-mel window) besides their decoder prompt;
+It satisfies runtime/engine/contract.py like the other cores; its requests carry an encoder
+input (a log-mel window) besides their decoder prompt;
 the scheduler and paged KV cache are the shared ones (prefix caching off: decoder KV depends on
 the audio), and the model runner encodes each request once when it is admitted.
 """
@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fornax.runtime.config import EngineConfig
@@ -25,14 +25,17 @@ from fornax.runtime.engine.scheduling_core import (
 from fornax.runtime.errors import ConfigError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.loaders.model_files import ModelFiles
-from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from fornax.runtime.engine.contract import RunnerType
+from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.scheduler.request import Request
 from fornax.runtime.scheduler.scheduler import Scheduler
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue
 
+if TYPE_CHECKING:
+    from fornax.runtime.worker.model_runner import ModelRunnerOutput
+
 logger = logging.getLogger(__name__)
 
-ENCODER_DECODER_ARCHITECTURES = frozenset({"WhisperForConditionalGeneration"})
 MAX_NEW_PER_STEP = 8  # requests admitted (so encoded) per step: bounds the stall of running ones
 MAX_FEATURE_ABS = 100.0  # Whisper's normalized log-mel lies within about [-1.5, 2.5]
 MIN_FRAMES = 2  # a shorter window (realtime partials) is encoded at its length, then silence
@@ -44,10 +47,6 @@ class EncoderDecoderRequest(Request):
 
     encoder_input: Any = None  # EncoderInput
     encoder_features: Any = None  # np.ndarray [mels, frames] float32, decoded once
-
-
-def is_encoder_decoder(hf_config: dict[str, Any]) -> bool:
-    return any(a in ENCODER_DECODER_ARCHITECTURES for a in hf_config.get("architectures") or [])
 
 
 def decode_encoder_input(enc: EncoderInput | None, num_mel_bins: int,
@@ -106,7 +105,7 @@ class EncoderBudgetScheduler(Scheduler):
 class EncoderDecoderEngineCore(SchedulingCoreMixin):
     """Owns the encoder-decoder runner, the KV-cache manager and the scheduler."""
 
-    runner_type = "transcription"  # reported in the handshake: the API serves the audio routes
+    runner_type: RunnerType = "transcription"  # the API serves the audio routes
     reports_prefix_cache = False  # decoder KV depends on the audio: nothing is shared
 
     def __init__(self, config: EngineConfig, files: ModelFiles) -> None:
@@ -173,27 +172,10 @@ class EncoderDecoderEngineCore(SchedulingCoreMixin):
         self.scheduler.add_request(request)
         return request
 
-    # ---- the busy loop's body ------------------------------------------------------------------
-    def _step(self) -> list[EngineCoreOutput]:
-        """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
-        ran = self._execute_scheduled()
-        if ran is None:
-            return []
-        sched_out, runner_out = ran
-        outputs: list[EngineCoreOutput] = []
-        for request, new_tokens in self.scheduler.update_from_output(sched_out,
-                                                                     runner_out.sampled):
-            self.guarded_output(outputs, request, self._make_output, new_tokens, runner_out)
-        return outputs
-
+    # ---- outputs (the step itself is SchedulingCoreMixin's) ------------------------------------
     def _make_output(self, request: Request, new_tokens: list[int],
-                     runner_out: Any) -> EngineCoreOutput:
-        lp = runner_out.logprobs.get(request.request_id)
-        out = EngineCoreOutput(
-            request_id=request.request_id, new_token_ids=new_tokens,
-            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
-            num_prompt_tokens=request.num_prompt_tokens)
+                     runner_out: ModelRunnerOutput) -> EngineCoreOutput:
+        out = super()._make_output(request, new_tokens, runner_out)
         if request.is_finished:
             out.alignment = self.runner.alignment.finish(
                 request.request_id, request.output_token_ids, self.vocab.eot)

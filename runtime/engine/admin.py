@@ -4,26 +4,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from fornax.runtime.errors import RequestError
+from fornax.runtime.engine.contract import EngineCore
 from fornax.runtime.engine.messages import AdminCommand, AdminResult
+from fornax.runtime.errors import RequestError
 
 logger = logging.getLogger(__name__)
 
 COMMANDS = ("sleep", "wake_up", "is_sleeping", "reset_prefix_cache")
 
 
-def is_sleeping(core: Any) -> bool:
-    return bool(getattr(core, "is_sleeping", False))
+def is_sleeping(core: EngineCore) -> bool:
+    return core.sleep_mode is not None and core.sleep_mode.is_sleeping
 
 
-def run_admin(core: Any, cmd: AdminCommand) -> AdminResult:
+def run_admin(core: EngineCore, cmd: AdminCommand) -> AdminResult:
     """Run one command between steps (nothing else touches the engine meanwhile)."""
     qid = cmd.query_id
     if cmd.command not in COMMANDS:
         return AdminResult(qid, 400, f"unknown command {cmd.command!r}")
-    if cmd.command != "is_sleeping" and not hasattr(core, cmd.command):
+    mode = core.sleep_mode
+    if mode is None:
+        if cmd.command == "is_sleeping":
+            return AdminResult(qid, 200, "", False)
         return AdminResult(qid, 501, f"{cmd.command} is not available for this model's engine")
     try:
         if cmd.command == "sleep":
@@ -33,11 +35,11 @@ def run_admin(core: Any, cmd: AdminCommand) -> AdminResult:
                 num = len(core.scheduler.requests)
                 return AdminResult(qid, 409, f"cannot sleep while {num} request(s) are in "
                                    "flight; retry when they have finished", is_sleeping(core))
-            core.sleep(cmd.level)
+            mode.sleep(cmd.level)
         elif cmd.command == "wake_up":
-            core.wake_up()
+            mode.wake_up()
         elif cmd.command == "reset_prefix_cache":
-            if not core.reset_prefix_cache():
+            if not mode.reset_prefix_cache():
                 return AdminResult(qid, 409, "the prefix cache cannot be reset while running "
                                    "requests hold cached blocks", is_sleeping(core), value=False)
     except RequestError as exc:

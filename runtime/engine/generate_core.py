@@ -1,9 +1,11 @@
-"""EngineCore: admission, `step()` = schedule -> execute -> update (engine-core process)."""
+"""GenerateEngineCore: text generation's admission and `step()` = schedule -> execute -> update
+(engine-core process)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine.scheduling_core import (
@@ -19,17 +21,25 @@ from fornax.runtime.loaders.model_files import (
     derive_max_model_len,
     resolve_model_files,
 )
-from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.scheduler.request import Request
 from fornax.runtime.scheduler.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from fornax.runtime.scheduler.scheduler import SchedulerOutput
+    from fornax.runtime.structured_output.grammar import StructuredOutputManager
+    from fornax.runtime.worker.model_runner import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
 
-class EngineCore(SchedulingCoreMixin):
+class GenerateEngineCore(SchedulingCoreMixin):
     """Owns the model runner, the KV-cache manager and the scheduler. Never dies of a bad request:
     bad requests are refused by `add_request` with a RequestError, and one that fails while being
-    served fails alone (see SchedulingCoreMixin.step)."""
+    served fails alone (see SchedulingCoreMixin.step). It offers every capability of the contract
+    (runtime/engine/contract.py): structured outputs, and sleep mode (it is its own SleepMode)."""
+
+    structured: StructuredOutputManager
 
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
         from fornax.runtime.worker.model_runner import ModelRunner  # torch stays out of import time
@@ -60,6 +70,7 @@ class EngineCore(SchedulingCoreMixin):
         from fornax.runtime.worker.sleep_mode import SleepState
 
         self._sleep = SleepState()
+        self.sleep_mode = self
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
                     self.info.kv_capacity_tokens)
 
@@ -100,42 +111,30 @@ class EngineCore(SchedulingCoreMixin):
         return request
 
     # ---- the busy loop's body ------------------------------------------------------------------
-    def _step(self) -> list[EngineCoreOutput]:
-        """One scheduling step (under SchedulingCoreMixin.step's fault isolation)."""
-        ran = self._execute_scheduled()
-        if ran is None:
-            return []
-        sched_out, runner_out = ran
-        requests = self.scheduler.requests
-        # Requests with prompt logprobs report them even from chunks that sample nothing.
-        pending_prompt_lps = {rid: requests.get(rid) for rid in runner_out.prompt_logprobs}
-        results = self.scheduler.update_from_output(sched_out, runner_out.sampled)
-        outputs: list[EngineCoreOutput] = []
-        for request, new_tokens in results:
-            pending_prompt_lps.pop(request.request_id, None)
-            self.guarded_output(outputs, request, self._make_output, new_tokens, runner_out)
-        for request in pending_prompt_lps.values():
-            if request is not None:
-                self.guarded_output(outputs, request, self._make_output, [], runner_out)
+    def _outputs(self, sched_out: SchedulerOutput,
+                 runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """The shared outputs, plus one for each request with prompt logprobs that sampled
+        nothing this step (a prompt chunk): they report them from every chunk."""
+        outputs = super()._outputs(sched_out, runner_out)
+        if runner_out.prompt_logprobs:
+            served = {o.request_id for o in outputs}
+            requests = self.scheduler.requests
+            for rid in runner_out.prompt_logprobs:
+                request = requests.get(rid)
+                if request is not None and rid not in served:
+                    self.guarded_output(outputs, request, self._make_output, [], runner_out)
         return outputs
 
-    @staticmethod
-    def _make_output(request: Request, new_tokens: list[int], runner_out) -> EngineCoreOutput:
-        lp = runner_out.logprobs.get(request.request_id)
-        out = EngineCoreOutput(
-            request_id=request.request_id, new_token_ids=new_tokens,
-            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            new_logprobs=[TokenLogprobs(lp.token_ids, lp.logprobs, lp.rank)] if lp else None,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=max(request.num_cached_tokens, 0))
+    def _make_output(self, request: Request, new_tokens: list[int],
+                     runner_out: ModelRunnerOutput) -> EngineCoreOutput:
+        out = super()._make_output(request, new_tokens, runner_out)
         prompt = runner_out.prompt_logprobs.get(request.request_id)
         if prompt is not None:
             start, entries = prompt
             skip = max(0, request.num_prompt_logprobs_sent - start)  # resent after preemption
             entries = entries[skip:]
             if entries:
-                out.prompt_logprobs = [TokenLogprobs(e.token_ids, e.logprobs, e.rank)
-                                       for e in entries]
+                out.prompt_logprobs = entries
                 out.prompt_logprobs_start = start + skip
                 request.num_prompt_logprobs_sent = start + skip + len(entries)
         return out

@@ -8,10 +8,15 @@ import logging
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
-from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import AddRequest, RequestRejected
+from fornax.runtime.errors import RequestError
+
+if TYPE_CHECKING:
+    from fornax.runtime.sampling.params import StructuredOutputsParams
+    from fornax.runtime.structured_output.grammar import StructuredOutputManager
+    from fornax.runtime.structured_output.grammar_pool import CompileJob
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +30,15 @@ class GrammarGate:
     reaching the busy loop come back to the input thread through `settle` (it runs at least
     every poll interval, 200 ms: the delay of a refusal decided on a compile thread)."""
 
-    def __init__(self, structured: Any, forward: Callable[[bytes, AddRequest], bool]) -> None:
+    def __init__(self, structured: StructuredOutputManager,
+                 forward: Callable[[bytes, AddRequest], bool]) -> None:
         self.structured = structured
         self.forward = forward  # (identity, msg) -> the busy loop's queue; False when full
         self.max_waiting = structured.limits.grammar_max_waiting_requests
         self._lock = threading.Lock()
         self._waiting: dict[str, tuple[bytes, AddRequest]] = {}
-        self._aborted: dict[str, Any] = {}  # waiting requests aborted: id -> their constraint
+        # waiting requests aborted: id -> their constraint
+        self._aborted: dict[str, StructuredOutputsParams] = {}
         self._left: list[tuple[bytes, AddRequest, RequestRejected | None]] = []
 
     @property
@@ -79,7 +86,9 @@ class GrammarGate:
             for rid in request_ids:
                 entry = self._waiting.pop(rid, None)
                 if entry is not None:
-                    self._aborted[rid] = entry[1].request.sampling_params.structured_outputs
+                    constraint = entry[1].request.sampling_params.structured_outputs
+                    if constraint is not None:  # always: only constrained requests wait here
+                        self._aborted[rid] = constraint
                     self._left.append((entry[0], entry[1], None))
 
     def settle(self) -> list[tuple[bytes, AddRequest, RequestRejected | None]]:
@@ -93,7 +102,7 @@ class GrammarGate:
         self._left.append((identity, msg, rejection))  # lock held
         return True
 
-    def _compiled(self, rid: str, params: Any, job: Any) -> None:
+    def _compiled(self, rid: str, params: StructuredOutputsParams, job: CompileJob) -> None:
         """The compile ended (any thread): forward the request, or refuse it."""
         from fornax.runtime.structured_output.grammar_pool import GrammarBusy
         from fornax.runtime.structured_output.grammar import constraint_param, failure_message

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -79,6 +79,7 @@ class OutputThread(threading.Thread):
             pending = [link for link in self.links.values() if link.pending]
             timeout = None if not pending else \
                 _PARKED_RETRY_S if all(link.parked for link in pending) else _RETRY_S
+            item: tuple[str, str, Any] | tuple[()] | None
             try:
                 item = self.q.get(timeout=timeout)
             except queue.Empty:
@@ -114,8 +115,8 @@ class OutputThread(threading.Thread):
             return
         if kind == "all":
             data = self._encode(payload)
-            for link in self.links.values():
-                link.control.append(data)
+            for each in self.links.values():
+                each.control.append(data)
             return
         link = self.links.get(client_id)
         if link is None:
@@ -154,7 +155,7 @@ class OutputThread(threading.Thread):
 
     def _flush(self, link: _Link) -> bool:
         """Send what waits for this worker; False if its socket is full (the rest stays)."""
-        if not link.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+        if not cast(int, link.sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
             return False  # still full: do not even encode
         while link.control:
             if not self._send(link.sock, link.control[0]):

@@ -21,6 +21,7 @@ import zmq
 
 from fornax.runtime.engine.addresses import alive_path, input_address
 from fornax.runtime.engine.admin import is_sleeping, run_admin
+from fornax.runtime.engine.contract import EngineCore, EngineLoad
 from fornax.runtime.engine.grammar_gate import GrammarGate
 from fornax.runtime.engine.output_thread import QUEUE_LIMIT, OutputThread
 from fornax.api.server.logging_setup import setup_logging
@@ -33,6 +34,7 @@ from fornax.runtime.engine.messages import (
     ClientHello,
     ClientMessage,
     EngineCoreOutput,
+    EngineCoreRequest,
     EngineDead,
     EngineHandshake,
     EngineSpec,
@@ -46,6 +48,8 @@ logger = logging.getLogger("fornax.runtime.engine.process")
 SPEC_ENV = "FORNAX_ENGINE_SPEC"
 _QUEUE_LIMIT = QUEUE_LIMIT  # bounded hand-off between the socket threads and the busy loop
 _IDLE_POLL_S = 0.5
+_NO_LOAD = EngineLoad(num_running=0, num_waiting=0, kv_usage=0.0, prefix_cache_queries=0,
+                      prefix_cache_hits=0, num_preemptions=0)  # when the numbers cannot be read
 
 
 class _WorkerStalled(msgspec.Struct):
@@ -58,13 +62,14 @@ class EngineCoreProcess:
     def __init__(self, spec: EngineSpec) -> None:
         self.spec = spec
         self.ctx = zmq.Context()
-        self.in_q: queue.Queue[tuple[bytes, Any]] = queue.Queue(_QUEUE_LIMIT)
+        self.in_q: queue.Queue[tuple[bytes, ClientMessage | _WorkerStalled]] = queue.Queue(
+            _QUEUE_LIMIT)
         self.owners: dict[str, str] = {}  # engine request id -> client id
         self.stop_event = threading.Event()
         self.drain_requested = False
         self.drain_deadline: float | None = None
         self.encoder = msgspec.msgpack.Encoder()
-        self.core: Any = None
+        self.core: EngineCore  # loaded by `run`
         self.max_queued_reqs: int | None = None  # admission bounds (set from the KV at start)
         self.max_queued_tokens: int | None = None
         # adds on their way to the busy loop: counted in by the input thread, out by the loop
@@ -100,16 +105,15 @@ class EngineCoreProcess:
         in_thread.start()
         handshake.send(self.encoder.encode(self._ready()))
         handshake.close()
-        structured = getattr(self.core, "structured", None)
-        if structured is not None:
-            structured.prewarm()  # xgrammar loads in the background, not on the first request
+        if self.core.structured is not None:  # xgrammar loads in the background, not on the
+            self.core.structured.prewarm()  # first constrained request
         code = 0
         try:
             self._busy_loop()
         except Exception as exc:  # the engine itself failed: tell every worker, exit non-zero
             logger.error("engine core died:\n%s", traceback.format_exc())
             dead = EngineDead(f"the engine core died: {type(exc).__name__}: {exc}")
-            self._put_out(("all", "", self.encoder.encode(dead)))
+            self._put_out(("all", "", dead))  # encoded on the output thread
             code = 1
         self.stop_event.set()
         self.out.q.put(None)
@@ -119,12 +123,12 @@ class EngineCoreProcess:
         self.ctx.term()
         return code
 
-    def _load(self) -> Any:
+    def _load(self) -> EngineCore:
         from fornax.runtime.config import make_engine_config
-        from fornax.runtime.pooling.core import make_engine_core
+        from fornax.runtime.engine.factory import make_engine_core
 
         config = make_engine_config(self.spec.model, **self.spec.engine_kwargs)
-        return make_engine_core(config)  # EngineCore, or PoolingEngineCore for --runner pooling
+        return make_engine_core(config)  # the core of the model's engine kind
 
     def _set_queue_limits(self) -> None:
         from fornax.runtime.config import queue_limits
@@ -147,8 +151,7 @@ class EngineCoreProcess:
             architecture=info.architecture, dtype=info.dtype, device=info.device,
             max_logprobs=self.core.config.max_logprobs,
             eos_token_ids=sorted(info.eos_token_ids),
-            runner=getattr(self.core, "runner_type", "generate"),
-            pooling=getattr(self.core, "pooling_info", None))
+            runner=self.core.runner_type, pooling=self.core.pooling_info)
 
     def _bind_sockets(self) -> zmq.Socket:
         router = self.ctx.socket(zmq.ROUTER)
@@ -194,7 +197,7 @@ class EngineCoreProcess:
                         msg.request.request_id, "internal error while admitting the request: "
                         f"{type(exc).__name__}", None, 500)))
 
-    def _take(self, identity: bytes, msg: Any) -> None:
+    def _take(self, identity: bytes, msg: ClientMessage) -> None:
         """Input thread: one decoded message from a worker."""
         if isinstance(msg, StatsQuery):  # answered here: a long step must not delay it
             self._put_out(("send", identity.decode(), self._stats(msg.query_id)))
@@ -229,12 +232,12 @@ class EngineCoreProcess:
         self._put_out(("rejected", identity.decode(),
                        RequestRejected(req.request_id, reason, None, 503)))
 
-    def _overloaded(self, req: Any, pending: bool = True) -> str | None:
+    def _overloaded(self, req: EngineCoreRequest, pending: bool = True) -> str | None:
         """Why `req` must wait outside (the bounds are full), or None. `pending`: count the adds
         still on their way to the busy loop (the input thread's view)."""
         sched = self.core.scheduler
         in_flight = sched.num_waiting + sched.num_running
-        tokens = getattr(sched, "num_waiting_prompt_tokens", 0)
+        tokens = sched.num_waiting_prompt_tokens
         if pending:
             in_flight += max(0, self._adds_in - self._adds_out)
             tokens += max(0, self._tokens_in - self._tokens_out)
@@ -254,7 +257,7 @@ class EngineCoreProcess:
             numbers = self.core.stats()
         except Exception:  # noqa: BLE001 - a racing mutation: the liveness fields still go out
             logger.debug("stats failed", exc_info=True)
-            numbers = {}
+            numbers = _NO_LOAD
         return EngineStats(query_id, draining=self.drain_requested,
                            num_iterations=self.num_iterations,
                            loop_stall_s=max(0.0, time.monotonic() - self.loop_beat),
@@ -275,10 +278,9 @@ class EngineCoreProcess:
         if msg.request.sampling_params.structured_outputs is None:
             return False
         if self._gate is None:
-            structured = getattr(self.core, "structured", None)
-            if structured is None:
+            if self.core.structured is None:
                 return False
-            self._gate = GrammarGate(structured, self._forward_compiled)
+            self._gate = GrammarGate(self.core.structured, self._forward_compiled)
         held = self._gate.admit(identity, msg)
         self._settle_grammar()
         return held
@@ -302,7 +304,7 @@ class EngineCoreProcess:
             if rejection is not None:
                 self._put_out(("rejected", identity.decode(), rejection))
 
-    def _put_out(self, item: tuple[str, str, bytes]) -> None:
+    def _put_out(self, item: tuple[str, str, object]) -> None:
         self.out.q.put(item)
 
     # ---- busy loop -----------------------------------------------------------------------------
@@ -323,7 +325,7 @@ class EngineCoreProcess:
         self.loop_beat = time.monotonic()  # the watchdog's heartbeat: once per loop iteration
         self.num_iterations += 1
         if fault_injection.INJECTOR is not None:  # test-only: the "stall" stage sleeps here
-            fault_injection.INJECTOR.stall(list(getattr(self.core.scheduler, "requests", ())))
+            fault_injection.INJECTOR.stall(list(self.core.scheduler.requests))
         try:
             item = self.in_q.get(timeout=_IDLE_POLL_S) if block else self.in_q.get_nowait()
         except queue.Empty:
@@ -348,7 +350,7 @@ class EngineCoreProcess:
             self._route(self.core.abort_requests(ids))
         return not self.core.has_unfinished_requests()
 
-    def _handle(self, identity: bytes, msg: Any) -> None:
+    def _handle(self, identity: bytes, msg: ClientMessage | _WorkerStalled) -> None:
         client_id = identity.decode()
         if isinstance(msg, AddRequest):
             self._add(client_id, msg)
@@ -364,7 +366,7 @@ class EngineCoreProcess:
             logger.debug("API worker %s connected", msg.client_id)
             self._put_out(("connect", client_id, msg.output_address.encode()))
         elif isinstance(msg, AdminCommand):  # dev endpoints: runs between steps
-            self._put_out(("send", client_id, self.encoder.encode(run_admin(self.core, msg))))
+            self._put_out(("send", client_id, run_admin(self.core, msg)))  # encoded there
 
     def _fail_worker(self, client_id: str) -> None:
         """Abort (KV freed) every request of a worker that stopped reading; each gets a 503."""

@@ -4,16 +4,20 @@ the fault isolation of `step()` (a failure fails one request, or one step, never
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from fornax.runtime.engine import fault_injection
+from fornax.runtime.engine.contract import EngineLoad, EngineRuntimeInfo, RunnerType, SleepMode
 from fornax.runtime.errors import ConfigError, FornaxError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.engine.messages import EngineCoreOutput
 from fornax.runtime.engine.request_failure import RequestFailure, failure_output, is_device_error
+
+if TYPE_CHECKING:
+    from fornax.runtime.engine.messages import PoolingModelInfo
+    from fornax.runtime.structured_output.grammar import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -24,24 +28,6 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 class EngineStepError(FornaxError):
     """The engine cannot go on: a device error, or MAX_CONSECUTIVE_STEP_FAILURES failed steps."""
-
-
-@dataclass(frozen=True)
-class EngineRuntimeInfo:
-    """What the engine found at start (not configuration): capacity and limits."""
-
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    architecture: str
-    dtype: str
-    device: str
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return (self.num_kv_blocks - 1) * self.block_size
 
 
 def eos_token_ids(files: ModelFiles) -> frozenset[int]:
@@ -101,6 +87,12 @@ class SchedulingCoreMixin:
 
     scheduler: Any
     runner: Any
+    kv: Any = None  # the paged KV-cache manager (None: the core has no KV cache)
+    # the contract's capabilities (runtime/engine/contract.py): a core offering one sets it
+    runner_type: RunnerType = "generate"
+    structured: StructuredOutputManager | None = None
+    pooling_info: PoolingModelInfo | None = None
+    sleep_mode: SleepMode | None = None
     reports_prefix_cache = True  # False where the cache never shares blocks (encoder-decoder)
     _step_requests: list[Any] | None = None  # what the running step serves, once scheduled
     _step_forgotten: set[str] | None = None  # ids the runner was to drop in the running step
@@ -108,7 +100,29 @@ class SchedulingCoreMixin:
     num_steps = 0
 
     def _step(self) -> list[EngineCoreOutput]:
-        raise NotImplementedError
+        """A paged-KV core's step: schedule, run the model, one output per request served."""
+        ran = self._execute_scheduled()
+        if ran is None:
+            return []
+        return self._outputs(*ran)
+
+    def _outputs(self, sched_out: Any, runner_out: Any) -> list[EngineCoreOutput]:
+        """Update the requests with the step's samples; build each one's output (guarded)."""
+        outputs: list[EngineCoreOutput] = []
+        for request, new_tokens in self.scheduler.update_from_output(sched_out,
+                                                                     runner_out.sampled):
+            self.guarded_output(outputs, request, self._make_output, new_tokens, runner_out)
+        return outputs
+
+    def _make_output(self, request: Any, new_tokens: list[int],
+                     runner_out: Any) -> EngineCoreOutput:
+        """One request's output of a step: its new tokens and their logprobs, how it ended."""
+        lp = runner_out.logprobs.get(request.request_id)
+        return EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=new_tokens,
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            new_logprobs=[lp] if lp else None, num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0))
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one scheduling step; returns what every touched request produced (failed ones
@@ -159,7 +173,7 @@ class SchedulingCoreMixin:
                                   f"{type(exc).__name__}: {exc}") from exc
         victims = self._step_requests
         if victims is None:  # failed while scheduling: whatever holds blocks may be half-done
-            victims = list(getattr(self.scheduler, "running", ()))
+            victims = list(self.scheduler.running) if self.kv is not None else []
         for request in victims:
             self.scheduler.fail_request(request, "step", exc, batch=True)
         if self._step_forgotten:
@@ -175,11 +189,10 @@ class SchedulingCoreMixin:
         self._drop_rows(errors)
         return [o for o in outputs if o.request_id not in errors] + list(errors.values())
 
-    def _drop_rows(self, request_ids: Any) -> None:
+    def _drop_rows(self, request_ids: Iterable[str]) -> None:
         """The runner forgets these requests now (the scheduler also tells it next step)."""
-        remove = getattr(getattr(self, "runner", None), "remove_requests", None)
-        if remove is not None:
-            remove(list(request_ids))
+        if self.kv is not None:  # a paged-KV runner keeps rows; the pooling runner keeps none
+            self.runner.remove_requests(list(request_ids))
 
     def fail_runner_requests(self, failed: dict[str, tuple[str, BaseException]]) -> None:
         """Requests the runner could not serve this step (it already dropped their rows)."""
@@ -219,21 +232,20 @@ class SchedulingCoreMixin:
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
                                  num_prompt_tokens=r.num_prompt_tokens,
-                                 num_cached_tokens=max(getattr(r, "num_cached_tokens", 0), 0))
+                                 num_cached_tokens=max(r.num_cached_tokens, 0))
                 for r in self.scheduler.abort_requests(request_ids)]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineLoad:
         """Numbers for metrics and /load; cores without a KV cache or preemption report 0."""
-        kv = getattr(self, "kv", None)
+        kv = self.kv
         kv_stats = kv.stats if kv is not None and self.reports_prefix_cache else None
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_usage": kv.usage() if kv is not None else 0.0,
-            "prefix_cache_queries": kv_stats.queries if kv_stats is not None else 0,
-            "prefix_cache_hits": kv_stats.hits if kv_stats is not None else 0,
-            "num_preemptions": getattr(self.scheduler, "num_preemptions", 0),
-        }
+        return EngineLoad(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=kv.usage() if kv is not None else 0.0,
+            prefix_cache_queries=kv_stats.queries if kv_stats is not None else 0,
+            prefix_cache_hits=kv_stats.hits if kv_stats is not None else 0,
+            num_preemptions=self.scheduler.num_preemptions)

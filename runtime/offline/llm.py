@@ -9,9 +9,9 @@ from typing import Any
 
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import RequestError, RequestFailedError
+from fornax.runtime.engine.factory import make_engine_core
 from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.text.output_processor import OutputProcessor
-from fornax.runtime.pooling.core import make_engine_core
 from fornax.runtime.offline.pooling_llm import PoolingMixin
 from fornax.runtime.sampling.beam_search import BeamSearchParams, BeamSearchState
 from fornax.runtime.offline.outputs import CompletionOutput, RequestOutput
@@ -42,7 +42,7 @@ class LLM(PoolingMixin):
                  **engine_args: Any) -> None:
         engine_args.setdefault("device", "auto")
         self.config = make_engine_config(model or "", **engine_args)
-        self.engine = make_engine_core(self.config)  # EngineCore, or PoolingEngineCore
+        self.engine = make_engine_core(self.config)  # generation or pooling (contract.EngineCore)
         self.tokenizer = TokenizerFront(self.engine.files.path, chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()

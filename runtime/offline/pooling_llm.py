@@ -9,10 +9,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from fornax.runtime.errors import RequestError, RequestFailedError
-from fornax.runtime.engine.messages import EngineCoreRequest, PoolingOutput, PoolingParams
+from fornax.runtime.engine.messages import (
+    EngineCoreRequest,
+    PoolingModelInfo,
+    PoolingOutput,
+    PoolingParams,
+)
 from fornax.runtime.pooling.io import (
     PoolingTokenizer,
     cosine,
@@ -21,6 +26,9 @@ from fornax.runtime.pooling.io import (
     resolve_truncation,
 )
 from fornax.runtime.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    from fornax.runtime.engine.contract import EngineCore
 
 T = TypeVar("T")
 _NO_SAMPLING = SamplingParams(max_tokens=1)
@@ -75,7 +83,7 @@ PromptLike = str | list[int] | dict[str, Any]
 class PoolingMixin:
     """Pooling methods of the offline `LLM` (its `engine`, `tokenizer` and `_counter`)."""
 
-    engine: Any
+    engine: EngineCore
     tokenizer: Any
     _counter: itertools.count
 
@@ -140,8 +148,8 @@ class PoolingMixin:
         return list(self._pooling_info().labels)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _pooling_info(self) -> Any:
-        info = getattr(self.engine, "pooling_info", None)
+    def _pooling_info(self) -> PoolingModelInfo:
+        info = self.engine.pooling_info
         if info is None:
             raise RequestError("this model runs as a generation model; embeddings, classification "
                                "and scores need a pooling model (LLM(model, runner='pooling'))",

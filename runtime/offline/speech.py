@@ -47,12 +47,11 @@ class SpeechToText:
     """
 
     def __init__(self, model: str = "whisper-tiny.en", **engine_args: Any) -> None:
-        from fornax.runtime.encoder_decoder.core import EncoderDecoderEngineCore
-        from fornax.runtime.pooling.core import make_engine_core
+        from fornax.runtime.engine.factory import make_engine_core
 
         engine_args.setdefault("device", "auto")
         self.engine = make_engine_core(make_engine_config(model, **engine_args))
-        if not isinstance(self.engine, EncoderDecoderEngineCore):
+        if self.engine.runner_type != "transcription":
             raise ConfigError(f"{model} is not a speech-to-text model")
         path = self.engine.files.path
         self.info = WhisperInfo.from_folder(path)

@@ -13,20 +13,12 @@ from typing import Any
 
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.engine.messages import PoolingModelInfo
-from fornax.runtime.models.registry import supported_architectures
+from fornax.runtime.models.registry import EngineKind, lookup_architecture
 
 logger = logging.getLogger(__name__)
 
 RUNNERS = ("auto", "generate", "pooling")
 POOLING_TYPES = ("CLS", "MEAN", "MAX", "LAST", "MEAN_SQRT_LEN")
-
-# architecture -> (family, head): family "encoder" (BERT-like) or "decoder" (Llama-like)
-_ENCODER_ARCHS = {
-    "BertModel": "embed", "BertForSequenceClassification": "classify",
-    "RobertaModel": "embed", "RobertaForSequenceClassification": "classify",
-    "XLMRobertaModel": "embed", "XLMRobertaForSequenceClassification": "classify",
-}
-_DECODER_BASE_ARCHS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
 
 # sentence-transformers Pooling config key -> our pooling type (first true one wins)
 _ST_POOLING_KEYS = (
@@ -37,10 +29,6 @@ _ST_POOLING_KEYS = (
     ("pooling_mode_lasttoken", "LAST"),
 )
 _ST_MODULE = "sentence_transformers.models."
-
-
-def pooling_architectures() -> list[str]:
-    return sorted([*_ENCODER_ARCHS, *_DECODER_BASE_ARCHS])
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -62,24 +50,25 @@ def _st_modules(path: Path) -> list[dict[str, Any]]:
     return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
 
 
-def _architecture(hf_config: dict[str, Any]) -> str:
-    archs = hf_config.get("architectures") or []
-    known = set(_ENCODER_ARCHS) | set(_DECODER_BASE_ARCHS) | set(supported_architectures())
-    for arch in archs:
-        if arch in known:
-            return arch
-    raise ConfigError(
-        f"unsupported model architecture {archs or '(none given)'}; fornax supports: "
-        + ", ".join(sorted(known)))
+def _pooling_architecture(hf_config: dict[str, Any]) -> tuple[str, tuple[str, str]]:
+    """The model's architecture (runtime/models/registry.py) and its (family, head) for pooling."""
+    arch, entry = lookup_architecture(hf_config)
+    if entry.pooling is None:
+        raise ConfigError(f"{arch} cannot run as a pooling model")
+    return arch, entry.pooling
 
 
-def resolve_runner(requested: str, hf_config: dict[str, Any], model_dir: Path) -> str:
-    """'generate' or 'pooling' for this model; 'auto' decides by architecture (and, for a causal LM,
-    by the presence of a sentence-transformers Pooling module, as Qwen3-Embedding ships)."""
+def resolve_engine_kind(requested: str, hf_config: dict[str, Any], model_dir: Path) -> EngineKind:
+    """The engine that serves this model with `--runner requested`: an encoder-decoder model
+    (Whisper) always runs its own; otherwise 'generate' or 'pooling', where 'auto' decides by the
+    architecture (and, for a causal LM, by the presence of a sentence-transformers Pooling module,
+    as Qwen3-Embedding ships)."""
     if requested not in RUNNERS:
         raise ConfigError(f"runner must be one of {', '.join(RUNNERS)}, got {requested!r}")
-    arch = _architecture(hf_config)
-    pooling_only = arch in _ENCODER_ARCHS or arch in _DECODER_BASE_ARCHS
+    arch, entry = lookup_architecture(hf_config)
+    if entry.kind == "encoder-decoder":
+        return entry.kind
+    pooling_only = entry.pooling_only
     if requested == "generate":
         if pooling_only:
             raise ConfigError(f"{arch} has no language-model head and cannot generate text; "
@@ -168,12 +157,8 @@ def pooling_model_info(hf_config: dict[str, Any], model_dir: Path,
                        max_model_len: int | None = None,
                        overrides: dict[str, Any] | None = None) -> PoolingModelInfo:
     """Everything about a pooling model that the engine and the API workers must agree on."""
-    arch = _architecture(hf_config)
+    arch, (family, head) = _pooling_architecture(hf_config)
     overrides = dict(overrides or {})
-    if arch in _ENCODER_ARCHS:
-        family, head = "encoder", _ENCODER_ARCHS[arch]
-    else:
-        family, head = "decoder", "embed"
     st_type, st_norm, unsupported = _st_pooling(model_dir)
     if unsupported and head == "embed":
         raise ConfigError(f"the sentence-transformers modules {unsupported} of {model_dir} are not "

@@ -1,9 +1,8 @@
 """PoolingEngineCore: batches embedding / classify / score requests into forwards (engine core).
 
-The same interface as `EngineCore` (add_request / abort_requests / step / has_unfinished_requests /
-stats / info / scheduler), so the engine-core process and the offline `LLM` run either. A pooling
-request is one whole prompt that finishes in the step that runs it: no KV cache, no chunking, no
-decode. `make_engine_core` picks the core for a config (`--runner auto|generate|pooling`).
+It satisfies the engine contract (runtime/engine/contract.py), so the engine-core process and the
+offline `LLM` run it like the others. A pooling request is one whole prompt that finishes in the
+step that runs it: no KV cache, no chunking, no decode.
 """
 
 from __future__ import annotations
@@ -15,50 +14,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.runtime.engine import fault_injection
 from fornax.runtime.config import EngineConfig
+from fornax.runtime.engine import fault_injection
+from fornax.runtime.engine.contract import EngineRuntimeInfo, RunnerType
+from fornax.runtime.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    PoolingModelInfo,
+    PoolingOutput,
+    PoolingParams,
+)
+from fornax.runtime.engine.request_failure import RequestFailure
 from fornax.runtime.engine.scheduling_core import SchedulingCoreMixin, check_prompt_ids
 from fornax.runtime.errors import RequestError
 from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
-from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreRequest
-from fornax.runtime.pooling.config import parse_pooler_config, pooling_model_info, resolve_runner
-from fornax.runtime.engine.request_failure import RequestFailure
+from fornax.runtime.pooling.config import parse_pooler_config, pooling_model_info
 
 logger = logging.getLogger(__name__)
-
-
-def make_engine_core(config: EngineConfig) -> Any:
-    """`EngineCore` for generation, `PoolingEngineCore` for pooling models (by the runner),
-    `EncoderDecoderEngineCore` for speech-to-text (Whisper, by architecture)."""
-    mc = config.model_config
-    from fornax.runtime.encoder_decoder.core import EncoderDecoderEngineCore, is_encoder_decoder
-    from fornax.runtime.loaders.speech_models import resolve_speech_model
-
-    speech = resolve_speech_model(mc.model) if mc.model else None  # packaged name, CT2 folder
-    files = resolve_model_files(str(speech) if speech else mc.model, mc.load_format)
-    if is_encoder_decoder(files.hf_config):
-        return EncoderDecoderEngineCore(config, files)  # Whisper
-    runner = resolve_runner(mc.runner, files.hf_config, files.path)
-    if runner == "pooling":
-        return PoolingEngineCore(config, files)
-    from fornax.runtime.engine.generate_core import EngineCore
-
-    return EngineCore(config, files)
-
-
-@dataclass(frozen=True)
-class PoolingRuntimeInfo:
-    """What the pooling engine found at start; the field names of EngineRuntimeInfo."""
-
-    max_model_len: int
-    vocab_size: int
-    architecture: str
-    dtype: str
-    device: str
-    num_kv_blocks: int = 0
-    block_size: int = 0
-    kv_capacity_tokens: int = 0
-    eos_token_ids: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -66,9 +38,10 @@ class PoolingRequest:
     request_id: str
     token_ids: list[int]
     token_type_ids: list[int] | None
-    params: Any
+    params: PoolingParams
     priority: int
     arrival_time: float
+    num_cached_tokens = 0  # no KV cache: nothing is ever cached
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,6 +58,7 @@ class PoolingScheduler:
         self.requests: dict[str, PoolingRequest] = {}
         self._heap: list[tuple[Any, ...]] = []
         self._order = itertools.count()
+        self.num_waiting_prompt_tokens = 0  # of `requests` (--max-num-queued-tokens counts these)
         self.num_running = 0
         self.num_preemptions = 0
         self.failures: list[RequestFailure] = []  # taken by the engine core after each step
@@ -95,12 +69,20 @@ class PoolingScheduler:
 
     def add_request(self, request: PoolingRequest) -> None:
         self.requests[request.request_id] = request
+        self.num_waiting_prompt_tokens += request.num_prompt_tokens
         key = (request.priority, request.arrival_time) if self.policy == "priority" else ()
         heapq.heappush(self._heap, (*key, next(self._order), request.request_id))
 
     def abort_requests(self, request_ids: list[str]) -> list[PoolingRequest]:
         # left in the heap; skipped when popped
-        return [r for r in (self.requests.pop(rid, None) for rid in request_ids) if r is not None]
+        aborted = [r for r in (self._forget(rid) for rid in request_ids) if r is not None]
+        return aborted
+
+    def _forget(self, request_id: str) -> PoolingRequest | None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.num_waiting_prompt_tokens -= request.num_prompt_tokens
+        return request
 
     def fail_request(self, request: PoolingRequest, stage: str, error: BaseException,
                      batch: bool = False) -> None:
@@ -108,7 +90,7 @@ class PoolingScheduler:
         if not batch:
             logger.error("request %s failed at stage %s", request.request_id, stage,
                          exc_info=error)
-        self.requests.pop(request.request_id, None)  # left in the heap; skipped when popped
+        self._forget(request.request_id)  # left in the heap; skipped when popped
         self.failures.append(RequestFailure(request.request_id, stage, error, batch,
                                             request.num_prompt_tokens))
 
@@ -124,7 +106,7 @@ class PoolingScheduler:
             if batch and tokens + request.num_prompt_tokens > self.token_budget:
                 break
             heapq.heappop(self._heap)
-            del self.requests[rid]
+            self._forget(rid)
             try:
                 if fault_injection.INJECTOR is not None:
                     fault_injection.INJECTOR.check("schedule", rid)
@@ -143,7 +125,8 @@ class PoolingEngineCore(SchedulingCoreMixin):
     """Owns the pooling model runner and its scheduler; never dies of a bad request (one that
     fails while being served fails alone, see SchedulingCoreMixin.step)."""
 
-    runner_type = "pooling"
+    runner_type: RunnerType = "pooling"
+    pooling_info: PoolingModelInfo
 
     def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
         from fornax.runtime.pooling.runner import PoolingModelRunner  # torch stays out of import
@@ -159,7 +142,7 @@ class PoolingEngineCore(SchedulingCoreMixin):
         sched = config.scheduler_config
         budget = max(sched.max_num_batched_tokens, self.max_model_len)  # a prompt fits one step
         self.scheduler = PoolingScheduler(sched.max_num_seqs, budget, sched.policy)
-        self.info = PoolingRuntimeInfo(
+        self.info = EngineRuntimeInfo(
             max_model_len=self.max_model_len, vocab_size=self.runner.vocab_size,
             architecture=self.pooling_info.architecture,
             dtype=str(self.runner.dtype).removeprefix("torch."), device=config.device)
@@ -170,7 +153,8 @@ class PoolingEngineCore(SchedulingCoreMixin):
                     ", ".join(self.pooling_info.tasks), self.max_model_len, budget)
 
     # ---- admission -----------------------------------------------------------------------------
-    def validate_request(self, req: EngineCoreRequest) -> None:
+    def validate_request(self, req: EngineCoreRequest) -> PoolingParams:
+        """Check a request against the model; returns its pooling parameters."""
         params = req.pooling_params
         if params is None:
             raise RequestError(
@@ -189,6 +173,7 @@ class PoolingEngineCore(SchedulingCoreMixin):
             raise RequestError("token_type_ids must be as long as the prompt", "token_type_ids")
         if params.dimensions is not None:
             self._check_dimensions(params.dimensions)
+        return params
 
     def _check_dimensions(self, dims: int) -> None:
         info = self.pooling_info
@@ -203,11 +188,11 @@ class PoolingEngineCore(SchedulingCoreMixin):
                                "dimensions")
 
     def add_request(self, req: EngineCoreRequest) -> PoolingRequest:
-        self.validate_request(req)
+        params = self.validate_request(req)
         self.ensure_new_request_id(req.request_id)
         self.check_admit_faults(req.request_id)
         request = PoolingRequest(req.request_id, list(req.prompt_token_ids), req.token_type_ids,
-                                 req.pooling_params, req.priority,
+                                 params, req.priority,
                                  req.arrival_time or time.monotonic())
         self.scheduler.add_request(request)
         return request
@@ -243,10 +228,10 @@ class PoolingEngineCore(SchedulingCoreMixin):
         self.num_pooled += len(items)
         outputs: list[EngineCoreOutput] = []
         for r, out in zip(ready, pooled):
-            self.guarded_output(outputs, r, self._make_output, out)
+            self.guarded_output(outputs, r, self._pooled_output, out)
         return outputs
 
     @staticmethod
-    def _make_output(request: PoolingRequest, pooled: Any) -> EngineCoreOutput:
+    def _pooled_output(request: PoolingRequest, pooled: PoolingOutput) -> EngineCoreOutput:
         return EngineCoreOutput(request.request_id, [], finish_reason="stop",
                                 num_prompt_tokens=request.num_prompt_tokens, pooled=pooled)

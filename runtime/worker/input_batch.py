@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from fornax.runtime.engine import fault_injection
+from fornax.runtime.engine.messages import TokenLogprobs
 from fornax.runtime.errors import RequestError
 from fornax.runtime.sampling.params import SamplingParams
-
-@dataclass
-class StepLogprobs:
-    """Logprobs of one sampled token: the sampled one first, then the top-k alternatives."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    rank: int
-
 
 _INT32_MAX = 2**31 - 1
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -171,7 +162,7 @@ class InputBatch:
 
     def record_samples(self, done: list[tuple[str, int]], result: Any,
                        failed: dict[str, tuple[str, BaseException]]
-                       ) -> tuple[dict[str, int], dict[str, StepLogprobs]]:
+                       ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Append each sampled token to its row (`done[j]` = (request id, row) of sample j) and
         cut its logprobs to the request's k. One row's failure fails its request alone: it goes
         into `failed` (stage "sample"); a request already in `failed` has its sample dropped."""
@@ -181,7 +172,7 @@ class InputBatch:
             lp = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
                   result.sampled_ranks.tolist())
         sampled: dict[str, int] = {}
-        logprobs: dict[str, StepLogprobs] = {}
+        logprobs: dict[str, TokenLogprobs] = {}
         for j, (rid, row) in enumerate(done):
             if rid in failed:  # e.g. its grammar failed: its sample is discarded
                 continue
@@ -190,7 +181,7 @@ class InputBatch:
                     fault_injection.INJECTOR.check("sample", rid)
                 k = int(self.num_logprobs_np[row])
                 if lp is not None and k >= 0:
-                    logprobs[rid] = StepLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
+                    logprobs[rid] = TokenLogprobs(lp[0][j][: k + 1], lp[1][j][: k + 1], lp[2][j])
                 self.append_token(row, tokens[j])
                 sampled[rid] = tokens[j]
             except Exception as exc:  # noqa: BLE001 - the engine core fails the request

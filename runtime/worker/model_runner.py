@@ -14,7 +14,8 @@ from fornax.runtime.engine import fault_injection
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.worker.input_batch import InputBatch, StepLogprobs
+from fornax.runtime.engine.messages import TokenLogprobs
+from fornax.runtime.worker.input_batch import InputBatch
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.kv_cache.sizing import (
     allocate_layer_caches,
@@ -41,9 +42,9 @@ _DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, int]  # request id -> token sampled at its last scheduled position
-    logprobs: dict[str, StepLogprobs]
+    logprobs: dict[str, TokenLogprobs]
     # request id -> (index of the first prompt token covered, logprobs of each covered token)
-    prompt_logprobs: dict[str, tuple[int, list[StepLogprobs]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # request id -> (stage, error): requests this step could not serve; their rows are gone
     failed: dict[str, tuple[str, BaseException]] = field(default_factory=dict)
 
@@ -350,9 +351,9 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str], rows: np.ndarray,
                          computed: np.ndarray, num_sched: np.ndarray, qsl: np.ndarray
-                         ) -> dict[str, tuple[int, list[StepLogprobs]]]:
+                         ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
         """Logprob of each next prompt token (and the top-k) at the scheduled prompt positions."""
-        out: dict[str, tuple[int, list[StepLogprobs]]] = {}
+        out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
         batch = self.batch
         for i, rid in enumerate(req_ids):
             row = int(rows[i])
@@ -374,7 +375,8 @@ class ModelRunner:
             if k > 0:
                 top_v, top_i = lps.topk(k, dim=-1)
                 ids, vals = torch.cat([ids, top_i], 1), torch.cat([vals, top_v], 1)
-            entries = [StepLogprobs(a, b, r) for a, b, r in zip(ids.tolist(), vals.tolist(), ranks)]
+            entries = [TokenLogprobs(a, b, r)
+                       for a, b, r in zip(ids.tolist(), vals.tolist(), ranks)]
             out[rid] = (start + 1, entries)
         return out
 

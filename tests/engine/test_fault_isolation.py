@@ -247,7 +247,7 @@ def test_encoder_decoder_core_fails_one_request_alone():
 
     from fornax.audio.transcribe import WhisperInfo
     from fornax.runtime.config import make_engine_config
-    from fornax.runtime.pooling.core import make_engine_core
+    from fornax.runtime.engine.factory import make_engine_core
 
     path = tiny_whisper_dir()
     ids = WhisperInfo.from_folder(path).ids

@@ -9,7 +9,7 @@ from fornax.audio.decode import decode_audio
 from fornax.audio.transcribe import WhisperInfo
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.engine.messages import EncoderInput, EngineCoreRequest
-from fornax.runtime.pooling.core import make_engine_core
+from fornax.runtime.engine.factory import make_engine_core
 from fornax.runtime.sampling.params import SamplingParams
 from helpers.whisper_fixtures import (
     AUDIO_DIR,

@@ -30,11 +30,17 @@ from fornax.runtime.sampling.params import SamplingParams
 
 
 class _FakeCore:
-    """Just enough of EngineCore for the process's admission and routing code."""
+    """Just enough of the engine contract (runtime/engine/contract.py) for the process's
+    admission and routing code: no capabilities."""
+
+    structured = None
+    pooling_info = None
+    sleep_mode = None
 
     def __init__(self, error: Exception | None = None, num_waiting: int = 0) -> None:
         self.error = error
-        self.scheduler = SimpleNamespace(num_waiting=num_waiting, num_running=0, requests={})
+        self.scheduler = SimpleNamespace(num_waiting=num_waiting, num_running=0, requests={},
+                                         num_waiting_prompt_tokens=0)
         self.added: list[str] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fornax.perf.common import check_threads, make_record, median, print_table, speedup, write_json
+from fornax.perf.wer import edit_distance, words
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +64,9 @@ def _reference(seconds: float) -> str:
 
 def _wer(ref: str, hyp: str, seconds: float, total: float) -> float:
     """WER against the sentences spoken in the first `seconds` (by their share of the words)."""
-    import re
-
-    def words(t: str) -> list[str]:
-        return re.sub(r"[^a-z0-9' ]", " ", t.lower()).split()
-
-    r, h = words(ref), words(hyp)
+    r = words(ref)
     r = r[: max(1, round(len(r) * seconds / total))]
-    row = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, row[0] = row[0], i
-        for j in range(1, len(h) + 1):
-            cur = row[j]
-            row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-            prev = cur
-    return min(row[len(h)] / len(r), 1.0)
+    return min(edit_distance(r, words(hyp)) / len(r), 1.0)
 
 
 def _metrics(times: list[float], seconds: float, n: int, wer: float) -> dict[str, float]:

@@ -18,7 +18,6 @@ import base64
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from fornax.perf.common import check_threads, make_record, percentile, print_table, write_json
+from fornax.perf.wer import word_error_rate
 
 logger = logging.getLogger(__name__)
 
@@ -142,25 +142,6 @@ async def level(url: str, headers: dict[str, str] | None, n: int, utterances: in
     return [r for run in runs for r in run]
 
 
-def wer(refs: list[str], hyps: list[str]) -> float:
-    def words(text: str) -> list[str]:
-        return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-
-    errors = total = 0
-    for ref, hyp in zip(refs, hyps):
-        r, h = words(ref), words(hyp)
-        row = list(range(len(h) + 1))
-        for i in range(1, len(r) + 1):
-            prev, row[0] = row[0], i
-            for j in range(1, len(h) + 1):
-                cur = row[j]
-                row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-                prev = cur
-        errors += row[len(h)]
-        total += len(r)
-    return errors / max(1, total)
-
-
 def summarize_level(n: int, results: list[dict[str, Any]]) -> dict[str, Any]:
     finals = [r["final_ms"] for r in results]
     firsts = [r["first_delta_ms"] for r in results if "first_delta_ms" in r]
@@ -171,7 +152,7 @@ def summarize_level(n: int, results: list[dict[str, Any]]) -> dict[str, Any]:
         "first_delta_p50_ms": percentile(firsts, 50) if firsts else float("nan"),
         "first_delta_p90_ms": percentile(firsts, 90) if firsts else float("nan"),
         "no_delta_before_done": len(results) - len(firsts),
-        "wer": wer([r["ref"] for r in results], [r["text"] for r in results]),
+        "wer": word_error_rate([r["ref"] for r in results], [r["text"] for r in results]),
         "consistent": all(r["consistent"] for r in results),
         "client_late_ms_max": max(r["sent_late_ms"] for r in results),
     }

@@ -11,7 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,14 @@ def write_json(record: Mapping[str, Any], path: str | os.PathLike[str] | None) -
     logger.info("wrote %s", out)
 
 
+def finish(record: dict[str, Any], path: str | os.PathLike[str] | None,
+           report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The end of a bench run: write the record's JSON (when asked), print its report, return it."""
+    write_json(record, path)
+    report(record)
+    return record
+
+
 def check_threads() -> None:
     """PERF.md: thread counts must be explicit; warn once when OMP_NUM_THREADS is unset."""
     if not os.environ.get("OMP_NUM_THREADS"):
@@ -225,10 +233,12 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] | None = N
     print(format_table(rows, headers, title), flush=True)
 
 
-def comparison_rows(record: Mapping[str, Any], names: Iterable[str],
-                    startup: Iterable[str] = ()) -> list[list[Any]]:
-    """Table rows `[metric, ours(, peer, speedup)]` for `names`, then `startup <key>` rows; the
-    peer's columns appear when the record has a peer."""
+def print_comparison(record: Mapping[str, Any], names: Iterable[str], title: str, *,
+                     startup: Iterable[str] = (), extra: Iterable[list[Any]] = (),
+                     ours: str = "fornax", theirs: str | None = None) -> None:
+    """Print `names` from the record's metrics, then its `startup <key>` rows and `extra` rows;
+    with a peer, its value and the speedup beside each (the peer's column named `theirs`, by
+    default the peer's name)."""
     metrics, peer = record["metrics"], record.get("peer")
     rows: list[list[Any]] = []
     for name in names:
@@ -239,7 +249,9 @@ def comparison_rows(record: Mapping[str, Any], names: Iterable[str],
     for key in startup:
         rows.append([f"startup {key}", record["startup"][key]]
                     + ([peer["startup"][key], ""] if peer else []))
-    return rows
+    rows += extra
+    headers = ["metric", ours] + ([theirs or peer["name"], "speedup"] if peer else [])
+    print_table(rows, headers, title)
 
 
 def progress(total: int, desc: str, enabled: bool = True) -> Any:

@@ -45,6 +45,7 @@ def paged_step(q_lens: list[int], ctx_lens: list[int], block_size: int,
     Returns (CommonAttentionMetadata, number of cache blocks); the kernels' tests use it too."""
     import numpy as np
     import torch
+
     from fornax.runtime.attention.backend import CommonAttentionMetadata
 
     n = len(q_lens)
@@ -94,6 +95,7 @@ def _time_case(backend: Any, case: dict[str, Any], calls: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from fornax.runtime.attention.backend import make_attention_backend
 
     check_threads()

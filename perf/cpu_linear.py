@@ -45,6 +45,7 @@ def layer_shapes(args: argparse.Namespace) -> list[tuple[str, int, int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from fornax.runtime.kernels.amx_linear import amx_supported
     from fornax.runtime.kernels.packing import pack_weight, packed_linear
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fornax.perf.common import check_threads, make_record, median, print_table, speedup, write_json
+from fornax.perf import common
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from fornax.runtime import LLM
 
-    check_threads()
+    common.check_threads()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     model, label = resolve_model(args.model)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def fornax_encode(batch: list[str]) -> Any:
         return np.array([o.outputs.embedding for o in llm.embed(batch)], dtype=np.float32)
 
-    record = make_record("embed", label, {**vars(args), "model": model})
+    record = common.make_record("embed", label, {**vars(args), "model": model})
     record["startup"] = {"load_s": load_s, "warmup_s": warmup_s}
     peer = None
     if args.peer != "none":
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             * np.linalg.norm(theirs, axis=1))
             agreement = float(cos.min())
     keys = list(ours_iters[0])
-    record["metrics"] = {k: median([it[k] for it in ours_iters]) for k in keys}
+    record["metrics"] = {k: common.median([it[k] for it in ours_iters]) for k in keys}
     record["metrics"].update(num_sentences=len(sentences), num_tokens=num_tokens)
     record["details"] = {"iterations": ours_iters, "engine": {
         "max_model_len": llm.engine.max_model_len, "dtype": llm.engine.info.dtype,
@@ -205,23 +205,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_step": llm.engine.scheduler.token_budget}, "min_cosine_vs_peer": agreement}
     if peer is not None:
         iters = record["peer"]["iterations"]
-        record["peer"]["metrics"] = {k: median([it[k] for it in iters]) for k in keys}
-        record["ratios"] = {k: speedup(k, record["metrics"][k], record["peer"]["metrics"][k])
-                            for k in HEADLINE}
-    write_json(record, args.output_json)
-    print_report(record)
-    return record
+        record["peer"]["metrics"] = {k: common.median([it[k] for it in iters]) for k in keys}
+        common.set_ratios(record, HEADLINE)
+    return common.finish(record, args.output_json, print_report)
 
 
 def print_report(record: dict[str, Any]) -> None:
-    m, peer = record["metrics"], record.get("peer")
-    title = (f"embed: {record['model']} | "
-             f"{m['num_sentences']} sentences, {m['num_tokens']} tokens")
-    rows: list[list[Any]] = []
-    for name in (*HEADLINE, "elapsed_s", "cpu_s"):
-        row: list[Any] = [name, m[name]]
-        if peer:
-            row += [peer["metrics"][name], record["ratios"].get(name, "")]
-        rows.append(row)
-    headers = ["metric", "fornax"] + ([peer["name"], "speedup"] if peer else [])
-    print_table(rows, headers, title)
+    m = record["metrics"]
+    common.print_comparison(record, (*HEADLINE, "elapsed_s", "cpu_s"),
+                            f"embed: {record['model']} | {m['num_sentences']} sentences, "
+                            f"{m['num_tokens']} tokens")

@@ -7,17 +7,7 @@ import logging
 import random
 from typing import Any
 
-from fornax.perf import offline
-from fornax.perf.common import (
-    check_threads,
-    make_record,
-    percentile,
-    print_table,
-    progress,
-    speedup,
-    summarize,
-    write_json,
-)
+from fornax.perf import common, offline
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +65,7 @@ def _hf_iter(peer: Any, prompts: list[list[int]], output_len: int) -> dict[str, 
 
 def _metrics(iters: list[dict[str, float]], batch: int, output_len: int) -> dict[str, float]:
     lat = [it["latency_s"] for it in iters]
-    m = summarize(lat, "latency", "s")
+    m = common.summarize(lat, "latency", "s")
     m["mean_ttft_ms"] = 1e3 * sum(it["ttft_s"] for it in iters) / len(iters)
     m["mean_tpot_ms"] = 1e3 * sum(it["tpot_s"] for it in iters) / len(iters)
     m["output_throughput"] = batch * output_len / m["median_latency_s"]
@@ -87,7 +77,7 @@ def _metrics(iters: list[dict[str, float]], batch: int, output_len: int) -> dict
 def _loop(name: str, fn: Any, batches: list[list[list[int]]], warmups: int,
           show: bool) -> tuple[list[dict[str, float]], float]:
     """Run warm-up iterations (timed apart) then measured ones; returns (measured, warm-up s)."""
-    bar = progress(len(batches), f"{name} latency", show)
+    bar = common.progress(len(batches), f"{name} latency", show)
     warm_s = 0.0
     measured = []
     for i, prompts in enumerate(batches):
@@ -102,7 +92,7 @@ def _loop(name: str, fn: Any, batches: list[list[list[int]]], warmups: int,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    check_threads()
+    common.check_threads()
     offline.set_threads(args.num_threads)
     if args.num_iters < 1 or args.batch_size < 1 or args.input_len < 1 or args.output_len < 1:
         raise SystemExit("--num-iters, --batch-size, --input-len and --output-len must be >= 1")
@@ -114,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.num_iters_warmup + args.num_iters
     batches = [_batch(rng, args.batch_size, args.input_len, upper, avoid) for _ in range(total)]
 
-    record = make_record("latency", offline.model_label(args, llm), vars(args))
+    record = common.make_record("latency", offline.model_label(args, llm), vars(args))
     fx, fx_warm = _loop("fornax", lambda p: _fornax_iter(llm, p, args.output_len), batches,
                         args.num_iters_warmup, show)
     record["startup"] = {"load_s": load_s, "warmup_s": fx_warm}
@@ -122,18 +112,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lat = [it["latency_s"] for it in fx]
     record["details"] = {
         "iterations": fx,
-        "latency_percentiles_s": {str(p): percentile(lat, p) for p in DETAIL_PERCENTILES},
+        "latency_percentiles_s": {str(p): common.percentile(lat, p) for p in DETAIL_PERCENTILES},
         "tokens_per_iteration": args.batch_size * args.output_len,
     }
     if args.peer == "hf":
         import transformers
 
-        from fornax.perf.hf_peer import HFPeer
-
-        eos = sorted(llm.engine.info.eos_token_ids)
-        peer = HFPeer(llm.engine.files.path, llm.engine.info.dtype,
-                      random_weights=args.load_format == "dummy", seed=args.seed,
-                      eos_token_id=eos[0] if eos else None)
+        peer = offline.hf_peer(llm, args)
         hf, hf_warm = _loop("hf", lambda p: _hf_iter(peer, p, args.output_len), batches,
                             args.num_iters_warmup, show)
         record["peer"] = {"name": "hf", "version": transformers.__version__, "dtype": peer.dtype,
@@ -141,27 +126,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "startup": {"load_s": peer.load_s, "warmup_s": hf_warm},
                           "metrics": _metrics(hf, args.batch_size, args.output_len),
                           "iterations": hf}
-        record["ratios"] = {k: speedup(k, record["metrics"][k], record["peer"]["metrics"][k])
-                            for k in HEADLINE}
-    write_json(record, args.output_json)
-    print_report(record)
-    return record
+        common.set_ratios(record, HEADLINE)
+    return common.finish(record, args.output_json, print_report)
 
 
 def print_report(record: dict[str, Any]) -> None:
-    cfg, m, peer = record["config"], record["metrics"], record.get("peer")
-    title = (f"latency: {record['model']} | batch {cfg['batch_size']}, input {cfg['input_len']}, "
-             f"output {cfg['output_len']}, {cfg['num_iters']} iters")
+    cfg = record["config"]
     names = ["mean_latency_s", "median_latency_s", "p90_latency_s", "p99_latency_s",
              "mean_ttft_ms", "mean_tpot_ms", "output_throughput", "output_throughput_cpu"]
-    rows: list[list[Any]] = []
-    for name in names:
-        row: list[Any] = [name, m.get(name)]
-        if peer:
-            row += [peer["metrics"].get(name), record["ratios"].get(name, "")]
-        rows.append(row)
-    for key in ("load_s", "warmup_s"):
-        rows.append([f"startup {key}", record["startup"][key]]
-                    + ([peer["startup"][key], ""] if peer else []))
-    headers = ["metric", "fornax"] + (["hf", "speedup"] if peer else [])
-    print_table(rows, headers, title)
+    common.print_comparison(
+        record, names, f"latency: {record['model']} | batch {cfg['batch_size']}, input "
+        f"{cfg['input_len']}, output {cfg['output_len']}, {cfg['num_iters']} iters",
+        startup=("load_s", "warmup_s"))

@@ -95,6 +95,17 @@ def warm_up(llm: Any, vocab_upper: int, *, batch: int, input_len: int, output_le
     return time.perf_counter() - start
 
 
+def hf_peer(llm: Any, args: argparse.Namespace) -> Any:
+    """HF transformers on the engine's checkpoint and dtype (random weights when the engine's are
+    dummy), stopping at the engine's first EOS id: the `--peer hf` side of the offline benches."""
+    from fornax.perf.hf_peer import HFPeer
+
+    eos = sorted(llm.engine.info.eos_token_ids)
+    return HFPeer(llm.engine.files.path, llm.engine.info.dtype,
+                  random_weights=args.load_format == "dummy", seed=args.seed,
+                  eos_token_id=eos[0] if eos else None)
+
+
 def vocab_upper(llm: Any) -> int:
     """Largest usable token id + 1: the tokenizer's size, capped by the model's vocab."""
     tok = getattr(llm.tokenizer, "vocab_size", None) or llm.engine.info.vocab_size

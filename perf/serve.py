@@ -11,14 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fornax.perf.common import (
-    check_threads,
-    make_record,
-    print_table,
-    progress,
-    speedup,
-    write_json,
-)
+from fornax.perf import common
 from fornax.perf.datasets import (
     DATASETS,
     BenchRequest,
@@ -140,7 +133,7 @@ async def _bench_one(base_url: str, model: str | None, args: argparse.Namespace,
         warmup_s = time.perf_counter() - warm_start
         if warm and not any(w.success for w in warm):
             raise RuntimeError(f"warm-up request to {url} failed: {warm[0].error}")
-        bar = progress(len(requests), f"serve {base_url}", not args.disable_tqdm)
+        bar = common.progress(len(requests), f"serve {base_url}", not args.disable_tqdm)
         results, start, end = await run_load(
             client, url, [body(r) for r in requests], requests, rate=args.request_rate,
             burstiness=args.burstiness, fixed=args.arrival == "fixed",
@@ -159,7 +152,7 @@ async def _bench_one(base_url: str, model: str | None, args: argparse.Namespace,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    check_threads()
+    common.check_threads()
     if args.request_rate <= 0 or args.burstiness <= 0:
         raise SystemExit("--request-rate and --burstiness must be positive")
     if args.arrival == "fixed" and args.request_rate == float("inf"):
@@ -174,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         parse_len_range(args.output_len, args.range_ratio), seed=args.seed,
         prefix_len=args.prefix_len, tokenizer=tokenizer, need_text=True)
     ours = asyncio.run(_bench_one(base_url, args.model, args, requests, slos))
-    record = make_record("serve", ours["served_model"], vars(args))
+    record = common.make_record("serve", ours["served_model"], vars(args))
     record["config"]["base_url"] = base_url
     record["metrics"] = ours.pop("metrics")
     record["startup"] = ours.pop("startup")
@@ -184,15 +177,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       requests, slos))
         peer.pop("requests")
         record["peer"] = {"name": peer["base_url"], **peer}
-        record["ratios"] = {k: speedup(k, record["metrics"][k], peer["metrics"][k])
-                            for k in HEADLINE if k in peer["metrics"]}
-    write_json(record, args.output_json)
-    print_report(record)
-    return record
+        common.set_ratios(record, HEADLINE)
+    return common.finish(record, args.output_json, print_report)
 
 
 def print_report(record: dict[str, Any]) -> None:
-    m, cfg, peer = record["metrics"], record["config"], record.get("peer")
+    m, cfg = record["metrics"], record["config"]
     title = (f"serve: {record['model']} @ {cfg['base_url']}{cfg['endpoint']} | "
              f"{cfg['num_prompts']} prompts, rate {cfg['request_rate']}, "
              f"concurrency {cfg['max_concurrency'] or 'unbounded'}")
@@ -202,12 +192,5 @@ def print_report(record: dict[str, Any]) -> None:
         names.append("request_goodput")
     for what in ("ttft", "tpot", "itl", "e2el"):
         names += [f"mean_{what}_ms", f"median_{what}_ms", f"p90_{what}_ms", f"p99_{what}_ms"]
-    rows = []
-    for name in names:
-        row: list[Any] = [name, m.get(name)]
-        if peer:
-            row += [peer["metrics"].get(name), record["ratios"].get(name, "")]
-        rows.append(row)
-    rows.append(["startup warmup_s", record["startup"]["warmup_s"]]
-                + ([peer["startup"]["warmup_s"], ""] if peer else []))
-    print_table(rows, ["metric", "server"] + (["peer", "speedup"] if peer else []), title)
+    common.print_comparison(record, names, title, startup=("warmup_s",), ours="server",
+                            theirs="peer")

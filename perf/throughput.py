@@ -6,15 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from fornax.perf import offline
-from fornax.perf.common import (
-    check_threads,
-    make_record,
-    median,
-    print_table,
-    speedup,
-    write_json,
-)
+from fornax.perf import common, offline
 from fornax.perf.datasets import DATASETS, build_requests, parse_len_range, workload_summary
 
 logger = logging.getLogger(__name__)
@@ -69,11 +61,11 @@ def _fornax_iteration(llm: Any, requests: list[Any], prompts: list[list[int]],
 
 def _medians(iterations: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k, v in iterations[0].items() if isinstance(v, (int, float))]
-    return {k: median([float(it[k]) for it in iterations]) for k in keys}
+    return {k: common.median([float(it[k]) for it in iterations]) for k in keys}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    check_threads()
+    common.check_threads()
     offline.set_threads(args.num_threads)
     input_range = parse_len_range(args.input_len, args.range_ratio)
     output_range = parse_len_range(args.output_len, args.range_ratio)
@@ -87,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     avoid = set(getattr(llm.tokenizer, "special_ids", {}).values())
     warmup_s = offline.warm_up(llm, upper, batch=min(4, args.num_prompts),
                                input_len=min(32, input_range[0]), output_len=4, seed=args.seed)
-    record = make_record("throughput", offline.model_label(args, llm), vars(args))
+    record = common.make_record("throughput", offline.model_label(args, llm), vars(args))
     record["startup"] = {"load_s": load_s, "warmup_s": warmup_s}
 
     peer = None
@@ -122,11 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "engine": _engine_info(llm)}
     if peer is not None:
         record["peer"]["metrics"] = _medians(record["peer"]["iterations"])
-        record["ratios"] = {k: speedup(k, record["metrics"][k], record["peer"]["metrics"][k])
-                            for k in HEADLINE + RATIO_EXTRA}
-    write_json(record, args.output_json)
-    print_report(record)
-    return record
+        common.set_ratios(record, HEADLINE + RATIO_EXTRA)
+    return common.finish(record, args.output_json, print_report)
 
 
 class _PeerHandle:
@@ -144,12 +133,7 @@ class _PeerHandle:
 def _make_hf_peer(llm: Any, args: argparse.Namespace, requests: list[Any]) -> _PeerHandle:
     import transformers
 
-    from fornax.perf.hf_peer import HFPeer
-
-    eos = sorted(llm.engine.info.eos_token_ids)
-    peer = HFPeer(llm.engine.files.path, llm.engine.info.dtype,
-                  random_weights=args.load_format == "dummy", seed=args.seed,
-                  eos_token_id=eos[0] if eos else None)
+    peer = offline.hf_peer(llm, args)
     warm_prompts = [list(range(10, 10 + min(32, r.prompt_len)))
                     for r in requests[:min(4, len(requests))]]
     warmup_s = peer.warm_up(warm_prompts, 4)
@@ -167,27 +151,17 @@ def _engine_info(llm: Any) -> dict[str, Any]:
 
 
 def print_report(record: dict[str, Any]) -> None:
-    m, peer = record["metrics"], record.get("peer")
+    peer = record.get("peer")
     w = record["details"]["workload"]
     title = (f"throughput: {record['model']} | {w['num_prompts']} prompts, input "
              f"{w['min_input_len']}-{w['max_input_len']}, output "
              f"{w['min_output_len']}-{w['max_output_len']}")
-    rows: list[list[Any]] = []
-    names = list(HEADLINE) + ["output_throughput_cpu", "elapsed_s", "cpu_s",
-                              "median_decode_step_ms"]
-    for name in names:
-        row: list[Any] = [name, m.get(name)]
-        if peer:
-            row += [peer["metrics"].get(name), record["ratios"].get(name, "")]
-        rows.append(row)
-    rows.append(["startup load_s", record["startup"]["load_s"]]
-                + ([peer["startup"]["load_s"], ""] if peer else []))
-    rows.append(["startup warmup_s", record["startup"]["warmup_s"]]
-                + ([peer["startup"]["warmup_s"], ""] if peer else []))
+    names = [*HEADLINE, "output_throughput_cpu", "elapsed_s", "cpu_s", "median_decode_step_ms"]
     roof = record.get("roofline")
+    extra = []
     if roof:
-        rows.append(["floor_s (measured ceilings)", roof["floor_s"]] + ([roof["floor_s"], ""] if peer else []))
-        rows.append(["fraction of floor", roof["fornax_fraction"]]
-                    + ([roof.get("peer_fraction"), ""] if peer else []))
-    headers = ["metric", "fornax"] + (["hf", "speedup"] if peer else [])
-    print_table(rows, headers, title)
+        extra = [["floor_s (measured ceilings)", roof["floor_s"]]
+                 + ([roof["floor_s"], ""] if peer else []),
+                 ["fraction of floor", roof["fornax_fraction"]]
+                 + ([roof.get("peer_fraction"), ""] if peer else [])]
+    common.print_comparison(record, names, title, startup=("load_s", "warmup_s"), extra=extra)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from fornax.perf.wer import edit_distance, words
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AUDIO_DIR = REPO_ROOT / "tests" / "fixtures" / "audio"
@@ -48,19 +48,8 @@ def packaged_whisper(name: str) -> Path:
 
 
 def normalize_words(text: str) -> list[str]:
-    words = re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-    return [_NUMBERS.get(w, w) for w in words]
-
-
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    row = list(range(len(hyp) + 1))
-    for i in range(1, len(ref) + 1):
-        prev, row[0] = row[0], i
-        for j in range(1, len(hyp) + 1):
-            cur = row[j]
-            row[j] = min(row[j] + 1, row[j - 1] + 1, prev + (ref[i - 1] != hyp[j - 1]))
-            prev = cur
-    return row[len(hyp)]
+    """fornax.perf.wer's words, with the digits 0-10 spelled out."""
+    return [_NUMBERS.get(w, w) for w in words(text)]
 
 
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fornax.api.server.errors import APIError
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
@@ -34,6 +34,24 @@ C = TypeVar("C", bound=_Choice)
 class PromptInput:
     token_ids: list[int]
     text: str | None = None
+
+
+def is_token_ids(value: Any) -> bool:
+    """A non-empty list of ints (bools are not token ids)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def input_items(value: Any, param: str, shapes: str, empty: str | None = None) -> list[Any]:
+    """The inputs of a field that takes one input or a list of them (a string or token ids
+    each): 400 naming `param` when it is missing, empty (`empty`, else `shapes`) or neither."""
+    if value is None:
+        raise APIError(400, f"{param} is required", param)
+    if isinstance(value, str) or is_token_ids(value):
+        return [value]
+    if isinstance(value, list) and value:
+        return value
+    raise APIError(400, empty if empty and isinstance(value, list) else shapes, param)
 
 
 @dataclass

@@ -22,6 +22,17 @@ class PoolingUsage(Struct):
     completion_tokens: int = 0
 
 
+class _ListResponse(Struct):
+    """The list answer the pooling routes share; each one names the type of its `data`."""
+
+    id: str
+    created: int
+    model: str
+    data: list[Any]
+    usage: PoolingUsage
+    object: str = "list"
+
+
 class _PoolingFields(Struct, kw_only=True):
     model: str | None = None
     truncate_prompt_tokens: int | None = None
@@ -57,13 +68,8 @@ class EmbeddingData(Struct):
     object: str = "embedding"
 
 
-class EmbeddingResponse(Struct):
-    id: str
-    created: int
-    model: str
+class EmbeddingResponse(_ListResponse):
     data: list[EmbeddingData]
-    usage: PoolingUsage
-    object: str = "list"
 
 
 # ---- POST /pooling ---------------------------------------------------------------------------
@@ -79,13 +85,8 @@ class PoolingData(Struct):
     object: str = "pooling"
 
 
-class PoolingResponse(Struct):
-    id: str
-    created: int
-    model: str
+class PoolingResponse(_ListResponse):
     data: list[PoolingData]
-    usage: PoolingUsage
-    object: str = "list"
 
 
 # ---- POST /classify --------------------------------------------------------------------------
@@ -105,13 +106,8 @@ class ClassificationData(Struct):
     object: str = "classify"
 
 
-class ClassificationResponse(Struct):
-    id: str
-    created: int
-    model: str
+class ClassificationResponse(_ListResponse):
     data: list[ClassificationData]
-    usage: PoolingUsage
-    object: str = "list"
 
 
 # ---- POST /score, /v1/score --------------------------------------------------------------------
@@ -135,13 +131,8 @@ class ScoreData(Struct):
     object: str = "score"
 
 
-class ScoreResponse(Struct):
-    id: str
-    created: int
-    model: str
+class ScoreResponse(_ListResponse):
     data: list[ScoreData]
-    usage: PoolingUsage
-    object: str = "list"
 
 
 # ---- POST /rerank, /v1/rerank (Jina), /v2/rerank (Cohere) ------------------------------------

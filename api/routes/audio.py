@@ -31,6 +31,7 @@ from fornax.api.protocol.audio import (
     TranscriptTextDone,
 )
 from fornax.api.server.state import AppState
+from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.audio.decode import AudioDecodeError, decode_audio
 from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.features import N_SAMPLES
@@ -63,8 +64,8 @@ def is_transcription(state: AppState) -> bool:
     return getattr(state.engine_info, "runner", "generate") == "transcription"
 
 
-async def transcription_probe(state: AppState, timeout_s: float) -> None:
-    """/health?deep=1 on a speech model: one token from one window of silence, within timeout."""
+def transcription_probe(state: AppState) -> EngineCoreRequest:
+    """/health?deep=1 on a speech model: one token from one window of silence."""
     import numpy as np
     from fornax.audio.transcribe import WindowRequest
 
@@ -74,20 +75,7 @@ async def transcription_probe(state: AppState, timeout_s: float) -> None:
                              if info.multilingual else []) + [ids["no_timestamps"]]
     silence = np.full((info.num_mel_bins, 3000), -1.5, dtype=np.float32)  # log-mel of zeros
     window = WindowRequest(prompt, silence, 3000, False, [], 0.0, 0, 1, False)
-    group = await state.engine.add([engine_request(f"health-{uuid.uuid4().hex}", window)])
-    collector = WindowCollector()
-
-    async def run() -> None:
-        while not collector.finished:
-            for out in await group.next():
-                collector.add(out)
-
-    try:
-        await asyncio.wait_for(run(), timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(503, f"one transcription window took over {timeout_s:.0f} s") from None
-    finally:
-        await state.engine.release(group)
+    return engine_request(f"health-{uuid.uuid4().hex}", window)
 
 
 def max_audio_bytes(state: AppState) -> int:

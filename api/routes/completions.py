@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fornax.api.generation.beam import beam_search, start_beam
-from fornax.api.generation.generate import Generation, PromptInput, Updates, begin_generation
+from fornax.api.generation.generate import (
+    Generation,
+    PromptInput,
+    Updates,
+    begin_generation,
+    input_items,
+    is_token_ids,
+)
 from fornax.api.generation.logprobs import CompletionLogprobsBuilder, merge, prompt_logprobs_json
 from fornax.api.generation.output import collect, sse_stream
 from fornax.api.generation.sampling import check_unsupported, front_max_tokens, front_prompt
@@ -34,23 +41,9 @@ _PROMPT_SHAPES = ("prompt must be a string, a list of strings, a list of token i
                   "token-id lists")
 
 
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> list[PromptInput]:
     """Every accepted prompt shape -> token ids (and text, for echo)."""
-    if prompt is None:
-        raise APIError(400, "prompt is required", "prompt")
-    if isinstance(prompt, str):
-        items: list[Any] = [prompt]
-    elif _is_ids(prompt):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        items = prompt
-    else:
-        raise APIError(400, _PROMPT_SHAPES, "prompt")
+    items = input_items(prompt, "prompt", _PROMPT_SHAPES)
     max_prompts = state.settings.input_limits.max_prompts
     if len(items) > max_prompts:
         raise APIError(400, f"at most {max_prompts} prompts per request "
@@ -58,7 +51,7 @@ def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> lis
     if all(isinstance(p, str) for p in items):
         ids = state.tokenizer.encode_batch(items, add_special_tokens=add_special_tokens)
         return [PromptInput(i, t) for i, t in zip(ids, items)]
-    if all(_is_ids(p) for p in items):
+    if all(is_token_ids(p) for p in items):
         return [PromptInput(list(p), None) for p in items]
     raise APIError(400, _PROMPT_SHAPES, "prompt")
 

@@ -12,14 +12,12 @@ from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, json_response
 from fornax.api.server.offload import prepare
 from fornax.api.routes.pooling_common import (
-    chat_input,
     encode_vector,
-    parse_input,
     pooling_tokenizer,
     request_ids,
+    request_inputs,
     require_task,
     run_pooling,
-    truncation_limit,
     usage,
 )
 from fornax.api.protocol.pooling import (
@@ -35,7 +33,6 @@ from fornax.api.protocol.pooling import (
     PoolingRequest,
     PoolingResponse,
 )
-from fornax.api.server.state import AppState
 from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import PoolingModelInfo, PoolingParams
 from fornax.runtime.pooling.io import output_values
@@ -64,23 +61,13 @@ def check_dimensions(info: PoolingModelInfo, dims: int | None, param: str = "dim
                        param)
 
 
-def _inputs(state: AppState, info: PoolingModelInfo, body: EmbeddingRequest) -> list[list[int]]:
-    limit = truncation_limit(body.truncate_prompt_tokens, info)
-    if body.messages is not None:
-        if body.input is not None:
-            raise APIError(400, "give either input or messages, not both", "messages")
-        return chat_input(state, info, body, limit)
-    add_special = True if body.add_special_tokens is None else body.add_special_tokens
-    return parse_input(state, info, body.input, limit, add_special)
-
-
 async def embeddings(req: Request) -> Response:
     state = req.state
     body = await req.json(EmbeddingRequest)
     model = state.resolve_model(body.model)
     info = require_task(state, "embed", "/v1/embeddings")
     check_dimensions(info, body.dimensions)
-    token_lists = await prepare(req, _inputs, state, info, body)
+    token_lists = await prepare(req, request_inputs, state, info, body)
     public_id, engine_id = request_ids("embd", body.request_id or req.request_id)
     params = PoolingParams("embed", dimensions=body.dimensions, normalize=body.normalize)
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)
@@ -104,7 +91,7 @@ async def pooling(req: Request) -> Response:
     if task != "encode":
         require_task(state, task, "/pooling")
     check_dimensions(info, body.dimensions)
-    token_lists = await prepare(req, _inputs, state, info, body)
+    token_lists = await prepare(req, request_inputs, state, info, body)
     public_id, engine_id = request_ids("pool", body.request_id or req.request_id)
     params = PoolingParams(task, dimensions=body.dimensions, normalize=body.normalize)
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)

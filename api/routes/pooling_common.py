@@ -5,12 +5,12 @@ Torch-free: pooled vectors arrive as float32 bytes and leave as JSON floats or b
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
 from typing import Any
 
+from fornax.api.generation.generate import input_items, is_token_ids
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request
 from fornax.api.protocol.pooling import PoolingUsage
@@ -85,27 +85,12 @@ def truncation_limit(value: int | None, info: PoolingModelInfo) -> int | None:
         raise APIError(400, str(exc), exc.param) from None
 
 
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
 def parse_input(state: AppState, info: PoolingModelInfo, value: Any, limit: int | None,
                 add_special_tokens: bool = True, param: str = "input",
                 prefix: str = "") -> list[list[int]]:
     """Every accepted `input` shape -> token ids (texts tokenized, each within the context)."""
-    if value is None:
-        raise APIError(400, f"{param} is required", param)
-    if isinstance(value, str):
-        items: list[Any] = [value]
-    elif _is_ids(value):
-        items = [value]
-    elif isinstance(value, list) and value:
-        items = value
-    elif isinstance(value, list):
-        raise APIError(400, f"{param} must not be an empty list", param)
-    else:
-        raise APIError(400, f"{param} {_INPUT_SHAPES}", param)
+    items = input_items(value, param, f"{param} {_INPUT_SHAPES}",
+                        f"{param} must not be an empty list")
     if len(items) > MAX_INPUTS:
         raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param)
     tok = pooling_tokenizer(state, info)
@@ -116,7 +101,7 @@ def parse_input(state: AppState, info: PoolingModelInfo, value: Any, limit: int 
                     raise APIError(400, f"{param}[{i}] is an empty string" if len(items) > 1
                                    else f"{param} is an empty string", param)
             return tok.texts([prefix + t for t in items], limit, param, add_special_tokens)
-        if all(_is_ids(t) for t in items):
+        if all(is_token_ids(t) for t in items):
             return tok.token_ids(items, limit, param)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param or param) from None
@@ -138,6 +123,18 @@ def chat_input(state: AppState, info: PoolingModelInfo, body: Any,
         return tok.token_ids([ids], limit, "messages")
     except RequestError as exc:
         raise APIError(400, str(exc), "messages") from None
+
+
+def request_inputs(state: AppState, info: PoolingModelInfo, body: Any) -> list[list[int]]:
+    """A pooling request's token ids: from `input`, or from `messages` (not both), each within
+    truncate_prompt_tokens and the context."""
+    limit = truncation_limit(body.truncate_prompt_tokens, info)
+    if body.messages is not None:
+        if body.input is not None:
+            raise APIError(400, "give either input or messages, not both", "messages")
+        return chat_input(state, info, body, limit)
+    add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    return parse_input(state, info, body.input, limit, add_special)
 
 
 def request_ids(prefix: str, user_id: str | None) -> tuple[str, str]:
@@ -192,22 +189,10 @@ def encode_vector(out: PoolingOutput, encoding_format: str) -> list[float] | str
     return output_values(out)
 
 
-async def pooling_probe(state: AppState, timeout_s: float) -> None:
-    """`/health?deep=1` on a pooling model: one tiny pooling forward within `timeout_s`."""
+def pooling_probe(state: AppState) -> EngineCoreRequest:
+    """`/health?deep=1` on a pooling model: one tiny pooling forward."""
     info = state.engine_info.pooling
     task = "embed" if info is None or "embed" in info.tasks else "classify"
     ids = state.tokenizer.encode("ping") or [0]
-    request = EngineCoreRequest(f"health-{uuid.uuid4().hex}", ids, _NO_SAMPLING,
-                                pooling_params=PoolingParams(task))
-    group = await state.engine.add([request])
-
-    async def wait() -> None:
-        while not group.finished:
-            await group.next()
-
-    try:
-        await asyncio.wait_for(wait(), timeout_s)
-    except asyncio.TimeoutError:
-        raise APIError(503, f"a pooling forward took over {timeout_s:.0f} s") from None
-    finally:
-        await state.engine.release(group)
+    return EngineCoreRequest(f"health-{uuid.uuid4().hex}", ids, _NO_SAMPLING,
+                             pooling_params=PoolingParams(task))

@@ -15,10 +15,9 @@ from fornax.api.server.http import Request, Response, json_response
 from fornax.api.server.offload import prepare
 from fornax.api.routes.pooling_common import (
     MAX_INPUTS,
-    chat_input,
-    parse_input,
     pooling_tokenizer,
     request_ids,
+    request_inputs,
     require_task,
     run_pooling,
     truncation_limit,
@@ -61,13 +60,7 @@ async def classify(req: Request) -> Response:
     body = await req.json(ClassificationRequest)
     model = state.resolve_model(body.model)
     info = require_task(state, "classify", "/classify")
-    limit = truncation_limit(body.truncate_prompt_tokens, info)
-    if body.messages is not None:
-        token_lists = await prepare(req, chat_input, state, info, body, limit)
-    else:
-        add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        token_lists = await prepare(req, parse_input, state, info, body.input, limit,
-                                    add_special)
+    token_lists = await prepare(req, request_inputs, state, info, body)
     public_id, engine_id = request_ids("classify", body.request_id or req.request_id)
     params = PoolingParams("classify", activation=_activation(body))
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)

@@ -8,10 +8,11 @@ import uuid
 
 from fornax.api.routes.audio import is_transcription, transcription_probe
 from fornax.api.server.errors import APIError, EngineDeadError
-from fornax.api.generation.generate import Generation, PromptInput
 from fornax.api.server.http import Request, Response, json_response
 from fornax.api.server.metrics import CONTENT_TYPE
 from fornax.api.routes.pooling_common import is_pooling, pooling_probe
+from fornax.api.server.state import AppState
+from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -46,30 +47,33 @@ async def health(req: Request) -> Response:
                        f" (--engine-stall-timeout {limit:g})")
     if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
         if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
-            await pooling_probe(state, DEEP_HEALTH_TIMEOUT_S)
+            await _probe(state, pooling_probe(state), "a pooling forward")
         elif is_transcription(state):  # Whisper: one window of silence, one token
-            await transcription_probe(state, DEEP_HEALTH_TIMEOUT_S)
+            await _probe(state, transcription_probe(state), "one transcription window")
         else:
-            await _one_token(req)
+            prompt = state.tokenizer.encode("ping", add_special_tokens=False) or [0]
+            params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                    detokenize=False)
+            await _probe(state, EngineCoreRequest(f"health-{uuid.uuid4().hex}", prompt, params),
+                         "a one-token generation")
     return Response(b"", 200, content_type=None)
 
 
-async def _one_token(req: Request) -> None:
-    state = req.state
-    prompt = state.tokenizer.encode("ping", add_special_tokens=False) or [0]
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
-    gen = Generation(state, f"health-{uuid.uuid4().hex}", [PromptInput(prompt)], params,
-                     record_metrics=False)
+async def _probe(state: AppState, request: EngineCoreRequest, what: str) -> None:
+    """Run one engine request to its end within DEEP_HEALTH_TIMEOUT_S (else 503); it counts in
+    no request metric."""
+    group = await state.engine.add([request])
 
     async def run() -> None:
-        async for _ in gen.updates():
-            pass
+        while not group.finished:
+            await group.next()
 
     try:
         await asyncio.wait_for(run(), DEEP_HEALTH_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise APIError(503, f"a one-token generation took over {DEEP_HEALTH_TIMEOUT_S:.0f} s") \
-            from None
+        raise APIError(503, f"{what} took over {DEEP_HEALTH_TIMEOUT_S:.0f} s") from None
+    finally:
+        await state.engine.release(group)
 
 
 async def ping(req: Request) -> Response:

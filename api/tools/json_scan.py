@@ -8,9 +8,10 @@ the model wrote it and only ever grows; complete values are checked with `json.l
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fornax.api.tools.base import ToolCallPart, ToolParseError
+from fornax.api.tools.base import ToolCallPart, ToolParse, ToolParseError
 
 WHITESPACE = " \t\r\n"
 _SCALAR_END = ",}] \t\r\n"
@@ -37,31 +38,57 @@ def scan_string(text: str, i: int) -> int | None:
     return None
 
 
+def scan_brackets(text: str, i: int, opens: str, closes: str, quotes: str,
+                  skip_string: Callable[[str, int], int | None]) -> int | None:
+    """End (exclusive) of the bracketed value opening at text[i]: brackets counted, strings
+    (from a `quotes` character to where `skip_string` ends them) skipped; None while open."""
+    depth = 0
+    j = i
+    n = len(text)
+    while j < n:
+        c = text[j]
+        if c in quotes:
+            end = skip_string(text, j)
+            if end is None:
+                return None
+            j = end
+            continue
+        if c in opens:
+            depth += 1
+        elif c in closes:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return None
+
+
+def calls_start(text: str, tag: str, first: str, final: bool, *, check_after_tag: bool = False
+                ) -> int | ToolParse:
+    """Where the calls of a tool-call output start (after whitespace and an optional `tag`),
+    or what to answer instead: the text itself when it is plain text (it does not start with
+    `first`), nothing yet while it may still become the tag."""
+    j = skip_ws(text, 0)
+    rest = text[j:]
+    if rest.startswith(tag):
+        j = skip_ws(text, j + len(tag))
+        if not check_after_tag:
+            return j
+        rest = text[j:]
+    if not rest or (tag.startswith(rest) and not final):
+        return ToolParse(text if final else "")
+    if rest[0] != first:
+        return ToolParse(text)  # plain text: not a call
+    return j
+
+
 def scan_value(text: str, i: int) -> int | None:
     """End (exclusive) of the JSON value starting at text[i]; None if the text ends first."""
     c = text[i]
     if c == '"':
         return scan_string(text, i)
     if c in "{[":
-        depth = 0
-        j = i
-        n = len(text)
-        while j < n:
-            c = text[j]
-            if c == '"':
-                end = scan_string(text, j)
-                if end is None:
-                    return None
-                j = end
-                continue
-            if c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-            j += 1
-        return None
+        return scan_brackets(text, i, "{[", "}]", '"', scan_string)
     if c not in "-0123456789tfn":
         raise ToolParseError(f"unexpected {c!r} where a JSON value should start")
     j = i

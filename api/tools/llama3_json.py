@@ -5,7 +5,7 @@ objects `{"name": ..., "parameters": {...}}` separated by `;`, after an optional
 from __future__ import annotations
 
 from fornax.api.tools.base import ToolParse, ToolParseError, ToolParser
-from fornax.api.tools.json_scan import call_from_object, scan_object, skip_ws
+from fornax.api.tools.json_scan import call_from_object, calls_start, scan_object, skip_ws
 from fornax.api.tools.registry import register_tool_parser
 
 
@@ -14,14 +14,9 @@ class Llama3JsonToolParser(ToolParser):
     tag = "<|python_tag|>"
 
     def parse(self, text: str, final: bool) -> ToolParse:
-        j = skip_ws(text, 0)
-        rest = text[j:]
-        if rest.startswith(self.tag):
-            j = skip_ws(text, j + len(self.tag))
-        elif not rest or (self.tag.startswith(rest) and not final):
-            return ToolParse(text if final else "")
-        elif rest[0] != "{":
-            return ToolParse(text)  # plain text: not a call
+        j = calls_start(text, self.tag, "{", final)
+        if isinstance(j, ToolParse):
+            return j
         result = ToolParse("")
         while True:
             j = skip_ws(text, j)

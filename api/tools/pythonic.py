@@ -15,7 +15,7 @@ from fornax.api.tools.base import (
     ToolParser,
     dump_arguments,
 )
-from fornax.api.tools.json_scan import skip_ws
+from fornax.api.tools.json_scan import calls_start, scan_brackets, skip_ws
 from fornax.api.tools.registry import register_tool_parser
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
@@ -31,9 +31,10 @@ def _literal(node: ast.AST) -> Any:
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
         return [_literal(e) for e in node.elts]
     if isinstance(node, ast.Dict):
-        if any(k is None for k in node.keys):
+        keys = [k for k in node.keys if k is not None]
+        if len(keys) != len(node.keys):
             raise ToolParseError("** in a tool-call argument")
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+        return {_literal(k): _literal(v) for k, v in zip(keys, node.values, strict=True)}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _literal(node.operand)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -56,31 +57,20 @@ def _call_arguments(source: str) -> str:
     return dump_arguments(values)
 
 
+def _skip_string(text: str, j: int) -> int | None:
+    """End (exclusive) of the Python string literal starting at text[j]; None if cut short."""
+    c = text[j]
+    quote = c * 3 if text.startswith(c * 3, j) else c
+    j += len(quote)
+    n = len(text)
+    while j < n and not text.startswith(quote, j):
+        j += 2 if text[j] == "\\" else 1
+    return None if j >= n else j + len(quote)
+
+
 def _close_paren(text: str, i: int) -> int | None:
     """Index after the ')' closing the '(' at text[i], skipping Python strings; None if open."""
-    depth = 0
-    j = i
-    n = len(text)
-    while j < n:
-        c = text[j]
-        if c in "\"'":
-            triple = text.startswith(c * 3, j)
-            quote = c * 3 if triple else c
-            j += len(quote)
-            while j < n and not text.startswith(quote, j):
-                j += 2 if text[j] == "\\" else 1
-            if j >= n:
-                return None
-            j += len(quote)
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
-    return None
+    return scan_brackets(text, i, "([{", ")]}", "\"'", _skip_string)
 
 
 @register_tool_parser("pythonic")
@@ -89,15 +79,9 @@ class PythonicToolParser(ToolParser):
     end_tag = "<|python_end|>"
 
     def parse(self, text: str, final: bool) -> ToolParse:
-        j = skip_ws(text, 0)
-        rest = text[j:]
-        if rest.startswith(self.start_tag):
-            j = skip_ws(text, j + len(self.start_tag))
-            rest = text[j:]
-        if not rest or (self.start_tag.startswith(rest) and not final):
-            return ToolParse(text if final else "")
-        if rest[0] != "[":
-            return ToolParse(text)
+        j = calls_start(text, self.start_tag, "[", final, check_after_tag=True)
+        if isinstance(j, ToolParse):
+            return j
         return self._calls(text, j, final)
 
     def _calls(self, text: str, j: int, final: bool) -> ToolParse:

@@ -15,7 +15,7 @@ PoolingFamily = Literal["encoder", "decoder"]  # BERT-like bidirectional, or cau
 _CAUSAL_LM = "fornax.runtime.models.llama:LlamaForCausalLM"
 _WHISPER = "fornax.runtime.models.whisper:WhisperForConditionalGeneration"
 # the pooling model of each family (`--runner pooling`)
-POOLING_MODELS: dict[PoolingFamily, str] = {
+POOLING_MODELS: dict[str, str] = {
     "encoder": "fornax.runtime.models.bert:EncoderForPooling",
     "decoder": "fornax.runtime.models.decoder_pooling:DecoderForPooling",
 }

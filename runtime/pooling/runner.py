@@ -19,6 +19,7 @@ from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.engine.messages import PoolingModelInfo, PoolingOutput, PoolingParams
+from fornax.runtime.models.registry import POOLING_MODELS, model_class
 from fornax.runtime.pooling.attention import build_varlen_metadata
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,9 @@ class PoolingModelRunner:
         self.causal = info.family == "decoder"
         start = time.perf_counter()
         torch.manual_seed(config.model_config.seed)
+        model_cls = model_class(POOLING_MODELS[info.family])  # runtime/models/registry.py
         with torch.device(self.device):
-            if info.family == "encoder":
-                from fornax.runtime.models.bert import EncoderForPooling
-
-                model = EncoderForPooling(hf, info.architecture)
-            else:
-                from fornax.runtime.models.decoder_pooling import DecoderForPooling
-
-                model = DecoderForPooling(hf, info.architecture)
+            model = model_cls(hf, info.architecture)
         self.model = model.to(self.dtype).eval()
         if config.model_config.load_format == "dummy":
             init_dummy_weights(self.model, config.model_config.seed)

@@ -57,26 +57,24 @@ class WaitingQueue:
 
     # ---- add -----------------------------------------------------------------------------------
     def push(self, request: Request) -> None:
-        ticket = self._track(request, next(self._tickets))
-        if self.priority:
-            heapq.heappush(self._heap, (request.sort_key(), ticket, request))
-        else:
-            self._fifo.append((ticket, request))
+        self._push(request, front=False)
 
     def push_front(self, request: Request) -> None:
         """A preempted request: FCFS puts it at the head; priority order keeps its key's place."""
-        ticket = self._track(request, next(self._front_tickets))
-        if self.priority:
-            heapq.heappush(self._heap, (request.sort_key(), ticket, request))
-        else:
-            self._fifo.appendleft((ticket, request))
+        self._push(request, front=True)
 
-    def _track(self, request: Request, ticket: int) -> int:
+    def _push(self, request: Request, front: bool) -> None:
         if request.request_id in self._live:
             raise ValueError(f"request {request.request_id!r} is already waiting")
+        ticket = next(self._front_tickets if front else self._tickets)
         self._live[request.request_id] = (ticket, request)
         self.num_prompt_tokens += request.num_prompt_tokens
-        return ticket
+        if self.priority:
+            heapq.heappush(self._heap, (request.sort_key(), ticket, request))
+        elif front:
+            self._fifo.appendleft((ticket, request))
+        else:
+            self._fifo.append((ticket, request))
 
     # ---- head ----------------------------------------------------------------------------------
     def peek(self) -> Request:

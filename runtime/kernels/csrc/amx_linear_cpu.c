@@ -23,6 +23,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "bf16.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -52,39 +54,17 @@ int fornax_amx_init(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : -1;
 }
 
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
-/* 16 floats -> 16 bf16, rounding to nearest even, with AVX-512 integer ops. */
-__attribute__((target("avx512f,avx512bw")))
-static inline void store_bf16x16(uint16_t *dst, __m512 v, __mmask16 mask) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan,
-                                  _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-  __m256i half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  _mm256_mask_storeu_epi16(dst, mask, half);
-}
-
 /* Write `rows` rows of a 32-column fp32 result block (stride 32) as bf16, adding the bias. */
-__attribute__((target("avx512f,avx512bw")))
+FORNAX_AVX512
 static void write_block(const float *acc, int rows, uint16_t *y, int64_t y_stride, int64_t col0,
                         int64_t n, const float *bias32) {
-  int64_t valid = n - col0 < 32 ? n - col0 : 32;
-  __mmask16 m0 = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1u);
-  __mmask16 m1 = valid >= 32 ? (__mmask16)0xffff
-                 : valid > 16 ? (__mmask16)((1u << (valid - 16)) - 1u) : (__mmask16)0;
+  const int valid = n - col0 < 32 ? (int)(n - col0) : 32;
+  const __mmask16 m0 = tail_mask16(valid), m1 = tail_mask16(valid - 16);
   __m512 b0 = _mm512_loadu_ps(bias32), b1 = _mm512_loadu_ps(bias32 + 16);
   for (int r = 0; r < rows; r++) {
     uint16_t *dst = y + r * y_stride + col0;
-    store_bf16x16(dst, _mm512_add_ps(_mm512_loadu_ps(acc + r * 32), b0), m0);
-    if (m1) store_bf16x16(dst + 16, _mm512_add_ps(_mm512_loadu_ps(acc + r * 32 + 16), b1), m1);
+    bf16x16_store(dst, _mm512_add_ps(_mm512_loadu_ps(acc + r * 32), b0), m0);
+    if (m1) bf16x16_store(dst + 16, _mm512_add_ps(_mm512_loadu_ps(acc + r * 32 + 16), b1), m1);
   }
 }
 
@@ -104,50 +84,39 @@ static void configure_tiles(int rows0, int rows1) {
   _tile_loadconfig(&cfg);
 }
 
-/* One unit (32 columns) for up to 32 rows of x starting at x_rows; acc gets [rows][32] fp32. */
-__attribute__((target("amx-tile,amx-bf16")))
-static void unit_two_row_tiles(const uint16_t *x_rows, int64_t x_stride, const uint16_t *unit,
-                               int kb_count, float *acc) {
+/* One unit (32 columns) for up to 32 rows of x starting at x_rows (two_tiles: rows 16-31 as a
+ * second A tile; a constant at each call, so each call site compiles to its own loop); acc gets
+ * [rows][32] fp32. */
+__attribute__((target("amx-tile,amx-bf16"), always_inline))
+static inline void unit_tiles(const uint16_t *x_rows, int64_t x_stride, const uint16_t *unit,
+                              int kb_count, float *acc, const int two_tiles) {
   _tile_zero(4);
   _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
+  if (two_tiles) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
   const int64_t xs_bytes = x_stride * 2;
   for (int kb = 0; kb < kb_count; kb++) {
     const uint16_t *b = unit + (int64_t)kb * 2 * BLOCK_ELEMS;
     prefetch_ahead(b);
     _tile_loadd(0, x_rows + kb * 32, xs_bytes);
-    _tile_loadd(1, x_rows + 16 * x_stride + kb * 32, xs_bytes);
+    if (two_tiles) _tile_loadd(1, x_rows + 16 * x_stride + kb * 32, xs_bytes);
     _tile_loadd(2, b, 64);
     _tile_loadd(3, b + BLOCK_ELEMS, 64);
     _tile_dpbf16ps(4, 0, 2);
     _tile_dpbf16ps(5, 0, 3);
-    _tile_dpbf16ps(6, 1, 2);
-    _tile_dpbf16ps(7, 1, 3);
+    if (two_tiles) {
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
   }
   _tile_stored(4, acc, 128);
   _tile_stored(5, acc + 16, 128);
-  _tile_stored(6, acc + 16 * 32, 128);
-  _tile_stored(7, acc + 16 * 32 + 16, 128);
-}
-
-__attribute__((target("amx-tile,amx-bf16")))
-static void unit_one_row_tile(const uint16_t *x_rows, int64_t x_stride, const uint16_t *unit,
-                              int kb_count, float *acc) {
-  _tile_zero(4);
-  _tile_zero(5);
-  const int64_t xs_bytes = x_stride * 2;
-  for (int kb = 0; kb < kb_count; kb++) {
-    const uint16_t *b = unit + (int64_t)kb * 2 * BLOCK_ELEMS;
-    prefetch_ahead(b);
-    _tile_loadd(0, x_rows + kb * 32, xs_bytes);
-    _tile_loadd(2, b, 64);
-    _tile_loadd(3, b + BLOCK_ELEMS, 64);
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(5, 0, 3);
+  if (two_tiles) {
+    _tile_stored(6, acc + 16 * 32, 128);
+    _tile_stored(7, acc + 16 * 32 + 16, 128);
   }
-  _tile_stored(4, acc, 128);
-  _tile_stored(5, acc + 16, 128);
 }
 
 /* y[M, N] (row stride y_stride) = x[M, K] (row stride x_stride) @ W^T + bias (nullable), bf16.
@@ -188,9 +157,9 @@ int fornax_amx_linear_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *
           configured = shape;
         }
         if (rows1 > 0)
-          unit_two_row_tiles(x + r0 * x_stride, x_stride, unit, kb_count, acc);
+          unit_tiles(x + r0 * x_stride, x_stride, unit, kb_count, acc, 1);
         else
-          unit_one_row_tile(x + r0 * x_stride, x_stride, unit, kb_count, acc);
+          unit_tiles(x + r0 * x_stride, x_stride, unit, kb_count, acc, 0);
         write_block(acc, rows, y + r0 * y_stride, y_stride, col0, n, bias32);
       }
     }

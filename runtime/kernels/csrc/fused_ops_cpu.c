@@ -6,24 +6,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "bf16.h"
 #include "softmax_avx512.h"
-
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)h << 16;
-    return c.f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    uint32_t u = c.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* out[r] = bf16(weight * bf16(x[r] * rsqrt(mean(x[r]^2) + eps))), rows `x_stride` apart. */
 void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight,
@@ -45,21 +29,6 @@ void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w
     }
 }
 
-#if defined(__AVX512F__)
-static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 k) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
-
-/* Round 16 floats to bf16 (nearest even; inputs here are finite). */
-static inline __m256i to_bf16x16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-#endif
-
 /* out[r, j] = bf16(bf16(silu(g)) * u) with g = x[r, j], u = x[r, dim + j]. */
 void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * dim > 65536) schedule(static)
@@ -70,12 +39,10 @@ void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, i
 #if defined(__AVX512F__)
         for (; j < dim; j += 16) {
             const __mmask16 k = tail_mask16(dim - j);
-            const __m512 gv = load_bf16x16(g + j, k), uv = load_bf16x16(u + j, k);
+            const __m512 gv = bf16x16_load(g + j, k), uv = bf16x16_load(u + j, k);
             const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-            const __m512 s_rounded = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(s)), 16));
-            _mm256_mask_storeu_epi16(o + j, k, to_bf16x16(_mm512_mul_ps(s_rounded, uv)));
+            bf16x16_store(o + j, _mm512_mul_ps(round_bf16x16(s), uv), k);
         }
 #endif
         for (; j < dim; j++) {

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32
 #define MAX_BLOCK 128
@@ -21,21 +23,6 @@
  * queue fills up: 1.5x slower from DRAM on a Zen 4). */
 #define PREFETCH_AHEAD 32
 #define PREFETCH_HINT _MM_HINT_T1
-
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)h << 16;
-    return c.f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    uint32_t u = c.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                              /* round to even */
-    return (uint16_t)(u >> 16);
-}
 
 /* exp(x) for x <= 0 (softmax after max subtraction), ~2 ulp; branch-free so loops vectorize. */
 static inline float exp_nonpositive(float x) {
@@ -207,10 +194,8 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
         for (int gi = 0; gi < GS && g0 + gi < G; gi++) {
             const __m512 inv = _mm512_set1_ps(inv_sum[j0 + g0 + gi]);
             uint16_t *dst = out0 + (int64_t)(j0 + g0 + gi) * D;
-            for (int c = 0; c < C16; c++) {
-                const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[gi * C16 + c], inv));
-                _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)o);
-            }
+            for (int c = 0; c < C16; c++)
+                bf16x16_store_hw(dst + 16 * c, _mm512_mul_ps(acc[gi * C16 + c], inv), 0xffff);
         }
     }
 }
@@ -306,8 +291,7 @@ static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int3
         const __m512 inv = _mm512_set1_ps(inv_sum[j]);
         uint16_t *dst = (uint16_t *)out + seq_q_row + ((int64_t)h_lo * G + j) * D;
         for (int c = 0; c < chunks16; c++)
-            _mm256_storeu_si256((__m256i *)(dst + 16 * c),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[j * chunks16 + c], inv)));
+            bf16x16_store_hw(dst + 16 * c, _mm512_mul_ps(acc[j * chunks16 + c], inv), 0xffff);
     }
 }
 #endif

@@ -144,8 +144,7 @@ static void attend_rows(const uint16_t *const *qrows, uint16_t *const *orows, co
         for (int r = 0; r < live; r++) {
             const __m512 vinv = _mm512_set1_ps(inv[r]);
             for (int c = 0; c < chunks; c++)
-                _mm256_storeu_si256((__m256i *)(orows[r] + c0 + 16 * c),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(out[r][c], vinv)));
+                bf16x16_store_hw(orows[r] + c0 + 16 * c, _mm512_mul_ps(out[r][c], vinv), 0xffff);
         }
     }
 }

@@ -5,10 +5,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-/* Lanes [0, left) of 16: none when left <= 0, all when left >= 16. */
-static inline __mmask16 tail_mask16(int left) {
-    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-}
+#include "bf16.h"
 
 /* exp over the float range (clamped), ~2 ulp. */
 static inline __m512 exp_avx512(__m512 x) {
@@ -45,10 +42,9 @@ static inline float exp_shift_sum_avx512(float *x, int n, float m) {
  * past n); s holds the float32 weights afterwards. Returns 1 / their float32 sum. */
 static inline float softmax_to_bf16(float *s, uint16_t *prob, int n, int padded, float m) {
     const float inv = 1.f / exp_shift_sum_avx512(s, n, m);
-    for (int p = 0; p < padded; p += 16) {
-        const __m256bh w = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail_mask16(n - p), s + p));
-        _mm256_mask_storeu_epi16(prob + p, tail_mask16(padded - p), (__m256i)w);
-    }
+    for (int p = 0; p < padded; p += 16)
+        bf16x16_store_hw(prob + p, _mm512_maskz_loadu_ps(tail_mask16(n - p), s + p),
+                         tail_mask16(padded - p));
     return inv;
 }
 #endif

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fornax.perf.common import check_threads, make_record, percentile, print_table, write_json
 from fornax.perf.wer import word_error_rate
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from fornax.perf.wer import edit_distance, words
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fornax.perf.common import check_threads, make_record, median, print_table, speedup, write_json
 from fornax.perf.wer import edit_distance, words
+from fornax.runtime import env
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     record["details"] = {"times_s": ours_t, "cpu_s": ours_cpu, "text": ours_text,
                          "torch_threads":
                          torch.get_num_threads(), "omp_num_threads":
-                         os.environ.get("OMP_NUM_THREADS")}
+                         env.OMP_NUM_THREADS.raw()}
     rows = [["fornax", *(record["metrics"][k] for k in HEADLINE), record["metrics"]["wer"]]]
     if pipe is not None:
         peer = _metrics(peer_t, args.seconds, n, _wer(ref, peer_text, args.seconds, total))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fornax.perf.common import check_threads, make_record, percentile, print_table, write_json
+from fornax.runtime import env
 from fornax.perf.wer import word_error_rate
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     }
     record["details"].update(levels=summaries, slo_ms=args.slo_ms,
                              tested_up_to=max(levels),
-                             omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+                             omp_num_threads=env.OMP_NUM_THREADS.raw())
     print_table([[s["sessions"], s["final_p50_ms"], s["final_p90_ms"], s["first_delta_p50_ms"],
                   s["first_delta_p90_ms"], s["wer"], "yes" if s["consistent"] else "NO"]
                  for s in summaries],

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fornax.runtime import env
+
 logger = logging.getLogger(__name__)
 
 # Bump on any change that breaks a reader of the JSON (renamed/removed keys, changed meanings).
@@ -64,7 +66,7 @@ def device_info() -> dict[str, Any]:
         "cpu": cpu_model(),
         "gpu": gpu_names(),
         "num_cpus": os.cpu_count() or 0,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_num_threads": env.OMP_NUM_THREADS.raw(),
         "torch_num_threads": torch.get_num_threads() if torch is not None else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -77,7 +79,7 @@ def device_info() -> dict[str, Any]:
 
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
     """`{"sha": ..., "dirty": bool}` of the checkout holding this code; "unknown" outside git."""
-    env_sha = os.environ.get("FORNAX_BENCH_COMMIT")  # CI may pin it (e.g. an installed wheel)
+    env_sha = env.BENCH_COMMIT.get()  # CI may pin it (e.g. an installed wheel)
     if env_sha:
         return {"sha": env_sha, "dirty": None}
     try:
@@ -152,7 +154,7 @@ def finish(record: dict[str, Any], path: str | os.PathLike[str] | None,
 
 def check_threads() -> None:
     """PERF.md: thread counts must be explicit; warn once when OMP_NUM_THREADS is unset."""
-    if not os.environ.get("OMP_NUM_THREADS"):
+    if not env.OMP_NUM_THREADS.is_set():
         logger.warning("OMP_NUM_THREADS is not set; timings depend on the default thread count "
                        "(set it explicitly, e.g. OMP_NUM_THREADS=%d)", os.cpu_count() or 1)
 

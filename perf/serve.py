@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fornax.perf.datasets import (
 )
 from fornax.perf.serve_client import ENDPOINTS, build_payload, run_load, send_request
 from fornax.perf.serve_metrics import compute_metrics, length_mismatches, parse_goodput
+from fornax.runtime import env
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/completions")
     g.add_argument("--model", default=None, help="model name to send (default: the first of "
                                                   "GET /v1/models)")
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    g.add_argument("--api-key", default=env.OPENAI_API_KEY.get())
     g.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     g.add_argument("--peer-base-url", default=None,
                    help="also run the same workload against this server; ratios in one JSON")

@@ -14,8 +14,29 @@ from fornax.runtime.errors import ConfigError
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
+_RUNNERS = ("auto", "generate", "pooling")
+_DEVICES = ("auto", "cuda", "cpu")
+_ATTENTION_BACKENDS = ("auto", "torch_ref", "cpu_paged", "flashinfer")
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16",
                   "bf16": "bfloat16"}
+
+# The default admission bound: enough in-flight requests to fill the KV cache QUEUE_KV_MULTIPLE
+# times over at QUEUE_TYPICAL_TOKENS tokens a request (prompt + output), and never fewer than
+# QUEUE_MIN_BATCHES full batches (--max-num-seqs), so a small cache still keeps the batch full.
+QUEUE_KV_MULTIPLE = 4
+QUEUE_TYPICAL_TOKENS = 1024
+QUEUE_MIN_BATCHES = 2
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] = (), shown: str | None = None,
+         factory: Any = None) -> Any:
+    """A field with its documentation: `help`, the allowed `choices` and how the default is
+    `shown` when its value says little. `fornax serve --help` is built from these
+    (api/server/args.py), so a default and its description live here only."""
+    metadata = {"help": help, "choices": choices, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -28,19 +49,24 @@ class ModelConfig:
     """What to load and how: path, format, dtype, context length, seed."""
 
     model: str
-    tokenizer: str | None = None
-    served_model_name: tuple[str, ...] = ()
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    load_format: str = "auto"
-    seed: int = 0
-    generation_config: str = "auto"
-    hf_overrides: dict[str, Any] = field(default_factory=dict)
-    runner: str = "auto"  # auto | generate | pooling (auto: by architecture)
-    pooler_config: dict[str, Any] = field(default_factory=dict)  # pooling_type, normalize
+    dtype: str = _opt("auto", "auto, float32, float16, bfloat16 (aliases: float, half, bf16)")
+    max_model_len: int | None = _opt(None, "context length; accepts 4k, 8K, ...",
+                                     shown="the model's")
+    load_format: str = _opt("auto", "weights from safetensors, a GGUF file, or random (dummy)",
+                            choices=_LOAD_FORMATS)
+    seed: int = _opt(0, "engine random seed")
+    generation_config: str = _opt(
+        "auto", "auto: sampling defaults from the model's generation_config.json; fornax: "
+        "fornax's own defaults")
+    runner: str = _opt("auto", "generate text, or pool (embeddings, classification, "
+                       "score/rerank); auto decides by the model's architecture",
+                       choices=_RUNNERS)
+    pooler_config: dict[str, Any] = _opt(
+        None, 'pooling models: override the pooling, e.g. \'{"pooling_type": "MEAN", '
+        '"normalize": false}\'', factory=dict, shown="from the sentence-transformers files")
 
     def __post_init__(self) -> None:
-        if self.runner not in ("auto", "generate", "pooling"):
+        if self.runner not in _RUNNERS:
             raise ConfigError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}")
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         object.__setattr__(self, "dtype", dtype)
@@ -53,19 +79,19 @@ class ModelConfig:
         _positive("max_model_len", self.max_model_len)
         if self.generation_config not in ("auto", "fornax", "vllm"):
             raise ConfigError("generation_config must be 'auto' or 'fornax'")
-        if isinstance(self.served_model_name, str):
-            object.__setattr__(self, "served_model_name", (self.served_model_name,))
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache: block size, capacity, prefix caching."""
 
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    kv_cache_memory_bytes: int | None = None
-    num_gpu_blocks_override: int | None = None
-    gpu_memory_utilization: float = 0.9
+    block_size: int = _opt(16, "tokens per KV block")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes")
+    kv_cache_memory_bytes: int | None = _opt(None, "KV-cache size in bytes (e.g. 2GiB)")
+    num_gpu_blocks_override: int | None = _opt(
+        None, "this many KV blocks, whatever the memory (for tests)")
+    gpu_memory_utilization: float = _opt(
+        0.9, "fraction of GPU memory for weights and KV cache")
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -83,14 +109,21 @@ class CacheConfig:
 class SchedulerConfig:
     """One token budget per step; batch limits; ordering policy."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
-    policy: str = "fcfs"
+    max_num_seqs: int = _opt(256, "most requests in one batch")
+    max_num_batched_tokens: int = _opt(8192, "token budget of one step")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts over steps")
+    policy: str = _opt("fcfs", "the order waiting requests are scheduled in: first come first "
+                       "served, or by each request's `priority`", choices=_POLICIES)
     # admission (vLLM's names): in-flight requests (waiting + running) and prompt tokens waiting;
     # None = the default, sized from the KV cache at start (see queue_limits)
-    max_num_queued_reqs: int | None = None
-    max_num_queued_tokens: int | None = None
+    max_num_queued_reqs: int | None = _opt(
+        None, "most requests in flight (waiting + running, engine-wide); beyond it new ones get "
+        "503 with Retry-After at once", shown=f"sized from the KV cache, {QUEUE_KV_MULTIPLE}x its "
+        f"capacity at {QUEUE_TYPICAL_TOKENS} tokens a request, at least {QUEUE_MIN_BATCHES}x "
+        "--max-num-seqs; logged at start")
+    max_num_queued_tokens: int | None = _opt(
+        None, "most prompt tokens of waiting requests; a request that would go beyond it gets "
+        "503 with Retry-After; k/M suffixes allowed", shown="no token bound")
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
@@ -105,10 +138,14 @@ class SchedulerConfig:
 class CompilationConfig:
     """torch.compile and CUDA-graph settings (used by graphs/)."""
 
-    enforce_eager: bool | None = None  # None: eager on CPU, compiled + CUDA graphs on GPU
-    cuda_graph_sizes: tuple[int, ...] = ()
-    use_cuda_graphs: bool = True  # False: compiled but no CUDA graphs (benchmarks compare both)
-    max_capture_size: int = 256
+    enforce_eager: bool | None = _opt(None, "no torch.compile, no CUDA graphs",
+                                      shown="eager on CPU, compiled + CUDA graphs on GPU")
+    cuda_graph_sizes: tuple[int, ...] = _opt(
+        (), "batch sizes to capture CUDA graphs for (e.g. 1 2 4 8 16)",
+        shown="1, 2, 4, 8 and every multiple of 16 up to the largest batch")
+    use_cuda_graphs: bool = _opt(True, "False: compiled but no CUDA graphs (benchmarks compare "
+                                 "both)")
+    max_capture_size: int = _opt(256, "the largest batch captured in a CUDA graph")
 
     def __post_init__(self) -> None:
         for size in self.cuda_graph_sizes:
@@ -118,19 +155,24 @@ class CompilationConfig:
 
 @dataclass(frozen=True)
 class StructuredOutputsConfig:
-    """Bounds on grammar compilation (runtime/structured_output/grammar_pool.py, runtime/structured_output/grammar_cache.py).
+    """Bounds on grammar compilation (runtime/structured_output/grammar_pool.py, grammar_cache.py).
 
     xgrammar's compile cannot be interrupted: a compile past its time limit is answered at once
     ("grammar too complex", 400) while its thread runs on, so at most `grammar_compile_threads`
     compiles ever run. A compile also waits at most the time limit for a free thread (then 503).
     """
 
-    grammar_compile_timeout_s: float = 10.0  # one compile, then 400
-    grammar_compile_threads: int = 2
-    grammar_max_pending_compiles: int = 64  # compiles queued or running, then 503
-    grammar_cache_bytes: int = 512 * 2**20  # compiled grammars kept (LRU by memory size)
-    grammar_max_failures: int = 1024  # refused specs remembered (refused again at once)
-    grammar_max_waiting_requests: int = 4096  # requests held for their compile, then 503
+    grammar_compile_timeout_s: float = _opt(
+        10.0, "seconds one structured-output grammar may take to compile; beyond it the "
+        "request gets 400 'grammar too complex'")
+    grammar_compile_threads: int = _opt(
+        2, "threads compiling grammars; also the most runaway compiles at once")
+    grammar_max_pending_compiles: int = _opt(
+        64, "grammar compiles queued or running; beyond it 503 with Retry-After")
+    grammar_cache_bytes: int = _opt(512 * 2**20, "memory of compiled grammars kept for reuse, LRU")
+    grammar_max_failures: int = _opt(1024, "refused grammars remembered (refused again at once)")
+    grammar_max_waiting_requests: int = _opt(
+        4096, "requests held for their grammar's compile; beyond it 503")
 
     def __post_init__(self) -> None:
         timeout = self.grammar_compile_timeout_s
@@ -153,7 +195,11 @@ class StructuredOutputsConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine core needs, made once from the CLI or `LLM(...)` arguments."""
+    """Everything the engine core needs, made once from the CLI or `LLM(...)` arguments.
+
+    `device="auto"` stays unresolved here (no torch import); `resolve()` picks the device, once,
+    where an engine is about to be built.
+    """
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -161,17 +207,18 @@ class EngineConfig:
     compilation_config: CompilationConfig = field(default_factory=CompilationConfig)
     structured_outputs_config: StructuredOutputsConfig = field(
         default_factory=StructuredOutputsConfig)
-    device: str = "cpu"
-    attention_backend: str = "auto"
-    max_logprobs: int = 20
-    tensor_parallel_size: int = 1
+    device: str = _opt("auto", "where the model runs", choices=_DEVICES,
+                       shown="auto: cuda when available, else cpu")
+    attention_backend: str = _opt(
+        "auto", "attention kernels; auto: flashinfer on CUDA when installed, cpu_paged on CPU "
+        "when its C kernel builds, else torch_ref", choices=_ATTENTION_BACKENDS)
+    max_logprobs: int = _opt(20, "most logprobs a request may ask for")
+    tensor_parallel_size: int = _opt(1, "GPUs to split the model over (only 1 is supported yet)")
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda", "auto"):
+        if self.device not in _DEVICES:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
-        if self.device == "auto":
-            object.__setattr__(self, "device", _detect_device())
-        if self.attention_backend not in ("auto", "torch_ref", "cpu_paged", "flashinfer"):
+        if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ConfigError(f"unknown attention backend {self.attention_backend!r}")
         if self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet")
@@ -190,18 +237,32 @@ class EngineConfig:
                 f"must be at least max_model_len ({mlen})"
             )
 
+    def resolve(self) -> EngineConfig:
+        """This config with `device="auto"` made concrete (cuda when available, else cpu); called
+        where an engine is built (engine-core process, offline LLM), never while validating."""
+        if self.device != "auto":
+            return self
+        return dataclasses.replace(self, device=_detect_device())
+
     def non_default_items(self) -> dict[str, Any]:
         """The settings that differ from their defaults, for one log line at start."""
         out: dict[str, Any] = {}
-        for sub in (self.model_config, self.cache_config, self.scheduler_config,
+        for sub in (self, self.model_config, self.cache_config, self.scheduler_config,
                     self.compilation_config, self.structured_outputs_config):
             for f in dataclasses.fields(sub):
                 value = getattr(sub, f.name)
-                default = f.default if f.default is not dataclasses.MISSING else (
-                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-                if value != default:
+                if f.name not in _SUB_CONFIGS and value != field_default(f):
                     out[f.name] = value
         return out
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """A config field's default value (None for a required field)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _detect_device() -> str:
@@ -212,24 +273,26 @@ def _detect_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_ENGINE_ARG_FIELDS: dict[str, str] = {}
-for _sub_name, _sub_cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
-                            ("scheduler_config", SchedulerConfig),
-                            ("compilation_config", CompilationConfig),
-                            ("structured_outputs_config", StructuredOutputsConfig)):
-    for _f in dataclasses.fields(_sub_cls):
-        _ENGINE_ARG_FIELDS[_f.name] = _sub_name
+_SUB_CONFIGS: dict[str, type] = {
+    "model_config": ModelConfig, "cache_config": CacheConfig,
+    "scheduler_config": SchedulerConfig, "compilation_config": CompilationConfig,
+    "structured_outputs_config": StructuredOutputsConfig}
+_ENGINE_ARG_FIELDS = {f.name: sub_name for sub_name, sub_cls in _SUB_CONFIGS.items()
+                      for f in dataclasses.fields(sub_cls)}
 _ARG_ALIASES = {"scheduling_policy": "policy", "kv_cache_memory": "kv_cache_memory_bytes",
                 "num_gpu_blocks": "num_gpu_blocks_override",
                 "max_num_queued_requests": "max_num_queued_reqs"}
 
-# The default admission bound: enough in-flight requests to fill the KV cache QUEUE_KV_MULTIPLE
-# times over at QUEUE_TYPICAL_TOKENS tokens a request (prompt + output), and never fewer than
-# QUEUE_MIN_BATCHES full batches (--max-num-seqs), so a small cache still keeps the batch full.
-QUEUE_KV_MULTIPLE = 4
-QUEUE_TYPICAL_TOKENS = 1024
-QUEUE_MIN_BATCHES = 2
 
+def engine_field(name: str) -> dataclasses.Field[Any]:
+    """The config field behind a flat engine argument (aliases too), with its default and its
+    help in the metadata; `fornax serve --help` is built from these."""
+    name = _ARG_ALIASES.get(name, name)
+    owner = _SUB_CONFIGS.get(_ENGINE_ARG_FIELDS.get(name, ""), EngineConfig)
+    for f in dataclasses.fields(owner):
+        if f.name == name and f.name not in _SUB_CONFIGS and f.name != "model":
+            return f
+    raise ConfigError(f"unknown engine argument {name!r}")
 
 def queue_limits(config: SchedulerConfig, kv_capacity_tokens: int, max_model_len: int
                  ) -> tuple[int, int | None]:
@@ -254,8 +317,6 @@ def make_engine_config(model: str, **kwargs: Any) -> EngineConfig:
     for key, value in kwargs.items():
         key = _ARG_ALIASES.get(key, key)
         if key == "cuda_graph_sizes" and value is not None:
-            value = tuple(value)
-        if key == "served_model_name" and isinstance(value, list):
             value = tuple(value)
         if key in _ENGINE_ARG_FIELDS:
             groups[_ENGINE_ARG_FIELDS[key]][key] = value

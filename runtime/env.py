@@ -1,8 +1,11 @@
 """Every environment variable fornax reads: type, default and meaning, declared once (any process).
 
-Code reads a variable through its `EnvVar` here (`env.CACHE.get()`), never through
-`os.environ` directly; README.md's table of variables is `markdown_table()` (a test keeps the
-two equal; `python -m fornax.runtime.env` prints it).
+`_DECLARATIONS` is the one list: `NAME: TYPE = DEFAULT`, then the meaning, indented. TYPE is
+str, int, float, bool, path or the allowed values (`a|b|c`); DEFAULT is a value of that type, or
+`(words)` for a default no value can say (read as unset), or absent (unset). Code reads a variable
+through its typed handle below (`env.CACHE.get()`), never through `os.environ`; README.md's table
+is `markdown_table()` (tests/unit/test_env_registry.py keeps them equal and finds direct reads;
+`python -m fornax.runtime.env` prints the table).
 """
 
 from __future__ import annotations
@@ -17,11 +20,62 @@ from fornax.runtime.errors import ConfigError
 
 T = TypeVar("T")
 
+_DECLARATIONS = """
+## settings
+FORNAX_CACHE: path = ~/.cache/fornax
+    fornax's cache: prepared GGUF (`gguf/`) and Whisper (`whisper/`) folders, built C kernels
+    (`native/`), torch.compile caches (`inductor/`), benchmark shapes (`shapes/`)
+FORNAX_LOG_LEVEL: debug|info|warning|error|critical = info
+    log level of every fornax process (`--log-level` sets it for `fornax serve`)
+FORNAX_API_KEY: str
+    the API key `fornax serve` requires when no `--api-key` is given
+VLLM_API_KEY: str
+    the same under vLLM's name (`FORNAX_API_KEY` wins)
+VLLM_SERVER_DEV_MODE: bool = 0
+    1: serve the dev endpoints, as `--enable-dev-endpoints`
+FORNAX_ENGINE_DEAD_GRACE_S: float = 2
+    seconds `fornax serve` keeps answering 503 after the engine core died, then exits
+FORNAX_CPU_LINEAR: auto|onednn|amx = auto
+    bf16 linear layers on CPU: AMX tiles for decode-sized batches and oneDNN above (auto), or
+    one of them only (perf/README.md)
+FORNAX_NATIVE_KERNELS: bool = 1
+    0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch
+CC: str
+    the C compiler that builds the native kernels (else gcc, cc, clang)
+FORNAX_FLASHINFER_TENSOR_CORES: bool = (on when a KV head serves two or more query heads)
+    1 or 0: FlashInfer's decode on tensor cores or not
+FORNAX_FLASHINFER_PREFILL_BACKEND: str = fa2
+    FlashInfer's prefill backend (`fa2` is its portable path)
+FORNAX_FLASHINFER_DECODE_BACKEND: str = fa2
+    FlashInfer's decode backend
+FORNAX_FAULT_INJECTION: str
+    testing only: faults to inject at engine stages, a JSON object read once at import
+    (runtime/engine/fault_injection.py)
+TORCHINDUCTOR_CACHE_DIR: str = ($FORNAX_CACHE/inductor)
+    torch.compile's on-disk cache; fornax points it into its own cache unless it is set
+## set by fornax for its own child processes
+FORNAX_ENGINE_SPEC: str
+    the engine-core process's EngineSpec (JSON), set by its launcher
+FORNAX_SERVER_SETTINGS: str
+    the API workers' ServerSettings (JSON), set by `fornax serve`
+PROMETHEUS_MULTIPROC_DIR: str
+    where the API workers' metrics meet (prometheus-client), set by `fornax serve`
+## tests, benchmarks and tools
+FORNAX_TEST_CACHE: path = (.cache/tiny-models in the checkout)
+    where the tests build their tiny checkpoints
+FORNAX_KEEP_TEST_LOGS: bool = 0
+    1: keep the log files of the test servers (tests/helpers/api_server.py)
+FORNAX_BENCH_COMMIT: str
+    the commit benchmark results record (else `git rev-parse HEAD`), e.g. for an installed wheel
+OMP_NUM_THREADS: int = (all cores)
+    CPU threads of torch and the C kernels; benchmarks record it and warn when it is unset
+OPENAI_API_KEY: str
+    `fornax bench serve`: the default of `--api-key`
+"""
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-# who a variable is for, in the README table's order
-SCOPES = {"user": "settings", "internal": "set by fornax for its own child processes",
-          "dev": "tests, benchmarks and tools"}
+_KINDS = ("str", "int", "float", "bool", "path")
 
 
 @dataclass(frozen=True)
@@ -29,12 +83,11 @@ class EnvVar(Generic[T]):
     """One variable: `get()` parses it (unset or empty: the default), `set()` writes it."""
 
     name: str
-    kind: str  # str | int | float | bool | path
-    default: T
+    kind: str  # one of _KINDS, or "choice" (then `choices` holds the allowed values)
+    default_text: str | None  # the declared default; "(words)" describes one no value can say
     doc: str
-    scope: str = "user"
-    choices: tuple[str, ...] = ()  # str kinds: the allowed values (compared case-insensitively)
-    default_doc: str | None = None  # the README's text for the default, when not str(default)
+    scope: str
+    choices: tuple[str, ...] = ()
 
     def raw(self) -> str | None:
         """The text as set, or None when unset or empty."""
@@ -47,7 +100,8 @@ class EnvVar(Generic[T]):
         """The typed value; ConfigError naming the variable when the text does not parse."""
         raw = self.raw()
         if raw is None:
-            return self.default
+            text = self.default_text
+            return cast(T, None if text is None or text.startswith("(") else self._parse(text))
         return cast(T, self._parse(raw))
 
     def set(self, value: str) -> None:
@@ -56,133 +110,90 @@ class EnvVar(Generic[T]):
 
     def _parse(self, raw: str) -> Any:
         text = raw.strip()
-        try:
-            if self.kind == "int":
-                return int(text)
-            if self.kind == "float":
-                return float(text)
-            if self.kind == "path":
-                return Path(text).expanduser()
-        except ValueError as exc:
-            raise ConfigError(f"{self.name}: not a valid {self.kind}: {raw!r}") from exc
         if self.kind == "bool":
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise ConfigError(f"{self.name} must be 0 or 1 (or true/false), got {raw!r}")
-        if self.choices:
-            folded = {c.lower(): c for c in self.choices}
-            if text.lower() not in folded:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ConfigError(f"{self.name} must be 0 or 1 (or true/false), got {raw!r}")
+            return text.lower() in _TRUE
+        if self.kind == "choice":
+            if text.lower() not in self.choices:
                 raise ConfigError(f"{self.name} must be one of {', '.join(self.choices)}, "
                                   f"got {raw!r}")
-            return folded[text.lower()]
-        return raw
+            return text.lower()
+        if self.kind == "path":
+            return Path(text).expanduser()
+        try:
+            return {"int": int, "float": float}.get(self.kind, str)(text)
+        except ValueError:
+            raise ConfigError(f"{self.name} must be a number ({self.kind}), got {raw!r}") from None
 
 
-REGISTRY: dict[str, EnvVar[Any]] = {}
+def _parse_declarations(text: str) -> dict[str, EnvVar[Any]]:
+    out: dict[str, EnvVar[Any]] = {}
+    scope = ""
+    for line in text.strip().splitlines():
+        if line.startswith("## "):
+            scope = line[3:]
+        elif line.startswith("    "):
+            last = out[next(reversed(out))]
+            out[last.name] = EnvVar(last.name, last.kind, last.default_text,
+                                    f"{last.doc} {line.strip()}".strip(), scope, last.choices)
+        else:
+            head, _, default = line.partition(" = ")
+            name, _, kind = head.partition(": ")
+            choices = tuple(kind.split("|")) if "|" in kind else ()
+            if name in out or not (choices or kind in _KINDS):
+                raise ValueError(f"bad environment declaration: {line!r}")
+            out[name] = EnvVar(name, "choice" if choices else kind, default or None, "", scope,
+                               choices)
+    for var in out.values():  # a declared default must parse
+        if var.default_text and not var.default_text.startswith("("):
+            var._parse(var.default_text)
+    return out
 
 
-def _declare(var: EnvVar[T]) -> EnvVar[T]:
-    if var.name in REGISTRY:
-        raise ValueError(f"{var.name} is declared twice")
-    REGISTRY[var.name] = var
-    return var
+REGISTRY: dict[str, EnvVar[Any]] = _parse_declarations(_DECLARATIONS)
+SCOPES = tuple(dict.fromkeys(var.scope for var in REGISTRY.values()))
 
 
-# ---- settings ----------------------------------------------------------------------------------
-CACHE: EnvVar[Path | None] = _declare(EnvVar(  # read through loaders/cache_folders.cache_root
-    "FORNAX_CACHE", "path", None,
-    "fornax's cache: prepared GGUF (`gguf/`) and Whisper (`whisper/`) folders, built C kernels "
-    "(`native/`), torch.compile caches (`inductor/`), benchmark shapes (`shapes/`)",
-    default_doc="`~/.cache/fornax`"))
-LOG_LEVEL: EnvVar[str] = _declare(EnvVar(
-    "FORNAX_LOG_LEVEL", "str", "INFO",
-    "log level of every fornax process (`--log-level` sets it for `fornax serve`)",
-    choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")))
-API_KEY: EnvVar[str | None] = _declare(EnvVar(
-    "FORNAX_API_KEY", "str", None,
-    "the API key `fornax serve` requires when no `--api-key` is given"))
-VLLM_API_KEY: EnvVar[str | None] = _declare(EnvVar(
-    "VLLM_API_KEY", "str", None, "the same under vLLM's name (`FORNAX_API_KEY` wins)"))
-DEV_MODE: EnvVar[bool] = _declare(EnvVar(
-    "VLLM_SERVER_DEV_MODE", "bool", False,
-    "1: serve the dev endpoints, as `--enable-dev-endpoints` (vLLM's name)"))
-ENGINE_DEAD_GRACE_S: EnvVar[float] = _declare(EnvVar(
-    "FORNAX_ENGINE_DEAD_GRACE_S", "float", 2.0,
-    "seconds `fornax serve` keeps answering 503 after the engine core died, then exits"))
-CPU_LINEAR: EnvVar[str] = _declare(EnvVar(
-    "FORNAX_CPU_LINEAR", "str", "auto",
-    "bf16 linear layers on CPU: `auto` (AMX tiles for decode-sized batches, oneDNN above), "
-    "`onednn` or `amx` only (perf/README.md)", choices=("auto", "onednn", "amx")))
-NATIVE_KERNELS: EnvVar[bool] = _declare(EnvVar(
-    "FORNAX_NATIVE_KERNELS", "bool", True,
-    "0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch",
-    default_doc="1"))
-CC: EnvVar[str | None] = _declare(EnvVar(
-    "CC", "str", None, "the C compiler that builds the native kernels (else gcc, cc, clang)"))
-FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _declare(EnvVar(
-    "FORNAX_FLASHINFER_TENSOR_CORES", "bool", None,
-    "1/0: FlashInfer decode on tensor cores or not", default_doc="on when a KV head serves "
-    "two or more query heads"))
-FLASHINFER_PREFILL_BACKEND: EnvVar[str] = _declare(EnvVar(
-    "FORNAX_FLASHINFER_PREFILL_BACKEND", "str", "fa2",
-    "FlashInfer's prefill backend (`fa2` is its portable path)"))
-FLASHINFER_DECODE_BACKEND: EnvVar[str] = _declare(EnvVar(
-    "FORNAX_FLASHINFER_DECODE_BACKEND", "str", "fa2", "FlashInfer's decode backend"))
-FAULT_INJECTION: EnvVar[str | None] = _declare(EnvVar(
-    "FORNAX_FAULT_INJECTION", "str", None,
-    "testing: inject faults at engine stages, a JSON object read once at import "
-    "(runtime/engine/fault_injection.py)"))
-TORCHINDUCTOR_CACHE_DIR: EnvVar[str | None] = _declare(EnvVar(
-    "TORCHINDUCTOR_CACHE_DIR", "str", None,
-    "torch.compile's on-disk cache; fornax sets it to `$FORNAX_CACHE/inductor` unless set",
-    default_doc="`$FORNAX_CACHE/inductor`"))
+def _var(name: str) -> Any:
+    return REGISTRY[name]
 
-# ---- set by fornax for its own processes ----------------------------------------------------------
-ENGINE_SPEC: EnvVar[str | None] = _declare(EnvVar(
-    "FORNAX_ENGINE_SPEC", "str", None,
-    "the engine-core process's EngineSpec (JSON), set by its launcher", scope="internal"))
-SERVER_SETTINGS: EnvVar[str | None] = _declare(EnvVar(
-    "FORNAX_SERVER_SETTINGS", "str", None,
-    "the API workers' ServerSettings (JSON), set by `fornax serve`", scope="internal"))
-PROMETHEUS_MULTIPROC_DIR: EnvVar[str | None] = _declare(EnvVar(
-    "PROMETHEUS_MULTIPROC_DIR", "str", None,
-    "where the API workers' metrics meet (prometheus-client), set by `fornax serve`",
-    scope="internal"))
 
-# ---- tests, benchmarks, tools ------------------------------------------------------------------
-TEST_CACHE: EnvVar[Path | None] = _declare(EnvVar(
-    "FORNAX_TEST_CACHE", "path", None, "where the tests' tiny checkpoints are built",
-    scope="dev", default_doc="`.cache/tiny-models` in the checkout"))
-KEEP_TEST_LOGS: EnvVar[bool] = _declare(EnvVar(
-    "FORNAX_KEEP_TEST_LOGS", "bool", False,
-    "1: keep the log files of the test servers (tests/helpers/api_server.py)", scope="dev"))
-BENCH_COMMIT: EnvVar[str | None] = _declare(EnvVar(
-    "FORNAX_BENCH_COMMIT", "str", None,
-    "the commit benchmark results record (else `git rev-parse HEAD`; e.g. for an installed wheel)",
-    scope="dev"))
-OMP_NUM_THREADS: EnvVar[int | None] = _declare(EnvVar(
-    "OMP_NUM_THREADS", "int", None,
-    "CPU threads of torch and the C kernels; benchmarks record it and warn when it is unset",
-    scope="dev", default_doc="all cores"))
-OPENAI_API_KEY: EnvVar[str | None] = _declare(EnvVar(
-    "OPENAI_API_KEY", "str", None, "`fornax bench serve`: the default of `--api-key`",
-    scope="dev"))
+# The typed handles (tests/unit/test_env_registry.py checks each type against its declaration).
+CACHE: EnvVar[Path] = _var("FORNAX_CACHE")  # read through loaders/cache_folders.cache_root
+LOG_LEVEL: EnvVar[str] = _var("FORNAX_LOG_LEVEL")
+API_KEY: EnvVar[str | None] = _var("FORNAX_API_KEY")
+VLLM_API_KEY: EnvVar[str | None] = _var("VLLM_API_KEY")
+DEV_MODE: EnvVar[bool] = _var("VLLM_SERVER_DEV_MODE")
+ENGINE_DEAD_GRACE_S: EnvVar[float] = _var("FORNAX_ENGINE_DEAD_GRACE_S")
+CPU_LINEAR: EnvVar[str] = _var("FORNAX_CPU_LINEAR")
+NATIVE_KERNELS: EnvVar[bool] = _var("FORNAX_NATIVE_KERNELS")
+CC: EnvVar[str | None] = _var("CC")
+FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _var("FORNAX_FLASHINFER_TENSOR_CORES")
+FLASHINFER_PREFILL_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_PREFILL_BACKEND")
+FLASHINFER_DECODE_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_DECODE_BACKEND")
+FAULT_INJECTION: EnvVar[str | None] = _var("FORNAX_FAULT_INJECTION")
+TORCHINDUCTOR_CACHE_DIR: EnvVar[str | None] = _var("TORCHINDUCTOR_CACHE_DIR")
+ENGINE_SPEC: EnvVar[str | None] = _var("FORNAX_ENGINE_SPEC")
+SERVER_SETTINGS: EnvVar[str | None] = _var("FORNAX_SERVER_SETTINGS")
+PROMETHEUS_MULTIPROC_DIR: EnvVar[str | None] = _var("PROMETHEUS_MULTIPROC_DIR")
+TEST_CACHE: EnvVar[Path | None] = _var("FORNAX_TEST_CACHE")
+KEEP_TEST_LOGS: EnvVar[bool] = _var("FORNAX_KEEP_TEST_LOGS")
+BENCH_COMMIT: EnvVar[str | None] = _var("FORNAX_BENCH_COMMIT")
+OMP_NUM_THREADS: EnvVar[int | None] = _var("OMP_NUM_THREADS")
+OPENAI_API_KEY: EnvVar[str | None] = _var("OPENAI_API_KEY")
 
 
 def markdown_table() -> str:
-    """README.md's table of variables (scope by scope, in declaration order)."""
+    """README.md's table of variables, scope by scope in declaration order."""
     lines = ["| variable | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for scope, title in SCOPES.items():
-        lines.append(f"| **{title}** | | | |")
-        for var in REGISTRY.values():
-            if var.scope != scope:
-                continue
-            default = var.default_doc or ("unset" if var.default is None else f"`{var.default}`")
-            if var.kind == "bool" and var.default_doc is None and var.default is not None:
-                default = "1" if var.default else "0"
-            kind = ", ".join(f"`{c.lower()}`" for c in var.choices) if var.choices else var.kind
+    for scope in SCOPES:
+        lines.append(f"| **{scope}** | | | |")
+        for var in (v for v in REGISTRY.values() if v.scope == scope):
+            kind = ", ".join(f"`{c}`" for c in var.choices) if var.choices else var.kind
+            default = var.default_text
+            default = "unset" if default is None else (
+                default[1:-1] if default.startswith("(") else f"`{default}`")
             lines.append(f"| `{var.name}` | {kind} | {default} | {var.doc} |")
     return "\n".join(lines) + "\n"
 

@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fornax.runtime import env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 for path in (REPO_ROOT, REPO_ROOT / "tests"):
@@ -131,7 +132,8 @@ def failures(summary: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not env.OMP_NUM_THREADS.is_set():
+        env.OMP_NUM_THREADS.set("1")
     args = _parse(argv)
     started = time.monotonic()
     summary = run_http(args)

@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fornax.runtime import env
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_ENV = "FORNAX_TEST_CACHE"
 # The libraries whose output lands in the checkpoint files (their versions are in every cache key).
 _KEYED_DISTS = ("transformers", "tokenizers", "torch", "safetensors")
 
@@ -59,8 +60,7 @@ SELECT name, count(*) FROM users WHERE age > 30 GROUP BY name ORDER BY 2 DESC;
 
 def default_cache_root() -> Path:
     """Where built checkpoints are kept: $FORNAX_TEST_CACHE, else the repo's .cache/tiny-models."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / ".cache" / "tiny-models"
+    return env.TEST_CACHE.get() or REPO_ROOT / ".cache" / "tiny-models"
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -7,7 +7,10 @@ import json
 import re
 from typing import Any
 
-from fornax.api.server.settings import DEFAULT_MAX_BODY_BYTES
+import msgspec
+
+from fornax.api.server.settings import ServerSettings
+from fornax.runtime.config import engine_field, field_default
 from fornax.runtime.limits import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -95,6 +98,159 @@ NOT_SUPPORTED_YET = {
 }
 
 
+def _show(value: Any) -> str:
+    """A default as `--help` shows it: on/off, whole numbers without '.0', sizes in MiB."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int) and value >= 2**20 and value % 2**20 == 0:
+        return f"{value // 2**20}MiB"
+    return str(value)
+
+
+def _with_default(help_text: str, default: Any, shown: str | None = None) -> str:
+    shown = shown or (None if default is None or default is False else _show(default))
+    return f"{help_text} (default: {shown})" if shown else help_text
+
+
+# Engine flags: (flag names, config field, argparse keywords). Help, choices and the default
+# shown come from the field in runtime/config.py; a flag not given is None, so the config's own
+# default applies (make_engine_config gets only the flags that were given).
+_QUEUE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
+    (("--max-num-queued-reqs", "--max-num-queued-requests"), "max_num_queued_reqs",
+     {"type": int}),
+    (("--max-num-queued-tokens",), "max_num_queued_tokens", {"type": parse_size}),
+)
+_ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
+    (("--runner",), "runner", {}),
+    (("--pooler-config",), "pooler_config", {"type": _json_object}),
+    (("--dtype",), "dtype", {}),
+    (("--max-model-len",), "max_model_len", {"type": parse_size}),
+    (("--load-format",), "load_format", {}),
+    (("--seed",), "seed", {"type": int}),
+    (("--generation-config",), "generation_config", {}),
+    (("--device",), "device", {}),
+    (("--attention-backend",), "attention_backend", {}),
+    (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", {"type": int}),
+    (("--max-logprobs",), "max_logprobs", {"type": int}),
+    (("--gpu-memory-utilization",), "gpu_memory_utilization", {"type": float}),
+    (("--kv-cache-memory", "--kv-cache-memory-bytes"), "kv_cache_memory_bytes",
+     {"type": parse_size}),
+    (("--num-gpu-blocks-override",), "num_gpu_blocks_override", {"type": int}),
+    (("--block-size",), "block_size", {"type": int}),
+    (("--enable-prefix-caching",), "enable_prefix_caching",
+     {"action": argparse.BooleanOptionalAction}),
+    (("--max-num-seqs",), "max_num_seqs", {"type": int}),
+    (("--max-num-batched-tokens",), "max_num_batched_tokens", {"type": parse_size}),
+    (("--enable-chunked-prefill",), "enable_chunked_prefill",
+     {"action": argparse.BooleanOptionalAction}),
+    (("--scheduling-policy",), "policy", {}),
+    (("--enforce-eager",), "enforce_eager", {"action": argparse.BooleanOptionalAction}),
+    (("--grammar-compile-timeout",), "grammar_compile_timeout_s", {"type": _positive}),
+    (("--grammar-compile-threads",), "grammar_compile_threads", {"type": _positive_int}),
+    (("--grammar-max-pending-compiles",), "grammar_max_pending_compiles",
+     {"type": _positive_int}),
+    (("--grammar-cache-memory",), "grammar_cache_bytes", {"type": parse_size}),
+    (("--cuda-graph-sizes",), "cuda_graph_sizes", {"type": _int_list, "action": "extend"}),
+)
+_ENGINE_DESTS = tuple(field for _, field, _ in _QUEUE_FLAGS + _ENGINE_FLAGS)
+
+# Flags copied into ServerSettings as they are: (flag names, settings field, argparse keywords,
+# help). The default is the field's in ServerSettings (api/server/settings.py).
+_SETTINGS_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
+    (("--trust-request-chat-template",), "trust_request_chat_template",
+     {"action": "store_true"}, "let requests pass their own `chat_template` (refused by "
+     "default: a template is code the server runs)"),
+    (("--chat-template-content-format",), "chat_template_content_format",
+     {"choices": ("auto", "string", "openai")}, "message content as a string or OpenAI's list "
+     "of parts; auto: detected from the template"),
+    (("--request-timeout",), "request_timeout_s", {"type": _positive},
+     "seconds a generation or pooling request may take in all (queue time included); beyond it "
+     "the request is aborted, its KV freed, and answered 504. A request may ask for less with "
+     "the X-Request-Timeout header (seconds). Default: no deadline"),
+    (("--engine-stall-timeout",), "engine_stall_timeout_s", {"type": _non_negative},
+     "watchdog: when the engine core's loop makes no progress for this many seconds, /health "
+     "answers 503 until it moves again; 0 turns it off"),
+    (("--max-request-body-bytes",), "max_request_body_bytes", {"type": parse_size},
+     "larger request bodies get 413"),
+    (("--max-audio-filesize-mb",), "max_audio_filesize_mb", {"type": float},
+     "audio uploads to /v1/audio/* larger than this get 413"),
+    (("--max-audio-seconds",), "max_audio_seconds", {"type": _positive},
+     "audio longer than this (counted at the model's 16 kHz, refused from the file's header "
+     "where it can be) gets 400"),
+    (("--realtime-max-sessions",), "realtime_max_sessions", {"type": _positive_int},
+     "WS /v1/realtime: open sessions per API worker; more are closed at once with code 1013, "
+     "try again later"),
+    (("--realtime-max-buffer-seconds",), "realtime_max_buffer_s", {"type": _positive},
+     "WS /v1/realtime: most seconds of audio a session may have waiting to be transcribed; "
+     "appends beyond it get an invalid_audio error"),
+    (("--realtime-max-session-seconds",), "realtime_max_session_s", {"type": _positive},
+     "WS /v1/realtime: a session is closed after this many seconds"),
+    (("--realtime-idle-timeout",), "realtime_idle_timeout_s", {"type": _positive},
+     "WS /v1/realtime: a session is closed after this many seconds without a client event "
+     "while nothing is being transcribed"),
+    (("--responses-store",), "responses_store", {"type": _responses_store},
+     "where /v1/responses keeps stored responses: memory (bounded, per API worker) or "
+     "sqlite:PATH (shared by the workers, survives restarts)"),
+    (("--responses-store-max-count",), "responses_store_max_count", {"type": int},
+     "most stored responses kept; the oldest go first"),
+    (("--responses-store-max-age",), "responses_store_max_age_s", {"type": float},
+     "seconds a stored response is kept"),
+    (("--responses-store-max-bytes",), "responses_store_max_bytes", {"type": parse_size},
+     "most bytes (JSON) of stored responses kept, per worker for memory and in all for "
+     "sqlite; the oldest go first"),
+    (("--responses-store-max-record-bytes",), "responses_store_max_record_bytes",
+     {"type": parse_size}, "largest stored response (its input, conversation and output as "
+     "JSON): store=true beyond it is refused with 400 up front, or the answer is returned "
+     "unstored, a background one failed"),
+    (("--responses-max-background",), "responses_max_background", {"type": int},
+     "background responses running at once per API key in each API worker; more get 429 with "
+     "Retry-After"),
+)
+_TOOL_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = (
+    (("--enable-auto-tool-choice",), "enable_auto_tool_choice", {"action": "store_true"},
+     'let the model decide when to call tools (tool_choice "auto", the default when a request '
+     "has tools); needs --tool-call-parser"),
+    (("--tool-call-parser",), "tool_call_parser", {},
+     "how the model writes tool calls: hermes, llama3_json, mistral, pythonic, qwen3_xml, or a "
+     'name a plugin registers (tool_choice "required" and named choices work without it: a '
+     "grammar forces the call)"),
+    (("--tool-parser-plugin",), "tool_parser_plugin", {"metavar": "FILE"},
+     "a Python file that registers more tool parsers "
+     "(fornax.api.tools.registry.register_tool_parser)"),
+    (("--reasoning-parser",), "reasoning_parser", {},
+     "split the thinking into `reasoning`: deepseek_r1 or qwen3; output constraints then start "
+     "after </think>"),
+)
+
+
+def _metavar(names: tuple[str, ...], kw: dict[str, Any]) -> dict[str, Any]:
+    """`kw` with the value's name in --help from the flag, not the dest (not for switches)."""
+    if kw.get("action", "extend") != "extend" or "choices" in kw or "metavar" in kw:
+        return kw
+    return {"metavar": names[0].lstrip("-").upper().replace("-", "_"), **kw}
+
+
+def _add_engine_flags(group: Any, table: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...]
+                      ) -> None:
+    for names, field, kw in table:
+        f = engine_field(field)
+        if f.metadata["choices"] and "action" not in kw:
+            kw = {"choices": f.metadata["choices"], **kw}
+        group.add_argument(*names, dest=field, default=None,
+                           help=_with_default(f.metadata["help"], field_default(f),
+                                              f.metadata["shown"]), **_metavar(names, kw))
+
+
+def _add_settings_flags(group: Any, table: tuple[tuple[tuple[str, ...], str, dict[str, Any], str],
+                                                 ...]) -> None:
+    defaults = {f.name: f.default for f in msgspec.structs.fields(ServerSettings)}
+    for names, field, kw, help_text in table:
+        group.add_argument(*names, dest=field, default=defaults[field],
+                           help=_with_default(help_text, defaults[field]), **_metavar(names, kw))
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Every `fornax serve` flag, grouped as in `fornax serve --help`."""
     p.add_argument("model", nargs="?", default=None,
@@ -120,30 +276,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None,
                    help="chat template file, or the template itself (jinja2), overriding the "
                    "model's")
-    g.add_argument("--trust-request-chat-template", action="store_true",
-                   help="let requests pass their own `chat_template` (refused by default: a "
-                   "template is code the server runs)")
-    g.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"),
-                   default="auto", help="message content as a string or OpenAI's list of parts "
-                   "(default: auto-detected from the template)")
-    g.add_argument("--max-num-queued-reqs", "--max-num-queued-requests", type=int, default=None,
-                   dest="max_num_queued_reqs",
-                   help="most requests in flight (waiting + running, engine-wide); beyond it "
-                   "new ones get 503 with Retry-After at once (default: sized from the KV "
-                   "cache, 4x its capacity at 1024 tokens a request, at least 2x --max-num-seqs;"
-                   " logged at start)")
-    g.add_argument("--max-num-queued-tokens", type=parse_size, default=None,
-                   help="most prompt tokens of waiting requests; a request that would go beyond "
-                   "it gets 503 with Retry-After (k/M suffixes allowed; default: no token bound)")
-    g.add_argument("--request-timeout", type=_positive, default=None,
-                   help="seconds a generation or pooling request may take in all (queue time "
-                   "included); beyond it the request is aborted, its KV freed, and answered "
-                   "504. A request may ask for less with the X-Request-Timeout header "
-                   "(seconds). Default: no deadline")
-    g.add_argument("--engine-stall-timeout", type=_non_negative, default=60.0,
-                   help="watchdog: when the engine core's loop makes no progress for this many "
-                   "seconds, /health answers 503 until it moves again (0 turns it off; "
-                   "default: 60)")
+    _add_engine_flags(g, _QUEUE_FLAGS)
+    _add_settings_flags(g, _SETTINGS_FLAGS)
     g.add_argument("--disable-log-requests", action="store_true",
                    help="do not log one line per request")
     g.add_argument("--enable-log-requests", action="store_true", help="log one line per request "
@@ -151,8 +285,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=20.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting "
                    "them (default: 20)")
-    g.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
-                   help="larger request bodies get 413 (default: 32MiB)")
     g.add_argument("--max-stop-strings", type=_positive_int, default=MAX_STOP_STRINGS,
                    help=f"most stop strings one request may give (default: {MAX_STOP_STRINGS})")
     g.add_argument("--max-n", type=_positive_int, default=MAX_N,
@@ -160,23 +292,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompts-per-request", type=_positive_int, default=MAX_PROMPTS,
                    help="most prompts in one /v1/completions request (default: "
                    f"{MAX_PROMPTS})")
-    g.add_argument("--max-audio-filesize-mb", type=float, default=25.0,
-                   help="audio uploads to /v1/audio/* larger than this get 413 (default: 25)")
-    g.add_argument("--max-audio-seconds", type=_positive, default=7200.0,
-                   help="audio longer than this (counted at the model's 16 kHz, refused from the "
-                   "file's header where it can be) gets 400 (default: 7200)")
-    g.add_argument("--realtime-max-sessions", type=_positive_int, default=100,
-                   help="WS /v1/realtime: open sessions per API worker; more are closed at once "
-                   "with code 1013, try again later (default: 100)")
-    g.add_argument("--realtime-max-buffer-seconds", type=_positive, default=300.0,
-                   help="WS /v1/realtime: most seconds of audio a session may have waiting to be "
-                   "transcribed; appends beyond it get an invalid_audio error (default: 300)")
-    g.add_argument("--realtime-max-session-seconds", type=_positive, default=3600.0,
-                   help="WS /v1/realtime: a session is closed after this many seconds "
-                   "(default: 3600)")
-    g.add_argument("--realtime-idle-timeout", type=_positive, default=60.0,
-                   help="WS /v1/realtime: a session is closed after this many seconds without "
-                   "a client event while nothing is being transcribed (default: 60)")
     g.add_argument("--enable-dev-endpoints", action="store_true",
                    help="serve the admin routes POST /sleep?level=1|2, POST /wake_up, GET "
                    "/is_sleeping and POST /reset_prefix_cache (404 without it; also "
@@ -184,97 +299,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="accepted for vLLM compatibility: sleep mode is always available "
                    "through the dev endpoints")
-    g.add_argument("--responses-store", type=_responses_store, default="memory",
-                   help="where /v1/responses keeps stored responses: memory (default; bounded, "
-                   "per API worker) or sqlite:PATH (shared by the workers, survives restarts)")
-    g.add_argument("--responses-store-max-count", type=int, default=10000,
-                   help="most stored responses kept; the oldest go first (default: 10000)")
-    g.add_argument("--responses-store-max-age", type=float, default=24 * 3600.0,
-                   help="seconds a stored response is kept (default: 86400)")
-    g.add_argument("--responses-store-max-bytes", type=parse_size, default=512 * 1024 * 1024,
-                   help="most bytes (JSON) of stored responses kept, per worker for memory and "
-                   "in all for sqlite; the oldest go first (default: 512MiB)")
-    g.add_argument("--responses-store-max-record-bytes", type=parse_size,
-                   default=16 * 1024 * 1024,
-                   help="largest stored response (its input, conversation and output as JSON): "
-                   "store=true beyond it is refused with 400 up front, or the answer is returned "
-                   "unstored, a background one failed (default: 16MiB)")
-    g.add_argument("--responses-max-background", type=int, default=64,
-                   help="background responses running at once per API key in each API worker; "
-                   "more get 429 with Retry-After (default: 64)")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
                    help="log level of every fornax process (default: info, or FORNAX_LOG_LEVEL)")
 
-    m = p.add_argument_group("model and engine")
-    m.add_argument("--runner", choices=("auto", "generate", "pooling"), default=None,
-                   help="generate text, or pool (embeddings, classification, score/rerank); "
-                   "auto (default) decides by the model's architecture")
-    m.add_argument("--pooler-config", type=_json_object, default=None,
-                   help='pooling models: override the pooling, e.g. \'{"pooling_type": "MEAN", '
-                   '"normalize": false}\' (default: from the sentence-transformers files)')
-    m.add_argument("--dtype", default=None,
-                   help="auto, float32, float16, bfloat16 (aliases: float, half, bf16)")
-    m.add_argument("--max-model-len", type=parse_size, default=None,
-                   help="context length (default: the model's); accepts 4k, 8K, ...")
-    m.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"), default=None)
-    m.add_argument("--seed", type=int, default=None, help="engine random seed")
-    m.add_argument("--generation-config", default=None,
-                   help="auto: sampling defaults from the model's generation_config.json; "
-                   "fornax: fornax's own defaults")
-    m.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    m.add_argument("--attention-backend", choices=("auto", "torch_ref", "cpu_paged", "flashinfer"),
-                   default=None)
-    m.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
-    m.add_argument("--max-logprobs", type=int, default=None,
-                   help="most logprobs a request may ask for (default: 20)")
-    m.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="fraction of GPU memory for weights and KV cache (default: 0.9)")
-    m.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory",
-                   type=parse_size, default=None, help="KV-cache size in bytes (e.g. 2GiB)")
-    m.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    m.add_argument("--block-size", type=int, default=None, help="tokens per KV block (16)")
-    m.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=None, help="reuse KV blocks of shared prompt prefixes (default: on)")
-    m.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most requests in one batch (default: 256)")
-    m.add_argument("--max-num-batched-tokens", type=parse_size, default=None,
-                   help="token budget of one step (default: 8192)")
-    m.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                   default=None, help="split long prompts over steps (default: on)")
-    m.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None)
-    m.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
-                   help="no torch.compile, no CUDA graphs")
-    m.add_argument("--grammar-compile-timeout", dest="grammar_compile_timeout_s", type=_positive,
-                   default=None, help="seconds one structured-output grammar may take to "
-                   "compile; beyond it the request gets 400 'grammar too complex' (default: 10)")
-    m.add_argument("--grammar-compile-threads", type=_positive_int, default=None,
-                   help="threads compiling grammars; also the most runaway compiles at once "
-                   "(default: 2)")
-    m.add_argument("--grammar-max-pending-compiles", type=_positive_int, default=None,
-                   help="grammar compiles queued or running; beyond it 503 with Retry-After "
-                   "(default: 64)")
-    m.add_argument("--grammar-cache-memory", dest="grammar_cache_bytes", type=parse_size,
-                   default=None, help="memory of compiled grammars kept for reuse, LRU "
-                   "(default: 512MiB)")
-    m.add_argument("--cuda-graph-sizes", type=_int_list, action="extend", default=None,
-                   help="batch sizes to capture CUDA graphs for (e.g. 1 2 4 8 16)")
-
-    t = p.add_argument_group("tool calling and reasoning")
-    t.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
-                   help='let the model decide when to call tools (tool_choice "auto", the default '
-                   "when a request has tools); needs --tool-call-parser")
-    t.add_argument("--tool-call-parser", default=None,
-                   help="how the model writes tool calls: hermes, llama3_json, mistral, pythonic, "
-                   'qwen3_xml, or a name a plugin registers (tool_choice "required" and named '
-                   "choices work without it: a grammar forces the call)")
-    t.add_argument("--tool-parser-plugin", default=None, metavar="FILE",
-                   help="a Python file that registers more tool parsers "
-                   "(fornax.api.tools.registry.register_tool_parser)")
-    t.add_argument("--reasoning-parser", default=None,
-                   help="split the thinking into `reasoning`: deepseek_r1 or qwen3; output "
-                   "constraints then start after </think>")
+    _add_engine_flags(p.add_argument_group("model and engine"), _ENGINE_FLAGS)
+    _add_settings_flags(p.add_argument_group("tool calling and reasoning"), _TOOL_FLAGS)
 
     n = p.add_argument_group("not supported yet (accepted; an error at start when used)")
     n.add_argument("--tokenizer", default=None)
@@ -286,31 +317,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted and ignored: fornax never runs code shipped with a model")
 
 
-_ENGINE_FLAGS = ("runner", "pooler_config", "dtype", "max_model_len", "load_format", "seed",
-                 "generation_config", "device",
-                 "attention_backend", "tensor_parallel_size", "max_logprobs",
-                 "gpu_memory_utilization", "kv_cache_memory", "num_gpu_blocks_override",
-                 "block_size", "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
-                 "enable_chunked_prefill", "enforce_eager", "cuda_graph_sizes",
-                 "max_num_queued_reqs", "max_num_queued_tokens", "grammar_compile_timeout_s",
-                 "grammar_compile_threads", "grammar_max_pending_compiles",
-                 "grammar_cache_bytes")
-
-
 def unsupported_flags_used(args: argparse.Namespace) -> list[str]:
     return [what for dest, what in NOT_SUPPORTED_YET.items()
             if getattr(args, dest, None) not in (None, False)]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Flat make_engine_config() keyword arguments for the flags that were given."""
-    kwargs: dict[str, Any] = {}
-    for name in _ENGINE_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            kwargs[name] = value
-    if args.scheduling_policy is not None:
-        kwargs["policy"] = args.scheduling_policy
-    if args.served_model_name:
-        kwargs["served_model_name"] = list(args.served_model_name)
-    return kwargs
+    """Flat make_engine_config() keyword arguments for the engine flags that were given."""
+    return {name: value for name in _ENGINE_DESTS
+            if (value := getattr(args, name)) is not None}
+
+
+def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerSettings fields taken from their flags as they are (the rest serve.py builds)."""
+    return {field: getattr(args, field) for _, field, _, _ in _SETTINGS_FLAGS + _TOOL_FLAGS}

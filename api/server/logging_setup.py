@@ -14,7 +14,7 @@ DATE_FORMAT = "%m-%d %H:%M:%S"
 
 def log_level() -> str:
     """The level from FORNAX_LOG_LEVEL (default INFO)."""
-    return env.LOG_LEVEL.get()
+    return env.LOG_LEVEL.get().upper()
 
 
 def logging_dictconfig() -> dict[str, Any]:

@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fornax.api.server.args import engine_kwargs, unsupported_flags_used
-from fornax.api.routes.chat_features import check_chat_flags
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
+from fornax.api.routes.chat_features import check_chat_flags
+from fornax.api.server.args import engine_kwargs, settings_kwargs, unsupported_flags_used
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
-from fornax.api.server.settings import MULTIPROC_ENV, ServerSettings, settings_to_env
+from fornax.api.server.settings import ServerSettings, settings_to_env
+from fornax.runtime import env
 from fornax.runtime.errors import ConfigError, FornaxError
 from fornax.runtime.limits import InputLimits
 
 logger = logging.getLogger("fornax.api.server.serve")
 
 APP_TARGET = "fornax.api.server.app:create_app"
-ENGINE_DEAD_GRACE_ENV = "FORNAX_ENGINE_DEAD_GRACE_S"  # keep answering 503 this long, then exit
 
 
 class _StartInterrupted(Exception):
@@ -74,16 +74,11 @@ def _model_names(args: argparse.Namespace) -> tuple[str, str, list[str], list[st
 
 
 def _validate(model: str, kwargs: dict[str, Any]) -> None:
-    """Check the engine config here (fast, before any process starts); torch is not imported."""
+    """Check the engine config here (fast, before any process starts); torch is not imported:
+    the engine process resolves device "auto" (EngineConfig.resolve)."""
     from fornax.runtime.config import make_engine_config
 
-    check = dict(kwargs)
-    if check.get("device", "auto") == "auto":
-        check["device"] = "cpu"  # device detection imports torch; the engine process does it
-    config = make_engine_config(model, **check)
-    shown = {k: v for k, v in config.non_default_items().items() if k != "model"}
-    if kwargs.get("device", "auto") != "auto":
-        shown["device"] = kwargs["device"]
+    shown = make_engine_config(model, **kwargs).non_default_items()
     logger.info("engine config (non-default values): %s", shown or "all defaults")
 
 
@@ -102,7 +97,7 @@ def _port_free(host: str, port: int) -> bool:
 def run_serve(args: argparse.Namespace) -> int:
     """The whole life of `fornax serve`; returns the process exit code."""
     if args.log_level:
-        os.environ["FORNAX_LOG_LEVEL"] = args.log_level.upper()
+        env.LOG_LEVEL.set(args.log_level.upper())
     setup_logging("APIServer")
     used = unsupported_flags_used(args)
     if used:
@@ -126,15 +121,15 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     api_keys = list(args.api_key or [])
-    for env in ("FORNAX_API_KEY", "VLLM_API_KEY"):
-        if not api_keys and os.environ.get(env):
-            api_keys = [os.environ[env]]
+    for var in (env.API_KEY, env.VLLM_API_KEY):
+        if not api_keys and (key := var.get()):
+            api_keys = [key]
     server_shown = {k: v for k, v in {
         "served_model_name": served, "api_server_count": args.api_server_count,
         "api_key": f"{len(api_keys)} key(s)" if api_keys else None,
         "allowed_origins": args.allowed_origins, "uds": args.uds,
         "chat_template": args.chat_template,
-        "request_timeout": args.request_timeout}.items() if v not in (None, [], 1)}
+        "request_timeout": args.request_timeout_s}.items() if v not in (None, [], 1)}
     logger.info("fornax %s serving %s; server settings: %s", fornax_version(), model, server_shown)
 
     if not args.uds and not _port_free(args.host, args.port):
@@ -174,33 +169,12 @@ def run_serve(args: argparse.Namespace) -> int:
             ipc_dir=launcher.ipc_dir, engine=info, served_model_names=served, model_root=root,
             model_aliases=aliases, api_keys=api_keys, allowed_origins=args.allowed_origins or [],
             chat_template=chat_template,
-            chat_template_content_format=args.chat_template_content_format,
-            trust_request_chat_template=args.trust_request_chat_template,
             generation_config=kwargs.get("generation_config", "auto"),
-            max_request_body_bytes=args.max_request_body_bytes,
             input_limits=InputLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
                                      max_prompts=args.max_prompts_per_request),
-            max_audio_filesize_mb=args.max_audio_filesize_mb,
-            max_audio_seconds=args.max_audio_seconds,
-            realtime_max_sessions=args.realtime_max_sessions,
-            realtime_max_buffer_s=args.realtime_max_buffer_seconds,
-            realtime_max_session_s=args.realtime_max_session_seconds,
-            realtime_idle_timeout_s=args.realtime_idle_timeout,
             log_requests=not args.disable_log_requests, created=int(time.time()),
-            request_timeout_s=args.request_timeout,
-            engine_stall_timeout_s=args.engine_stall_timeout,
-            enable_dev_endpoints=args.enable_dev_endpoints or
-            os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
-            responses_store=args.responses_store,
-            responses_store_max_count=args.responses_store_max_count,
-            responses_store_max_age_s=args.responses_store_max_age,
-            responses_store_max_bytes=args.responses_store_max_bytes,
-            responses_store_max_record_bytes=args.responses_store_max_record_bytes,
-            responses_max_background=args.responses_max_background,
-            enable_auto_tool_choice=bool(args.enable_auto_tool_choice),
-            tool_call_parser=args.tool_call_parser, tool_parser_plugin=args.tool_parser_plugin,
-            reasoning_parser=args.reasoning_parser,
-            version=fornax_version())
+            enable_dev_endpoints=args.enable_dev_endpoints or env.DEV_MODE.get(),
+            version=fornax_version(), **settings_kwargs(args))
         return _run_granian(args, launcher, settings)
     finally:
         code = launcher.stop(args.shutdown_timeout + 5)
@@ -216,7 +190,7 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
 
     metrics_dir = os.path.join(launcher.ipc_dir, "prometheus")
     os.makedirs(metrics_dir, exist_ok=True)
-    os.environ[MULTIPROC_ENV] = metrics_dir  # before any worker imports prometheus_client
+    env.PROMETHEUS_MULTIPROC_DIR.set(metrics_dir)  # before any worker imports prometheus_client
     settings_to_env(settings)
     extra: dict[str, Any] = {}
     if args.uds:
@@ -228,7 +202,7 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
                      log_dictconfig=logging_dictconfig(),
                      workers_kill_timeout=int(args.shutdown_timeout) + 5, **extra)
     engine_died = threading.Event()
-    grace = float(os.environ.get(ENGINE_DEAD_GRACE_ENV, "2.0"))
+    grace = env.ENGINE_DEAD_GRACE_S.get()  # keep answering 503 this long, then exit
 
     def on_engine_death(code: int) -> None:
         engine_died.set()

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 
-from fornax.runtime.limits import InputLimits
+from fornax.runtime import env
 from fornax.runtime.engine.messages import EngineHandshake
+from fornax.runtime.limits import InputLimits
 
-SETTINGS_ENV = "FORNAX_SERVER_SETTINGS"
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-# prometheus-client's multiprocess mode: must be set before any worker imports prometheus_client
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ServerSettings(msgspec.Struct, omit_defaults=True):
@@ -56,11 +52,12 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
 
 
 def settings_to_env(settings: ServerSettings) -> None:
-    os.environ[SETTINGS_ENV] = msgspec.json.encode(settings).decode()
+    env.SERVER_SETTINGS.set(msgspec.json.encode(settings).decode())
 
 
 def settings_from_env() -> ServerSettings:
-    raw = os.environ.get(SETTINGS_ENV)
+    raw = env.SERVER_SETTINGS.get()
     if not raw:
-        raise RuntimeError(f"{SETTINGS_ENV} is not set: API workers are started by `fornax serve`")
+        raise RuntimeError(f"{env.SERVER_SETTINGS.name} is not set: API workers are started by "
+                           "`fornax serve`")
     return msgspec.json.decode(raw.encode(), type=ServerSettings)

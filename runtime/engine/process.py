@@ -25,6 +25,7 @@ from fornax.runtime.engine.contract import EngineCore, EngineLoad
 from fornax.runtime.engine.grammar_gate import GrammarGate
 from fornax.runtime.engine.output_thread import QUEUE_LIMIT, OutputThread
 from fornax.api.server.logging_setup import setup_logging
+from fornax.runtime import env
 from fornax.runtime.engine import fault_injection
 from fornax.runtime.errors import FornaxError, RequestError
 from fornax.runtime.engine.messages import (
@@ -45,7 +46,7 @@ from fornax.runtime.engine.messages import (
 
 logger = logging.getLogger("fornax.runtime.engine.process")
 
-SPEC_ENV = "FORNAX_ENGINE_SPEC"
+SPEC_ENV = env.ENGINE_SPEC.name
 _QUEUE_LIMIT = QUEUE_LIMIT  # bounded hand-off between the socket threads and the busy loop
 _IDLE_POLL_S = 0.5
 _NO_LOAD = EngineLoad(num_running=0, num_waiting=0, kv_usage=0.0, prefix_cache_queries=0,
@@ -127,7 +128,7 @@ class EngineCoreProcess:
         from fornax.runtime.config import make_engine_config
         from fornax.runtime.engine.factory import make_engine_core
 
-        config = make_engine_config(self.spec.model, **self.spec.engine_kwargs)
+        config = make_engine_config(self.spec.model, **self.spec.engine_kwargs).resolve()
         return make_engine_core(config)  # the core of the model's engine kind
 
     def _set_queue_limits(self) -> None:
@@ -430,7 +431,7 @@ class EngineCoreProcess:
 
 def main() -> None:
     setup_logging("EngineCore")
-    spec = msgspec.json.decode(os.environ[SPEC_ENV].encode(), type=EngineSpec)
+    spec = msgspec.json.decode((env.ENGINE_SPEC.get() or "").encode(), type=EngineSpec)
     proc = EngineCoreProcess(spec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; `serve` decides
 

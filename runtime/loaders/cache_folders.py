@@ -17,7 +17,7 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     """The one cache root: `override` when given, else $FORNAX_CACHE, else ~/.cache/fornax."""
     if override is not None and str(override):
         return Path(override).expanduser()
-    return env.CACHE.get() or Path.home() / ".cache" / "fornax"
+    return env.CACHE.get()
 
 
 def is_prepared(folder: Path, format_version: int) -> bool:

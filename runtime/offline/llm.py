@@ -40,8 +40,7 @@ class LLM(PoolingMixin):
 
     def __init__(self, model: str | None = None, *, chat_template: str | None = None,
                  **engine_args: Any) -> None:
-        engine_args.setdefault("device", "auto")
-        self.config = make_engine_config(model or "", **engine_args)
+        self.config = make_engine_config(model or "", **engine_args).resolve()
         self.engine = make_engine_core(self.config)  # generation or pooling (contract.EngineCore)
         self.tokenizer = TokenizerFront(self.engine.files.path, chat_template)
         self.processor = OutputProcessor(self.tokenizer)

@@ -49,8 +49,7 @@ class SpeechToText:
     def __init__(self, model: str = "whisper-tiny.en", **engine_args: Any) -> None:
         from fornax.runtime.engine.factory import make_engine_core
 
-        engine_args.setdefault("device", "auto")
-        self.engine = make_engine_core(make_engine_config(model, **engine_args))
+        self.engine = make_engine_core(make_engine_config(model, **engine_args).resolve())
         if self.engine.runner_type != "transcription":
             raise ConfigError(f"{model} is not a speech-to-text model")
         path = self.engine.files.path

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from fornax.runtime import env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEYS = ("test-key-1", "test-key-2")
 
@@ -86,7 +88,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        if not os.environ.get("FORNAX_KEEP_TEST_LOGS"):
+        if not env.KEEP_TEST_LOGS.get():
             self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fornax.perf.wer import edit_distance, words
+from fornax.runtime import env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AUDIO_DIR = REPO_ROOT / "tests" / "fixtures" / "audio"
@@ -62,7 +63,7 @@ def tiny_whisper_dir(seed: int = 0) -> Path:
     """A tiny random HF Whisper (d_model 64, 2+2 layers, 3 s windows of 300 frames) with
     tiny.en's tokenizer, built once."""
     tok_src = packaged_whisper("whisper-tiny.en")
-    root = Path(os.environ.get("FORNAX_TINY_CACHE", REPO_ROOT / ".cache" / "tiny-models"))
+    root = env.TEST_CACHE.get() or REPO_ROOT / ".cache" / "tiny-models"
     final = root / f"whisper-seed{seed}-v{TINY_WHISPER_VERSION}"
     if final.is_dir():
         return final

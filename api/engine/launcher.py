@@ -41,7 +41,7 @@ class EngineLauncher:
 
     def start(self) -> EngineHandshake:
         """Spawn the process and block until it is READY; EngineStartError if it fails."""
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         pull = ctx.socket(zmq.PULL)
         pull.bind(self.spec.handshake_address)
         env = dict(os.environ)

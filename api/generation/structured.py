@@ -69,7 +69,8 @@ def _checked(kind: str, value: Any, param: str) -> Any:
             kind == "json_object"):
         want = " or ".join("an object" if t is dict else t.__name__ for t in _KIND_TYPES[kind])
         raise APIError(400, f"{param} must be {want}", param)
-    if kind == "choice" and (not value or not all(isinstance(c, str) for c in value)):
+    if kind == "choice" and isinstance(value, list) and (
+            not value or not all(isinstance(c, str) for c in value)):
         raise APIError(400, f"{param} must be a non-empty list of strings", param)
     if kind in ("regex", "grammar") and not value:
         raise APIError(400, f"{param} must not be empty", param)

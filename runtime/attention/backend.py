@@ -99,7 +99,7 @@ def make_attention_backend(name: str, **kwargs: Any) -> AttentionBackend:
 
         return CpuPagedBackend(**kwargs)
     if name == "flashinfer":
-        from fornax.runtime.attention.flashinfer_backend import FlashInferBackend  # type: ignore
+        from fornax.runtime.attention.flashinfer_backend import FlashInferBackend
 
         return FlashInferBackend(**kwargs)
     raise ValueError(f"unknown attention backend {name!r}")

@@ -44,9 +44,10 @@ class CpuPagedBackend(TorchRefBackend):
                 or self.num_heads // self.num_kv_heads > 32):
             raise RuntimeError("cpu_paged needs head_dim <= 256 and at most 32 query heads "
                                "per kv head")
-        self._lib = load_paged_decode()
-        if self._lib is None:
+        lib = load_paged_decode()
+        if lib is None:
             raise RuntimeError("the native CPU attention kernel could not be built")
+        self._lib = lib
         if self.dtype not in _KERNEL_DTYPES:
             raise RuntimeError(f"cpu_paged supports bfloat16 and float32, not {self.dtype}")
         self._prefill_lib = None
@@ -85,11 +86,13 @@ class CpuPagedBackend(TorchRefBackend):
         return seq_lens, np.ascontiguousarray(common.block_table_np[rows, :num_blocks],
                                               dtype=np.int32)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: CpuPagedMetadata,
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchRefMetadata,
                 out: torch.Tensor, scale: float) -> None:
-        if metadata.decode_seq_lens is None:
+        assert isinstance(metadata, CpuPagedMetadata)  # made by build_metadata
+        seq_lens, table = metadata.decode_seq_lens, metadata.decode_block_table
+        if seq_lens is None or table is None:
             return
-        num = len(metadata.decode_seq_lens)
+        num = len(seq_lens)
         if metadata.all_decode:
             query, result = q[:num].contiguous(), out[:num]
         else:
@@ -100,10 +103,9 @@ class CpuPagedBackend(TorchRefBackend):
             target, result = result, torch.empty_like(query)
         else:
             target = None
-        table = metadata.decode_block_table
         status = self._lib.fornax_paged_decode(
             query.data_ptr(), kv_cache.data_ptr(), table.ctypes.data, table.shape[1],
-            metadata.decode_seq_lens.ctypes.data, result.data_ptr(), num, self.num_heads,
+            seq_lens.ctypes.data, result.data_ptr(), num, self.num_heads,
             self.num_kv_heads, self.head_dim, self.block_size, float(scale),
             _KERNEL_DTYPES[kv_cache.dtype], torch.get_num_threads())
         if status != 0:
@@ -116,9 +118,13 @@ class CpuPagedBackend(TorchRefBackend):
             out[metadata.decode_token_index] = result.to(out.dtype)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat: torch.Tensor,
-                 metadata: CpuPagedMetadata, out: torch.Tensor, scale: float) -> None:
+                 metadata: TorchRefMetadata, out: torch.Tensor, scale: float) -> None:
         """Every multi-token request in one kernel call over the cache (K/V already written)."""
-        if metadata.prefill_seq_lens is None:
+        assert isinstance(metadata, CpuPagedMetadata)  # made by build_metadata
+        lib, table = self._prefill_lib, metadata.prefill_block_table
+        starts, lens = metadata.prefill_q_starts, metadata.prefill_q_lens
+        seq_lens = metadata.prefill_seq_lens
+        if lib is None or table is None or starts is None or lens is None or seq_lens is None:
             super()._prefill(q, k, v, flat, metadata, out, scale)
             return
         d = self.head_dim
@@ -126,11 +132,9 @@ class CpuPagedBackend(TorchRefBackend):
             q.to(torch.bfloat16).contiguous())
         result = out if out.dtype == torch.bfloat16 and out.stride()[1:] == (d, 1) else (
             torch.empty_like(query))
-        table = metadata.prefill_block_table
-        status = self._prefill_lib.fornax_paged_prefill(
+        status = lib.fornax_paged_prefill(
             query.data_ptr(), query.stride(0), flat.data_ptr(), table.ctypes.data, table.shape[1],
-            metadata.prefill_q_starts.ctypes.data, metadata.prefill_q_lens.ctypes.data,
-            metadata.prefill_seq_lens.ctypes.data, len(table), result.data_ptr(),
+            starts.ctypes.data, lens.ctypes.data, seq_lens.ctypes.data, len(table), result.data_ptr(),
             result.stride(0), self.num_heads, self.num_kv_heads, d, self.block_size, float(scale),
             torch.get_num_threads())
         if status != 0:
@@ -138,5 +142,5 @@ class CpuPagedBackend(TorchRefBackend):
                                f"{self.num_kv_heads} head_dim={d} (or could not allocate its "
                                f"scratch)")
         if result is not out:
-            for start, length in zip(metadata.prefill_q_starts, metadata.prefill_q_lens):
+            for start, length in zip(starts, lens):
                 out[start:start + length] = result[start:start + length].to(out.dtype)

@@ -95,10 +95,10 @@ class TorchRefBackend(AttentionBackend):
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchRefMetadata,
                 out: torch.Tensor, scale: float) -> None:
         """Single-token requests, batched in one padded SDPA over gathered contexts."""
-        if metadata.decode_token_index is None:
+        idx = metadata.decode_ctx_index
+        if metadata.decode_token_index is None or idx is None:
             return
         flat = kv_cache.view(-1, self.num_kv_heads, self.head_dim)
-        idx = metadata.decode_ctx_index
         keys = flat[idx].transpose(1, 2)  # [Bd, Hkv, max_L, D]
         values = flat[idx + self.block_size].transpose(1, 2)
         query = q[metadata.decode_token_index].unsqueeze(2)  # [Bd, Hq, 1, D]

@@ -42,7 +42,8 @@ class AlignmentTracker:
         self._step = []
         if not self.tracked:
             return
-        index, slots = [], []
+        index: list[int] = []
+        slots: list[int] = []
         for i, rid in enumerate(req_ids):
             track = self.tracked.get(rid)
             if track is None:

@@ -28,7 +28,7 @@ from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.engine.contract import RunnerType
 from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.scheduler.request import Request
-from fornax.runtime.scheduler.scheduler import Scheduler
+from fornax.runtime.scheduler.scheduler import Scheduler, SchedulerOutput
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class EncoderBudgetScheduler(Scheduler):
 
     max_new = MAX_NEW_PER_STEP
 
-    def schedule(self):  # type: ignore[override]
+    def schedule(self) -> SchedulerOutput:
         limit = self.max_new
         ordered = list(self.waiting)  # head first
         if any(r.priority != ordered[0].priority for r in ordered):

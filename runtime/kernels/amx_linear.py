@@ -64,7 +64,10 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
     out = torch.empty((flat.shape[0], out_features), dtype=torch.bfloat16)
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()
-    status = load_amx_linear().fornax_amx_linear_bf16(
+    lib = load_amx_linear()
+    if lib is None:  # callers checked amx_supported(); a packed weight implies the kernel built
+        raise RuntimeError("the AMX linear kernel is not built")
+    status = lib.fornax_amx_linear_bf16(
         flat.data_ptr(), flat.stride(0), packed.data_ptr(),
         bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
         flat.shape[0], out_features, k, torch.get_num_threads())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -69,6 +70,16 @@ def fused_ops_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and load_fused_ops() is not None
 
 
+class _FusedSlot(Protocol):
+    """A module that reads a `fused` slot (RMSNorm, SiluAndMul, RotaryEmbedding)."""
+
+    fused: FusedCpuOps | None
+
+
+def _has_fused_slot(module: nn.Module) -> TypeGuard[_FusedSlot]:
+    return hasattr(module, "fused")
+
+
 def enable_fused_ops(model: nn.Module) -> int:
     """Point every module with a `fused` slot (RMSNorm, SiluAndMul, RotaryEmbedding) at the
     C kernels."""
@@ -78,7 +89,7 @@ def enable_fused_ops(model: nn.Module) -> int:
     ops = FusedCpuOps(lib)
     count = 0
     for module in model.modules():
-        if hasattr(module, "fused"):
+        if _has_fused_slot(module):
             weight = getattr(module, "weight", None)
             if weight is not None and (weight.dtype != torch.bfloat16 or not weight.is_contiguous()):
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol, TypeGuard
 
 import torch
 from fornax.runtime import env
@@ -65,6 +66,17 @@ def pack_weight(weight: torch.Tensor, kind: str = "auto") -> PackedWeight:
     return packed
 
 
+class _PackSlot(Protocol):
+    """A layer that reads a `packed_weight` slot (ColumnParallelLinear, VocabParallelEmbedding)."""
+
+    weight: torch.Tensor
+    packed_weight: PackedWeight | None
+
+
+def _has_pack_slot(module: nn.Module) -> TypeGuard[_PackSlot]:
+    return hasattr(module, "packed_weight")
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every module with a `packed_weight` slot packed copies of its weight; returns count.
 
@@ -73,7 +85,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     """
     start = time.perf_counter()
     kind = linear_kind()
-    modules = [m for m in model.modules() if hasattr(m, "packed_weight") and m.weight.numel()]
+    modules = [m for m in model.modules() if _has_pack_slot(m) and m.weight.numel()]
     total = sum(m.weight.numel() * m.weight.element_size() for m in modules)
     if kind == "auto" and total > _BOTH_PACKS_MAX_BYTES:
         kind = "amx"  # a second full copy of a large model costs more memory than it saves time
@@ -90,5 +102,5 @@ def pack_linear_weights(model: nn.Module) -> int:
 def unpack_linear_weights(model: nn.Module) -> None:
     """Drop the packed copies (sleep level 2 frees the weights; wake-up packs again)."""
     for module in model.modules():
-        if hasattr(module, "packed_weight"):
+        if _has_pack_slot(module):
             module.packed_weight = None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fornax.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ MAX_BINARY_VERSION = 6
 # CTranslate2's DataType enum: FLOAT32, INT8, INT16, INT32, FLOAT16, BFLOAT16
 _DTYPES: dict[int, np.dtype] = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"),
                                 3: np.dtype("<i4"), 4: np.dtype("<f2"), 5: np.dtype("<u2")}
-_ITEM_SIZE_DTYPES = {4: np.dtype("<f4"), 2: np.dtype("<f2"), 1: np.dtype("i1")}
+_ITEM_SIZE_DTYPES: dict[int, np.dtype] = {4: np.dtype("<f4"), 2: np.dtype("<f2"), 1: np.dtype("i1")}
 
 
 @dataclass
@@ -189,6 +190,23 @@ def _split_fused(model: Ct2Model, src: str, dst: str, parts: tuple[str, ...],
             out[f"{dst}.{part}.bias"] = b
 
 
+def _layer(model: Ct2Model, src: str, dst: str, out: dict[str, np.ndarray], cross: bool) -> None:
+    """One transformer layer: self-attention, cross-attention (decoder layers), feed-forward."""
+    _split_fused(model, f"{src}/self_attention/linear_0", f"{dst}.self_attn",
+                 ("q_proj", "k_proj", "v_proj"), out)
+    _linear(model, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", out)
+    _norm(model, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", out)
+    if cross:
+        _linear(model, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", out)
+        _split_fused(model, f"{src}/attention/linear_1", f"{dst}.encoder_attn",
+                     ("k_proj", "v_proj"), out)
+        _linear(model, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", out)
+        _norm(model, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", out)
+    _linear(model, f"{src}/ffn/linear_0", f"{dst}.fc1", out)
+    _linear(model, f"{src}/ffn/linear_1", f"{dst}.fc2", out)
+    _norm(model, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", out)
+
+
 def whisper_state_dict(model: Ct2Model) -> dict[str, np.ndarray]:
     """HF-named float32 tensors of a CTranslate2 Whisper model (no proj_out: it is tied)."""
     if model.spec_name and "Whisper" not in model.spec_name:
@@ -200,31 +218,12 @@ def whisper_state_dict(model: Ct2Model) -> dict[str, np.ndarray]:
     out[f"{enc}.embed_positions.weight"] = model.float_weight("encoder/position_encodings/encodings")
     _norm(model, "encoder/layer_norm", f"{enc}.layer_norm", out)
     for i in range(_count_layers(model, "encoder")):
-        src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        _split_fused(model, f"{src}/self_attention/linear_0", f"{dst}.self_attn",
-                     ("q_proj", "k_proj", "v_proj"), out)
-        _linear(model, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", out)
-        _norm(model, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", out)
-        _linear(model, f"{src}/ffn/linear_0", f"{dst}.fc1", out)
-        _linear(model, f"{src}/ffn/linear_1", f"{dst}.fc2", out)
-        _norm(model, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", out)
+        _layer(model, f"encoder/layer_{i}", f"{enc}.layers.{i}", out, cross=False)
     out[f"{dec}.embed_tokens.weight"] = model.float_weight("decoder/embeddings/weight")
     out[f"{dec}.embed_positions.weight"] = model.float_weight("decoder/position_encodings/encodings")
     _norm(model, "decoder/layer_norm", f"{dec}.layer_norm", out)
     for i in range(_count_layers(model, "decoder")):
-        src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        _split_fused(model, f"{src}/self_attention/linear_0", f"{dst}.self_attn",
-                     ("q_proj", "k_proj", "v_proj"), out)
-        _linear(model, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj", out)
-        _norm(model, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm", out)
-        _linear(model, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj", out)
-        _split_fused(model, f"{src}/attention/linear_1", f"{dst}.encoder_attn",
-                     ("k_proj", "v_proj"), out)
-        _linear(model, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj", out)
-        _norm(model, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm", out)
-        _linear(model, f"{src}/ffn/linear_0", f"{dst}.fc1", out)
-        _linear(model, f"{src}/ffn/linear_1", f"{dst}.fc2", out)
-        _norm(model, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm", out)
+        _layer(model, f"decoder/layer_{i}", f"{dec}.layers.{i}", out, cross=True)
     projection = model.aliases.get("decoder/projection/weight")
     if projection is None and "decoder/projection/weight" in model.variables:
         proj = model.float_weight("decoder/projection/weight")

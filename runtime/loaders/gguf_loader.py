@@ -18,6 +18,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
 from fornax.runtime.loaders.cache_folders import cache_root as _cache_root
@@ -234,7 +235,8 @@ class _PlainArrayReader(gguf.GGUFReader):
     -> 2.4 s for SmolLM2). The bytes are the same mapped pages either way.
     """
 
-    @property
+    # GGUFReader types `data` as an attribute (np.memmap); this plain view is the point here
+    @property  # type: ignore[override]
     def data(self) -> np.ndarray:
         return self._plain_data
 

@@ -6,8 +6,9 @@ import logging
 import pathlib
 from typing import Any, Protocol
 
-from fornax.runtime.errors import ModelLoadError
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from fornax.runtime.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _byte_level_bpe(
         return "".join(byte_chars[b] for b in token.encode("utf-8"))
 
     vocab = {spell(tok): i for i, tok in enumerate(tokens)}
-    merge_pairs = [tuple(m.split(" ", 1)) for m in merges or []]
+    merge_pairs = [_merge_pair(m) for m in merges or []]
     tokenizer = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -205,7 +206,7 @@ def _sentencepiece_bpe(
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if merges:
-        merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+        merge_pairs = [_merge_pair(m) for m in merges]
     else:
         scores = meta.get("tokenizer.ggml.scores")
         if scores is None or len(scores) != len(tokens):
@@ -232,6 +233,14 @@ def _sentencepiece_bpe(
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer, vocab
+
+
+def _merge_pair(merge: str) -> tuple[str, str]:
+    """A GGUF merge line 'a b' -> ('a', 'b')."""
+    first, sep, second = merge.partition(" ")
+    if not sep:
+        raise ModelLoadError(f"malformed BPE merge {merge!r} in the GGUF tokenizer")
+    return first, second
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:

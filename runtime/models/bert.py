@@ -100,6 +100,31 @@ class _DenseNorm(nn.Module):
         return self.LayerNorm(self.dense(x) + residual)
 
 
+class _Dense(nn.Module):
+    """A checkpoint level holding one `dense` linear (BertIntermediate, BertPooler)."""
+
+    def __init__(self, in_size: int, out_size: int) -> None:
+        super().__init__()
+        self.dense = ColumnParallelLinear(in_size, out_size, bias=True)
+
+
+class _RobertaHead(nn.Module):
+    """RobertaClassificationHead: dense -> tanh -> out_proj."""
+
+    def __init__(self, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.dense = ColumnParallelLinear(hidden, hidden, bias=True)
+        self.out_proj = ColumnParallelLinear(hidden, num_labels, bias=True)
+
+
+class _LayerStack(nn.Module):
+    """The checkpoint's `encoder.layer.<i>` level."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.num_layers))
+
+
 class EncoderAttention(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
@@ -119,9 +144,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         self.attention = EncoderAttention(spec)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size,
-                                                       bias=True)
+        self.intermediate = _Dense(spec.hidden_size, spec.intermediate_size)
         self.output = _DenseNorm(spec.intermediate_size, spec)
         self.act = _ACTIVATIONS[spec.act]
 
@@ -136,8 +159,7 @@ class EncoderModel(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         self.embeddings = EncoderEmbeddings(spec)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(EncoderLayer(spec) for _ in range(spec.num_layers))
+        self.encoder = _LayerStack(spec)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
@@ -159,13 +181,11 @@ class EncoderForPooling(nn.Module):
         self.model = EncoderModel(spec)
         if self.has_classifier:
             h = spec.hidden_size
-            if spec.is_roberta:  # RobertaClassificationHead: dense -> tanh -> out_proj
-                self.classifier = nn.Module()
-                self.classifier.dense = ColumnParallelLinear(h, h, bias=True)
-                self.classifier.out_proj = ColumnParallelLinear(h, spec.num_labels, bias=True)
+            self.classifier: _RobertaHead | ColumnParallelLinear
+            if spec.is_roberta:
+                self.classifier = _RobertaHead(h, spec.num_labels)
             else:  # BertPooler (dense -> tanh) then the classifier
-                self.pooler = nn.Module()
-                self.pooler.dense = ColumnParallelLinear(h, h, bias=True)
+                self.pooler = _Dense(h, h)
                 self.classifier = ColumnParallelLinear(h, spec.num_labels, bias=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -174,7 +194,7 @@ class EncoderForPooling(nn.Module):
 
     def classify(self, first_hidden: torch.Tensor) -> torch.Tensor:
         """[B, hidden] (each sequence's first token) -> [B, num_labels] logits."""
-        if self.spec.is_roberta:
+        if isinstance(self.classifier, _RobertaHead):
             return self.classifier.out_proj(torch.tanh(self.classifier.dense(first_hidden)))
         return self.classifier(torch.tanh(self.pooler.dense(first_hidden)))
 

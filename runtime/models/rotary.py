@@ -13,7 +13,7 @@ from fornax.runtime.errors import ConfigError
 
 def rope_parameters(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """(rope_theta, scaling dict) from either the v4 (`rope_scaling`) or v5 (`rope_parameters`) keys."""
-    params = dict(hf_config.get("rope_parameters") or {})
+    params: dict[str, Any] = dict(hf_config.get("rope_parameters") or {})
     scaling = dict(hf_config.get("rope_scaling") or {})
     theta = hf_config.get("rope_theta", params.get("rope_theta", 10000.0))
     merged = {**params, **scaling}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -232,7 +232,7 @@ class WhisperForConditionalGeneration(nn.Module):
                        stores: list[torch.Tensor]) -> None:
         """Project encoder states once into each decoder layer's store at the given slots."""
         for layer, store in zip(self.decoder.layers, stores):
-            store[rows] = layer.cross_kv(enc).to(store.dtype)
+            store[rows] = cast(DecoderLayer, layer).cross_kv(enc).to(store.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn_metadata: Any,

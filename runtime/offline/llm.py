@@ -78,7 +78,7 @@ class LLM(PoolingMixin):
         """Apply the chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         texts = [self.tokenizer.apply_chat_template(
-            conv, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
+            conv, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools,
             chat_template=chat_template, template_kwargs=chat_template_kwargs)
             for conv in conversations]
@@ -109,6 +109,7 @@ class LLM(PoolingMixin):
             for (k, _), out in zip(live, outs):
                 if out.outputs[0].error is not None:
                     raise RequestFailedError(out.outputs[0].error)
+                assert out.outputs[0].logprobs is not None  # requested: one step's logprobs
                 entry = out.outputs[0].logprobs[0]
                 per_state.setdefault(k, []).append([(t, lp.logprob) for t, lp in entry.items()])
             for k, candidates in per_state.items():

@@ -105,7 +105,7 @@ def _penalty_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
             out_amt.append((p.frequency_penalty * counts + p.presence_penalty).astype(np.float32))
 
     def cat(parts: list[np.ndarray], dtype: type) -> torch.Tensor:
-        arr = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+        arr: np.ndarray = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
         return torch.from_numpy(arr).to(device)
 
     return PenaltyInputs(cat(seen_r, np.int64), cat(seen_c, np.int64),

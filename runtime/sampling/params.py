@@ -298,10 +298,10 @@ class SamplingParams:
             if not isinstance(words, list) or len(words) > 2 * MAX_BAD_WORDS:
                 raise RequestError("bad_words_token_ids must be a list of token-id lists",
                                    "bad_words")
-            for word in words:
-                if isinstance(word, list) and not word:
+            for ids in words:
+                if isinstance(ids, list) and not ids:
                     raise RequestError("a bad word tokenizes to nothing", "bad_words")
-                _token_ids("bad_words", word, vocab_size, MAX_BAD_WORD_CHARS)
+                _token_ids("bad_words", ids, vocab_size, MAX_BAD_WORD_CHARS)
 
     def clone(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (not re-validated: the edge validated the original)."""

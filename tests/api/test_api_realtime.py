@@ -132,7 +132,10 @@ def _tone(seconds: float, level: float, rate: int = 16000) -> np.ndarray:
 
 def test_vad_finds_speech_with_padding_and_ends_it_after_the_silence():
     rng = np.random.default_rng(0)
-    noise = lambda s: (rng.normal(0, 0.002, int(s * 16000))).astype(np.float32)
+
+    def noise(seconds: float) -> np.ndarray:
+        return rng.normal(0, 0.002, int(seconds * 16000)).astype(np.float32)
+
     audio = np.concatenate([noise(1.0), _tone(1.0, 0.3), noise(0.3), _tone(0.5, 0.3),
                             noise(1.0), _tone(0.4, 0.3), noise(0.2)])
     vad = EnergyVad(VadConfig(silence_duration_ms=500, prefix_padding_ms=300))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fornax.runtime.engine.contract import RunnerType
 from fornax.runtime.sampling.params import SamplingParams
 
 
@@ -88,7 +89,7 @@ class EngineHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     device: str = ""
     max_logprobs: int = 0
     eos_token_ids: list[int] = []
-    runner: str = "generate"  # or "pooling"
+    runner: RunnerType = "generate"  # the routes the API serves (core.runner_type)
     pooling: PoolingModelInfo | None = None  # what a pooling model serves, and how it pools
     max_num_queued_reqs: int = 0  # admission bound in force (in-flight requests)
     max_num_queued_tokens: int = 0  # admission bound on waiting prompt tokens (0: none)

@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PoolingRequest:
+    """One scheduled sequence: its tokens, segment ids and what to return (the runner's input
+    as it is)."""
+
     request_id: str
     token_ids: list[int]
     token_type_ids: list[int] | None
@@ -201,31 +204,28 @@ class PoolingEngineCore(SchedulingCoreMixin):
     def _step(self) -> list[EngineCoreOutput]:
         """Pool one batch of waiting requests; each finishes in this step (under
         SchedulingCoreMixin.step's fault isolation)."""
-        from fornax.runtime.pooling.runner import PoolingItem
-
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self._step_requests = batch
         self.check_step_faults(r.request_id for r in batch)
-        ready, items = [], []
+        ready: list[PoolingRequest] = []
         for r in batch:
             try:
                 if fault_injection.INJECTOR is not None:
                     fault_injection.INJECTOR.check("prepare", r.request_id)
-                items.append(PoolingItem(r.request_id, r.token_ids, r.token_type_ids, r.params))
                 ready.append(r)
             except Exception as exc:  # noqa: BLE001 - that request's failure, not the step's
                 self.scheduler.fail_request(r, "prepare", exc)
-        if not items:
+        if not ready:
             return []
-        self.scheduler.num_running = len(items)
+        self.scheduler.num_running = len(ready)
         try:
-            pooled = self.runner.execute(items)
+            pooled = self.runner.execute(ready)
         finally:
             self.scheduler.num_running = 0
         self.num_steps += 1
-        self.num_pooled += len(items)
+        self.num_pooled += len(ready)
         outputs: list[EngineCoreOutput] = []
         for r, out in zip(ready, pooled):
             self.guarded_output(outputs, r, self._pooled_output, out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,23 +17,14 @@ from fornax.runtime.config import EngineConfig
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.model_files import ModelFiles
 from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
-from fornax.runtime.engine.messages import PoolingModelInfo, PoolingOutput, PoolingParams
+from fornax.runtime.engine.messages import PoolingModelInfo, PoolingOutput
 from fornax.runtime.models.registry import POOLING_MODELS, model_class
 from fornax.runtime.pooling.attention import build_varlen_metadata
+from fornax.runtime.pooling.core import PoolingRequest
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class PoolingItem:
-    """One scheduled sequence: its tokens, segment ids and what to return."""
-
-    request_id: str
-    token_ids: list[int]
-    token_type_ids: list[int] | None
-    params: PoolingParams
 
 
 def _resolve_dtype(requested: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -80,7 +70,7 @@ class PoolingModelRunner:
                     time.perf_counter() - start)
 
     # ---- one step ------------------------------------------------------------------------------
-    def execute(self, items: list[PoolingItem]) -> list[PoolingOutput]:
+    def execute(self, items: list[PoolingRequest]) -> list[PoolingOutput]:
         """One output per item, in the items' order."""
         order = sorted(range(len(items)), key=lambda i: len(items[i].token_ids))
         outs = self._execute_sorted([items[i] for i in order])
@@ -90,7 +80,7 @@ class PoolingModelRunner:
         return result
 
     @torch.inference_mode()
-    def _execute_sorted(self, items: list[PoolingItem]) -> list[PoolingOutput]:
+    def _execute_sorted(self, items: list[PoolingRequest]) -> list[PoolingOutput]:
         """Items sorted by length: equal-length runs attend as one [n, L] batch without padding."""
         seq_lens = np.fromiter((len(it.token_ids) for it in items), dtype=np.int64,
                                count=len(items))
@@ -132,7 +122,7 @@ class PoolingModelRunner:
         lens = torch.from_numpy(seq_lens).to(dev, hidden.dtype)[:, None]
         return sums / (lens.sqrt() if kind == "MEAN_SQRT_LEN" else lens)
 
-    def _embed(self, items: list[PoolingItem], pooled: torch.Tensor) -> list[PoolingOutput]:
+    def _embed(self, items: list[PoolingRequest], pooled: torch.Tensor) -> list[PoolingOutput]:
         default_norm = self.info.normalize
         norms = [default_norm if it.params.normalize is None else it.params.normalize
                  for it in items]
@@ -152,7 +142,7 @@ class PoolingModelRunner:
             outs.append(PoolingOutput(arr.tobytes(), [arr.shape[0]]))
         return outs
 
-    def _classify(self, items: list[PoolingItem], logits: torch.Tensor) -> list[PoolingOutput]:
+    def _classify(self, items: list[PoolingRequest], logits: torch.Tensor) -> list[PoolingOutput]:
         """[B, num_labels] logits -> probabilities (sigmoid for one label, else softmax)."""
         if logits.shape[1] == 1:
             probs = torch.sigmoid(logits)

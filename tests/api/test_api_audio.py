@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from helpers.api_server import shared_server, sse_events
+from helpers.api_server import serving, sse_events
 from fornax.audio.decode import decode_audio
 from helpers.whisper_fixtures import AUDIO_DIR, manifest, normalize_words, packaged_whisper, word_error_rate
 
@@ -22,9 +22,10 @@ LIMIT_MB = 0.25
 
 @pytest.fixture(scope="module")
 def server():
-    packaged_whisper("whisper-tiny.en")  # skips when the package is not installed
-    return shared_server("whisper-tiny", "whisper-tiny.en", "--max-audio-filesize-mb",
-                         str(LIMIT_MB), "--max-num-seqs", "8")
+    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
+    with serving("whisper-tiny.en", "--max-audio-filesize-mb", str(LIMIT_MB),
+                 "--max-num-seqs", "8") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +185,15 @@ def test_bad_uploads_are_4xx_and_the_server_keeps_serving(server, client):
     assert word_error_rate([SHORT["en_06.flac"]], [ok.text]) <= 0.2
 
 
-def test_german_over_http_with_the_multilingual_model():
-    packaged_whisper("whisper-base")
-    server = shared_server("whisper-base", "whisper-base")
+@pytest.fixture(scope="module")
+def base_server():
+    packaged_whisper("whisper-base")  # `make install` installs it: fails when missing
+    with serving("whisper-base") as server:
+        yield server
+
+
+def test_german_over_http_with_the_multilingual_model(base_server):
+    server = base_server
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
     (name, _), = manifest()["german"].items()
     english = client.audio.translations.create(model="whisper-base", file=_file(name),

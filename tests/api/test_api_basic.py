@@ -9,12 +9,12 @@ import sys
 import httpx
 import openai
 import pytest
-from helpers.api_server import API_KEYS, auth, main_server, tiny_model_path
+from helpers.api_server import API_KEYS, auth, tiny_model_path
 
 
 @pytest.fixture(scope="module")
-def server():
-    return main_server()
+def server(main_server):
+    return main_server
 
 
 @pytest.fixture(scope="module")

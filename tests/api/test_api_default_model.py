@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import openai
 import pytest
-from helpers.api_server import shared_server
+from helpers.api_server import serving
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def client():
-    server = shared_server("default-model", None, "--max-model-len", "2048", timeout_s=300)
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+    with serving(None, "--max-model-len", "2048", timeout_s=300) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=120)
 
 
 def test_serves_the_packaged_model_under_its_name(client):

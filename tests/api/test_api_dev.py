@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from helpers.api_server import SURFACES_KV_MIB as KV_MIB
-from helpers.api_server import auth, main_server, surfaces_server
+from helpers.api_server import auth
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 16,
         "temperature": 0}
@@ -24,8 +24,8 @@ def _rss_mib(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server():
-    return surfaces_server()
+def server(surfaces_server):
+    return surfaces_server
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,8 @@ def _answer(http: httpx.Client) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_dev_routes_are_404_without_the_flag():
-    server = main_server()
-    with httpx.Client(base_url=server.url, headers=auth(), timeout=30) as c:
+def test_dev_routes_are_404_without_the_flag(main_server):
+    with httpx.Client(base_url=main_server.url, headers=auth(), timeout=30) as c:
         for method, path in (("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping"),
                              ("POST", "/reset_prefix_cache"), ("GET", "/sleep")):
             r = c.request(method, path)

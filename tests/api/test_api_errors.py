@@ -5,14 +5,14 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers.api_server import API_KEYS, auth, main_server, raw_request
+from helpers.api_server import API_KEYS, auth, raw_request
 
 from fornax.api.server.app import ROUTES
 
 
 @pytest.fixture(scope="module")
-def server():
-    return main_server()
+def server(main_server):
+    return main_server
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 from helpers.api_server import (
-    API_KEYS,
     REPO_ROOT,
     ServerProcess,
     auth,
-    main_server,
+    open_stream,
+    post_concurrently,
+    read_to_done,
     sse_events,
     tiny_model_path,
 )
@@ -39,30 +39,12 @@ def _aborts(text: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _open_stream(port: int, body: dict, key: str | None = API_KEYS[0]) -> socket.socket:
-    """A raw HTTP/1.1 streaming request; returns once the first SSE event has arrived."""
-    payload = json.dumps(body).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n")
-    if key:
-        head += f"Authorization: Bearer {key}\r\n"
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(head.encode() + b"\r\n" + payload)
-    got = b""
-    while b"data: " not in got:
-        data = sock.recv(4096)
-        assert data, got
-        got += data
-    assert got.startswith(b"HTTP/1.1 200"), got[:200]
-    return sock
-
-
-def test_disconnected_streams_are_aborted_and_free_their_kv_blocks():
-    server = main_server()
+def test_disconnected_streams_are_aborted_and_free_their_kv_blocks(main_server):
+    server = main_server
     http = httpx.Client(base_url=server.url, headers=auth(), timeout=30)
     aborts_before = _aborts(http.get("/metrics").text)
     body = {**LONG, "model": "tiny", "max_tokens": 490, "stream": True}
-    socks = [_open_stream(server.port, body) for _ in range(50)]
+    socks = [open_stream(server.port, body) for _ in range(50)]
     during = http.get("/metrics").text
     assert _gauge(during, "vllm:num_requests_running") + \
         _gauge(during, "vllm:num_requests_waiting") > 0
@@ -106,16 +88,9 @@ def test_no_template_400_then_engine_death_gives_503_and_nonzero_exit(no_templat
                                                                  "content": "hi"}]})
         assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
         assert http.get("/health").status_code == 200
-        sock = _open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
+        sock = open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
         os.kill(server.engine_pid(), signal.SIGKILL)
-        rest = b""
-        while b"data: [DONE]" not in rest:
-            data = sock.recv(65536)
-            if not data:
-                break
-            rest += data
-        sock.close()
-        text = rest.decode(errors="replace")
+        text = read_to_done(sock).decode(errors="replace")
         text = re.sub(r"\r\n[0-9a-fA-F]+\r\n", "", "\r\n" + text)  # drop chunked framing
         events = sse_events(text)
         assert events[-1] == "[DONE]"
@@ -128,20 +103,6 @@ def test_no_template_400_then_engine_death_gives_503_and_nonzero_exit(no_templat
         assert "engine core died" in server.log()
     finally:
         server.stop()
-
-
-def _post_many(url: str, n: int, body: dict) -> list[httpx.Response]:
-    results: list[httpx.Response] = []
-
-    def one() -> None:
-        results.append(httpx.post(url + "/v1/completions", json=body, timeout=60))
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -176,7 +137,7 @@ def test_server_and_request_chat_templates(options_server):
 
 
 def test_queue_limit_answers_503_with_retry_after(options_server):
-    results = _post_many(options_server.url, 8, {**LONG, "max_tokens": 60})
+    results = [r for _, r in post_concurrently(options_server.url, 8, {**LONG, "max_tokens": 60})]
     codes = sorted(r.status_code for r in results)
     assert 200 in codes and 503 in codes, codes
     for r in results:
@@ -187,16 +148,9 @@ def test_queue_limit_answers_503_with_retry_after(options_server):
 
 def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):
     server = options_server
-    sock = _open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
+    sock = open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
     server.proc.send_signal(signal.SIGTERM)
-    rest = b""
-    while b"data: [DONE]" not in rest:
-        data = sock.recv(65536)
-        if not data:
-            break
-        rest += data
-    sock.close()
-    assert b'"finish_reason":"length"' in rest
+    assert b'"finish_reason":"length"' in read_to_done(sock)
     assert server.proc.wait(timeout=30) == 0
 
 
@@ -204,17 +158,10 @@ def test_sigterm_aborts_what_does_not_finish_within_the_timeout():
     server = ServerProcess(str(tiny_model_path("llama")), "--shutdown-timeout", "0.3",
                            "--max-num-seqs", "2").wait_ready()
     try:
-        sock = _open_stream(server.port, {**LONG, "max_tokens": 2000, "stream": True}, key=None)
+        sock = open_stream(server.port, {**LONG, "max_tokens": 2000, "stream": True}, key=None)
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        rest = b""
-        while b"data: [DONE]" not in rest:
-            data = sock.recv(65536)
-            if not data:
-                break
-            rest += data
-        sock.close()
-        assert b'"finish_reason":"abort"' in rest
+        assert b'"finish_reason":"abort"' in read_to_done(sock)
         assert server.proc.wait(timeout=30) == 0
         assert time.monotonic() - started < 15
     finally:

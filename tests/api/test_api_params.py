@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers.api_server import API_KEYS, auth, main_server
+from helpers.api_server import API_KEYS, auth
 
 MODEL = "tiny"
 PROMPT = "The quick brown fox jumps over"
@@ -13,9 +13,8 @@ EOS, IM_START = 2, 1
 
 
 @pytest.fixture(scope="module")
-def client():
-    server = main_server()
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEYS[0], max_retries=0,
+def client(main_server):
+    return openai.OpenAI(base_url=main_server.url + "/v1", api_key=API_KEYS[0], max_retries=0,
                          timeout=60)
 
 
@@ -69,7 +68,7 @@ def test_penalties_change_the_output(client, stream) -> None:
 
 
 @BOTH
-def test_logit_bias_allowed_ids_bad_words_and_stop_ids(client, stream) -> None:
+def test_logit_bias_allowed_ids_bad_words_and_stop_ids(client, main_server, stream) -> None:
     forced = complete(client, stream, temperature=0, logit_bias={"42": 100},
                       extra={"ignore_eos": True})[1]
     assert forced == [42] * 8
@@ -81,7 +80,7 @@ def test_logit_bias_allowed_ids_bad_words_and_stop_ids(client, stream) -> None:
     cut = complete(client, stream, temperature=0, max_tokens=16,
                    extra={"stop_token_ids": [stop_id]})
     assert cut[1] == free[: free.index(stop_id) + 1] and cut[2] == "stop"
-    first_word = httpx.post(main_server().url + "/detokenize", headers=auth(),
+    first_word = httpx.post(main_server.url + "/detokenize", headers=auth(),
                             json={"model": MODEL, "tokens": free[:1]}).json()["prompt"]
     banned = complete(client, stream, temperature=0, max_tokens=16,
                       extra={"bad_words": [first_word], "ignore_eos": True})[1]

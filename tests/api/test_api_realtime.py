@@ -165,12 +165,12 @@ def test_vad_learns_steady_noise_and_ignores_digital_silence():
 # ---- the server ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
-    from helpers.api_server import shared_server
+    from helpers.api_server import serving
 
-    packaged_whisper("whisper-tiny.en")  # skips when the package is not installed
-    return shared_server("realtime", "whisper-tiny.en", "--api-key", KEY,
-                         "--realtime-max-buffer-seconds", "20", "--realtime-idle-timeout", "3",
-                         "--max-num-seqs", "64")
+    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
+    with serving("whisper-tiny.en", "--api-key", KEY, "--realtime-max-buffer-seconds", "20",
+                 "--realtime-idle-timeout", "3", "--max-num-seqs", "64") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -556,11 +556,11 @@ def test_bench_realtime_writes_a_valid_record(server, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_text_model_answers_with_an_error_event_and_closes():
+def test_a_text_model_answers_with_an_error_event_and_closes(main_server):
     import websockets
-    from helpers.api_server import API_KEYS, main_server
+    from helpers.api_server import API_KEYS
 
-    server = main_server()  # tiny llama, --allowed-origins http://good.example
+    server = main_server  # tiny llama, --allowed-origins http://good.example
 
     async def run():
         async with await _connect(server, key=API_KEYS[0], origin="http://good.example") as ws:

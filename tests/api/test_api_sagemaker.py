@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers.api_server import ServerProcess, auth, main_server, sse_events
+from helpers.api_server import ServerProcess, auth, serving, sse_events
 
 from fornax.api.server.errors import APIError
 from fornax.api.routes.sagemaker import route_for
@@ -20,8 +20,8 @@ DOCS = ["The sea is big.", "Paris is in France.", "Tea is warm."]
 
 
 @pytest.fixture(scope="module")
-def http():
-    with httpx.Client(base_url=main_server().url, headers=auth(), timeout=60) as c:
+def http(main_server):
+    with httpx.Client(base_url=main_server.url, headers=auth(), timeout=60) as c:
         yield c
 
 
@@ -29,9 +29,9 @@ def http():
 def cross():
     """A tiny cross-encoder: it scores, reranks and classifies (embeddings are covered by the
     dispatch-rule test below and by the embeddings route's own tests)."""
-    server = ServerProcess(str(tiny_bert_dir("bert-cross")), "--served-model-name", "tiny-cross")
-    yield server.wait_ready(180)
-    server.stop(timeout_s=10)
+    with serving(str(tiny_bert_dir("bert-cross")), "--served-model-name", "tiny-cross",
+                 timeout_s=180) as server:
+        yield server
 
 
 def _same(a: dict, b: dict) -> None:
@@ -77,7 +77,7 @@ def test_invocations_chat_and_completions_answer_as_their_routes(http):
     _same(completion.json(), http.post("/v1/completions", json=prompt).json())
 
 
-def test_invocations_refusals(http):
+def test_invocations_refusals(http, main_server):
     for body, status in (({"foo": 1}, 400), ([1, 2], 400), ({"input": "x"}, 501)):
         r = http.post("/invocations", json=body)
         assert r.status_code == status, (body, r.text)
@@ -85,7 +85,7 @@ def test_invocations_refusals(http):
     assert bad_json.status_code == 400
     field = http.post("/invocations", json={**CHAT, "max_tokens": "many"})
     assert field.status_code == 400 and field.json()["error"]["param"] == "max_tokens"
-    assert httpx.post(main_server().url + "/invocations", json=CHAT).status_code == 401
+    assert httpx.post(main_server.url + "/invocations", json=CHAT).status_code == 401
 
 
 def test_invocations_on_a_cross_encoder(cross):

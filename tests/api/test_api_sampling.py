@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from helpers.api_server import auth, main_server
+from helpers.api_server import auth
 
 
 @pytest.fixture(scope="module")
-def http():
-    server = main_server()
-    with httpx.Client(base_url=server.url, headers=auth(), timeout=60) as c:
+def http(main_server):
+    with httpx.Client(base_url=main_server.url, headers=auth(), timeout=60) as c:
         yield c
 
 

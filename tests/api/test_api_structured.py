@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-from helpers.api_server import auth, main_server, sse_events
+from helpers.api_server import auth, sse_events
 
 HEADER = "x-fornax-structured-output-backend"
 N = 50
@@ -29,9 +29,8 @@ GRAMMAR = ('root ::= expr\nexpr ::= term (("+" | "*") term){0,3}\n'
 
 
 @pytest.fixture(scope="module")
-def http():
-    server = main_server()
-    with httpx.Client(base_url=server.url, headers=auth(), timeout=120) as client:
+def http(main_server):
+    with httpx.Client(base_url=main_server.url, headers=auth(), timeout=120) as client:
         yield client
 
 

@@ -7,41 +7,14 @@ forced tool call parse and match its tool's schema."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import jsonschema
 import openai
 import pytest
-from helpers.api_server import sse_events, thinker_server, tiny_model_path
+from helpers.api_server import sse_events
+from helpers.thinker import end_think_id
 
-ADDED = ("<think>", "</think>", "<tool_call>", "</tool_call>")
-TEMPLATE = """\
-{%- if tools %}<|im_start|>system
-Tools:
-{% for tool in tools %}{{ tool | tojson }}
-{% endfor %}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "assistant" %}<|im_start|>assistant
-{% if message.reasoning_content %}<think>{{ message.reasoning_content }}</think>
-{% endif %}{{ message.content or "" }}
-{%- for call in message.tool_calls or [] %}<tool_call>
-{{ {"name": call.function.name, "arguments": call.function.arguments} | tojson }}
-</tool_call>{% endfor %}<|im_end|>
-{% elif message.role == "tool" %}<|im_start|>user
-<tool_response>{{ message.content }}</tool_response><|im_end|>
-{% else %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% if enable_thinking is defined and not enable_thinking %}<think>
-
-</think>
-
-{% else %}<think>
-{% endif %}{% endif %}"""
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 10},
     "days": {"type": "integer", "minimum": 1, "maximum": 14},
@@ -55,25 +28,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-def thinker_model(root) -> str:
-    """The tiny llama with four more (non-special) tokens, as Qwen3 has them."""
-    src = tiny_model_path("llama")
-    dst = root / "thinker"
-    shutil.copytree(src, dst)
-    tok = json.loads((dst / "tokenizer.json").read_text())
-    next_id = max([*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]) + 1
-    for i, text in enumerate(ADDED):
-        tok["added_tokens"].append({"id": next_id + i, "content": text, "single_word": False,
-                                    "lstrip": False, "rstrip": False, "normalized": False,
-                                    "special": False})
-    (dst / "tokenizer.json").write_text(json.dumps(tok))
-    (root / "template.jinja").write_text(TEMPLATE)
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
-def server():
-    return thinker_server()  # thinker_model's server, shared with the other reasoning tests
+def server(thinker_server):
+    return thinker_server  # shared with the other surfaces' reasoning tests
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +42,6 @@ def client(server) -> openai.OpenAI:
 def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def end_think_id(http) -> int:
-    ids = http.post("/tokenize", json={"prompt": "</think>", "add_special_tokens": False})
-    assert len(ids.json()["tokens"]) == 1
-    return ids.json()["tokens"][0]
 
 
 def check_calls(calls, allowed=SCHEMAS) -> None:

@@ -129,7 +129,7 @@ def server():
     from helpers.api_server import ServerProcess
     from helpers.whisper_fixtures import packaged_whisper
 
-    packaged_whisper("whisper-tiny.en")  # skips when the package is not installed
+    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
     proc = ServerProcess("whisper-tiny.en", "--max-audio-seconds", "2",
                          "--max-audio-filesize-mb", "2", "--realtime-max-buffer-seconds", "3",
                          "--realtime-max-sessions", "2").wait_ready()

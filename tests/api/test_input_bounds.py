@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from helpers.api_server import auth, main_server
+from helpers.api_server import auth
 
 from fornax.runtime import limits
 from fornax.runtime.errors import RequestError
@@ -20,8 +20,8 @@ VOCAB = 512  # tools/make_tiny_model.py's MODEL_VOCAB
 
 
 @pytest.fixture(scope="module")
-def server():
-    return main_server()
+def server(main_server):
+    return main_server
 
 
 @pytest.fixture(scope="module")

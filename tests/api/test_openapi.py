@@ -9,7 +9,7 @@ import re
 import httpx
 import jsonschema
 import pytest
-from helpers.api_server import API_KEYS, auth, main_server, tiny_model_path
+from helpers.api_server import API_KEYS, auth, tiny_model_path
 from openapi_spec_validator import validate
 
 from fornax.api.server.app import ROUTES
@@ -17,8 +17,8 @@ from fornax.api.server.openapi import OPERATIONS, build_document
 
 
 @pytest.fixture(scope="module")
-def server():
-    return main_server()
+def server(main_server):
+    return main_server
 
 
 @pytest.fixture(scope="module")

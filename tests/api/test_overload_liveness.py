@@ -10,10 +10,11 @@ import re
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
-from helpers.api_server import ServerProcess, tiny_model_path
+from helpers.api_server import ServerProcess, post_concurrently, tiny_model_path
 
 from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
@@ -111,79 +112,80 @@ def test_preempted_request_goes_back_to_the_head_and_abort_frees_it() -> None:
 
 
 # ---- the output thread never drops a message ------------------------------------------------
-def _pull(tmp_path, name: str = "out"):
+@contextmanager
+def _output_thread(tmp_path, stall_s: float):
+    """A started OutputThread sending to worker "w" (a PULL socket holding one message);
+    yields (thread, socket, the workers it reported stalled); stopped and closed afterwards."""
     import zmq
+
+    from fornax.runtime.engine.output_thread import OutputThread
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, 1)
     pull.setsockopt(zmq.LINGER, 0)
-    addr = f"ipc://{tmp_path}/{name}"
+    addr = f"ipc://{tmp_path}/out"
     pull.bind(addr)
-    return ctx, pull, addr
+    stalled: list[str] = []
+    out = OutputThread(ctx, stalled.append, send_hwm=1, stall_s=stall_s)
+    out.start()
+    out.q.put(("connect", "w", addr))
+    try:
+        yield out, pull, stalled
+    finally:
+        out.q.put(None)
+        out.join(5)
+        pull.close()
+        ctx.term()
+
+
+def _send_steps(out, num_steps: int, num_reqs: int = 100, width: int = 500) -> None:
+    """One step at a time, as the busy loop hands them over (~100 KB a step: the socket fills
+    quickly); the last step finishes every request."""
+    from fornax.runtime.engine.messages import EngineCoreOutput
+
+    for step in range(num_steps):
+        final = "length" if step == num_steps - 1 else None
+        out.q.put(("outputs", "w", [EngineCoreOutput(f"r{i}", [step] * width, finish_reason=final)
+                                    for i in range(num_reqs)]))
+        time.sleep(0.01)
 
 
 def test_output_thread_delivers_every_final_to_a_slow_reader(tmp_path) -> None:
     import msgspec
 
-    from fornax.runtime.engine.output_thread import OutputThread
-    from fornax.runtime.engine.messages import EngineCoreOutput, EngineMessage
+    from fornax.runtime.engine.messages import EngineMessage
 
-    ctx, pull, addr = _pull(tmp_path)
-    stalled: list[str] = []
-    out = OutputThread(ctx, stalled.append, send_hwm=1, stall_s=120.0)
-    out.start()
-    out.q.put(("connect", "w", addr))
-    num_reqs, num_steps, width = 100, 40, 500  # ~100 KB a step: the socket fills quickly
-    for step in range(num_steps):
-        final = "length" if step == num_steps - 1 else None
-        out.q.put(("outputs", "w", [EngineCoreOutput(f"r{i}", [step] * width, finish_reason=final)
-                                    for i in range(num_reqs)]))
-        time.sleep(0.01)  # one step at a time, as the busy loop hands them over
-    deadline = time.monotonic() + 30
-    while out.num_blocked_sends == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)  # nobody reads yet: the sends must back up, not be dropped
-    assert out.num_blocked_sends > 0
-    decoder = msgspec.msgpack.Decoder(EngineMessage)
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(num_reqs)}
-    finished: set[str] = set()
-    while len(finished) < num_reqs:
-        assert pull.poll(20_000), f"only {len(finished)} of {num_reqs} requests finished"
-        msg = decoder.decode(pull.recv())
-        for o in msg.outputs:
-            tokens[o.request_id].extend(o.new_token_ids)
-            if o.finish_reason is not None:
-                finished.add(o.request_id)
-        time.sleep(0.01)  # a slow reader
-    expected = [step for step in range(num_steps) for _ in range(width)]
-    assert all(t == expected for t in tokens.values())
-    assert not stalled
-    out.q.put(None)
-    out.join(5)
-    pull.close()
-    ctx.term()
+    with _output_thread(tmp_path, stall_s=120.0) as (out, pull, stalled):
+        num_reqs, num_steps, width = 100, 40, 500
+        _send_steps(out, num_steps, num_reqs, width)
+        deadline = time.monotonic() + 30
+        while out.num_blocked_sends == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # nobody reads yet: the sends must back up, not be dropped
+        assert out.num_blocked_sends > 0
+        decoder = msgspec.msgpack.Decoder(EngineMessage)
+        tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(num_reqs)}
+        finished: set[str] = set()
+        while len(finished) < num_reqs:
+            assert pull.poll(20_000), f"only {len(finished)} of {num_reqs} requests finished"
+            msg = decoder.decode(pull.recv())
+            for o in msg.outputs:
+                tokens[o.request_id].extend(o.new_token_ids)
+                if o.finish_reason is not None:
+                    finished.add(o.request_id)
+            time.sleep(0.01)  # a slow reader
+        expected = [step for step in range(num_steps) for _ in range(width)]
+        assert all(t == expected for t in tokens.values())
+        assert not stalled
 
 
 def test_output_thread_reports_a_worker_that_stopped_reading(tmp_path) -> None:
-    from fornax.runtime.engine.output_thread import OutputThread
-    from fornax.runtime.engine.messages import EngineCoreOutput
-
-    ctx, pull, addr = _pull(tmp_path)
-    stalled: list[str] = []
-    out = OutputThread(ctx, stalled.append, send_hwm=1, stall_s=0.3)
-    out.start()
-    out.q.put(("connect", "w", addr))
-    for step in range(40):
-        out.q.put(("outputs", "w", [EngineCoreOutput(f"r{i}", [step] * 500) for i in range(100)]))
-        time.sleep(0.01)
-    deadline = time.monotonic() + 30
-    while not stalled and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stalled and stalled[0] == "w"
-    out.q.put(None)
-    out.join(5)
-    pull.close()
-    ctx.term()
+    with _output_thread(tmp_path, stall_s=0.3) as (out, _pull, stalled):
+        _send_steps(out, 40)
+        deadline = time.monotonic() + 30
+        while not stalled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stalled and stalled[0] == "w"
 
 
 def test_a_stalled_worker_has_its_requests_aborted_with_503() -> None:
@@ -212,23 +214,6 @@ LONG = {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0}
 STALL_S = 4.0
 
 
-def _post_timed(url: str, n: int, body: dict) -> list[tuple[float, httpx.Response]]:
-    """n concurrent completions; (seconds until its answer, answer) for each."""
-    results: list[tuple[float, httpx.Response]] = []
-    start = time.monotonic()
-
-    def one() -> None:
-        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
-        results.append((time.monotonic() - start, r))
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def _wait_health(url: str, status: int, timeout_s: float = 30.0) -> httpx.Response:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -253,7 +238,7 @@ def burst_server():
 
 def test_overload_burst_admits_the_bound_and_refuses_the_rest_at_once(burst_server):
     url = burst_server.url
-    results = _post_timed(url, 10, {**LONG, "max_tokens": 400})
+    results = post_concurrently(url, 10, {**LONG, "max_tokens": 400})
     done = [(t, r) for t, r in results if r.status_code == 200]
     refused = [(t, r) for t, r in results if r.status_code == 503]
     assert len(done) + len(refused) == 10, [r.status_code for _, r in results]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +44,18 @@ class ServerProcess:
     def __init__(self, model: str | None, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix="fornax-serve-", suffix=".log")[1])
         cmd = [sys.executable, "-m", "fornax.api.cli", "serve"]
         if model is not None:
             cmd.append(model)
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *args]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._cmd = [*cmd, "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self._env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._start()
+
+    def _start(self) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="fornax-serve-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=str(REPO_ROOT))
+        self.proc = subprocess.Popen(self._cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self._env, cwd=str(REPO_ROOT))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -69,6 +73,13 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"fornax serve did not become healthy:\n{self.log()}")
+
+    def restart(self, timeout_s: float = 120.0) -> ServerProcess:
+        """Stop the process and start the same command again on the same port (clients made
+        for this server keep working once it is ready)."""
+        self.stop()
+        self._start()
+        return self.wait_ready(timeout_s)
 
     def engine_pid(self) -> int:
         """The engine-core child process (found by its command line)."""
@@ -93,72 +104,29 @@ class ServerProcess:
         return self.proc.returncode
 
 
-_shared: dict[str, ServerProcess] = {}
+@contextmanager
+def serving(model: str | None, *args: str, timeout_s: float = 120.0,
+            env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A ready server for the body of a `with` (a fixture's yield); stopped afterwards."""
+    server = ServerProcess(model, *args, env=env)
+    try:
+        yield server.wait_ready(timeout_s)
+    finally:
+        server.stop()
 
 
-def shared_server(key: str, model: str | None, *args: str, timeout_s: float = 120.0
-                  ) -> ServerProcess:
-    """One server per key for the whole test session (test modules share it); stopped at exit."""
-    server = _shared.get(key)
-    if server is None or server.proc.poll() is not None:
-        server = ServerProcess(model, *args).wait_ready(timeout_s)
-        _shared[key] = server
-    return server
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in _shared.values():
-        server.stop(timeout_s=10)
-
-
-def main_server() -> ServerProcess:
-    """The tiny-llama server most API tests use: keys, aliases, 2 workers, CORS, small limits."""
-    return shared_server(
-        "main", str(tiny_model_path("llama")), "--api-key", *API_KEYS,
-        "--served-model-name", "tiny", "tiny-alias", "--max-model-len", "512",
-        "--api-server-count", "2", "--allowed-origins", "http://good.example",
-        "--max-request-body-bytes", "1MiB", "--seed", "0")
-
-
+# The servers shared by several test modules (session fixtures in tests/api/conftest.py).
+# main: tiny llama with keys, aliases, 2 workers, CORS, small limits.
+MAIN_ARGS = ("--api-key", *API_KEYS, "--served-model-name", "tiny", "tiny-alias",
+             "--max-model-len", "512", "--api-server-count", "2",
+             "--allowed-origins", "http://good.example", "--max-request-body-bytes", "1MiB",
+             "--seed", "0")
+# surfaces (dev endpoints and Responses): no key, dev endpoints on, a 64 MiB KV cache (so
+# sleeping frees a visible amount), 2 workers sharing a SQLite responses store (appended).
 SURFACES_KV_MIB = 64
-SURFACES_DB = Path(tempfile.gettempdir()) / f"fornax-test-responses-{os.getpid()}.db"
-
-
-def surfaces_server() -> ServerProcess:
-    """The tiny-llama server of the dev-endpoint and Responses tests: no API key, dev endpoints
-    on, a 64 MiB KV cache (so sleeping frees a visible amount), and a SQLite responses store that
-    its 2 workers share and that a restarted server (same call after stop()) finds again."""
-    return shared_server(
-        "surfaces", str(tiny_model_path("llama")), "--served-model-name", "tiny",
-        "--max-model-len", "512", "--api-server-count", "2", "--enable-dev-endpoints",
-        "--kv-cache-memory", f"{SURFACES_KV_MIB}MiB", "--responses-store", f"sqlite:{SURFACES_DB}")
-
-
-@atexit.register
-def _remove_surfaces_db() -> None:
-    server = _shared.get("surfaces")
-    if server is not None:
-        server.stop(timeout_s=10)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{SURFACES_DB}{suffix}").unlink(missing_ok=True)
-
-
-def thinker_server() -> ServerProcess:
-    """test_api_tools' thinking model (the tiny llama with Qwen3's <think> and <tool_call> tokens
-    and a template that thinks and takes tools) with the hermes tool parser and the qwen3
-    reasoning parser; shared by the tool-calling and reasoning tests of every surface."""
-    server = _shared.get("thinker")
-    if server is not None and server.proc.poll() is None:
-        return server
-    from test_api_tools import thinker_model
-
-    root = Path(tempfile.mkdtemp(prefix="fornax-thinker-"))
-    atexit.register(shutil.rmtree, root, True)
-    return shared_server("thinker", thinker_model(root), "--max-model-len", "1024", "--seed", "0",
-                         "--chat-template", str(root / "template.jinja"),
-                         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                         "--reasoning-parser", "qwen3", "--served-model-name", "thinker")
+SURFACES_ARGS = ("--served-model-name", "tiny", "--max-model-len", "512",
+                 "--api-server-count", "2", "--enable-dev-endpoints",
+                 "--kv-cache-memory", f"{SURFACES_KV_MIB}MiB")
 
 
 def auth(key: str = API_KEYS[0]) -> dict[str, str]:
@@ -175,6 +143,54 @@ def sse_events(text: str) -> list[Any]:
         data = block[len("data: "):]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def open_stream(port: int, body: dict, key: str | None = API_KEYS[0]) -> socket.socket:
+    """A raw HTTP/1.1 streaming completion; returns once the first SSE event has arrived."""
+    payload = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n")
+    if key:
+        head += f"Authorization: Bearer {key}\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head.encode() + b"\r\n" + payload)
+    got = b""
+    while b"data: " not in got:
+        data = sock.recv(4096)
+        assert data, got
+        got += data
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    return sock
+
+
+def read_to_done(sock: socket.socket) -> bytes:
+    """The rest of an open stream, up to its `data: [DONE]` or until the server closes; closed."""
+    rest = b""
+    while b"data: [DONE]" not in rest:
+        data = sock.recv(65536)
+        if not data:
+            break
+        rest += data
+    sock.close()
+    return rest
+
+
+def post_concurrently(url: str, n: int, body: dict, path: str = "/v1/completions"
+                      ) -> list[tuple[float, httpx.Response]]:
+    """n concurrent POSTs of the same body: (seconds until its answer, answer) for each."""
+    results: list[tuple[float, httpx.Response]] = []
+    start = time.monotonic()
+
+    def one() -> None:
+        r = httpx.post(url + path, json=body, timeout=120)
+        results.append((time.monotonic() - start, r))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def raw_request(port: int, request: bytes, timeout_s: float = 10.0) -> bytes:

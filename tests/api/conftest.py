@@ -1,0 +1,36 @@
+"""The API tests' shared servers: session fixtures, each started on first use by a test that asks
+for it, shared by every module after that, and stopped by pytest at the end of the session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from helpers.api_server import MAIN_ARGS, SURFACES_ARGS, ServerProcess, serving, tiny_model_path
+from helpers.thinker import thinker_args, thinker_model
+
+
+@pytest.fixture(scope="session")
+def main_server() -> Iterator[ServerProcess]:
+    """The tiny-llama server most API tests use: keys, aliases, 2 workers, CORS, small limits."""
+    with serving(str(tiny_model_path("llama")), *MAIN_ARGS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def surfaces_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The dev-endpoint and Responses tests' tiny llama: no API key, dev endpoints on, a 64 MiB
+    KV cache and a SQLite responses store that its 2 workers share and that a restart() finds."""
+    db = tmp_path_factory.mktemp("responses") / "store.db"
+    with serving(str(tiny_model_path("llama")), *SURFACES_ARGS,
+                 "--responses-store", f"sqlite:{db}") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def thinker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """helpers.thinker's model with the hermes tool parser and the qwen3 reasoning parser; shared
+    by the tool-calling and reasoning tests of every surface (chat, Anthropic, Responses)."""
+    root = tmp_path_factory.mktemp("thinker")
+    with serving(thinker_model(root), *thinker_args(root)) as server:
+        yield server

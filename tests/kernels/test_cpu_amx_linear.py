@@ -11,10 +11,16 @@ from fornax.runtime.kernels.amx_linear import (
     amx_supported,
     pack_for_amx,
 )
-from fornax.runtime.kernels.packing import pack_weight, packed_linear, packing_supported
+from fornax.runtime.kernels.packing import pack_weight, packed_linear
+from helpers.native import cpu_lacks
 from fornax.runtime.sampling.params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not amx_supported(), reason="no AMX-BF16 on this CPU")
+# the CPU's flags and the compiler decide the skip; where both exist the kernel must work
+pytestmark = cpu_lacks("amx_bf16", "amx_tile")
+
+
+def test_amx_is_used_where_the_cpu_has_it():
+    assert amx_supported()
 
 
 def _reference(x, weight, bias):
@@ -58,8 +64,6 @@ def test_shapes_the_kernel_cannot_take_fall_back_to_onednn():
     assert torch.equal(packed_linear(x, packed, None), F.linear(x, weight))
 
 
-@pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.bfloat16),
-                    reason="no oneDNN bf16 packing")
 def test_auto_uses_amx_for_decode_batches_and_onednn_above(monkeypatch):
     weight = torch.randn(64, 64).to(torch.bfloat16)
     packed = pack_weight(weight, "auto")

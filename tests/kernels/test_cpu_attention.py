@@ -11,7 +11,13 @@ from fornax.runtime.attention.cpu_paged import CpuPagedBackend
 from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend
 
-pytestmark = pytest.mark.skipif(load_paged_decode() is None, reason="no C compiler")
+from helpers.native import cpu_lacks, no_compiler, require_kernel
+
+pytestmark = no_compiler
+
+
+def test_the_decode_kernel_builds_where_a_compiler_exists():
+    require_kernel(load_paged_decode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,11 +92,11 @@ def test_auto_picks_cpu_paged_and_falls_back(monkeypatch):
     (16, 1, 128, 32),  # multi-query, head_dim 128, bigger blocks
     (4, 4, 96, 16),    # multi-head, head_dim 96 (a 64 + 32 split of the value product)
 ])
+@cpu_lacks("avx512_bf16")
 def test_prefill_kernel_matches_torch_ref_on_long_and_chunked_prompts(heads, kv_heads, head_dim,
                                                                       block_size):
     """Prompts spanning several query tiles, fresh and continuing cached context, with decodes."""
-    if load_paged_prefill() is None:
-        pytest.skip("this CPU has no AVX512-BF16")
+    require_kernel(load_paged_prefill)
     torch.manual_seed(1)
     q_lens, ctx_lens = [150, 1, 65, 2, 64, 1], [0, 90, 203, 31, 0, 7]
     common, num_blocks = paged_step(q_lens, ctx_lens, block_size, seed=7)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.native import no_compiler, require_kernel
+
 from fornax.runtime.kernels.build import load_fused_ops
 from fornax.runtime.kernels.fused_ops import FusedCpuOps
 from fornax.runtime.models.layers import RMSNorm, SiluAndMul
 from fornax.runtime.sampling.params import SamplingParams
 
-pytestmark = pytest.mark.skipif(load_fused_ops() is None, reason="no C compiler")
+pytestmark = no_compiler  # where a compiler exists, a kernel that does not build fails
 
 
 @pytest.fixture(scope="module")
 def ops() -> FusedCpuOps:
-    return FusedCpuOps(load_fused_ops())
+    return FusedCpuOps(require_kernel(load_fused_ops))
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 576), (33, 64), (3000, 576), (5, 100)])

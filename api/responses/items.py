@@ -10,6 +10,7 @@ from fornax.api.server.errors import APIError
 from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesRequest
 from fornax.api.protocol.openai import UsageInfo
 from fornax.api.routes.chat_blocks import Block
+from fornax.api.tools.messages import function_tools
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 _EFFORTS = ("minimal", "low", "medium", "high")
@@ -113,17 +114,11 @@ def input_items(value: str | list[dict[str, Any]] | None) -> list[dict[str, Any]
 
 
 def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    if not tools:
-        return None
-    out = []
-    for k, tool in enumerate(tools):
-        if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
-            raise APIError(400, f"tools[{k}]: only function tools are supported, got "
-                           f"{tool.get('type')!r}", f"tools[{k}]")
-        fn = {key: tool[key] for key in ("name", "description", "parameters", "strict")
-              if tool.get(key) is not None}
-        out.append({"type": "function", "function": fn})
-    return out
+    return function_tools(
+        tools, lambda t: t.get("type") == "function" and isinstance(t.get("name"), str),
+        "only function tools are supported, got",
+        lambda t: {key: t[key] for key in ("name", "description", "parameters", "strict")
+                   if t.get(key) is not None})
 
 
 def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:

@@ -32,6 +32,7 @@ from fornax.api.protocol.anthropic import (
 from fornax.api.protocol.openai import ChatCompletionChunk, UsageInfo
 from fornax.api.routes.chat_blocks import Block, ChatDeltaReader, blocks_of_message
 from fornax.api.routes.subrequest import call_json, subrequest
+from fornax.api.tools.messages import function_tools
 
 logger = logging.getLogger(__name__)
 
@@ -123,20 +124,17 @@ def _convert_message(i: int, msg: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+    if tool.get("description"):
+        fn["description"] = tool["description"]
+    return fn
+
+
 def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    if not tools:
-        return None
-    out = []
-    for k, tool in enumerate(tools):
-        if tool.get("type") not in (None, "custom") or "name" not in tool:
-            raise APIError(400, f"tools[{k}]: only client tools (name, description, "
-                           f"input_schema) are supported, got type {tool.get('type')!r}",
-                           f"tools[{k}]")
-        fn = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
-        if tool.get("description"):
-            fn["description"] = tool["description"]
-        out.append({"type": "function", "function": fn})
-    return out
+    return function_tools(
+        tools, lambda t: t.get("type") in (None, "custom") and "name" in t,
+        "only client tools (name, description, input_schema) are supported, got type", _function)
 
 
 def _tool_choice(choice: dict[str, Any] | None) -> tuple[Any, bool | None]:

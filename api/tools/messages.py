@@ -1,9 +1,10 @@
 """Chat history as templates expect it: assistant tool calls with their arguments as objects,
-and reasoning under both names (API workers)."""
+and reasoning under both names; other APIs' tool lists as chat tools (API workers)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fornax.api.server.errors import APIError
@@ -52,3 +53,18 @@ def _parsed_calls(calls: Any, i: int) -> list[Any]:
             call = {**call, "function": {**fn, "arguments": value}}
         parsed.append(call)
     return parsed
+
+
+def function_tools(tools: list[dict[str, Any]] | None, accepts: Callable[[dict[str, Any]], bool],
+                   refusal: str, function: Callable[[dict[str, Any]], dict[str, Any]]
+                   ) -> list[dict[str, Any]] | None:
+    """Another API's tool list (Anthropic, Responses) as chat tools: each accepted tool's
+    `function`; any other is a 400 naming tools[k] (`refusal`, then the tool's type)."""
+    if not tools:
+        return None
+    out = []
+    for k, tool in enumerate(tools):
+        if not accepts(tool):
+            raise APIError(400, f"tools[{k}]: {refusal} {tool.get('type')!r}", f"tools[{k}]")
+        out.append({"type": "function", "function": function(tool)})
+    return out

@@ -27,8 +27,9 @@ def test_the_decode_kernel_builds_where_a_compiler_exists():
     (16, 1, 128, 32),  # multi-query, bigger blocks
     (4, 2, 80, 16),    # head_dim 80
     (6, 2, 128, 16),   # head_dim 128, a group of 3 over register tiles of 2 query heads
-    (12, 2, 64, 8),    # blocks of 8: the head_dim-64 tiles need 16, the generic bf16 path runs
-    (8, 8, 96, 16),    # head_dim 96: generic bf16 path
+    (12, 2, 64, 8),    # blocks of 8: score chunks stop at each block's end
+    (8, 8, 96, 16),    # head_dim 96: three 32-wide chunks, two query heads per value sweep
+    (8, 2, 256, 5),    # head_dim 256 and an odd block size: value pairs span two blocks
 ])
 def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, block_size):
     torch.manual_seed(0)

@@ -3,9 +3,10 @@
  *
  * Work is split over sequences (or (sequence, kv head) pairs when sequences are few) with OpenMP;
  * every query head of a group shares one pass over its kv head's keys and values, so
- * grouped-query attention reads the cache once. Three paths: bf16 with head_dim 64 or 128
- * (register-tiled, AVX512-BF16), other bf16 head dims that are multiples of 32 (AVX512-BF16), and
- * portable C that widens each block to float32 and lets the compiler vectorize.
+ * grouped-query attention reads the cache once. Two paths: bf16 with a head_dim that is a
+ * multiple of 32 (register-tiled, AVX512-BF16, compiled per head_dim), and portable C that widens
+ * each block to float32 and lets the compiler vectorize (float32, other head dims, CPUs without
+ * AVX512-BF16).
  * Built by runtime/kernels/build.py.
  */
 #include <math.h>
@@ -89,16 +90,17 @@ static inline const uint16_t *cache_row(const uint16_t *cache, const int32_t *bl
            (int64_t)(pos % block_size) * row_stride + (int64_t)h * D;
 }
 
-/* One kv head of one sequence with head_dim = 32 * C32 (inlined per C32 so every accumulator
- * stays in a register): scores 16 positions at a time (a dot-product chain per key, then one
- * transpose-and-add), then the values two positions per vector so the bf16 dot-product
- * instruction applies the softmax weights, for up to 16 / (2 * C32) query heads per sweep.
- * Needs block_size % 16 == 0 (chunks never straddle a block). */
+/* Kv heads [h_lo, h_hi) of one sequence with head_dim = 32 * C32 (inlined per C32 so every
+ * accumulator stays in a register): scores 16 positions at a time (a dot-product chain per key,
+ * then one transpose-and-add), then the values two positions per vector so the bf16 dot-product
+ * instruction applies the softmax weights (rounded to bf16, as GPU kernels do), for up to
+ * 16 / (2 * C32) query heads per sweep. Any block size: a score chunk stops at a block's end and
+ * a value pair may span two blocks. */
 static inline __attribute__((always_inline)) void attend_head_bf16(
     const uint16_t *q0, const uint16_t *cache, const int32_t *blocks, int seq_len, uint16_t *out0,
     int G, int num_kv_heads, int block_size, int h_lo, int h_hi, float scale,
     float *restrict scores, uint16_t *restrict probs, const int C32) {
-    enum { C16_MAX = 8 };
+    enum { C16_MAX = MAX_HEAD_DIM / 16 };
     const int C16 = 2 * C32, D = 32 * C32, GS = 16 / C16;
     const int64_t row_stride = (int64_t)num_kv_heads * D;
     const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
@@ -106,8 +108,10 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     const int nq = (h_hi - h_lo) * G;
     float maxs[MAX_HEADS];
     for (int j = 0; j < nq; j++) maxs[j] = -3.0e38f;
-    for (int p0 = 0; p0 < seq_len; p0 += 16) {
-      const int m = seq_len - p0 < 16 ? seq_len - p0 : 16;
+    for (int p0 = 0, m; p0 < seq_len; p0 += m) {
+      const int room = block_size - p0 % block_size;
+      m = seq_len - p0 < room ? seq_len - p0 : room;
+      m = m < 16 ? m : 16;
       const __mmask16 live = tail_mask16(m);
       for (int h = h_lo; h < h_hi; h++) { /* all heads of a chunk: each row is read once, whole */
         const uint16_t *k0 = cache_row(cache, blocks, p0, 0, h, D, block_size, row_stride);
@@ -122,14 +126,14 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
             const int j = (h - h_lo) * G + g;
             const uint16_t *qg = q0 + (int64_t)j * D;
             __m512bh qv[C16_MAX / 2];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int c = 0; c < C32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
             __m512 dots[16];
 #pragma GCC unroll 16
             for (int i = 0; i < 16; i++) {
                 const uint16_t *k = k0 + (i < m ? i : 0) * row_stride;
                 __m512 a = _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int c = 0; c < C32; c++)
                     a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
                 dots[4 * (i % 4) + i / 4] = a;
@@ -173,20 +177,23 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
                 }
             }
             const int second = p + 1 < seq_len;
+            const uint16_t *vb = va + row_stride;
+            if (second && (block_size & 1) && (p + 1) % block_size == 0) /* spans two blocks */
+                vb = cache_row(cache, blocks, p + 1, 1, h, D, block_size, row_stride);
             __m512bh vp[C16_MAX];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
             for (int c = 0; c < C16; c++) {
                 const __m512i lo = _mm512_castsi256_si512(
                     _mm256_loadu_si256((const __m256i *)(va + 16 * c)));
                 const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
-                                                (const __m256i *)(va + row_stride + 16 * c)))
+                                                (const __m256i *)(vb + 16 * c)))
                                           : _mm512_setzero_si512();
                 vp[c] = (__m512bh)_mm512_permutex2var_epi16(lo, interleave, hi);
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int gi = 0; gi < GS; gi++) {
                 const __m512bh wv = (__m512bh)_mm512_set1_epi32(w[gi][p / 2]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
                 for (int c = 0; c < C16; c++)
                     acc[gi * C16 + c] = _mm512_dpbf16_ps(acc[gi * C16 + c], wv, vp[c]);
             }
@@ -200,99 +207,21 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     }
 }
 
-/* bf16 fast path (head_dim a multiple of 32) for kv heads [h_lo, h_hi) of one sequence, 16
- * positions at a time in cache order (each block half streams contiguously). Scores: the bf16
- * dot-product instruction per key, then one transpose-and-add for 16 keys. Values: two positions
- * interleaved per vector so the same instruction applies the softmax weights (rounded to bf16,
- * as GPU kernels do), 32 multiply-adds each, float32 accumulation. */
-static void attend_seq_bf16(const uint16_t *q, const uint16_t *cache, const int32_t *blocks,
-                            int seq_len, uint16_t *out, int64_t seq_q_row, int G,
-                            int num_kv_heads, int D, int block_size, int h_lo, int h_hi,
-                            float scale, float *restrict scores, uint16_t *restrict probs,
-                            __m512 *restrict acc) {
-    const int64_t row_stride = (int64_t)num_kv_heads * D;
-    const int64_t half_stride = (int64_t)block_size * row_stride;
-    const int64_t prob_stride = (seq_len + 3) & ~1; /* even: weight pairs are 4-byte aligned */
-    const int chunks32 = D / 32, chunks16 = D / 16, nq = (h_hi - h_lo) * G;
-    const uint16_t *q0 = q + seq_q_row + (int64_t)h_lo * G * D;
-    const __m512 vscale = _mm512_set1_ps(scale);
-    __m512 maxv[MAX_HEADS];
-    for (int j = 0; j < nq; j++) maxv[j] = _mm512_set1_ps(-3.0e38f);
-    for (int p0 = 0; p0 < seq_len; p0 += 16) {
-        const int in_block = p0 % block_size, room = block_size - in_block;
-        const int left = seq_len - p0 < room ? seq_len - p0 : room;
-        const int m = left < 16 ? left : 16;
-        const __mmask16 live = tail_mask16(m);
-        const uint16_t *rows = cache + (int64_t)blocks[p0 / block_size] * 2 * half_stride +
-                               (int64_t)in_block * row_stride;
-        for (int h = h_lo; h < h_hi; h++) {
-            const uint16_t *k0 = rows + (int64_t)h * D;
-            for (int g = 0; g < G; g++) {
-                const int j = (h - h_lo) * G + g;
-                const uint16_t *qj = q0 + (int64_t)j * D;
-                __m512 dots[16];
-                for (int i = 0; i < 16; i++) {
-                    __m512 a = _mm512_setzero_ps();
-                    if (i < m) {
-                        const uint16_t *k = k0 + i * row_stride;
-                        for (int c = 0; c < chunks32; c++)
-                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qj + 32 * c),
-                                                 (__m512bh)_mm512_loadu_si512(k + 32 * c));
-                    }
-                    dots[4 * (i % 4) + i / 4] = a;
-                }
-                const __m512 s = _mm512_mul_ps(sum_lanes16(dots), vscale);
-                _mm512_mask_storeu_ps(scores + (int64_t)j * seq_len + p0, live, s);
-                maxv[j] = _mm512_mask_max_ps(maxv[j], live, maxv[j], s);
-            }
-        }
-        if (m < 16) p0 -= 16 - m; /* a block shorter than 16 positions: continue after it */
+/* attend_head_bf16 compiled for each head_dim it takes (32 to MAX_HEAD_DIM in steps of 32). */
+static void attend_bf16(const uint16_t *q0, const uint16_t *cache, const int32_t *blocks,
+                        int seq_len, uint16_t *out0, int G, int num_kv_heads, int D,
+                        int block_size, int h_lo, int h_hi, float scale, float *restrict scores,
+                        uint16_t *restrict probs) {
+#define ATTEND_C32(c32)                                                                          \
+    case c32:                                                                                    \
+        attend_head_bf16(q0, cache, blocks, seq_len, out0, G, num_kv_heads, block_size, h_lo,    \
+                         h_hi, scale, scores, probs, c32);                                       \
+        break;
+    switch (D / 32) {
+        ATTEND_C32(1) ATTEND_C32(2) ATTEND_C32(3) ATTEND_C32(4)
+        ATTEND_C32(5) ATTEND_C32(6) ATTEND_C32(7) ATTEND_C32(8)
     }
-    float inv_sum[MAX_HEADS];
-    for (int j = 0; j < nq; j++) {
-        float *sj = scores + (int64_t)j * seq_len;
-        uint16_t *pj = probs + (int64_t)j * prob_stride;
-        inv_sum[j] = softmax_to_bf16(sj, pj, seq_len, seq_len + 2,
-                                     _mm512_reduce_max_ps(maxv[j]));
-        for (int c = 0; c < chunks16; c++) acc[j * chunks16 + c] = _mm512_setzero_ps();
-    }
-    /* word 2l of the pair vector = first position's element l, word 2l+1 = second's */
-    const __m512i interleave = _mm512_set_epi16(
-        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    for (int p = 0; p < seq_len; p += 2) {
-        const int64_t b = blocks[p / block_size];
-        const uint16_t *v_a = cache + b * 2 * half_stride + half_stride +
-                              (int64_t)(p % block_size) * row_stride;
-        const int second = p + 1 < seq_len;
-        const uint16_t *v_b = second ? v_a + row_stride : NULL;
-        if (second && (p + 1) % block_size == 0) /* odd block size: the pair spans two blocks */
-            v_b = cache + (int64_t)blocks[(p + 1) / block_size] * 2 * half_stride + half_stride;
-        for (int h = h_lo; h < h_hi; h++) {
-            __m512bh vp[MAX_HEAD_DIM / 16];
-            for (int c = 0; c < chunks16; c++) {
-                const __m512i lo = _mm512_castsi256_si512(
-                    _mm256_loadu_si256((const __m256i *)(v_a + (int64_t)h * D + 16 * c)));
-                const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
-                                                (const __m256i *)(v_b + (int64_t)h * D + 16 * c)))
-                                          : _mm512_setzero_si512();
-                vp[c] = (__m512bh)_mm512_permutex2var_epi16(lo, interleave, hi);
-            }
-            for (int g = 0; g < G; g++) {
-                const int j = (h - h_lo) * G + g;
-                const __m512bh w = (__m512bh)_mm512_set1_epi32(
-                    *(const int32_t *)(probs + (int64_t)j * prob_stride + p));
-                __m512 *aj = acc + j * chunks16;
-                for (int c = 0; c < chunks16; c++) aj[c] = _mm512_dpbf16_ps(aj[c], w, vp[c]);
-            }
-        }
-    }
-    for (int j = 0; j < nq; j++) {
-        const __m512 inv = _mm512_set1_ps(inv_sum[j]);
-        uint16_t *dst = (uint16_t *)out + seq_q_row + ((int64_t)h_lo * G + j) * D;
-        for (int c = 0; c < chunks16; c++)
-            bf16x16_store_hw(dst + 16 * c, _mm512_mul_ps(acc[j * chunks16 + c], inv), 0xffff);
-    }
+#undef ATTEND_C32
 }
 #endif
 
@@ -390,9 +319,7 @@ int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_t
      * block streams contiguously); otherwise one item per (sequence, kv head). */
     int heads_per_item = num_seqs >= 2 * num_threads ? num_kv_heads : 1;
 #ifdef HAVE_BF16_FAST_PATH
-    /* head dims 64 and 128 in bf16 take the register-tiled kernel */
-    const int per_head = is_bf16 && (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 &&
-                         num_q_heads <= MAX_HEADS;
+    const int fast = is_bf16 && head_dim % 32 == 0 && num_q_heads <= MAX_HEADS;
 #endif
     const int items = num_seqs * (num_kv_heads / heads_per_item);
     int failed = 0;
@@ -400,42 +327,28 @@ int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_t
     {
         float *scores = (float *)malloc((size_t)num_q_heads * max_len * sizeof(float));
 #ifdef HAVE_BF16_FAST_PATH
-        __m512 *acc = (__m512 *)_mm_malloc((size_t)num_q_heads * (MAX_HEAD_DIM / 16) *
-                                           sizeof(__m512), 64);
         uint16_t *probs = (uint16_t *)malloc((size_t)num_q_heads * (max_len + 3) * 2);
 #else
-        void *acc = scores, *probs = scores;
+        void *probs = scores;
 #endif
-        if (!scores || !acc || !probs) {
+        if (!scores || !probs) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int it = 0; it < items; it++) {
-            if (!scores || !acc || !probs) continue;
+            if (!scores || !probs) continue;
             const int per_seq = num_kv_heads / heads_per_item;
             const int s = it / per_seq, h_lo = (it % per_seq) * heads_per_item;
             const int h_hi = h_lo + heads_per_item;
             const int32_t *blocks = block_table + (int64_t)s * bt_stride;
             const int64_t seq_q_row = (int64_t)s * num_q_heads * head_dim;
 #ifdef HAVE_BF16_FAST_PATH
-            if (per_head) {
-                const uint16_t *qh = (const uint16_t *)q + seq_q_row + (int64_t)h_lo * G * head_dim;
-                uint16_t *oh = (uint16_t *)out + seq_q_row + (int64_t)h_lo * G * head_dim;
-                if (head_dim == 64)
-                    attend_head_bf16(qh, (const uint16_t *)cache, blocks, seq_lens[s], oh, G,
-                                     num_kv_heads, block_size, h_lo, h_hi, scale, scores, probs,
-                                     2);
-                else
-                    attend_head_bf16(qh, (const uint16_t *)cache, blocks, seq_lens[s], oh, G,
-                                     num_kv_heads, block_size, h_lo, h_hi, scale, scores, probs,
-                                     4);
-                continue;
-            }
-            if (is_bf16 && head_dim % 32 == 0 && num_q_heads <= MAX_HEADS) {
-                attend_seq_bf16((const uint16_t *)q, (const uint16_t *)cache, blocks, seq_lens[s],
-                                (uint16_t *)out, seq_q_row, G, num_kv_heads, head_dim, block_size,
-                                h_lo, h_hi, scale, scores, probs, acc);
+            if (fast) {
+                attend_bf16((const uint16_t *)q + seq_q_row + (int64_t)h_lo * G * head_dim,
+                            (const uint16_t *)cache, blocks, seq_lens[s],
+                            (uint16_t *)out + seq_q_row + (int64_t)h_lo * G * head_dim, G,
+                            num_kv_heads, head_dim, block_size, h_lo, h_hi, scale, scores, probs);
                 continue;
             }
 #endif
@@ -445,7 +358,6 @@ int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_t
         }
         free(scores);
 #ifdef HAVE_BF16_FAST_PATH
-        _mm_free(acc);
         free(probs);
 #endif
     }

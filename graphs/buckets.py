@@ -1,10 +1,8 @@
-"""Batch-size buckets for captured CUDA graphs, and padding a batch up to its bucket."""
+"""Batch-size buckets for captured CUDA graphs: which sizes to capture, which one a batch uses."""
 
 from __future__ import annotations
 
 import bisect
-
-import numpy as np
 
 
 def capture_sizes(configured: tuple[int, ...] | list[int] | None, max_num_seqs: int,
@@ -26,12 +24,3 @@ def bucket_for(num_reqs: int, sizes: list[int]) -> int | None:
     i = bisect.bisect_left(sizes, num_reqs)
     return sizes[i] if i < len(sizes) else None
 
-
-def pad_to_bucket(values: np.ndarray, bucket: int, fill: int) -> np.ndarray:
-    """Extend a per-token array to the bucket size; padding rows get `fill` (e.g. the null
-    block's slot 0, so their K/V writes land in the reserved dummy block)."""
-    if len(values) > bucket:
-        raise ValueError(f"{len(values)} rows do not fit a bucket of {bucket}")
-    out = np.full(bucket, fill, dtype=values.dtype)
-    out[: len(values)] = values
-    return out

@@ -1,11 +1,8 @@
-"""graphs/: bucket policy and padding, and the compiled forward giving eager's greedy tokens."""
+"""graphs/: bucket policy, and the compiled forward giving eager's greedy tokens."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
-from fornax.graphs.buckets import bucket_for, capture_sizes, pad_to_bucket
+from fornax.graphs.buckets import bucket_for, capture_sizes
 from fornax.runtime import SamplingParams
 
 
@@ -17,14 +14,10 @@ def test_default_capture_sizes_follow_the_design() -> None:
     assert capture_sizes(None, 1024, max_capture_size=64) == [1, 2, 4, 8, 16, 32, 48, 64]
 
 
-def test_bucket_lookup_and_padding() -> None:
+def test_bucket_lookup() -> None:
     sizes = capture_sizes(None, 64)
     assert [bucket_for(n, sizes) for n in (1, 3, 8, 9, 17, 64)] == [1, 4, 8, 16, 32, 64]
     assert bucket_for(65, sizes) is None  # past the largest bucket: run eagerly
-    padded = pad_to_bucket(np.array([17, 33, 49], dtype=np.int64), 4, fill=0)
-    assert padded.tolist() == [17, 33, 49, 0]  # the padding row writes to the null block's slot
-    with pytest.raises(ValueError):
-        pad_to_bucket(np.arange(5), 4, fill=0)
 
 
 def test_compiled_forward_gives_eager_greedy_tokens(make_llm) -> None:

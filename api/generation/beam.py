@@ -7,15 +7,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from fornax.api.server.errors import APIError
 from fornax.api.generation.generate import new_request_id, request_sampling_params
 from fornax.api.protocol.openai import _SamplingFields
+from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request
 from fornax.api.server.state import AppState
-from fornax.runtime.sampling.beam_search import Beam, BeamSearchParams, BeamSearchState
+from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.errors import RequestError
 from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST
-from fornax.runtime.engine.messages import EngineCoreRequest
+from fornax.runtime.sampling.beam_search import Beam, BeamSearchParams, BeamSearchState
 from fornax.runtime.sampling.params import SamplingParams
 
 

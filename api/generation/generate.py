@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from fornax.api.server.errors import APIError
-from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
 from fornax.api.generation.sampling import build_sampling_params
+from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
+from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request
 from fornax.api.server.state import AppState
-from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.engine.messages import EngineCoreRequest
+from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.offline.outputs import Logprob
 from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.sampling.request_prep import child_requests

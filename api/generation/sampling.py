@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from fornax.api.server.errors import APIError
 from fornax.api.protocol.openai import _SamplingFields
+from fornax.api.server.errors import APIError
 from fornax.runtime.errors import RequestError
 from fornax.runtime.limits import DEFAULT_LIMITS, InputLimits
+from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.sampling.request_prep import (
     check_prompt,
     prepare_sampling_params,
     resolve_max_tokens,
     truncate_prompt,
 )
-from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 if TYPE_CHECKING:

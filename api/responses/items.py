@@ -6,10 +6,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fornax.api.server.errors import APIError
-from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesRequest
 from fornax.api.protocol.openai import UsageInfo
+from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesRequest
 from fornax.api.routes.chat_blocks import Block
+from fornax.api.server.errors import APIError
 from fornax.api.tools.messages import function_tools
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")

@@ -25,15 +25,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fornax.api.routes import chat
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response, StreamingResponse, json_response
+from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionRequest
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.responses.items import chat_body, input_items, input_messages, new_id
 from fornax.api.responses.store import RecordTooLarge, ResponseStore, make_store, owner_of
 from fornax.api.responses.stream import ResponseRun, sse_event
+from fornax.api.routes import chat
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.server.settings import ServerSettings
-from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
 

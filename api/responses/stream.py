@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from fornax.api.server.errors import APIError
+from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionResponse, UsageInfo
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.responses.items import (
     assistant_message,
@@ -21,8 +21,8 @@ from fornax.api.responses.items import (
     usage_of,
 )
 from fornax.api.responses.store import RecordTooLarge, ResponseStore, StoredResponse
-from fornax.api.protocol.openai import ChatCompletionChunk, ChatCompletionResponse, UsageInfo
 from fornax.api.routes.chat_blocks import Block, ChatDeltaReader, blocks_of_message
+from fornax.api.server.errors import APIError
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,6 @@ from typing import Any
 
 import msgspec
 
-from fornax.api.routes import chat, tokenization
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.protocol.anthropic import (
     CountTokensRequest,
     CountTokensResponse,
@@ -30,8 +27,11 @@ from fornax.api.protocol.anthropic import (
     Usage,
 )
 from fornax.api.protocol.openai import ChatCompletionChunk, UsageInfo
+from fornax.api.routes import chat, tokenization
 from fornax.api.routes.chat_blocks import Block, ChatDeltaReader, blocks_of_message
 from fornax.api.routes.subrequest import call_json, subrequest
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.tools.messages import function_tools
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fornax.api.server.errors import APIError
 from fornax.api.generation.generate import new_request_id
-from fornax.api.server.http import SSE_DONE, Request, Response, StreamingResponse, json_response, sse
 from fornax.api.multipart import MultipartError, Part, parse_multipart
 from fornax.api.protocol.audio import (
     TranscriptionResponse,
@@ -30,14 +28,23 @@ from fornax.api.protocol.audio import (
     TranscriptTextDelta,
     TranscriptTextDone,
 )
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import (
+    SSE_DONE,
+    Request,
+    Response,
+    StreamingResponse,
+    json_response,
+    sse,
+)
 from fornax.api.server.state import AppState
-from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.audio.decode import AudioDecodeError, decode_audio
 from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.features import N_SAMPLES
 from fornax.audio.formats import RESPONSE_FORMATS, render_text
 from fornax.audio.languages import language_code
 from fornax.audio.transcribe import TranscribeOptions, TranscriptionSession, WhisperInfo
+from fornax.runtime.engine.messages import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ def is_transcription(state: AppState) -> bool:
 def transcription_probe(state: AppState) -> EngineCoreRequest:
     """/health?deep=1 on a speech model: one token from one window of silence."""
     import numpy as np
+
     from fornax.audio.transcribe import WindowRequest
 
     info = whisper_info(state)

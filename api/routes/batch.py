@@ -15,12 +15,12 @@ import time
 import uuid
 from typing import Any
 
+from fornax.api.protocol.openai import ChatChoice, ChatCompletionResponse
 from fornax.api.routes import chat
+from fornax.api.routes.pooling_common import check_route_runner
+from fornax.api.routes.subrequest import subrequest
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, json_response
-from fornax.api.routes.pooling_common import check_route_runner
-from fornax.api.protocol.openai import ChatChoice, ChatCompletionResponse
-from fornax.api.routes.subrequest import subrequest
 from fornax.runtime.limits import MAX_CONVERSATIONS
 
 

@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fornax.api.server.errors import APIError
-from fornax.api.reasoning import ReasoningParser, get_reasoning_parser, thinking_state
 from fornax.api.generation.structured import backend_headers, request_constraint
+from fornax.api.reasoning import ReasoningParser, get_reasoning_parser, thinking_state
+from fornax.api.server.errors import APIError
 from fornax.api.tools.base import ToolParser
 from fornax.api.tools.choice import ToolPlan, plan_tools
 from fornax.api.tools.registry import ToolParserError, get_tool_parser, load_tool_parser_plugin

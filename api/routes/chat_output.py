@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fornax.api.routes.chat_features import ChatPlan
 from fornax.api.protocol.openai import ChatMessage, DeltaMessage, DeltaToolCall
+from fornax.api.routes.chat_features import ChatPlan
 from fornax.api.tools.base import new_tool_call_id
 from fornax.api.tools.stream import ToolStream
 

@@ -8,18 +8,6 @@ import time
 from array import array
 from typing import Any
 
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response, json_response
-from fornax.api.server.offload import prepare
-from fornax.api.routes.pooling_common import (
-    encode_vector,
-    pooling_tokenizer,
-    request_ids,
-    request_inputs,
-    require_task,
-    run_pooling,
-    usage,
-)
 from fornax.api.protocol.pooling import (
     ApiVersion,
     BilledUnits,
@@ -33,8 +21,20 @@ from fornax.api.protocol.pooling import (
     PoolingRequest,
     PoolingResponse,
 )
-from fornax.runtime.errors import RequestError
+from fornax.api.routes.pooling_common import (
+    encode_vector,
+    pooling_tokenizer,
+    request_ids,
+    request_inputs,
+    require_task,
+    run_pooling,
+    usage,
+)
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, json_response
+from fornax.api.server.offload import prepare
 from fornax.runtime.engine.messages import PoolingModelInfo, PoolingParams
+from fornax.runtime.errors import RequestError
 from fornax.runtime.pooling.io import output_values
 
 logger = logging.getLogger(__name__)

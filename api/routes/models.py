@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from fornax.api.protocol.openai import ModelCard, ModelList, ModelPermission
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, json_response
-from fornax.api.protocol.openai import ModelCard, ModelList, ModelPermission
 from fornax.api.server.state import AppState
 
 

@@ -11,18 +11,18 @@ import uuid
 from typing import Any
 
 from fornax.api.generation.generate import input_items, is_token_ids
+from fornax.api.protocol.pooling import PoolingUsage
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request
-from fornax.api.protocol.pooling import PoolingUsage
 from fornax.api.server.state import AppState
-from fornax.runtime.errors import RequestError
-from fornax.runtime.limits import MAX_POOLING_INPUTS
 from fornax.runtime.engine.messages import (
     EngineCoreRequest,
     PoolingModelInfo,
     PoolingOutput,
     PoolingParams,
 )
+from fornax.runtime.errors import RequestError
+from fornax.runtime.limits import MAX_POOLING_INPUTS
 from fornax.runtime.pooling.io import PoolingTokenizer, output_values, resolve_truncation
 from fornax.runtime.sampling.params import SamplingParams
 

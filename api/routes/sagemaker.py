@@ -14,10 +14,10 @@ import logging
 from typing import Any
 
 from fornax.api.routes import chat, completions, embeddings, scoring
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response
 from fornax.api.routes.pooling_common import check_route_runner, is_pooling
 from fornax.api.routes.subrequest import Handler, subrequest
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response
 
 logger = logging.getLogger(__name__)
 

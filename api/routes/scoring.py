@@ -10,19 +10,6 @@ import logging
 import time
 from typing import Any
 
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response, json_response
-from fornax.api.server.offload import prepare
-from fornax.api.routes.pooling_common import (
-    MAX_INPUTS,
-    pooling_tokenizer,
-    request_ids,
-    request_inputs,
-    require_task,
-    run_pooling,
-    truncation_limit,
-    usage,
-)
 from fornax.api.protocol.pooling import (
     ApiVersion,
     BilledUnits,
@@ -40,9 +27,22 @@ from fornax.api.protocol.pooling import (
     ScoreRequest,
     ScoreResponse,
 )
+from fornax.api.routes.pooling_common import (
+    MAX_INPUTS,
+    pooling_tokenizer,
+    request_ids,
+    request_inputs,
+    require_task,
+    run_pooling,
+    truncation_limit,
+    usage,
+)
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, json_response
+from fornax.api.server.offload import prepare
 from fornax.api.server.state import AppState
-from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import PoolingModelInfo, PoolingParams
+from fornax.runtime.errors import RequestError
 from fornax.runtime.pooling.io import cosine, output_values, pair_indices
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ import logging
 import uuid
 
 from fornax.api.routes.audio import is_transcription, transcription_probe
+from fornax.api.routes.pooling_common import is_pooling, pooling_probe
 from fornax.api.server.errors import APIError, EngineDeadError
 from fornax.api.server.http import Request, Response, json_response
 from fornax.api.server.metrics import CONTENT_TYPE
-from fornax.api.routes.pooling_common import is_pooling, pooling_probe
 from fornax.api.server.state import AppState
 from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.sampling.params import SamplingParams

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from fornax.api.routes.chat import render_prompt
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Request, Response, json_response
-from fornax.api.server.offload import prepare
 from fornax.api.protocol.openai import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
+from fornax.api.routes.chat import render_prompt
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Request, Response, json_response
+from fornax.api.server.offload import prepare
 
 
 async def tokenize(req: Request) -> Response:

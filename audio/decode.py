@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import numpy as np
+
 from fornax.audio.features import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from fornax.audio.features import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, log_mel_spectrogram
 from fornax.audio.transcribe import (
     LOGPROB_THRESHOLD,

@@ -11,16 +11,17 @@ ratio and average log-probability thresholds).
 
 from __future__ import annotations
 
-import json
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
+
 from fornax.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from fornax.audio.languages import LANGUAGES, NO_SPACE_LANGUAGES
 from fornax.audio.words import Word, words_of_segment
+from fornax.runtime.loaders.speech_models import WhisperInfo
 
 TIME_PRECISION = 0.02  # seconds per timestamp token step
 INPUT_STRIDE = 2  # mel frames per timestamp step
@@ -28,36 +29,6 @@ FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
-
-
-@dataclass(frozen=True)
-class WhisperInfo:
-    """What the front end needs to know about a Whisper checkpoint (read from its folder)."""
-
-    ids: dict[str, int]
-    language_ids: dict[str, int]
-    multilingual: bool
-    num_mel_bins: int
-    max_target_positions: int
-
-    @property
-    def eot(self) -> int:
-        return self.ids["eot"]
-
-    @property
-    def timestamp_begin(self) -> int:
-        return self.ids["timestamp_begin"]
-
-    @classmethod
-    def from_folder(cls, path: str | Path) -> WhisperInfo:
-        from fornax.runtime.loaders.speech_models import language_token_ids, special_token_ids
-
-        path = Path(path)
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        ids = special_token_ids(tok)
-        return cls(ids, language_token_ids(tok, ids), int(cfg["vocab_size"]) >= 51865,
-                   int(cfg.get("num_mel_bins", 80)), int(cfg.get("max_target_positions", 448)))
 
 
 @dataclass
@@ -97,8 +68,9 @@ class WindowResult:
     no_speech_prob: float | None = None  # P(<|nospeech|>) at the start of the transcript
 
 
-@dataclass
-class Segment:
+class TranscriptionSegment(msgspec.Struct):
+    """A transcript segment as OpenAI's verbose_json shows it (times in seconds)."""
+
     id: int
     seek: int
     start: float
@@ -109,7 +81,12 @@ class Segment:
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float = 0.0
-    words: list[Word] = field(default_factory=list)
+
+
+class Segment(TranscriptionSegment):
+    """A segment of a session: the transcript fields and, with word timestamps, its words."""
+
+    words: list[Word] = msgspec.field(default_factory=list)
 
 
 def compression_ratio(text: str) -> float:

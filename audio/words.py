@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 TIME_PRECISION = 0.02
 
 
-@dataclass
-class Word:
+class Word(msgspec.Struct):
+    """A word and its start and end in seconds (OpenAI's verbose_json `words`)."""
+
     word: str
     start: float
     end: float

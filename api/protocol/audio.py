@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import msgspec
 
+# The segment and word shapes are those the transcription session produces (torch-free).
+from fornax.audio.transcribe import TranscriptionSegment
+from fornax.audio.words import Word as TranscriptionWord
+
+__all__ = ["TranscriptionSegment", "TranscriptionWord"]
+
 
 class TranscriptionUsage(msgspec.Struct, omit_defaults=False):
     """Billing-style usage of a transcription: the audio's duration in whole seconds."""
 
     seconds: int
     type: str = "duration"
-
-
-class TranscriptionWord(msgspec.Struct):
-    word: str
-    start: float
-    end: float
-
-
-class TranscriptionSegment(msgspec.Struct):
-    id: int
-    seek: int
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    temperature: float
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
 
 
 class TranscriptionResponse(msgspec.Struct, omit_defaults=True):

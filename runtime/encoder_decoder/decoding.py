@@ -8,52 +8,15 @@ a language token first, then its forced tokens (task, maybe `<|notimestamps|>`),
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from fornax.runtime.loaders.speech_models import language_token_ids, special_token_ids
+
+from fornax.runtime.loaders.speech_models import WhisperInfo
 
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s (OpenAI's default)
-
-
-@dataclass(frozen=True)
-class WhisperVocab:
-    """Special ids of one Whisper checkpoint and its static suppression list."""
-
-    ids: dict[str, int]
-    language_ids: dict[str, int]
-    vocab_size: int
-    suppress: tuple[int, ...]
-    begin_suppress: tuple[int, ...]
-    multilingual: bool
-
-    @property
-    def eot(self) -> int:
-        return self.ids["eot"]
-
-    @property
-    def timestamp_begin(self) -> int:
-        return self.ids["timestamp_begin"]
-
-    @classmethod
-    def from_folder(cls, path: Path, hf_config: dict[str, Any]) -> WhisperVocab:
-        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        ids = special_token_ids(tok)
-        langs = language_token_ids(tok, ids)
-        vocab = int(hf_config["vocab_size"])
-        specials = [ids[k] for k in ("sot", "sot_prev", "sot_lm", "translate", "transcribe",
-                                     "no_timestamps") if k in ids]
-        if "no_speech" in ids:
-            specials.append(ids["no_speech"])
-        suppress = {t for t in hf_config.get("suppress_tokens") or [] if 0 <= t < vocab}
-        suppress.update(specials)
-        suppress.update(langs.values())
-        begin = tuple(hf_config.get("begin_suppress_tokens") or (220, ids["eot"]))
-        return cls(ids, langs, vocab, tuple(sorted(suppress)), begin, vocab >= 51865)
 
 
 @dataclass
@@ -72,7 +35,7 @@ class WhisperRowState:
         return (1 if self.detect_language else 0) + len(self.forced)
 
 
-def row_state(vocab: WhisperVocab, prompt: list[int], detect_language: bool,
+def row_state(vocab: WhisperInfo, prompt: list[int], detect_language: bool,
               forced: list[int]) -> WhisperRowState:
     no_ts, sot = vocab.ids["no_timestamps"], vocab.ids["sot"]
     timestamps = no_ts not in prompt and no_ts not in forced
@@ -83,11 +46,23 @@ def row_state(vocab: WhisperVocab, prompt: list[int], detect_language: bool,
 class WhisperLogitsRules:
     """Applies the rules in place to the logits of the rows sampled this step."""
 
-    def __init__(self, vocab: WhisperVocab, device: torch.device) -> None:
+    def __init__(self, vocab: WhisperInfo, hf_config: dict[str, Any], device: torch.device
+                 ) -> None:
         self.vocab = vocab
-        v = vocab.vocab_size
+        ids = vocab.ids
+        v = int(hf_config["vocab_size"])
+        # never sampled: the config's suppress_tokens, the special and language tokens
+        specials = [ids[k] for k in ("sot", "sot_prev", "sot_lm", "translate", "transcribe",
+                                     "no_timestamps") if k in ids]
+        if "no_speech" in ids:
+            specials.append(ids["no_speech"])
+        suppress = {t for t in hf_config.get("suppress_tokens") or [] if 0 <= t < v}
+        suppress.update(specials)
+        suppress.update(vocab.language_ids.values())
+        # never the first text token: a blank or end-of-text
+        self.begin_suppress = list(hf_config.get("begin_suppress_tokens") or (220, ids["eot"]))
         self.static_np = np.zeros(v, dtype=bool)
-        self.static_np[list(vocab.suppress)] = True
+        self.static_np[sorted(suppress)] = True
         self.no_ts_np = self.static_np.copy()
         self.no_ts_np[vocab.timestamp_begin:] = True  # text-only decoding never emits timestamps
         self.language_np = np.ones(v, dtype=bool)
@@ -115,7 +90,7 @@ class WhisperLogitsRules:
             text = out[st.prefix_len:]
             row[:] = (self.static_np if st.timestamps else self.no_ts_np)[:width]
             if len(text) == 0:
-                row[list(vocab.begin_suppress)] = True
+                row[self.begin_suppress] = True
             if not st.timestamps:
                 continue
             ts_rows.append(k)

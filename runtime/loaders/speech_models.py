@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, cache_root, is_prepared
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_hf_config, whisper_state_dict
@@ -202,6 +203,39 @@ def language_token_ids(tokenizer_json: dict[str, Any], ids: dict[str, int]) -> d
         if ids["sot"] < tid < ids["translate"] and content.startswith("<|") and content.endswith("|>"):
             out[content[2:-2]] = tid
     return out
+
+
+@dataclass(frozen=True)
+class WhisperInfo:
+    """A Whisper checkpoint's token ids and shapes, for the front end (session, prompts) and the
+    engine (decoding rules, no-speech probability) alike; read from its folder."""
+
+    ids: dict[str, int]
+    language_ids: dict[str, int]
+    multilingual: bool
+    num_mel_bins: int
+    max_target_positions: int
+
+    @property
+    def eot(self) -> int:
+        return self.ids["eot"]
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.ids["timestamp_begin"]
+
+    @classmethod
+    def from_folder(cls, path: str | Path, hf_config: dict[str, Any] | None = None
+                    ) -> WhisperInfo:
+        """From tokenizer.json and config.json (or the config already read)."""
+        path = Path(path)
+        cfg = hf_config
+        if cfg is None:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = special_token_ids(tok)
+        return cls(ids, language_token_ids(tok, ids), int(cfg["vocab_size"]) >= 51865,
+                   int(cfg.get("num_mel_bins", 80)), int(cfg.get("max_target_positions", 448)))
 
 
 def _build(meta_dir: Path, model_bin: Path, out: Path) -> None:

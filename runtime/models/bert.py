@@ -8,12 +8,14 @@ are laid out back to back, and only attention sees the (per-sequence) padded lay
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fornax.runtime.errors import ConfigError
+from fornax.runtime.loaders.weights import Place, Renames, rename
 from fornax.runtime.models.layers import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -21,7 +23,6 @@ from fornax.runtime.models.layers import (
     VocabParallelEmbedding,
 )
 from fornax.runtime.pooling.attention import VarlenMetadata, varlen_attention
-from torch import nn
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -32,7 +33,7 @@ _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
-_QKV = (("attention.self.query.", "attention.qkv_proj.", "q"),
+_QKV: Renames = (("attention.self.query.", "attention.qkv_proj.", "q"),
         ("attention.self.key.", "attention.qkv_proj.", "k"),
         ("attention.self.value.", "attention.qkv_proj.", "v"))
 
@@ -198,8 +199,8 @@ class EncoderForPooling(nn.Module):
             return self.classifier.out_proj(torch.tanh(self.classifier.dense(first_hidden)))
         return self.classifier(torch.tanh(self.pooler.dense(first_hidden)))
 
-    def _our_name(self, name: str) -> tuple[str, str | None] | None:
-        """HF checkpoint name -> (our parameter name, q/k/v shard), or None to skip it."""
+    def checkpoint_name(self, name: str) -> Place | None:
+        """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""
         if name.endswith((".position_ids", ".token_type_ids")) or "rotary" in name:
             return None
         name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
@@ -214,30 +215,4 @@ class EncoderForPooling(nn.Module):
             return name, None
         if name.startswith(("lm_head.", "cls.")):
             return None  # masked-LM heads ride along in some checkpoints
-        for hf_part, ours, shard in _QKV:
-            if hf_part in name:
-                return "model." + name.replace(hf_part, ours), shard
-        return "model." + name, None
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            mapped = self._our_name(hf_name)
-            if mapped is None:
-                continue
-            name, shard = mapped
-            param = params.get(name)
-            if param is None:
-                raise ConfigError(f"checkpoint tensor {hf_name!r} has no place in {self.arch}")
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is not None:
-                    loader(param, tensor.to(param.dtype), shard)
-                elif param.shape != tensor.shape:
-                    raise ConfigError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} does "
-                                      f"not match the model's {tuple(param.shape)}")
-                else:
-                    param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        return rename("model." + name, _QKV)

@@ -8,23 +8,14 @@ load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from fornax.runtime.errors import ConfigError
-from fornax.runtime.models.llama import DecoderModel, DecoderSpec
-from fornax.runtime.pooling.attention import VarlenAttentionBackend, VarlenMetadata
 from torch import nn
 
-# HF checkpoint name fragment -> (our fused parameter fragment, shard id)
-_STACKED = (
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
+from fornax.runtime.loaders.weights import STACKED_DECODER, Place, rename
+from fornax.runtime.models.llama import DecoderModel, DecoderSpec
+from fornax.runtime.pooling.attention import VarlenAttentionBackend, VarlenMetadata
 
 
 class DecoderForPooling(nn.Module):
@@ -44,31 +35,10 @@ class DecoderForPooling(nn.Module):
                 token_type_ids: torch.Tensor, meta: VarlenMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, self._no_cache, meta)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.startswith(("lm_head.", "score.")) or "rotary_emb.inv_freq" in name:
-                continue
-            if not name.startswith("model."):
-                name = "model." + name
-            shard: str | int | None = None
-            for hf_part, ours, shard_id in _STACKED:
-                if hf_part in name:
-                    name, shard = name.replace(hf_part, ours), shard_id
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ConfigError(f"checkpoint tensor {name!r} has no place in {self.arch} "
-                                  "(as an embedding model)")
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is not None:
-                    loader(param, tensor.to(param.dtype), shard)
-                elif param.shape != tensor.shape:
-                    raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not "
-                                      f"match the model's {tuple(param.shape)}")
-                else:
-                    param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+    def checkpoint_name(self, name: str) -> Place | None:
+        """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""
+        if name.startswith(("lm_head.", "score.")) or "rotary_emb.inv_freq" in name:
+            return None
+        if not name.startswith("model."):
+            name = "model." + name
+        return rename(name, STACKED_DECODER)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from fornax.runtime.attention.backend import AttentionBackend
 from fornax.runtime.errors import ConfigError
+from fornax.runtime.loaders.weights import STACKED_DECODER, Place, rename
 from fornax.runtime.models.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -103,12 +103,6 @@ class DecoderAttention(nn.Module):
         q, k = self.rotary(positions, q, k)
         return q, k, v
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: Any) -> torch.Tensor:
-        q, k, v = self.qkv(positions, x)
-        out = self.backend.forward(q, k, v, kv_cache, attn_metadata)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-
 
 class DecoderMLP(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
@@ -166,16 +160,6 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
 
-# HF checkpoint name fragment -> (our fused parameter fragment, shard id)
-_STACKED = (
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
-
-
 class LlamaForCausalLM(nn.Module):
     """Causal LM over the paged KV cache: forward gives hidden states, compute_logits the logits."""
 
@@ -194,31 +178,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the fused parameters; returns the parameter names loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.spec.tie_word_embeddings:
-                continue
-            shard: str | int | None = None
-            for hf_part, ours, shard_id in _STACKED:
-                if hf_part in name:
-                    name, shard = name.replace(hf_part, ours), shard_id
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ConfigError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is not None:
-                    loader(param, tensor.to(param.dtype), shard)
-                else:
-                    if param.shape != tensor.shape:
-                        raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not "
-                                          f"match the model's {tuple(param.shape)}")
-                    param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+    def checkpoint_name(self, name: str) -> Place | None:
+        """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+            return None
+        return rename(name, STACKED_DECODER)

@@ -8,14 +8,16 @@ and the attention backend, cross-attention reads the request's slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fornax.runtime.attention.backend import AttentionBackend
 from fornax.runtime.errors import ConfigError
+from fornax.runtime.loaders.weights import Place, Renames, rename
 from fornax.runtime.models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -23,7 +25,6 @@ from fornax.runtime.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class WhisperDecoder(nn.Module):
 
 
 # HF name fragment -> (our name fragment, shard id); applied to the first match only
-_RENAMES = (
+_RENAMES: Renames = (
     (".self_attn.q_proj.", ".qkv_proj.", "q"),
     (".self_attn.k_proj.", ".qkv_proj.", "k"),
     (".self_attn.v_proj.", ".qkv_proj.", "v"),
@@ -247,32 +248,11 @@ class WhisperForConditionalGeneration(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.decoder.embed_tokens.weight)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors (`model.encoder...`, `model.decoder...`) into our parameters."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "proj_out.weight":
-                continue  # tied to the token embedding
-            name = name.removeprefix("model.")
-            if name.endswith("embed_positions.weight"):
-                name = name.removesuffix(".weight")
-            shard: str | int | None = None
-            for hf_part, ours, shard_id in _RENAMES:
-                if hf_part in name:
-                    name, shard = name.replace(hf_part, ours), shard_id
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ConfigError(f"checkpoint tensor {name!r} has no place in Whisper")
-            loader = getattr(param, "weight_loader", None)
-            with torch.no_grad():
-                if loader is not None:
-                    loader(param, tensor.to(param.dtype), shard)
-                elif param.shape != tensor.shape:
-                    raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not "
-                                      f"match the model's {tuple(param.shape)}")
-                else:
-                    param.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+    def checkpoint_name(self, name: str) -> Place | None:
+        """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""
+        if name == "proj_out.weight":
+            return None  # tied to the token embedding
+        name = name.removeprefix("model.")
+        if name.endswith("embed_positions.weight"):
+            name = name.removesuffix(".weight")
+        return rename(name, _RENAMES)

@@ -13,27 +13,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from fornax.runtime.config import EngineConfig
-from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.loaders.model_files import ModelFiles
-from fornax.runtime.loaders.weights import init_dummy_weights, iterate_safetensors
 from fornax.runtime.engine.messages import PoolingModelInfo, PoolingOutput
+from fornax.runtime.loaders.model_files import ModelFiles
+from fornax.runtime.loaders.weights import load_model_weights, resolve_dtype
 from fornax.runtime.models.registry import POOLING_MODELS, model_class
 from fornax.runtime.pooling.attention import build_varlen_metadata
 from fornax.runtime.pooling.core import PoolingRequest
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _resolve_dtype(requested: str, hf_config: dict, device: torch.device) -> torch.dtype:
-    """'auto' takes the checkpoint's dtype; float16 becomes float32 on CPU, where it is slow."""
-    if requested != "auto":
-        return _DTYPES[requested]
-    name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-    dtype = _DTYPES.get(name, torch.float32)
-    return torch.float32 if device.type == "cpu" and dtype == torch.float16 else dtype
 
 
 class PoolingModelRunner:
@@ -44,7 +33,7 @@ class PoolingModelRunner:
         self.info = info
         self.device = torch.device(config.device)
         hf = files.hf_config
-        self.dtype = _resolve_dtype(config.model_config.dtype, hf, self.device)
+        self.dtype = resolve_dtype(config.model_config.dtype, hf, self.device)
         self.causal = info.family == "decoder"
         start = time.perf_counter()
         torch.manual_seed(config.model_config.seed)
@@ -52,15 +41,8 @@ class PoolingModelRunner:
         with torch.device(self.device):
             model = model_cls(hf, info.architecture)
         self.model = model.to(self.dtype).eval()
-        if config.model_config.load_format == "dummy":
-            init_dummy_weights(self.model, config.model_config.seed)
-        else:
-            loaded = self.model.load_weights(iterate_safetensors(files.weight_files))
-            missing = sorted({n for n, _ in self.model.named_parameters()} - loaded)
-            if missing:
-                more = " ..." if len(missing) > 5 else ""
-                raise ModelLoadError(f"checkpoint in {files.path} lacks weights: "
-                                     + ", ".join(missing[:5]) + more)
+        load_model_weights(self.model, self.model.checkpoint_name, files, config.model_config,
+                           info.architecture)
         self.vocab_size = int(hf["vocab_size"])
         self.num_labels = len(info.labels)
         how = (f"{info.pooling_type} pooling{', normalized' if info.normalize else ''}"

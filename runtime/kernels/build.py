@@ -45,9 +45,17 @@ def _compiler() -> str | None:
     return None
 
 
+def _source_digest(source: Path) -> bytes:
+    """The kernel source and every header beside it (csrc/bf16.h, ...), each with its name, so
+    an edit to a shared header rebuilds every kernel that may include it."""
+    digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):
+        digest.update(b"\0" + header.name.encode() + b"\0" + header.read_bytes())
+    return digest.digest()
+
+
 def _build(name: str, source: Path, compiler: str) -> Path:
-    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join(_FLAGS).encode()
+    key = hashlib.sha256(_source_digest(source) + " ".join(_FLAGS).encode()
                          + _cpu_signature().encode() + compiler.encode()).hexdigest()[:16]
     target = _cache_root() / f"{name}-{key}.so"
     if target.exists():

@@ -7,9 +7,10 @@
 
 #include "bf16.h"
 
-/* exp over the float range (clamped), ~2 ulp. */
+/* exp, ~2 ulp; +inf above 88.72 (scalef overflows; the clamp at 89 keeps the reduction exact),
+ * exp(-87) below -87 (the callers add it to 1 or to sums of larger terms). */
 static inline __m512 exp_avx512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(89.f));
     const __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_fnmadd_ps(t, _mm512_set1_ps(1.428606765330187e-06f),

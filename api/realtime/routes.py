@@ -41,6 +41,7 @@ from fornax.api.realtime.protocol import (
 )
 from fornax.api.realtime.worker import DecodeWorker
 from fornax.api.server.state import AppState
+from fornax.runtime.loaders.speech_models import WhisperInfo
 from fornax.audio.features import SAMPLE_RATE
 from fornax.audio.streaming import StreamingTranscriber, StreamOutput, VadNotice
 
@@ -154,9 +155,10 @@ class RealtimeConnection:
         self.closed = False
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         self.intent = (query.get("intent") or [""])[-1]
-        self.info: Any = None
-        self.tr: Any = None
-        self.worker: Any = None
+        # set by run() before any handler exists
+        self.info: WhisperInfo
+        self.tr: StreamingTranscriber
+        self.worker: DecodeWorker
         self.handler: VllmHandler | OpenAIHandler | None = None
         self.max_buffer = int(self.settings.realtime_max_buffer_s * SAMPLE_RATE)
 

@@ -14,6 +14,7 @@ import struct
 import sys
 import tempfile
 import time
+from io import BufferedReader
 from typing import Any
 
 import gguf
@@ -147,7 +148,7 @@ def _content_hash(path: pathlib.Path, st: os.stat_result, gguf_dir: pathlib.Path
     return digest
 
 
-def _sha256_file(f: Any) -> str:
+def _sha256_file(f: BufferedReader) -> str:
     if hasattr(hashlib, "file_digest"):
         return hashlib.file_digest(f, "sha256").hexdigest()
     h = hashlib.sha256()  # Python 3.10
@@ -245,7 +246,7 @@ class _PlainArrayReader(gguf.GGUFReader):
         self._plain_data = np.asarray(value)
 
 
-def _open_reader(path: pathlib.Path) -> Any:
+def _open_reader(path: pathlib.Path) -> gguf.GGUFReader:
     try:
         reader = _PlainArrayReader(path)
     except Exception as exc:  # numpy/struct/ValueError from a damaged header or truncated data
@@ -257,7 +258,7 @@ def _open_reader(path: pathlib.Path) -> Any:
     return reader
 
 
-def _check_tensors(path: pathlib.Path, reader: Any) -> None:
+def _check_tensors(path: pathlib.Path, reader: gguf.GGUFReader) -> None:
     """Fail before any work on truncated data or quantization types the gguf package cannot read."""
     from gguf.quants import _type_traits
 
@@ -279,7 +280,7 @@ def _check_tensors(path: pathlib.Path, reader: Any) -> None:
 class _Metadata:
     """Typed access to the GGUF key/value fields, with errors that name the file and key."""
 
-    def __init__(self, reader: Any, path: pathlib.Path) -> None:
+    def __init__(self, reader: gguf.GGUFReader, path: pathlib.Path) -> None:
         self._fields = reader.fields
         self._path = path
 
@@ -318,7 +319,7 @@ class _Metadata:
 
 
 def _build_config(
-    meta: _Metadata, arch: str, tensors: dict[str, Any], path: pathlib.Path
+    meta: _Metadata, arch: str, tensors: dict[str, gguf.ReaderTensor], path: pathlib.Path
 ) -> dict[str, Any]:
     def num(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -376,7 +377,8 @@ def _build_config(
 
 
 def _rope_scaling(
-    meta: _Metadata, arch: str, config: dict[str, Any], tensors: dict[str, Any], path: pathlib.Path
+    meta: _Metadata, arch: str, config: dict[str, Any], tensors: dict[str, gguf.ReaderTensor],
+    path: pathlib.Path,
 ) -> dict[str, Any] | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
@@ -402,7 +404,9 @@ def _rope_scaling(
     raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}")
 
 
-def _llama3_rope_scaling(tensor: Any, config: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
+def _llama3_rope_scaling(
+    tensor: gguf.ReaderTensor, config: dict[str, Any], path: pathlib.Path
+) -> dict[str, Any]:
     """Recover Llama-3.x rope_scaling from llama.cpp's per-frequency `rope_freqs` factors."""
     factors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
     head_dim, theta = config["head_dim"], config["rope_theta"]
@@ -496,13 +500,14 @@ def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_weights(
-    path: pathlib.Path, reader: Any, arch: str, config: dict[str, Any], out: pathlib.Path
+    path: pathlib.Path, reader: gguf.GGUFReader, arch: str, config: dict[str, Any],
+    out: pathlib.Path,
 ) -> None:
     """Dequantize every tensor to float32 and stream it into one safetensors file."""
     from gguf.quants import dequantize
     from tqdm import tqdm
 
-    plan: list[tuple[str, Any, tuple[int, ...]]] = []
+    plan: list[tuple[str, gguf.ReaderTensor, tuple[int, ...]]] = []
     seen: set[str] = set()
     for t in reader.tensors:
         try:

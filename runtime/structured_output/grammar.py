@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,10 +25,13 @@ from fornax.runtime.structured_output.grammar_pool import (
 )
 from fornax.runtime.sampling.params import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
 logger = logging.getLogger(__name__)
 
 
-def _vocab_type(tokenizer_json: dict[str, Any]) -> Any:
+def _vocab_type(tokenizer_json: dict[str, Any]) -> xgr.VocabType:
     import xgrammar as xgr
 
     decoder = json.dumps(tokenizer_json.get("decoder") or {})
@@ -51,7 +54,7 @@ _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
-def _strict_json_strings(grammar: Any) -> Any:
+def _strict_json_strings(grammar: xgr.Grammar) -> xgr.Grammar:
     import xgrammar as xgr
 
     text = str(grammar)
@@ -84,7 +87,7 @@ class StructuredOutputManager:
         self._holds: dict[bytes, int] = {}  # requests that will want the grammar pinned
         self._compiles = GrammarCompilePool(self.limits)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # bitmasks
-        self._ready: Future | None = None
+        self._ready: Future[xgr.GrammarCompiler] | None = None
 
     def prewarm(self) -> None:
         """Import xgrammar and build the tokenizer info in the background (a server calls this
@@ -93,7 +96,7 @@ class StructuredOutputManager:
             if self._ready is None:
                 self._ready = self._pool.submit(self._make_compiler)
 
-    def _make_compiler(self) -> Any:
+    def _make_compiler(self) -> xgr.GrammarCompiler:
         import xgrammar as xgr
 
         tok = json.loads((self.model_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -159,11 +162,12 @@ class StructuredOutputManager:
         self._inflight[key] = job
         return job
 
-    def _compiler_ready(self) -> Any:
+    def _compiler_ready(self) -> xgr.GrammarCompiler:
         self.prewarm()
-        return self._ready.result()  # type: ignore[union-attr]
+        assert self._ready is not None  # prewarm set it
+        return self._ready.result()
 
-    def _compile_in_pool(self, params: StructuredOutputsParams) -> Any:
+    def _compile_in_pool(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         return self._compile(self._compiler_ready(), params)
 
     def _finish(self, key: bytes, kind: str, job: CompileJob) -> None:
@@ -179,7 +183,8 @@ class StructuredOutputManager:
                     logger.warning("a %s constraint is too complex: %s", kind, job.error)
                 self.cache.put(key, Failure(failure_message(kind, job.error)))
 
-    def _compile(self, compiler: Any, p: StructuredOutputsParams) -> Any:
+    def _compile(self, compiler: xgr.GrammarCompiler,
+                 p: StructuredOutputsParams) -> xgr.CompiledGrammar:
         import xgrammar as xgr
 
         any_ws = not p.disable_any_whitespace
@@ -196,16 +201,18 @@ class StructuredOutputManager:
         if p.kind == "json_object":
             return compiler.compile_builtin_json_grammar()
         if p.kind == "regex":
+            assert p.regex is not None  # validated: the kind's own field is set
             return compiler.compile_regex(p.regex)
         if p.kind == "choice":
             return compiler.compile_grammar(_choice_grammar(p.choice or []))
         if p.kind == "grammar":
+            assert p.grammar is not None  # validated: the kind's own field is set
             return compiler.compile_grammar(p.grammar)
         tag = p.structural_tag if isinstance(p.structural_tag, str) else json.dumps(
             p.structural_tag)
         return compiler.compile_grammar(_strict_json_strings(xgr.Grammar.from_structural_tag(tag)))
 
-    def new_matcher(self, params: StructuredOutputsParams) -> Any:
+    def new_matcher(self, params: StructuredOutputsParams) -> xgr.GrammarMatcher:
         import xgrammar as xgr
 
         matcher = xgr.GrammarMatcher(self.compile(params))
@@ -235,7 +242,7 @@ def failure_message(kind: str, exc: BaseException) -> str:
     return f"invalid {kind} constraint: {exc}"  # xgrammar raises RuntimeError/ValueError
 
 
-def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
+def fill_bitmask(matchers: list[xgr.GrammarMatcher | None], vocab_size: int) -> torch.Tensor:
     """[len(matchers), ceil(vocab/32)] int32 bitmask; rows with no matcher allow everything."""
     import xgrammar as xgr
 

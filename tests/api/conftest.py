@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from helpers.api_server import MAIN_ARGS, SURFACES_ARGS, ServerProcess, serving, tiny_model_path
 from helpers.thinker import thinker_args, thinker_model
 

@@ -11,6 +11,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+
 from helpers.api_server import API_KEYS
 from helpers.thinker import end_think_id
 

@@ -12,9 +12,16 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from helpers.api_server import serving, sse_events
+
 from fornax.audio.decode import decode_audio
-from helpers.whisper_fixtures import AUDIO_DIR, manifest, normalize_words, packaged_whisper, word_error_rate
+from helpers.api_server import serving, sse_events
+from helpers.whisper_fixtures import (
+    AUDIO_DIR,
+    manifest,
+    normalize_words,
+    packaged_whisper,
+    word_error_rate,
+)
 
 pytestmark = pytest.mark.slow
 LIMIT_MB = 0.25

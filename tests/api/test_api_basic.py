@@ -9,6 +9,7 @@ import sys
 import httpx
 import openai
 import pytest
+
 from helpers.api_server import API_KEYS, auth, tiny_model_path
 
 

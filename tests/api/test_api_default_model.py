@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from helpers.api_server import serving
 
 pytestmark = pytest.mark.slow

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+
 from helpers.api_server import SURFACES_KV_MIB as KV_MIB
 from helpers.api_server import auth
 

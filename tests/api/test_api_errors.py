@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from helpers.api_server import API_KEYS, auth, raw_request
 
 from fornax.api.server.app import ROUTES
+from helpers.api_server import API_KEYS, auth, raw_request
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+
 from helpers.api_server import (
     REPO_ROOT,
     ServerProcess,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+
 from helpers.api_server import API_KEYS, auth
 
 MODEL = "tiny"

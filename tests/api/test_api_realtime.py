@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+
 from fornax.audio.decode import decode_audio, resample
 from fornax.audio.streaming import is_break, stable_prefix
 from fornax.audio.vad import EnergyVad, VadConfig
@@ -558,6 +559,7 @@ def test_bench_realtime_writes_a_valid_record(server, tmp_path):
 @pytest.mark.slow
 def test_a_text_model_answers_with_an_error_event_and_closes(main_server):
     import websockets
+
     from helpers.api_server import API_KEYS
 
     server = main_server  # tiny llama, --allowed-origins http://good.example

@@ -12,13 +12,13 @@ import time
 import httpx
 import openai
 import pytest
-from helpers.thinker import end_think_id
 
 from fornax.api.responses.store import (
     MemoryResponseStore,
     SQLiteResponseStore,
     StoredResponse,
 )
+from helpers.thinker import end_think_id
 
 GREEDY = {"temperature": 0}
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city",

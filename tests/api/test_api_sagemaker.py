@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from helpers.api_server import ServerProcess, auth, serving, sse_events
 
-from fornax.api.server.errors import APIError
 from fornax.api.routes.sagemaker import route_for
+from fornax.api.server.errors import APIError
+from helpers.api_server import ServerProcess, auth, serving, sse_events
 from tools.make_tiny_bert import tiny_bert_dir
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about the sea."}],

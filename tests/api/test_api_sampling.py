@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from helpers.api_server import auth
 
 
@@ -89,10 +90,9 @@ def test_penalties_bad_words_and_repetition_detection_reach_the_engine(http):
 
 
 def test_beam_search_matches_the_offline_engine(http):
-    from helpers.api_server import tiny_model_path
-
     from fornax.runtime import LLM
     from fornax.runtime.sampling.beam_search import BeamSearchParams
+    from helpers.api_server import tiny_model_path
 
     prompt = "The inference server schedules requests"
     greedy = _complete(http, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=True)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
+
 from helpers.api_server import auth, sse_events
 
 HEADER = "x-fornax-structured-output-backend"

@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+
 from helpers.api_server import sse_events
 from helpers.thinker import end_think_id
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from helpers.fuzzing.campaign import leftovers, run_campaign
 from helpers.fuzzing.fleet import Fleet
 from helpers.fuzzing.realtime import run_realtime

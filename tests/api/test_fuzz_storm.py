@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from helpers.fuzzing.fleet import Fleet
 from helpers.fuzzing.routes import GEN
 from helpers.fuzzing.storm import abort_storm, overload_burst

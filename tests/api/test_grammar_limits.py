@@ -12,11 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers.api_server import ServerProcess, tiny_model_path
 
 from fornax.runtime.config import StructuredOutputsConfig
 from fornax.runtime.structured_output.grammar_cache import Failure, GrammarCache
-from fornax.runtime.structured_output.grammar_pool import GrammarBusy, GrammarCompilePool, GrammarTooComplex
+from fornax.runtime.structured_output.grammar_pool import (
+    GrammarBusy,
+    GrammarCompilePool,
+    GrammarTooComplex,
+)
+from helpers.api_server import ServerProcess, tiny_model_path
 
 LIMIT_S = 0.2
 

@@ -9,12 +9,12 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from helpers.api_server import auth
 
 from fornax.runtime import limits
-from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import EngineCoreRequest
+from fornax.runtime.errors import RequestError
 from fornax.runtime.sampling.params import SamplingParams
+from helpers.api_server import auth
 
 VOCAB = 512  # tools/make_tiny_model.py's MODEL_VOCAB
 

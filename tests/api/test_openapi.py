@@ -9,11 +9,11 @@ import re
 import httpx
 import jsonschema
 import pytest
-from helpers.api_server import API_KEYS, auth, tiny_model_path
 from openapi_spec_validator import validate
 
 from fornax.api.server.app import ROUTES
 from fornax.api.server.openapi import OPERATIONS, build_document
+from helpers.api_server import API_KEYS, auth, tiny_model_path
 
 
 @pytest.fixture(scope="module")

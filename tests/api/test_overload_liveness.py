@@ -14,14 +14,14 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from helpers.api_server import ServerProcess, post_concurrently, tiny_model_path
 
 from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
-from fornax.runtime.scheduler.request import Request, RequestStatus
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.scheduler.request import Request, RequestStatus
 from fornax.runtime.scheduler.scheduler import Scheduler
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue
+from helpers.api_server import ServerProcess, post_concurrently, tiny_model_path
 
 
 # ---- aborts are O(1) per request ------------------------------------------------------------
@@ -192,8 +192,8 @@ def test_a_stalled_worker_has_its_requests_aborted_with_503() -> None:
     import queue
     from types import SimpleNamespace
 
-    from fornax.runtime.engine.process import EngineCoreProcess
     from fornax.runtime.engine.messages import EngineSpec
+    from fornax.runtime.engine.process import EngineCoreProcess
 
     aborted: list[list[str]] = []
     proc = EngineCoreProcess(EngineSpec("m", {}, "/nonexistent", "ipc://x", 1))

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers.api_server import ServerProcess
-from helpers.pooling_fixtures import DOCS, QUERY, minilm_path
 
 from fornax.runtime import LLM
+from helpers.api_server import ServerProcess
+from helpers.pooling_fixtures import DOCS, QUERY, minilm_path
 from tools.make_tiny_bert import tiny_bert_dir
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -198,8 +198,8 @@ def test_generation_routes_and_wrong_tasks_are_501(servers) -> None:
 def test_pooling_routes_on_a_generation_model_are_501() -> None:
     from types import SimpleNamespace
 
-    from fornax.api.server.errors import APIError
     from fornax.api.routes.pooling_common import require_task
+    from fornax.api.server.errors import APIError
     from fornax.runtime.engine.messages import EngineHandshake
 
     info = EngineHandshake(ready=True, architecture="LlamaForCausalLM")  # runner "generate"

@@ -11,7 +11,6 @@ import time
 import httpx
 import msgspec
 import pytest
-from helpers.api_server import API_KEYS, ServerProcess, auth, tiny_model_path
 
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.responses.store import (
@@ -22,6 +21,7 @@ from fornax.api.responses.store import (
     owner_of,
 )
 from fornax.api.responses.stream import ResponseRun
+from helpers.api_server import API_KEYS, ServerProcess, auth, tiny_model_path
 
 A, B = auth(API_KEYS[0]), auth(API_KEYS[1])
 RECORD_CAP = 32 * 1024

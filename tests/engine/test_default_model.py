@@ -7,8 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fornax.runtime import LLM, SamplingParams
-from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.loaders.default_model import default_model_path
 from fornax.runtime.loaders.gguf_loader import prepare_gguf
 
 pytestmark = pytest.mark.slow
@@ -27,22 +25,14 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=8)
 
 
 @pytest.fixture(scope="module")
-def gguf():
-    try:
-        return default_model_path()
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def default_llm(gguf):
+def default_llm(packaged_gguf):
     return LLM(**ENGINE_ARGS)  # no model: the packaged GGUF, prepared once into the cache
 
 
-def test_greedy_chat_matches_transformers_token_for_token(gguf, default_llm) -> None:
+def test_greedy_chat_matches_transformers_token_for_token(packaged_gguf, default_llm) -> None:
     # The prepared folder's weights are bit-identical to transformers' own GGUF load
     # (tests/engine/test_gguf_smollm2.py), so HF on that folder is HF on the GGUF.
-    folder = prepare_gguf(gguf)
+    folder = prepare_gguf(packaged_gguf)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params = SamplingParams(temperature=0, max_tokens=48)
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
@@ -56,8 +46,8 @@ def test_greedy_chat_matches_transformers_token_for_token(gguf, default_llm) -> 
     assert "Paris" in outs[0].outputs[0].text
 
 
-def test_hf_folder_of_the_same_model_gives_identical_outputs(gguf, default_llm) -> None:
-    folder_llm = LLM(str(prepare_gguf(gguf)), **ENGINE_ARGS)
+def test_hf_folder_of_the_same_model_gives_identical_outputs(packaged_gguf, default_llm) -> None:
+    folder_llm = LLM(str(prepare_gguf(packaged_gguf)), **ENGINE_ARGS)
     params = SamplingParams(temperature=0.7, seed=3, max_tokens=24)
     a = default_llm.generate(QUESTIONS[:4], params)
     b = folder_llm.generate(QUESTIONS[:4], params)

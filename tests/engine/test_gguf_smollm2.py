@@ -14,29 +14,19 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 
-from fornax.runtime.errors import ModelLoadError
-from fornax.runtime.loaders.default_model import default_model_path
 from fornax.runtime.loaders.gguf_loader import prepare_gguf
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gguf_file():
-    try:
-        return default_model_path()
-    except ModelLoadError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def prepared(gguf_file, tmp_path_factory):
+def prepared(packaged_gguf, tmp_path_factory):
     cache = tmp_path_factory.mktemp("fornax_cache")
     t0 = time.perf_counter()
-    folder = prepare_gguf(gguf_file, cache)
+    folder = prepare_gguf(packaged_gguf, cache)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = prepare_gguf(gguf_file, cache)
+    again = prepare_gguf(packaged_gguf, cache)
     state_dict = load_file(again / "model.safetensors")
     cached = time.perf_counter() - t0
     print(f"\nSmolLM2 prepare: first {first:.2f} s, cached prepare+load_file {cached:.3f} s")
@@ -45,9 +35,9 @@ def prepared(gguf_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(gguf_file):
+def hf_tokenizer(packaged_gguf):
     return transformers.AutoTokenizer.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name
+        str(packaged_gguf.parent), gguf_file=packaged_gguf.name
     )
 
 
@@ -55,7 +45,7 @@ def test_cached_prepare_is_fast(prepared):
     assert prepared["cached_s"] < 2.0, prepared
 
 
-def test_weights_equal_transformers_gguf_loader(prepared, gguf_file):
+def test_weights_equal_transformers_gguf_loader(prepared, packaged_gguf):
     cfg = json.loads((prepared["folder"] / "config.json").read_text())
     expected = {  # MODELS.md
         "hidden_size": 576,
@@ -76,8 +66,8 @@ def test_weights_equal_transformers_gguf_loader(prepared, gguf_file):
     # Passing our config skips transformers' second GGUF metadata parse (~10 s); the weights (and
     # the Q/K head counts it de-permutes with) still come from its own reading of the GGUF file.
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent),
-        gguf_file=gguf_file.name,
+        str(packaged_gguf.parent),
+        gguf_file=packaged_gguf.name,
         config=transformers.AutoConfig.from_pretrained(prepared["folder"]),
         dtype=torch.float32,
     )

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+
 from helpers.api_server import tiny_model_path
 
 ADDED = ("<think>", "</think>", "<tool_call>", "</tool_call>")

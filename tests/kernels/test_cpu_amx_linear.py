@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fornax.runtime.kernels.amx_linear import (
     AMX_MAX_ROWS,
     amx_linear,
@@ -12,8 +13,8 @@ from fornax.runtime.kernels.amx_linear import (
     pack_for_amx,
 )
 from fornax.runtime.kernels.packing import pack_weight, packed_linear
-from helpers.native import cpu_lacks
 from fornax.runtime.sampling.params import SamplingParams
+from helpers.native import cpu_lacks
 
 # the CPU's flags and the compiler decide the skip; where both exist the kernel must work
 pytestmark = cpu_lacks("amx_bf16", "amx_tile")

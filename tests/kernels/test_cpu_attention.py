@@ -8,9 +8,8 @@ import torch
 from fornax.perf.cpu_attention import paged_step
 from fornax.runtime.attention.backend import make_attention_backend
 from fornax.runtime.attention.cpu_paged import CpuPagedBackend
-from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend
-
+from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 from helpers.native import cpu_lacks, no_compiler, require_kernel
 
 pytestmark = no_compiler

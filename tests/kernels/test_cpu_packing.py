@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.native import cpu_lacks, x86_64
-
 from fornax.runtime.kernels.packing import pack_weight, packed_linear, packing_supported
 from fornax.runtime.sampling.params import SamplingParams
+from helpers.native import cpu_lacks, x86_64
 
 # torch's x86 CPU build (what `make install` installs) packs bf16 weights: only another CPU
 # architecture is a reason to skip

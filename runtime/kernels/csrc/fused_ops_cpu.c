@@ -25,7 +25,8 @@ void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w
         const float scale = 1.f / sqrtf(sum / (float)dim + eps);
 #pragma omp simd
         for (int j = 0; j < dim; j++)
-            o[j] = float_to_bf16(bf16_to_float(weight[j]) * round_bf16(bf16_to_float(xr[j]) * scale));
+            o[j] =
+                float_to_bf16(bf16_to_float(weight[j]) * round_bf16(bf16_to_float(xr[j]) * scale));
     }
 }
 
@@ -56,7 +57,8 @@ void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, i
  * Returns -1 if a row holds a NaN, where torch's answer (the NaN's index) is left to torch. */
 int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_threads) {
     int has_nan = 0;
-#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * cols > 262144) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * cols > 262144)               \
+    schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (int64_t)r * cols;
         float best = -INFINITY;
@@ -85,10 +87,11 @@ int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_
  * contiguous): cos/sin rows come from float32 caches [max_pos, rotary_dim] indexed by position,
  * rounded to bf16 first, and each product and the sum rounded as the eager torch code does. */
 void fornax_rotary_bf16(uint16_t *x, int64_t token_stride, int64_t head_stride, int tokens,
-                        int heads, int rotary_dim, const int64_t *positions,
-                        const float *cos_cache, const float *sin_cache, int num_threads) {
+                        int heads, int rotary_dim, const int64_t *positions, const float *cos_cache,
+                        const float *sin_cache, int num_threads) {
     const int half = rotary_dim / 2;
-#pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim > 65536) schedule(static)
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim >       \
+                                                      65536) schedule(static)
     for (int t = 0; t < tokens; t++) {
         const float *cs = cos_cache + positions[t] * rotary_dim;
         const float *sn = sin_cache + positions[t] * rotary_dim;

@@ -37,7 +37,10 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    union { uint32_t u; float f; } c;
+    union {
+        uint32_t u;
+        float f;
+    } c;
     c.u = (uint32_t)((int32_t)n + 127) << 23;
     return p * c.f;
 }
@@ -55,8 +58,8 @@ static inline void widen_rows(const void *cache, int64_t base, int64_t row_strid
         }
     } else {
         const float *src = (const float *)cache + base;
-        for (int i = 0; i < n; i++) memcpy(dst + (int64_t)i * D, src + i * row_stride,
-                                           (size_t)D * sizeof(float));
+        for (int i = 0; i < n; i++)
+            memcpy(dst + (int64_t)i * D, src + i * row_stride, (size_t)D * sizeof(float));
     }
 }
 
@@ -96,10 +99,10 @@ static inline const uint16_t *cache_row(const uint16_t *cache, const int32_t *bl
  * instruction applies the softmax weights (rounded to bf16, as GPU kernels do), for up to
  * 16 / (2 * C32) query heads per sweep. Any block size: a score chunk stops at a block's end and
  * a value pair may span two blocks. */
-static inline __attribute__((always_inline)) void attend_head_bf16(
-    const uint16_t *q0, const uint16_t *cache, const int32_t *blocks, int seq_len, uint16_t *out0,
-    int G, int num_kv_heads, int block_size, int h_lo, int h_hi, float scale,
-    float *restrict scores, uint16_t *restrict probs, const int C32) {
+static inline __attribute__((always_inline)) void
+attend_head_bf16(const uint16_t *q0, const uint16_t *cache, const int32_t *blocks, int seq_len,
+                 uint16_t *out0, int G, int num_kv_heads, int block_size, int h_lo, int h_hi,
+                 float scale, float *restrict scores, uint16_t *restrict probs, const int C32) {
     enum { C16_MAX = MAX_HEAD_DIM / 16 };
     const int C16 = 2 * C32, D = 32 * C32, GS = 16 / C16;
     const int64_t row_stride = (int64_t)num_kv_heads * D;
@@ -109,41 +112,41 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
     float maxs[MAX_HEADS];
     for (int j = 0; j < nq; j++) maxs[j] = -3.0e38f;
     for (int p0 = 0, m; p0 < seq_len; p0 += m) {
-      const int room = block_size - p0 % block_size;
-      m = seq_len - p0 < room ? seq_len - p0 : room;
-      m = m < 16 ? m : 16;
-      const __mmask16 live = tail_mask16(m);
-      for (int h = h_lo; h < h_hi; h++) { /* all heads of a chunk: each row is read once, whole */
-        const uint16_t *k0 = cache_row(cache, blocks, p0, 0, h, D, block_size, row_stride);
-        if (p0 + PREFETCH_AHEAD < seq_len) {
-            const char *ahead = (const char *)cache_row(cache, blocks, p0 + PREFETCH_AHEAD, 0, h,
-                                                        D, block_size, row_stride);
-            for (int i = 0; i < 16; i++)
-                for (int c = 0; c < C32; c++)
-                    _mm_prefetch(ahead + i * row_stride * 2 + 64 * c, PREFETCH_HINT);
-        }
-        for (int g = 0; g < G; g++) {
-            const int j = (h - h_lo) * G + g;
-            const uint16_t *qg = q0 + (int64_t)j * D;
-            __m512bh qv[C16_MAX / 2];
-#pragma GCC unroll 8
-            for (int c = 0; c < C32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
-            __m512 dots[16];
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) {
-                const uint16_t *k = k0 + (i < m ? i : 0) * row_stride;
-                __m512 a = _mm512_setzero_ps();
-#pragma GCC unroll 8
-                for (int c = 0; c < C32; c++)
-                    a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
-                dots[4 * (i % 4) + i / 4] = a;
+        const int room = block_size - p0 % block_size;
+        m = seq_len - p0 < room ? seq_len - p0 : room;
+        m = m < 16 ? m : 16;
+        const __mmask16 live = tail_mask16(m);
+        for (int h = h_lo; h < h_hi; h++) { /* all heads of a chunk: each row is read once, whole */
+            const uint16_t *k0 = cache_row(cache, blocks, p0, 0, h, D, block_size, row_stride);
+            if (p0 + PREFETCH_AHEAD < seq_len) {
+                const char *ahead = (const char *)cache_row(cache, blocks, p0 + PREFETCH_AHEAD, 0,
+                                                            h, D, block_size, row_stride);
+                for (int i = 0; i < 16; i++)
+                    for (int c = 0; c < C32; c++)
+                        _mm_prefetch(ahead + i * row_stride * 2 + 64 * c, PREFETCH_HINT);
             }
-            const __m512 s = _mm512_mul_ps(sum_lanes16(dots), vscale);
-            _mm512_mask_storeu_ps(scores + (int64_t)j * seq_len + p0, live, s);
-            const float mx = _mm512_mask_reduce_max_ps(live, s);
-            maxs[j] = mx > maxs[j] ? mx : maxs[j];
+            for (int g = 0; g < G; g++) {
+                const int j = (h - h_lo) * G + g;
+                const uint16_t *qg = q0 + (int64_t)j * D;
+                __m512bh qv[C16_MAX / 2];
+#pragma GCC unroll 8
+                for (int c = 0; c < C32; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
+                __m512 dots[16];
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++) {
+                    const uint16_t *k = k0 + (i < m ? i : 0) * row_stride;
+                    __m512 a = _mm512_setzero_ps();
+#pragma GCC unroll 8
+                    for (int c = 0; c < C32; c++)
+                        a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+                    dots[4 * (i % 4) + i / 4] = a;
+                }
+                const __m512 s = _mm512_mul_ps(sum_lanes16(dots), vscale);
+                _mm512_mask_storeu_ps(scores + (int64_t)j * seq_len + p0, live, s);
+                const float mx = _mm512_mask_reduce_max_ps(live, s);
+                maxs[j] = mx > maxs[j] ? mx : maxs[j];
+            }
         }
-      }
     }
     float inv_sum[MAX_HEADS];
     for (int g = 0; g < nq; g++) {
@@ -152,9 +155,11 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
         inv_sum[g] = softmax_to_bf16(sg, pg, seq_len, seq_len + 2, maxs[g]);
     }
     /* word 2l of a pair vector = first position's element l, word 2l+1 = second's */
+    /* clang-format off */
     const __m512i interleave = _mm512_set_epi16(
         47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    /* clang-format on */
     for (int hg = 0; hg < (h_hi - h_lo) * ((G + GS - 1) / GS); hg++) {
         const int h = h_lo + hg / ((G + GS - 1) / GS), g0 = hg % ((G + GS - 1) / GS) * GS;
         const int j0 = (h - h_lo) * G;
@@ -163,7 +168,7 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
 #pragma GCC unroll 4
         for (int gi = 0; gi < GS; gi++) /* past G: repeat the last head, results dropped */
             w[gi] = (const int32_t *)(probs + (int64_t)(j0 + (g0 + gi < G ? g0 + gi : G - 1)) *
-                                              prob_stride);
+                                                  prob_stride);
 #pragma GCC unroll 16
         for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
         for (int p = 0; p < seq_len; p += 2) {
@@ -183,11 +188,12 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
             __m512bh vp[C16_MAX];
 #pragma GCC unroll 16
             for (int c = 0; c < C16; c++) {
-                const __m512i lo = _mm512_castsi256_si512(
-                    _mm256_loadu_si256((const __m256i *)(va + 16 * c)));
-                const __m512i hi = second ? _mm512_castsi256_si512(_mm256_loadu_si256(
-                                                (const __m256i *)(vb + 16 * c)))
-                                          : _mm512_setzero_si512();
+                const __m512i lo =
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(va + 16 * c)));
+                const __m512i hi =
+                    second
+                        ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(vb + 16 * c)))
+                        : _mm512_setzero_si512();
                 vp[c] = (__m512bh)_mm512_permutex2var_epi16(lo, interleave, hi);
             }
 #pragma GCC unroll 8
@@ -209,17 +215,23 @@ static inline __attribute__((always_inline)) void attend_head_bf16(
 
 /* attend_head_bf16 compiled for each head_dim it takes (32 to MAX_HEAD_DIM in steps of 32). */
 static void attend_bf16(const uint16_t *q0, const uint16_t *cache, const int32_t *blocks,
-                        int seq_len, uint16_t *out0, int G, int num_kv_heads, int D,
-                        int block_size, int h_lo, int h_hi, float scale, float *restrict scores,
+                        int seq_len, uint16_t *out0, int G, int num_kv_heads, int D, int block_size,
+                        int h_lo, int h_hi, float scale, float *restrict scores,
                         uint16_t *restrict probs) {
-#define ATTEND_C32(c32)                                                                          \
-    case c32:                                                                                    \
-        attend_head_bf16(q0, cache, blocks, seq_len, out0, G, num_kv_heads, block_size, h_lo,    \
-                         h_hi, scale, scores, probs, c32);                                       \
-        break;
-    switch (D / 32) {
-        ATTEND_C32(1) ATTEND_C32(2) ATTEND_C32(3) ATTEND_C32(4)
-        ATTEND_C32(5) ATTEND_C32(6) ATTEND_C32(7) ATTEND_C32(8)
+#define ATTEND_C32(c32)                                                                            \
+    case c32:                                                                                      \
+        attend_head_bf16(q0, cache, blocks, seq_len, out0, G, num_kv_heads, block_size, h_lo,      \
+                         h_hi, scale, scores, probs, c32);                                         \
+        break
+    switch (D / 32) { /* one compiled copy per head_dim */
+        ATTEND_C32(1);
+        ATTEND_C32(2);
+        ATTEND_C32(3);
+        ATTEND_C32(4);
+        ATTEND_C32(5);
+        ATTEND_C32(6);
+        ATTEND_C32(7);
+        ATTEND_C32(8);
     }
 #undef ATTEND_C32
 }
@@ -229,7 +241,7 @@ static void attend_bf16(const uint16_t *q0, const uint16_t *cache, const int32_t
 static void attend_one(const void *q, const void *cache, const int32_t *blocks, int seq_len,
                        void *out, int64_t q_row, int G, int num_kv_heads, int D, int block_size,
                        int kv_head, float scale, int is_bf16, float *restrict scores) {
-    const int64_t row_stride = (int64_t)num_kv_heads * D;       /* next position in a block */
+    const int64_t row_stride = (int64_t)num_kv_heads * D;         /* next position in a block */
     const int64_t half_stride = (int64_t)block_size * row_stride; /* K half -> V half */
     float qf[MAX_GROUP * MAX_HEAD_DIM], acc[MAX_GROUP * MAX_HEAD_DIM];
     float tile[MAX_BLOCK * MAX_HEAD_DIM];
@@ -353,8 +365,9 @@ int fornax_paged_decode(const void *q, const void *cache, const int32_t *block_t
             }
 #endif
             for (int h = h_lo; h < h_hi; h++)
-                attend_one(q, cache, blocks, seq_lens[s], out, seq_q_row + (int64_t)h * G * head_dim,
-                           G, num_kv_heads, head_dim, block_size, h, scale, is_bf16, scores);
+                attend_one(q, cache, blocks, seq_lens[s], out,
+                           seq_q_row + (int64_t)h * G * head_dim, G, num_kv_heads, head_dim,
+                           block_size, h, scale, is_bf16, scores);
         }
         free(scores);
 #ifdef HAVE_BF16_FAST_PATH

@@ -20,16 +20,16 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include "softmax_avx512.h"
 
-#define ROWS 6          /* query rows (token, head) per register tile */
-#define KEYS 16         /* key positions per packed block */
-#define QUERY_TILE 64   /* query tokens per work item */
+#define ROWS 6        /* query rows (token, head) per register tile */
+#define KEYS 16       /* key positions per packed block */
+#define QUERY_TILE 64 /* query tokens per work item */
 #define MAX_HEAD_DIM 256
 
 typedef struct {
-    uint32_t *kpack; /* [key block][head-dim pair][16 positions] bf16 pairs */
-    uint16_t *vpack; /* [position pair][head dim][2] bf16 */
-    float *scores;   /* [ROWS][padded keys] */
-    uint16_t *probs; /* [ROWS][padded keys] bf16 */
+    uint32_t *kpack;  /* [key block][head-dim pair][16 positions] bf16 pairs */
+    uint16_t *vpack;  /* [position pair][head dim][2] bf16 */
+    float *scores;    /* [ROWS][padded keys] */
+    uint16_t *probs;  /* [ROWS][padded keys] bf16 */
     int64_t keys_cap; /* positions the buffers hold (a multiple of 16) */
     int dim_cap;      /* head dim the packs were sized for */
 } Scratch;
@@ -114,8 +114,7 @@ static void attend_rows(const uint16_t *const *qrows, uint16_t *const *orows, co
         for (int p = 0; p < pairs; p++) {
             const __m512bh kv = (__m512bh)_mm512_load_si512(kp + p * KEYS);
             for (int r = 0; r < ROWS; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)q32[r][p]),
-                                          kv);
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)q32[r][p]), kv);
         }
         for (int r = 0; r < ROWS; r++)
             _mm512_store_ps(scratch.scores + r * stride + kb * KEYS, _mm512_mul_ps(acc[r], vscale));

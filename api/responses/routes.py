@@ -82,9 +82,10 @@ class ResponsesService:
 
 def service_of(req: Request) -> ResponsesService:
     state = req.state
-    if getattr(state, "responses", None) is None:
-        state.responses = ResponsesService(state.settings)
-    return state.responses
+    service = state.responses
+    if service is None:
+        service = state.responses = ResponsesService(state.settings)
+    return service
 
 
 def owner_of_request(req: Request) -> str:

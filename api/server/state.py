@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fornax.api.routes.chat_features import ChatFeatures
 from fornax.api.engine.client import EngineClient
@@ -15,6 +15,9 @@ from fornax.api.server.settings import ServerSettings
 from fornax.runtime.sampling.request_prep import generation_defaults
 from fornax.runtime.text.output_processor import OutputProcessor
 from fornax.runtime.text.tokenizer import TokenizerFront
+
+if TYPE_CHECKING:
+    from fornax.api.responses.routes import ResponsesService
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class AppState:
         self.draining = False
         self.chat_features = ChatFeatures.from_settings(settings)  # tool and reasoning parsers
         self.num_inflight = 0
-        self.responses: Any = None  # /v1/responses: store and background runs (on first use)
+        self.responses: ResponsesService | None = None  # /v1/responses: store and background runs (on first use)
 
     async def start(self) -> None:
         await self.engine.start()

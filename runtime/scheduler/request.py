@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fornax.runtime.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 
 class RequestStatus(enum.IntEnum):
@@ -58,7 +61,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
-    grammar: Any = None  # xgrammar matcher when the output is constrained
+    grammar: xgr.GrammarMatcher | None = None  # when the output is constrained
     grammar_active: bool = True  # False until the end-of-thinking marker (reasoning models)
     num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption-safe)
 

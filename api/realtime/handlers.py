@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 from fornax.api.realtime.protocol import (
     COMMIT_EMPTY,
@@ -69,7 +70,7 @@ class VllmHandler:
         pass
 
     def error_event(self, code: str, message: str, param: str | None,
-                    client_event_id: str | None) -> Any:
+                    client_event_id: str | None) -> msgspec.Struct:
         return ErrorEvent(message, code)
 
     async def handle(self, event: dict[str, Any], kind: str) -> None:
@@ -146,7 +147,7 @@ class OpenAIHandler:
         return session
 
     def error_event(self, code: str, message: str, param: str | None,
-                    client_event_id: str | None) -> Any:
+                    client_event_id: str | None) -> msgspec.Struct:
         return OpenAIError(OpenAIErrorInfo("invalid_request_error" if code != "processing_error"
                                            else "server_error", code, message, param,
                                            client_event_id))
@@ -234,7 +235,7 @@ class OpenAIHandler:
             item_id = self._item_ids[item] = f"item_{self.conn.session_id[-8:]}{item:04d}"
         return item_id
 
-    async def _end_item(self, item: int, *before: Any) -> None:
+    async def _end_item(self, item: int, *before: msgspec.Struct) -> None:
         """Commit the item: `before` (a speech stop), committed and item.created as one group,
         so a partial transcription delta of the item cannot fall between them."""
         item_id = self._item_id(item)

@@ -109,7 +109,7 @@ def decode_pcm16(event: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def encode(event: Any) -> str:
+def encode(event: msgspec.Struct) -> str:
     return _encoder.encode(event).decode()
 
 

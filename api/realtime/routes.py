@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
+import msgspec
 import numpy as np
 from fornax.api.routes.audio import is_transcription, whisper_info
 from fornax.api.server.errors import APIError
@@ -163,7 +164,7 @@ class RealtimeConnection:
         self.max_buffer = int(self.settings.realtime_max_buffer_s * SAMPLE_RATE)
 
     # ---- sending -------------------------------------------------------------------------------
-    async def send(self, *events: Any) -> None:
+    async def send(self, *events: msgspec.Struct) -> None:
         """Send events in order, as one group: no other task's event lands between them."""
         if self.closed:
             return

@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve serve-embed test lint clean serve-whisper fuzz
+.PHONY: install serve serve-embed test test-quick lint clean serve-whisper fuzz
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ serve-embed: $(STAMP)
 serve-whisper: $(STAMP)
 	$(VENV)/bin/fornax serve whisper-tiny.en --host $(HOST) --port $(PORT)
 
+# every test (the 20 slowest durations printed: CI runs this through .ci/run)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
+
+# the inner loop: no `slow` test (a packaged model, a `fornax serve` process, over ~5 s) and no
+# `gpu` test
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=10 tests
 
 # the long fuzzing campaign (10,000+ cases on every route, the realtime WebSocket, a 1,000-stream
 # abort storm, an overload burst); its summary lands in perf/results/fuzz-<seed>.json.

@@ -58,8 +58,18 @@ def _flashinfer_importable() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
+# Fixtures that start a `fornax serve` or load a packaged model (tests/api/conftest.py,
+# tests/engine/conftest.py): a test that uses one, even through another fixture, is `slow`.
+SLOW_FIXTURES = frozenset({"main_server", "surfaces_server", "thinker_server", "packaged_gguf"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests skip without CUDA; those also marked `flashinfer` skip without flashinfer."""
+    """Tests that use a SLOW_FIXTURES fixture are marked `slow`; `gpu` tests skip without CUDA,
+    and those also marked `flashinfer` skip without flashinfer (an optional extra)."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return

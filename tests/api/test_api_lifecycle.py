@@ -80,6 +80,7 @@ def no_template_model(tmp_path_factory):
     return dst
 
 
+@pytest.mark.slow
 def test_no_template_400_then_engine_death_gives_503_and_nonzero_exit(no_template_model):
     server = ServerProcess(str(no_template_model), "--served-model-name", "t",
                            env={"FORNAX_ENGINE_DEAD_GRACE_S": "3"}).wait_ready()
@@ -121,6 +122,7 @@ def options_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_server_and_request_chat_templates(options_server):
     http = httpx.Client(base_url=options_server.url, timeout=30)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
@@ -137,6 +139,7 @@ def test_server_and_request_chat_templates(options_server):
     assert http.get("/health").status_code == 200
 
 
+@pytest.mark.slow
 def test_queue_limit_answers_503_with_retry_after(options_server):
     results = [r for _, r in post_concurrently(options_server.url, 8, {**LONG, "max_tokens": 60})]
     codes = sorted(r.status_code for r in results)
@@ -147,6 +150,7 @@ def test_queue_limit_answers_503_with_retry_after(options_server):
             assert "max-num-queued-reqs" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):
     server = options_server
     sock = open_stream(server.port, {**LONG, "max_tokens": 1500, "stream": True}, key=None)
@@ -155,6 +159,7 @@ def test_sigterm_lets_inflight_requests_finish_and_exits_0(options_server):
     assert server.proc.wait(timeout=30) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_aborts_what_does_not_finish_within_the_timeout():
     server = ServerProcess(str(tiny_model_path("llama")), "--shutdown-timeout", "0.3",
                            "--max-num-seqs", "2").wait_ready()
@@ -175,6 +180,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_unsupported_and_invalid_flags_fail_fast():
     model = str(tiny_model_path("llama"))
     for flags, expect in ((["--tool-call-parser", "nope"], "unknown tool-call parser"),

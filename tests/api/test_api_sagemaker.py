@@ -88,6 +88,7 @@ def test_invocations_refusals(http, main_server):
     assert httpx.post(main_server.url + "/invocations", json=CHAT).status_code == 401
 
 
+@pytest.mark.slow
 def test_invocations_on_a_cross_encoder(cross):
     def both(server: ServerProcess, path: str, body: dict) -> tuple[dict, dict]:
         via = httpx.post(server.url + "/invocations", json=body, timeout=60)

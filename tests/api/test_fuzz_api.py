@@ -17,6 +17,7 @@ from helpers.fuzzing.realtime import run_realtime
 from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, ROUTE_NAMES
 from helpers.whisper_fixtures import packaged_whisper
 
+pytestmark = pytest.mark.slow  # four servers and a 500-case campaign
 SEED = 20261207
 CASES = 500
 REALTIME_SESSIONS = 20

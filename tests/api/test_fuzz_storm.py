@@ -13,6 +13,7 @@ from helpers.fuzzing.fleet import Fleet
 from helpers.fuzzing.routes import GEN
 from helpers.fuzzing.storm import abort_storm, overload_burst
 
+pytestmark = pytest.mark.slow  # two servers, a 100-stream storm and a burst
 STREAMS = 100
 BURST = 64
 QUEUE_BOUND = 8

@@ -159,6 +159,7 @@ def _too_complex(resp: httpx.Response, param: str) -> None:
     assert "grammar too complex" in err["message"] and err["param"] == param, err
 
 
+@pytest.mark.slow
 def test_too_complex_is_400_while_others_are_served(server, http) -> None:
     engine = server.engine_pid()
     schema = pathological(1)
@@ -180,6 +181,7 @@ def test_too_complex_is_400_while_others_are_served(server, http) -> None:
     assert http.get("/health").status_code == 200 and server.engine_pid() == engine
 
 
+@pytest.mark.slow
 def test_full_pool_is_503_with_retry_after_and_recovers(server, http) -> None:
     engine = server.engine_pid()
     with ThreadPoolExecutor(5) as pool:
@@ -203,6 +205,7 @@ def test_full_pool_is_503_with_retry_after_and_recovers(server, http) -> None:
     assert http.get("/health").status_code == 200 and server.engine_pid() == engine
 
 
+@pytest.mark.slow
 def test_abort_while_compiling_leaves_the_engine_clean(server, http) -> None:
     schema = pathological(7)
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 8, "stream": True,

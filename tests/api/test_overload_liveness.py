@@ -57,6 +57,7 @@ def _fill_and_abort(n: int, policy: str) -> float:
     return took
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_aborting_many_waiting_requests_scales_linearly(policy: str) -> None:
     small = min(_fill_and_abort(10_000, policy) for _ in range(3))
@@ -236,6 +237,7 @@ def burst_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_overload_burst_admits_the_bound_and_refuses_the_rest_at_once(burst_server):
     url = burst_server.url
     results = post_concurrently(url, 10, {**LONG, "max_tokens": 400})
@@ -267,6 +269,7 @@ def liveness_server():
     server.stop()
 
 
+@pytest.mark.slow
 def test_default_queue_bound_is_set_and_logged(liveness_server):
     log = liveness_server.log()
     match = re.search(r"at most (\d+) requests in flight \(--max-num-queued-reqs: the default",
@@ -275,6 +278,7 @@ def test_default_queue_bound_is_set_and_logged(liveness_server):
     assert int(match.group(1)) >= 2 * 256  # at least two full batches of --max-num-seqs
 
 
+@pytest.mark.slow
 def test_watchdog_turns_health_503_while_the_engine_is_stalled(liveness_server):
     url = liveness_server.url
     assert httpx.get(url + "/health", timeout=10).status_code == 200
@@ -291,6 +295,7 @@ def test_watchdog_turns_health_503_while_the_engine_is_stalled(liveness_server):
     assert box and box[0].status_code == 200, box
 
 
+@pytest.mark.slow
 def test_deadline_aborts_a_long_request_and_frees_its_blocks(liveness_server):
     url = liveness_server.url
     r = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 480},
@@ -307,6 +312,7 @@ def test_deadline_aborts_a_long_request_and_frees_its_blocks(liveness_server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-timeout"
 
 
+@pytest.mark.slow
 def test_health_is_503_while_draining_after_sigterm(liveness_server):
     server = liveness_server
     url = server.url

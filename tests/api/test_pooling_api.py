@@ -17,6 +17,7 @@ from helpers.api_server import ServerProcess
 from helpers.pooling_fixtures import DOCS, QUERY, minilm_path
 from tools.make_tiny_bert import tiny_bert_dir
 
+pytestmark = pytest.mark.slow  # the packaged MiniLM and three servers
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 

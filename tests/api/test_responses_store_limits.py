@@ -59,6 +59,7 @@ def _create(http: httpx.Client, key: dict[str, str], **body) -> httpx.Response:
                      json={"model": "tiny", "input": "hi", "max_output_tokens": 2, **body})
 
 
+@pytest.mark.slow
 def test_a_client_request_id_is_never_the_response_id(http):
     r = _create(http, A, request_id="my-id")
     assert r.status_code == 200, r.text
@@ -80,6 +81,7 @@ def _error(r: httpx.Response, status: int, param: str | None = None) -> None:
         assert r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.slow
 def test_another_keys_response_does_not_exist_for_it(http):
     rid = _create(http, A).json()["id"]
     assert http.get(f"/v1/responses/{rid}", headers=A).json()["id"] == rid
@@ -107,6 +109,7 @@ def _wait_status(http: httpx.Client, rid: str, statuses: set[str]) -> dict:
     raise AssertionError(f"{rid} never reached {statuses}")
 
 
+@pytest.mark.slow
 def test_background_is_owned_and_capped_per_key(http):
     started, refused = [], []
     for _ in range(http.workers + 1):  # one per worker at most: at least one refusal
@@ -130,6 +133,7 @@ def test_background_is_owned_and_capped_per_key(http):
     assert _wait_status(http, rid, {"cancelled"})["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_record_and_count_caps(http):
     big = {"note": "x" * RECORD_CAP}  # stored with the response, never shown to the model
     _error(_create(http, A, metadata=big), 400, "store")

@@ -331,6 +331,7 @@ def _completion(server, request_id: str, **extra) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
 
 
+@pytest.mark.slow
 def test_server_fails_the_faulty_request_with_a_500_and_serves_the_rest(fault_server):
     results: dict[str, httpx.Response] = {}
     threads = [threading.Thread(target=lambda rid=rid: results.__setitem__(
@@ -349,6 +350,7 @@ def test_server_fails_the_faulty_request_with_a_500_and_serves_the_rest(fault_se
     assert _completion(fault_server, "fine-2").status_code == 200
 
 
+@pytest.mark.slow
 def test_server_stream_ends_with_an_error_event_then_done(fault_server):
     with httpx.stream("POST", fault_server.url + "/v1/completions", timeout=60, json={
             "model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0.0,
@@ -361,6 +363,7 @@ def test_server_stream_ends_with_an_error_event_then_done(fault_server):
     assert httpx.get(fault_server.url + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, param", [
     ({"min_tokens": 1, "stop_token_ids": [1_000_000_000]}, "stop_token_ids"),
     ({"temperature": 1.0, "top_k": 2147483648}, "top_k"),
@@ -373,6 +376,7 @@ def test_server_refuses_the_issue_repros_with_a_400(fault_server, extra, param):
     assert _completion(fault_server, "after-repro").status_code == 200
 
 
+@pytest.mark.slow
 def test_server_input_thread_survives_a_failure_while_taking_a_request():
     """A bug on the engine's input thread fails that request (500), not admission itself."""
     fault = {"stage": "input", "request_id_contains": "boom"}
@@ -390,6 +394,7 @@ def test_server_input_thread_survives_a_failure_while_taking_a_request():
         assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_server_dies_after_consecutive_failed_steps():
     server = ServerProcess(str(tiny_model_path("llama")), "--max-model-len", "512",
                            "--served-model-name", "tiny",

@@ -56,6 +56,7 @@ def _sentence_transformers_reference(path: Path, sentences: list[str]) -> np.nda
     return out
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers_on_200_sentences(minilm: LLM) -> None:
     sentences = varied_sentences(200)
     ours = np.array([o.outputs.embedding for o in minilm.embed(sentences)])
@@ -68,6 +69,7 @@ def test_minilm_matches_sentence_transformers_on_200_sentences(minilm: LLM) -> N
     assert (info.pooling_type, info.normalize, info.max_model_len) == ("MEAN", True, 256)
 
 
+@pytest.mark.slow
 def test_many_small_requests_fill_one_forward_and_keep_their_order(minilm: LLM) -> None:
     sentences = varied_sentences(40, seed=1)
     steps = minilm.engine.num_steps
@@ -77,6 +79,7 @@ def test_many_small_requests_fill_one_forward_and_keep_their_order(minilm: LLM) 
     assert np.allclose(together[:5], alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_score_by_cosine_and_truncation_limits(minilm: LLM) -> None:
     scores = [o.outputs.score for o in minilm.score(QUERY, DOCS)]
     embs = np.array([o.outputs.embedding for o in minilm.embed([QUERY, *DOCS])])
@@ -94,6 +97,7 @@ def test_score_by_cosine_and_truncation_limits(minilm: LLM) -> None:
         minilm.embed("x", dimensions=8)
 
 
+@pytest.mark.slow
 def test_generation_calls_on_a_pooling_model_are_refused(minilm: LLM) -> None:
     with pytest.raises(RequestError, match="pooling model"):
         minilm.generate("hello", SamplingParams(max_tokens=2))

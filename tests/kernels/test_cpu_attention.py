@@ -10,6 +10,7 @@ from fornax.runtime.attention.backend import make_attention_backend
 from fornax.runtime.attention.cpu_paged import CpuPagedBackend
 from fornax.runtime.attention.torch_ref import TorchRefBackend
 from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
+from helpers.bench import run_bench
 from helpers.native import cpu_lacks, no_compiler, require_kernel
 
 pytestmark = no_compiler
@@ -122,19 +123,9 @@ def test_prefill_kernel_matches_torch_ref_on_long_and_chunked_prompts(heads, kv_
 
 
 def test_bench_cpu_attention_writes_a_valid_record(tmp_path):
-    import json
-
-    from fornax.perf.cli import main
-    from fornax.perf.schema import validate_record
-
-    out = tmp_path / "cpu_attention.json"
-    rc = main(["cpu-attention", "--batch-sizes", "1,3", "--context-len", "40",
-               "--prompt-lens", "20", "--chunk", "9:17", "--num-layers", "2", "--rounds", "1",
-               "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "64",
-               "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert rec["kind"] == "cpu_attention" and validate_record(rec) == []
+    rec = run_bench(tmp_path, "cpu-attention", "--batch-sizes", "1,3", "--context-len", "40",
+                    "--prompt-lens", "20", "--chunk", "9:17", "--num-layers", "2", "--rounds", "1",
+                    "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "64")
     m = rec["metrics"]
     for case in ("decode_b1", "decode_b3", "prefill_q20", "chunk_q9_ctx17"):
         assert m[f"torch_ref_ms_{case}"] > 0 and m[f"cpu_paged_ms_{case}"] > 0

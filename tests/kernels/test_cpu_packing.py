@@ -7,6 +7,7 @@ import torch
 
 from fornax.runtime.kernels.packing import pack_weight, packed_linear, packing_supported
 from fornax.runtime.sampling.params import SamplingParams
+from helpers.bench import run_bench
 from helpers.native import cpu_lacks, x86_64
 
 # torch's x86 CPU build (what `make install` installs) packs bf16 weights: only another CPU
@@ -68,22 +69,13 @@ def test_float32_models_do_not_pack(make_llm):
                                                                                "amx_tile"))])
 def test_bench_cpu_linear_writes_a_valid_record(tmp_path, monkeypatch, with_amx):
     """oneDNN alone on CPUs without AMX; both kernels and their ratio where AMX exists."""
-    import json
 
     import fornax.runtime.kernels.amx_linear as amx_module
-    from fornax.perf.cli import main
-    from fornax.perf.schema import validate_record
-
     if not with_amx:  # the benchmark asks the module at run time
         monkeypatch.setattr(amx_module, "amx_supported", lambda: False)
-    out = tmp_path / "cpu_linear.json"
-    rc = main(["cpu-linear", "--rows", "1,40", "--rounds", "1", "--num-layers", "2",
-               "--hidden-size", "64", "--intermediate-size", "96", "--num-heads", "2",
-               "--num-kv-heads", "1", "--head-dim", "32", "--vocab-size", "256",
-               "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert rec["kind"] == "cpu_linear" and validate_record(rec) == []
+    rec = run_bench(tmp_path, "cpu-linear", "--rows", "1,40", "--rounds", "1", "--num-layers", "2",
+                    "--hidden-size", "64", "--intermediate-size", "96", "--num-heads", "2",
+                    "--num-kv-heads", "1", "--head-dim", "32", "--vocab-size", "256")
     m = rec["metrics"]
     # 2 layers x (qkv 128x64 + o 64x64 + gate_up 192x64 + down 64x96) + head 256x64, bf16
     weights = 2 * (128 * 64 + 64 * 64 + 192 * 64 + 64 * 96) + 256 * 64

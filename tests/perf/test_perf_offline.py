@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,22 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from fornax.perf.cli import add_bench_parser, main
+from fornax.perf.cli import add_bench_parser
 from fornax.perf.datasets import build_requests, parse_len_range
-from fornax.perf.schema import validate_record
+from helpers.bench import run_bench
 
 
 def test_throughput_json_schema_and_peer(tiny_model: Callable[..., Path], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "tp.json"
-    rc = main(["throughput", "--model", str(tiny_model("llama")), "--load-format", "dummy",
-               "--num-prompts", "6", "--input-len", "16:40", "--output-len", "4:12",
-               "--prefix-len", "16", "--peer", "hf", "--hf-batch-size", "4",
-               "--disable-tqdm", "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert validate_record(rec) == []
-    assert rec["kind"] == "throughput" and rec["config"]["num_prompts"] == 6
+    rec = run_bench(tmp_path, "throughput", "--model", str(tiny_model("llama")),
+                    "--load-format", "dummy", "--num-prompts", "6", "--input-len", "16:40",
+                    "--output-len", "4:12", "--prefix-len", "16", "--peer", "hf",
+                    "--hf-batch-size", "4", "--disable-tqdm")
+    assert rec["config"]["num_prompts"] == 6
     work = rec["details"]["workload"]
     assert rec["metrics"]["num_output_tokens"] == work["total_output_tokens"]  # ignore_eos held
     assert 16 + 16 <= work["min_input_len"] and work["max_input_len"] <= 16 + 40
@@ -43,14 +38,10 @@ def test_throughput_json_schema_and_peer(tiny_model: Callable[..., Path], tmp_pa
 
 
 def test_latency_json_schema(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
-    out = tmp_path / "lat.json"
-    rc = main(["latency", "--model", str(tiny_model("llama")), "--load-format", "dummy",
-               "--batch-size", "2", "--input-len", "8", "--output-len", "6",
-               "--num-iters-warmup", "1", "--num-iters", "3", "--peer", "hf",
-               "--disable-tqdm", "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert validate_record(rec) == []
+    rec = run_bench(tmp_path, "latency", "--model", str(tiny_model("llama")),
+                    "--load-format", "dummy", "--batch-size", "2", "--input-len", "8",
+                    "--output-len", "6", "--num-iters-warmup", "1", "--num-iters", "3",
+                    "--peer", "hf", "--disable-tqdm")
     assert len(rec["details"]["iterations"]) == 3  # warm-up iterations are not measured
     assert rec["startup"]["warmup_s"] > 0
     m = rec["metrics"]

@@ -207,6 +207,7 @@ def test_serve_unreachable_server_fails_loudly(tmp_path: Path) -> None:
               "--num-prompts", "2", "--disable-tqdm"])
 
 
+@pytest.mark.slow
 def test_serve_against_real_fornax_server(tmp_path: Path) -> None:
     """The same client against `fornax serve` (tiny model): exact lengths, both endpoints."""
     from helpers.api_server import ServerProcess, tiny_model_path

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from fornax.perf.cli import main
-from fornax.perf.schema import validate_record
+from helpers.bench import run_bench
 
 
 def test_structured_bench_record(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
-    out = tmp_path / "structured.json"
-    rc = main(["structured", "--model", str(tiny_model("llama")), "--batch-size", "3",
-               "--output-len", "6", "--num-iters-warmup", "1", "--num-iters", "2",
-               "--max-model-len", "256", "--disable-tqdm", "--output-json", str(out)])
-    assert rc == 0
-    rec = json.loads(out.read_text())
-    assert validate_record(rec) == [] and rec["kind"] == "structured"
+    rec = run_bench(tmp_path, "structured", "--model", str(tiny_model("llama")),
+                    "--batch-size", "3", "--output-len", "6", "--num-iters-warmup", "1",
+                    "--num-iters", "2", "--max-model-len", "256", "--disable-tqdm")
     runs = rec["details"]["iterations"]
     assert len(runs["free"]) == len(runs["json"]) == 2
     for run in runs["json"] + runs["free"]:

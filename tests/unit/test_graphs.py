@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fornax.graphs.buckets import bucket_for, capture_sizes
 from fornax.runtime import SamplingParams
 
@@ -20,6 +22,7 @@ def test_bucket_lookup() -> None:
     assert bucket_for(65, sizes) is None  # past the largest bucket: run eagerly
 
 
+@pytest.mark.slow
 def test_compiled_forward_gives_eager_greedy_tokens(make_llm) -> None:
     prompts = ["Hello world", "The quick brown fox jumps", "1 2 3", "x"]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -70,7 +70,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    gpu_items = [item for item in items if "gpu" in item.keywords]
+    # markers, not keywords: a keyword also matches the folder name (tests/gpu/ holds CPU tests)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
     import torch
@@ -82,5 +83,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in gpu_items:
         if not has_cuda:
             item.add_marker(no_cuda)
-        elif "flashinfer" in item.keywords and not has_flashinfer:
+        elif item.get_closest_marker("flashinfer") and not has_flashinfer:
             item.add_marker(no_flashinfer)

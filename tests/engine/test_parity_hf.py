@@ -7,28 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fornax.runtime import SamplingParams
+from helpers.parity import PROMPTS, hf_greedy
 
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog and keeps running far away",
-    "def add(a, b):\n    return",
-    "1 2 3 4 5 6 7 8 9",
-    "a",
-    "Once upon a time there was a little model that learned to count",
-    "print('hi')",
-    "The weather today is",
-    "In the beginning",
-]
 ARCHS = ["llama", "llama-mha", "qwen2", "qwen3"]
 MAX_TOKENS = 32
-
-
-def hf_greedy(model, tokenizer, prompt: str) -> tuple[list[int], list[torch.Tensor]]:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    model.generation_config.eos_token_id = None  # like ignore_eos: EOS is an ordinary token
-    out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), [s[0] for s in out.scores]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -40,7 +22,7 @@ def test_greedy_float32_matches_transformers_token_for_token(arch, tiny_model, m
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     for prompt, out in zip(PROMPTS, outputs):
-        expected, _ = hf_greedy(hf, tok, prompt)
+        expected, _ = hf_greedy(hf, tok, prompt, MAX_TOKENS)
         assert out.prompt_token_ids == tok(prompt).input_ids
         assert out.outputs[0].token_ids == expected, f"{arch}: {prompt!r}"
         assert out.outputs[0].finish_reason == "length"
@@ -57,7 +39,7 @@ def test_bfloat16_is_logprob_close_to_transformers(arch, tiny_model, make_llm) -
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(path)
     for prompt, out in zip(PROMPTS, outputs):
-        expected, scores = hf_greedy(hf, tok, prompt)
+        expected, scores = hf_greedy(hf, tok, prompt, MAX_TOKENS)
         ours = out.outputs[0].token_ids
         for step, (a, b) in enumerate(zip(ours, expected)):
             if a == b:

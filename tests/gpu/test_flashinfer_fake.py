@@ -1,15 +1,15 @@
-"""FlashInferBackend's planning and CUDA-graph buffers on CPU, over a stand-in for flashinfer that
-follows its documented paged-KV contract (tests/helpers/fake_flashinfer.py): the engine's tokens must
-equal torch_ref's, eager and through the bucket-replay path."""
+"""FlashInferBackend's planning and CUDA-graph buffers on CPU, over a stand-in for flashinfer
+that follows its documented paged-KV contract (tests/helpers/fake_flashinfer.py): the engine's
+tokens must equal torch_ref's, eager and through the bucket-replay path."""
 
 from __future__ import annotations
 
-from helpers import fake_flashinfer
 import pytest
 
-from fornax.graphs.cuda_graphs import CudaGraphRunner
 from fornax.runtime import SamplingParams
 from fornax.runtime.attention import flashinfer_backend
+from helpers import fake_flashinfer
+from helpers.fake_graphs import CpuReplayRunner
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog again and again", "1 2 3",
            "x", "def f(a):\n    return a + 1", "Once upon a time"]
@@ -44,33 +44,13 @@ def test_flashinfer_plans_give_torch_ref_tokens(fake_fi, make_llm) -> None:
     assert ours == _reference(make_llm)
 
 
-class _ReplayRunner(CudaGraphRunner):
-    """'Replay' re-runs the forward with the capture-time metadata, as a CUDA graph would: the
-    wrapper must read this step's plan from its fixed buffers."""
-
-    def _new_pool(self):
-        return None
-
-    def _sync(self) -> None:
-        pass
-
-    def _capture_one(self, size, meta, pool):
-        out = self.forward_fn(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-
-        def replay() -> None:
-            out.copy_(self.forward_fn(self.input_ids[:size], self.positions[:size],
-                                      self.kv_caches, meta))
-
-        return type("Graph", (), {"replay": staticmethod(replay)})(), out
-
-
 def test_graph_buckets_read_fixed_buffers_and_give_torch_ref_tokens(fake_fi, make_llm) -> None:
     llm = make_llm("llama", enforce_eager=True, attention_backend="flashinfer",
                    max_num_batched_tokens=32)
     runner = llm.engine.runner
-    graphs = _ReplayRunner(runner.forward_fn, runner.backend, [1, 2, 4, 8], runner.input_ids,
-                           runner.positions, runner.slot_mapping, runner.kv_caches,
-                           runner.max_blocks_per_req, runner.block_size, num_warmups=1)
+    graphs = CpuReplayRunner(runner.forward_fn, runner.backend, [1, 2, 4, 8], runner.input_ids,
+                             runner.positions, runner.slot_mapping, runner.kv_caches,
+                             runner.max_blocks_per_req, runner.block_size, num_warmups=1)
     graphs.capture()
     runner.graph_runner = graphs
     backend = runner.backend

@@ -6,27 +6,14 @@ import pytest
 import torch
 
 from fornax.runtime import LLM, SamplingParams
+from helpers.parity import PROMPTS as ALL_PROMPTS
+from helpers.parity import hf_greedy
 
 pytestmark = pytest.mark.gpu
 
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog and keeps running far away",
-    "def add(a, b):\n    return",
-    "1 2 3 4 5 6 7 8 9",
-    "a",
-    "Once upon a time there was a little model that learned to count",
-]
+PROMPTS = ALL_PROMPTS[:6]
 MAX_TOKENS = 24
 TOP_K = 5
-
-
-def hf_greedy(model, tokenizer, prompt: str) -> tuple[list[int], list[torch.Tensor]]:
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
-    model.generation_config.eos_token_id = None  # like ignore_eos
-    out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True)
-    return out.sequences[0, ids.shape[1]:].tolist(), [s[0] for s in out.scores]
 
 
 def assert_logprob_close(path, llm: LLM, label: str) -> None:
@@ -38,7 +25,7 @@ def assert_logprob_close(path, llm: LLM, label: str) -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     tok = AutoTokenizer.from_pretrained(path)
     for prompt, out in zip(PROMPTS, outputs):
-        expected, scores = hf_greedy(hf, tok, prompt)
+        expected, scores = hf_greedy(hf, tok, prompt, MAX_TOKENS)
         ours = out.outputs[0].token_ids
         assert len(ours) == MAX_TOKENS
         for step, (a, b) in enumerate(zip(ours, expected)):

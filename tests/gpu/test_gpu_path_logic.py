@@ -23,6 +23,7 @@ from fornax.runtime.attention.flashinfer_backend import (
 )
 from fornax.runtime.attention.paged_attention_op import register_impl, unregister_impl, write_kv
 from fornax.runtime.worker.gpu_memory import MemoryProfile, kv_budget_bytes
+from helpers.fake_graphs import CpuReplayRunner
 
 
 def test_paged_kv_layout_lists_each_requests_pages() -> None:
@@ -187,30 +188,11 @@ def _make_replayable(backend) -> None:
     backend.build_graph_metadata = build_graph_metadata
 
 
-class _FakeGraph:
-    def __init__(self, replay) -> None:
-        self.replay = replay
+class _CpuGraphRunner(CpuReplayRunner):
+    """Replays with the metadata the backend built last (padded rows included)."""
 
-
-class _CpuGraphRunner(CudaGraphRunner):
-    """CudaGraphRunner with the CUDA calls replaced: 'replay' re-runs the forward over the same
-    static buffers (padded rows included) and writes the static output, as a graph would."""
-
-    def _new_pool(self):
-        return None
-
-    def _sync(self) -> None:
-        pass
-
-    def _capture_one(self, size, meta, pool):
-        out = self.forward_fn(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-
-        def replay() -> None:
-            fresh = self.forward_fn(self.input_ids[:size], self.positions[:size],
-                                    self.kv_caches, self.backend.last_graph_meta)
-            out.copy_(fresh)
-
-        return _FakeGraph(replay), out
+    def replay_meta(self, captured):
+        return self.backend.last_graph_meta
 
 
 def test_runner_replays_padded_decode_buckets_with_eager_tokens(make_llm) -> None:

@@ -470,24 +470,16 @@ def test_missing_file(tmp_path):
     _assert_load_error(tmp_path / "nowhere.gguf", tmp_path / "cache", "not found")
 
 
-def test_unsupported_architecture_and_tensor_type(tiny, tmp_path):
-    model = tiny["model"]
-    mamba = write_gguf(tmp_path / "arch.gguf", model, "F16", arch="mamba")
-    _assert_load_error(mamba, tmp_path / "cache", "mamba")
-    ints = write_gguf(
-        tmp_path / "ints.gguf",
-        model,
-        "F16",
-        extra_tensors={"blk.0.extra.weight": np.zeros(8, np.int32)},
-    )
-    _assert_load_error(ints, tmp_path / "cache", "I32")
-    unknown = write_gguf(
-        tmp_path / "unknown.gguf",
-        model,
-        "F16",
-        extra_tensors={"blk.0.ffn_gate_exps.weight": np.ones(8, np.float32)},
-    )
-    _assert_load_error(unknown, tmp_path / "cache", "blk.0.ffn_gate_exps.weight", "no place")
+@pytest.mark.parametrize("name, arch, extra, expected", [
+    ("arch", "mamba", None, ("mamba",)),
+    ("ints", "llama", {"blk.0.extra.weight": np.zeros(8, np.int32)}, ("I32",)),
+    ("unknown", "llama", {"blk.0.ffn_gate_exps.weight": np.ones(8, np.float32)},
+     ("blk.0.ffn_gate_exps.weight", "no place")),
+], ids=["architecture", "tensor-type", "tensor-name"])
+def test_unsupported_architecture_and_tensor_type(tiny, tmp_path, name, arch, extra, expected):
+    bad = write_gguf(tmp_path / f"{name}.gguf", tiny["model"], "F16", arch=arch,
+                     extra_tensors=extra)
+    _assert_load_error(bad, tmp_path / "cache", *expected)
 
 
 def test_missing_tensor(tmp_path):

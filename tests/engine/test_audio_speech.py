@@ -4,6 +4,7 @@ recording across window seams (German with whisper-base runs over HTTP in test_a
 from __future__ import annotations
 
 import pytest
+
 from helpers.whisper_fixtures import (
     AUDIO_DIR,
     edit_distance,

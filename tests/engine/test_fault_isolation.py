@@ -13,11 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers.api_server import ServerProcess, sse_events, tiny_model_path
 from fornax.runtime import SamplingParams
 from fornax.runtime.engine import fault_injection
-from fornax.runtime.engine.scheduling_core import MAX_CONSECUTIVE_STEP_FAILURES, EngineStepError
-from fornax.runtime.errors import RequestFailedError
 from fornax.runtime.engine.messages import (
     EncoderInput,
     EngineCoreOutput,
@@ -25,8 +22,11 @@ from fornax.runtime.engine.messages import (
     EngineSpec,
     RequestRejected,
 )
-from fornax.runtime.scheduler.request import Request
+from fornax.runtime.engine.scheduling_core import MAX_CONSECUTIVE_STEP_FAILURES, EngineStepError
+from fornax.runtime.errors import RequestFailedError
 from fornax.runtime.sampling.params import StructuredOutputsParams
+from fornax.runtime.scheduler.request import Request
+from helpers.api_server import ServerProcess, sse_events, tiny_model_path
 
 PROMPTS = ["The quick brown fox", "Once upon a time there", "In a galaxy far away"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -226,9 +226,8 @@ def test_unvalidated_parameters_fail_their_request_alone(make_llm, bad, status):
 
 
 def test_pooling_core_fails_one_request_alone():
-    from tools.make_tiny_bert import tiny_bert_dir
-
     from fornax.runtime import LLM
+    from tools.make_tiny_bert import tiny_bert_dir
 
     llm = LLM(str(tiny_bert_dir("bert-embed")), dtype="float32", device="cpu")
     texts = ["alpha beta", "gamma delta", "epsilon"]
@@ -243,11 +242,10 @@ def test_pooling_core_fails_one_request_alone():
 
 
 def test_encoder_decoder_core_fails_one_request_alone():
-    from helpers.whisper_fixtures import tiny_whisper_dir
-
     from fornax.audio.transcribe import WhisperInfo
     from fornax.runtime.config import make_engine_config
     from fornax.runtime.engine.factory import make_engine_core
+    from helpers.whisper_fixtures import tiny_whisper_dir
 
     path = tiny_whisper_dir()
     ids = WhisperInfo.from_folder(path).ids

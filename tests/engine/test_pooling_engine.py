@@ -14,6 +14,7 @@ from fornax.runtime.errors import ConfigError, RequestError
 from helpers.pooling_fixtures import DOCS, QUERY, minilm_path
 from tools.make_tiny_bert import tiny_bert_dir
 
+
 def varied_sentences(n: int, seed: int = 0) -> list[str]:
     """Short and long, punctuation, digits, accents, CJK, emoji, code: all under 256 tokens."""
     rng = random.Random(seed)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fornax.audio.transcribe import WhisperInfo
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.errors import RequestError
-from fornax.runtime.engine.messages import EncoderInput, EngineCoreRequest
-from fornax.runtime.engine.factory import make_engine_core
-from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.encoder_decoder.decoding import MAX_INITIAL_TIMESTAMP_INDEX
+from fornax.runtime.engine.factory import make_engine_core
+from fornax.runtime.engine.messages import EncoderInput, EngineCoreRequest
+from fornax.runtime.errors import RequestError
+from fornax.runtime.sampling.params import SamplingParams
 from helpers.whisper_fixtures import (
     one_thread,  # noqa: F401 - module fixture, used below
     tiny_whisper_dir,

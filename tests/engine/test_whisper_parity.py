@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from fornax.audio.decode import decode_audio
 from fornax.audio.transcribe import WhisperInfo
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.engine.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.engine.factory import make_engine_core
+from fornax.runtime.engine.messages import EncoderInput, EngineCoreRequest
 from fornax.runtime.sampling.params import SamplingParams
 from helpers.whisper_fixtures import (
     AUDIO_DIR,
@@ -120,8 +121,9 @@ def test_tiny_random_whisper_greedy_matches_hf_in_a_mixed_batch():
                                                   (True, ("en_05.flac",))])
 def test_tiny_en_matches_hf_generate_on_speech(timestamps: bool, files: tuple[str, ...]):
     """Real tiny.en weights (converted from CTranslate2): HF's own generate() vs the engine."""
-    from fornax.runtime.offline.speech import SpeechToText
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from fornax.runtime.offline.speech import SpeechToText
 
     path = packaged_whisper("whisper-tiny.en")
     hf = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()

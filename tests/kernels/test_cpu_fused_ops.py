@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.native import no_compiler, require_kernel
-
 from fornax.runtime.kernels.build import load_fused_ops
 from fornax.runtime.kernels.fused_ops import FusedCpuOps
 from fornax.runtime.models.layers import RMSNorm, SiluAndMul
 from fornax.runtime.sampling.params import SamplingParams
+from helpers.native import no_compiler, require_kernel
 
 pytestmark = no_compiler  # where a compiler exists, a kernel that does not build fails
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.native import no_compiler
-
 from fornax.runtime.kernels import build
+from helpers.native import no_compiler
 
 pytestmark = no_compiler
 

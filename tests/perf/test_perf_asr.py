@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+
 from fornax.perf.schema import validate_record
 from helpers.whisper_fixtures import (
     one_thread,  # noqa: F401 - module fixture, used below

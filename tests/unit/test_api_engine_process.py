@@ -10,9 +10,7 @@ import msgspec
 import pytest
 
 from fornax.api.engine.client import EngineClient, RequestGroup
-from fornax.runtime.engine.process import EngineCoreProcess
 from fornax.api.server.errors import APIError
-from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -26,6 +24,8 @@ from fornax.runtime.engine.messages import (
     StatsQuery,
     TokenLogprobs,
 )
+from fornax.runtime.engine.process import EngineCoreProcess
+from fornax.runtime.errors import RequestError
 from fornax.runtime.sampling.params import SamplingParams
 
 

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+
 from fornax.api.multipart import MultipartError, parse_header_params, parse_multipart
 from fornax.audio.decode import AudioDecodeError, decode_audio
 from fornax.audio.features import N_SAMPLES, log_mel_spectrogram
@@ -205,8 +206,9 @@ def test_the_audio_front_end_never_imports_torch():
 
 
 def _session(seconds: float, **opts):
-    from fornax.audio.transcribe import TranscribeOptions, TranscriptionSession, WhisperInfo
     from tokenizers import Tokenizer
+
+    from fornax.audio.transcribe import TranscribeOptions, TranscriptionSession, WhisperInfo
     from helpers.whisper_fixtures import packaged_whisper
 
     path = packaged_whisper("whisper-tiny.en")

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from fornax.api.generation.structured import request_constraint
+from fornax.api.protocol.openai import ChatCompletionRequest
+from fornax.api.reasoning import get_reasoning_parser, thinking_state
 from fornax.api.routes.chat_features import ChatFeatures, ChatPlan, plan_chat
 from fornax.api.routes.chat_output import ChoiceShaper
 from fornax.api.server.errors import APIError
-from fornax.api.protocol.openai import ChatCompletionRequest
-from fornax.api.reasoning import get_reasoning_parser, thinking_state
-from fornax.api.generation.structured import request_constraint
 from fornax.api.tools.choice import plan_tools
 from fornax.api.tools.messages import prepare_messages
 from fornax.api.tools.registry import get_tool_parser

@@ -7,8 +7,8 @@ import pytest
 from fornax.runtime.kv_cache.block_hash import extend_block_hashes, hash_block, root_hash
 from fornax.runtime.kv_cache.block_pool import BlockPool
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
-from fornax.runtime.scheduler.request import Request
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.scheduler.request import Request
 
 
 def make_request(rid: str, tokens: list[int], salt: str | None = None) -> Request:

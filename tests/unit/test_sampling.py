@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fornax.runtime.sampling.logits_processors import apply_logits_processors, build_logits_inputs
-from fornax.runtime.sampling.sampler import Sampler, SamplingMetadata
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.sampling.sampler import Sampler, SamplingMetadata
 
 VOCAB = 12
 LOGITS = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.2, -0.1, -0.5, -1.0, -1.5, -2.5, -4.0])

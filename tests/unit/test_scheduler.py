@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
-from fornax.runtime.scheduler.request import Request, RequestStatus
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.scheduler.request import Request, RequestStatus
 from fornax.runtime.scheduler.scheduler import Scheduler, SchedulerOutput
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.ct2_whisper import read_ct2_model, whisper_state_dict
 from fornax.runtime.loaders.speech_models import prepare_ct2_whisper, resolve_speech_model

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from helpers.api_server import ServerProcess, tiny_model_path
 
+from helpers.api_server import ServerProcess, tiny_model_path
 from helpers.fuzzing.cases import API_KEY
 from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, MODEL_NAMES
 

@@ -12,6 +12,7 @@ import httpx
 import msgspec
 import pytest
 
+from fornax.api.protocol.openai import ChatChoice, ChatCompletionResponse, ChatMessage, UsageInfo
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.responses.store import (
     MemoryResponseStore,
@@ -193,8 +194,10 @@ def test_an_answer_too_large_to_store(background):
         run = ResponseRun(store, "resp_1", body, "tiny", [{"role": "user", "content": "hi"}])
         if background:
             assert await run.save()  # stored queued when it starts
-        answer = {"choices": [{"message": {"role": "assistant", "content": "y" * 5_000},
-                               "finish_reason": "stop"}], "usage": None}
+        answer = ChatCompletionResponse(
+            id="chatcmpl-1", created=0, model="tiny", usage=UsageInfo(),
+            choices=[ChatChoice(index=0, finish_reason="stop",
+                                message=ChatMessage(role="assistant", content="y" * 5_000))])
         run.from_answer(answer)
         assert await run.save()
         held = await store.get("resp_1")

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from fornax.perf.common import check_threads, make_record, percentile, print_table, write_json
-from fornax.runtime import env
 from fornax.perf.wer import word_error_rate
+from fornax.runtime import env
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from fornax.runtime.engine.addresses import alive_path, input_address, output_address
-from fornax.runtime.engine.output_merge import merge_output
 from fornax.api.server.errors import APIError, EngineDeadError, overloaded
+from fornax.runtime.engine.addresses import alive_path, input_address, output_address
 from fornax.runtime.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -34,6 +33,7 @@ from fornax.runtime.engine.messages import (
     RequestRejected,
     StatsQuery,
 )
+from fornax.runtime.engine.output_merge import merge_output
 
 logger = logging.getLogger(__name__)
 

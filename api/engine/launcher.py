@@ -17,8 +17,8 @@ import msgspec
 import zmq
 
 from fornax.runtime.engine.addresses import handshake_address
-from fornax.runtime.engine.process import SPEC_ENV
 from fornax.runtime.engine.messages import EngineHandshake, EngineSpec
+from fornax.runtime.engine.process import SPEC_ENV
 
 logger = logging.getLogger(__name__)
 

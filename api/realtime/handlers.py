@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
+
 from fornax.api.realtime.protocol import (
     COMMIT_EMPTY,
     INVALID_EVENT,

@@ -24,9 +24,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 import numpy as np
-from fornax.api.routes.audio import is_transcription, whisper_info
-from fornax.api.server.errors import APIError
-from fornax.api.server.http import Receive, Scope, Send
+
 from fornax.api.realtime.handlers import OpenAIHandler, VllmHandler
 from fornax.api.realtime.protocol import (
     IDLE_TIMEOUT,
@@ -41,10 +39,13 @@ from fornax.api.realtime.protocol import (
     session_created,
 )
 from fornax.api.realtime.worker import DecodeWorker
+from fornax.api.routes.audio import is_transcription, whisper_info
+from fornax.api.server.errors import APIError
+from fornax.api.server.http import Receive, Scope, Send
 from fornax.api.server.state import AppState
-from fornax.runtime.loaders.speech_models import WhisperInfo
 from fornax.audio.features import SAMPLE_RATE
 from fornax.audio.streaming import StreamingTranscriber, StreamOutput, VadNotice
+from fornax.runtime.loaders.speech_models import WhisperInfo
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fornax.api.engine.client import DEADLINE_HEADER, REQUEST_DEADLINE, request_deadline
 from fornax.api.realtime import routes as realtime
 from fornax.api.responses import routes as responses
 from fornax.api.routes import (
@@ -31,8 +32,8 @@ from fornax.api.routes import (
     system,
     tokenization,
 )
+from fornax.api.routes.pooling_common import check_route_runner
 from fornax.api.server import docs_page, openapi
-from fornax.api.engine.client import DEADLINE_HEADER, REQUEST_DEADLINE, request_deadline
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import (
     ClientDisconnected,
@@ -43,7 +44,6 @@ from fornax.api.server.http import (
     Send,
     error_response,
 )
-from fornax.api.routes.pooling_common import check_route_runner
 from fornax.api.server.settings import ServerSettings, settings_from_env
 from fornax.api.server.state import AppState
 from fornax.runtime.limits import request_id_problem

@@ -15,12 +15,12 @@ from typing import Any, Union
 
 import msgspec
 
-from fornax.api.server.http import Request, Response
 from fornax.api.protocol import anthropic as anth
 from fornax.api.protocol import audio as aud
 from fornax.api.protocol import openai as oai
 from fornax.api.protocol import pooling as pool
 from fornax.api.protocol.responses import ResponsesRequest
+from fornax.api.server.http import Request, Response
 from fornax.audio.formats import RESPONSE_FORMATS
 
 logger = logging.getLogger(__name__)

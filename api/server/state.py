@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fornax.api.routes.chat_features import ChatFeatures
 from fornax.api.engine.client import EngineClient
+from fornax.api.routes.chat_features import ChatFeatures
 from fornax.api.server.errors import APIError
 from fornax.api.server.metrics import Metrics
 from fornax.api.server.settings import ServerSettings

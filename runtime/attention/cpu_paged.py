@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from fornax.runtime.attention.backend import CommonAttentionMetadata
-from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 from fornax.runtime.attention.torch_ref import TorchRefBackend, TorchRefMetadata
+from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 
 _KERNEL_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 

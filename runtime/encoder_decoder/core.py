@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from fornax.runtime.config import EngineConfig
+from fornax.runtime.engine.contract import RunnerType
+from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.engine.scheduling_core import (
     SchedulingCoreMixin,
     allocate_kv_cache,
-    check_prompt_ids,
     runtime_info,
 )
 from fornax.runtime.errors import ConfigError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.loaders.model_files import ModelFiles
-from fornax.runtime.engine.contract import RunnerType
-from fornax.runtime.engine.messages import EncoderInput, EngineCoreOutput, EngineCoreRequest
+from fornax.runtime.sampling.request_prep import check_prompt_ids
 from fornax.runtime.scheduler.request import Request
 from fornax.runtime.scheduler.scheduler import Scheduler, SchedulerOutput
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue

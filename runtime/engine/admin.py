@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+
 from fornax.runtime.engine.contract import EngineCore
 from fornax.runtime.engine.messages import AdminCommand, AdminResult
 from fornax.runtime.errors import RequestError

@@ -8,10 +8,10 @@ import time
 from typing import TYPE_CHECKING
 
 from fornax.runtime.config import EngineConfig
+from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreRequest
 from fornax.runtime.engine.scheduling_core import (
     SchedulingCoreMixin,
     allocate_kv_cache,
-    check_prompt_ids,
     runtime_info,
 )
 from fornax.runtime.errors import RequestError
@@ -21,7 +21,7 @@ from fornax.runtime.loaders.model_files import (
     derive_max_model_len,
     resolve_model_files,
 )
-from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreRequest
+from fornax.runtime.sampling.request_prep import check_prompt, resolve_max_tokens
 from fornax.runtime.scheduler.request import Request
 from fornax.runtime.scheduler.scheduler import Scheduler
 
@@ -79,21 +79,15 @@ class GenerateEngineCore(SchedulingCoreMixin):
         """Check a request against the model's limits; returns its resolved max_tokens."""
         if self._sleep.sleeping:
             raise RequestError("the engine is sleeping; POST /wake_up first", None)
-        prompt = req.prompt_token_ids
-        check_prompt_ids(prompt, self.info.vocab_size, "prompt")
-        num = len(prompt)
-        if num >= self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has {num} tokens, leaving no room for output", "prompt")
+        prompt = req.prompt_token_ids  # the front end checked it; the engine keeps its invariants
+        check_prompt(prompt, self.max_model_len, self.info.vocab_size)
         if req.priority != 0 and self.config.scheduler_config.policy != "priority":
             raise RequestError("priority is only honoured with --scheduling-policy priority "
                                "(this server schedules first come, first served)", "priority")
         params = req.sampling_params  # validated once at the edge (API worker or LLM)
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # 400 now if it cannot compile
-        room = self.max_model_len - num
-        return room if params.max_tokens is None else min(params.max_tokens, room)
+        return resolve_max_tokens(params.max_tokens, None, len(prompt), self.max_model_len)
 
     def add_request(self, req: EngineCoreRequest) -> Request:
         max_tokens = self.validate_request(req)

@@ -47,8 +47,8 @@ class GrammarGate:
 
     def admit(self, identity: bytes, msg: AddRequest) -> bool:
         """True when the gate took the message (it forwards or refuses it later)."""
-        from fornax.runtime.structured_output.grammar_pool import GrammarBusy
         from fornax.runtime.structured_output.grammar import constraint_param
+        from fornax.runtime.structured_output.grammar_pool import GrammarBusy
 
         req = msg.request
         params = req.sampling_params.structured_outputs
@@ -104,8 +104,8 @@ class GrammarGate:
 
     def _compiled(self, rid: str, params: StructuredOutputsParams, job: CompileJob) -> None:
         """The compile ended (any thread): forward the request, or refuse it."""
-        from fornax.runtime.structured_output.grammar_pool import GrammarBusy
         from fornax.runtime.structured_output.grammar import constraint_param, failure_message
+        from fornax.runtime.structured_output.grammar_pool import GrammarBusy
 
         with self._lock:
             entry = self._waiting.pop(rid, None)

@@ -22,8 +22,9 @@ from typing import Any, cast
 
 import msgspec
 import zmq
-from fornax.runtime.engine.output_merge import merge_output
+
 from fornax.runtime.engine.messages import EngineCoreOutput, EngineCoreOutputs, RequestRejected
+from fornax.runtime.engine.output_merge import merge_output
 
 logger = logging.getLogger(__name__)
 

@@ -19,15 +19,13 @@ from typing import Any
 import msgspec
 import zmq
 
+from fornax.api.server.logging_setup import setup_logging
+from fornax.runtime import env
+from fornax.runtime.engine import fault_injection
 from fornax.runtime.engine.addresses import alive_path, input_address
 from fornax.runtime.engine.admin import is_sleeping, run_admin
 from fornax.runtime.engine.contract import EngineCore, EngineLoad
 from fornax.runtime.engine.grammar_gate import GrammarGate
-from fornax.runtime.engine.output_thread import QUEUE_LIMIT, OutputThread
-from fornax.api.server.logging_setup import setup_logging
-from fornax.runtime import env
-from fornax.runtime.engine import fault_injection
-from fornax.runtime.errors import FornaxError, RequestError
 from fornax.runtime.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -43,6 +41,8 @@ from fornax.runtime.engine.messages import (
     RequestRejected,
     StatsQuery,
 )
+from fornax.runtime.engine.output_thread import QUEUE_LIMIT, OutputThread
+from fornax.runtime.errors import FornaxError, RequestError
 
 logger = logging.getLogger("fornax.runtime.engine.process")
 

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from fornax.runtime.engine import fault_injection
 from fornax.runtime.engine.contract import EngineLoad, EngineRuntimeInfo, RunnerType, SleepMode
+from fornax.runtime.engine.messages import EngineCoreOutput
+from fornax.runtime.engine.request_failure import RequestFailure, failure_output, is_device_error
 from fornax.runtime.errors import ConfigError, FornaxError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
-from fornax.runtime.engine.messages import EngineCoreOutput
-from fornax.runtime.engine.request_failure import RequestFailure, failure_output, is_device_error
 
 if TYPE_CHECKING:
     from fornax.runtime.engine.messages import PoolingModelInfo
@@ -62,16 +62,6 @@ def allocate_kv_cache(runner: Any, block_size: int, max_model_len: int, advice: 
             f"sequence of max_model_len {max_model_len}; {advice}")
     runner.initialize_kv_cache(num_blocks)
     return num_blocks
-
-
-def check_prompt_ids(prompt: list[int], vocab_size: int, field: str,
-                     noun: str = "prompt") -> None:
-    """A request's token ids: at least one, each inside the vocabulary (else a 400)."""
-    if not prompt:
-        raise RequestError(f"the {noun} must contain at least one token", field)
-    if min(prompt) < 0 or max(prompt) >= vocab_size:
-        bad = next(t for t in prompt if t < 0 or t >= vocab_size)
-        raise RequestError(f"token id {bad} is out of vocabulary (size {vocab_size})", field)
 
 
 class SchedulingCoreMixin:

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from fornax.runtime.config import make_engine_config
-from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.engine.factory import make_engine_core
 from fornax.runtime.engine.messages import EngineCoreRequest
-from fornax.runtime.text.output_processor import OutputProcessor
+from fornax.runtime.errors import RequestError, RequestFailedError
+from fornax.runtime.offline.outputs import CompletionOutput, RequestOutput
 from fornax.runtime.offline.pooling_llm import PoolingMixin
 from fornax.runtime.sampling.beam_search import BeamSearchParams, BeamSearchState
-from fornax.runtime.offline.outputs import CompletionOutput, RequestOutput
+from fornax.runtime.sampling.params import SamplingParams
 from fornax.runtime.sampling.request_prep import (
     check_prompt,
     child_requests,
@@ -23,7 +23,7 @@ from fornax.runtime.sampling.request_prep import (
     resolve_max_tokens,
     truncate_prompt,
 )
-from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.text.output_processor import OutputProcessor
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 logger = logging.getLogger(__name__)

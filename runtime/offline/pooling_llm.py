@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.engine.messages import (
     EngineCoreRequest,
     PoolingModelInfo,
     PoolingOutput,
     PoolingParams,
 )
+from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.pooling.io import (
     PoolingTokenizer,
     cosine,

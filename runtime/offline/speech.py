@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
+
 from fornax.audio.decode import decode_audio
 from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.transcribe import (
@@ -24,7 +26,6 @@ from fornax.audio.transcribe import (
 )
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import ConfigError, RequestFailedError
-from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 

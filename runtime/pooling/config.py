@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fornax.runtime.errors import ConfigError
 from fornax.runtime.engine.messages import PoolingModelInfo
+from fornax.runtime.errors import ConfigError
 from fornax.runtime.models.registry import EngineKind, lookup_architecture
 
 logger = logging.getLogger(__name__)

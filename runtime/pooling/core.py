@@ -25,10 +25,11 @@ from fornax.runtime.engine.messages import (
     PoolingParams,
 )
 from fornax.runtime.engine.request_failure import RequestFailure
-from fornax.runtime.engine.scheduling_core import SchedulingCoreMixin, check_prompt_ids
+from fornax.runtime.engine.scheduling_core import SchedulingCoreMixin
 from fornax.runtime.errors import RequestError
 from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
 from fornax.runtime.pooling.config import parse_pooler_config, pooling_model_info
+from fornax.runtime.sampling.request_prep import check_prompt_ids
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import math
 from array import array
 from collections.abc import Sequence
 
-from fornax.runtime.errors import RequestError
 from fornax.runtime.engine.messages import PoolingOutput
+from fornax.runtime.errors import RequestError
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 

@@ -73,19 +73,25 @@ def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None,
     return token_ids[-keep:] if len(token_ids) > keep else token_ids
 
 
+def check_prompt_ids(prompt: list[int], vocab_size: int, field: str,
+                     noun: str = "prompt") -> None:
+    """A request's token ids: at least one, each inside the vocabulary (else a 400)."""
+    if not prompt:
+        raise RequestError(f"the {noun} is empty (it has no tokens)", field)
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        bad = next(t for t in prompt if t < 0 or t >= vocab_size)
+        raise RequestError(f"token id {bad} is out of vocabulary (size {vocab_size})", field)
+
+
 def check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int,
                  param: str = "prompt") -> None:
-    """The one prompt check: not empty, room left for output, every id in the vocabulary."""
-    if not token_ids:
-        raise RequestError("the prompt is empty (it has no tokens)", param)
+    """The one prompt check of a generation: its ids, and room left for output."""
+    check_prompt_ids(token_ids, vocab_size, param)
     if len(token_ids) >= max_model_len:
         raise RequestError(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt "
             f"has {len(token_ids)} tokens, leaving no room for output. Please shorten the prompt.",
             param)
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise RequestError(f"token id {bad} is out of vocabulary (size {vocab_size})", param)
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int,
@@ -116,8 +122,7 @@ def child_requests(request_id: str, prompt_token_ids: list[int], params: Samplin
     ids `request_id-j`, seeds seed + j, ranked candidates report their logprob), each with
     max_tokens resolved against this prompt's room. The engine core trusts what comes out."""
     count = max(params.n, params.best_of or 1)
-    room = max_model_len - len(prompt_token_ids)
-    max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+    max_tokens = resolve_max_tokens(params.max_tokens, None, len(prompt_token_ids), max_model_len)
     if count == 1:
         if max_tokens != params.max_tokens:
             params = params.clone(max_tokens=max_tokens)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fornax.runtime.sampling.logits_processors import LogitsInputs, apply_logits_processors
 from fornax.runtime.kernels.fused_ops import fast_argmax
+from fornax.runtime.sampling.logits_processors import LogitsInputs, apply_logits_processors
 
 _GREEDY_EPS = 1e-5
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from fornax.runtime.engine import fault_injection
 from fornax.runtime.config import CacheConfig, SchedulerConfig
+from fornax.runtime.engine import fault_injection
+from fornax.runtime.engine.request_failure import RequestFailure
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.scheduler.request import Request, RequestStatus
-from fornax.runtime.engine.request_failure import RequestFailure
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue
 
 logger = logging.getLogger(__name__)

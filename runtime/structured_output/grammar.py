@@ -16,6 +16,7 @@ import torch
 
 from fornax.runtime.config import StructuredOutputsConfig
 from fornax.runtime.errors import RequestError
+from fornax.runtime.sampling.params import StructuredOutputsParams
 from fornax.runtime.structured_output.grammar_cache import Failure, GrammarCache, digest
 from fornax.runtime.structured_output.grammar_pool import (
     CompileJob,
@@ -23,7 +24,6 @@ from fornax.runtime.structured_output.grammar_pool import (
     GrammarCompilePool,
     GrammarTooComplex,
 )
-from fornax.runtime.sampling.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     import xgrammar as xgr

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fornax.runtime.text.detokenizer import IncrementalDetokenizer
 from fornax.runtime.engine.messages import EngineCoreOutput
 from fornax.runtime.offline.outputs import CompletionOutput, Logprob
 from fornax.runtime.sampling.params import SamplingParams
+from fornax.runtime.text.detokenizer import IncrementalDetokenizer
 from fornax.runtime.text.tokenizer import TokenizerFront
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from fornax.runtime.text.chat_template import render_chat
 from fornax.runtime.errors import ModelLoadError, RequestError
+from fornax.runtime.text.chat_template import render_chat
 
 
 def _token_text(value: Any) -> str | None:

@@ -59,6 +59,7 @@ fuzz: $(STAMP)
 MYPY_LINKS := runtime api audio graphs perf
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror runtime/kernels/csrc/*.c runtime/kernels/csrc/*.h
 	@mkdir -p build/mypy-path/fornax
 	@for d in $(MYPY_LINKS); do ln -sfn ../../../$$d build/mypy-path/fornax/$$d; done
 	@$(VENV)/bin/mypy > build/mypy.log; rc=$$?; sed 's|^build/mypy-path/fornax/||' build/mypy.log; exit $$rc

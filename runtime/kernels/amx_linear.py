@@ -7,6 +7,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
 from fornax.runtime.kernels.build import load_amx_linear
 
 logger = logging.getLogger(__name__)

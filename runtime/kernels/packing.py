@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeGuard
 
 import torch
+from torch import nn
+
 from fornax.runtime import env
 from fornax.runtime.kernels.amx_linear import (
     AMX_MAX_ROWS,
@@ -15,7 +17,6 @@ from fornax.runtime.kernels.amx_linear import (
     amx_supported,
     pack_for_amx,
 )
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

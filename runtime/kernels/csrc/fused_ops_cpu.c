@@ -91,7 +91,7 @@ void fornax_rotary_bf16(uint16_t *x, int64_t token_stride, int64_t head_stride, 
                         const float *sin_cache, int num_threads) {
     const int half = rotary_dim / 2;
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim >       \
-                                                      65536) schedule(static)
+                                                          65536) schedule(static)
     for (int t = 0; t < tokens; t++) {
         const float *cs = cos_cache + positions[t] * rotary_dim;
         const float *sn = sin_cache + positions[t] * rotary_dim;

@@ -25,7 +25,7 @@ _DECLARATIONS = """
 FORNAX_CACHE: path = ~/.cache/fornax
     fornax's cache: prepared GGUF (`gguf/`) and Whisper (`whisper/`) folders, built C kernels
     (`native/`), torch.compile caches (`inductor/`), benchmark shapes (`shapes/`)
-FORNAX_LOG_LEVEL: debug|info|warning|error|critical = info
+FORNAX_LOG_LEVEL: debug|info|warning|warn|error|critical|fatal = info
     log level of every fornax process (`--log-level` sets it for `fornax serve`)
 FORNAX_API_KEY: str
     the API key `fornax serve` requires when no `--api-key` is given
@@ -182,6 +182,18 @@ KEEP_TEST_LOGS: EnvVar[bool] = _var("FORNAX_KEEP_TEST_LOGS")
 BENCH_COMMIT: EnvVar[str | None] = _var("FORNAX_BENCH_COMMIT")
 OMP_NUM_THREADS: EnvVar[int | None] = _var("OMP_NUM_THREADS")
 OPENAI_API_KEY: EnvVar[str | None] = _var("OPENAI_API_KEY")
+
+# Read inside engine steps (kernel loads, FlashInfer plans): `check_engine_variables` parses them
+# when an engine core is built, so a bad value refuses to start instead of failing steps later.
+ENGINE_VARIABLES: tuple[EnvVar[Any], ...] = (
+    CPU_LINEAR, NATIVE_KERNELS, FLASHINFER_TENSOR_CORES, FLASHINFER_PREFILL_BACKEND,
+    FLASHINFER_DECODE_BACKEND)
+
+
+def check_engine_variables() -> None:
+    """ConfigError naming the first engine variable whose value does not parse."""
+    for var in ENGINE_VARIABLES:
+        var.get()
 
 
 def markdown_table() -> str:

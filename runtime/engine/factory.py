@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from fornax.runtime import env
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine.contract import EngineCore
 from fornax.runtime.loaders.model_files import resolve_model_files
@@ -19,6 +20,7 @@ def make_engine_core(config: EngineConfig) -> EngineCore:
     `EncoderDecoderEngineCore` for speech-to-text (Whisper, by architecture)."""
     from fornax.runtime.loaders.speech_models import resolve_speech_model
 
+    env.check_engine_variables()  # a bad value refuses to start, never fails a step later
     mc = config.model_config
     speech = resolve_speech_model(mc.model) if mc.model else None  # packaged name, CT2 folder
     files = resolve_model_files(str(speech) if speech else mc.model, mc.load_format)

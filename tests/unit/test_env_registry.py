@@ -169,3 +169,34 @@ def test_device_is_resolved_in_an_explicit_step():
 def test_unread_engine_arguments_are_refused_not_ignored(removed):
     with pytest.raises(ConfigError, match="unknown engine argument"):
         make_engine_config("m", **{removed: "x"})
+
+
+def test_log_level_takes_what_python_logging_takes(monkeypatch):
+    for value in ("warn", "WARN", "fatal", "warning", "debug"):
+        monkeypatch.setenv("FORNAX_LOG_LEVEL", value)
+        assert env.LOG_LEVEL.get() == value.lower()
+
+
+def test_a_bad_engine_variable_refuses_to_build_an_engine(monkeypatch, tiny_model):
+    """Kernel variables are read inside steps: a bad value must stop the engine at start, not
+    fail every step later (FORNAX_NATIVE_KERNELS=2 once did, with the torch_ref backend)."""
+    from fornax.runtime import LLM
+
+    monkeypatch.setenv("FORNAX_NATIVE_KERNELS", "2")
+    with pytest.raises(ConfigError, match="FORNAX_NATIVE_KERNELS"):
+        LLM(str(tiny_model("llama")), dtype="float32", attention_backend="torch_ref")
+    monkeypatch.setenv("FORNAX_NATIVE_KERNELS", "1")
+    monkeypatch.setenv("FORNAX_CPU_LINEAR", "fastest")
+    with pytest.raises(ConfigError, match="FORNAX_CPU_LINEAR"):
+        env.check_engine_variables()
+
+
+def test_llm_takes_the_models_own_tokenizer_and_refuses_another(tiny_model):
+    """vLLM scripts pass `tokenizer=` the model's own path; a different tokenizer is refused."""
+    from fornax.runtime import LLM
+
+    path = str(tiny_model("llama"))
+    llm = LLM(path, tokenizer=path, dtype="float32", max_model_len=128)
+    assert llm.generate(["hello"])[0].outputs[0].token_ids
+    with pytest.raises(ConfigError, match="tokenizer other than the model's own"):
+        LLM(path, tokenizer="/elsewhere", dtype="float32")

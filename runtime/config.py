@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fornax.runtime.errors import ConfigError
@@ -332,11 +329,3 @@ def make_engine_config(model: str, **kwargs: Any) -> EngineConfig:
         structured_outputs_config=StructuredOutputsConfig(**groups["structured_outputs_config"]),
         **top,
     )
-
-
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON file, raising ConfigError with the path when it is malformed."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc

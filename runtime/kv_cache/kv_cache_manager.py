@@ -34,10 +34,6 @@ class KVCacheManager:
         self._num_cached_blocks: dict[str, int] = {}
         self.stats = PrefixCacheStats()
 
-    @property
-    def max_blocks_per_request(self) -> int:
-        return cdiv(self.max_model_len, self.block_size)
-
     def usage(self) -> float:
         return self.pool.usage()
 

@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from fornax.runtime.config import StructuredOutputsConfig
@@ -259,10 +258,3 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
 
     bitmask = bitmask.to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
-
-
-def allowed_mask_np(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
-    """Bitmask rows as booleans, for tests and debugging."""
-    bits = bitmask.numpy().view(np.uint32)
-    unpacked = ((bits[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool)
-    return unpacked.reshape(bitmask.shape[0], -1)[:, :vocab_size]

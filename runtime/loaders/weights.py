@@ -36,17 +36,30 @@ STACKED_DECODER: Renames = (
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix products run in hardware (elsewhere torch emulates them,
+    slower than float32)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume no
+        return False
+
+
 def resolve_dtype(requested: str, hf_config: dict[str, Any], device: torch.device
                   ) -> torch.dtype:
-    """The dtype weights load in: 'auto' takes the checkpoint's (float16 becomes float32 on
-    CPU, where it is slow)."""
+    """The dtype weights load in. 'auto' on CPU is bfloat16 where the CPU has native bf16
+    (about 3x float32's decode speed: half the bytes per weight, bf16 dot products) and float32
+    elsewhere; on a GPU it is the checkpoint's own dtype."""
     if requested != "auto":
         return _TORCH_DTYPES[requested]
+    if device.type == "cpu":
+        dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        logger.info("dtype auto on this CPU: %s (%s)", str(dtype).removeprefix("torch."),
+                    "native bf16: AVX512-BF16 or AMX" if dtype == torch.bfloat16
+                    else "no native bf16")
+        return dtype
     name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-    dtype = _TORCH_DTYPES.get(name, torch.float32)
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32
-    return dtype
+    return _TORCH_DTYPES.get(name, torch.float32)
 
 
 def rename(name: str, renames: Renames) -> Place:

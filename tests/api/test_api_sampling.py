@@ -103,7 +103,7 @@ def test_beam_search_matches_the_offline_engine(http):
                     ignore_eos=True)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
     assert out["usage"]["completion_tokens"] == 24
-    llm = LLM(str(tiny_model_path("llama")), max_model_len=512, device="cpu")
+    llm = LLM(str(tiny_model_path("llama")), max_model_len=512, device="cpu", dtype="float32")
     offline = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=8,
                                                          ignore_eos=True))[0]
     assert [c["text"] for c in out["choices"]] == [o.text for o in offline.outputs]

@@ -32,7 +32,8 @@ def servers():
         "cross": (str(tiny_bert_dir("bert-cross")), "--served-model-name", "tiny-cross"),
         "cls": (str(tiny_bert_dir("bert-classify")), "--served-model-name", "tiny-cls"),
     }
-    started = {name: ServerProcess(*args) for name, args in specs.items()}
+    # float32: the scores are compared with float32 references to 1e-5
+    started = {name: ServerProcess(*args, "--dtype", "float32") for name, args in specs.items()}
     try:
         for server in started.values():
             server.wait_ready(180)
@@ -57,7 +58,7 @@ def ok(server: ServerProcess, path: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def minilm_offline() -> LLM:
-    return LLM(str(minilm_path()))
+    return LLM(str(minilm_path()), dtype="float32")  # as the servers
 
 
 def test_openai_client_float_and_base64(servers, minilm_offline) -> None:
@@ -167,7 +168,7 @@ def test_cross_encoder_rerank_jina_and_cohere_shapes(servers) -> None:
     assert [r["index"] for r in cohere["results"]] == order[:3]
     assert cohere["meta"] == {"api_version": {"version": "2"},
                               "billed_units": {"search_units": 1}}
-    offline = LLM(str(tiny_bert_dir("bert-cross")))
+    offline = LLM(str(tiny_bert_dir("bert-cross")), dtype="float32")
     assert np.allclose(scores, [o.outputs.score for o in offline.score(QUERY, DOCS)], atol=1e-5)
     probs = ok(server, "/classify", {"input": DOCS[0]})["data"][0]
     assert probs["num_classes"] == 1 and 0.0 < probs["probs"][0] < 1.0  # a sigmoid
@@ -177,7 +178,7 @@ def test_cross_encoder_rerank_jina_and_cohere_shapes(servers) -> None:
 def test_classifier_labels_and_probs(servers) -> None:
     server = servers["cls"]
     out = ok(server, "/classify", {"model": "tiny-cls", "input": DOCS})
-    offline = LLM(str(tiny_bert_dir("bert-classify"))).classify(DOCS)
+    offline = LLM(str(tiny_bert_dir("bert-classify")), dtype="float32").classify(DOCS)
     assert out["object"] == "list" and len(out["data"]) == len(DOCS)
     for item, ref in zip(out["data"], offline):
         assert item["num_classes"] == 3 and np.allclose(item["probs"], ref.outputs.probs, atol=1e-6)
@@ -254,7 +255,8 @@ def test_many_concurrent_small_requests_each_get_their_own_result(servers) -> No
     server = servers["embed"]
     texts = [f"request number {i}: " + " ".join(DOCS[i % len(DOCS)].split()[: 1 + i % 6])
              for i in range(48)]
-    expected = [o.outputs.embedding for o in LLM(str(tiny_bert_dir("bert-embed"))).embed(texts)]
+    offline = LLM(str(tiny_bert_dir("bert-embed")), dtype="float32")
+    expected = [o.outputs.embedding for o in offline.embed(texts)]
 
     async def one(client: httpx.AsyncClient, text: str) -> list[float]:
         r = await client.post("/v1/embeddings", json={"input": text})

@@ -32,7 +32,7 @@ def varied_sentences(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm() -> LLM:
-    return LLM(str(minilm_path()))
+    return LLM(str(minilm_path()), dtype="float32")  # parity with float32 references
 
 
 def _sentence_transformers_reference(path: Path, sentences: list[str]) -> np.ndarray:
@@ -116,7 +116,7 @@ def _hf_seq_cls(path: Path):
 @pytest.mark.parametrize("arch", ["bert-cross", "roberta-cross"])
 def test_cross_encoder_matches_hf(arch: str) -> None:
     path = tiny_bert_dir(arch)
-    llm = LLM(str(path))
+    llm = LLM(str(path), dtype="float32")
     ours = [o.outputs.score for o in llm.score(QUERY, DOCS)]
     hf, tok = _hf_seq_cls(path), llm.tokenizer.tokenizer
     ref = []
@@ -137,7 +137,7 @@ def test_cross_encoder_matches_hf(arch: str) -> None:
 
 def test_classifier_matches_hf_with_labels_from_id2label() -> None:
     path = tiny_bert_dir("bert-classify")
-    llm = LLM(str(path))
+    llm = LLM(str(path), dtype="float32")
     assert llm.labels == ["negative", "neutral", "positive"]
     outs = llm.classify(DOCS)
     hf, tok = _hf_seq_cls(path), llm.tokenizer.tokenizer
@@ -152,7 +152,7 @@ def test_classifier_matches_hf_with_labels_from_id2label() -> None:
 
 
 def test_matryoshka_dimensions_truncate_then_renormalize() -> None:
-    llm = LLM(str(tiny_bert_dir("bert-embed")))
+    llm = LLM(str(tiny_bert_dir("bert-embed")), dtype="float32")
     full = np.array(llm.embed(DOCS[0])[0].outputs.embedding)
     raw = np.array(llm.embed(DOCS[0], normalize=False)[0].outputs.embedding)
     small = np.array(llm.embed(DOCS[0], dimensions=16)[0].outputs.embedding)

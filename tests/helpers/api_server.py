@@ -120,7 +120,7 @@ def serving(model: str | None, *args: str, timeout_s: float = 120.0,
 MAIN_ARGS = ("--api-key", *API_KEYS, "--served-model-name", "tiny", "tiny-alias",
              "--max-model-len", "512", "--api-server-count", "2",
              "--allowed-origins", "http://good.example", "--max-request-body-bytes", "1MiB",
-             "--seed", "0")
+             "--seed", "0", "--dtype", "float32")  # offline references here run float32
 # surfaces (dev endpoints and Responses): no key, dev endpoints on, a 64 MiB KV cache (so
 # sleeping frees a visible amount), 2 workers sharing a SQLite responses store (appended).
 SURFACES_KV_MIB = 64

@@ -57,7 +57,7 @@ def thinker_model(root: Path) -> str:
 
 def thinker_args(root: Path) -> tuple[str, ...]:
     """`fornax serve` flags for thinker_model(root) (after it wrote root/template.jinja)."""
-    return ("--max-model-len", "1024", "--seed", "0", "--chat-template",
+    return ("--max-model-len", "1024", "--seed", "0", "--dtype", "float32", "--chat-template",
             str(root / "template.jinja"), "--enable-auto-tool-choice",
             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
             "--served-model-name", "thinker")

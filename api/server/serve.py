@@ -82,6 +82,18 @@ def _validate(model: str, kwargs: dict[str, Any]) -> None:
     logger.info("engine config (non-default values): %s", shown or "all defaults")
 
 
+def _tls_problem(keyfile: str | None, certfile: str | None) -> str | None:
+    """TLS needs both files, readable; one alone would quietly serve plain HTTP."""
+    if bool(keyfile) != bool(certfile):
+        given, missing = (("--ssl-keyfile", "--ssl-certfile") if keyfile
+                          else ("--ssl-certfile", "--ssl-keyfile"))
+        return f"{given} needs {missing} too (with only one, the server would be plain HTTP)"
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if path and not os.access(path, os.R_OK):
+            return f"{flag} {path}: no such readable file"
+    return None
+
+
 def _port_free(host: str, port: int) -> bool:
     """Fail before loading a model when the port is taken (Granian binds it later)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -103,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if used:
         logger.error("not supported yet: %s", "; ".join(used))
         return 2
-    problem = check_chat_flags(args)
+    problem = check_chat_flags(args) or _tls_problem(args.ssl_keyfile, args.ssl_certfile)
     if problem:
         logger.error("%s", problem)
         return 2

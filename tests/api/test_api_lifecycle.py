@@ -188,7 +188,11 @@ def test_unsupported_and_invalid_flags_fail_fast():
                           (["--reasoning-parser", "nope"], "unknown reasoning parser"),
                           (["--tool-parser-plugin", "/no/such.py"], "no such file"),
                           (["--block-size", "0"], "block_size"),
-                          (["--chat-template", "/no/such/file"], "chat-template")):
+                          (["--chat-template", "/no/such/file"], "chat-template"),
+                          (["--ssl-keyfile", __file__], "needs --ssl-certfile too"),
+                          (["--ssl-certfile", __file__], "needs --ssl-keyfile too"),
+                          (["--ssl-keyfile", __file__, "--ssl-certfile", "/no/cert.pem"],
+                           "--ssl-certfile /no/cert.pem: no such readable file")):
         started = time.monotonic()
         out = _cli("serve", model, "--port", "1", *flags)
         assert out.returncode == 2, (flags, out.stderr)

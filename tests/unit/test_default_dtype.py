@@ -3,20 +3,13 @@ checkpoint's own dtype on a GPU; explicit dtypes are kept."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from fornax.runtime.loaders import weights
+from helpers.native import cpu_flags
 
 CPU = torch.device("cpu")
-
-
-def _cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {flag for line in text.splitlines() if line.startswith("flags")
-            for flag in line.split(":", 1)[1].split()}
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
@@ -35,7 +28,7 @@ def test_explicit_dtypes_and_the_gpu_rule_are_kept(monkeypatch):
 
 
 def test_native_bf16_detection_matches_the_cpu_flags():
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo on this host")
     assert weights.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)

@@ -147,8 +147,8 @@ def repack_gguf(tensor_type: gguf.GGMLQuantizationType, raw: np.ndarray,
         low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & np.uint8(0x0F)
         high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & np.uint8(3)
         q = (low.reshape(n, -1, 8, 32) | (high.reshape(n, -1, 8, 32) << np.uint8(4)))
-        q = q.astype(np.int16) - 32
-        return _q8(name, n, k, 16, q.astype(np.int8), d[..., None] * sc)
+        signed = (q.astype(np.int16) - 32).astype(np.int8)
+        return _q8(name, n, k, 16, signed, d[..., None] * sc)
     return None
 
 

@@ -156,3 +156,19 @@ def load_amx_linear() -> ctypes.CDLL | None:
                                                _i32]
         lib.fornax_amx_linear_bf16.restype = _i32
     return lib
+
+
+@cache
+def load_quant_linear() -> ctypes.CDLL | None:
+    """The weight-only quantized (q4/q8) linear kernel and its dequantizer, or None."""
+    lib = _load("quant_linear_cpu")
+    if lib is not None:
+        lib.fornax_quant_linear_isa.argtypes = []
+        lib.fornax_quant_linear_isa.restype = _i32
+        lib.fornax_quant_linear.argtypes = [_vp, _i32, _i64, _i32, _i32, _vp, _vp, _vp, _i32,
+                                            _i32, _i32, _vp, _i32, _vp, _i32, _i64, _i32, _i32]
+        lib.fornax_quant_linear.restype = _i32
+        lib.fornax_quant_dequantize.argtypes = [_vp, _vp, _vp, _i32, _i32, _i32, _vp, _i32, _vp,
+                                                _i32, _i32]
+        lib.fornax_quant_dequantize.restype = None
+    return lib

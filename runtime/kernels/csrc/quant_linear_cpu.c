@@ -1,0 +1,325 @@
+/* Weight-only quantized linear layers on CPU: out = x @ W^T (+ bias) with W in the q4/q8 layout
+ * of runtime/kernels/quant_format.py (row-major per output row, float16 scales per group).
+ *
+ * Each activation row is first quantized to int8 per weight group (symmetric, d = amax / 127,
+ * q = round-to-nearest-even(x / d)), so a group's dot product is one integer sum: AVX512-VNNI
+ * vpdpbusd multiplies the 4-bit weights (u8) with the int8 activations; q8 weights (s8) meet the
+ * activations shifted by +128 (u8) and lose the shift with a second vpdpbusd against a vector of
+ * 128s. The q4 min term uses the float sum of each activation group, exactly. The only error
+ * against F.linear(x, dequantize(W)) is the activation rounding: at most amax_group / 254 per
+ * element, i.e. |error| <= sum over groups of (amax_group / 254) * sum |w| over the group.
+ *
+ * Paths: AVX512-VNNI (fornax_quant_linear_isa() == 2) and plain C (0) over the same quantized
+ * activations, so both give the same integer sums; the caller may ask for the plain C path.
+ * Built by runtime/kernels/build.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#define ROWS 4  /* output rows per pass (weight streams read together) */
+#define ACTS 4  /* activation rows per pass (reuse of one weight load) */
+#define UNIT 64 /* weight bytes per vector: 128 q4 elements or 64 q8 elements */
+#define ISA_C 0
+#define ISA_VNNI 2
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define HAVE_VNNI 1
+#else
+#define HAVE_VNNI 0
+#endif
+
+int fornax_quant_linear_isa(void) { return HAVE_VNNI ? ISA_VNNI : ISA_C; }
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    union {
+        uint32_t u;
+        float f;
+    } c;
+    if (exp == 0) {
+        c.f = ldexpf((float)man, -24);
+        c.u |= sign;
+    } else if (exp == 31) {
+        c.u = sign | 0x7f800000u | (man << 13);
+    } else {
+        c.u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    return c.f;
+}
+
+/* The problem and its quantized activations. Activation row m holds `abytes` bytes: for q4,
+ * per unit of 128 elements, the low-nibble partners (element j < 16 of each of its 4 groups)
+ * then the high-nibble ones; for q8, the natural order as u8 (q + 128). xsx holds 16 floats per
+ * unit, the activation scale of the group each int32 lane of a vpdpbusd result sums. */
+typedef struct {
+    int q4, group, n, k, m, groups, units, lanes_per_group;
+    const uint8_t *w;
+    const uint16_t *scales, *mins;
+    uint8_t *xq;
+    float *xsx, *xsum;
+    int64_t abytes;
+} Problem;
+
+static int64_t act_pos(const Problem *p, int g, int e) {
+    if (!p->q4) return (int64_t)g * p->group + e;
+    return (int64_t)(g / 4) * 128 + (e >= 16 ? 64 : 0) + (g % 4) * 16 + (e & 15);
+}
+
+static float load_x(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static void quantize_row(const Problem *p, const void *x, int bf16, int64_t off, int m) {
+    uint8_t *q = p->xq + (int64_t)m * p->abytes;
+    float *xsx = p->xsx + (int64_t)m * p->units * 16, *xsum = p->xsum + (int64_t)m * p->groups;
+    memset(q, p->q4 ? 0 : 128, (size_t)p->abytes);
+    memset(xsx, 0, (size_t)p->units * 16 * sizeof(float));
+    float v[32];
+    for (int g = 0; g < p->groups; g++) {
+        float amax = 0.f, sum = 0.f;
+        for (int e = 0; e < p->group; e++) {
+            v[e] = load_x(x, bf16, off + (int64_t)g * p->group + e);
+            amax = fmaxf(amax, fabsf(v[e]));
+            sum += v[e];
+        }
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int e = 0; e < p->group; e++) {
+            const int8_t qi = (int8_t)lrintf(v[e] * inv);
+            q[act_pos(p, g, e)] = p->q4 ? (uint8_t)qi : (uint8_t)(qi + 128);
+        }
+        const int gpu = 16 / p->lanes_per_group, unit = g / gpu, slot = g % gpu;
+        for (int l = 0; l < p->lanes_per_group; l++)
+            xsx[unit * 16 + slot * p->lanes_per_group + l] = amax / 127.f;
+        xsum[g] = sum;
+    }
+}
+
+/* sum over groups of mins[row][g] * xsum[m][g] (the q4 min term). */
+static float min_term(const Problem *p, int row, int m) {
+    if (!p->q4) return 0.f;
+    const uint16_t *mn = p->mins + (int64_t)row * p->groups;
+    const float *xs = p->xsum + (int64_t)m * p->groups;
+    float acc = 0.f;
+    for (int g = 0; g < p->groups; g++) acc += half_to_float(mn[g]) * xs[g];
+    return acc;
+}
+
+/* Plain C: res[i * ACTS + j] = dot of weight row rows[i] with activation row m0 + j. */
+static void tile_c(const Problem *p, const int *rows, int m0, int acts, float *res) {
+    const int wbytes = p->q4 ? p->k / 2 : p->k;
+    for (int i = 0; i < ROWS; i++) {
+        const uint8_t *w = p->w + (int64_t)rows[i] * wbytes;
+        const uint16_t *sc = p->scales + (int64_t)rows[i] * p->groups;
+        for (int j = 0; j < acts; j++) {
+            const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes;
+            const float *xsx = p->xsx + (int64_t)(m0 + j) * p->units * 16;
+            const int gpu = 16 / p->lanes_per_group;
+            float acc = 0.f;
+            for (int g = 0; g < p->groups; g++) {
+                int32_t isum = 0;
+                if (p->q4) {
+                    const uint8_t *b = w + g * 16;
+                    const int8_t *lo = (const int8_t *)q + act_pos(p, g, 0);
+                    const int8_t *hi = (const int8_t *)q + act_pos(p, g, 16);
+                    for (int e = 0; e < 16; e++) isum += (b[e] & 15) * lo[e] + (b[e] >> 4) * hi[e];
+                } else {
+                    const int8_t *b = (const int8_t *)w + g * p->group;
+                    const uint8_t *a = q + (int64_t)g * p->group;
+                    int32_t wsum = 0; /* (a - 128) * b as one product trips GCC 12's vectorizer */
+                    for (int e = 0; e < p->group; e++) {
+                        isum += b[e] * a[e];
+                        wsum += b[e];
+                    }
+                    isum -= 128 * wsum;
+                }
+                const float xs = xsx[(g / gpu) * 16 + (g % gpu) * p->lanes_per_group];
+                acc += (float)isum * xs * half_to_float(sc[g]);
+            }
+            res[i * ACTS + j] = acc + min_term(p, rows[i], m0 + j);
+        }
+    }
+}
+
+#if HAVE_VNNI
+static inline __attribute__((always_inline)) void tile_vnni(const Problem *p, const int *rows,
+                                                            int m0, const int acts, float *res) {
+    const int wbytes = p->q4 ? p->k / 2 : p->k, gpu = 16 / p->lanes_per_group;
+    const int tail_bytes = wbytes - (p->units - 1) * UNIT;
+    const __m512i nib = _mm512_set1_epi8(0x0f), c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i idx = gpu == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[ROWS][ACTS];
+    for (int i = 0; i < ROWS; i++)
+        for (int j = 0; j < ACTS; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int u = 0; u < p->units; u++) {
+        const int last = u == p->units - 1;
+        const __mmask64 bm =
+            last ? _cvtu64_mask64(tail_bytes >= 64 ? ~0ull : (1ull << tail_bytes) - 1)
+                 : ~(__mmask64)0;
+        const int sleft = p->groups - u * gpu;
+        const __mmask8 sm = (__mmask8)(sleft >= gpu ? (1u << gpu) - 1 : (1u << sleft) - 1);
+        for (int i = 0; i < ROWS; i++) {
+            const uint8_t *w = p->w + (int64_t)rows[i] * wbytes + (int64_t)u * UNIT;
+            const uint16_t *sc = p->scales + (int64_t)rows[i] * p->groups + u * gpu;
+            const __m512i wv = _mm512_maskz_loadu_epi8(bm, w);
+            const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(sm, sc));
+            const __m512 ws = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+            if (p->q4) {
+                const __m512i lo = _mm512_and_si512(wv, nib);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+                for (int j = 0; j < acts; j++) {
+                    const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes + (int64_t)u * 128;
+                    const float *xs = p->xsx + ((int64_t)(m0 + j) * p->units + u) * 16;
+                    __m512i s =
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
+                    s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(q + 64));
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xs));
+                    acc[i][j] = _mm512_fmadd_ps(t, ws, acc[i][j]);
+                }
+            } else {
+                const __m512i neg = _mm512_sub_epi32(
+                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+                for (int j = 0; j < acts; j++) {
+                    const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes + (int64_t)u * 64;
+                    const float *xs = p->xsx + ((int64_t)(m0 + j) * p->units + u) * 16;
+                    const __m512i s = _mm512_dpbusd_epi32(neg, _mm512_loadu_si512(q), wv);
+                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xs));
+                    acc[i][j] = _mm512_fmadd_ps(t, ws, acc[i][j]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; i++)
+        for (int j = 0; j < acts; j++)
+            res[i * ACTS + j] = _mm512_reduce_add_ps(acc[i][j]) + min_term(p, rows[i], m0 + j);
+}
+
+static void tile_vnni_any(const Problem *p, const int *rows, int m0, int acts, float *res) {
+    switch (acts) {
+    case 1:
+        tile_vnni(p, rows, m0, 1, res);
+        break;
+    case 2:
+        tile_vnni(p, rows, m0, 2, res);
+        break;
+    case 3:
+        tile_vnni(p, rows, m0, 3, res);
+        break;
+    default:
+        tile_vnni(p, rows, m0, ACTS, res);
+        break;
+    }
+}
+#endif
+
+static void store(void *out, int out_bf16, int64_t i, float v) {
+    if (out_bf16)
+        ((uint16_t *)out)[i] = float_to_bf16(v);
+    else
+        ((float *)out)[i] = v;
+}
+
+/* A grow-only buffer per calling thread: no allocation per call once warm. */
+static _Thread_local void *scratch;
+static _Thread_local size_t scratch_size;
+
+static void *scratch_get(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch);
+        scratch_size = (bytes + 4095) & ~(size_t)4095;
+        scratch = aligned_alloc(64, scratch_size);
+        if (scratch == NULL) scratch_size = 0;
+    }
+    return scratch;
+}
+
+/* out[m, row] = x[m] . W[row] (+ bias[row]) for m < m_rows, row < n.
+ * x: m_rows rows of k floats (x_bf16: bf16) x_stride elements apart; w/scales/mins: the layout
+ * above (q4: mins float16, q8: mins NULL); bias: NULL, float32 or bf16 (bias_bf16); out: float32
+ * or bf16 (out_bf16), out_stride elements between rows. isa: ISA_VNNI or ISA_C (the plain C
+ * path, also on a VNNI machine). Returns 0, or -1 for a shape the kernel does not take, -2 when
+ * out of memory. */
+int fornax_quant_linear(const void *x, int x_bf16, int64_t x_stride, int m_rows, int k,
+                        const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
+                        int group, int n, const void *bias, int bias_bf16, void *out, int out_bf16,
+                        int64_t out_stride, int isa, int num_threads) {
+    if (m_rows <= 0 || n <= 0 || k <= 0 || (group != 16 && group != 32) || (q4 && group != 32) ||
+        k % group)
+        return -1;
+    Problem p = {q4, group, n, k, m_rows, k / group, 0, 0, w, scales, mins, NULL, NULL, NULL, 0};
+    const int per_unit = q4 ? 128 : 64; /* elements per 64 weight bytes */
+    p.units = (k + per_unit - 1) / per_unit;
+    p.lanes_per_group = 16 / (per_unit / group);
+    p.abytes = (int64_t)p.units * per_unit;
+    const int m_pad = (m_rows + ACTS - 1) / ACTS * ACTS;
+    const size_t qbytes = ((size_t)m_pad * p.abytes + 63) & ~(size_t)63;
+    const size_t xbytes = (size_t)m_pad * p.units * 16 * sizeof(float);
+    float *buf = scratch_get(qbytes + xbytes + (size_t)m_pad * p.groups * sizeof(float));
+    if (buf == NULL) return -2;
+    p.xq = (uint8_t *)buf;
+    p.xsx = (float *)((uint8_t *)buf + qbytes);
+    p.xsum = p.xsx + (size_t)m_pad * p.units * 16;
+    const int use_vnni = HAVE_VNNI && isa == ISA_VNNI;
+    const int blocks = (n + ROWS - 1) / ROWS;
+    const int64_t work = (int64_t)m_rows * n * k;
+#pragma omp parallel num_threads(num_threads) if (work > 200000)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < m_rows; m++) quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m);
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            int rows[ROWS];
+            for (int i = 0; i < ROWS; i++) rows[i] = b * ROWS + i < n ? b * ROWS + i : n - 1;
+            float res[ROWS * ACTS];
+            for (int m0 = 0; m0 < m_rows; m0 += ACTS) {
+                const int acts = m_rows - m0 < ACTS ? m_rows - m0 : ACTS;
+#if HAVE_VNNI
+                if (use_vnni)
+                    tile_vnni_any(&p, rows, m0, acts, res);
+                else
+#endif
+                    tile_c(&p, rows, m0, acts, res);
+                for (int i = 0; i < ROWS && b * ROWS + i < n; i++) {
+                    const int r = b * ROWS + i;
+                    const float bv = bias == NULL ? 0.f
+                                     : bias_bf16  ? bf16_to_float(((const uint16_t *)bias)[r])
+                                                  : ((const float *)bias)[r];
+                    for (int j = 0; j < acts; j++)
+                        store(out, out_bf16, (int64_t)(m0 + j) * out_stride + r,
+                              res[i * ACTS + j] + bv);
+                }
+            }
+        }
+    }
+    (void)use_vnni;
+    return 0;
+}
+
+/* The dense weight rows [row0, row0 + rows) of a q4/q8 weight as float32 or bf16 (out_bf16),
+ * row-major [rows, k]: the reference dequantization, for embeddings and large batches. */
+void fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
+                             int group, int k, const int64_t *row_ids, int rows, void *out,
+                             int out_bf16, int num_threads) {
+    const int groups = k / group, wbytes = q4 ? k / 2 : k;
+#pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * k > 262144) schedule(static)
+    for (int i = 0; i < rows; i++) {
+        const int64_t r = row_ids[i];
+        const uint8_t *wr = w + r * wbytes;
+        float v[32];
+        for (int g = 0; g < groups; g++) {
+            const float s = half_to_float(scales[r * groups + g]);
+            const float mn = q4 ? half_to_float(mins[r * groups + g]) : 0.f;
+            for (int e = 0; e < group; e++) {
+                const int q = q4 ? (e < 16 ? wr[g * 16 + e] & 15 : wr[g * 16 + e - 16] >> 4)
+                                 : (int8_t)wr[g * group + e];
+                v[e] = (float)q * s + mn;
+            }
+            for (int e = 0; e < group; e++)
+                store(out, out_bf16, (int64_t)i * k + (int64_t)g * group + e, v[e]);
+        }
+    }
+}

@@ -1,0 +1,117 @@
+"""Weight-only quantized linear layers and embeddings on CPU (engine-core process), via csrc/quant_linear_cpu.c."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from fornax.runtime.kernels.build import load_quant_linear
+from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, take_rows
+
+logger = logging.getLogger(__name__)
+
+ISA_NAMES = {0: "c", 2: "avx512-vnni"}
+# Above this many activation rows (prefill), dequantizing the weight to a dense temporary and
+# running torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer kernel;
+# figures in perf/README.md ("Quantized linear layers").
+DENSE_MIN_ROWS = 64
+
+
+@cache
+def _kernel() -> tuple[ctypes.CDLL, int] | None:
+    """The built kernel and its ISA code, or None (FORNAX_NATIVE_KERNELS=0, no compiler, or a
+    CPU with neither path worth calling)."""
+    lib = load_quant_linear()
+    if lib is None:
+        return None
+    isa = int(lib.fornax_quant_linear_isa())
+    logger.info("quantized linear kernel: %s", ISA_NAMES.get(isa, str(isa)))
+    return lib, isa
+
+
+def quant_isa() -> str:
+    """Which path quant_linear takes at batch 1: 'avx512-vnni', 'c' or 'torch' (dequantize)."""
+    kernel = _kernel()
+    return "torch" if kernel is None else ISA_NAMES.get(kernel[1], "c")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear_reference(x: torch.Tensor, qw: QuantWeight,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The portable path: F.linear over the dequantized weight (no native kernel needed)."""
+    weight = dequantize(qw, torch.float32).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def _dense_weight(lib: ctypes.CDLL, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty((qw.out_features, qw.in_features), dtype=dtype)
+    ids = torch.arange(qw.out_features, dtype=torch.int64)
+    lib.fornax_quant_dequantize(qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins),
+                                qw.kind == "q4", qw.group, qw.in_features, ids.data_ptr(),
+                                qw.out_features, out.data_ptr(), dtype == torch.bfloat16,
+                                torch.get_num_threads())
+    return out
+
+
+def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
+                 isa: str | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 or float32) @ dequantize(qw)^T (+ bias) -> [..., N] in x.dtype.
+
+    The kernel quantizes each activation row to int8 per weight group (the only error against
+    the dense reference: at most amax_group / 254 per activation element); above DENSE_MIN_ROWS
+    rows the weight is dequantized for torch's matmul instead. `isa` forces a path for tests:
+    'c' (the kernel's plain C loop), 'torch' (linear_reference), None (the fastest here).
+    """
+    kernel = None if isa == "torch" else _kernel()
+    if kernel is None or x.dtype not in (torch.bfloat16, torch.float32) or qw.scales.dtype != \
+            torch.float16:
+        return linear_reference(x, qw, bias)
+    lib, native = kernel
+    k, n = qw.in_features, qw.out_features
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_linear: x has {x.shape[-1]} features, the weight {k}")
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = flat.shape[0]
+    if isa is None and rows >= DENSE_MIN_ROWS:
+        weight = _dense_weight(lib, qw, x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    if bias is not None and (bias.dtype not in (torch.bfloat16, torch.float32)
+                             or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = torch.empty((rows, n), dtype=x.dtype)
+    status = lib.fornax_quant_linear(
+        flat.data_ptr(), x.dtype == torch.bfloat16, flat.stride(0), rows, k, qw.data.data_ptr(),
+        qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group, n, _ptr(bias),
+        bias is not None and bias.dtype == torch.bfloat16, out.data_ptr(),
+        x.dtype == torch.bfloat16, n, 0 if isa == "c" else native, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"quantized linear kernel refused {qw.kind}/{qw.group} shape "
+                           f"{tuple(flat.shape)} x {n} (status {status})")
+    return out.view(*x.shape[:-1], n)
+
+
+def quant_embedding(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of the dequantized table as dtype, shape [*ids.shape, K] (only those rows are
+    dequantized)."""
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= qw.out_features):
+        raise IndexError(f"embedding ids outside [0, {qw.out_features})")
+    kernel = _kernel()
+    if kernel is None or dtype not in (torch.bfloat16, torch.float32):
+        return dequantize(take_rows(qw, flat), torch.float32).to(dtype).view(
+            *ids.shape, qw.in_features)
+    out = torch.empty((flat.numel(), qw.in_features), dtype=dtype)
+    kernel[0].fornax_quant_dequantize(
+        qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group,
+        qw.in_features, flat.data_ptr(), flat.numel(), out.data_ptr(), dtype == torch.bfloat16,
+        torch.get_num_threads())
+    return out.view(*ids.shape, qw.in_features)

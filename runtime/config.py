@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ _POLICIES = ("fcfs", "priority")
 _RUNNERS = ("auto", "generate", "pooling")
 _DEVICES = ("auto", "cuda", "cpu")
 _ATTENTION_BACKENDS = ("auto", "torch_ref", "cpu_paged", "flashinfer")
+_REF_RE = re.compile(r"^[\w.+-]+(?:/[\w.+-]+)*$")  # a git branch, tag or commit hash
 _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16",
                   "bf16": "bfloat16"}
 
@@ -61,6 +63,18 @@ class ModelConfig:
     pooler_config: dict[str, Any] = _opt(
         None, 'pooling models: override the pooling, e.g. \'{"pooling_type": "MEAN", '
         '"normalize": false}\'', factory=dict, shown="from the sentence-transformers files")
+    revision: str | None = _opt(
+        None, "a hub id's branch, tag (refs/<name> in the local Hugging Face cache) or commit "
+        "hash", shown="main")
+    download_dir: str | None = _opt(
+        None, "a Hugging Face cache folder searched first for hub ids (fornax never downloads; "
+        "then HF_HUB_CACHE, TRANSFORMERS_CACHE, $HF_HOME/hub)")
+    tokenizer: str | None = _opt(
+        None, "another tokenizer: a folder or a hub id in the local cache (tokenizer.json and "
+        "its chat template)", shown="the model's")
+    tokenizer_revision: str | None = _opt(
+        None, "--tokenizer's branch, tag or commit hash",
+        shown="--revision for the model's own tokenizer, else main")
 
     def __post_init__(self) -> None:
         if self.runner not in _RUNNERS:
@@ -76,6 +90,10 @@ class ModelConfig:
         _positive("max_model_len", self.max_model_len)
         if self.generation_config not in ("auto", "fornax", "vllm"):
             raise ConfigError("generation_config must be 'auto' or 'fornax'")
+        for name in ("revision", "tokenizer_revision"):
+            value = getattr(self, name)
+            if value is not None and (not _REF_RE.match(value) or ".." in value.split("/")):
+                raise ConfigError(f"{name} {value!r} is not a branch, tag or commit hash")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,17 @@ FORNAX_FAULT_INJECTION: str
     (runtime/engine/fault_injection.py)
 TORCHINDUCTOR_CACHE_DIR: str = ($FORNAX_CACHE/inductor)
     torch.compile's on-disk cache; fornax points it into its own cache unless it is set
+## the Hugging Face cache (read only: hub ids `org/name` resolve from it; nothing is downloaded)
+HF_HUB_CACHE: path = ($HF_HOME/hub)
+    a hub cache searched for `org/name` models and tokenizers, after `--download-dir`
+HUGGINGFACE_HUB_CACHE: path
+    the older name of `HF_HUB_CACHE`, searched after it
+TRANSFORMERS_CACHE: path
+    transformers' older cache variable, searched after `HF_HUB_CACHE`
+HF_HOME: path = ($XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface)
+    Hugging Face's home folder: its `hub/` is searched last
+XDG_CACHE_HOME: path = (~/.cache)
+    where `HF_HOME` is when it is unset
 ## set by fornax for its own child processes
 FORNAX_ENGINE_SPEC: str
     the engine-core process's EngineSpec (JSON), set by its launcher
@@ -174,6 +185,11 @@ FLASHINFER_PREFILL_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_PREFILL_BACKEN
 FLASHINFER_DECODE_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_DECODE_BACKEND")
 FAULT_INJECTION: EnvVar[str | None] = _var("FORNAX_FAULT_INJECTION")
 TORCHINDUCTOR_CACHE_DIR: EnvVar[str | None] = _var("TORCHINDUCTOR_CACHE_DIR")
+HF_HUB_CACHE: EnvVar[Path | None] = _var("HF_HUB_CACHE")  # read by loaders/hub_cache.py
+HUGGINGFACE_HUB_CACHE: EnvVar[Path | None] = _var("HUGGINGFACE_HUB_CACHE")
+TRANSFORMERS_CACHE: EnvVar[Path | None] = _var("TRANSFORMERS_CACHE")
+HF_HOME: EnvVar[Path | None] = _var("HF_HOME")
+XDG_CACHE_HOME: EnvVar[Path | None] = _var("XDG_CACHE_HOME")
 ENGINE_SPEC: EnvVar[str | None] = _var("FORNAX_ENGINE_SPEC")
 SERVER_SETTINGS: EnvVar[str | None] = _var("FORNAX_SERVER_SETTINGS")
 PROMETHEUS_MULTIPROC_DIR: EnvVar[str | None] = _var("PROMETHEUS_MULTIPROC_DIR")

@@ -90,7 +90,6 @@ def _int_list(text: str) -> list[int]:
 # Flags of features fornax does not have yet: accepted (scripts keep working when unused) but a
 # clear error at start when used, never silently ignored. dest -> what it is.
 NOT_SUPPORTED_YET = {
-    "tokenizer": "a separate tokenizer (--tokenizer)",
     "quantization": "on-the-fly quantization (--quantization)",
     "speculative_config": "speculative decoding (--speculative-config)",
     "enable_lora": "LoRA adapters (--enable-lora)",
@@ -128,6 +127,10 @@ _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--dtype",), "dtype", {}),
     (("--max-model-len",), "max_model_len", {"type": parse_size}),
     (("--load-format",), "load_format", {}),
+    (("--revision",), "revision", {}),
+    (("--download-dir",), "download_dir", {}),
+    (("--tokenizer",), "tokenizer", {}),
+    (("--tokenizer-revision",), "tokenizer_revision", {}),
     (("--seed",), "seed", {"type": int}),
     (("--generation-config",), "generation_config", {}),
     (("--device",), "device", {}),
@@ -190,6 +193,12 @@ _SETTINGS_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = 
     (("--realtime-idle-timeout",), "realtime_idle_timeout_s", {"type": _positive},
      "WS /v1/realtime: a session is closed after this many seconds without a client event "
      "while nothing is being transcribed"),
+    (("--disable-fastapi-docs",), "disable_fastapi_docs", {"action": "store_true"},
+     "serve no /docs and no /openapi.json (vLLM's name; 404 then)"),
+    (("--enable-tokenizer-info-endpoint",), "enable_tokenizer_info_endpoint",
+     {"action": "store_true"}, "serve GET /tokenizer_info and /get_tokenizer_info (the "
+     "tokenizer's config and chat template; off by default, as in vLLM, since it may be "
+     "sensitive)"),
     (("--responses-store",), "responses_store", {"type": _responses_store},
      "where /v1/responses keeps stored responses: memory (bounded, per API worker) or "
      "sqlite:PATH (shared by the workers, survives restarts)"),
@@ -254,7 +263,8 @@ def _add_settings_flags(group: Any, table: tuple[tuple[tuple[str, ...], str, dic
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Every `fornax serve` flag, grouped as in `fornax serve --help`."""
     p.add_argument("model", nargs="?", default=None,
-                   help="HF model folder or .gguf file; omitted: the packaged default chat model "
+                   help="HF model folder, .gguf file, or hub id (org/name) in the local Hugging "
+                   "Face cache (never downloaded); omitted: the packaged default chat model "
                    "(SmolLM2-135M-Instruct)")
     p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
 
@@ -299,6 +309,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="accepted for vLLM compatibility: sleep mode is always available "
                    "through the dev endpoints")
+    g.add_argument("--enable-offline-docs", action="store_true",
+                   help="accepted for vLLM compatibility: /docs is always offline here (its page "
+                   "and script are served by fornax, nothing comes from a CDN)")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
@@ -308,7 +321,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _add_settings_flags(p.add_argument_group("tool calling and reasoning"), _TOOL_FLAGS)
 
     n = p.add_argument_group("not supported yet (accepted; an error at start when used)")
-    n.add_argument("--tokenizer", default=None)
     n.add_argument("--quantization", "-q", default=None)
     n.add_argument("--speculative-config", default=None)
     n.add_argument("--enable-lora", action="store_true", default=None)

@@ -82,6 +82,20 @@ def _validate(model: str, kwargs: dict[str, Any]) -> None:
     logger.info("engine config (non-default values): %s", shown or "all defaults")
 
 
+def _check_on_disk(model: str, kwargs: dict[str, Any]) -> None:
+    """The model and --tokenizer exist on disk (a folder, a file, a packaged name, or a hub id in
+    the local Hugging Face cache); ModelLoadError naming every place looked at, before any
+    process starts. The engine resolves them again the same way."""
+    from fornax.runtime.loaders.model_files import resolve_model_path, resolve_tokenizer_dir
+    from fornax.runtime.loaders.speech_models import packaged_name
+
+    revision, download_dir = kwargs.get("revision"), kwargs.get("download_dir")
+    if not packaged_name(model):  # packaged speech models are prepared by the engine
+        resolve_model_path(model, revision, download_dir)
+    resolve_tokenizer_dir(model, kwargs.get("tokenizer"), revision,
+                          kwargs.get("tokenizer_revision"), download_dir)
+
+
 def _tls_problem(keyfile: str | None, certfile: str | None) -> str | None:
     """TLS needs both files, readable; one alone would quietly serve plain HTTP."""
     if bool(keyfile) != bool(certfile):
@@ -128,6 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model, root, served, aliases = _model_names(args)
         kwargs = engine_kwargs(args)
         _validate(model, kwargs)
+        _check_on_disk(model, kwargs)
         chat_template = read_chat_template(args.chat_template)
     except (FornaxError, OSError) as exc:
         logger.error("%s", exc)

@@ -29,7 +29,8 @@ class AppState:
         self.settings = settings
         self.engine_info = settings.engine
         self.max_model_len = settings.engine.max_model_len
-        self.tokenizer = TokenizerFront(settings.engine.model_path, settings.chat_template)
+        self.tokenizer = TokenizerFront(settings.engine.tokenizer_path or
+                                        settings.engine.model_path, settings.chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self.engine = EngineClient(settings.ipc_dir, settings.request_timeout_s)
         self.model_name = settings.served_model_names[0]

@@ -8,7 +8,7 @@ import logging
 from fornax.runtime import env
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine.contract import EngineCore
-from fornax.runtime.loaders.model_files import resolve_model_files
+from fornax.runtime.loaders.model_files import files_for, resolve_model_files
 from fornax.runtime.pooling.config import resolve_engine_kind
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def make_engine_core(config: EngineConfig) -> EngineCore:
     env.check_engine_variables()  # a bad value refuses to start, never fails a step later
     mc = config.model_config
     speech = resolve_speech_model(mc.model) if mc.model else None  # packaged name, CT2 folder
-    files = resolve_model_files(str(speech) if speech else mc.model, mc.load_format)
+    files = resolve_model_files(str(speech), mc.load_format) if speech else files_for(mc)
     kind = resolve_engine_kind(mc.runner, files.hf_config, files.path)
     logger.debug("%s runs on the %s engine", files.path, kind)
     if kind == "encoder-decoder":

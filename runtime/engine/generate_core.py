@@ -19,7 +19,7 @@ from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.loaders.model_files import (
     ModelFiles,
     derive_max_model_len,
-    resolve_model_files,
+    files_for,
 )
 from fornax.runtime.sampling.request_prep import check_prompt, resolve_max_tokens
 from fornax.runtime.scheduler.request import Request
@@ -46,7 +46,7 @@ class GenerateEngineCore(SchedulingCoreMixin):
 
         self.config = config
         mc = config.model_config
-        self.files = files or resolve_model_files(mc.model, mc.load_format)
+        self.files = files or files_for(mc)
         self.max_model_len = derive_max_model_len(self.files.hf_config, mc.max_model_len)
         self.runner = ModelRunner(config, self.files, self.max_model_len)
         block_size = config.cache_config.block_size
@@ -62,7 +62,7 @@ class GenerateEngineCore(SchedulingCoreMixin):
         self.runner.eos_token_ids = self.info.eos_token_ids
         from fornax.runtime.structured_output.grammar import StructuredOutputManager
 
-        self.structured = StructuredOutputManager(self.files.path, self.info.vocab_size,
+        self.structured = StructuredOutputManager(self.files.tokenizer_path, self.info.vocab_size,
                                                   self.info.eos_token_ids,
                                                   config.structured_outputs_config)
         self.runner.structured = self.structured

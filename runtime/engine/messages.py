@@ -93,6 +93,7 @@ class EngineHandshake(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
     pooling: PoolingModelInfo | None = None  # what a pooling model serves, and how it pools
     max_num_queued_reqs: int = 0  # admission bound in force (in-flight requests)
     max_num_queued_tokens: int = 0  # admission bound on waiting prompt tokens (0: none)
+    tokenizer_path: str = ""  # --tokenizer's folder; empty: the model's (model_path)
 
 
 class ClientHello(msgspec.Struct, tag="hello", array_like=True, omit_defaults=True, gc=False):

@@ -149,6 +149,7 @@ class EngineCoreProcess:
             ready=True, num_kv_blocks=info.num_kv_blocks, block_size=info.block_size,
             kv_capacity_tokens=info.kv_capacity_tokens, max_model_len=info.max_model_len,
             vocab_size=info.vocab_size, model_path=str(self.core.files.path),
+            tokenizer_path=str(self.core.files.tokenizer_dir or ""),
             architecture=info.architecture, dtype=info.dtype, device=info.device,
             max_logprobs=self.core.config.max_logprobs,
             eos_token_ids=sorted(info.eos_token_ids),

@@ -1,4 +1,4 @@
-"""Resolve a model argument (HF folder, .gguf file, or the packaged default) to its files."""
+"""MODEL (a folder, .gguf file, hub id in the local cache, packaged name) to files (any process)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fornax.runtime.errors import ConfigError, ModelLoadError
+from fornax.runtime.loaders import hub_cache
+
+if TYPE_CHECKING:
+    from fornax.runtime.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +24,13 @@ class ModelFiles:
     path: Path
     hf_config: dict[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # what the user named (a .gguf file, or the folder itself)
+    source: str = ""  # what the user named (a .gguf file, a hub id, or the folder itself)
+    tokenizer_dir: Path | None = None  # --tokenizer's folder when it is not the model's
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The folder whose tokenizer.json (and chat template) is used."""
+        return self.tokenizer_dir or self.path
 
     @property
     def weight_files(self) -> list[Path]:
@@ -50,22 +60,42 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve_model_files(model: str | None, load_format: str = "auto") -> ModelFiles:
-    """Find config.json and friends; a .gguf file is first prepared into a cached HF folder."""
+def resolve_model_path(model: str | None, revision: str | None = None,
+                       download_dir: str | None = None, what: str = "model") -> Path:
+    """What MODEL names, on disk: a local folder or file, a hub id from the local Hugging Face
+    cache (runtime/loaders/hub_cache.py), a model shipped as a pip package, or (None) the
+    packaged default. Nothing is downloaded; ModelLoadError names every place looked at."""
     if model is None or model == "":
         from fornax.runtime.loaders.default_model import default_model_path
 
-        model = str(default_model_path())
+        return default_model_path()
     path = Path(model).expanduser()
-    source = str(path)
-    if not path.exists():  # a hub name of a model shipped as a pip package (all-MiniLM-L6-v2)
-        from fornax.runtime.loaders.packaged_models import packaged_model_path
+    if path.exists():
+        if revision:
+            logger.warning("--revision %s is ignored: %s is a local path, not a hub id",
+                           revision, model)
+        return path
+    from fornax.runtime.loaders.packaged_models import packaged_model_path
 
-        path = packaged_model_path(model) or path
-    if not path.exists():
+    packaged = None if revision else packaged_model_path(model)  # all-MiniLM-L6-v2 and friends
+    if packaged is not None:
+        return packaged
+    if not hub_cache.looks_like_repo_id(model):
         raise ModelLoadError(
-            f"model path {model!r} does not exist (fornax loads local HF folders and .gguf files; "
-            "it never downloads from a model hub)")
+            f"{what} path {model!r} does not exist (fornax loads local HF folders, .gguf files "
+            "and hub ids from the local Hugging Face cache; it never downloads)")
+    return hub_cache.find_in_hub_cache(model, revision, download_dir, what)
+
+
+def resolve_model_files(model: str | None, load_format: str = "auto", *,
+                        revision: str | None = None, download_dir: str | None = None,
+                        tokenizer: str | None = None,
+                        tokenizer_revision: str | None = None) -> ModelFiles:
+    """Find config.json and friends; a .gguf file is first prepared into a cached HF folder.
+    `tokenizer` (a folder or hub id, as vLLM's --tokenizer) replaces the model's tokenizer."""
+    source = str(Path(model).expanduser()) if model else ""
+    path = resolve_model_path(model, revision, download_dir)
+    source = source or str(path)
     if path.is_file() or load_format == "gguf":
         if path.suffix != ".gguf" and load_format != "gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf file")
@@ -78,7 +108,33 @@ def resolve_model_files(model: str | None, load_format: str = "auto") -> ModelFi
     hf_config = _read_json(config_path)
     gen_path = path / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else {}
-    return ModelFiles(path=path, hf_config=hf_config, generation_config=gen, source=source)
+    tokenizer_dir = resolve_tokenizer_dir(model, tokenizer, revision, tokenizer_revision,
+                                          download_dir)
+    return ModelFiles(path=path, hf_config=hf_config, generation_config=gen, source=source,
+                      tokenizer_dir=tokenizer_dir)
+
+
+def resolve_tokenizer_dir(model: str | None, tokenizer: str | None, revision: str | None,
+                          tokenizer_revision: str | None, download_dir: str | None
+                          ) -> Path | None:
+    """--tokenizer's folder (None: the model's own). Its revision defaults to the model's when
+    it names the model again, else to main, as in vLLM."""
+    if not tokenizer or (tokenizer == model and tokenizer_revision in (None, revision)):
+        return None
+    folder = resolve_model_path(tokenizer, tokenizer_revision or
+                                (revision if tokenizer == model else None), download_dir,
+                                what="tokenizer")
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"--tokenizer {tokenizer}: {folder} has no tokenizer.json (fornax "
+                             "reads the fast tokenizer file)")
+    return folder
+
+
+def files_for(mc: ModelConfig) -> ModelFiles:
+    """The files of a ModelConfig (its model, revision, cache folder and tokenizer)."""
+    return resolve_model_files(mc.model, mc.load_format, revision=mc.revision,
+                               download_dir=mc.download_dir, tokenizer=mc.tokenizer,
+                               tokenizer_revision=mc.tokenizer_revision)
 
 
 def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:

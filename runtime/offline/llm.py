@@ -10,7 +10,7 @@ from typing import Any
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.engine.factory import make_engine_core
 from fornax.runtime.engine.messages import EngineCoreRequest
-from fornax.runtime.errors import ConfigError, RequestError, RequestFailedError
+from fornax.runtime.errors import RequestError, RequestFailedError
 from fornax.runtime.offline.outputs import CompletionOutput, RequestOutput
 from fornax.runtime.offline.pooling_llm import PoolingMixin
 from fornax.runtime.sampling.beam_search import BeamSearchParams, BeamSearchState
@@ -40,12 +40,11 @@ class LLM(PoolingMixin):
 
     def __init__(self, model: str | None = None, *, chat_template: str | None = None,
                  tokenizer: str | None = None, **engine_args: Any) -> None:
-        if tokenizer is not None and tokenizer != model:  # vLLM scripts often pass the model again
-            raise ConfigError(f"tokenizer={tokenizer!r}: a tokenizer other than the model's own "
-                              "is not supported yet (leave it out, or pass the model's path)")
+        if tokenizer is not None:  # a folder or a hub id in the local cache, as --tokenizer
+            engine_args["tokenizer"] = tokenizer
         self.config = make_engine_config(model or "", **engine_args).resolve()
         self.engine = make_engine_core(self.config)  # generation or pooling (contract.EngineCore)
-        self.tokenizer = TokenizerFront(self.engine.files.path, chat_template)
+        self.tokenizer = TokenizerFront(self.engine.files.tokenizer_path, chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
 

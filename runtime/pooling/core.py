@@ -27,7 +27,7 @@ from fornax.runtime.engine.messages import (
 from fornax.runtime.engine.request_failure import RequestFailure
 from fornax.runtime.engine.scheduling_core import SchedulingCoreMixin
 from fornax.runtime.errors import RequestError
-from fornax.runtime.loaders.model_files import ModelFiles, resolve_model_files
+from fornax.runtime.loaders.model_files import ModelFiles, files_for
 from fornax.runtime.pooling.config import parse_pooler_config, pooling_model_info
 from fornax.runtime.sampling.request_prep import check_prompt_ids
 
@@ -137,7 +137,7 @@ class PoolingEngineCore(SchedulingCoreMixin):
 
         self.config = config
         mc = config.model_config
-        self.files = files or resolve_model_files(mc.model, mc.load_format)
+        self.files = files or files_for(mc)
         self.pooling_info = pooling_model_info(self.files.hf_config, self.files.path,
                                                mc.max_model_len,
                                                parse_pooler_config(mc.pooler_config))

@@ -15,7 +15,7 @@ from fornax.api.server import args as serve_args
 from fornax.api.server.settings import ServerSettings
 from fornax.runtime import env
 from fornax.runtime.config import engine_field, field_default, make_engine_config
-from fornax.runtime.errors import ConfigError
+from fornax.runtime.errors import ConfigError, ModelLoadError
 from fornax.runtime.loaders.cache_folders import cache_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def test_device_is_resolved_in_an_explicit_step():
         make_engine_config("m", device="tpu")
 
 
-@pytest.mark.parametrize("removed", ["tokenizer", "hf_overrides", "served_model_name"])
+@pytest.mark.parametrize("removed", ["hf_overrides", "served_model_name"])
 def test_unread_engine_arguments_are_refused_not_ignored(removed):
     with pytest.raises(ConfigError, match="unknown engine argument"):
         make_engine_config("m", **{removed: "x"})
@@ -191,12 +191,13 @@ def test_a_bad_engine_variable_refuses_to_build_an_engine(monkeypatch, tiny_mode
         env.check_engine_variables()
 
 
-def test_llm_takes_the_models_own_tokenizer_and_refuses_another(tiny_model):
-    """vLLM scripts pass `tokenizer=` the model's own path; a different tokenizer is refused."""
+def test_llm_takes_the_models_own_tokenizer_and_refuses_a_missing_one(tiny_model):
+    """vLLM scripts pass `tokenizer=` the model's own path; another tokenizer must exist (a
+    folder, or a hub id in the local cache: tests/unit/test_hub_cache.py)."""
     from fornax.runtime import LLM
 
     path = str(tiny_model("llama"))
     llm = LLM(path, tokenizer=path, dtype="float32", max_model_len=128)
     assert llm.generate(["hello"])[0].outputs[0].token_ids
-    with pytest.raises(ConfigError, match="tokenizer other than the model's own"):
+    with pytest.raises(ModelLoadError, match="tokenizer path '/elsewhere' does not exist"):
         LLM(path, tokenizer="/elsewhere", dtype="float32")

@@ -48,6 +48,9 @@ MAX_MESSAGES = 8192  # messages of one conversation
 MAX_TOOLS = 512  # tool definitions of one request
 MAX_DOCUMENTS = 1024  # chat `documents` (RAG templates)
 MAX_DETOKENIZE_TOKENS = 1 << 20  # token ids one /detokenize request may turn into text
+MAX_VLLM_XARGS = 64  # vllm_xargs entries (a key, then a value or a list of values)
+MAX_VLLM_XARGS_CHARS = 4096  # one vllm_xargs key or string value
+MAX_THINKING_TOKEN_BUDGET = 1 << 30  # thinking_token_budget / thinking.budget_tokens
 
 # ---- request bodies -----------------------------------------------------------------------------
 MAX_JSON_DEPTH = 128  # arrays and objects nested deeper are a 400 on every JSON route

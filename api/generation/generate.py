@@ -13,8 +13,9 @@ from fornax.api.generation.sampling import build_sampling_params
 from fornax.api.protocol.openai import PromptTokenUsageInfo, UsageInfo, _SamplingFields
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request
+from fornax.api.server.metrics import finish_label
 from fornax.api.server.state import AppState
-from fornax.runtime.engine.messages import EngineCoreRequest
+from fornax.runtime.engine.messages import EngineCoreRequest, RequestTimings
 from fornax.runtime.limits import MAX_CHOICES_PER_REQUEST, clip_for_log
 from fornax.runtime.offline.outputs import Logprob
 from fornax.runtime.sampling.params import SamplingParams
@@ -77,6 +78,10 @@ class _ChoiceTiming:
     last: float | None = None
     num_tokens: int = 0
     num_cached: int = 0
+    num_prompt: int = 0
+    max_tokens: int | None = None  # the request's max_tokens (vllm:request_params_max_tokens)
+    prompt_index: int = 0
+    finished: bool = False
 
 
 @dataclass
@@ -174,7 +179,9 @@ class Generation:
         where: dict[str, tuple[int, int]] = {}
         for k, req in enumerate(requests):
             where[req.request_id] = (k // self.count, k)
-            self.timings[req.request_id] = _ChoiceTiming(arrival)
+            self.timings[req.request_id] = _ChoiceTiming(
+                arrival, num_prompt=len(req.prompt_token_ids),
+                max_tokens=req.sampling_params.max_tokens, prompt_index=k // self.count)
         unfinished = set(where)
         failed = False
         group = await engine.add(requests)
@@ -189,6 +196,7 @@ class Generation:
                 if to_abort:
                     await engine.abort(to_abort)
                 cached = {o.request_id: o.num_cached_tokens for o in outs}
+                phases = {o.request_id: o.timings for o in outs if o.timings is not None}
                 batch = []
                 for st in touched:
                     rid = st.request_id
@@ -208,11 +216,15 @@ class Generation:
                     if st.finished:
                         unfinished.discard(rid)
                         self.cumulative[index] = st.cumulative_logprob
-                        self._finished(rid, st.finish_reason or "stop", now)
+                        self._finished(rid, finish_label(st.finish_reason, st.stop_reason),
+                                       now, phases.get(rid))
                 if batch:
                     yield batch
-        except APIError:
+        except APIError as exc:
             failed = True  # refused by the engine, or the engine died: not a finished request
+            if exc.status >= 500 and exc.status != 503:  # 503: refused (overload), not served
+                for rid in unfinished:  # failed while being served: vLLM's "error" finish
+                    self._finished(rid, "error", time.monotonic())
             raise
         finally:
             if unfinished:
@@ -239,19 +251,26 @@ class Generation:
             return
         metrics = self.state.metrics
         if first:
-            metrics.ttft.observe(now - t.arrival)
-            metrics.prompt_tokens.inc(num_prompt)
+            metrics.first_token(num_prompt, num_cached, now - t.arrival)
         else:
             for _ in range(num_new):
                 metrics.itl.observe(gap)
         metrics.generation_tokens.inc(num_new)
 
-    def _finished(self, rid: str, reason: str, now: float) -> None:
+    def _finished(self, rid: str, reason: str, now: float,
+                  phases: RequestTimings | None = None) -> None:
+        t = self.timings[rid]
+        t.finished = True
         if not self.record_metrics:
             return
         metrics = self.state.metrics
-        metrics.request_finished(reason)
-        metrics.e2e.observe(now - self.timings[rid].arrival)
+        metrics.finished(reason, e2e=now - t.arrival, num_prompt=t.num_prompt,
+                         num_generation=t.num_tokens, num_cached=t.num_cached,
+                         max_tokens=t.max_tokens, timings=phases)
+        siblings = [s for s in self.timings.values() if s.prompt_index == t.prompt_index]
+        if all(s.finished for s in siblings):  # the prompt's last choice: vLLM's parent request
+            metrics.parent_finished(self.n, max(s.num_tokens for s in siblings))
+
 
 
 async def _chained(first: list[ChoiceUpdate], rest: Updates) -> Updates:

@@ -23,6 +23,7 @@ class Collected:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 async def collect(gen: Generation) -> list[Collected]:
@@ -33,6 +34,7 @@ async def collect(gen: Generation) -> list[Collected]:
             c = out[u.index]
             c.text += u.text
             c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
+            c.token_ids.extend(u.token_ids)
             if u.logprobs:
                 c.logprobs.extend(u.logprobs)
     return out

@@ -68,8 +68,19 @@ def check_unsupported(req: _SamplingFields, *, structured: bool = False) -> None
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be set when stream is true",
                        "stream_options")
+    check_xargs(req.vllm_xargs)
     if req.stream and req.best_of is not None and req.best_of > (req.n or 1):
         raise APIError(400, "best_of larger than n cannot be streamed", "best_of")
+
+
+def check_xargs(xargs: dict[str, Any] | None) -> None:
+    """vllm_xargs: vLLM hands these to custom logits processors; fornax loads none, so an empty
+    object is accepted and any key is a 400 naming it (never silently dropped)."""
+    if xargs:
+        key = next(iter(xargs))
+        raise APIError(400, f"vllm_xargs key {key[:64]!r} is not supported: this server has no "
+                       "custom logits-processor extensions to pass it to",
+                       f"vllm_xargs.{key[:64]}")
 
 
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
@@ -122,11 +133,12 @@ def _pick(value: Any, defaults: dict[str, Any], name: str, fallback: Any) -> Any
 
 
 def front_prompt(state: AppState, token_ids: list[int], truncate: int | None,
-                 param: str) -> list[int]:
-    """The prompt ids the engine gets: truncated (truncate_prompt_tokens) and checked, by the
-    front end the offline LLM shares (400 naming the field)."""
+                 param: str, side: str | None = None) -> list[int]:
+    """The prompt ids the engine gets: truncated (truncate_prompt_tokens, from the left unless
+    truncation_side is "right") and checked, by the front end the offline LLM shares (400
+    naming the field)."""
     try:
-        token_ids = truncate_prompt(token_ids, truncate, state.max_model_len)
+        token_ids = truncate_prompt(token_ids, truncate, state.max_model_len, side)
         check_prompt(token_ids, state.max_model_len, state.engine_info.vocab_size, param)
     except RequestError as exc:
         raise APIError(400, str(exc), exc.param) from None

@@ -27,9 +27,10 @@ class MessagesRequest(Struct, kw_only=True):
     tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # {type: enabled|adaptive|disabled, budget_tokens}
     output_config: dict[str, Any] | None = None  # {effort, format: {type: json_schema, schema}}
     service_tier: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extra
 
 
 class CountTokensRequest(Struct, kw_only=True):
@@ -39,6 +40,7 @@ class CountTokensRequest(Struct, kw_only=True):
     tools: Tools | None = None
     tool_choice: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extra
 
 
 class Usage(Struct):

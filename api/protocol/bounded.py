@@ -8,7 +8,7 @@ SamplingParams.validate, once.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta
 
@@ -25,3 +25,15 @@ Tools = Annotated[list[dict[str, Any]], Meta(max_length=L.MAX_TOOLS)]
 Documents = Annotated[list[dict[str, Any]], Meta(max_length=L.MAX_DOCUMENTS)]
 Int64 = Annotated[int, Meta(ge=L.INT64_MIN, le=L.INT64_MAX)]
 DetokenizeTokens = Annotated[list[int], Meta(max_length=L.MAX_DETOKENIZE_TOKENS)]
+
+# vllm_xargs: vLLM's extension arguments (a string or number, or a list of them, per key)
+_XargStr = Annotated[str, Meta(max_length=L.MAX_VLLM_XARGS_CHARS)]
+_XargScalar = _XargStr | int | float
+VllmXargs = Annotated[
+    dict[Annotated[str, Meta(max_length=L.MAX_VLLM_XARGS_CHARS)],
+         _XargScalar | Annotated[list[_XargScalar], Meta(max_length=L.MAX_VLLM_XARGS)]],
+    Meta(max_length=L.MAX_VLLM_XARGS)]
+# -1: unlimited (vLLM's "unset"); 0: no thinking at all
+ThinkingBudget = Annotated[int, Meta(ge=-1, le=L.MAX_THINKING_TOKEN_BUDGET)]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+TruncationSide = Literal["left", "right"]

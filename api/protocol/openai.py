@@ -18,9 +18,13 @@ from fornax.api.protocol.bounded import (
     Documents,
     Int64,
     Messages,
+    ReasoningEffort,
     RequestId,
+    ThinkingBudget,
     Tools,
+    TruncationSide,
     User,
+    VllmXargs,
 )
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -127,6 +131,10 @@ class _SamplingFields(Struct, kw_only=True):
     guided_decoding_backend: str | None = None  # accepted; xgrammar always (see the header)
     guided_whitespace_pattern: str | None = None  # refused: xgrammar has no such option
     repetition_detection: dict[str, Any] | None = None
+    truncation_side: TruncationSide | None = None  # with truncate_prompt_tokens; None: left
+    return_token_ids: bool | None = None
+    vllm_xargs: VllmXargs | None = None  # accepted as {}; any key is a 400 (no extensions)
+    thinking_token_budget: ThinkingBudget | None = None  # needs --reasoning-parser
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -143,6 +151,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     documents: Documents | None = None
     chat_template: ChatTemplate | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: bool = True
+    return_prompt_text: bool | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -206,6 +217,7 @@ class ChatChoice(Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class PromptLogprob(Struct):
@@ -226,6 +238,8 @@ class ChatCompletionResponse(Struct):
     object: str = "chat.completion"
     system_fingerprint: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    prompt_text: str | None = None  # return_prompt_text
 
 
 class DeltaFunctionCall(Struct, omit_defaults=True):
@@ -255,6 +269,7 @@ class ChatStreamChoice(Struct):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's tokens
 
 
 class ChatCompletionChunk(Struct, omit_defaults=True):
@@ -264,6 +279,8 @@ class ChatCompletionChunk(Struct, omit_defaults=True):
     choices: list[ChatStreamChoice]
     object: str = field(default="chat.completion.chunk")
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the first chunk only
+    prompt_text: str | None = None  # return_prompt_text: the first chunk only
 
 
 # ---- completion responses --------------------------------------------------------------------
@@ -276,6 +293,8 @@ class CompletionChoice(Struct):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids (vLLM: on the choice)
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class CompletionResponse(Struct):

@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 from msgspec import Struct
 
-from fornax.api.protocol.bounded import ChatTemplate, Int64, Messages, RequestId, User
+from fornax.api.protocol.bounded import (
+    ChatTemplate,
+    Int64,
+    Messages,
+    RequestId,
+    TruncationSide,
+    User,
+)
 
 # ---- shared ----------------------------------------------------------------------------------
 
@@ -36,6 +43,7 @@ class _ListResponse(Struct):
 class _PoolingFields(Struct, kw_only=True):
     model: str | None = None
     truncate_prompt_tokens: int | None = None
+    truncation_side: TruncationSide | None = None  # None: the model's tokenizer's side
     priority: Int64 = 0
     request_id: RequestId | None = None
     user: User | None = None
@@ -60,6 +68,7 @@ class EmbeddingRequest(_ChatInput, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None
+    use_activation: bool | None = None  # newer vLLM's name for normalize (normalize wins)
 
 
 class EmbeddingData(Struct):

@@ -6,13 +6,25 @@ ignored here; vLLM's sampling extras (top_k, min_p, seed, ...) are forwarded to 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-from fornax.api.protocol.bounded import Messages, RequestId, Tools, User
+from fornax.api.protocol.bounded import (
+    CacheSalt,
+    Int64,
+    Messages,
+    RequestId,
+    Tools,
+    User,
+    VllmXargs,
+)
 
 ResponseId = Annotated[str, Meta(max_length=256)]  # ours are resp_ + 32 hex digits
+
+# include[] values this server produces; vLLM's others (reasoning.encrypted_content, ...) are a
+# 400 naming include
+INCLUDABLE = frozenset({"message.output_text.logprobs"})
 
 # Fields of a Responses request that are not chat fields (everything else is forwarded to chat).
 RESPONSES_ONLY_FIELDS = frozenset({
@@ -43,8 +55,23 @@ class ResponsesRequest(Struct, kw_only=True):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     user: User | None = None
-    truncation: str | None = None
-    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # auto: drop the oldest tokens
+    include: Annotated[list[str], Meta(max_length=16)] | None = None  # see INCLUDABLE
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # with include logprobs
+    max_tool_calls: Annotated[int, Meta(ge=0, le=1 << 20)] | None = None
+    # vLLM's extras, handed to the chat path as they are (typed here so a wrong type is a 400)
+    top_k: int | None = None
+    logit_bias: dict[str, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: Int64 = 0
+    cache_salt: CacheSalt | None = None
+    structured_outputs: dict[str, Any] | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    vllm_xargs: VllmXargs | None = None
     # vLLM's extra (its response id is resp_<request_id>); here only the x-request-id header:
     # response ids are always made by the server
     request_id: RequestId | None = None

@@ -4,16 +4,17 @@ output blocks to output items, and the response object (API workers)."""
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, get_args
 
+from fornax.api.protocol.bounded import ReasoningEffort
 from fornax.api.protocol.openai import UsageInfo
-from fornax.api.protocol.responses import RESPONSES_ONLY_FIELDS, ResponsesRequest
+from fornax.api.protocol.responses import INCLUDABLE, RESPONSES_ONLY_FIELDS, ResponsesRequest
 from fornax.api.routes.chat_blocks import Block
 from fornax.api.server.errors import APIError
 from fornax.api.tools.messages import function_tools
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
-_EFFORTS = ("minimal", "low", "medium", "high")
+_EFFORTS = get_args(ReasoningEffort)  # chat's reasoning_effort values
 _ID_PREFIXES = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
@@ -156,12 +157,26 @@ def chat_body(raw: dict[str, Any], body: ResponsesRequest, messages: list[dict[s
     if effort is not None and effort not in _EFFORTS:
         raise APIError(400, f"reasoning.effort must be one of {', '.join(_EFFORTS)}",
                        "reasoning.effort")
+    for value in body.include or ():
+        if value not in INCLUDABLE:
+            raise APIError(400, f"include {value[:64]!r} is not supported by this server; it "
+                           f"can include {', '.join(sorted(INCLUDABLE))}", "include")
+    logprobs = "message.output_text.logprobs" in (body.include or ())
+    tool_choice = _tool_choice(body.tool_choice)
+    parallel = out.get("parallel_tool_calls")
+    if body.max_tool_calls == 0 and body.tools:
+        tool_choice = "none"  # no call may be made
+    elif body.max_tool_calls == 1:
+        parallel = False  # one call at most (more are cut in ResponseRun)
     out.update({
         "messages": messages, "stream": stream, "max_tokens": body.max_output_tokens,
-        "tools": _tools(body.tools), "tool_choice": _tool_choice(body.tool_choice),
+        "tools": _tools(body.tools), "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel,
         "response_format": _response_format(body.text),
         "reasoning_effort": effort,
         "stream_options": {"include_usage": True} if stream else None,
+        "logprobs": True if logprobs else None,
+        "top_logprobs": body.top_logprobs if logprobs else None,
     })
     return {k: v for k, v in out.items() if v is not None}
 
@@ -191,7 +206,8 @@ def content_part(block: Block, text: str | None = None) -> dict[str, Any]:
     value = block.text if text is None else text
     if block.kind == "reasoning":
         return {"type": "reasoning_text", "text": value}
-    return {"type": "output_text", "text": value, "annotations": [], "logprobs": []}
+    return {"type": "output_text", "text": value, "annotations": [],
+            "logprobs": block.logprobs if text is None else []}
 
 
 def assistant_message(blocks: list[Block]) -> dict[str, Any]:
@@ -236,4 +252,5 @@ def response_object(rid: str, created_at: int, body: ResponsesRequest, model: st
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
         "top_p": body.top_p, "truncation": body.truncation or "disabled", "usage": usage,
         "user": body.user, "metadata": body.metadata or {}, "completed_at": completed_at,
+        "top_logprobs": body.top_logprobs, "max_tool_calls": body.max_tool_calls,
     }

@@ -136,7 +136,11 @@ async def create_response(req: Request) -> Response:
             raise APIError(400, f"{exc}; send store=false to be answered without storing",
                            "store") from None
     streamed = body.stream or body.background
-    inner = _chat_request(chat_body(raw, body, messages, streamed))
+    chat_fields = chat_body(raw, body, messages, streamed)
+    if body.truncation == "auto":  # keep the newest tokens that leave room for the output
+        room = body.max_output_tokens or 1
+        chat_fields["truncate_prompt_tokens"] = max(1, req.state.max_model_len - room)
+    inner = _chat_request(chat_fields)
     headers = {"x-request-id": body.request_id or rid}
     if body.background:
         return await _start_background(req, service, run, inner, headers)

@@ -112,8 +112,16 @@ class ResponseRun:
             await self.store.delete(self.rid, self.owner)
             return True
 
+    def _over_cap(self, block: Block) -> bool:
+        """max_tool_calls: a tool call past the cap is dropped from the output."""
+        cap = self.body.max_tool_calls
+        if cap is None or block.kind != "tool_call":
+            return False
+        blocks = self.blocks or self.reader.blocks
+        return sum(1 for b in blocks[:block.index + 1] if b.kind == "tool_call") > cap
+
     def finish(self, finish_reason: str | None, usage: UsageInfo | None) -> None:
-        self.blocks = self.blocks or self.reader.blocks
+        self.blocks = [b for b in self.blocks or self.reader.blocks if not self._over_cap(b)]
         self.usage = usage or self.usage
         self.incomplete = finish_reason == "length"
         self.status = "incomplete" if self.incomplete else "completed"
@@ -136,7 +144,7 @@ class ResponseRun:
     def from_answer(self, answer: ChatCompletionResponse) -> dict[str, Any]:
         """A complete (non-streamed) chat answer -> the finished response object."""
         choice = answer.choices[0]
-        self.blocks = blocks_of_message(choice.message)
+        self.blocks = blocks_of_message(choice.message, choice.logprobs)
         self.finish(choice.finish_reason, answer.usage)
         return self.snapshot()
 
@@ -184,6 +192,8 @@ class ResponseRun:
             self.cancel()
 
     def _block_events(self, kind: str, block: Block, text: str) -> list[dict[str, Any]]:
+        if self._over_cap(block):
+            return []
         where = {"item_id": item_id(block), "output_index": block.index}
         has_part = block.kind != "tool_call"
         if kind == "start":
@@ -196,7 +206,7 @@ class ResponseRun:
         if kind == "delta":
             extra: dict[str, Any] = {"content_index": 0} if has_part else {}
             if block.kind == "text":
-                extra["logprobs"] = []
+                extra["logprobs"] = self.reader.delta_logprobs
             return [self._ev(_DELTA_EVENTS[block.kind], **where, **extra, delta=text)]
         if block.kind == "tool_call":
             events = [self._ev("response.function_call_arguments.done", **where,
@@ -204,7 +214,7 @@ class ResponseRun:
         else:
             done = "response.output_text.done" if block.kind == "text" else \
                 "response.reasoning_text.done"
-            extra = {"logprobs": []} if block.kind == "text" else {}
+            extra = {"logprobs": block.logprobs} if block.kind == "text" else {}
             events = [self._ev(done, **where, content_index=0, text=block.text, **extra),
                       self._ev("response.content_part.done", **where, content_index=0,
                                part=content_part(block))]

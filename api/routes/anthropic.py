@@ -33,6 +33,7 @@ from fornax.api.routes.subrequest import call_json, subrequest
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.tools.messages import function_tools
+from fornax.runtime.limits import MAX_THINKING_TOKEN_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +166,29 @@ def chat_messages(system: Any, messages: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
-def _thinking_kwargs(thinking: dict[str, Any] | None) -> dict[str, Any] | None:
-    """thinking {type: enabled|adaptive|disabled} -> the templates' enable_thinking switch."""
-    if not thinking or thinking.get("type") not in ("enabled", "adaptive", "disabled"):
+def _thinking_kwargs(thinking: dict[str, Any] | None,
+                     request_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """thinking {type: enabled|adaptive|disabled} -> the templates' enable_thinking switch,
+    under the request's own chat_template_kwargs (which win; they are never dropped)."""
+    if not thinking:
+        return request_kwargs
+    kind = thinking.get("type")
+    if kind not in ("enabled", "adaptive", "disabled"):
+        raise APIError(400, "thinking.type must be enabled, adaptive or disabled",
+                       "thinking.type")
+    return {"enable_thinking": kind != "disabled", **(request_kwargs or {})}
+
+
+def _thinking_budget(thinking: dict[str, Any] | None) -> int | None:
+    """thinking.budget_tokens (type enabled) -> chat's thinking_token_budget."""
+    budget = (thinking or {}).get("budget_tokens")
+    if budget is None or (thinking or {}).get("type") == "disabled":
         return None
-    return {"enable_thinking": thinking["type"] != "disabled"}
+    if not isinstance(budget, int) or isinstance(budget, bool) or \
+            not 0 <= budget <= MAX_THINKING_TOKEN_BUDGET:
+        raise APIError(400, f"thinking.budget_tokens must be an integer in [0, "
+                       f"{MAX_THINKING_TOKEN_BUDGET}]", "thinking.budget_tokens")
+    return budget
 
 
 def _output_config(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,9 +209,11 @@ def _output_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def to_chat_body(body: MessagesRequest, raw: dict[str, Any]) -> dict[str, Any]:
+def to_chat_body(body: MessagesRequest, raw: dict[str, Any],
+                 reasoning: bool = True) -> dict[str, Any]:
     """The chat request answering `body`; fields Anthropic does not define (vLLM's sampling
-    extras such as seed, min_p, repetition_penalty) pass through."""
+    extras such as seed, min_p, repetition_penalty) pass through. `reasoning`: the server has a
+    reasoning parser (without one, thinking.budget_tokens has no thinking to bound)."""
     tool_choice, parallel = _tool_choice(body.tool_choice)
     extras = {k: v for k, v in raw.items() if k not in MessagesRequest.__struct_fields__}
     chat_body: dict[str, Any] = {
@@ -202,7 +223,8 @@ def to_chat_body(body: MessagesRequest, raw: dict[str, Any]) -> dict[str, Any]:
         "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
         "tools": _tools(body.tools), "tool_choice": tool_choice,
         "parallel_tool_calls": parallel, "stream": body.stream,
-        "chat_template_kwargs": _thinking_kwargs(body.thinking),
+        "chat_template_kwargs": _thinking_kwargs(body.thinking, body.chat_template_kwargs),
+        "thinking_token_budget": _thinking_budget(body.thinking) if reasoning else None,
         **_output_config(body.output_config),
     }
     if body.metadata and isinstance(body.metadata.get("user_id"), str):
@@ -266,7 +288,8 @@ async def messages(req: Request) -> Response:
     model = req.state.resolve_model(body.model)
     msg_id = f"msg_{uuid.uuid4().hex}"
     raw = await req.json_value()
-    answer, _ = await chat.run_chat(req, chat.chat_request(to_chat_body(body, raw)))
+    answer, _ = await chat.run_chat(req, chat.chat_request(to_chat_body(
+        body, raw, req.state.chat_features.reasoning_parser is not None)))
     if body.stream:
         return StreamingResponse(_stream(chat.as_stream(answer), model, msg_id,
                                          body.stop_sequences), headers={"x-request-id": msg_id})
@@ -333,7 +356,8 @@ async def count_tokens(req: Request) -> Response:
     tok_body: dict[str, Any] = {"model": body.model,
                                 "messages": chat_messages(body.system, body.messages),
                                 "tools": _tools(body.tools), "add_generation_prompt": True,
-                                "chat_template_kwargs": _thinking_kwargs(body.thinking)}
+                                "chat_template_kwargs": _thinking_kwargs(
+                                    body.thinking, body.chat_template_kwargs)}
     inner = subrequest(req, "/tokenize", {k: v for k, v in tok_body.items() if v is not None})
     counted = await call_json(tokenization.tokenize, inner)
     return json_response(CountTokensResponse(counted["count"]))

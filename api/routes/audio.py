@@ -28,6 +28,8 @@ from fornax.api.protocol.audio import (
     TranscriptTextDelta,
     TranscriptTextDone,
 )
+from fornax.api.protocol.fields import check_form_fields
+from fornax.api.protocol.vllm_fields import HONOURED, TRANSCRIPTION
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import (
     SSE_DONE,
@@ -104,6 +106,10 @@ def whisper_info(state: AppState) -> WhisperInfo:
     return cached
 
 
+# the form fields parse_form reads (vLLM's others: a 400 or ignored, see api/protocol/fields.py)
+_FORM_FIELDS = frozenset(k for k, v in TRANSCRIPTION.items() if v.status == HONOURED)
+
+
 def _field(parts: dict[str, list[Part]], name: str) -> str | None:
     values = parts.get(name)
     return values[-1].text().strip() if values else None
@@ -128,6 +134,8 @@ def parse_form(parts: list[Part]) -> AudioForm:
                            f"most {MAX_FIELD_BYTES} are accepted (only 'file' holds audio)",
                            part.name[:64])
         by_name.setdefault(part.name, []).append(part)
+    check_form_fields("TranscriptionForm", _FORM_FIELDS, list(by_name),
+                      lambda k: by_name[k][-1].text())
     files = by_name.get("file")
     if not files:
         raise APIError(400, "the form has no 'file' field holding the audio", "file")

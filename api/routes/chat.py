@@ -24,7 +24,7 @@ from fornax.api.protocol.openai import (
     DeltaMessage,
     UsageInfo,
 )
-from fornax.api.routes.chat_features import ChatPlan, plan_chat, resolve_thinking
+from fornax.api.routes.chat_features import ChatPlan, plan_chat, resolve_thinking, template_kwargs
 from fornax.api.routes.chat_output import ChoiceShaper
 from fornax.api.server.errors import APIError, from_validation_error
 from fornax.api.server.http import Request, Response, StreamingResponse, json_response
@@ -144,8 +144,8 @@ async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool 
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message, tools=body.tools,
         documents=body.documents, chat_template=body.chat_template,
-        template_kwargs=body.chat_template_kwargs, add_special_tokens=body.add_special_tokens)
-    ids = front_prompt(state, ids, body.truncate_prompt_tokens, "messages")
+        template_kwargs=template_kwargs(body), add_special_tokens=body.add_special_tokens)
+    ids = front_prompt(state, ids, body.truncate_prompt_tokens, "messages", body.truncation_side)
     resolve_thinking(plan, state, body, text)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = front_max_tokens(state, getattr(body, param), len(ids), param,
@@ -159,8 +159,12 @@ async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool 
     headers = {"x-request-id": public_id, **plan.headers}
     if body.stream:
         updates = await gen.start()
-        return _chunks(gen, body, model, public_id, created, updates, plan), headers
-    return await _complete(gen, body, model, public_id, created, plan), headers
+        return _chunks(gen, body, model, public_id, created, updates, plan,
+                       text if body.return_prompt_text else None), headers
+    answer = await _complete(gen, body, model, public_id, created, plan)
+    if body.return_prompt_text:
+        answer.prompt_text = text
+    return answer, headers
 
 
 async def _beam(req: Request, body: ChatCompletionRequest, model: str, ids: list[int],
@@ -185,24 +189,35 @@ async def _complete(gen: Generation, body: ChatCompletionRequest, model: str, pu
     for i, c in enumerate(await collect(gen)):
         message, finish = ChoiceShaper(plan).message(c.text, c.finish_reason, echo)
         lps = chat_logprobs(c.logprobs, body.top_logprobs or 0, as_ids) if body.logprobs else None
-        choices.append(ChatChoice(i, message, lps, finish, c.stop_reason))
-    return ChatCompletionResponse(public_id, created, model, gen.pick(choices), gen.usage(),
-                                  prompt_logprobs=prompt_logprobs_json(gen.prompt_logprobs.get(0)))
+        choices.append(ChatChoice(i, message, lps, finish, c.stop_reason,
+                                  c.token_ids if body.return_token_ids else None))
+    return ChatCompletionResponse(
+        public_id, created, model, gen.pick(choices), gen.usage(),
+        prompt_logprobs=prompt_logprobs_json(gen.prompt_logprobs.get(0)),
+        prompt_token_ids=gen.prompts[0].token_ids if body.return_token_ids else None)
 
 
 async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, public_id: str,
-                  created: int, updates: Updates, plan: ChatPlan
+                  created: int, updates: Updates, plan: ChatPlan, prompt_text: str | None = None
                   ) -> AsyncIterator[ChatCompletionChunk]:
     opts = body.stream_options
     include_usage = bool(opts and opts.include_usage)
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     as_ids = bool(body.return_tokens_as_token_ids)
     echo = _echo_text(body)
+    ids_held: dict[int, list[int]] = {}  # token ids not sent yet (their text is held back)
     shapers: dict[int, ChoiceShaper] = {}
+    ids = bool(body.return_token_ids)
+    first = [True]  # vLLM: prompt_token_ids and prompt_text on the first chunk only
 
     def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(public_id, created, model, [choice],
-                                   usage=gen.usage() if continuous else None)
+        out = ChatCompletionChunk(public_id, created, model, [choice],
+                                  usage=gen.usage() if continuous else None)
+        if first[0]:
+            first[0] = False
+            out.prompt_token_ids = gen.prompts[0].token_ids if ids else None
+            out.prompt_text = prompt_text
+        return out
 
     try:
         async for batch in updates:
@@ -216,10 +231,16 @@ async def _chunks(gen: Generation, body: ChatCompletionRequest, model: str, publ
                 lps = chat_logprobs(u.logprobs, body.top_logprobs or 0, as_ids) \
                     if body.logprobs and u.logprobs is not None else None
                 delta, finish = shaper.delta(u.text, u.finish_reason)
+                pending = ids_held.setdefault(u.index, []) if ids else None
+                if pending is not None:
+                    pending.extend(u.token_ids)
                 if delta is not None and (delta.content or delta.reasoning or delta.tool_calls) \
                         or finish is not None or (lps and lps.content):
                     yield chunk(ChatStreamChoice(u.index, delta or DeltaMessage(), lps, finish,
-                                                 u.stop_reason))
+                                                 u.stop_reason, list(pending)
+                                                 if pending is not None else None))
+                    if pending is not None:
+                        pending.clear()
         if include_usage:
             yield ChatCompletionChunk(public_id, created, model, [], usage=gen.usage())
     except APIError:

@@ -5,10 +5,12 @@ surfaces from the chat path's typed structs (API workers)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from fornax.api.protocol.openai import ChatCompletionChunk, ChatMessage, UsageInfo
+import msgspec
+
+from fornax.api.protocol.openai import ChatCompletionChunk, ChatLogprobs, ChatMessage, UsageInfo
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Block:
     name: str = ""
     key: Any = None
     item_id: str = ""  # set by the surfaces that give blocks ids (Responses' output items)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # a text block's, if asked
 
     def arguments(self) -> dict[str, Any]:
         """A tool call's arguments as an object ({} when the model wrote no valid JSON object)."""
@@ -32,13 +35,22 @@ class Block:
         return value if isinstance(value, dict) else {}
 
 
-def blocks_of_message(message: ChatMessage) -> list[Block]:
+def logprob_entries(logprobs: ChatLogprobs | None) -> list[dict[str, Any]]:
+    """Chat logprobs as output_text logprobs ({token, logprob, bytes, top_logprobs})."""
+    if logprobs is None or not logprobs.content:
+        return []
+    return msgspec.to_builtins(logprobs.content)  # type: ignore[no-any-return]
+
+
+def blocks_of_message(message: ChatMessage, logprobs: ChatLogprobs | None = None
+                      ) -> list[Block]:
     """A complete chat message -> its blocks: reasoning, text, then each tool call."""
     blocks: list[Block] = []
     if message.reasoning:
         blocks.append(Block("reasoning", len(blocks), message.reasoning))
     if message.content:
-        blocks.append(Block("text", len(blocks), message.content))
+        blocks.append(Block("text", len(blocks), message.content,
+                            logprobs=logprob_entries(logprobs)))
     for call in message.tool_calls:
         fn = call.get("function") or {}
         blocks.append(Block("tool_call", len(blocks), fn.get("arguments") or "",
@@ -62,6 +74,7 @@ class ChatDeltaReader:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.usage: UsageInfo | None = None
+        self.delta_logprobs: list[dict[str, Any]] = []  # of the last text delta fed
 
     def feed(self, chunk: ChatCompletionChunk) -> list[BlockEvent]:
         if chunk.usage is not None:
@@ -74,7 +87,10 @@ class ChatDeltaReader:
             if delta.reasoning:
                 self._add(events, "reasoning", "reasoning", delta.reasoning)
             if delta.content:
-                self._add(events, "text", "text", delta.content)
+                block = self._add(events, "text", "text", delta.content)
+                entries = logprob_entries(choice.logprobs)
+                block.logprobs.extend(entries)
+                self.delta_logprobs = entries
             for call in delta.tool_calls or ():
                 fn = call.function
                 name = (fn.name if fn is not None else None) or ""

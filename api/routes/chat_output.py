@@ -27,7 +27,8 @@ class ChoiceShaper:
     def _split(self, text: str, final: bool) -> tuple[str | None, str]:
         if self.reasoning is None:
             return None, text
-        return self.reasoning.split(text, final)
+        reasoning, content = self.reasoning.split(text, final)
+        return (reasoning if self.plan.include_reasoning else None), content
 
     def _finish(self, finish_reason: str | None, num_calls: int) -> str | None:
         if num_calls and finish_reason == "stop" and self.plan.tools.finish_as_tool_calls:

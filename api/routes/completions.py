@@ -28,6 +28,8 @@ from fornax.api.protocol.openai import (
     CompletionResponse,
     UsageInfo,
 )
+from fornax.api.reasoning import thinking_state
+from fornax.api.routes.chat_features import thinking_budget_params
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, StreamingResponse, json_response
 from fornax.api.server.offload import prepare
@@ -66,13 +68,15 @@ async def completions(req: Request) -> Response:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by this model", "suffix")
     prompts = await prepare(req, parse_prompts, state, body.prompt, body.add_special_tokens)
     for p in prompts:
-        p.token_ids = front_prompt(state, p.token_ids, body.truncate_prompt_tokens, "prompt")
+        p.token_ids = front_prompt(state, p.token_ids, body.truncate_prompt_tokens, "prompt",
+                                   body.truncation_side)
     shortest = min(len(p.token_ids) for p in prompts)  # each prompt's own: request_prep
     max_tokens = front_max_tokens(state, body.max_tokens, shortest, "max_tokens",
                                   _DEFAULT_MAX_TOKENS)
     extra: dict[str, Any] = {}
     if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
         extra["prompt_logprobs"] = body.logprobs  # echoed prompt tokens get their logprobs
+    extra.update(_thinking_budget(state, body, prompts))
     if constraint is not None:
         if body.use_beam_search:
             raise APIError(400, "beam search cannot follow an output constraint",
@@ -91,6 +95,20 @@ async def completions(req: Request) -> Response:
         chunks = _chunks(gen, body, model, public_id, created, await gen.start())
         return StreamingResponse(sse_stream(chunks, public_id), headers=headers)
     return json_response(await _complete(gen, body, model, public_id, created), headers=headers)
+
+
+def _thinking_budget(state: AppState, body: CompletionRequest,
+                     prompts: list[PromptInput]) -> dict[str, Any]:
+    """thinking_token_budget on a raw prompt: where the (first) prompt leaves the thinking,
+    read from its last tokens, decides when the budget starts counting."""
+    if body.thinking_token_budget in (None, -1):
+        return {}
+    cls = state.chat_features.reasoning_parser
+    tail = state.tokenizer.decode(prompts[0].token_ids[-32:], skip_special_tokens=False) \
+        if cls is not None else ""
+    reasoning_state = thinking_state(tail, cls.start, cls.end) if cls is not None else "none"
+    return thinking_budget_params(body.thinking_token_budget, cls, reasoning_state,
+                                  state.tokenizer)
 
 
 async def _beam(req: Request, body: CompletionRequest, model: str, prompts: list[PromptInput],
@@ -152,7 +170,9 @@ async def _complete(gen: Generation, body: CompletionRequest, model: str, public
         choices.append(CompletionChoice(
             i, prefix + c.text, lps, c.finish_reason, c.stop_reason,
             prompt_logprobs_json(gen.prompt_logprobs.get(i // gen.count))
-            if body.prompt_logprobs is not None else None))
+            if body.prompt_logprobs is not None else None,
+            gen.prompts[i // gen.count].token_ids if body.return_token_ids else None,
+            c.token_ids if body.return_token_ids else None))
     return CompletionResponse(public_id, created, model, gen.pick(choices), gen.usage())
 
 
@@ -163,13 +183,20 @@ async def _chunks(gen: Generation, body: CompletionRequest, model: str, public_i
     continuous = include_usage and bool(opts and opts.continuous_usage_stats)
     echo = _Echo(gen.state, gen, body)
     started: set[int] = set()
+    ids = bool(body.return_token_ids)
+    held: dict[int, list[int]] = {}  # token ids whose text is not sent yet
     try:
         async for batch in updates:
             for u in batch:
                 text, lps = "", None
+                prompt_ids = None
                 if u.index not in started:
                     started.add(u.index)
                     text, lps = echo.prefix(u.index)
+                    prompt_ids = gen.prompts[u.index // gen.count].token_ids if ids else None
+                pending = held.setdefault(u.index, []) if ids else None
+                if pending is not None:
+                    pending.extend(u.token_ids)
                 text += u.text
                 more = echo.logprobs(u.index, u.logprobs)
                 if more is not None:
@@ -177,8 +204,12 @@ async def _chunks(gen: Generation, body: CompletionRequest, model: str, public_i
                         lps = more
                     else:
                         merge(lps, more)
-                if text or u.finish_reason is not None or (lps and lps.tokens):
-                    choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason)
+                if text or u.finish_reason is not None or (lps and lps.tokens) or prompt_ids:
+                    choice = CompletionChoice(u.index, text, lps, u.finish_reason, u.stop_reason,
+                                              None, prompt_ids,
+                                              list(pending) if pending is not None else None)
+                    if pending is not None:
+                        pending.clear()
                     yield CompletionChunk(public_id, created, model, [choice],
                                           usage=gen.usage() if continuous else None)
         if include_usage:

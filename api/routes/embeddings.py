@@ -61,6 +61,11 @@ def check_dimensions(info: PoolingModelInfo, dims: int | None, param: str = "dim
                        param)
 
 
+def _normalize(body: EmbeddingRequest) -> bool | None:
+    """normalize, or vLLM's newer use_activation when normalize is not given."""
+    return body.normalize if body.normalize is not None else body.use_activation
+
+
 async def embeddings(req: Request) -> Response:
     state = req.state
     body = await req.json(EmbeddingRequest)
@@ -69,7 +74,7 @@ async def embeddings(req: Request) -> Response:
     check_dimensions(info, body.dimensions)
     token_lists = await prepare(req, request_inputs, state, info, body)
     public_id, engine_id = request_ids("embd", body.request_id or req.request_id)
-    params = PoolingParams("embed", dimensions=body.dimensions, normalize=body.normalize)
+    params = PoolingParams("embed", dimensions=body.dimensions, normalize=_normalize(body))
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)
     data = [EmbeddingData(i, encode_vector(o, body.encoding_format)) for i, o in enumerate(outs)]
     if state.settings.log_requests:
@@ -93,7 +98,7 @@ async def pooling(req: Request) -> Response:
     check_dimensions(info, body.dimensions)
     token_lists = await prepare(req, request_inputs, state, info, body)
     public_id, engine_id = request_ids("pool", body.request_id or req.request_id)
-    params = PoolingParams(task, dimensions=body.dimensions, normalize=body.normalize)
+    params = PoolingParams(task, dimensions=body.dimensions, normalize=_normalize(body))
     outs = await run_pooling(req, engine_id, token_lists, params, priority=body.priority)
     data = [PoolingData(i, encode_vector(o, body.encoding_format)) for i, o in enumerate(outs)]
     return json_response(PoolingResponse(public_id, int(time.time()), model, data,

@@ -87,13 +87,13 @@ def truncation_limit(value: int | None, info: PoolingModelInfo) -> int | None:
 
 def parse_input(state: AppState, info: PoolingModelInfo, value: Any, limit: int | None,
                 add_special_tokens: bool = True, param: str = "input",
-                prefix: str = "") -> list[list[int]]:
+                prefix: str = "", side: str | None = None) -> list[list[int]]:
     """Every accepted `input` shape -> token ids (texts tokenized, each within the context)."""
     items = input_items(value, param, f"{param} {_INPUT_SHAPES}",
                         f"{param} must not be an empty list")
     if len(items) > MAX_INPUTS:
         raise APIError(400, f"at most {MAX_INPUTS} inputs per request", param)
-    tok = pooling_tokenizer(state, info)
+    tok = pooling_tokenizer(state, info, side)
     try:
         if all(isinstance(t, str) for t in items):
             for i, text in enumerate(items):
@@ -118,7 +118,7 @@ def chat_input(state: AppState, info: PoolingModelInfo, body: Any,
         continue_final_message=body.continue_final_message, tools=None, documents=None,
         chat_template=body.chat_template, template_kwargs=body.chat_template_kwargs,
         add_special_tokens=bool(body.add_special_tokens))
-    tok = pooling_tokenizer(state, info)
+    tok = pooling_tokenizer(state, info, getattr(body, "truncation_side", None))
     try:
         return tok.token_ids([ids], limit, "messages")
     except RequestError as exc:
@@ -134,7 +134,8 @@ def request_inputs(state: AppState, info: PoolingModelInfo, body: Any) -> list[l
             raise APIError(400, "give either input or messages, not both", "messages")
         return chat_input(state, info, body, limit)
     add_special = True if body.add_special_tokens is None else body.add_special_tokens
-    return parse_input(state, info, body.input, limit, add_special)
+    return parse_input(state, info, body.input, limit, add_special,
+                       side=getattr(body, "truncation_side", None))
 
 
 def request_ids(prefix: str, user_id: str | None) -> tuple[str, str]:

@@ -94,10 +94,11 @@ async def _score_pairs(req: Request, info: PoolingModelInfo, texts_1: list[str],
                        texts_2: list[str], pairs: list[tuple[int, int]], limit: int | None,
                        engine_id: str, priority: int, activation: bool = True,
                        max_second: int | None = None, param_1: str = "text_1",
-                       param_2: str = "text_2") -> tuple[list[float], int]:
+                       param_2: str = "text_2", side: str | None = None
+                       ) -> tuple[list[float], int]:
     """One score per pair, and the number of tokens the model ran over."""
     state: AppState = req.state
-    tok = pooling_tokenizer(state, info)
+    tok = pooling_tokenizer(state, info, side)
     try:
         if info.head == "classify":  # cross-encoder: [CLS] a [SEP] b [SEP] through the head
             encoded = tok.pairs([(texts_1[i], texts_2[j]) for i, j in pairs], limit, param_2,
@@ -152,7 +153,7 @@ async def score(req: Request) -> Response:
     public_id, engine_id = request_ids("score", body.request_id or req.request_id)
     scores, num_tokens = await _score_pairs(req, info, texts_1, texts_2, pairs, limit, engine_id,
                                             body.priority, _activation(body), param_1=name_1,
-                                            param_2=name_2)
+                                            param_2=name_2, side=body.truncation_side)
     data = [ScoreData(i, s) for i, s in enumerate(scores)]
     return json_response(ScoreResponse(public_id, int(time.time()), model, data,
                                        PoolingUsage(num_tokens, num_tokens)))
@@ -191,6 +192,7 @@ async def rerank(req: Request) -> Response:
     scores, num_tokens = await _score_pairs(req, info, [body.query], docs, pairs, limit,
                                             engine_id, body.priority,
                                             max_second=body.max_tokens_per_doc,
+                                            side=body.truncation_side,
                                             param_1="query", param_2="documents")
     order = sorted(range(len(docs)), key=lambda j: scores[j], reverse=True)
     if body.top_n:

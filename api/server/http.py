@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
+from fornax.api.protocol.fields import check_json_fields
 from fornax.api.server.errors import APIError, from_validation_error
 from fornax.runtime.limits import MAX_JSON_DEPTH, json_too_deep
 
@@ -125,11 +126,13 @@ class Request:
         if decoder is None:
             decoder = _decoders[type_] = msgspec.json.Decoder(type_)
         try:
-            return decoder.decode(body)
+            value = decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise from_validation_error(exc) from None
         except RecursionError:
             raise _too_deep() from None
+        check_json_fields(type_, body)  # vLLM's refused fields: 400; unknown ones: one warning
+        return value
 
     async def json_value(self) -> Any:
         """The body as plain JSON values (for routes that dispatch on its shape), under the same

@@ -59,11 +59,13 @@ def build_logits_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
                 b_rows.append(i)
                 b_cols.append(tid)
                 b_vals.append(val)
-        if p.allowed_token_ids is not None:
+        forced = thinking_forced_token(p, outputs[i]) \
+            if p.thinking_token_budget is not None else None
+        if p.allowed_token_ids is not None or forced is not None:
             if allowed is None:
                 allowed = np.ones((num, vocab_size), dtype=bool)
             allowed[i] = False
-            allowed[i, p.allowed_token_ids] = True
+            allowed[i, p.allowed_token_ids if forced is None else forced] = True
         num_out = len(outputs[i])
         if num_out < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
@@ -85,6 +87,37 @@ def build_logits_inputs(params: list[SamplingParams], prompts: list[np.ndarray],
         result.banned = (torch.tensor(ban_rows, device=device),
                          torch.tensor(ban_cols, device=device))
     return result
+
+
+def _find(seq: list[int], part: list[int]) -> int:
+    """Index of the first occurrence of `part` in `seq`, -1 if none."""
+    n = len(part)
+    for j in range(len(seq) - n + 1):
+        if seq[j:j + n] == part:
+            return j
+    return -1
+
+
+def thinking_forced_token(p: SamplingParams, output: np.ndarray) -> int | None:
+    """thinking_token_budget: the next token of the end-of-thinking marker once the output has
+    thought for the budget's worth of tokens without closing the thinking, else None."""
+    end = p.thinking_end_ids or []
+    if not end or p.thinking_token_budget is None:
+        return None
+    out = output.tolist()
+    begin = 0
+    if p.thinking_start_ids:
+        at = _find(out, p.thinking_start_ids)
+        if at < 0:
+            return None  # not thinking (yet)
+        begin = at + len(p.thinking_start_ids)
+    seg = out[begin:]
+    if _find(seg, end) >= 0:
+        return None  # the thinking is over
+    partial = next((k for k in range(len(end) - 1, 0, -1) if seg[-k:] == end[:k]), 0)
+    if len(seg) - partial < p.thinking_token_budget:
+        return None
+    return end[partial]
 
 
 def _penalty_inputs(params: list[SamplingParams], prompts: list[np.ndarray],

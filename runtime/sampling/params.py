@@ -27,6 +27,7 @@ from fornax.runtime.limits import (
     MAX_REPETITION_PATTERN_SIZE,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_TOKEN_IDS,
+    MAX_THINKING_TOKEN_BUDGET,
     InputLimits,
     clip_for_log,
 )
@@ -136,6 +137,12 @@ class SamplingParams:
     # With a reasoning model, the constraint starts once the output ends with these token ids
     # (the end-of-thinking marker); None: it applies from the first token.
     structured_outputs_after: list[int] | None = None
+    # thinking_token_budget: after this many reasoning tokens the end-of-thinking marker
+    # (thinking_end_ids) is forced; they count from the first output token, or from after
+    # thinking_start_ids when the output has to open the thinking itself.
+    thinking_token_budget: int | None = None
+    thinking_end_ids: list[int] | None = None
+    thinking_start_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         """Normalise shapes only (a str stop, dicts, str logit_bias keys): no validation here,
@@ -200,6 +207,15 @@ class SamplingParams:
         if self.structured_outputs_after is not None:
             _token_ids("structured_outputs_after", self.structured_outputs_after, vocab_size,
                        MAX_STOP_TOKEN_IDS)
+        if self.thinking_token_budget is not None:
+            _int_in("thinking_token_budget", self.thinking_token_budget, 0,
+                    MAX_THINKING_TOKEN_BUDGET)
+            if not self.thinking_end_ids:
+                raise RequestError("thinking_token_budget needs the end-of-thinking token ids "
+                                   "(a reasoning model)", "thinking_token_budget")
+            for name in ("thinking_end_ids", "thinking_start_ids"):
+                if getattr(self, name) is not None:
+                    _token_ids(name, getattr(self, name), vocab_size, MAX_STOP_TOKEN_IDS)
 
     def _validate_counts(self, limits: InputLimits) -> None:
         _int_in("n", self.n, 1, limits.max_n)

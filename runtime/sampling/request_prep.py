@@ -62,15 +62,18 @@ def prepare_sampling_params(params: SamplingParams, tokenizer: TokenizerFront, v
 
 
 def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None,
-                    max_model_len: int) -> list[int]:
-    """vLLM's truncate_prompt_tokens: keep the last k prompt tokens (-1: the context length)."""
+                    max_model_len: int, side: str | None = None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k prompt tokens (-1: the context length),
+    or the first k with truncation_side "right"."""
     if truncate_prompt_tokens is None:
         return token_ids
     keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
     if keep < 1 or keep > max_model_len:
         raise RequestError(f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}], got "
                            f"{truncate_prompt_tokens}", "truncate_prompt_tokens")
-    return token_ids[-keep:] if len(token_ids) > keep else token_ids
+    if len(token_ids) <= keep:
+        return token_ids
+    return token_ids[:keep] if side == "right" else token_ids[-keep:]
 
 
 def check_prompt_ids(prompt: list[int], vocab_size: int, field: str,

@@ -96,7 +96,8 @@ class InputBatch:
         self.num_prompt_np[row] = num_prompt
         self.needs_logits_inputs_np[row] = bool(
             params.uses_penalties or params.logit_bias or params.allowed_token_ids is not None
-            or params.min_tokens > 0 or params.bad_words_token_ids)
+            or params.min_tokens > 0 or params.bad_words_token_ids
+            or params.thinking_token_budget is not None)
         self.num_computed_np[row] = num_computed
         self.num_blocks_np[row] = 0
         self.append_blocks(row, block_ids)

@@ -69,9 +69,26 @@ class PiecewiseCompiledForward:
         return self._norm(self.decoder.norm, x)
 
 
+# Compiled entries each shared piece may hold: one per (model class, shape, dtype) served in this
+# process. torch's default of 8 is reached by a test session or a multi-model process, and past
+# it `fullgraph=True` turns a recompile into a hard failure.
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Lift dynamo's per-function recompile limit to at least `limit` (never lowers it)."""
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < limit:
+        dynamo_config.recompile_limit = limit
+    if dynamo_config.accumulated_recompile_limit < 4 * limit:
+        dynamo_config.accumulated_recompile_limit = 4 * limit
+
+
 def compile_model_forward(model: torch.nn.Module) -> PiecewiseCompiledForward:
     """Wrap the model; compilation itself happens on the first calls (the runner warms up)."""
     enable_compile_cache()
+    raise_recompile_limit()
     start = time.perf_counter()
     forward = PiecewiseCompiledForward(model)
     logger.debug("compile wrappers ready in %.2f s", time.perf_counter() - start)

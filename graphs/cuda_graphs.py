@@ -38,8 +38,7 @@ def pad_decode_metadata(common: CommonAttentionMetadata, bucket: int,
                         slot_mapping: torch.Tensor) -> CommonAttentionMetadata:
     """A pure-decode batch of `num_reqs` rows as a batch of `bucket` rows: each padding row is a
     one-token request whose only page is the null block. `slot_mapping` is the static buffer
-    (already padded) the captured graph reads. The device `block_table` stays the real rows' one:
-    graph-capable backends plan from the host arrays."""
+    (already padded) the captured graph reads; graph-capable backends plan from the host arrays."""
     n = common.num_reqs
     if n > bucket:
         raise ValueError(f"{n} requests do not fit a bucket of {bucket}")
@@ -63,7 +62,7 @@ def dummy_decode_metadata(bucket: int, max_blocks_per_req: int, block_size: int,
     return CommonAttentionMetadata(
         query_start_loc_np=np.arange(bucket + 1, dtype=np.int32),
         seq_lens_np=np.ones(bucket, dtype=np.int32),
-        block_table=torch.from_numpy(table).to(slot_mapping.device), block_table_np=table,
+        block_table_np=table,
         slot_mapping=slot_mapping[:bucket], num_reqs=bucket, num_actual_tokens=bucket,
         max_query_len=1, max_seq_len=1, block_size=block_size)
 

@@ -60,7 +60,7 @@ def paged_step(q_lens: list[int], ctx_lens: list[int], block_size: int,
     req = np.repeat(np.arange(n), q_lens)
     slots = torch.from_numpy(table[req, pos // block_size].astype(np.int64) * block_size
                              + pos % block_size)
-    common = CommonAttentionMetadata(qsl, seq, torch.from_numpy(table), table, slots, n,
+    common = CommonAttentionMetadata(qsl, seq, table, slots, n,
                                      int(qsl[-1]), int(max(q_lens)), int(seq.max()), block_size)
     return common, num_blocks
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build .whl/, the folder a GPU session carries to the device machine (which has no package
 # registry): flashinfer (repacked as tar.xz: the 62 MB wheel is 17 MB that way, so everything fits
-# one call's 64 MiB with the repo), apache-tvm-ffi (flashinfer's JIT loader) and msgspec (the
-# engine's message structs), all for the device's CPython 3.12 on x86-64.
+# one call's 64 MiB with the repo), apache-tvm-ffi (flashinfer's JIT loader), msgspec (the
+# engine's message structs) and pytest-timeout (the runbook's per-test limit), all for the
+# device's CPython 3.12 on x86-64.
 # Run here, in the repo root, once per machine: perf/gpu_prepare_carry.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ PY=${PY:-.venv/bin/python}
 FLASHINFER=${FLASHINFER:-flashinfer-python==0.7.2.post1}
 TVM_FFI=${TVM_FFI:-apache-tvm-ffi==0.1.15.post2}
 MSGSPEC=${MSGSPEC:-msgspec==0.22.0}
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-pytest-timeout==2.4.0}
 
 mkdir -p .git/info .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -17,7 +19,8 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64)
-"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl "$TVM_FFI" "$MSGSPEC"
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl "$TVM_FFI" "$MSGSPEC" \
+    "$PYTEST_TIMEOUT"
 
 if ! ls .whl/flashinfer-*.tar.xz >/dev/null 2>&1; then
     tmp=$(mktemp -d)

@@ -22,8 +22,8 @@ class CommonAttentionMetadata:
 
     query_start_loc_np: np.ndarray  # [num_reqs + 1] int32, token offsets of each request
     seq_lens_np: np.ndarray  # [num_reqs] int32, context length after this step
-    block_table: torch.Tensor  # [num_reqs, max_blocks_per_req] int32
-    block_table_np: np.ndarray  # same, on the host
+    block_table_np: np.ndarray  # [num_reqs, max_blocks_per_req] int32 (host only: every
+    # backend plans from it; a device copy per step would be a transfer nothing reads)
     slot_mapping: torch.Tensor  # [num_tokens] int64, flat slot each new token's K/V goes to
     num_reqs: int
     num_actual_tokens: int

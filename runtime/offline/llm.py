@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from collections.abc import Sequence
@@ -47,6 +48,28 @@ class LLM(PoolingMixin):
         self.tokenizer = TokenizerFront(self.engine.files.tokenizer_path, chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
+
+    def close(self) -> None:
+        """Free the engine now (weights, KV cache, CUDA graphs, grammar threads) rather than
+        whenever the garbage collector reaches its reference cycles, so a second engine in the
+        same process profiles a clean device. The LLM cannot generate afterwards."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is None:
+            return
+        if engine.structured is not None:
+            engine.structured.shutdown()
+        del engine
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def max_model_len(self) -> int:

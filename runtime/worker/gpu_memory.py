@@ -8,6 +8,7 @@ FlashInfer workspaces, NCCL), and a reserve for the CUDA-graph pool captured aft
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ def profile_step_memory(runner: Any) -> MemoryProfile:
 
     device = runner.device
     torch.cuda.synchronize(device)
+    gc.collect()  # an engine dropped earlier in this process may still hold its cache in cycles
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     saved = runner.kv_caches

@@ -168,7 +168,6 @@ class ModelRunner(PagedStepRunner):
         self.slot_mapping[:num_tokens].zero_()
         common = CommonAttentionMetadata(
             query_start_loc_np=qsl, seq_lens_np=seq_lens,
-            block_table=torch.from_numpy(block_table_np).to(self.device),
             block_table_np=block_table_np, slot_mapping=self.slot_mapping[:num_tokens],
             num_reqs=num_reqs, num_actual_tokens=num_tokens, max_query_len=q_len,
             max_seq_len=q_len, block_size=self.block_size)

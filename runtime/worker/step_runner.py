@@ -171,7 +171,6 @@ class PagedStepRunner:
             self._staged.record()
         common = CommonAttentionMetadata(
             query_start_loc_np=qsl, seq_lens_np=seq_lens,
-            block_table=torch.from_numpy(block_table_np).to(self.device, non_blocking=True),
             block_table_np=block_table_np, slot_mapping=self.slot_mapping[:num_tokens],
             num_reqs=num_reqs, num_actual_tokens=num_tokens,
             max_query_len=int(num_sched.max()), max_seq_len=int(seq_lens.max()),
@@ -179,6 +178,15 @@ class PagedStepRunner:
         done_idx = np.nonzero(seq_lens >= batch.num_tokens_np[rows])[0]
         return StepInputs(req_ids, rows, num_sched, computed, qsl, seq_lens, common, done_idx,
                           [req_ids[i] for i in done_idx])
+
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        """A small per-step host array on the device without a stream sync: on CUDA a copy from
+        pageable memory first waits for the stream (the forward just queued), so it goes
+        through torch's caching pinned allocator, which keeps the block until the copy ends."""
+        host = torch.from_numpy(values)
+        if not self._pinned:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _stage(self, name: str, dst: torch.Tensor, values: np.ndarray) -> None:
         """Host int array -> the persistent int64 device buffer; through pinned memory on CUDA
@@ -203,8 +211,8 @@ class PagedStepRunner:
         and loses its row."""
         done_idx, done_ids = step.done_idx, step.done_ids
         done_rows = step.rows[done_idx]
-        logits_idx = torch.from_numpy(step.qsl[1:][done_idx].astype(np.int64) - 1)
-        logits = self.model.compute_logits(hidden[logits_idx.to(self.device, non_blocking=True)])
+        logits_idx = step.qsl[1:][done_idx].astype(np.int64) - 1
+        logits = self.model.compute_logits(hidden[self._to_device(logits_idx)])
         if bitmask_job is not None:
             bitmask, constrained = self._finish_bitmask(bitmask_job, done_ids, failed)
             logits = logits.float()
@@ -260,7 +268,7 @@ class PagedStepRunner:
         dev = self.device
 
         def tensor(arr: np.ndarray, used: bool) -> torch.Tensor | None:
-            return torch.from_numpy(arr).to(dev, non_blocking=True) if used else None
+            return self._to_device(arr) if used else None
 
         gens = {j: b.generators[r] for j, r in enumerate(req_ids) if r in b.generators}
         logits_inputs = None
@@ -269,7 +277,7 @@ class PagedStepRunner:
                 [b.params[r] for r in rows], [b.prompt_ids(r) for r in rows],
                 [b.output_ids(r) for r in rows], self.eos_token_ids, self.vocab_size, dev)
         return SamplingMetadata(
-            temperature=torch.from_numpy(temp_np).to(dev, non_blocking=True),
+            temperature=self._to_device(temp_np),
             top_p=tensor(top_p_np, bool((top_p_np < 1.0).any())),
             top_k=tensor(top_k_np.astype(np.int64), bool((top_k_np > 0).any())),
             min_p=tensor(min_p_np, bool((min_p_np > 0).any())),

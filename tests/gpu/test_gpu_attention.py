@@ -12,12 +12,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.flashinfer]
 
 BLOCK = 16
 NUM_BLOCKS = 64
-LAYOUTS = [  # (query heads, kv heads, head dim)
-    (32, 32, 128),  # MHA
-    (32, 8, 128),  # GQA, Llama-3-8B
-    (16, 2, 128),  # GQA, Qwen3-0.6B's group of 8
-    (16, 1, 128),  # MQA
-    (8, 2, 64),  # small head dim
+# (query heads, kv heads, head dim): only the shapes the runbook's other stages serve, so every
+# FlashInfer JIT module built here is reused (each new head dim or decode kind costs 30-60 s of
+# nvcc on a cold machine): group 4 (Llama-3-8B, the GPU-shaped test checkpoints) and group 2
+# (Qwen3-0.6B, the modes workload); MHA, MQA and head dim 64 served nothing in the runbook.
+LAYOUTS = [
+    (32, 8, 128),  # Llama-3-8B
+    (16, 8, 128),  # Qwen3-0.6B
 ]
 # (tokens already in the cache, new tokens) per request: decodes, a fresh prompt, a chunk
 MIXED = [(37, 1), (0, 23), (100, 1), (50, 17), (15, 1), (0, 1)]
@@ -55,7 +56,7 @@ def make_batch(requests: list[tuple[int, int]], heads: int, kv_heads: int, dim: 
     v = torch.randn(total, kv_heads, dim, device=dev).to(torch.bfloat16)
     common = CommonAttentionMetadata(
         query_start_loc_np=qsl, seq_lens_np=seq_lens,
-        block_table=torch.from_numpy(table).to(dev), block_table_np=table,
+        block_table_np=table,
         slot_mapping=torch.from_numpy(slots).to(dev), num_reqs=len(requests),
         num_actual_tokens=total, max_query_len=int(q_lens.max()),
         max_seq_len=int(seq_lens.max()), block_size=BLOCK)
@@ -95,7 +96,7 @@ def test_flashinfer_matches_torch_ref(layout, requests) -> None:
     assert torch.equal(cache.float(), cache32)  # the new K/V landed in the same slots
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=lambda t: f"q{t[0]}kv{t[1]}d{t[2]}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"q{t[0]}kv{t[1]}d{t[2]}")
 def test_graph_decode_wrapper_replays_with_new_plans(layout) -> None:
     """A captured decode (bucket 8, padded rows in the null block) re-planned for new batches."""
     from fornax.graphs.cuda_graphs import pad_decode_metadata

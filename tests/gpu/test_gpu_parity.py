@@ -43,10 +43,10 @@ def assert_logprob_close(path, llm: LLM, label: str) -> None:
 def test_tiny_models_on_gpu_are_logprob_close_to_transformers(arch, tiny_model) -> None:
     """The CPU suite's tiny checkpoints (head dims 16/32: torch_ref, compiled, no graphs)."""
     path = tiny_model(arch)
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512,
-              num_gpu_blocks_override=256)
-    assert llm.engine.runner.compiled
-    assert_logprob_close(path, llm, f"{arch} tiny")
+    with LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512,
+             num_gpu_blocks_override=256) as llm:  # closed at once: the next case profiles
+        assert llm.engine.runner.compiled          # a clean card
+        assert_logprob_close(path, llm, f"{arch} tiny")
 
 
 @pytest.mark.flashinfer
@@ -57,8 +57,10 @@ def test_gpu_shaped_models_with_flashinfer_and_graphs_match_transformers(
     from helpers.gpu_models import gpu_shaped_checkpoint
 
     path = gpu_shaped_checkpoint(tiny_model(arch), arch, tmp_path_factory.mktemp(f"gpu-{arch}"))
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=16)
-    runner = llm.engine.runner
-    assert runner.backend.name == "flashinfer" and runner.graph_runner is not None
-    assert_logprob_close(path, llm, f"{arch} gpu-shaped")
-    assert runner.graph_runner.num_replays > 0
+    # a capped cache (an uncapped one takes ~70 GB of an H100 for a model this small)
+    with LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=16,
+             num_gpu_blocks_override=512) as llm:
+        runner = llm.engine.runner
+        assert runner.backend.name == "flashinfer" and runner.graph_runner is not None
+        assert_logprob_close(path, llm, f"{arch} gpu-shaped")
+        assert runner.graph_runner.num_replays > 0

@@ -41,8 +41,8 @@ def _decode_common(seq_lens: list[int], table: np.ndarray) -> CommonAttentionMet
     n = len(seq_lens)
     return CommonAttentionMetadata(
         query_start_loc_np=np.arange(n + 1, dtype=np.int32),
-        seq_lens_np=np.array(seq_lens, dtype=np.int32), block_table=torch.from_numpy(table),
-        block_table_np=table, slot_mapping=torch.arange(n), num_reqs=n, num_actual_tokens=n,
+        seq_lens_np=np.array(seq_lens, dtype=np.int32), block_table_np=table,
+        slot_mapping=torch.arange(n), num_reqs=n, num_actual_tokens=n,
         max_query_len=1, max_seq_len=max(seq_lens), block_size=16)
 
 

@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fornax.perf import common
+from fornax.perf import common, llamacpp_peer, serve_peer
 from fornax.perf.datasets import (
     DATASETS,
     BenchRequest,
@@ -45,6 +46,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--peer-base-url", default=None,
                    help="also run the same workload against this server; ratios in one JSON")
     g.add_argument("--peer-model", default=None)
+    g.add_argument("--server-pid", type=int, default=None,
+                   help="pid of the `fornax serve` at --base-url: records its engine process's "
+                        "resident memory after the run")
+    serve_peer.add_arguments(p)
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=DATASETS, default="random")
     w.add_argument("--tokenizer", default=None,
@@ -106,15 +111,17 @@ async def _discover_model(client: Any, base_url: str, headers: dict[str, str]) -
 
 
 async def _bench_one(base_url: str, model: str | None, args: argparse.Namespace,
-                     requests: list[BenchRequest], slos: dict[str, float]) -> dict[str, Any]:
-    """Warm up, then run the timed load against one server; returns its part of the record."""
+                     requests: list[BenchRequest], slos: dict[str, float],
+                     server_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Warm up, then run the timed load against one server; returns its part of the record.
+    `server_extra` joins every body sent to this server (a peer's own fields)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = args.max_concurrency or len(requests)
     limits = httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit + 4)
     timeout = httpx.Timeout(args.timeout, connect=30.0)
-    extra = json.loads(args.extra_body) if args.extra_body else None
+    extra = {**(server_extra or {}), **(json.loads(args.extra_body) if args.extra_body else {})}
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         model = model or await _discover_model(client, base_url, headers)
         url = base_url + args.endpoint
@@ -151,8 +158,14 @@ async def _bench_one(base_url: str, model: str | None, args: argparse.Namespace,
                           "success": r.success} for r in results]}
 
 
+def _usage_error(message: str) -> None:
+    sys.stderr.write(f"fornax bench serve: error: {message}\n")
+    raise SystemExit(2)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.check_threads()
+    serve_peer.check_args(args, _usage_error)
     if args.request_rate <= 0 or args.burstiness <= 0:
         raise SystemExit("--request-rate and --burstiness must be positive")
     if args.arrival == "fixed" and args.request_rate == float("inf"):
@@ -166,13 +179,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.dataset, args.num_prompts, parse_len_range(args.input_len, args.range_ratio),
         parse_len_range(args.output_len, args.range_ratio), seed=args.seed,
         prefix_len=args.prefix_len, tokenizer=tokenizer, need_text=True)
-    ours = asyncio.run(_bench_one(base_url, args.model, args, requests, slos))
+    launched = serve_peer.start_fornax(args) if args.launch else None
+    try:
+        if launched is not None:
+            base_url = launched.url
+        ours = asyncio.run(_bench_one(base_url, args.model, args, requests, slos))
+        memory = serve_peer.memory(launched.pid if launched else args.server_pid,
+                                   serve_peer.ENGINE_MARKER)
+    finally:
+        if launched is not None:
+            launched.stop()
     record = common.make_record("serve", ours["served_model"], vars(args))
     record["config"]["base_url"] = base_url
     record["metrics"] = ours.pop("metrics")
     record["startup"] = ours.pop("startup")
     record["details"] = {"workload": workload_summary(requests), "slos_ms": slos, **ours}
-    if args.peer_base_url:
+    if launched is not None:
+        record["details"]["server"] = {"cmd": launched.cmd, "server_start_s": launched.start_s}
+    if memory is not None:
+        record["details"]["memory"] = memory
+        if serve_peer.rss_mib(memory) is not None:
+            record["metrics"]["engine_rss_mib"] = serve_peer.rss_mib(memory)
+    if args.peer:
+        server, info = serve_peer.start_llama(args, requests)
+        with server:
+            peer = asyncio.run(_bench_one(server.url, args.peer_model, args, requests, slos,
+                                          llamacpp_peer.REQUEST_EXTRA))
+            info["memory"] = serve_peer.memory(server.pid, None)
+        if serve_peer.rss_mib(info["memory"]) is not None:
+            peer["metrics"]["engine_rss_mib"] = serve_peer.rss_mib(info["memory"])
+        peer.pop("requests")
+        record["peer"] = {**info, **peer}
+        common.set_ratios(record, HEADLINE)
+    elif args.peer_base_url:
         peer = asyncio.run(_bench_one(args.peer_base_url.rstrip("/"), args.peer_model, args,
                                       requests, slos))
         peer.pop("requests")
@@ -192,5 +231,9 @@ def print_report(record: dict[str, Any]) -> None:
         names.append("request_goodput")
     for what in ("ttft", "tpot", "itl", "e2el"):
         names += [f"mean_{what}_ms", f"median_{what}_ms", f"p90_{what}_ms", f"p99_{what}_ms"]
+    if "engine_rss_mib" in m:
+        names.append("engine_rss_mib")
+    peer = record["peer"]
+    theirs = "llama.cpp" if peer and peer["name"] == "llama.cpp" else "peer"
     common.print_comparison(record, names, title, startup=("warmup_s",), ours="server",
-                            theirs="peer")
+                            theirs=theirs)

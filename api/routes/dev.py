@@ -33,7 +33,8 @@ async def sleep(req: Request) -> Response:
     """POST /sleep?level=1|2: level 1 drops the KV cache (weights offloaded to host memory on a
     GPU), level 2 drops the weights too (reloaded from disk on wake-up)."""
     level = _level(req)
-    result = await req.state.engine.admin("sleep", level)
+    with req.state.metrics.sleep_operation("sleep"):
+        result = await req.state.engine.admin("sleep", level)
     _check(result)
     logger.info("the engine is asleep (level %d)", level)
     return Response(b"", 200, content_type=None)
@@ -45,7 +46,8 @@ async def wake_up(req: Request) -> Response:
     if tags and set(tags) != {"weights", "kv_cache"}:
         raise APIError(400, "partial wake-up (tags) is not supported: omit tags to wake up the "
                        "weights and the KV cache together", "tags")
-    result = await req.state.engine.admin("wake_up")
+    with req.state.metrics.sleep_operation("wake"):
+        result = await req.state.engine.admin("wake_up")
     _check(result)
     return Response(b"", 200, content_type=None)
 

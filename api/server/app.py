@@ -11,6 +11,7 @@ import hmac
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,14 @@ ROUTES: tuple[Route, ...] = (
     Route(("POST",), "/reset_prefix_cache", dev.reset_prefix_cache, dev=True),
 )
 PUBLIC_PATHS = frozenset(r.path for r in ROUTES if r.public)
+
+
+def _handler_name(path: str) -> str:
+    """The route template a path matched (http_* metrics' handler label), "none" if none."""
+    for route in ROUTES:
+        if route.match(path) is not None:
+            return route.path
+    return "none"
 _CORS_METHODS = "GET, POST, OPTIONS"
 
 
@@ -169,6 +178,7 @@ class FornaxApp:
             state = self.state
         assert state is not None
         req = Request(scope, receive, state)
+        started = time.monotonic()
         extra = self._cors_headers(req)
         bad_id = _refuse_request_id(req)  # before any work; an unsafe id is never echoed
         if req.request_id:
@@ -181,6 +191,8 @@ class FornaxApp:
             if response.status >= 400 and not await req.discard_unread_body():
                 response.headers["connection"] = "close"
             await response.send(send, extra, before_end=req.stop_watching)
+            state.metrics.observe_http(_handler_name(req.path), req.method, response.status,
+                                       time.monotonic() - started)
         except (ClientDisconnected, asyncio.CancelledError):
             if not req.client_gone:
                 raise

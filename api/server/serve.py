@@ -18,6 +18,7 @@ from fornax.api.server.args import engine_kwargs, settings_kwargs, unsupported_f
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
 from fornax.api.server.settings import ServerSettings, settings_to_env
 from fornax.runtime import env
+from fornax.runtime.engine.messages import EngineHandshake
 from fornax.runtime.errors import ConfigError, FornaxError
 from fornax.runtime.limits import InputLimits
 
@@ -120,6 +121,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _cache_info(model: str, kwargs: dict[str, Any], info: EngineHandshake) -> dict[str, str]:
+    """vllm:cache_config_info's labels: the engine's KV cache as it started."""
+    from fornax.api.server.metrics_catalog import cache_config_info  # no prometheus_client here
+    from fornax.runtime.config import make_engine_config
+
+    cache = make_engine_config(model, **kwargs).cache_config
+    return cache_config_info(info.block_size, info.num_kv_blocks, cache.enable_prefix_caching,
+                             cache.gpu_memory_utilization, info.dtype)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """The whole life of `fornax serve`; returns the process exit code."""
     if args.log_level:
@@ -201,7 +212,8 @@ def run_serve(args: argparse.Namespace) -> int:
                                      max_prompts=args.max_prompts_per_request),
             log_requests=not args.disable_log_requests, created=int(time.time()),
             enable_dev_endpoints=args.enable_dev_endpoints or env.DEV_MODE.get(),
-            version=fornax_version(), **settings_kwargs(args))
+            version=fornax_version(), cache_config_info=_cache_info(model, kwargs, info),
+            api_server_count=args.api_server_count, **settings_kwargs(args))
         return _run_granian(args, launcher, settings)
     finally:
         code = launcher.stop(args.shutdown_timeout + 5)

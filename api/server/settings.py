@@ -51,6 +51,8 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     reasoning_parser: str | None = None
     created: int = 0
     version: str = ""
+    cache_config_info: dict[str, str] = {}  # vllm:cache_config_info labels (metrics.py)
+    api_server_count: int = 1  # process_* metrics are exported only with one API worker
 
 
 def settings_to_env(settings: ServerSettings) -> None:

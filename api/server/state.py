@@ -34,7 +34,8 @@ class AppState:
         self.processor = OutputProcessor(self.tokenizer)
         self.engine = EngineClient(settings.ipc_dir, settings.request_timeout_s)
         self.model_name = settings.served_model_names[0]
-        self.metrics = Metrics(self.model_name)
+        self.metrics = Metrics(self.model_name, self.max_model_len, settings.cache_config_info,
+                               settings.api_server_count)
         self._names = set(settings.served_model_names) | set(settings.model_aliases)
         self.sampling_defaults = self._sampling_defaults(settings)
         self.draining = False

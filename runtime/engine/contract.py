@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
+from typing import TYPE_CHECKING, Literal, NotRequired, Protocol, TypedDict
 
 if TYPE_CHECKING:  # torch-free at import time: the API workers read RunnerType and the info
     from fornax.runtime.config import EngineConfig
@@ -53,6 +53,9 @@ class EngineLoad(TypedDict):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    iteration_tokens_counts: NotRequired[list[int]]  # per-step token histogram (stats.py)
+    iteration_tokens_sum: NotRequired[int]
+    sleep_level: NotRequired[int]  # 0 awake
 
 
 class SchedulerView(Protocol):

@@ -42,6 +42,17 @@ class TokenLogprobs(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     rank: int
 
 
+class RequestTimings(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Where a finished request spent its time in the engine, in seconds (vLLM's phases):
+    waiting until first scheduled, scheduled to first token (prefill), first to last token
+    (decode), scheduled to last token (inference)."""
+
+    queued_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    inference_s: float = 0.0
+
+
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """What one step produced for one request: new tokens, and how it ended if it did."""
 
@@ -66,6 +77,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     # engine-core process sends it to the API worker as a RequestRejected of this status/param
     error_status: int = 500
     error_param: str | None = None
+    timings: RequestTimings | None = None  # on the output that finishes the request
 
 
 # ---- engine-core process <-> API workers (fornax serve) ---------------------------------------
@@ -141,6 +153,10 @@ class EngineStats(msgspec.Struct, tag="stats", array_like=True, omit_defaults=Tr
     num_iterations: int = 0  # busy-loop iterations so far (the watchdog's progress counter)
     loop_stall_s: float = 0.0  # seconds since the busy loop last came round (a long step shows)
     num_rejected_overload: int = 0  # requests refused with 503 by the admission bounds
+    # tokens per engine step: counts per ITERATION_TOKENS_BUCKETS slot (+Inf last), their sum
+    iteration_tokens_counts: list[int] = []
+    iteration_tokens_sum: int = 0
+    sleep_level: int = 0  # 0 awake, else the sleep level (1: weights offloaded, 2: discarded)
 
 
 class RequestRejected(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -25,7 +25,7 @@ def merge_output(into: EngineCoreOutput, new: EngineCoreOutput) -> None:
     into.stop_reason = new.stop_reason if new.finish_reason is not None else into.stop_reason
     into.num_prompt_tokens = new.num_prompt_tokens or into.num_prompt_tokens
     into.num_cached_tokens = new.num_cached_tokens or into.num_cached_tokens
-    for name in ("error", "pooled", "alignment", "no_speech_prob"):
+    for name in ("error", "pooled", "alignment", "no_speech_prob", "timings"):
         value = getattr(new, name, None)
         if value:
             setattr(into, name, value)

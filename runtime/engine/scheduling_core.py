@@ -4,16 +4,19 @@ the fault isolation of `step()` (a failure fails one request, or one step, never
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fornax.runtime.engine import fault_injection
 from fornax.runtime.engine.contract import EngineLoad, EngineRuntimeInfo, RunnerType, SleepMode
-from fornax.runtime.engine.messages import EngineCoreOutput
+from fornax.runtime.engine.messages import EngineCoreOutput, RequestTimings
 from fornax.runtime.engine.request_failure import RequestFailure, failure_output, is_device_error
+from fornax.runtime.engine.stats import StepTokenHistogram
 from fornax.runtime.errors import ConfigError, FornaxError, RequestError
 from fornax.runtime.kv_cache.kv_cache_manager import cdiv
 from fornax.runtime.loaders.model_files import ModelFiles
+from fornax.runtime.scheduler.request import Request
 
 if TYPE_CHECKING:
     from fornax.runtime.engine.messages import PoolingModelInfo
@@ -88,6 +91,8 @@ class SchedulingCoreMixin:
     _step_forgotten: set[str] | None = None  # ids the runner was to drop in the running step
     _consecutive_step_failures = 0
     num_steps = 0
+    _sleep: Any = None  # a core with sleep mode keeps its SleepState here (its level: metrics)
+    _step_tokens: StepTokenHistogram | None = None  # tokens per step (vllm:iteration_tokens_total)
 
     def _step(self) -> list[EngineCoreOutput]:
         """A paged-KV core's step: schedule, run the model, one output per request served."""
@@ -108,11 +113,15 @@ class SchedulingCoreMixin:
                      runner_out: Any) -> EngineCoreOutput:
         """One request's output of a step: its new tokens and their logprobs, how it ended."""
         lp = runner_out.logprobs.get(request.request_id)
+        if new_tokens and not request.first_token_time:
+            request.first_token_time = time.monotonic()
+        finish_reason = request.status.finish_reason
         return EngineCoreOutput(
             request_id=request.request_id, new_token_ids=new_tokens,
-            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            finish_reason=finish_reason, stop_reason=request.stop_reason,
             new_logprobs=[lp] if lp else None, num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=max(request.num_cached_tokens, 0))
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            timings=request_timings(request) if finish_reason is not None else None)
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one scheduling step; returns what every touched request produced (failed ones
@@ -143,6 +152,13 @@ class SchedulingCoreMixin:
         requests = self.scheduler.requests
         self._step_requests = [requests[rid] for rid in sched_out.num_scheduled_tokens]
         self._step_forgotten = sched_out.finished_req_ids
+        now = time.monotonic()
+        for request in self._step_requests:
+            if not request.scheduled_time:
+                request.scheduled_time = now
+        if self._step_tokens is None:
+            self._step_tokens = StepTokenHistogram()
+        self._step_tokens.observe(sched_out.total_num_scheduled_tokens)
         self.check_step_faults(sched_out.num_scheduled_tokens)
         runner_out = self.runner.execute_model(sched_out)
         self.num_steps += 1
@@ -222,7 +238,8 @@ class SchedulingCoreMixin:
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort",
                                  num_prompt_tokens=r.num_prompt_tokens,
-                                 num_cached_tokens=max(r.num_cached_tokens, 0))
+                                 num_cached_tokens=max(r.num_cached_tokens, 0),
+                                 timings=request_timings(r))
                 for r in self.scheduler.abort_requests(request_ids)]
 
     def has_unfinished_requests(self) -> bool:
@@ -232,10 +249,30 @@ class SchedulingCoreMixin:
         """Numbers for metrics and /load; cores without a KV cache or preemption report 0."""
         kv = self.kv
         kv_stats = kv.stats if kv is not None and self.reports_prefix_cache else None
+        steps = self._step_tokens
         return EngineLoad(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_usage=kv.usage() if kv is not None else 0.0,
             prefix_cache_queries=kv_stats.queries if kv_stats is not None else 0,
             prefix_cache_hits=kv_stats.hits if kv_stats is not None else 0,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            iteration_tokens_counts=list(steps.counts) if steps is not None else [],
+            iteration_tokens_sum=steps.total if steps is not None else 0,
+            sleep_level=self._sleep.level if self._sleep is not None else 0)
+
+
+def request_timings(request: Any) -> RequestTimings | None:
+    """A finishing request's phases from its engine timestamps (vLLM's definitions); a request
+    never scheduled spent all its time queued. None for a pooling request (no phases)."""
+    if not isinstance(request, Request):
+        return None
+    now = time.monotonic()
+    scheduled, first = request.scheduled_time, request.first_token_time
+    if not scheduled:
+        return RequestTimings(queued_s=max(0.0, now - request.queued_time))
+    return RequestTimings(
+        queued_s=max(0.0, scheduled - request.queued_time),
+        prefill_s=max(0.0, (first or now) - scheduled),
+        decode_s=max(0.0, now - first) if first else 0.0,
+        inference_s=max(0.0, now - scheduled))

@@ -64,6 +64,11 @@ class Request:
     grammar: xgr.GrammarMatcher | None = None  # when the output is constrained
     grammar_active: bool = True  # False until the end-of-thinking marker (reasoning models)
     num_prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (preemption-safe)
+    # engine timestamps (time.monotonic) for the phase metrics: queued here, first scheduled,
+    # first output token (0.0: not yet)
+    queued_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float = 0.0
+    first_token_time: float = 0.0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -221,7 +221,7 @@ def test_metrics_sum_over_workers(http):
     assert all(r.status_code == 200 for r in raw)
     prompt_tokens = sum(r.json()["usage"]["prompt_tokens"] for r in raw)
     after = http.get("/metrics").text
-    assert re.search(r'vllm:num_requests_running\{model_name="tiny"\} 0\.0', after)
+    assert re.search(r'vllm:num_requests_running\{engine="0",model_name="tiny"\} 0\.0', after)
     gen = "vllm:generation_tokens_total"
     assert _metric(after, gen) - _metric(before, gen) == 42
     pt = "vllm:prompt_tokens_total"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fornax.api.server.metrics_catalog import exported
+from fornax.api.server.metrics_catalog import exported, readme_table
 from fornax.runtime.engine import stats
 from helpers.api_server import serving, tiny_model_path
 
@@ -163,3 +163,9 @@ def test_counters_moved_by_the_traffic(traffic):
     assert value(after, "vllm:engine_sleep_state", sleep_state="awake") == 1
     assert value(after, "vllm:num_requests_running") == 0
     assert value(after, "vllm:cache_config_info", block_size="16", engine="0") == 1
+
+
+def test_readme_table_is_the_catalog():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start, end = "<!-- metrics-table-start -->\n", "\n<!-- metrics-table-end -->"
+    assert readme.split(start, 1)[1].split(end, 1)[0] == readme_table()

@@ -105,15 +105,27 @@ def wait_healthy(url: str, proc: subprocess.Popen[Any], log_path: Path,
 
 
 # ---- resident memory (Linux /proc; None elsewhere) ---------------------------------------------
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of one process (VmRSS), or None when unknown."""
+_RSS_FIELDS = {"VmRSS": "rss_bytes", "RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes",
+               "RssShmem": "rss_shmem_bytes"}
+
+
+def rss_detail(pid: int) -> dict[str, int]:
+    """VmRSS and its split (anonymous, file-backed such as an mmap'ed model file, shared memory)
+    of one process in bytes; {} when unknown."""
+    out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            key = line.split(":", 1)[0]
+            if key in _RSS_FIELDS:
+                out[_RSS_FIELDS[key]] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return {}
+    return out
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of one process (VmRSS), or None when unknown."""
+    return rss_detail(pid).get("rss_bytes")
 
 
 def _parent_map() -> dict[int, int]:
@@ -152,7 +164,7 @@ def cmdline(pid: int) -> str:
 def process_tree_memory(pid: int, engine_marker: str | None = None) -> dict[str, Any]:
     """RSS of `pid` and each process below it; `engine_rss_bytes` is the RSS of the first one whose
     command line contains `engine_marker` (else of `pid` itself)."""
-    procs = [{"pid": p, "cmd": cmdline(p)[:200], "rss_bytes": rss_bytes(p)}
+    procs = [{"pid": p, "cmd": cmdline(p)[:200], "rss_bytes": None, **rss_detail(p)}
              for p in [pid, *descendants(pid)]]
     engine = next((p for p in procs if engine_marker and engine_marker in p["cmd"]), procs[0])
     return {"engine_pid": engine["pid"], "engine_rss_bytes": engine["rss_bytes"],

@@ -83,7 +83,9 @@ HOT_FIELDS = ("top_k", "top_p", "min_p", "temperature", "seed", "n", "best_of", 
               "repetition_penalty", "frequency_penalty", "presence_penalty", "length_penalty",
               "repetition_detection", "request_id", "stop", "max_completion_tokens",
               "use_beam_search", "ignore_eos", "guided_regex", "guided_choice", "guided_json",
-              "response_format", "structured_outputs", "echo", "cache_salt")
+              "response_format", "structured_outputs", "echo", "cache_salt",
+              "thinking_token_budget", "truncation_side", "return_token_ids", "vllm_xargs",
+              "reasoning_effort", "include_reasoning", "return_prompt_text")
 GENERATION_TARGETS = frozenset({"chat", "completions", "chat_batch", "responses", "invocations",
                                 "messages"})
 _HOT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -109,7 +111,7 @@ def mutated(seed: dict[str, Any], target: Target, rnd: random.Random, pool: Pool
     # one change to a valid body reaches deepest (a second one often makes it a plain 400)
     for _ in range(rnd.choice((1, 1, 1, 1, 2, 2, 3, 4))):
         op = rnd.choice(("hot", "hot", "hot", "field", "field", "drop", "extra", "message",
-                         "ids", "model"))
+                         "ids", "model", "vllm"))
         if op == "hot" and target.name in GENERATION_TARGETS:
             name = rnd.choice(HOT_FIELDS)
             body[name] = schema_value(*_hot_schema(name), rnd, pool)
@@ -134,10 +136,37 @@ def mutated(seed: dict[str, Any], target: Target, rnd: random.Random, pool: Pool
                    for _ in range(rnd.choice((0, 1, 2, 3, 6)))]
             key = rnd.choice(("prompt", "input", "tokens", "stop_token_ids", "allowed_token_ids"))
             body[key] = ids if rnd.random() < 0.7 else [ids]
+        elif op == "vllm":  # a vLLM field the struct does not declare (refused or ignored)
+            body.update(vllm_field(target, rnd, pool))
         elif op == "model":
             body["model"] = rnd.choice(sorted(MODEL_NAMES.values())) if rnd.random() < 0.5 \
                 else pool.text(rnd)
     return body
+
+
+def vllm_field(target: Target, rnd: random.Random, pool: Pool) -> dict[str, Any]:
+    """One of vLLM's fields of this route that fornax refuses or ignores (api/protocol/
+    vllm_fields.py), or a nested one it checks itself (thinking, include, tools' strict)."""
+    from fornax.api.protocol.vllm_fields import INVENTORY
+
+    name = target.struct.__name__ if target.struct is not None else ""
+    table = INVENTORY.get(name, {})
+    declared = set(getattr(target.struct, "__struct_fields__", ()))
+    extra = sorted(f for f in table if f not in declared)
+    value = pool.json(rnd) if rnd.random() < 0.5 else rnd.choice((None, False, 0, 1, True, {}))
+    if name == "MessagesRequest" and rnd.random() < 0.5:
+        return {"thinking": {"type": rnd.choice(("enabled", "adaptive", "disabled", "x")),
+                             "budget_tokens": pool.int(rnd) if rnd.random() < 0.8 else value}}
+    if name == "ResponsesRequest" and rnd.random() < 0.5:
+        return {"include": [rnd.choice(("message.output_text.logprobs",
+                                        "reasoning.encrypted_content", pool.small_text(rnd)))],
+                "top_logprobs": pool.int(rnd), "max_tool_calls": pool.int(rnd),
+                "truncation": rnd.choice(("auto", "disabled", pool.small_text(rnd)))}
+    if name == "ChatCompletionRequest" and rnd.random() < 0.3:
+        return {"tools": [{"type": "function", "function": {
+            "name": "f", "strict": value, "parameters": {"type": "object"}}}],
+            "tool_choice": rnd.choice(("required", "auto", "none"))}
+    return {rnd.choice(extra): value} if extra else {}
 
 
 MALFORMED = (b"", b"{", b"}", b"[", b"null", b"[]", b"1", b"\"x\"", b"{\"a\":}", b"{'a': 1}",
@@ -218,7 +247,8 @@ def audio_file(rnd: random.Random) -> bytes:
 
 
 FORM_FIELDS = ("model", "language", "prompt", "temperature", "response_format",
-               "timestamp_granularities[]", "stream", "x")
+               "timestamp_granularities[]", "stream", "x", "vllm_xargs", "top_p", "n", "seed",
+               "hotwords", "to_language", "stream_include_usage", "use_beam_search")
 FORM_VALUES = ("json", "text", "srt", "vtt", "verbose_json", "word", "segment", "true", "false",
                "en", "de", "auto", "asr", "0.5", "-1", "nan", "1e308", "")
 

@@ -25,6 +25,7 @@ _DTYPE_ALIASES = {"float": "float32", "half": "float16", "fp32": "float32", "fp1
 QUEUE_KV_MULTIPLE = 4
 QUEUE_TYPICAL_TOKENS = 1024
 QUEUE_MIN_BATCHES = 2
+MAX_PREFILL_ITL_FACTOR = 100.0  # --prefill-itl-factor above this is a typo (use 0 for off)
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] = (), shown: str | None = None,
@@ -127,6 +128,15 @@ class SchedulerConfig:
     max_num_seqs: int = _opt(256, "most requests in one batch")
     max_num_batched_tokens: int = _opt(8192, "token budget of one step")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over steps")
+    long_prefill_token_threshold: int = _opt(
+        0, "most prompt tokens one request prefills in a step (0: no such cap)")
+    max_num_partial_prefills: int = _opt(
+        1, "most requests whose prompt is prefilled over several steps at once (a prompt that "
+        "fits the rest of a step's budget may always join)")
+    prefill_itl_factor: float = _opt(
+        1.5, "while requests decode, a step's prompt tokens are capped so the step takes about "
+        "this many times a pure-decode step (both timed online; at least 32 prompt tokens a "
+        "step), keeping streams flowing while prompts arrive; 0: only the token budget")
     policy: str = _opt("fcfs", "the order waiting requests are scheduled in: first come first "
                        "served, or by each request's `priority`", choices=_POLICIES)
     # admission (vLLM's names): in-flight requests (waiting + running) and prompt tokens waiting;
@@ -145,6 +155,16 @@ class SchedulerConfig:
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_num_queued_reqs", self.max_num_queued_reqs)
         _positive("max_num_queued_tokens", self.max_num_queued_tokens)
+        _positive("max_num_partial_prefills", self.max_num_partial_prefills)
+        threshold = self.long_prefill_token_threshold
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise ConfigError("long_prefill_token_threshold must be a non-negative integer, got "
+                              f"{threshold!r}")
+        factor = self.prefill_itl_factor
+        if (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                or not (factor == 0 or 1.0 <= factor <= MAX_PREFILL_ITL_FACTOR)):
+            raise ConfigError(f"prefill_itl_factor must be 0 (off) or between 1 and "
+                              f"{MAX_PREFILL_ITL_FACTOR:g}, got {factor!r}")
         if self.policy not in _POLICIES:
             raise ConfigError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
 

@@ -105,6 +105,20 @@ class GenerateEngineCore(SchedulingCoreMixin):
         return request
 
     # ---- the busy loop's body ------------------------------------------------------------------
+    def _step(self) -> list[EngineCoreOutput]:
+        """The shared step, timed from schedule to outputs: the scheduler's step-cost model
+        learns the pure-decode step and the cost of a prompt token from it (prefill budget)."""
+        start = time.perf_counter()
+        ran = self._execute_scheduled()
+        if ran is None:
+            return []
+        outputs = self._outputs(*ran)
+        sched_out = ran[0]
+        self.scheduler.prefill_budget.observe(sched_out.num_decode_reqs,
+                                              sched_out.num_prefill_tokens,
+                                              time.perf_counter() - start)
+        return outputs
+
     def _outputs(self, sched_out: SchedulerOutput,
                  runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """The shared outputs, plus one for each request with prompt logprobs that sampled

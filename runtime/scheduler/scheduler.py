@@ -9,6 +9,7 @@ from fornax.runtime.config import CacheConfig, SchedulerConfig
 from fornax.runtime.engine import fault_injection
 from fornax.runtime.engine.request_failure import RequestFailure
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
+from fornax.runtime.scheduler.prefill_budget import PrefillBudget
 from fornax.runtime.scheduler.request import Request, RequestStatus
 from fornax.runtime.scheduler.waiting_queue import WaitingQueue
 
@@ -45,6 +46,10 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     finished_req_ids: set[str] = field(default_factory=set)
+    # the step's shape for the step-cost model (runtime/scheduler/prefill_budget.py): requests
+    # decoding one token, and the tokens of the others (prompt chunks, recomputation)
+    num_decode_reqs: int = 0
+    num_prefill_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -69,6 +74,8 @@ class Scheduler:
         self._num_sent_blocks: dict[str, int] = {}
         self.num_preemptions = 0
         self.failures: list[RequestFailure] = []  # taken by the engine core after each step
+        # while requests decode, a step's prompt tokens are capped (fed by the engine's timing)
+        self.prefill_budget = PrefillBudget(scheduler_config.prefill_itl_factor)
 
     # ---- admission and removal -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -141,6 +148,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        # prompt tokens this step may take: the adaptive cap while requests decode (chunked
+        # prefill only: an unsplittable prompt would otherwise wait for the decodes to end)
+        prefill_left = budget
+        if self.config.enable_chunked_prefill:
+            cap = self.prefill_budget.cap(any(map(_is_decoding, self.running)))
+            prefill_left = budget if cap is None else cap
+        prefill_taken: dict[str, int] = {}
         scheduled: list[Request] = []
         preempted_now: set[str] = set()
 
@@ -149,9 +163,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            decoding = _is_decoding(request)
+            limit = budget if decoding else self._prefill_limit(budget, prefill_left)
+            if limit <= 0:  # a prompt chunk, and this step's prompt tokens are taken
+                i += 1
+                continue
             victims: list[tuple[Request, int]] = []  # (preempted request, its index in running)
             try:
-                num_new = self._schedule_running(request, budget, preempted_now, victims)
+                num_new = self._schedule_running(request, limit, preempted_now, victims)
             except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
                 num_new = None
                 failure = exc
@@ -164,6 +183,7 @@ class Scheduler:
                 taken = out.num_scheduled_tokens.pop(victim.request_id, None)
                 if taken is not None:
                     budget += taken
+                    prefill_left += prefill_taken.pop(victim.request_id, 0)
                     scheduled.remove(victim)
                 if index < i:
                     i -= 1
@@ -176,14 +196,23 @@ class Scheduler:
                 scheduled.append(request)
                 out.num_scheduled_tokens[request.request_id] = num_new
                 budget -= num_new
+                if not decoding:  # a prompt chunk (or the recomputation of a preempted one)
+                    prefill_taken[request.request_id] = num_new
+                    prefill_left -= num_new
             i += 1
 
-        # 2. Then waiting requests, while budget, sequence slots and blocks allow.
-        while (self.waiting and budget > 0 and not preempted_now
+        # 2. Then waiting requests, while budget, prompt tokens, sequence slots and blocks allow;
+        # at most max_num_partial_prefills prompts stay unfinished after the step.
+        num_partial = sum(1 for r in self.running if r.num_computed_tokens
+                          + out.num_scheduled_tokens.get(r.request_id, 0) < r.num_tokens
+                          ) if self.waiting else 0
+        while (self.waiting and budget > 0 and prefill_left > 0 and not preempted_now
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            partial_ok = num_partial < self.config.max_num_partial_prefills
             try:
-                num_new = self._admit_waiting(request, budget)
+                num_new = self._admit_waiting(request, self._prefill_limit(budget, prefill_left),
+                                              partial_ok)
             except Exception as exc:  # noqa: BLE001 - that request's failure, not the engine's
                 self.fail_request(request, "schedule", exc)
                 continue
@@ -192,6 +221,9 @@ class Scheduler:
             scheduled.append(request)
             out.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
+            prefill_left -= num_new
+            if request.num_computed_tokens + num_new < request.num_tokens:
+                num_partial += 1
 
         for request in scheduled:
             try:
@@ -200,6 +232,9 @@ class Scheduler:
                 out.num_scheduled_tokens.pop(request.request_id, None)
                 self.fail_request(request, "schedule", exc)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.num_decode_reqs = sum(1 for r in scheduled if _is_decoding(r)
+                                  and r.request_id in out.num_scheduled_tokens)
+        out.num_prefill_tokens = out.total_num_scheduled_tokens - out.num_decode_reqs
         out.finished_req_ids = self._finished_req_ids
         self._finished_req_ids = set()
         return out
@@ -222,16 +257,26 @@ class Scheduler:
                 break
         return num_new
 
-    def _admit_waiting(self, request: Request, budget: int) -> int | None:
+    def _prefill_limit(self, budget: int, prefill_left: int) -> int:
+        """Most tokens one prompt may run this step: the step's budget and prompt tokens left,
+        and --long-prefill-token-threshold (with chunked prefill)."""
+        limit = min(budget, prefill_left)
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0 and self.config.enable_chunked_prefill:
+            limit = min(limit, threshold)
+        return limit
+
+    def _admit_waiting(self, request: Request, budget: int, partial_ok: bool = True) -> int | None:
         """Move the head of the waiting queue to running with blocks for its next tokens;
-        returns how many it runs, or None when it does not fit (it stays at the head)."""
+        returns how many it runs, or None when it does not fit (it stays at the head). With
+        `partial_ok` False only a prompt that finishes in this step fits."""
         if fault_injection.INJECTOR is not None:
             fault_injection.INJECTOR.check("schedule", request.request_id)
         hits, num_hit_tokens = self.kv.get_computed_blocks(request)
         if request.sampling_params.prompt_logprobs is not None and num_hit_tokens:
             hits, num_hit_tokens = [], 0  # every prompt position's logits are needed
         num_new = request.num_tokens - num_hit_tokens
-        if num_new > budget and not self.config.enable_chunked_prefill:
+        if num_new > budget and not (self.config.enable_chunked_prefill and partial_ok):
             return None
         num_new = min(num_new, budget)
         request.num_computed_tokens = num_hit_tokens
@@ -367,3 +412,8 @@ def has_repeating_tail(tokens: list[int], min_size: int, max_size: int, min_coun
         if tail[size:] == tail[:-size]:  # periodic with period `size`: one C-level compare
             return True
     return False
+
+
+def _is_decoding(request: Request) -> bool:
+    """A request past its prompt with one token to run: a stream waiting for its next token."""
+    return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1

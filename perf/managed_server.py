@@ -164,8 +164,10 @@ def cmdline(pid: int) -> str:
 def process_tree_memory(pid: int, engine_marker: str | None = None) -> dict[str, Any]:
     """RSS of `pid` and each process below it; `engine_rss_bytes` is the RSS of the first one whose
     command line contains `engine_marker` (else of `pid` itself)."""
-    procs = [{"pid": p, "cmd": cmdline(p)[:200], "rss_bytes": None, **rss_detail(p)}
-             for p in [pid, *descendants(pid)]]
-    engine = next((p for p in procs if engine_marker and engine_marker in p["cmd"]), procs[0])
+    procs: list[dict[str, Any]] = [
+        {"pid": p, "cmd": cmdline(p)[:200], "rss_bytes": None, **rss_detail(p)}
+        for p in [pid, *descendants(pid)]]
+    engine = next((p for p in procs if engine_marker and engine_marker in str(p["cmd"])),
+                  procs[0])
     return {"engine_pid": engine["pid"], "engine_rss_bytes": engine["rss_bytes"],
             "processes": procs}

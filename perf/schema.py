@@ -32,7 +32,7 @@ DEVICE_KEYS: dict[str, tuple[type, ...]] = {
     "platform": (str,), "python": (str,), "torch": (str, type(None)),
 }
 _SERVE_STATS = [f"{stat}_{what}_ms" for what in ("ttft", "tpot", "itl", "e2el")
-                for stat in ("mean", "median", "std", "p90", "p99")]
+                for stat in ("mean", "median", "std", "p90", "p95", "p99")]
 # Metrics each kind always reports (more may be present).
 METRICS: dict[str, list[str]] = {
     "throughput": ["elapsed_s", "requests_per_s", "output_throughput", "total_token_throughput",

@@ -230,7 +230,8 @@ def print_report(record: dict[str, Any]) -> None:
     if "request_goodput" in m:
         names.append("request_goodput")
     for what in ("ttft", "tpot", "itl", "e2el"):
-        names += [f"mean_{what}_ms", f"median_{what}_ms", f"p90_{what}_ms", f"p99_{what}_ms"]
+        names += [f"mean_{what}_ms", f"median_{what}_ms", f"p90_{what}_ms", f"p95_{what}_ms",
+                  f"p99_{what}_ms"]
     if "engine_rss_mib" in m:
         names.append("engine_rss_mib")
     peer = record["peer"]

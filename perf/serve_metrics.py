@@ -12,6 +12,7 @@ from fornax.perf.serve_client import RequestResult
 logger = logging.getLogger(__name__)
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
+SERVE_PERCENTILES = (90, 95, 99)  # with the median: p50/p95/p99 as guidellm and vLLM report
 
 
 def parse_goodput(specs: Sequence[str] | None) -> dict[str, float]:
@@ -63,10 +64,11 @@ def compute_metrics(results: list[RequestResult], duration_s: float,
         "output_throughput": output_tokens / duration_s,
         "total_token_throughput": (input_tokens + output_tokens) / duration_s,
     }
-    m.update(summarize([1e3 * r.ttft for r in ok], "ttft", "ms"))
-    m.update(summarize([1e3 * r.tpot for r in ok if r.tpot is not None], "tpot", "ms"))
-    m.update(summarize([1e3 * gap for r in ok for gap in r.itl], "itl", "ms"))
-    m.update(summarize([1e3 * r.latency for r in ok], "e2el", "ms"))
+    pcts = SERVE_PERCENTILES
+    m.update(summarize([1e3 * r.ttft for r in ok], "ttft", "ms", pcts))
+    m.update(summarize([1e3 * r.tpot for r in ok if r.tpot is not None], "tpot", "ms", pcts))
+    m.update(summarize([1e3 * gap for r in ok for gap in r.itl], "itl", "ms", pcts))
+    m.update(summarize([1e3 * r.latency for r in ok], "e2el", "ms", pcts))
     if slos:
         good = sum(1 for r in results if meets_slos(r, slos))
         m["request_goodput"] = good / duration_s

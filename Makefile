@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install serve serve-embed test test-quick lint clean serve-whisper fuzz
+.PHONY: install serve serve-embed test test-quick lint clean serve-whisper fuzz browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,17 @@ serve-embed: $(STAMP)
 serve-whisper: $(STAMP)
 	$(VENV)/bin/fornax serve whisper-tiny.en --host $(HOST) --port $(PORT)
 
+# Debian's chromium, for the test that opens /docs in a headless browser
+# (tests/api/test_openapi.py); about 115 MB, so only `make test` installs it. A failed install
+# fails `make test`: a missing browser must not quietly skip that test.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the /docs test"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 # every test (the 20 slowest durations printed: CI runs this through .ci/run)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q --durations=20 tests
 
 # the inner loop: no `slow` test (a packaged model, a `fornax serve` process, over ~5 s) and no

@@ -125,12 +125,10 @@ async def chat_completions(req: Request) -> Response:
     return StreamingResponse(sse_stream(answer, headers["x-request-id"]), headers=headers)
 
 
-async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool = False
-                   ) -> tuple[ChatAnswer, dict[str, str]]:
-    """The typed entry of the chat path (the route and every surface built on it): the whole
-    answer, or (with `stream`) its chunks once the engine has accepted the request, so a refusal
-    is raised here; and the response headers. `detached`: a client disconnect does not abort it
-    (background work). A failure mid-stream raises APIError from the chunk iterator."""
+async def prepare_chat(req: Request, body: ChatCompletionRequest
+                       ) -> tuple[str, ChatPlan, str, list[int], int]:
+    """What the engine would get for a chat request, checked: (model name, tool/reasoning plan,
+    prompt text, prompt token ids, max_tokens). Shared by run_chat and the render route."""
     state = req.state
     model = state.resolve_model(body.model)
     check_unsupported(body, structured=True)
@@ -150,6 +148,16 @@ async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = front_max_tokens(state, getattr(body, param), len(ids), param,
                                   state.sampling_defaults.get("max_tokens"))
+    return model, plan, text, ids, max_tokens
+
+
+async def run_chat(req: Request, body: ChatCompletionRequest, *, detached: bool = False
+                   ) -> tuple[ChatAnswer, dict[str, str]]:
+    """The typed entry of the chat path (the route and every surface built on it): the whole
+    answer, or (with `stream`) its chunks once the engine has accepted the request, so a refusal
+    is raised here; and the response headers. `detached`: a client disconnect does not abort it
+    (background work). A failure mid-stream raises APIError from the chunk iterator."""
+    model, plan, text, ids, max_tokens = await prepare_chat(req, body)
     if body.use_beam_search:
         return await _beam(req, body, model, ids, max_tokens, detached), {}
     gen, public_id, created = begin_generation(

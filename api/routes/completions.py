@@ -58,9 +58,11 @@ def parse_prompts(state: AppState, prompt: Any, add_special_tokens: bool) -> lis
     raise APIError(400, _PROMPT_SHAPES, "prompt")
 
 
-async def completions(req: Request) -> Response:
+async def prepare_completion(req: Request, body: CompletionRequest
+                             ) -> tuple[str, list[PromptInput], int, dict[str, Any], Any]:
+    """What the engine would get for a completion request, checked: (model name, prompts,
+    max_tokens, extra SamplingParams fields, output constraint). Shared with the render route."""
     state = req.state
-    body = await req.json(CompletionRequest)
     model = state.resolve_model(body.model)
     check_unsupported(body, structured=True)
     constraint = request_constraint(body)
@@ -82,6 +84,13 @@ async def completions(req: Request) -> Response:
             raise APIError(400, "beam search cannot follow an output constraint",
                            "use_beam_search")
         extra["structured_outputs"] = constraint
+    return model, prompts, max_tokens, extra, constraint
+
+
+async def completions(req: Request) -> Response:
+    state = req.state
+    body = await req.json(CompletionRequest)
+    model, prompts, max_tokens, extra, constraint = await prepare_completion(req, body)
     if body.use_beam_search:
         return json_response(await _beam(req, body, model, prompts, max_tokens))
     gen, public_id, created = begin_generation(req, body, "cmpl", prompts, max_tokens=max_tokens,

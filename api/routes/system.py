@@ -1,4 +1,4 @@
-"""Operational routes: /health, /ping, /version, /load, /metrics (API workers)."""
+"""Operational routes: /health, /health_generate, /ping, /version, /load, /metrics (API workers)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ async def health(req: Request) -> Response:
 
     `?deep=1` (fornax's) also runs a one-token generation, which must finish within 10 s.
     """
+    return await _health(req, req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"))
+
+
+async def health_generate(req: Request) -> Response:
+    """SGLang's GET /health_generate: /health plus a one-token generation through the engine
+    (one pooling forward or transcription window on those models); 200, else 503."""
+    return await _health(req, True)
+
+
+async def _health(req: Request, deep: bool) -> Response:
     state = req.state
     if state.engine.dead:
         raise EngineDeadError(state.engine.dead_reason or "the engine core is not running")
@@ -45,7 +55,7 @@ async def health(req: Request) -> Response:
     if limit and stats.loop_stall_s >= limit:
         raise APIError(503, f"the engine core has made no progress for {stats.loop_stall_s:.0f} s"
                        f" (--engine-stall-timeout {limit:g})")
-    if req.query.get("deep", ["0"])[-1].lower() in ("1", "true", "yes"):
+    if deep:
         if is_pooling(state):  # a pooling model cannot generate: one pooling forward instead
             await _probe(state, pooling_probe(state), "a pooling forward")
         elif is_transcription(state):  # Whisper: one window of silence, one token

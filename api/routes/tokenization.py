@@ -1,6 +1,9 @@
-"""POST /tokenize and /detokenize: prompts or chat messages <-> token ids (API workers)."""
+"""POST /tokenize and /detokenize (and /v1/...): prompts or chat messages <-> token ids; GET
+/tokenizer_info: the tokenizer's config (API workers)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fornax.api.protocol.openai import (
     DetokenizeRequest,
@@ -52,3 +55,30 @@ async def detokenize(req: Request) -> Response:
         raise APIError(400, f"token id {bad} is out of vocabulary (size {vocab})", "tokens")
     text = await prepare(req, state.tokenizer.decode, body.tokens, skip_special_tokens=False)
     return json_response(DetokenizeResponse(text))
+
+
+_FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file")  # paths on the server: left out
+
+
+def _plain(value: Any) -> Any:
+    """Special tokens ({"content": ...} objects) as their text, as vLLM shows them."""
+    if isinstance(value, dict):
+        if isinstance(value.get("content"), str):
+            return value["content"]
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+async def tokenizer_info(req: Request) -> Response:
+    """vLLM's GET /tokenizer_info (only with --enable-tokenizer-info-endpoint): the tokenizer's
+    tokenizer_config.json without file paths, special tokens as text, its class (the fast
+    variant, the one that reads tokenizer.json) and the chat template in force."""
+    tok = req.state.tokenizer
+    info = {k: _plain(v) for k, v in tok.config.items() if k not in _FILE_KEYS}
+    cls = str(info.get("tokenizer_class") or "PreTrainedTokenizer")
+    info["tokenizer_class"] = cls if cls.endswith("Fast") else cls + "Fast"
+    if tok.chat_template:
+        info["chat_template"] = tok.chat_template
+    return json_response(info)

@@ -28,6 +28,7 @@ from fornax.api.routes import (
     dev,
     embeddings,
     models,
+    render,
     sagemaker,
     scoring,
     system,
@@ -61,6 +62,14 @@ class Route:
     handler: Handler
     public: bool = False  # reachable without an API key
     dev: bool = False  # exists only with --enable-dev-endpoints (404 otherwise)
+    switch: str = ""  # a ServerSettings flag that must be on for it to exist (404 otherwise)
+    docs: bool = False  # gone with --disable-fastapi-docs (404), as vLLM's /docs, /openapi.json
+
+    def enabled(self, settings: ServerSettings) -> bool:
+        """Whether this route exists on a server with these settings."""
+        return ((not self.dev or settings.enable_dev_endpoints)
+                and (not self.switch or bool(getattr(settings, self.switch)))
+                and not (self.docs and settings.disable_fastapi_docs))
 
     def match(self, path: str) -> dict[str, str] | None:
         if "{" not in self.path:
@@ -94,16 +103,26 @@ ROUTES: tuple[Route, ...] = (
     Route(("POST",), "/v2/rerank", scoring.rerank),
     Route(("POST",), "/v1/audio/transcriptions", audio.transcriptions),
     Route(("POST",), "/v1/audio/translations", audio.translations),
+    Route(("POST",), "/v1/chat/completions/render", render.render_chat),
+    Route(("POST",), "/v1/completions/render", render.render_completion),
     Route(("POST",), "/tokenize", tokenization.tokenize),
     Route(("POST",), "/detokenize", tokenization.detokenize),
+    Route(("POST",), "/v1/tokenize", tokenization.tokenize),  # Olla's vLLM profile routes these
+    Route(("POST",), "/v1/detokenize", tokenization.detokenize),
+    Route(("GET",), "/tokenizer_info", tokenization.tokenizer_info,
+          switch="enable_tokenizer_info_endpoint"),
+    Route(("GET",), "/get_tokenizer_info", tokenization.tokenizer_info,
+          switch="enable_tokenizer_info_endpoint"),
     Route(("POST",), "/invocations", sagemaker.invocations),
     Route(("GET",), "/health", system.health, public=True),
+    Route(("GET",), "/health_generate", system.health_generate),  # SGLang's; runs the engine
     Route(("GET", "POST"), "/ping", system.ping, public=True),
     Route(("GET",), "/version", system.version, public=True),
     Route(("GET",), "/load", system.load),
     Route(("GET",), "/metrics", system.metrics),
-    Route(("GET",), "/openapi.json", openapi.openapi_json, public=True),  # shapes only, no secret
-    Route(("GET",), "/docs", docs_page.docs, public=True),
+    Route(("GET",), "/openapi.json", openapi.openapi_json, public=True,  # shapes, no secret
+          docs=True),
+    Route(("GET",), "/docs", docs_page.docs, public=True, docs=True),
     Route(("POST",), "/sleep", dev.sleep, dev=True),
     Route(("POST",), "/wake_up", dev.wake_up, dev=True),
     Route(("GET",), "/is_sleeping", dev.is_sleeping, dev=True),
@@ -229,10 +248,10 @@ class FornaxApp:
 
     def _route(self, req: Request) -> tuple[Handler, dict[str, str]]:
         allowed: list[str] = []
-        dev = req.state.settings.enable_dev_endpoints
+        settings = req.state.settings
         for route in ROUTES:
             params = route.match(req.path)
-            if params is None or (route.dev and not dev):
+            if params is None or not route.enabled(settings):
                 continue
             if req.method in route.methods:
                 return route.handler, params

@@ -4,7 +4,9 @@ protocol structs once per API worker and cached (API workers).
 The document describes shapes only: no API key, model path or served model name is in it, so it
 is public like /health (vLLM serves it without a key too). Routes for another kind of model
 (pooling, speech) are listed as well; on this server they answer 501. The dev routes are listed
-only when --enable-dev-endpoints is on, since they do not exist otherwise.
+only when --enable-dev-endpoints is on, since they do not exist otherwise; likewise
+/tokenizer_info with --enable-tokenizer-info-endpoint. --disable-fastapi-docs removes this route
+and /docs.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from fornax.api.protocol import anthropic as anth
 from fornax.api.protocol import audio as aud
 from fornax.api.protocol import openai as oai
 from fornax.api.protocol import pooling as pool
+from fornax.api.protocol.render import GenerateRequest
 from fornax.api.protocol.responses import ResponsesRequest
 from fornax.api.server.http import Request, Response
+from fornax.api.server.settings import ServerSettings
 from fornax.audio.formats import RESPONSE_FORMATS
 
 logger = logging.getLogger(__name__)
 
 REF = "#/components/schemas/{name}"
-_cache: dict[tuple[bool, bool], bytes] = {}
+_cache: dict[tuple[bool, bool, bool], bytes] = {}
 
 # ---- hand-written schemas for the bodies that are not one struct -----------------------------
 
@@ -81,6 +85,19 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "num_requests_waiting": {"type": "integer"}, "kv_cache_usage_perc": {"type": "number"}}},
     "IsSleeping": {"type": "object", "required": ["is_sleeping"],
                    "properties": {"is_sleeping": {"type": "boolean"}}},
+    "TokenizerInfo": {
+        "type": "object", "required": ["tokenizer_class"], "additionalProperties": True,
+        "description": "The tokenizer's tokenizer_config.json without file paths, special "
+        "tokens as their text (vLLM's shape).",
+        "properties": {"tokenizer_class": {"type": "string"},
+                       "chat_template": {"type": "string"},
+                       "model_max_length": {"type": "number"},
+                       "bos_token": {"type": ["string", "null"]},
+                       "eos_token": {"type": ["string", "null"]},
+                       "pad_token": {"type": ["string", "null"]},
+                       "unk_token": {"type": ["string", "null"]},
+                       "added_tokens_decoder": {"type": "object",
+                                                "additionalProperties": {"type": "string"}}}},
 }
 
 
@@ -180,6 +197,20 @@ OPERATIONS: dict[tuple[str, str], tuple[Op, ...]] = {
                                example={"prompt": "Hello!"}),),
     ("POST", "/detokenize"): (Op("Token ids to text", "tokenize", oai.DetokenizeRequest,
                                  oai.DetokenizeResponse, example={"tokens": [1, 2, 3]}),),
+    ("GET", "/tokenizer_info"): (Op(
+        "The tokenizer's config, class and chat template (--enable-tokenizer-info-endpoint)",
+        "tokenize", result=_ref("TokenizerInfo")),),
+    ("POST", "/v1/chat/completions/render"): (Op(
+        "The prompt of a chat request as the engine would get it (token ids, text, sampling "
+        "parameters), without generating", "generate", oai.ChatCompletionRequest,
+        GenerateRequest, example=_CHAT_EXAMPLE),),
+    ("POST", "/v1/completions/render"): (Op(
+        "The prompts of a completion request as the engine would get them, one each, without "
+        "generating", "generate", oai.CompletionRequest, list[GenerateRequest],
+        example=_COMPLETION_EXAMPLE),),
+    ("GET", "/health_generate"): (Op(
+        "200 when the engine runs a one-token generation within 10 s, else 503 (SGLang's)",
+        "system", result=_EMPTY, result_type="text/plain"),),
     ("POST", "/invocations"): (Op(
         "SageMaker: routed by the body's fields (messages, prompt, input, query+documents, "
         "text_1+text_2)", "generate",
@@ -224,6 +255,9 @@ for _path in ("/score", "/v1/score"):
                                       pool.ScoreResponse, runner="pooling",
                                       example={"text_1": "sea", "text_2": "waves"}),)
 OPERATIONS[("POST", "/ping")] = OPERATIONS[("GET", "/ping")]
+OPERATIONS[("POST", "/v1/tokenize")] = OPERATIONS[("POST", "/tokenize")]
+OPERATIONS[("POST", "/v1/detokenize")] = OPERATIONS[("POST", "/detokenize")]
+OPERATIONS[("GET", "/get_tokenizer_info")] = OPERATIONS[("GET", "/tokenizer_info")]
 _STRUCTS = (oai.ChatCompletionRequest, oai.CompletionRequest, pool.EmbeddingRequest,
             pool.RerankRequest, pool.ScoreRequest, pool.ClassificationResponse,
             oai.ErrorResponse, anth.ErrorResponse, aud.TranscriptionResponse,
@@ -326,11 +360,14 @@ def _portable_patterns(node: Any) -> None:
             _portable_patterns(value)
 
 
-def build_document(api_keys: bool, include_dev: bool, version: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route in ROUTES (the dev ones when `include_dev`)."""
+def build_document(api_keys: bool, include_dev: bool, version: str = "",
+                   settings: ServerSettings | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route in ROUTES (the dev ones when `include_dev`);
+    with `settings`, of the routes that exist on that server (Route.enabled)."""
     from fornax.api.server.app import ROUTES  # the app imports this module
 
-    routes = [r for r in ROUTES if include_dev or not r.dev]
+    routes = [r for r in ROUTES if r.enabled(settings)] if settings is not None else \
+        [r for r in ROUTES if include_dev or not r.dev]
     ops = [op for r in routes for m in r.methods for op in OPERATIONS.get((m, r.path), ())]
     types = _types(ops)
     schemas, components = msgspec.json.schema_components(types, ref_template=REF)
@@ -366,8 +403,10 @@ def build_document(api_keys: bool, include_dev: bool, version: str = "") -> dict
 
 async def openapi_json(req: Request) -> Response:
     settings = req.state.settings
-    key = (bool(settings.api_keys), bool(settings.enable_dev_endpoints))
+    key = (bool(settings.api_keys), bool(settings.enable_dev_endpoints),
+           bool(settings.enable_tokenizer_info_endpoint))
     body = _cache.get(key)
     if body is None:
-        body = _cache[key] = msgspec.json.encode(build_document(*key, settings.version))
+        body = _cache[key] = msgspec.json.encode(build_document(
+            key[0], key[1], settings.version, settings=settings))
     return Response(body, 200)

@@ -41,6 +41,7 @@ class TokenizerFront:
                 cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise ModelLoadError(f"{cfg_file} is not valid JSON: {exc}") from exc
+        self.config = cfg  # tokenizer_config.json as read (GET /tokenizer_info shows it)
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.pad_token = _token_text(cfg.get("pad_token"))

@@ -66,12 +66,14 @@ def test_sleep_frees_memory_and_wake_answers_identically(server, http, level):
     assert http.get("/v1/models").status_code == 200
     assert http.get("/health").status_code == 200  # as vLLM: asleep on purpose is not unhealthy
     assert http.get("/health?deep=1").status_code == 503
+    assert http.get("/health_generate").status_code == 503  # SGLang's: the engine cannot generate
     assert http.post(f"/sleep?level={level}").status_code == 200  # idempotent
     assert http.post("/wake_up").status_code == 200
     assert http.get("/is_sleeping").json() == {"is_sleeping": False}
     assert _rss_mib(pid) - asleep_rss > 0.8 * KV_MIB
     assert _answer(http) == before
     assert http.get("/health?deep=1").status_code == 200
+    assert http.get("/health_generate").status_code == 200
 
 
 def test_bad_sleep_requests(http):

@@ -1,10 +1,13 @@
 """GET /openapi.json and /docs on a real `fornax serve` (two API keys): the document is valid
 OpenAPI 3.1, lists every route of the app with its methods, its examples fit its own schemas and
-are accepted by the server, it holds no secret; /docs is an offline HTML page."""
+are accepted by the server, it holds no secret; /docs is an offline HTML page that headless
+Chromium renders into the list of operations with no network but this server."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import httpx
 import jsonschema
@@ -39,11 +42,15 @@ def _documented(doc: dict, route_path: str, method: str) -> bool:
 def test_the_document_is_valid_openapi_and_lists_every_route(document):
     validate(document)  # OpenAPI 3.1 (its schemas are JSON Schema 2020-12)
     assert document["openapi"].startswith("3.1")
-    served = [r for r in ROUTES if not r.dev]  # main_server has no dev endpoints
+    served = [r for r in ROUTES if not r.dev and not r.switch]  # main_server: no dev endpoints,
+    # no tokenizer info: those are listed only where they exist
     missing = [(m, r.path) for r in served for m in r.methods
                if not _documented(document, r.path, m)]
     assert not missing
     assert "/sleep" not in document["paths"]  # a dev route: listed only when it exists
+    assert "/tokenizer_info" not in document["paths"]  # --enable-tokenizer-info-endpoint only
+    assert {"/v1/tokenize", "/v1/chat/completions/render", "/health_generate"} <= set(
+        document["paths"])
     for path, item in document["paths"].items():
         for method, op in item.items():
             assert not op.get("x-undocumented"), (method, path)
@@ -131,3 +138,28 @@ def test_docs_is_an_offline_page(server):
     assert "@import" not in page and "url(" not in page
     assert "default-src 'none'" in r.headers["content-security-policy"]
     assert "connect-src 'self'" in r.headers["content-security-policy"]
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium; `make test` installs it "
+                    "(make browser), so this is only skipped outside `make test`")
+def test_docs_renders_every_operation_in_headless_chromium(server, document, tmp_path):
+    """The page's own script fetches /openapi.json and lists each operation; every other host is
+    unreachable (a dead proxy), so the page works offline. The served HTML holds no route."""
+    assert CHROMIUM is not None
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path}", "--proxy-server=http://127.0.0.1:9",
+         "--virtual-time-budget=10000", "--dump-dom", server.url + "/docs"],
+        capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0 and "</main>" in dom, proc.stderr[-2000:]
+    shown = set(re.findall(r'<span class="m (\w+)">\w+</span><span class="p">([^<]+)</span>',
+                           dom))
+    assert ("post", "/v1/chat/completions") in shown
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert shown == documented
+    assert '<p id="err"></p>' in dom  # the page's own "could not load" line stayed empty
+    assert "/v1/chat/completions" not in httpx.get(server.url + "/docs").text  # drawn by JS

@@ -36,7 +36,8 @@ def server_args(kind: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
             "--max-request-body-bytes", "1MiB", "--seed", "0"]
     if kind == GEN:
         args += ["--max-model-len", "256", "--api-server-count", "2",
-                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--enable-tokenizer-info-endpoint"]
     if kind == ASR:
         args += ["--max-audio-filesize-mb", "0.5", "--realtime-max-buffer-seconds", "5",
                  "--realtime-idle-timeout", "3", "--max-num-seqs", "8"]

@@ -165,8 +165,7 @@ def load_quant_linear() -> ctypes.CDLL | None:
     if lib is not None:
         lib.fornax_quant_linear_isa.argtypes = []
         lib.fornax_quant_linear_isa.restype = _i32
-        lib.fornax_quant_linear.argtypes = [_vp, _i32, _i64, _i32, _i32, _vp, _vp, _vp, _i32,
-                                            _i32, _i32, _vp, _i32, _vp, _i32, _i64, _i32, _i32]
+        lib.fornax_quant_linear.argtypes = [_vp, _vp, _i64, _i32, _vp, _vp, _i32, _i32]
         lib.fornax_quant_linear.restype = _i32
         lib.fornax_quant_dequantize.argtypes = [_vp, _vp, _vp, _i32, _i32, _i32, _vp, _i32, _vp,
                                                 _i32, _i32]

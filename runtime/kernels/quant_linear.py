@@ -60,43 +60,66 @@ def _dense_weight(lib: ctypes.CDLL, qw: QuantWeight, dtype: torch.dtype) -> torc
     return out
 
 
+def _descriptor(qw: QuantWeight) -> int | None:
+    """The address of qw's int64 descriptor for the kernel (built once per weight and kept on
+    it), or None when its tensors are not in the kernel's layout (float16 scales, contiguous)."""
+    cached = qw.__dict__.get("_kernel_descriptor")
+    if cached is not None and cached[0] is qw.data and cached[1] is qw.scales \
+            and cached[2] is qw.mins:
+        return cached[3]
+    tensors = [qw.data, qw.scales] + ([] if qw.mins is None else [qw.mins])
+    if qw.scales.dtype != torch.float16 or (qw.mins is not None and qw.mins.dtype != torch.float16) \
+            or not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+        return None
+    desc = torch.tensor([qw.data.data_ptr(), qw.scales.data_ptr(),
+                         0 if qw.mins is None else qw.mins.data_ptr(), int(qw.kind == "q4"),
+                         qw.group, qw.out_features, qw.in_features], dtype=torch.int64)
+    qw.__dict__["_kernel_descriptor"] = (qw.data, qw.scales, qw.mins, desc.data_ptr(), desc)
+    return desc.data_ptr()
+
+
 def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
                  isa: str | None = None) -> torch.Tensor:
     """x [..., K] (bf16 or float32) @ dequantize(qw)^T (+ bias) -> [..., N] in x.dtype.
 
     The kernel quantizes each activation row to int8 per weight group (the only error against
-    the dense reference: at most amax_group / 254 per activation element); above DENSE_MIN_ROWS
-    rows the weight is dequantized for torch's matmul instead. `isa` forces a path for tests:
+    the dense reference: at most amax_group / 254 per activation element); from DENSE_MIN_ROWS
+    rows on the weight is dequantized for torch's matmul instead. `isa` forces a path for tests:
     'c' (the kernel's plain C loop), 'torch' (linear_reference), None (the fastest here).
+    Thread-safe; allocates only the output at decode sizes.
     """
-    kernel = None if isa == "torch" else _kernel()
-    if kernel is None or x.dtype not in (torch.bfloat16, torch.float32) or qw.scales.dtype != \
-            torch.float16:
+    kernel = _kernel()
+    dtype = x.dtype
+    desc = None if kernel is None or isa == "torch" else _descriptor(qw)
+    if desc is None or (dtype is not torch.bfloat16 and dtype is not torch.float32):
         return linear_reference(x, qw, bias)
-    lib, native = kernel
+    assert kernel is not None
     k, n = qw.in_features, qw.out_features
     if x.shape[-1] != k:
         raise ValueError(f"quant_linear: x has {x.shape[-1]} features, the weight {k}")
-    flat = x.reshape(-1, k)
+    flat = x if x.dim() == 2 else x.reshape(-1, k)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = flat.shape[0]
-    if isa is None and rows >= DENSE_MIN_ROWS:
-        weight = _dense_weight(lib, qw, x.dtype)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    if bias is not None and (bias.dtype not in (torch.bfloat16, torch.float32)
-                             or not bias.is_contiguous()):
-        bias = bias.float().contiguous()
-    out = torch.empty((rows, n), dtype=x.dtype)
-    status = lib.fornax_quant_linear(
-        flat.data_ptr(), x.dtype == torch.bfloat16, flat.stride(0), rows, k, qw.data.data_ptr(),
-        qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group, n, _ptr(bias),
-        bias is not None and bias.dtype == torch.bfloat16, out.data_ptr(),
-        x.dtype == torch.bfloat16, n, 0 if isa == "c" else native, torch.get_num_threads())
+    if rows == 0 or (isa is None and rows >= DENSE_MIN_ROWS):
+        weight = _dense_weight(kernel[0], qw, dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(dtype))
+    flags = int(dtype is torch.bfloat16) | ((0 if isa == "c" else kernel[1]) << 2)
+    if bias is not None:
+        if bias.dtype is torch.bfloat16:
+            flags |= 2
+        elif bias.dtype is not torch.float32:
+            bias = bias.float()
+        if not bias.is_contiguous():
+            bias = bias.contiguous()
+    out = torch.empty((rows, n), dtype=dtype)
+    status = kernel[0].fornax_quant_linear(
+        desc, flat.data_ptr(), flat.stride(0), rows, None if bias is None else bias.data_ptr(),
+        out.data_ptr(), flags, torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"quantized linear kernel refused {qw.kind}/{qw.group} shape "
                            f"{tuple(flat.shape)} x {n} (status {status})")
-    return out.view(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def quant_embedding(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -73,28 +73,65 @@ static float load_x(const void *x, int bf16, int64_t i) {
     return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
-static void quantize_row(const Problem *p, const void *x, int bf16, int64_t off, int m) {
+/* One activation group of n values (16 or 32) starting at element off: its int8 values
+ * qb = round-half-even(v * 127 / amax), amax and the float sum. */
+static void quantize_group(const void *x, int bf16, int64_t off, int n, int vec, int8_t *qb,
+                           float *amax, float *sum) {
+#if HAVE_VNNI
+    if (vec) {
+        const uint16_t *xh = (const uint16_t *)x + off;
+        const float *xf = (const float *)x + off;
+        const __m512 v0 =
+            bf16 ? bf16x16_to_float(_mm256_loadu_si256((const __m256i *)xh)) : _mm512_loadu_ps(xf);
+        const __m512 v1 = n < 32 ? _mm512_setzero_ps()
+                          : bf16 ? bf16x16_to_float(_mm256_loadu_si256((const __m256i *)(xh + 16)))
+                                 : _mm512_loadu_ps(xf + 16);
+        const float am = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 inv = _mm512_set1_ps(am > 0.f ? 127.f / am : 0.f);
+        _mm_storeu_si128((__m128i *)qb,
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv))));
+        if (n == 32)
+            _mm_storeu_si128((__m128i *)(qb + 16),
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))));
+        *amax = am;
+        *sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        return;
+    }
+#endif
+    (void)vec;
+    float v[32], am = 0.f, total = 0.f;
+    for (int e = 0; e < n; e++) {
+        v[e] = load_x(x, bf16, off + e);
+        const float a = fabsf(v[e]);
+        am = a > am ? a : am;
+        total += v[e];
+    }
+    const float inv = am > 0.f ? 127.f / am : 0.f;
+    for (int e = 0; e < n; e++) qb[e] = (int8_t)(int)rintf(v[e] * inv);
+    *amax = am;
+    *sum = total;
+}
+
+/* Activation row m into the kernel's order (see Problem), with its scales and group sums. */
+static void quantize_row(const Problem *p, const void *x, int bf16, int64_t off, int m, int vec) {
     uint8_t *q = p->xq + (int64_t)m * p->abytes;
     float *xsx = p->xsx + (int64_t)m * p->units * 16, *xsum = p->xsum + (int64_t)m * p->groups;
-    memset(q, p->q4 ? 0 : 128, (size_t)p->abytes);
+    const int gpu = 16 / p->lanes_per_group, done = p->groups * p->group;
+    memset(q + done, p->q4 ? 0 : 128, (size_t)(p->abytes - done)); /* the last unit's padding */
     memset(xsx, 0, (size_t)p->units * 16 * sizeof(float));
-    float v[32];
     for (int g = 0; g < p->groups; g++) {
-        float amax = 0.f, sum = 0.f;
-        for (int e = 0; e < p->group; e++) {
-            v[e] = load_x(x, bf16, off + (int64_t)g * p->group + e);
-            amax = fmaxf(amax, fabsf(v[e]));
-            sum += v[e];
+        int8_t qb[32];
+        float amax;
+        quantize_group(x, bf16, off + (int64_t)g * p->group, p->group, vec, qb, &amax, xsum + g);
+        if (p->q4) {
+            memcpy(q + act_pos(p, g, 0), qb, 16);
+            memcpy(q + act_pos(p, g, 16), qb + 16, 16);
+        } else {
+            for (int e = 0; e < p->group; e++) q[g * p->group + e] = (uint8_t)qb[e] ^ 0x80u;
         }
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int e = 0; e < p->group; e++) {
-            const int8_t qi = (int8_t)lrintf(v[e] * inv);
-            q[act_pos(p, g, e)] = p->q4 ? (uint8_t)qi : (uint8_t)(qi + 128);
-        }
-        const int gpu = 16 / p->lanes_per_group, unit = g / gpu, slot = g % gpu;
+        const float scale = amax / 127.f;
         for (int l = 0; l < p->lanes_per_group; l++)
-            xsx[unit * 16 + slot * p->lanes_per_group + l] = amax / 127.f;
-        xsum[g] = sum;
+            xsx[(g / gpu) * 16 + (g % gpu) * p->lanes_per_group + l] = scale;
     }
 }
 
@@ -108,7 +145,7 @@ static float min_term(const Problem *p, int row, int m) {
     return acc;
 }
 
-/* Plain C: res[i * ACTS + j] = dot of weight row rows[i] with activation row m0 + j. */
+/* Plain C: res[j * ROWS + i] = dot of weight row rows[i] with activation row m0 + j. */
 static void tile_c(const Problem *p, const int *rows, int m0, int acts, float *res) {
     const int wbytes = p->q4 ? p->k / 2 : p->k;
     for (int i = 0; i < ROWS; i++) {
@@ -139,79 +176,144 @@ static void tile_c(const Problem *p, const int *rows, int m0, int acts, float *r
                 const float xs = xsx[(g / gpu) * 16 + (g % gpu) * p->lanes_per_group];
                 acc += (float)isum * xs * half_to_float(sc[g]);
             }
-            res[i * ACTS + j] = acc + min_term(p, rows[i], m0 + j);
+            res[j * ROWS + i] = acc + min_term(p, rows[i], m0 + j);
         }
     }
 }
 
 #if HAVE_VNNI
-static inline __attribute__((always_inline)) void tile_vnni(const Problem *p, const int *rows,
-                                                            int m0, const int acts, float *res) {
-    const int wbytes = p->q4 ? p->k / 2 : p->k, gpu = 16 / p->lanes_per_group;
-    const int tail_bytes = wbytes - (p->units - 1) * UNIT;
-    const __m512i nib = _mm512_set1_epi8(0x0f), c128 = _mm512_set1_epi8((char)0x80);
+#define INLINE static inline __attribute__((always_inline))
+
+/* The float16 scales of one unit's groups, each repeated over the int32 lanes its sum fills. */
+INLINE __m512 unit_scales(const uint16_t *sc, __mmask8 sm, const int gpu) {
     const __m512i idx = gpu == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[ROWS][ACTS];
-    for (int i = 0; i < ROWS; i++)
-        for (int j = 0; j < ACTS; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int u = 0; u < p->units; u++) {
-        const int last = u == p->units - 1;
-        const __mmask64 bm =
-            last ? _cvtu64_mask64(tail_bytes >= 64 ? ~0ull : (1ull << tail_bytes) - 1)
-                 : ~(__mmask64)0;
-        const int sleft = p->groups - u * gpu;
-        const __mmask8 sm = (__mmask8)(sleft >= gpu ? (1u << gpu) - 1 : (1u << sleft) - 1);
-        for (int i = 0; i < ROWS; i++) {
-            const uint8_t *w = p->w + (int64_t)rows[i] * wbytes + (int64_t)u * UNIT;
-            const uint16_t *sc = p->scales + (int64_t)rows[i] * p->groups + u * gpu;
-            const __m512i wv = _mm512_maskz_loadu_epi8(bm, w);
-            const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(sm, sc));
-            const __m512 ws = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
-            if (p->q4) {
-                const __m512i lo = _mm512_and_si512(wv, nib);
-                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
-                for (int j = 0; j < acts; j++) {
-                    const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes + (int64_t)u * 128;
-                    const float *xs = p->xsx + ((int64_t)(m0 + j) * p->units + u) * 16;
-                    __m512i s =
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
-                    s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(q + 64));
-                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xs));
-                    acc[i][j] = _mm512_fmadd_ps(t, ws, acc[i][j]);
-                }
-            } else {
-                const __m512i neg = _mm512_sub_epi32(
-                    _mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
-                for (int j = 0; j < acts; j++) {
-                    const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes + (int64_t)u * 64;
-                    const float *xs = p->xsx + ((int64_t)(m0 + j) * p->units + u) * 16;
-                    const __m512i s = _mm512_dpbusd_epi32(neg, _mm512_loadu_si512(q), wv);
-                    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xs));
-                    acc[i][j] = _mm512_fmadd_ps(t, ws, acc[i][j]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < ROWS; i++)
-        for (int j = 0; j < acts; j++)
-            res[i * ACTS + j] = _mm512_reduce_add_ps(acc[i][j]) + min_term(p, rows[i], m0 + j);
+    const __m128 s = _mm_cvtph_ps(_mm_maskz_loadu_epi16(sm, sc));
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
 }
 
+/* acc[j] += one unit of a weight row (wv, scales ws) against activation rows j < acts. */
+INLINE void unit_dot(const int q4, const int acts, __m512i wv, __m512 ws, const uint8_t **qp,
+                     const float **xp, int u, __m512 *acc) {
+    if (q4) {
+        const __m512i nib = _mm512_set1_epi8(0x0f);
+        const __m512i lo = _mm512_and_si512(wv, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+#pragma GCC unroll 4
+        for (int j = 0; j < acts; j++) {
+            const uint8_t *q = qp[j] + (int64_t)u * 128;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(q + 64));
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xp[j] + u * 16));
+            acc[j] = _mm512_fmadd_ps(t, ws, acc[j]);
+        }
+    } else {
+        const __m512i c128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+        const __m512i neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wv));
+#pragma GCC unroll 4
+        for (int j = 0; j < acts; j++) {
+            const __m512i s =
+                _mm512_dpbusd_epi32(neg, _mm512_loadu_si512(qp[j] + (int64_t)u * 64), wv);
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xp[j] + u * 16));
+            acc[j] = _mm512_fmadd_ps(t, ws, acc[j]);
+        }
+    }
+}
+
+/* acc plus the q4 min term's products, 16 groups at a time. */
+INLINE __m512 min_term_vnni(const Problem *p, int row, int m, __m512 acc) {
+    const uint16_t *mn = p->mins + (int64_t)row * p->groups;
+    const float *xs = p->xsum + (int64_t)m * p->groups;
+    for (int g = 0; g < p->groups; g += 16) {
+        const __mmask16 k = tail_mask16(p->groups - g);
+        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g));
+        acc = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + g), acc);
+    }
+    return acc;
+}
+
+/* The lane sums of a, b, c, d. */
+INLINE __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    /* per 128-bit lane: ab = [a, b, a, b] partials, cd = [c, d, c, d] */
+    const __m512 abcd =
+        _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+INLINE void tile_vnni(const Problem *p, const int *rows, int m0, const int acts, const int q4,
+                      const int gpu, float *res) {
+    const int wbytes = q4 ? p->k / 2 : p->k, full = wbytes / UNIT;
+    const __mmask8 all = (__mmask8)((1u << gpu) - 1);
+    const uint8_t *wp[ROWS], *qp[ACTS];
+    const uint16_t *sp[ROWS];
+    const float *xp[ACTS];
+    __m512 acc[ROWS][ACTS];
+#pragma GCC unroll 4
+    for (int i = 0; i < ROWS; i++) {
+        wp[i] = p->w + (int64_t)rows[i] * wbytes;
+        sp[i] = p->scales + (int64_t)rows[i] * p->groups;
+#pragma GCC unroll 4
+        for (int j = 0; j < acts; j++) acc[i][j] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < acts; j++) {
+        qp[j] = p->xq + (int64_t)(m0 + j) * p->abytes;
+        xp[j] = p->xsx + (int64_t)(m0 + j) * p->units * 16;
+    }
+    for (int u = 0; u < full; u++) {
+#pragma GCC unroll 4
+        for (int i = 0; i < ROWS; i++) {
+            const __m512i wv = _mm512_loadu_si512(wp[i] + (int64_t)u * UNIT);
+            unit_dot(q4, acts, wv, unit_scales(sp[i] + u * gpu, all, gpu), qp, xp, u, acc[i]);
+        }
+    }
+    if (full < p->units) { /* a last unit of fewer groups: masked loads read zeros past K */
+        const int left = wbytes - full * UNIT;
+        const __mmask64 bm = _cvtu64_mask64((1ull << left) - 1);
+        const __mmask8 sm = (__mmask8)((1u << (p->groups - full * gpu)) - 1);
+#pragma GCC unroll 4
+        for (int i = 0; i < ROWS; i++) {
+            const __m512i wv = _mm512_maskz_loadu_epi8(bm, wp[i] + (int64_t)full * UNIT);
+            unit_dot(q4, acts, wv, unit_scales(sp[i] + full * gpu, sm, gpu), qp, xp, full, acc[i]);
+        }
+    }
+    if (q4) { /* the min term joins each accumulator before the one reduction */
+#pragma GCC unroll 4
+        for (int i = 0; i < ROWS; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < acts; j++) acc[i][j] = min_term_vnni(p, rows[i], m0 + j, acc[i][j]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < acts; j++)
+        _mm_storeu_ps(res + j * ROWS, sum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+}
+
+#define TILE_ACTS(q4, gpu)                                                                         \
+    switch (acts) {                                                                                \
+    case 1:                                                                                        \
+        tile_vnni(p, rows, m0, 1, q4, gpu, res);                                                   \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        tile_vnni(p, rows, m0, 2, q4, gpu, res);                                                   \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        tile_vnni(p, rows, m0, 3, q4, gpu, res);                                                   \
+        break;                                                                                     \
+    default:                                                                                       \
+        tile_vnni(p, rows, m0, ACTS, q4, gpu, res);                                                \
+        break;                                                                                     \
+    }
+
 static void tile_vnni_any(const Problem *p, const int *rows, int m0, int acts, float *res) {
-    switch (acts) {
-    case 1:
-        tile_vnni(p, rows, m0, 1, res);
-        break;
-    case 2:
-        tile_vnni(p, rows, m0, 2, res);
-        break;
-    case 3:
-        tile_vnni(p, rows, m0, 3, res);
-        break;
-    default:
-        tile_vnni(p, rows, m0, ACTS, res);
-        break;
+    if (p->q4) {
+        TILE_ACTS(1, 4)
+    } else if (p->group == 16) {
+        TILE_ACTS(0, 4)
+    } else {
+        TILE_ACTS(0, 2)
     }
 }
 #endif
@@ -238,19 +340,25 @@ static void *scratch_get(size_t bytes) {
 }
 
 /* out[m, row] = x[m] . W[row] (+ bias[row]) for m < m_rows, row < n.
- * x: m_rows rows of k floats (x_bf16: bf16) x_stride elements apart; w/scales/mins: the layout
- * above (q4: mins float16, q8: mins NULL); bias: NULL, float32 or bf16 (bias_bf16); out: float32
- * or bf16 (out_bf16), out_stride elements between rows. isa: ISA_VNNI or ISA_C (the plain C
- * path, also on a VNNI machine). Returns 0, or -1 for a shape the kernel does not take, -2 when
- * out of memory. */
-int fornax_quant_linear(const void *x, int x_bf16, int64_t x_stride, int m_rows, int k,
-                        const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
-                        int group, int n, const void *bias, int bias_bf16, void *out, int out_bf16,
-                        int64_t out_stride, int isa, int num_threads) {
+ * desc: the weight as 7 int64 (quant_linear.py builds it once per weight): data, scales and
+ * mins addresses (the layout above; mins 0 for q8), q4 (1) or q8 (0), group, n, k.
+ * x: m_rows rows of k values x_stride elements apart; out: m_rows rows of n values, contiguous,
+ * both float32 or both bf16 (flags bit 0); bias: NULL, float32 or bf16 (flags bit 1).
+ * flags >> 2: ISA_VNNI, or ISA_C for the plain C path (also on a VNNI machine).
+ * Returns 0, or -1 for a shape the kernel does not take, -2 when out of memory. */
+int fornax_quant_linear(const int64_t *desc, const void *x, int64_t x_stride, int m_rows,
+                        const void *bias, void *out, int flags, int num_threads) {
+    const int q4 = (int)desc[3], group = (int)desc[4], n = (int)desc[5], k = (int)desc[6];
+    const int x_bf16 = flags & 1, bias_bf16 = (flags >> 1) & 1, isa = flags >> 2;
+    const int64_t out_stride = n;
     if (m_rows <= 0 || n <= 0 || k <= 0 || (group != 16 && group != 32) || (q4 && group != 32) ||
         k % group)
         return -1;
-    Problem p = {q4, group, n, k, m_rows, k / group, 0, 0, w, scales, mins, NULL, NULL, NULL, 0};
+    Problem p = {0};
+    p.q4 = q4, p.group = group, p.n = n, p.k = k, p.m = m_rows, p.groups = k / group;
+    p.w = (const uint8_t *)(intptr_t)desc[0];
+    p.scales = (const uint16_t *)(intptr_t)desc[1];
+    p.mins = (const uint16_t *)(intptr_t)desc[2];
     const int per_unit = q4 ? 128 : 64; /* elements per 64 weight bytes */
     p.units = (k + per_unit - 1) / per_unit;
     p.lanes_per_group = 16 / (per_unit / group);
@@ -269,7 +377,8 @@ int fornax_quant_linear(const void *x, int x_bf16, int64_t x_stride, int m_rows,
 #pragma omp parallel num_threads(num_threads) if (work > 200000)
     {
 #pragma omp for schedule(static)
-        for (int m = 0; m < m_rows; m++) quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m);
+        for (int m = 0; m < m_rows; m++)
+            quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m, use_vnni);
 #pragma omp for schedule(static)
         for (int b = 0; b < blocks; b++) {
             int rows[ROWS];
@@ -289,8 +398,8 @@ int fornax_quant_linear(const void *x, int x_bf16, int64_t x_stride, int m_rows,
                                      : bias_bf16  ? bf16_to_float(((const uint16_t *)bias)[r])
                                                   : ((const float *)bias)[r];
                     for (int j = 0; j < acts; j++)
-                        store(out, out_bf16, (int64_t)(m0 + j) * out_stride + r,
-                              res[i * ACTS + j] + bv);
+                        store(out, x_bf16, (int64_t)(m0 + j) * out_stride + r,
+                              res[j * ROWS + i] + bv);
                 }
             }
         }

@@ -55,13 +55,12 @@ def cache_places(download_dir: str | None = None) -> list[CachePlace]:
     if download_dir:
         places.append(CachePlace(Path(download_dir).expanduser(), "--download-dir"))
     for var in (env.HF_HUB_CACHE, env.HUGGINGFACE_HUB_CACHE, env.TRANSFORMERS_CACHE):
-        if var.is_set():
-            places.append(CachePlace(var.get(), var.name))
-    if env.HF_HOME.is_set():
-        places.append(CachePlace(env.HF_HOME.get() / "hub", "$HF_HOME/hub"))
+        if (folder := var.get()) is not None:
+            places.append(CachePlace(folder, var.name))
+    if (home := env.HF_HOME.get()) is not None:
+        places.append(CachePlace(home / "hub", "$HF_HOME/hub"))
     else:
-        base = env.XDG_CACHE_HOME.get() if env.XDG_CACHE_HOME.is_set() else \
-            Path("~/.cache").expanduser()
+        base = env.XDG_CACHE_HOME.get() or Path("~/.cache").expanduser()
         places.append(CachePlace(base / "huggingface" / "hub", "the default cache"))
     seen: set[Path] = set()
     unique = []

@@ -1,0 +1,170 @@
+"""Weight-only quantized linear layers and embeddings: every path against F.linear over the
+dequantized weight, within the stated int8 activation-rounding bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fornax.runtime.kernels import quant_linear as ql
+from fornax.runtime.kernels.build import load_quant_linear
+from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, repack_gguf
+from fornax.runtime.kernels.quant_linear import (
+    DENSE_MIN_ROWS,
+    linear_reference,
+    quant_embedding,
+    quant_isa,
+    quant_linear,
+)
+from helpers.native import cpu_lacks, has_c_compiler, require_kernel, x86_64
+
+T = gguf.GGMLQuantizationType
+
+
+def _weight(qtype: T, n: int, k: int, seed: int = 0) -> QuantWeight:
+    rng = np.random.default_rng(seed)
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
+        raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    else:  # the gguf package cannot quantize K-quants: random blocks with sane float16 scales
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (n, k // block * size), dtype=np.uint8)
+        blocks = raw.reshape(n, k // block, size)
+        for offset in ((0, 2) if qtype == T.Q4_K else (208,)):
+            half = (rng.standard_normal((n, k // block)) * 0.01).astype(np.float16)
+            blocks[..., offset:offset + 2] = half.view(np.uint8).reshape(n, k // block, 2)
+    qw = repack_gguf(qtype, raw, (n, k))
+    assert qw is not None
+    return qw
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None):
+    """|got - x @ W^T - b| within the activation rounding bound: per group, amax / 254 times the
+    group's sum of |w| (plus bf16 rounding of the result, and of W on the dense torch path)."""
+    w = dequantize(qw)
+    xf = x.float().reshape(-1, qw.in_features)
+    ref = F.linear(xf, w, None if bias is None else bias.float())
+    groups = qw.in_features // qw.group
+    amax = xf.reshape(-1, groups, qw.group).abs().amax(-1)
+    wsum = w.abs().reshape(qw.out_features, groups, qw.group).sum(-1)
+    bound = (amax / 254) @ wsum.T
+    magnitude = xf.abs() @ w.abs().T
+    slack = 1e-5 * magnitude + 1e-6
+    if x.dtype == torch.bfloat16:
+        slack = slack + 2.0 ** -8 * (ref.abs() + 2 * magnitude)
+    assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], qw.out_features)
+    err = (got.float().reshape(ref.shape) - ref).abs()
+    assert (err <= bound + slack).all(), float((err / (bound + slack)).max())
+
+
+needs_kernel = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler on this host")
+PATHS = [None, "c", "torch"]
+
+
+@pytest.mark.parametrize("qtype,n,k", [(T.Q4_1, 37, 576), (T.Q4_0, 37, 96), (T.Q8_0, 37, 576),
+                                       (T.Q8_0, 5, 32), (T.Q4_K, 19, 512), (T.Q6_K, 19, 768)])
+@pytest.mark.parametrize("rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_the_dequantized_reference(qtype, n, k, rows, dtype, path):
+    torch.manual_seed(rows)
+    qw = _weight(qtype, n, k, seed=rows)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(n) if rows % 2 else None
+    _check(quant_linear(x, qw, bias, isa=path), x, qw, bias)
+
+
+@needs_kernel
+def test_kernel_path_is_the_one_taken_and_agrees_with_the_plain_c_loop():
+    require_kernel(load_quant_linear)
+    qw = _weight(T.Q4_1, 64, 576)
+    x = torch.randn(5, 576)
+    fast, plain = quant_linear(x, qw), quant_linear(x, qw, isa="c")
+    # same int8 activations and integer sums; only the float summation order differs
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(fast, linear_reference(x, qw))  # the kernel really ran, not torch
+
+
+@pytest.mark.skipif(not x86_64(), reason="the AVX512-VNNI path is x86-64 only")
+@cpu_lacks("avx512_vnni", "avx512bw")
+def test_vnni_cpu_gets_the_vnni_path():
+    require_kernel(load_quant_linear)
+    assert quant_isa() == "avx512-vnni"
+
+
+def test_bias_dtypes_shapes_and_strides():
+    qw = _weight(T.Q4_1, 40, 128)
+    x = torch.randn(2, 3, 256)[..., ::2]  # non-contiguous, three dimensions
+    for bias in (None, torch.randn(40), torch.randn(40).to(torch.bfloat16),
+                 torch.randn(80)[::2], torch.randn(40).double()):
+        _check(quant_linear(x, qw, bias), x, qw, bias)
+    assert quant_linear(torch.randn(0, 128), qw).shape == (0, 40)
+    with pytest.raises(ValueError, match="features"):
+        quant_linear(torch.randn(1, 64), qw)
+    # a dtype the kernel does not take goes to the torch path, same answer
+    half = torch.randn(2, 128).to(torch.float16)
+    assert quant_linear(half, qw).dtype == torch.float16
+
+
+def test_large_batches_take_the_dense_path_with_the_same_answer():
+    qw = _weight(T.Q4_K, 24, 256)
+    x = torch.randn(DENSE_MIN_ROWS + 3, 256)
+    _check(quant_linear(x, qw), x, qw, None)
+    torch.testing.assert_close(quant_linear(x, qw), F.linear(x, dequantize(qw)))
+
+
+def test_fallback_without_the_kernel(monkeypatch):
+    """FORNAX_NATIVE_KERNELS=0 (or no compiler): every call dequantizes and uses F.linear."""
+    monkeypatch.setattr(ql, "_kernel", lambda: None)
+    qw = _weight(T.Q8_0, 12, 64)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    assert torch.equal(quant_linear(x, qw), linear_reference(x, qw))
+    ids = torch.tensor([3, 0, 11])
+    assert torch.equal(quant_embedding(qw, ids, torch.float32), dequantize(qw)[ids])
+
+
+def test_native_kernels_off_reports_torch():
+    env = dict(os.environ, FORNAX_NATIVE_KERNELS="0")
+    code = "from fornax.runtime.kernels.quant_linear import quant_isa; print(quant_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "torch"
+
+
+@pytest.mark.parametrize("qtype,k", [(T.Q4_1, 96), (T.Q8_0, 64), (T.Q4_K, 256), (T.Q6_K, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_rows_are_exact(qtype, k, dtype):
+    qw = _weight(qtype, 50, k)
+    ids = torch.tensor([[7, 0, 49], [7, 3, 12]])
+    got = quant_embedding(qw, ids, dtype)
+    assert got.shape == (2, 3, k) and got.dtype == dtype
+    assert torch.equal(got, dequantize(qw)[ids].to(dtype))
+    with pytest.raises(IndexError):
+        quant_embedding(qw, torch.tensor([50]), dtype)
+
+
+def test_concurrent_calls_from_several_threads_agree_with_sequential_ones():
+    qws = [_weight(T.Q4_1, 96, 576, seed=s) for s in range(3)]
+    xs = [torch.randn(m, 576).to(torch.bfloat16) for m in (1, 5, 16, 2)]
+    expected = {(i, j): quant_linear(x, qw) for i, qw in enumerate(qws) for j, x in enumerate(xs)}
+    failures: list[tuple[int, int]] = []
+
+    def work() -> None:
+        for _ in range(20):
+            for (i, j), want in expected.items():
+                if not torch.equal(quant_linear(xs[j], qws[i]), want):
+                    failures.append((i, j))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

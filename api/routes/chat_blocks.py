@@ -39,7 +39,7 @@ def logprob_entries(logprobs: ChatLogprobs | None) -> list[dict[str, Any]]:
     """Chat logprobs as output_text logprobs ({token, logprob, bytes, top_logprobs})."""
     if logprobs is None or not logprobs.content:
         return []
-    return msgspec.to_builtins(logprobs.content)  # type: ignore[no-any-return]
+    return msgspec.to_builtins(logprobs.content)
 
 
 def blocks_of_message(message: ChatMessage, logprobs: ChatLogprobs | None = None

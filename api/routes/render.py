@@ -9,6 +9,8 @@ is refused here with the same 400.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 
 from fornax.api.generation.generate import new_request_id, request_sampling_params
@@ -19,6 +21,8 @@ from fornax.api.routes.completions import prepare_completion
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import Request, Response, json_response
 from fornax.runtime.sampling.params import SamplingParams
+
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 
 
 def _rendered(req: Request, prefix: str, user_id: str | None, ids: list[int], text: str | None,
@@ -31,11 +35,15 @@ def _rendered(req: Request, prefix: str, user_id: str | None, ids: list[int], te
         cache_salt=body.cache_salt, priority=body.priority, prompt=text)
 
 
-async def render_chat(req: Request) -> Response:
-    body = await req.json(ChatCompletionRequest)
-    if body.use_beam_search:
+def _no_beam(body: _Body) -> _Body:
+    if body.use_beam_search:  # as vLLM: beam search runs many engine requests, not one
         raise APIError(400, "beam search is not supported by the render endpoint",
                        "use_beam_search")
+    return body
+
+
+async def render_chat(req: Request) -> Response:
+    body = _no_beam(await req.json(ChatCompletionRequest))
     _, plan, text, ids, max_tokens = await prepare_chat(req, body)
     params = request_sampling_params(
         req.state, body, max_tokens=max_tokens,
@@ -45,10 +53,7 @@ async def render_chat(req: Request) -> Response:
 
 
 async def render_completion(req: Request) -> Response:
-    body = await req.json(CompletionRequest)
-    if body.use_beam_search:
-        raise APIError(400, "beam search is not supported by the render endpoint",
-                       "use_beam_search")
+    body = _no_beam(await req.json(CompletionRequest))
     _, prompts, max_tokens, extra, _ = await prepare_completion(req, body)
     params = request_sampling_params(req.state, body, max_tokens=max_tokens,
                                      logprobs=body.logprobs, extra=extra)

@@ -38,6 +38,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
         gpu_decode_floor,
         gpu_modes,
         latency,
+        quant_linear,
         sampler,
         serve,
         structured,
@@ -45,7 +46,8 @@ def add_bench_subcommands(subparsers: Any) -> None:
     )
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
-                   bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear, cpu_attention):
+                   bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear, cpu_attention,
+                   quant_linear):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

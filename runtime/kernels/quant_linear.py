@@ -15,10 +15,13 @@ from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, take_ro
 logger = logging.getLogger(__name__)
 
 ISA_NAMES = {0: "c", 2: "avx512-vnni"}
-# Above this many activation rows (prefill), dequantizing the weight to a dense temporary and
-# running torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer kernel;
-# figures in perf/README.md ("Quantized linear layers").
-DENSE_MIN_ROWS = 64
+# From this many activation rows on (prefill chunks), dequantizing the weight to a dense bf16
+# temporary for torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer
+# kernel. Measured on the 2-core Xeon (AMX), one thread, q4, kernel vs dequantize + F.linear ms:
+# 3072x576 at 32 rows 1.30 vs 1.37, at 64 rows 2.68 vs 1.62; 576x1536 at 64 rows 1.02 vs 1.05;
+# 576x576 at 32 rows 0.23 vs 0.27, at 64 rows 0.44 vs 0.29 (perf/README.md, "Quantized linear
+# layers"; `fornax bench quant-linear` re-measures it on another CPU).
+DENSE_MIN_ROWS = 48
 
 
 @cache

@@ -408,27 +408,66 @@ int fornax_quant_linear(const int64_t *desc, const void *x, int64_t x_stride, in
     return 0;
 }
 
-/* The dense weight rows [row0, row0 + rows) of a q4/q8 weight as float32 or bf16 (out_bf16),
- * row-major [rows, k]: the reference dequantization, for embeddings and large batches. */
+/* One dense row: q * scale (+ min), rounded as torch rounds (a float32 product, then the sum). */
+static void dequantize_row(const uint8_t *wr, const uint16_t *sc, const uint16_t *mn, int q4,
+                           int group, int groups, void *out, int out_bf16, int vec) {
+#if HAVE_VNNI
+    if (vec) {
+        const __m128i nib = _mm_set1_epi8(0x0f);
+        for (int g = 0; g < groups; g++) {
+            const __m512 s = _mm512_set1_ps(_cvtsh_ss(sc[g]));
+            __m512 v[2];
+            if (q4) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(wr + g * 16));
+                const __m512 m = _mm512_set1_ps(_cvtsh_ss(mn[g]));
+                const __m128i lo = _mm_and_si128(b, nib);
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+                v[0] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s),
+                                     m);
+                v[1] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s),
+                                     m);
+            } else {
+                for (int h = 0; h < group / 16; h++) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(wr + g * group + h * 16));
+                    v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s);
+                }
+            }
+            for (int h = 0; h < group / 16; h++) {
+                const int64_t at = (int64_t)g * group + h * 16;
+                if (out_bf16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), bf16x16_round(v[h]));
+                else
+                    _mm512_storeu_ps((float *)out + at, v[h]);
+            }
+        }
+        return;
+    }
+#endif
+    (void)vec;
+    for (int g = 0; g < groups; g++) {
+        const float s = half_to_float(sc[g]);
+        for (int e = 0; e < group; e++) {
+            const int64_t at = (int64_t)g * group + e;
+            if (q4) {
+                const int q = e < 16 ? wr[g * 16 + e] & 15 : wr[g * 16 + e - 16] >> 4;
+                store(out, out_bf16, at, (float)q * s + half_to_float(mn[g]));
+            } else {
+                store(out, out_bf16, at, (float)(int8_t)wr[g * group + e] * s);
+            }
+        }
+    }
+}
+
+/* Rows row_ids of a q4/q8 weight, dense, as float32 or bf16 (out_bf16), row-major [rows, k]:
+ * the same values as quant_format.dequantize, for embeddings and large batches. */
 void fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
                              int group, int k, const int64_t *row_ids, int rows, void *out,
                              int out_bf16, int num_threads) {
-    const int groups = k / group, wbytes = q4 ? k / 2 : k;
+    const int groups = k / group, wbytes = q4 ? k / 2 : k, size = out_bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * k > 262144) schedule(static)
     for (int i = 0; i < rows; i++) {
         const int64_t r = row_ids[i];
-        const uint8_t *wr = w + r * wbytes;
-        float v[32];
-        for (int g = 0; g < groups; g++) {
-            const float s = half_to_float(scales[r * groups + g]);
-            const float mn = q4 ? half_to_float(mins[r * groups + g]) : 0.f;
-            for (int e = 0; e < group; e++) {
-                const int q = q4 ? (e < 16 ? wr[g * 16 + e] & 15 : wr[g * 16 + e - 16] >> 4)
-                                 : (int8_t)wr[g * group + e];
-                v[e] = (float)q * s + mn;
-            }
-            for (int e = 0; e < group; e++)
-                store(out, out_bf16, (int64_t)i * k + (int64_t)g * group + e, v[e]);
-        }
+        dequantize_row(w + r * wbytes, scales + r * groups, q4 ? mins + r * groups : NULL, q4,
+                       group, groups, (uint8_t *)out + (int64_t)i * k * size, out_bf16, HAVE_VNNI);
     }
 }

@@ -1,8 +1,9 @@
-"""`fornax serve org/name` with the model only in a local Hugging Face cache layout (real
-servers, nothing downloaded): a tag and a commit hash pick their snapshot, --tokenizer is a hub id
-of its own, /v1/models shows the id as given, a missing model or tokenizer stops at start with
-exit 2 naming every place looked at. The servers here also check the switches of the optional
-routes: --enable-tokenizer-info-endpoint and --disable-fastapi-docs."""
+"""`fornax serve org/name` with the model only in a local Hugging Face cache layout (a real
+server, nothing downloaded): a tag picks its snapshot, --tokenizer is a hub id of its own,
+/v1/models shows the id as given, a missing model or tokenizer stops at start with exit 2 naming
+every place looked at; a commit hash from --download-dir through the offline LLM. The server
+here also checks the switches of the optional routes: --enable-tokenizer-info-endpoint and
+--disable-fastapi-docs (main_server has neither: tests/api/test_vllm_routes.py)."""
 
 from __future__ import annotations
 
@@ -69,21 +70,19 @@ def test_serve_a_hub_id_by_tag_with_a_hub_tokenizer(home, tmp_path):
         assert http.get("/health").status_code == 200
 
 
-def test_serve_a_hub_id_by_commit_hash_from_download_dir(home, tmp_path):
-    """--download-dir comes first; the default cache (home/hub: main is broken there) is not
-    reached; the commit hash needs no ref."""
+def test_llm_takes_a_hub_id_by_commit_hash_from_download_dir(home, tmp_path, monkeypatch):
+    """--download-dir (download_dir=) comes first; the default cache (home/hub, where main is
+    broken) is not reached; a commit hash needs no ref. The offline LLM resolves as the server."""
+    from fornax.runtime import LLM
+
+    for name in _CACHE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
     download = tmp_path / "dl"
     write_snapshot(download, REPO, tiny_model_path("llama"), GOOD, refs=())
-    with serving(REPO, "--revision", GOOD, "--download-dir", str(download), "--max-model-len",
-                 "256", "--dtype", "float32", "--served-model-name", "tiny",
-                 env=_env(HF_HOME=str(home), HOME=str(tmp_path))) as server:
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["model"] == "tiny"
-        assert "TOKREPO" not in httpx.post(server.url + "/v1/chat/completions/render", json={
-            "messages": [{"role": "user", "content": "hi"}]}).json()["prompt"]
-        assert httpx.get(server.url + "/tokenizer_info").status_code == 404  # off by default
-        assert httpx.get(server.url + "/docs").status_code == 200
+    llm = LLM(REPO, revision=GOOD, download_dir=str(download), dtype="float32", max_model_len=128)
+    assert llm.engine.files.path == download / "models--tiny-org--tiny-llama" / "snapshots" / GOOD
+    assert len(llm.generate(["Once upon a time"])[0].outputs[0].token_ids) > 0
 
 
 def _serve_fails(*args: str, env: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ MAX_CHOICES_PER_REQUEST = 4096  # prompts x max(n, best_of): engine requests one
 MAX_PROMPTS = 1024  # prompts in one completions request (a batch of prompts)
 MAX_CONVERSATIONS = 256  # conversations in one /v1/chat/completions/batch request
 MAX_POOLING_INPUTS = 2048  # inputs of one embeddings / pooling / classify / score request
+MAX_SERVED_MODELS = 16  # models of one server (--models, or models: in --config)
 
 # ---- sampling lists and strings -----------------------------------------------------------------
 MAX_STOP_STRINGS = 64  # --max-stop-strings

@@ -68,6 +68,10 @@ def deadline_exceeded(timeout_s: float | None) -> APIError:
                     f" or the {DEADLINE_HEADER} header) and was aborted", type="TimeoutError")
 
 
+REVIVE_POLL_S = 0.5  # a dead engine's liveness socket is tried this often (many-model servers)
+REVIVE_TIMEOUT_S = 30.0
+
+
 class RequestGroup:
     """The engine requests behind one API request; outputs wait here merged (one slot each).
 
@@ -133,6 +137,8 @@ class EngineClient:
 
     def __init__(self, ipc_dir: str, request_timeout_s: float | None = None) -> None:
         self.ipc_dir = ipc_dir
+        # many-model servers restart a dead engine (serve.py): reconnect once it is back
+        self.revive = False
         self.request_timeout_s = request_timeout_s  # --request-timeout (None: no deadline)
         self._recent: tuple[float, EngineStats] | None = None  # recent_stats' cache
         self._stats_query: asyncio.Future[EngineStats] | None = None
@@ -151,6 +157,11 @@ class EngineClient:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         self.ctx = zmq.asyncio.Context()
+        await self._connect(timeout_s)
+        self._tasks.append(asyncio.create_task(self._watch_alive()))
+
+    async def _connect(self, timeout_s: float) -> None:
+        """Sockets to the engine, the hello, the read loop, and one round trip."""
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         out_addr = output_address(self.ipc_dir, self.client_id)
@@ -160,9 +171,25 @@ class EngineClient:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.connect(input_address(self.ipc_dir))
         await self._send(ClientHello(self.client_id, out_addr))
-        self._tasks = [asyncio.create_task(self._read_loop()),
-                       asyncio.create_task(self._watch_alive())]
+        self._reader = asyncio.create_task(self._read_loop())
+        self._tasks.append(self._reader)
         await self.stats(timeout_s)  # a round trip: both directions work
+
+    async def _reconnect(self) -> None:
+        """A restarted engine on the same IPC directory: new sockets and hello, then alive."""
+        self._reader.cancel()
+        self._tasks.remove(self._reader)
+        self.dealer.close()
+        self.pull.close()
+        self.client_id = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._recent = None
+        reason, self.dead_reason = self.dead_reason, None
+        try:
+            await self._connect(REVIVE_TIMEOUT_S)
+        except Exception:
+            self.dead_reason = reason
+            raise
+        logger.info("engine core %s is back; serving again", self.ipc_dir)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -277,16 +304,31 @@ class EngineClient:
                 group.fail(_rejection_error(rej), deliver_pending=True)
 
     async def _watch_alive(self) -> None:
-        try:
-            reader, writer = await asyncio.open_unix_connection(alive_path(self.ipc_dir))
-        except OSError as exc:
-            self._mark_dead(f"cannot reach the engine core: {exc}")
-            return
-        try:
-            await reader.read(1)  # the engine never writes: this returns at its exit
-        finally:
-            writer.close()
-        self._mark_dead("the engine core process exited")
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(alive_path(self.ipc_dir))
+            except OSError as exc:
+                self._mark_dead(f"cannot reach the engine core: {exc}")
+                if not self.revive:
+                    return
+                await asyncio.sleep(REVIVE_POLL_S)  # until the restarted engine listens
+                continue
+            if self.dead:
+                try:
+                    await self._reconnect()
+                except Exception as exc:  # noqa: BLE001 - dead again: keep waiting
+                    logger.warning("reconnecting to engine core %s failed: %s", self.ipc_dir,
+                                   exc)
+                    writer.close()
+                    await asyncio.sleep(REVIVE_POLL_S)
+                    continue
+            try:
+                await reader.read(1)  # the engine never writes: this returns at its exit
+            finally:
+                writer.close()
+            self._mark_dead("the engine core process exited")
+            if not self.revive:
+                return
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead:

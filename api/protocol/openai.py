@@ -68,6 +68,7 @@ class ModelCard(Struct):
     owned_by: str = "fornax"
     parent: str | None = None
     permission: list[ModelPermission] = []
+    status: str = "loaded"  # fornax's: loaded, or failed while its engine restarts
 
 
 class ModelList(Struct):

@@ -303,10 +303,15 @@ class RealtimeConnection:
 
     # ---- shared by the handlers ----------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        try:
-            self.state.resolve_model(model)
+        try:  # many models: session.update may name another Whisper model, before any audio
+            target = self.state.models.speech_model(self.state, model, self.tr.buffered_samples)
+            target.resolve_model(model)
         except APIError as exc:
             raise ClientEventError(MODEL_NOT_FOUND, exc.message, "model") from None
+        if target is not self.state:
+            self.state = self.worker.state = target
+            self.info = whisper_info(target)
+            self.tr = self.worker.tr = StreamingTranscriber(self.info, target.tokenizer.tokenizer)
 
     def append(self, samples: np.ndarray) -> list[VadNotice]:
         """Add 16 kHz audio to the session; refused beyond the buffer limit."""

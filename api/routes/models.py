@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{id}: the served names and their aliases (API workers)."""
+"""GET /v1/models and /v1/models/{id}: every served model, its names and state (API workers)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ def _card(state: AppState, name: str) -> ModelCard:
     s = state.settings
     perm = ModelPermission(id=f"modelperm-{s.created}", created=s.created)
     return ModelCard(id=name, created=s.created, root=s.model_root,
-                     max_model_len=state.max_model_len, permission=[perm])
+                     max_model_len=state.max_model_len, permission=[perm],
+                     status="failed" if state.engine.dead else "loaded")
 
 
 async def list_models(req: Request) -> Response:
-    state = req.state
-    return json_response(ModelList([_card(state, n) for n in state.settings.served_model_names]))
+    return json_response(ModelList([_card(state, n) for state in req.state.models.states
+                                    for n in state.settings.served_model_names]))
 
 
 async def get_model(req: Request) -> Response:
-    state = req.state
     model_id = req.path_params["model"]
     try:
+        state = req.state.models.find(model_id)
         name = state.resolve_model(model_id)
     except APIError:
         raise APIError(404, f"The model `{model_id}` does not exist.", "model") from None

@@ -40,7 +40,21 @@ async def health_generate(req: Request) -> Response:
 
 
 async def _health(req: Request, deep: bool) -> Response:
-    state = req.state
+    models = req.state.models
+    if not models.many or "model" in req.query:  # one model: this answer, as always
+        return await _model_health(req.state, deep)
+    failed: list[str] = []  # many models (none named): 503 naming each one that is not healthy
+    for state in models.states:
+        try:
+            await _model_health(state, deep)
+        except APIError as exc:
+            failed.append(f"model {state.model_name}: {exc.message}")
+    if failed:
+        raise APIError(503, "; ".join(failed))
+    return Response(b"", 200, content_type=None)
+
+
+async def _model_health(state: AppState, deep: bool) -> Response:
     if state.engine.dead:
         raise EngineDeadError(state.engine.dead_reason or "the engine core is not running")
     if state.draining:
@@ -105,10 +119,15 @@ async def load(req: Request) -> Response:
 
 
 async def metrics(req: Request) -> Response:
-    state = req.state
-    stats = None
-    try:
-        stats = await state.engine.stats(timeout_s=2.0)
-    except APIError as exc:
-        logger.warning("/metrics without engine numbers: %s", exc.message)
-    return Response(state.metrics.render(stats), 200, content_type=CONTENT_TYPE)
+    models = req.state.models
+    states = models.states if models.many and "model" not in req.query else [req.state]
+    engines = []
+    for state in states:  # every model's engine numbers, under its own model_name
+        try:
+            engines.append((state.model_name, await state.engine.stats(timeout_s=2.0),
+                            state.settings.cache_config_info))
+        except APIError as exc:
+            logger.warning("/metrics without %s's engine numbers: %s", state.model_name,
+                           exc.message)
+    return Response(models.primary.metrics.render_models(engines, models.many), 200,
+                    content_type=CONTENT_TYPE)

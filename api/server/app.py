@@ -46,6 +46,7 @@ from fornax.api.server.http import (
     Send,
     error_response,
 )
+from fornax.api.server.model_set import build_states
 from fornax.api.server.settings import ServerSettings, settings_from_env
 from fornax.api.server.state import AppState
 from fornax.runtime.limits import request_id_problem
@@ -157,8 +158,9 @@ class FornaxApp:
         elif kind == "websocket":  # WS /v1/realtime (any other path is closed with 1008)
             if self.state is None:
                 await self.startup()
-            assert self.state is not None
-            await realtime.websocket_endpoint(self.state, scope, receive, send,
+            assert self.state is not None  # many models: the first speech model
+            speech = self.state.models.default_for(realtime.REALTIME_PATH)
+            await realtime.websocket_endpoint(speech, scope, receive, send,
                                               self._key_ok if self._keys else None,
                                               self._origin_allowed)
 
@@ -177,7 +179,7 @@ class FornaxApp:
             elif message["type"] == "lifespan.shutdown":
                 if self.state is not None:
                     self.state.draining = True
-                    await self.state.close()
+                    await self.state.models.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -185,9 +187,9 @@ class FornaxApp:
         multiprocessing.current_process().name = f"APIWorker-{os.getpid()}"
         settings = self._settings or settings_from_env()
         self._keys = [k.encode() for k in settings.api_keys]
-        state = AppState(settings)
-        await state.start()
-        self.state = state
+        models = build_states(settings)  # one AppState per served model
+        await models.start()
+        self.state = models.primary
 
     # ---- http ----------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -233,6 +235,7 @@ class FornaxApp:
                                "(Authorization: Bearer <key>, or x-api-key: <key>)",
                                type="AuthenticationError")
             handler, params = self._route(req)
+            await req.state.models.select(req)  # many models: the one the request names
             check_route_runner(req)  # generation routes on a pooling model: 501
             REQUEST_DEADLINE.set(request_deadline(req.headers.get(DEADLINE_HEADER),
                                                   req.state.settings.request_timeout_s))

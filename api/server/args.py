@@ -270,6 +270,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "Face cache (never downloaded); omitted: the packaged default chat model "
                    "(SmolLM2-135M-Instruct)")
     p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL|JSON",
+                   help="serve several models from one port, each in its own engine core: a "
+                   "model each, or a JSON object of its flags ({\"model\": ..., "
+                   "\"max_model_len\": ...}); requests pick one by `model` (`models:` in "
+                   "--config: a list of such mappings). No MODEL and no --models: the packaged "
+                   "chat, embedding and Whisper models")
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")

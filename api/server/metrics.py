@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -219,21 +220,56 @@ class Metrics:
             self._sleep_duration.labels(operation).observe(time.perf_counter() - start)
 
     # ---- exposition ------------------------------------------------------------------------------
+    def _registry(self) -> CollectorRegistry:
+        path = env.PROMETHEUS_MULTIPROC_DIR.get()
+        if not path:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path)
+        if self.api_server_count == 1:  # one API process: its process_* numbers (as vLLM)
+            ProcessCollector(registry=registry)
+        return registry
+
+    def render_models(self, engines: list[tuple[str, EngineStats, dict[str, str]]],
+                      many: bool) -> bytes:
+        """The exposition text of a server: (model name, engine stats, cache info) of each model
+        whose engine answered. Many models: one family per name, a sample per model (its
+        model_name label; vllm:cache_config_info gains one)."""
+        if not many:
+            return self.render(engines[0][1] if engines else None)
+        registry = self._registry()
+        registry.register(_Merged(
+            [EngineCollector(name, ENGINE, stats) for name, stats, _ in engines]
+            + [InfoCollector(ENGINE, {**info, "model_name": name})
+               for name, _, info in engines if info]))
+        return generate_latest(registry)
+
     def render(self, engine: EngineStats | None) -> bytes:
         """The exposition text: all workers' metrics plus the engine's, if it answered."""
-        path = env.PROMETHEUS_MULTIPROC_DIR.get()
-        if path:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path)
-            if self.api_server_count == 1:  # one API process: its process_* numbers (as vLLM)
-                ProcessCollector(registry=registry)
-        else:
-            registry = self.registry
+        registry = self._registry()
         if engine is not None:
             registry.register(EngineCollector(self.model_name, ENGINE, engine))
         if self.cache_info:
             registry.register(InfoCollector(ENGINE, self.cache_info))
         return generate_latest(registry)
+
+
+class _Merged:
+    """Several collectors' families merged by name (a family appears once in the exposition)."""
+
+    def __init__(self, collectors: list[Any]) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                held = families.get(family.name)
+                if held is None:
+                    families[family.name] = family
+                else:
+                    held.samples.extend(family.samples)
+        yield from families.values()
 
 
 def finish_label(finish_reason: str | None, stop_reason: int | str | None) -> str:

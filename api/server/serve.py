@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
+from fornax.api.engine.launcher_group import EngineGroup
 from fornax.api.routes.chat_features import check_chat_flags
 from fornax.api.server.args import engine_kwargs, settings_kwargs, unsupported_flags_used
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
+from fornax.api.server.model_entries import ModelEntry, model_entries
+from fornax.api.server.model_settings import ModelSettings
 from fornax.api.server.settings import ServerSettings, settings_to_env
 from fornax.runtime import env
 from fornax.runtime.engine.messages import EngineHandshake
@@ -150,30 +153,41 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("--api-server-count must be at least 1")
         return 2
     try:
-        model, root, served, aliases = _model_names(args)
-        kwargs = engine_kwargs(args)
-        _validate(model, kwargs)
-        _check_on_disk(model, kwargs)
-        chat_template = read_chat_template(args.chat_template)
+        entries = model_entries(args, _serve_parser())  # many models; None: one, as always
+        if entries is None:
+            model, root, served, aliases = _model_names(args)
+            entries = [ModelEntry(model, root, served, aliases, engine_kwargs(args),
+                                  args.chat_template)]
+        many = len(entries) > 1 or args.models is not None
+        templates = []
+        for entry in entries:
+            _validate(entry.model, entry.kwargs)
+            _check_on_disk(entry.model, entry.kwargs)
+            templates.append(read_chat_template(entry.chat_template))
     except (FornaxError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    model, kwargs = entries[0].model, entries[0].kwargs
     api_keys = list(args.api_key or [])
     for var in (env.API_KEY, env.VLLM_API_KEY):
         if not api_keys and (key := var.get()):
             api_keys = [key]
     server_shown = {k: v for k, v in {
-        "served_model_name": served, "api_server_count": args.api_server_count,
+        "served_model_name": entries[0].served if not many else None,
+        "api_server_count": args.api_server_count,
         "api_key": f"{len(api_keys)} key(s)" if api_keys else None,
         "allowed_origins": args.allowed_origins, "uds": args.uds,
         "chat_template": args.chat_template,
         "request_timeout": args.request_timeout_s}.items() if v not in (None, [], 1)}
-    logger.info("fornax %s serving %s; server settings: %s", fornax_version(), model, server_shown)
+    logger.info("fornax %s serving %s; server settings: %s", fornax_version(),
+                ", ".join(e.served[0] for e in entries) if many else model, server_shown)
 
     if not args.uds and not _port_free(args.host, args.port):
         logger.error("cannot listen on %s:%d: the address is in use", args.host, args.port)
         return 1
-    launcher = EngineLauncher(model, kwargs, args.shutdown_timeout)
+    launcher: EngineLauncher | EngineGroup = (
+        EngineGroup([(e.served[0], e.model, e.kwargs) for e in entries], args.shutdown_timeout)
+        if many else EngineLauncher(model, kwargs, args.shutdown_timeout))
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def interrupt_start(signum: int, frame: Any) -> None:
@@ -184,7 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         logger.info("starting the engine core (loading %s)", model)
         try:
-            info = launcher.start()
+            infos = launcher.start() if isinstance(launcher, EngineGroup) else [launcher.start()]
         except EngineStartError as exc:
             logger.error("the engine core failed to start: %s", exc)
             return 1
@@ -194,26 +208,28 @@ def run_serve(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        logger.info("engine core ready: %s on %s (%s), max_model_len %d, KV cache %d blocks x %d "
-                    "tokens = %d tokens", info.architecture, info.device, info.dtype,
-                    info.max_model_len, info.num_kv_blocks, info.block_size,
-                    info.kv_capacity_tokens)
-        logger.info("admission: at most %d requests in flight (--max-num-queued-reqs%s), %s; "
-                    "beyond that 503 with Retry-After", info.max_num_queued_reqs,
-                    "" if args.max_num_queued_reqs else ": the default, from the KV capacity",
-                    f"{info.max_num_queued_tokens} waiting prompt tokens (--max-num-queued-tokens)"
-                    if info.max_num_queued_tokens else "no bound on waiting prompt tokens")
+        for entry, info in zip(entries, infos, strict=True):
+            _log_ready(args, entry.served[0] if many else "", info)
+        info = infos[0]
+        models = [ModelSettings(
+            ipc_dir=ipc_dir, engine=i, served_model_names=e.served, model_root=e.root,
+            model_aliases=e.aliases, chat_template=t,
+            generation_config=e.kwargs.get("generation_config", "auto"),
+            cache_config_info=_cache_info(e.model, e.kwargs, i),
+            reasoning_parser=e.reasoning_parser, tool_call_parser=e.tool_call_parser)
+            for e, i, t, ipc_dir in zip(entries, infos, templates, _ipc_dirs(launcher),
+                                        strict=True)] if many else []
         settings = ServerSettings(
-            ipc_dir=launcher.ipc_dir, engine=info, served_model_names=served, model_root=root,
-            model_aliases=aliases, api_keys=api_keys, allowed_origins=args.allowed_origins or [],
-            chat_template=chat_template,
+            ipc_dir=launcher.ipc_dir, engine=info, served_model_names=entries[0].served,
+            model_root=entries[0].root, model_aliases=entries[0].aliases, api_keys=api_keys,
+            allowed_origins=args.allowed_origins or [], chat_template=templates[0],
             generation_config=kwargs.get("generation_config", "auto"),
             input_limits=InputLimits(max_n=args.max_n, max_stop_strings=args.max_stop_strings,
                                      max_prompts=args.max_prompts_per_request),
             log_requests=not args.disable_log_requests, created=int(time.time()),
             enable_dev_endpoints=args.enable_dev_endpoints or env.DEV_MODE.get(),
             version=fornax_version(), cache_config_info=_cache_info(model, kwargs, info),
-            api_server_count=args.api_server_count, **settings_kwargs(args))
+            api_server_count=args.api_server_count, models=models, **settings_kwargs(args))
         return _run_granian(args, launcher, settings)
     finally:
         code = launcher.stop(args.shutdown_timeout + 5)
@@ -222,7 +238,35 @@ def run_serve(args: argparse.Namespace) -> int:
         launcher.cleanup()
 
 
-def _run_granian(args: argparse.Namespace, launcher: EngineLauncher,
+def _serve_parser() -> argparse.ArgumentParser:
+    """A `fornax serve` parser: the many-model entries' flags are read with it."""
+    from fornax.api.server.args import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="fornax serve")
+    add_serve_arguments(parser)
+    return parser
+
+
+def _ipc_dirs(launcher: EngineLauncher | EngineGroup) -> list[str]:
+    if isinstance(launcher, EngineGroup):
+        return [one.ipc_dir for one in launcher.launchers]
+    return [launcher.ipc_dir]
+
+
+def _log_ready(args: argparse.Namespace, name: str, info: EngineHandshake) -> None:
+    """The start-up lines of one engine core (`name`: its model, on a many-model server)."""
+    logger.info("engine core ready%s: %s on %s (%s), max_model_len %d, KV cache %d blocks x %d "
+                "tokens = %d tokens", f" for {name}" if name else "", info.architecture,
+                info.device, info.dtype, info.max_model_len, info.num_kv_blocks,
+                info.block_size, info.kv_capacity_tokens)
+    logger.info("admission: at most %d requests in flight (--max-num-queued-reqs%s), %s; "
+                "beyond that 503 with Retry-After", info.max_num_queued_reqs,
+                "" if args.max_num_queued_reqs else ": the default, from the KV capacity",
+                f"{info.max_num_queued_tokens} waiting prompt tokens (--max-num-queued-tokens)"
+                if info.max_num_queued_tokens else "no bound on waiting prompt tokens")
+
+
+def _run_granian(args: argparse.Namespace, launcher: EngineLauncher | EngineGroup,
                  settings: ServerSettings) -> int:
     from granian import Granian
     from granian.constants import Interfaces, Loops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from fornax.api.server.model_settings import ModelSettings
 from fornax.runtime import env
 from fornax.runtime.engine.messages import EngineHandshake
 from fornax.runtime.limits import InputLimits
@@ -53,6 +54,9 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     version: str = ""
     cache_config_info: dict[str, str] = {}  # vllm:cache_config_info labels (metrics.py)
     api_server_count: int = 1  # process_* metrics are exported only with one API worker
+    # a many-model server: every model, the first one's values also in the fields above (empty:
+    # one model, the fields above); api/server/model_set.py routes requests by `model`
+    models: list[ModelSettings] = []
 
 
 def settings_to_env(settings: ServerSettings) -> None:

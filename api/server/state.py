@@ -18,14 +18,19 @@ from fornax.runtime.text.tokenizer import TokenizerFront
 
 if TYPE_CHECKING:
     from fornax.api.responses.routes import ResponsesService
+    from fornax.api.server.model_set import ModelSet
 
 logger = logging.getLogger(__name__)
 
 
 class AppState:
-    """Everything a handler needs; built once per worker at lifespan start."""
+    """Everything a handler needs about one served model; built once per worker and model at
+    lifespan start. `models` is the server's set (api/server/model_set.py): what the models share
+    (draining, the /v1/responses store) lives there."""
 
     def __init__(self, settings: ServerSettings) -> None:
+        from fornax.api.server.model_set import ModelSet
+
         self.settings = settings
         self.engine_info = settings.engine
         self.max_model_len = settings.engine.max_model_len
@@ -36,12 +41,29 @@ class AppState:
         self.model_name = settings.served_model_names[0]
         self.metrics = Metrics(self.model_name, self.max_model_len, settings.cache_config_info,
                                settings.api_server_count)
-        self._names = set(settings.served_model_names) | set(settings.model_aliases)
+        self.names = list(dict.fromkeys(settings.served_model_names + settings.model_aliases))
+        self._names = set(self.names)
         self.sampling_defaults = self._sampling_defaults(settings)
-        self.draining = False
         self.chat_features = ChatFeatures.from_settings(settings)  # tool and reasoning parsers
         self.num_inflight = 0
-        self.responses: ResponsesService | None = None  # /v1/responses: store and background runs (on first use)
+        self.models: ModelSet = ModelSet([self])  # replaced by the server's set when it has many
+
+    @property
+    def draining(self) -> bool:
+        return self.models.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.models.draining = value
+
+    @property
+    def responses(self) -> ResponsesService | None:
+        """/v1/responses: store and background runs (made on first use), one for all models."""
+        return self.models.responses
+
+    @responses.setter
+    def responses(self, value: ResponsesService | None) -> None:
+        self.models.responses = value
 
     async def start(self) -> None:
         await self.engine.start()

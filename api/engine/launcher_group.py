@@ -1,0 +1,140 @@
+"""The engine cores of a many-model server: started in parallel, each restarted when it dies
+(`fornax serve` process).
+
+It stands where a one-model server has its EngineLauncher (same drain, wait, stop and cleanup),
+but a dead engine does not end the server: its model answers 503 while the engine is started
+again at once (then after 1, 2, 4 ... up to 60 s while it keeps failing to start), and the API
+workers reconnect to it when it is READY (api/engine/client.py). The other models keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fornax.api.engine.launcher import EngineLauncher, EngineStartError
+from fornax.runtime.engine.messages import EngineHandshake
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 10.0  # a "still loading" line this often while engines start
+RESTART_BACKOFF_MAX_S = 60.0
+
+
+class EngineGroup:
+    """One EngineLauncher per model, in the configured order."""
+
+    def __init__(self, models: list[tuple[str, str, dict[str, Any]]],
+                 drain_timeout_s: float) -> None:
+        """`models`: (name shown in logs, MODEL, engine keyword arguments) of each model."""
+        self.names = [name for name, _, _ in models]
+        self.launchers = [EngineLauncher(model, kwargs, drain_timeout_s)
+                          for _, model, kwargs in models]
+        self.ipc_dir = self.launchers[0].ipc_dir  # the prometheus files live in the first one's
+        self.stopping = False
+        self.restarts = [0] * len(models)
+
+    def start(self) -> list[EngineHandshake]:
+        """Start every engine at once and wait for all of them; EngineStartError naming the
+        model that failed (the others are stopped)."""
+        results: list[EngineHandshake | BaseException | None] = [None] * len(self.launchers)
+        began = time.monotonic()
+
+        def start_one(i: int) -> None:
+            try:
+                results[i] = info = self.launchers[i].start()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                results[i] = exc
+                return
+            logger.info("engine core %d/%d ready after %.1f s: %s (%s, %s, max_model_len %d)",
+                        sum(r is not None for r in results), len(results),
+                        time.monotonic() - began, self.names[i], info.architecture, info.runner,
+                        info.max_model_len)
+
+        threads = [threading.Thread(target=start_one, args=(i,), name=f"engine-start-{i}",
+                                    daemon=True) for i in range(len(self.launchers))]
+        logger.info("starting %d engine cores in parallel: %s", len(threads),
+                    ", ".join(self.names))
+        try:
+            for t in threads:
+                t.start()
+            next_line = began + PROGRESS_EVERY_S
+            for t in threads:
+                while t.is_alive():  # short joins: SIGINT/SIGTERM reach the main thread
+                    t.join(0.2)
+                    if time.monotonic() >= next_line:
+                        next_line += PROGRESS_EVERY_S
+                        logger.info("still loading after %.0f s: %s", time.monotonic() - began,
+                                    ", ".join(n for n, r in zip(self.names, results, strict=True)
+                                              if r is None))
+        except BaseException:
+            self.kill()
+            raise
+        for name, result in zip(self.names, results, strict=True):
+            if isinstance(result, BaseException) or result is None:
+                self.kill()
+                raise EngineStartError(f"{name}: {result}")
+        return [r for r in results if isinstance(r, EngineHandshake)]
+
+    def watch(self, on_death: Callable[[int], None]) -> None:
+        """Restart each engine that dies while the server is not stopping (`on_death`, the
+        one-model server's exit, is never called)."""
+        del on_death
+        for i in range(len(self.launchers)):
+            threading.Thread(target=self._supervise, args=(i,), name=f"engine-watch-{i}",
+                             daemon=True).start()
+
+    def _supervise(self, i: int) -> None:
+        launcher, name = self.launchers[i], self.names[i]
+        while True:
+            proc = launcher.proc
+            assert proc is not None
+            code = proc.wait()
+            if self.stopping or launcher.stopping:
+                return
+            logger.error("the engine core of %s died (exit code %s): its requests get 503 while "
+                         "it restarts; the other models keep serving", name, code)
+            delay = 1.0
+            while not self.stopping:
+                began = time.monotonic()
+                try:
+                    launcher.start()
+                except EngineStartError as exc:
+                    logger.error("restarting %s failed (%s); trying again in %.0f s", name, exc,
+                                 delay)
+                    time.sleep(delay)
+                    delay = min(2 * delay, RESTART_BACKOFF_MAX_S)
+                    continue
+                self.restarts[i] += 1
+                logger.info("the engine core of %s is back after %.1f s (restart %d)", name,
+                            time.monotonic() - began, self.restarts[i])
+                break
+
+    def request_drain(self) -> None:
+        self.stopping = True
+        for launcher in self.launchers:
+            launcher.request_drain()
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Wait up to `timeout_s` in all for every engine to exit; the first non-zero code."""
+        deadline = time.monotonic() + timeout_s
+        codes = [launcher.wait(max(0.0, deadline - time.monotonic()))
+                 for launcher in self.launchers]
+        return next((c for c in codes if c), codes[0] if codes else None)
+
+    def stop(self, timeout_s: float) -> int | None:
+        self.request_drain()  # every engine drains at once, then each is waited for (or killed)
+        codes = [launcher.stop(timeout_s) for launcher in self.launchers]
+        return next((c for c in codes if c), codes[0] if codes else None)
+
+    def kill(self) -> None:
+        self.stopping = True
+        for launcher in self.launchers:
+            launcher.kill()
+
+    def cleanup(self) -> None:
+        for launcher in self.launchers:
+            launcher.cleanup()

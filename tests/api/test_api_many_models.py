@@ -1,0 +1,154 @@
+"""One `fornax serve --models ...` with two tiny chat models and a tiny BERT embedder behind one
+port: routing by `model` with the openai client (concurrently), the default per route, 404 for an
+unknown model, route/model mismatches as on one-model servers, /v1/models, /health and /metrics
+per model, and isolation: one model's engine killed answers 503 while the others serve, then it
+comes back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from helpers.api_server import serving, tiny_model_path
+
+pytestmark = pytest.mark.slow
+
+
+def _bert() -> str:
+    from tools.make_tiny_bert import tiny_bert_dir
+
+    return str(tiny_bert_dir("bert-embed"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    entries = [{"model": str(tiny_model_path("llama")), "served_model_name": "chat-a",
+                "max_model_len": 256},
+               {"model": str(tiny_model_path("qwen2")), "served_model_name": ["chat-b", "b"],
+                "max_model_len": 128},
+               {"model": _bert(), "served_model_name": "embed"}]
+    with serving(None, "--models", *map(json.dumps, entries), "--seed", "0",
+                 timeout_s=300) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, model: str):
+    return client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "hi"}])
+
+
+def test_models_lists_every_model_with_its_length_and_state(client):
+    cards = {m.id: m.model_extra for m in client.models.list().data}
+    assert list(cards) == ["chat-a", "chat-b", "b", "embed"]
+    assert [cards[n]["max_model_len"] for n in ("chat-a", "chat-b")] == [256, 128]
+    assert {c["status"] for c in cards.values()} == {"loaded"}
+    assert client.models.retrieve("b").model_extra["max_model_len"] == 128
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_each_request_goes_to_the_model_it_names_concurrently(server, client):
+    def one(i: int) -> str:
+        kind = i % 3
+        if kind == 2:
+            return client.embeddings.create(model="embed", input=f"text {i}").model
+        return _chat(client, ("chat-a", "chat-b")[kind]).model
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(one, range(18)))
+    assert got == ["chat-a", "chat-b", "embed"] * 6
+    assert _chat(client, "b").model == "b"  # an alias of chat-b
+    # /v1/tokenize too: each model's own tokenizer and length
+    lengths = [httpx.post(server.url + "/v1/tokenize", json={"model": m, "prompt": "hi"}).json()
+               ["max_model_len"] for m in ("chat-a", "chat-b", "embed")]
+    assert lengths[:2] == [256, 128] and lengths[2] > 0
+
+
+def test_a_request_without_model_goes_to_the_first_model_of_its_route(server):
+    chat = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).json()
+    assert chat["model"] == "chat-a"
+    emb = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=60).json()
+    assert emb["model"] == "embed"
+
+
+def test_unknown_model_is_404_and_mismatches_keep_their_errors(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, "nope")
+    assert info.value.body["param"] == "model" and "nope" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
+    with pytest.raises(openai.APIStatusError) as info:  # chat on the embedder: 501, as always
+        _chat(client, "embed")
+    assert info.value.status_code == 501
+    with pytest.raises(openai.APIStatusError) as info:  # embeddings on a chat model: 501
+        client.embeddings.create(model="chat-a", input="x")
+    assert info.value.status_code == 501
+
+
+def test_metrics_and_health_cover_every_model(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/health", params={"model": "embed"}).status_code == 200
+    assert httpx.get(server.url + "/health", params={"model": "nope"}).status_code == 404
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for name in ("chat-a", "chat-b", "embed"):
+        assert f'vllm:num_requests_running{{engine="0",model_name="{name}"}}' in text
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1  # one family, 3 samples
+
+
+def _engine_pid(server, model_path: str) -> int:
+    """The engine-core process serving `model_path` (a child of the server process)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if ppid == server.proc.pid and model_path.encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no engine process for {model_path}")
+
+
+def test_a_dead_engine_fails_only_its_model_then_comes_back(server, client):
+    pid = _engine_pid(server, str(tiny_model_path("qwen2")))
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:  # the workers notice the death (their liveness socket closes)
+        try:
+            _chat(client, "chat-b")
+        except openai.InternalServerError as exc:
+            assert exc.status_code == 503
+            break
+        assert time.monotonic() < deadline, "chat-b kept answering after its engine died"
+        time.sleep(0.2)
+    assert _chat(client, "chat-a").model == "chat-a"  # the others keep serving
+    assert client.embeddings.create(model="embed", input="x").model == "embed"
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 503 and "chat-b" in health.json()["error"]["message"]
+    deadline = time.monotonic() + 180
+    while True:  # restarted at once by fornax serve; the workers reconnect
+        try:
+            assert _chat(client, "chat-b").model == "chat-b"
+            break
+        except openai.InternalServerError:
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.5)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert _engine_pid(server, str(tiny_model_path("qwen2"))) != pid
+    assert "the engine core of chat-b died" in server.log()

@@ -13,5 +13,6 @@ packages = [
 setup(
     packages=packages,
     package_dir={f"fornax.{top}": folder for top, folder in CODE_DIRS.items()},
-    package_data={"fornax.runtime.kernels": ["csrc/*.c", "csrc/*.h"]},
+    package_data={"fornax.runtime.kernels": ["csrc/*.c", "csrc/*.h"],
+                  "fornax.api.server": ["vllm_serve_flags.json"]},
 )

@@ -10,7 +10,9 @@ from typing import Any
 import msgspec
 
 from fornax.api.server.settings import ServerSettings
+from fornax.api.server.vllm_flags import FlagGroups, choice_type, json_value
 from fornax.runtime.config import engine_field, field_default
+from fornax.runtime.errors import ConfigError
 from fornax.runtime.limits import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -80,6 +82,11 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _model_len(text: str) -> int | None:
+    """--max-model-len: a size, or auto / -1 for the model's own (vLLM's spellings)."""
+    return None if text.strip().lower() in ("auto", "-1") else parse_size(text)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in re.split(r"[,\s]+", text.strip("[] ")) if part]
@@ -87,14 +94,8 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
 
 
-# Flags of features fornax does not have yet: accepted (scripts keep working when unused) but a
-# clear error at start when used, never silently ignored. dest -> what it is.
-NOT_SUPPORTED_YET = {
-    "quantization": "on-the-fly quantization (--quantization)",
-    "speculative_config": "speculative decoding (--speculative-config)",
-    "enable_lora": "LoRA adapters (--enable-lora)",
-    "lora_modules": "LoRA adapters (--lora-modules)",
-}
+# vLLM's attention backend names for fornax's backends (--attention-backend FLASHINFER)
+_VLLM_BACKENDS = {"FLASHINFER": "flashinfer", "CPU_ATTN": "cpu_paged", "TORCH_SDPA": "torch_ref"}
 
 
 def _show(value: Any) -> str:
@@ -124,8 +125,8 @@ _QUEUE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
 _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--runner",), "runner", {}),
     (("--pooler-config",), "pooler_config", {"type": _json_object}),
-    (("--dtype",), "dtype", {}),
-    (("--max-model-len",), "max_model_len", {"type": parse_size}),
+    (("--dtype",), "dtype", {"type": str.lower}),
+    (("--max-model-len",), "max_model_len", {"type": _model_len}),
     (("--load-format",), "load_format", {}),
     (("--revision",), "revision", {}),
     (("--download-dir",), "download_dir", {}),
@@ -134,7 +135,7 @@ _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--seed",), "seed", {"type": int}),
     (("--generation-config",), "generation_config", {}),
     (("--device",), "device", {}),
-    (("--attention-backend",), "attention_backend", {}),
+    (("--attention-backend",), "attention_backend", {"aliases": _VLLM_BACKENDS}),
     (("--tensor-parallel-size", "-tp"), "tensor_parallel_size", {"type": int}),
     (("--max-logprobs",), "max_logprobs", {"type": int}),
     (("--gpu-memory-utilization",), "gpu_memory_utilization", {"type": float}),
@@ -158,7 +159,9 @@ _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--grammar-max-pending-compiles",), "grammar_max_pending_compiles",
      {"type": _positive_int}),
     (("--grammar-cache-memory",), "grammar_cache_bytes", {"type": parse_size}),
-    (("--cuda-graph-sizes",), "cuda_graph_sizes", {"type": _int_list, "action": "extend"}),
+    (("--cudagraph-capture-sizes", "--cuda-graph-sizes"), "cuda_graph_sizes",
+     {"type": _int_list, "nargs": "+", "action": "extend"}),
+    (("--max-cudagraph-capture-size",), "max_capture_size", {"type": _positive_int}),
 )
 _ENGINE_DESTS = tuple(field for _, field, _ in _QUEUE_FLAGS + _ENGINE_FLAGS)
 
@@ -171,6 +174,9 @@ _SETTINGS_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = 
     (("--chat-template-content-format",), "chat_template_content_format",
      {"choices": ("auto", "string", "openai")}, "message content as a string or OpenAI's list "
      "of parts; auto: detected from the template"),
+    (("--default-chat-template-kwargs",), "default_chat_template_kwargs", {"type": _json_object},
+     'chat template variables for every request, e.g. \'{"enable_thinking": false}\'; a '
+     "request's own chat_template_kwargs win key by key"),
     (("--request-timeout",), "request_timeout_s", {"type": _positive},
      "seconds a generation or pooling request may take in all (queue time included); beyond it "
      "the request is aborted, its KV freed, and answered 504. A request may ask for less with "
@@ -248,8 +254,11 @@ def _add_engine_flags(group: Any, table: tuple[tuple[tuple[str, ...], str, dict[
                       ) -> None:
     for names, field, kw in table:
         f = engine_field(field)
-        if f.metadata["choices"] and "action" not in kw:
-            kw = {"choices": f.metadata["choices"], **kw}
+        if f.metadata["choices"] and "action" not in kw:  # any case; vLLM's names as aliases
+            aliases = kw.get("aliases")
+            kw = {"choices": f.metadata["choices"], **{k: v for k, v in kw.items()
+                                                       if k != "aliases"},
+                  "type": choice_type(f.metadata["choices"], aliases)}
         group.add_argument(*names, dest=field, default=None,
                            help=_with_default(f.metadata["help"], field_default(f),
                                               f.metadata["shown"]), **_metavar(names, kw))
@@ -259,25 +268,35 @@ def _add_settings_flags(group: Any, table: tuple[tuple[tuple[str, ...], str, dic
                                                  ...]) -> None:
     defaults = {f.name: f.default for f in msgspec.structs.fields(ServerSettings)}
     for names, field, kw, help_text in table:
+        if "choices" in kw:  # enum values in any case, as vLLM takes them
+            kw = {"type": choice_type(kw["choices"]), **kw}
         group.add_argument(*names, dest=field, default=defaults[field],
                            help=_with_default(help_text, defaults[field]), **_metavar(names, kw))
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """Every `fornax serve` flag, grouped as in `fornax serve --help`."""
+    """Every `fornax serve` flag, in vLLM's groups (vllm_flags.FlagGroups: a flag joins its vLLM
+    counterpart's group, fornax-only flags the fornax groups), then every other `vllm serve` flag
+    (no-op or refused, checked at start by vllm_flags.check_vllm_flags)."""
+    p.usage = "%(prog)s [MODEL] [--config FILE.yaml] [flags: vLLM's names, listed below]"
+    groups = FlagGroups(p)
     p.add_argument("model", nargs="?", default=None,
                    help="HF model folder, .gguf file, or hub id (org/name) in the local Hugging "
                    "Face cache (never downloaded); omitted: the packaged default chat model "
                    "(SmolLM2-135M-Instruct)")
-    p.add_argument("--model", dest="model_flag", default=None, help="same as the positional MODEL")
-    p.add_argument("--models", nargs="+", default=None, metavar="MODEL|JSON",
-                   help="serve several models from one port, each in its own engine core: a "
-                   "model each, or a JSON object of its flags ({\"model\": ..., "
-                   "\"max_model_len\": ...}); requests pick one by `model` (`models:` in "
-                   "--config: a list of such mappings). No MODEL and no --models: the packaged "
-                   "chat, embedding and Whisper models")
+    groups.add_argument("--model", dest="model_flag", default=None,
+                        help="same as the positional MODEL")
+    groups.add_argument("--models", nargs="+", default=None, metavar="MODEL|JSON",
+                        help="serve several models from one port, each in its own engine core: "
+                        "a model each, or a JSON object of its flags ({\"model\": ..., "
+                        "\"max_model_len\": ...}); requests pick one by `model` (`models:` in "
+                        "--config: a list of such mappings). No MODEL and no --models: the "
+                        "packaged chat, embedding and Whisper models")
+    groups.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="flags from a YAML file (keys: flag names, with dashes or "
+                        "underscores; `model:` too); the command line wins (api/server/argv.py)")
 
-    g = p.add_argument_group("server")
+    g = groups.adder("server")
     g.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     g.add_argument("--uds", default=None, help="serve on this Unix domain socket instead of TCP")
@@ -323,30 +342,87 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "and script are served by fornax, nothing comes from a CDN)")
     g.add_argument("--ssl-keyfile", default=None, help="TLS key file")
     g.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+    levels = ("debug", "info", "warning", "error", "critical")
+    g.add_argument("--log-level", choices=levels, type=choice_type(levels), default=None,
                    help="log level of every fornax process (default: info, or FORNAX_LOG_LEVEL)")
 
-    _add_engine_flags(p.add_argument_group("model and engine"), _ENGINE_FLAGS)
-    _add_settings_flags(p.add_argument_group("tool calling and reasoning"), _TOOL_FLAGS)
-
-    n = p.add_argument_group("not supported yet (accepted; an error at start when used)")
-    n.add_argument("--quantization", "-q", default=None)
-    n.add_argument("--speculative-config", default=None)
-    n.add_argument("--enable-lora", action="store_true", default=None)
-    n.add_argument("--lora-modules", nargs="+", default=None)
-    n.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted and ignored: fornax never runs code shipped with a model")
+    _add_engine_flags(groups.adder("engine"), _ENGINE_FLAGS)
+    _add_vllm_config_flags(groups.adder("engine"))
+    _add_settings_flags(groups.adder("tool calling and reasoning"), _TOOL_FLAGS)
+    groups.add_vllm_flags()
 
 
-def unsupported_flags_used(args: argparse.Namespace) -> list[str]:
-    return [what for dest, what in NOT_SUPPORTED_YET.items()
-            if getattr(args, dest, None) not in (None, False)]
+def _add_vllm_config_flags(g: Any) -> None:
+    """vLLM's -O and JSON config flags, mapped onto engine flags by _from_vllm_configs."""
+    g.add_argument("--optimization-level", type=choice_type(("0", "1", "2", "3")), default=None,
+                   metavar="{0,1,2,3}", help="vLLM's -O<n>: 0 is --enforce-eager; 1, 2 and 3 "
+                   "leave fornax's default (compiled with CUDA graphs on GPU, eager on CPU)")
+    g.add_argument("--compilation-config", "-cc", type=json_value, default=None, metavar="JSON",
+                   help='vLLM\'s compilation settings (JSON, or -cc.KEY=VALUE): "mode": 0 is '
+                   "--enforce-eager, \"cudagraph_mode\": \"NONE\" turns CUDA graphs off, "
+                   "cudagraph_capture_sizes and max_cudagraph_capture_size set those flags; other "
+                   "keys are logged at start as having no effect")
+    g.add_argument("--attention-config", "-ac", type=json_value, default=None, metavar="JSON",
+                   help='vLLM\'s attention settings (JSON, or -ac.KEY=VALUE): "backend" is '
+                   "--attention-backend; other keys are logged at start as having no effect")
+
+
+def _config_object(args: argparse.Namespace, dest: str, flag: str) -> dict[str, Any]:
+    value = getattr(args, dest, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {value!r}")
+    return value
+
+
+def _from_vllm_configs(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """(engine kwargs, log lines) from -O, -cc and -ac: the keys fornax has a setting for, and a
+    line for each key that has no effect here. ConfigError for a bad value, naming the flag."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    level = getattr(args, "optimization_level", None)
+    compilation = _config_object(args, "compilation_config", "--compilation-config")
+    attention = _config_object(args, "attention_config", "--attention-config")
+    if level == "0" or str(compilation.get("mode", "")).lower() in ("0", "none"):
+        out["enforce_eager"] = True
+    for key, value in compilation.items():
+        if key == "cudagraph_capture_sizes":
+            out["cuda_graph_sizes"] = value if isinstance(value, list) else [value]
+        elif key == "max_cudagraph_capture_size":
+            out["max_capture_size"] = value
+        elif key == "cudagraph_mode" and str(value).upper() == "NONE":
+            out["use_cuda_graphs"] = False
+        elif key != "mode":
+            notes.append(f"--compilation-config {key}={json.dumps(value)}: accepted, no effect "
+                         "in fornax (its compilation is its own: graphs/)")
+    for key, value in attention.items():
+        if key == "backend":
+            try:
+                out["attention_backend"] = choice_type(
+                    engine_field("attention_backend").metadata["choices"], _VLLM_BACKENDS)(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ConfigError(f"--attention-config backend: {exc}") from None
+        else:
+            notes.append(f"--attention-config {key}={json.dumps(value)}: accepted, no effect "
+                         "in fornax (its attention backends are its own)")
+    return out, notes
+
+
+def vllm_config_notes(args: argparse.Namespace) -> list[str]:
+    """The start-up lines for -cc / -ac keys without effect (ConfigError for a bad value)."""
+    return _from_vllm_configs(args)[1]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Flat make_engine_config() keyword arguments for the engine flags that were given."""
-    return {name: value for name in _ENGINE_DESTS
-            if (value := getattr(args, name)) is not None}
+    """Flat make_engine_config() keyword arguments for the engine flags that were given; -O,
+    -cc and -ac fill in what the explicit flags leave unset."""
+    given = {name: value for name in _ENGINE_DESTS
+             if (value := getattr(args, name)) is not None}
+    if "cuda_graph_sizes" in given:  # --cudagraph-capture-sizes 1 2 4, or 1,2,4, or [1, 2, 4]
+        given["cuda_graph_sizes"] = [n for part in given["cuda_graph_sizes"]
+                                     for n in (part if isinstance(part, list) else [part])]
+    return {**_from_vllm_configs(args)[0], **given}
 
 
 def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,11 +15,12 @@ from typing import Any
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.api.engine.launcher_group import EngineGroup
 from fornax.api.routes.chat_features import check_chat_flags
-from fornax.api.server.args import engine_kwargs, settings_kwargs, unsupported_flags_used
+from fornax.api.server.args import engine_kwargs, settings_kwargs, vllm_config_notes
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
 from fornax.api.server.model_entries import ModelEntry, model_entries
 from fornax.api.server.model_settings import ModelSettings
 from fornax.api.server.settings import ServerSettings, settings_to_env
+from fornax.api.server.vllm_flags import check_vllm_flags
 from fornax.runtime import env
 from fornax.runtime.engine.messages import EngineHandshake
 from fornax.runtime.errors import ConfigError, FornaxError
@@ -112,6 +113,21 @@ def _tls_problem(keyfile: str | None, certfile: str | None) -> str | None:
     return None
 
 
+def _vllm_flags_ok(args: argparse.Namespace) -> bool:
+    """vLLM's flags without a fornax setting: one log line each for those accepted, an error
+    line each (and exit 2) for those asking for what fornax lacks."""
+    problems, notes = check_vllm_flags(args)
+    try:
+        notes += vllm_config_notes(args)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    for line in problems:
+        logger.error("%s", line)
+    for line in notes if not problems else ():
+        logger.info("%s", line)
+    return not problems
+
+
 def _port_free(host: str, port: int) -> bool:
     """Fail before loading a model when the port is taken (Granian binds it later)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -139,16 +155,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.log_level:
         env.LOG_LEVEL.set(args.log_level.upper())
     setup_logging("APIServer")
-    used = unsupported_flags_used(args)
-    if used:
-        logger.error("not supported yet: %s", "; ".join(used))
+    if not _vllm_flags_ok(args):
         return 2
     problem = check_chat_flags(args) or _tls_problem(args.ssl_keyfile, args.ssl_certfile)
     if problem:
         logger.error("%s", problem)
         return 2
-    if args.trust_remote_code:
-        logger.warning("--trust-remote-code is ignored: fornax never runs code from a model")
     if args.api_server_count < 1:
         logger.error("--api-server-count must be at least 1")
         return 2

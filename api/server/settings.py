@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from fornax.api.server.model_settings import ModelSettings
@@ -24,6 +26,7 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     allowed_origins: list[str] = []
     chat_template: str | None = None
     chat_template_content_format: str = "auto"
+    default_chat_template_kwargs: dict[str, Any] | None = None  # under each request's own
     trust_request_chat_template: bool = False
     generation_config: str = "auto"
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES

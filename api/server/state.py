@@ -36,6 +36,7 @@ class AppState:
         self.max_model_len = settings.engine.max_model_len
         self.tokenizer = TokenizerFront(settings.engine.tokenizer_path or
                                         settings.engine.model_path, settings.chat_template)
+        self.tokenizer.default_template_kwargs = dict(settings.default_chat_template_kwargs or {})
         self.processor = OutputProcessor(self.tokenizer)
         self.engine = EngineClient(settings.ipc_dir, settings.request_timeout_s)
         self.model_name = settings.served_model_names[0]

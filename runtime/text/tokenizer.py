@@ -48,6 +48,8 @@ class TokenizerFront:
         self.unk_token = _token_text(cfg.get("unk_token"))
         self.model_max_length = cfg.get("model_max_length")
         self.chat_template = chat_template or self._find_template(path, cfg)
+        # `fornax serve --default-chat-template-kwargs`: under every render's own kwargs
+        self.default_template_kwargs: dict[str, Any] = {}
         self.special_ids = {tok.content: tid for tid, tok in
                             self.tokenizer.get_added_tokens_decoder().items() if tok.special}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -103,7 +105,9 @@ class TokenizerFront:
         return render_chat(source, messages, add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message, tools=tools,
                            documents=documents, content_format=content_format,
-                           special_tokens=specials, template_kwargs=template_kwargs)
+                           special_tokens=specials,
+                           template_kwargs={**self.default_template_kwargs,
+                                            **(template_kwargs or {})})
 
     def chat_prompt_ids(self, text: str) -> list[int]:
         """Token ids of a rendered chat prompt: the template already placed special tokens."""

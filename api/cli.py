@@ -55,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # vLLM's conventions: --config YAML, underscores, -O3, -cc.key
-        from fornax.api.server.argv import ArgvError, normalize_serve_argv, subparser
+        from fornax.api.server.argv import ArgvError, HelpText, normalize_serve_argv, subparser
 
         try:
             argv = ["serve", *normalize_serve_argv(argv[1:], subparser(parser, "serve"))]
         except ArgvError as exc:
             parser.exit(2, f"fornax serve: error: {exc}\n")
+        except HelpText as text:
+            sys.stdout.write(str(text))
+            return 0
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

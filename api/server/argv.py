@@ -5,6 +5,7 @@
   a flag given on the command line wins over the file's;
 - underscores in flag names (`--max_model_len 4096`);
 - `-O3`, `-O 3`, `-O=3` for `--optimization-level 3`;
+- `--help=ModelConfig` (one group's flags), `--help=cache` (flags whose name holds the word);
 - dotted keys of JSON flags: `--compilation-config.mode 0`, `-cc.cudagraph_capture_sizes+ 1,2`,
   gathered into one JSON object per flag (after any whole JSON value, which they then replace).
 Enum values in any case and the `--no-`/`--disable-` forms are the parser's (vllm_flags.py).
@@ -23,6 +24,28 @@ import yaml  # type: ignore[import-untyped]
 
 class ArgvError(Exception):
     """A launch line that cannot be read (exit 2; the message names the flag or the file)."""
+
+
+class HelpText(Exception):
+    """`--help=GROUP` or `--help=WORD` (vLLM's help search): the text to print, exit 0."""
+
+
+def _help_for(parser: argparse.ArgumentParser, query: str) -> str:
+    """One group's flags (`--help=ModelConfig`), or every flag whose name holds the word."""
+    query = query.strip().lower().replace("_", "-")
+    if query == "all":
+        return parser.format_help()
+    formatter = parser._get_formatter()
+    groups = [g for g in parser._action_groups if (g.title or "").lower() == query]
+    actions = [a for g in groups for a in g._group_actions] or [
+        a for a in parser._actions if any(query in o.lower() for o in a.option_strings)]
+    if not actions:
+        titles = ", ".join(g.title or "" for g in parser._action_groups if g._group_actions)
+        return f"no group or flag matches {query!r}; groups: {titles}\n"
+    formatter.start_section(groups[0].title if groups else f"flags matching {query!r}")
+    formatter.add_arguments(actions)
+    formatter.end_section()
+    return formatter.format_help()
 
 
 _O_FORM = re.compile(r"^-O=?(.+)$")
@@ -188,6 +211,9 @@ def _given_dests(argv: list[str], options: dict[str, argparse.Action]) -> set[st
 def normalize_serve_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """`fornax serve`'s arguments with vLLM's conventions resolved into plain argparse words."""
     options = parser._option_string_actions
+    for word in argv:
+        if word.startswith("--help="):
+            raise HelpText(_help_for(parser, word.partition("=")[2]))
     words = _gather_dotted(_canonical(list(argv)), options)
     configs = [i for i, w in enumerate(words) if w == "--config" or w.startswith("--config=")]
     if len(configs) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from functools import cache
 
 import torch
@@ -15,13 +16,14 @@ from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, take_ro
 logger = logging.getLogger(__name__)
 
 ISA_NAMES = {0: "c", 2: "avx512-vnni"}
-# From this many activation rows on (prefill chunks), dequantizing the weight to a dense bf16
-# temporary for torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer
-# kernel. Measured on the 2-core Xeon (AMX), one thread, q4, kernel vs dequantize + F.linear ms:
-# 3072x576 at 32 rows 1.30 vs 1.37, at 64 rows 2.68 vs 1.62; 576x1536 at 64 rows 1.02 vs 1.05;
-# 576x576 at 32 rows 0.23 vs 0.27, at 64 rows 0.44 vs 0.29 (perf/README.md, "Quantized linear
-# layers"; `fornax bench quant-linear` re-measures it on another CPU).
+# From this many activation rows on (prefill chunks), dequantizing the weight chunk by chunk for
+# torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer kernel. Measured on
+# the 2-core Xeon (AMX), one thread, CPU time, q4, kernel vs dequantize + matmul, ms: 3072x576 at
+# 32 rows 1.17 vs 1.17, at 64 rows 2.34 vs 1.39; 576x1536 at 32 rows 0.40 vs 0.57, at 64 rows 0.81
+# vs 0.65; 576x576 at 32 rows 0.22 vs 0.21, at 64 rows 0.43 vs 0.27 (perf/README.md, "Quantized
+# linear layers"; `fornax bench quant-linear` re-measures it on another CPU).
 DENSE_MIN_ROWS = 48
+DENSE_CHUNK = 1 << 20  # weight elements dequantized per matmul on that path (2 MiB of bf16)
 
 
 @cache
@@ -53,14 +55,32 @@ def linear_reference(x: torch.Tensor, qw: QuantWeight,
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def _dense_weight(lib: ctypes.CDLL, qw: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty((qw.out_features, qw.in_features), dtype=dtype)
-    ids = torch.arange(qw.out_features, dtype=torch.int64)
-    lib.fornax_quant_dequantize(qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins),
-                                qw.kind == "q4", qw.group, qw.in_features, ids.data_ptr(),
-                                qw.out_features, out.data_ptr(), dtype == torch.bfloat16,
-                                torch.get_num_threads())
-    return out
+_scratch = threading.local()  # per calling thread: the dense weight chunk of the last call
+
+
+def _dense_linear(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ b) through torch's matmul, W dequantized DENSE_CHUNK elements at a time into
+    a buffer this thread reuses (no page faults on a fresh multi-MB tensor per call; the chunk
+    is still in cache when the matmul reads it)."""
+    n, k, dtype = qw.out_features, qw.in_features, x.dtype
+    step = max(16, DENSE_CHUNK // k)
+    key = f"buf_{dtype}"
+    buf = getattr(_scratch, key, None)
+    if buf is None or buf.numel() < min(step, n) * k:
+        buf = torch.empty(min(step, n) * k, dtype=dtype)
+        setattr(_scratch, key, buf)
+    bias = None if bias is None else bias.to(dtype)
+    parts = []
+    for r0 in range(0, n, step):
+        rows = min(step, n - r0)
+        chunk = buf[:rows * k].view(rows, k)
+        lib.fornax_quant_dequantize(qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins),
+                                    qw.kind == "q4", qw.group, k, None, r0, rows,
+                                    chunk.data_ptr(), dtype == torch.bfloat16,
+                                    torch.get_num_threads())
+        parts.append(F.linear(x, chunk, None if bias is None else bias[r0:r0 + rows]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _descriptor(qw: QuantWeight) -> int | None:
@@ -105,8 +125,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
         flat = flat.contiguous()
     rows = flat.shape[0]
     if rows == 0 or (isa is None and rows >= DENSE_MIN_ROWS):
-        weight = _dense_weight(kernel[0], qw, dtype)
-        return F.linear(x, weight, None if bias is None else bias.to(dtype))
+        return _dense_linear(kernel[0], x, qw, bias)
     flags = int(dtype is torch.bfloat16) | ((0 if isa == "c" else kernel[1]) << 2)
     if bias is not None:
         if bias.dtype is torch.bfloat16:
@@ -138,6 +157,6 @@ def quant_embedding(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> t
     out = torch.empty((flat.numel(), qw.in_features), dtype=dtype)
     kernel[0].fornax_quant_dequantize(
         qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group,
-        qw.in_features, flat.data_ptr(), flat.numel(), out.data_ptr(), dtype == torch.bfloat16,
-        torch.get_num_threads())
+        qw.in_features, flat.data_ptr(), 0, flat.numel(), out.data_ptr(),
+        dtype == torch.bfloat16, torch.get_num_threads())
     return out.view(*ids.shape, qw.in_features)

@@ -113,11 +113,16 @@ def test_bias_dtypes_shapes_and_strides():
     assert quant_linear(half, qw).dtype == torch.float16
 
 
-def test_large_batches_take_the_dense_path_with_the_same_answer():
-    qw = _weight(T.Q4_K, 24, 256)
+@pytest.mark.parametrize("chunk", [1 << 20, 16 * 256])  # one chunk; 16-row chunks (3 of 40)
+def test_large_batches_take_the_dense_path_with_the_same_answer(monkeypatch, chunk):
+    monkeypatch.setattr(ql, "DENSE_CHUNK", chunk)
+    qw = _weight(T.Q4_K, 40, 256)
     x = torch.randn(DENSE_MIN_ROWS + 3, 256)
-    _check(quant_linear(x, qw), x, qw, None)
-    torch.testing.assert_close(quant_linear(x, qw), F.linear(x, dequantize(qw)))
+    bias = torch.randn(40)
+    _check(quant_linear(x, qw, bias), x, qw, bias)
+    torch.testing.assert_close(quant_linear(x, qw, bias), F.linear(x, dequantize(qw), bias))
+    xb = x.to(torch.bfloat16)
+    _check(quant_linear(xb, qw, bias), xb, qw, bias)
 
 
 def test_fallback_without_the_kernel(monkeypatch):

@@ -458,15 +458,16 @@ static void dequantize_row(const uint8_t *wr, const uint16_t *sc, const uint16_t
     }
 }
 
-/* Rows row_ids of a q4/q8 weight, dense, as float32 or bf16 (out_bf16), row-major [rows, k]:
- * the same values as quant_format.dequantize, for embeddings and large batches. */
+/* Rows row_ids (NULL: rows row0, row0 + 1, ...) of a q4/q8 weight, dense, as float32 or bf16
+ * (out_bf16), row-major [rows, k]: the same values as quant_format.dequantize, for embeddings
+ * and large batches. */
 void fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
-                             int group, int k, const int64_t *row_ids, int rows, void *out,
-                             int out_bf16, int num_threads) {
+                             int group, int k, const int64_t *row_ids, int64_t row0, int rows,
+                             void *out, int out_bf16, int num_threads) {
     const int groups = k / group, wbytes = q4 ? k / 2 : k, size = out_bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * k > 262144) schedule(static)
     for (int i = 0; i < rows; i++) {
-        const int64_t r = row_ids[i];
+        const int64_t r = row_ids != NULL ? row_ids[i] : row0 + i;
         dequantize_row(w + r * wbytes, scales + r * groups, q4 ? mins + r * groups : NULL, q4,
                        group, groups, (uint8_t *)out + (int64_t)i * k * size, out_bf16, HAVE_VNNI);
     }

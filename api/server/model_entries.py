@@ -103,6 +103,11 @@ def _entry(index: int, item: str, args: argparse.Namespace,
         ns = serve_parser.parse_args(words)
     except SystemExit:  # argparse printed what it refused
         raise ConfigError(f"{where} ({model}): a flag above was refused") from None
+    from fornax.api.routes.chat_features import check_chat_flags
+
+    problem = check_chat_flags(ns)  # the entry's own tool and reasoning parsers exist
+    if problem:
+        raise ConfigError(f"{where} ({model}): {problem}")
     served = list(ns.served_model_name or [model])
     kwargs = {**engine_kwargs(args), **engine_kwargs(ns)}
     return ModelEntry(model, model, served, [n for n in [model] if n not in served], kwargs,

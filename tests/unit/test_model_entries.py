@@ -1,0 +1,83 @@
+"""A many-model server's entries from `--models` and a --config file's `models:` list (no server):
+the command line's engine flags under each entry's own, the packaged trio with no MODEL, and a
+refusal naming the entry and the key for everything else (fuzzed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from fornax.api.cli import build_parser
+from fornax.api.server.argv import normalize_serve_argv, subparser
+from fornax.api.server.model_entries import model_entries
+from fornax.runtime.errors import ConfigError
+from fornax.runtime.limits import MAX_SERVED_MODELS
+from helpers.fuzzing.serve_models import model_words
+
+
+def _entries(*argv: str):
+    parser = build_parser()
+    serve = subparser(parser, "serve")
+    args = parser.parse_args(["serve", *normalize_serve_argv(list(argv), serve)])
+    return model_entries(args, serve)
+
+
+def test_a_config_file_models_list_with_top_level_flags(tmp_path):
+    config = tmp_path / "many.yaml"
+    config.write_text("dtype: float32\nport: 9000\nmodels:\n"
+                      "  - model: /m/chat\n    served_model_name: chat\n    max_model_len: 2048\n"
+                      "  - model: /m/embed\n    served_model_name: [embed, e]\n"
+                      "    dtype: bfloat16\n    runner: pooling\n"
+                      "  - whisper-tiny.en\n")
+    chat, embed, speech = _entries("--config", str(config), "--max-num-seqs", "8")
+    assert (chat.model, chat.served, chat.kwargs) == (
+        "/m/chat", ["chat"], {"dtype": "float32", "max_num_seqs": 8, "max_model_len": 2048})
+    assert embed.served == ["embed", "e"] and embed.kwargs["dtype"] == "bfloat16"
+    assert embed.kwargs["runner"] == "pooling"
+    assert speech.served == ["whisper-tiny.en"] and speech.kwargs["dtype"] == "float32"
+
+
+def test_one_model_command_lines_are_not_entries():
+    assert _entries("/m/chat", "--max-model-len", "128") is None
+    assert _entries("--model", "/m/chat") is None
+
+
+def test_no_model_is_the_packaged_trio_with_the_flags_on_the_chat_model():
+    chat, embed, speech = _entries("--max-model-len", "2048")
+    assert chat.served == ["SmolLM2-135M-Instruct"] and chat.kwargs == {"max_model_len": 2048}
+    assert (embed.served, embed.kwargs) == (["all-MiniLM-L6-v2"], {})
+    assert (speech.served, speech.kwargs) == (["whisper-tiny.en"], {})
+    assert "openai/whisper-tiny.en" in speech.aliases
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--models", '{"model": "/a", "port": 1}'], "models[0].port: a server flag"),
+    (["--models", "/a", '{"model": "/b", "nope": 1}'], "models[1].nope: unknown flag"),
+    (["--models", '{"dtype": "float32"}'], "models[0]: `model`"),
+    (["--models", '{"model": "/a", "max_model_len": "lots"}'], "models[0] (/a)"),
+    (["--models", "/a", '{"model": "/b", "served_model_name": "/a"}'], "models[1]: the name"),
+    (["--models", '{"model": "/a"'], "models[0]: not a JSON object"),
+    (["/a", "--models", "/b"], "either MODEL or --models"),
+    (["--models", *[f"/m{i}" for i in range(MAX_SERVED_MODELS + 1)]],
+     f"at most {MAX_SERVED_MODELS} models"),
+])
+def test_bad_entries_are_refused_naming_the_entry(argv, named):
+    with pytest.raises(ConfigError) as info:
+        _entries(*argv)
+    assert named in str(info.value)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(words=model_words())
+def test_fuzzed_entries_are_entries_or_a_config_error(words):
+    try:
+        entries = _entries("--models", *words)
+    except ConfigError:
+        return
+    except SystemExit:  # argparse refused a word of --models itself (e.g. one like a flag)
+        return
+    assert entries and all(e.model and e.served for e in entries)
+    assert len({n for e in entries for n in e.served}) == sum(len(e.served) for e in entries)
+    json.dumps([e.kwargs for e in entries], default=str)

@@ -140,6 +140,7 @@ class ModelSet:
         if not self.many:
             return
         path = req.path
+        name: str | None
         if req.method == "GET" or path in ("/sleep", "/wake_up", "/reset_prefix_cache"):
             name = (req.query.get("model") or [""])[-1]
             req.state = self.find(name) if name else self.default_for(path)

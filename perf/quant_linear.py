@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fornax.perf.common import check_threads, int_list, make_record, median, print_table, write_json
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
                     weights[kind][name].append(qw)
                     nbytes_of[kind][name] += nbytes(qw)
     record["startup"]["prepare_s"] = time.perf_counter() - start
-    linear = {"bf16": packed_linear, "q4": quant_linear, "q8": quant_linear}
+    linear: dict[str, Callable[..., Any]] = {"bf16": packed_linear, "q4": quant_linear,
+                                             "q8": quant_linear}
     table, metrics, details = [], {}, {}
     for rows in int_list(args.rows):
         xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16)
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                     fn(x, w, None)
                 return clock() - start
 
-            times = alternating_rounds({k: (lambda k=k: timer(k)) for k in kinds}, args.rounds)
+            timers: dict[str, Callable[[], float]] = {k: partial(timer, k) for k in kinds}
+            times = alternating_rounds(timers, args.rounds)
             row: list[Any] = [rows, name]
             for kind in kinds:
                 t = median(times[kind])

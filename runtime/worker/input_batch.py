@@ -72,6 +72,9 @@ class InputBatch:
         self.generators: dict[str, torch.Generator] = {}
         self.grammars: dict[str, Any] = {}  # request id -> xgrammar matcher
         self.requests: dict[str, Any] = {}  # request id -> scheduler Request (grammar state)
+        # bumped whenever rows join, leave or move: what was derived from the rows' sampling
+        # settings (the sampling metadata) stays valid while it is unchanged
+        self.version = 0
 
     @property
     def num_reqs(self) -> int:
@@ -87,6 +90,7 @@ class InputBatch:
             raise RuntimeError("input batch is full")
         if self.vocab_size > 0:
             check_row_params(params, self.vocab_size)  # before any state changes
+        self.version += 1
         self.req_ids.append(req_id)
         self.params.append(params)
         self.index[req_id] = row
@@ -125,6 +129,7 @@ class InputBatch:
         row = self.index.pop(req_id, None)
         if row is None:
             return
+        self.version += 1
         self.generators.pop(req_id, None)
         self.grammars.pop(req_id, None)
         self.requests.pop(req_id, None)

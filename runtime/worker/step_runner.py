@@ -85,6 +85,7 @@ class PagedStepRunner:
         self.batch = InputBatch(max_num_reqs, self.max_model_len, self.max_blocks_per_req,
                                 self.vocab_size)
         self.sampler = Sampler()
+        self._sampling_cache: tuple[tuple[int, bytes], SamplingMetadata] | None = None
         self.eos_token_ids: frozenset[int] = frozenset()  # set by the engine core
         self.structured: Any = None  # StructuredOutputManager, set by a core that has grammars
         self.kv_caches: list[torch.Tensor] = []
@@ -211,8 +212,12 @@ class PagedStepRunner:
         and loses its row."""
         done_idx, done_ids = step.done_idx, step.done_ids
         done_rows = step.rows[done_idx]
-        logits_idx = step.qsl[1:][done_idx].astype(np.int64) - 1
-        logits = self.model.compute_logits(hidden[self._to_device(logits_idx)])
+        if len(done_idx) == step.num_tokens:  # all decodes: every position is sampled, in order
+            last = hidden[:step.num_tokens]
+        else:
+            logits_idx = step.qsl[1:][done_idx].astype(np.int64) - 1
+            last = hidden[self._to_device(logits_idx)]
+        logits = self.model.compute_logits(last)
         if bitmask_job is not None:
             bitmask, constrained = self._finish_bitmask(bitmask_job, done_ids, failed)
             logits = logits.float()
@@ -259,6 +264,19 @@ class PagedStepRunner:
         return bitmask, [j for j in constrained if sampled_ids[j] not in failed]
 
     def _sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
+        """The sampled rows' settings as the sampler reads them. Without penalties or other
+        logits inputs (which change with every token) it depends only on which rows are sampled,
+        so a run of decode steps over the same rows reuses it."""
+        b = self.batch
+        key = (b.version, rows.tobytes())
+        cached = self._sampling_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        meta = self._build_sampling_metadata(rows, req_ids)
+        self._sampling_cache = (key, meta) if meta.logits_inputs is None else None
+        return meta
+
+    def _build_sampling_metadata(self, rows: np.ndarray, req_ids: list[str]) -> SamplingMetadata:
         b = self.batch
         temp_np = b.temperature_np[rows]
         top_k_np, top_p_np, min_p_np = b.top_k_np[rows], b.top_p_np[rows], b.min_p_np[rows]

@@ -325,6 +325,37 @@ static void store(void *out, int out_bf16, int64_t i, float v) {
         ((float *)out)[i] = v;
 }
 
+/* out[m0 + j, r0 + i] = res[j * ROWS + i] + bias[r0 + i] for the rows below n. */
+static void store_tile(void *out, int out_bf16, int64_t out_stride, int m0, int acts, int r0, int n,
+                       const void *bias, int bias_bf16, const float *res) {
+    const int cols = n - r0 < ROWS ? n - r0 : ROWS;
+#if HAVE_VNNI && ROWS == 4
+    const __mmask8 k = (__mmask8)((1u << cols) - 1);
+    __m128 bv = _mm_setzero_ps();
+    if (bias != NULL)
+        bv = bias_bf16
+                 ? _mm512_castps512_ps128(bf16x16_load((const uint16_t *)bias + r0, (__mmask16)k))
+                 : _mm_maskz_loadu_ps(k, (const float *)bias + r0);
+    for (int j = 0; j < acts; j++) {
+        const __m128 v = _mm_add_ps(_mm_loadu_ps(res + j * ROWS), bv);
+        const int64_t at = (int64_t)(m0 + j) * out_stride + r0;
+        if (out_bf16)
+            _mm_mask_storeu_epi16((uint16_t *)out + at, k,
+                                  _mm256_castsi256_si128(bf16x16_round(_mm512_castps128_ps512(v))));
+        else
+            _mm_mask_storeu_ps((float *)out + at, k, v);
+    }
+#else
+    for (int i = 0; i < cols; i++) {
+        const float bv = bias == NULL ? 0.f
+                         : bias_bf16  ? bf16_to_float(((const uint16_t *)bias)[r0 + i])
+                                      : ((const float *)bias)[r0 + i];
+        for (int j = 0; j < acts; j++)
+            store(out, out_bf16, (int64_t)(m0 + j) * out_stride + r0 + i, res[j * ROWS + i] + bv);
+    }
+#endif
+}
+
 /* A grow-only buffer per calling thread: no allocation per call once warm. */
 static _Thread_local void *scratch;
 static _Thread_local size_t scratch_size;
@@ -392,15 +423,7 @@ int fornax_quant_linear(const int64_t *desc, const void *x, int64_t x_stride, in
                 else
 #endif
                     tile_c(&p, rows, m0, acts, res);
-                for (int i = 0; i < ROWS && b * ROWS + i < n; i++) {
-                    const int r = b * ROWS + i;
-                    const float bv = bias == NULL ? 0.f
-                                     : bias_bf16  ? bf16_to_float(((const uint16_t *)bias)[r])
-                                                  : ((const float *)bias)[r];
-                    for (int j = 0; j < acts; j++)
-                        store(out, x_bf16, (int64_t)(m0 + j) * out_stride + r,
-                              res[j * ROWS + i] + bv);
-                }
+                store_tile(out, x_bf16, out_stride, m0, acts, b * ROWS, n, bias, bias_bf16, res);
             }
         }
     }

@@ -107,10 +107,13 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
 
     The kernel quantizes each activation row to int8 per weight group (the only error against
     the dense reference: at most amax_group / 254 per activation element); from DENSE_MIN_ROWS
-    rows on the weight is dequantized for torch's matmul instead. `isa` forces a path for tests:
-    'c' (the kernel's plain C loop), 'torch' (linear_reference), None (the fastest here).
-    Thread-safe; allocates only the output at decode sizes.
+    rows on the weight is dequantized for torch's matmul instead. `isa` forces a path (tests,
+    benchmarks): 'kernel' (the native kernel at any row count), 'c' (its plain C loop), 'torch'
+    (linear_reference), None (the fastest here). Thread-safe; allocates only the output at
+    decode sizes.
     """
+    if isa not in (None, "kernel", "c", "torch"):
+        raise ValueError(f"quant_linear: isa {isa!r} is not kernel, c or torch")
     kernel = _kernel()
     dtype = x.dtype
     desc = None if kernel is None or isa == "torch" else _descriptor(qw)

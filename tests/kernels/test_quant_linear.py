@@ -65,7 +65,7 @@ def _check(got: torch.Tensor, x: torch.Tensor, qw: QuantWeight, bias: torch.Tens
 
 
 needs_kernel = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler on this host")
-PATHS = [None, "c", "torch"]
+PATHS = [None, "kernel", "c", "torch"]  # None: the dispatch (dense torch from 48 rows)
 
 
 @pytest.mark.parametrize("qtype,n,k", [(T.Q4_1, 37, 576), (T.Q4_0, 37, 96), (T.Q8_0, 37, 576),
@@ -108,6 +108,8 @@ def test_bias_dtypes_shapes_and_strides():
     assert quant_linear(torch.randn(0, 128), qw).shape == (0, 40)
     with pytest.raises(ValueError, match="features"):
         quant_linear(torch.randn(1, 64), qw)
+    with pytest.raises(ValueError, match="isa"):
+        quant_linear(torch.randn(1, 128), qw, isa="avx9")
     # a dtype the kernel does not take goes to the torch path, same answer
     half = torch.randn(2, 128).to(torch.float16)
     assert quant_linear(half, qw).dtype == torch.float16

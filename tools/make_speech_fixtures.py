@@ -6,7 +6,8 @@ Writes 16 kHz mono FLAC files (English sentences, one German sentence), one ~75 
 recording of many sentences with pauses, and `manifest.json` with the spoken text of each.
 espeak-ng settings (US English, 130 words/min, 40 ms word gaps) were picked for intelligibility.
 The realtime parity recordings (`rt_*.ogg`, 10-60 s each) use several voices, rates and pause
-lengths (some pauses too short to end an utterance, one recording without pauses past 30 s);
+lengths (espeak-ng's own silence trimmed; 0.15-0.3 s pauses too short to end an utterance: one
+utterance of 22 s, one of 39 s, past a 30 s window);
 `--only realtime` writes just those and merges their entry into the manifest.
 """
 
@@ -61,7 +62,7 @@ REALTIME: dict[str, tuple[tuple[str, ...], float, list[str]]] = {
         "The reading room on the second floor is always quiet.",
         "Please return your books to the desk near the main door.",
     ]),
-    "rt_gb_m175.ogg": (("-v", "en-gb+m3", "-s", "175", "-g", "2"), 0.25, [
+    "rt_gb_m175.ogg": (("-v", "en-gb+m3", "-s", "175", "-g", "2"), 0.3, [
         "My grandfather grew tomatoes and beans in a small garden behind the house.",
         "Every summer he gave the extra vegetables to the neighbours.",
         "He said that a garden teaches patience better than any book.",
@@ -69,7 +70,7 @@ REALTIME: dict[str, tuple[tuple[str, ...], float, list[str]]] = {
         "On Sundays the whole family came for a long dinner.",
         "We still talk about his stories when we meet.",
     ]),
-    "rt_us_m120_long.ogg": (("-v", "en-us", "-s", "120", "-g", "3"), 0.0, [
+    "rt_us_m120_long.ogg": (("-v", "en-us", "-s", "120", "-g", "3"), 0.15, [
         "The train to the coast leaves every hour from the central station.",
         "Tickets are cheaper if you buy them a few days before you travel.",
         "The journey takes about two hours and passes through green hills and small villages.",
@@ -141,6 +142,19 @@ def main() -> None:
                 len(long_audio) / 16000)
 
 
+def trim(audio: np.ndarray, level_db: float = -45.0, keep_s: float = 0.05) -> np.ndarray:
+    """The audio from `keep_s` before its first 10 ms louder than `level_db` dBFS to `keep_s`
+    after its last."""
+    n = len(audio) // 160
+    frames = audio[: n * 160].reshape(n, 160).astype(np.float64)
+    loud = np.nonzero(10 * np.log10(np.maximum((frames * frames).mean(axis=1), 1e-12))
+                      > level_db)[0]
+    if not len(loud):
+        return audio
+    keep = int(keep_s * 16000)
+    return audio[max(0, loud[0] * 160 - keep):(loud[-1] + 1) * 160 + keep]
+
+
 def write_realtime(out: Path) -> dict[str, str]:
     """The realtime parity recordings (OGG/Vorbis); returns name -> the text spoken."""
     import soundfile as sf
@@ -150,8 +164,8 @@ def write_realtime(out: Path) -> dict[str, str]:
         pause = np.zeros(int(pause_s * 16000), dtype=np.float32)
         lead = np.zeros(int(0.3 * 16000), dtype=np.float32)
         parts = [lead]
-        for text in sentences:
-            parts += [speak(text, voice), pause]
+        for text in sentences:  # espeak-ng's own silence around a sentence trimmed: the
+            parts += [trim(speak(text, voice)), pause]  # pause is exactly pause_s
         audio = np.concatenate(parts + [lead])
         sf.write(out / name, audio, 16000, format="OGG", subtype="VORBIS")
         texts[name] = " ".join(sentences)

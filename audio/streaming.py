@@ -1,14 +1,21 @@
-"""Incremental Whisper transcription of a live audio stream: segments, partial decodes, stable text (torch-free).
+"""Incremental Whisper transcription of a live audio stream: utterances, partial decodes, final text (torch-free).
 
-Audio arrives in small chunks. It is cut into segments (decode units of at most one Whisper
-window): by voice activity (speech start / silence), by the client's commits, and, for speech
-without pauses, at `max_segment_s`. While a segment grows, its audio so far is decoded again
-every `step_s` of new audio; the words on which the last two decodes agree ("local agreement")
-become stable and are sent as deltas, never to be retracted. Each decode is forced to start with
-the stable tokens (they sit in the decoder prompt), so it only generates the unstable tail. When
-the segment ends, one final decode gives the rest of its text; the deltas of a segment add up to
-exactly its final text. Jobs are plain `WindowRequest`s for the encoder-decoder engine; the
-engine encodes only the frames given (plus a margin of silence), so short segments are cheap.
+Audio arrives in small chunks. Voice activity (speech start / silence) and the client's commits
+cut it into items (utterances); an item is decoded in segments of at most one Whisper window for
+its partial text (speech without pauses is cut at `max_segment_s`, at a pause where it can).
+While a segment grows, its audio so far is decoded again every `step_s` of new audio; the words
+on which two decodes agree ("local agreement") become stable and are sent as provisional deltas.
+Each partial decode is forced to start with the stable tokens, so it only generates the tail.
+
+When an item ends, its final text comes from the file path's own decoder (`TranscriptionSession`
+of audio/transcribe.py) over the item's whole audio: the same 30 s windows, options, temperature
+fallback, timestamps and seek when it is longer than a window, conditioned on the text of the
+session's previous items (as the file path conditions each window on the text before it) and
+not on the partials. So the final text is what /v1/audio/transcriptions gives for the same
+audio, whatever the partials said; the last delta carries the rest of it when it continues what
+was sent, and the protocols' final events carry it whole (see api/realtime/handlers.py). Jobs
+are plain `WindowRequest`s for the encoder-decoder engine; for partials the engine encodes only
+the frames given (plus a margin of silence), so they are cheap.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from fornax.audio.features import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, log_mel_spectrogram
+from fornax.audio.features import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from fornax.audio.transcribe import (
     LOGPROB_THRESHOLD,
     NO_SPEECH_THRESHOLD,
+    TranscribeOptions,
+    TranscriptionSession,
     WhisperInfo,
     WindowRequest,
 )
@@ -34,7 +43,7 @@ logger = logging.getLogger(__name__)
 BREAK_PUNCTUATION = frozenset(".,!?;:")
 MARGIN_FRAMES = 100  # silence after the audio in a short window (1 s): Whisper likes a pause
 FRAME_QUANTUM = 100  # window lengths are multiples of this (1 s), so engine batches share them
-MAX_PROMPT_TEXT_TOKENS = 100  # the session's text prompt, last tokens kept
+MAX_PROMPT_TEXT_TOKENS = 100  # previous text in a partial decode's prompt, last tokens kept
 DEFAULT_VAD = VadConfig()
 COVER_MARGIN_S = 0.2  # silence after the voice a partial decode must have to count as final
 
@@ -61,7 +70,8 @@ class Segment:
     num_samples: int = 0
     closed: bool = False
     last_in_item: bool = False  # closed by silence or a commit (not cut for length)
-    finalized: bool = False
+    finalized: bool = False  # its partial text is complete (a cut segment keeps its audio
+    # in the transcriber until its item's final decode)
     committed: list[int] = field(default_factory=list)  # stable tokens, in every later prompt
     hyps: list[tuple[int, list[int]]] = field(default_factory=list)  # (samples, tokens) of
     # the partial decodes so far, oldest first
@@ -85,15 +95,19 @@ class Segment:
 
 @dataclass
 class DecodeJob:
-    """One engine request of a segment: a partial decode or its final one."""
+    """One decode: a partial one of a segment, the last partial one of a segment cut for length
+    (`final`), or an item's final decode (`item_final`: the file path's windows over the whole
+    item, run through `final_session`; `segment` is the item's last segment)."""
 
     segment: Segment
     final: bool
-    num_samples: int  # the segment's audio this job decodes
-    prompt: list[int]
+    num_samples: int  # the audio this job decodes
+    prompt: list[int]  # partial: the decoder prompt; item final: the previous text's tokens
     prefix_len: int  # output tokens before the text (language, task, no-timestamps if detected)
     detect_language: bool
-    audio: np.ndarray  # the segment's first num_samples, taken when the job was made
+    audio: np.ndarray  # the segment's (item's) first num_samples, taken when the job was made
+    item_final: bool = False
+    segments: list[Segment] = field(default_factory=list)  # item final: the item's segments
 
 
 @dataclass
@@ -101,8 +115,10 @@ class StreamOutput:
     """What a decode result means for the client."""
 
     segment: Segment
-    delta: str  # new stable text (with its separator), maybe ""
-    final: bool  # the segment is finished (its text is `segment.sent`)
+    delta: str  # new text (with its separator), maybe ""
+    final: bool  # the item is finished: `text` is its final transcript
+    text: str | None = None  # the item's final text (file-path decoding), when final
+    num_samples: int = 0  # the item's audio, when final
 
 
 @dataclass
@@ -156,7 +172,9 @@ class StreamingTranscriber:
         self._items = itertools.count()
         self._item: int | None = None  # the open item (None: the next audio starts one)
         self._scopes_with_text: set[int] = set()  # items (or -1: the task) that have text
+        self._item_sent: dict[int, str] = {}  # the text of each open item sent as deltas
         self._pieces: dict[int, str] = {}
+        self.context: list[int] = list(self._prompt_tokens)  # the session's previous text
 
     # ---- text ----------------------------------------------------------------------------------
     def configure(self, *, language: str | None, prompt: str | None,
@@ -168,6 +186,7 @@ class StreamingTranscriber:
         self._prompt_tokens = []
         if prompt and prompt.strip():
             self._prompt_tokens = self._encode(" " + prompt.strip())[-MAX_PROMPT_TEXT_TOKENS:]
+        self.context = list(self._prompt_tokens)
         if vad != self.vad_config:
             self.vad_config = vad
             self._vad = EnergyVad(vad or VadConfig())
@@ -186,8 +205,10 @@ class StreamingTranscriber:
         return text
 
     def new_scope(self) -> None:
-        """The next text starts a new transcript (no separator before it)."""
+        """The next text starts a new transcript (no separator before it, and, as for a new
+        file, no previous text but the prompt)."""
         self._scopes_with_text.clear()
+        self.context = list(self._prompt_tokens)
 
     def _scope(self, seg: Segment) -> int:
         return -1 if self.join_items else seg.item
@@ -252,13 +273,16 @@ class StreamingTranscriber:
         return seg
 
     def _cut_if_long(self) -> None:
+        """Cut a long segment for the partial decodes (the item goes on): at a pause once it
+        is `long_segment_s` long, at `max_segment_s` in any case. The item's final decode
+        takes all its segments' audio, so a cut never cuts a word of the final text."""
         seg = self.open_segment
         if seg is None:
             return
         cfg = self.config
         pause = self._vad.silent_ms >= cfg.long_pause_ms and seg.seconds >= cfg.long_segment_s
         if seg.seconds >= cfg.max_segment_s or pause:
-            seg.closed = True  # the item goes on in a new segment
+            seg.closed = True
             self._open(self.total_samples, seg.item)
             self.segments[-1].closed = False
 
@@ -278,13 +302,24 @@ class StreamingTranscriber:
         """Drop every segment not yet finalized (OpenAI's input_audio_buffer.clear)."""
         dropped, self.segments = self.segments, []
         self._item = None
+        for seg in dropped:
+            self._item_sent.pop(seg.item, None)
         return dropped
+
+    def _item_ended(self, item: int) -> bool:
+        return any(s.item == item and s.last_in_item for s in self.segments)
 
     # ---- decode jobs ---------------------------------------------------------------------------
     def next_job(self) -> DecodeJob | None:
-        """The decode to run now: the oldest closed segment's final one, else a partial one of
-        the open segment once `step_s` of new audio arrived (None: nothing due)."""
+        """The decode to run now: the oldest ended item's final one, else the last partial one
+        of a segment cut for length, else a partial one of the open segment once `step_s` of
+        new audio arrived (None: nothing due). Items finish in order, so each final decode has
+        the text of the items before it."""
         for seg in self.segments:
+            if seg.closed and self._item_ended(seg.item):
+                return self._item_job(seg.item)
+            if seg.finalized:
+                continue  # a cut segment whose partial text is complete
             if seg.closed:
                 return self._job(seg, final=True)
             new = seg.num_samples - seg.decoded_samples
@@ -298,15 +333,33 @@ class StreamingTranscriber:
         it has all the segment's voiced audio and `COVER_MARGIN_S` after it (what it lacks is
         silence, which would not change the text), so no decode needs to start again."""
         seg = job.segment
-        if not seg.closed or seg not in self.segments:
-            return False
+        if not seg.closed or seg not in self.segments or seg.last_in_item:
+            return False  # the end of an item: its final decode is the file path's
         voiced_end = min(seg.num_samples, self._vad.last_voiced - seg.start_sample
                          + int(COVER_MARGIN_S * SAMPLE_RATE))
         return job.num_samples >= max(voiced_end, 1)
 
+    def _item_job(self, item: int) -> DecodeJob:
+        segs = [s for s in self.segments if s.item == item]
+        parts = [s.audio()[: s.num_samples] for s in segs]
+        audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return DecodeJob(segs[-1], True, len(audio), list(self.context), 0, False, audio,
+                         item_final=True, segments=segs)
+
+    def final_session(self, job: DecodeJob) -> TranscriptionSession:
+        """The file path's decoder over an ended item's audio, with the file path's options
+        (greedy with temperature fallback; timestamps and seek past one window), conditioned on
+        the session's previous text (NumPy work: run it off the event loop)."""
+        options = TranscribeOptions(language=self.language,
+                                    timestamps=len(job.audio) > N_SAMPLES)
+        session = TranscriptionSession(job.audio, self.info, self.tokenizer, options)
+        session.all_tokens = list(job.prompt)
+        return session
+
     def _job(self, seg: Segment, final: bool) -> DecodeJob:
         ids, info = self.info.ids, self.info
-        prompt = [ids["sot_prev"]] + self._prompt_tokens if self._prompt_tokens else []
+        previous = self.context[-MAX_PROMPT_TEXT_TOKENS:]
+        prompt = [ids["sot_prev"]] + previous if previous else []
         prompt.append(ids["sot"])
         detect = False
         if info.multilingual:
@@ -359,8 +412,10 @@ class StreamingTranscriber:
         if self._silent(seg, tokens, logprobs, no_speech_prob):
             tokens = []
         hyp = seg.committed + tokens
-        if job.final:
-            return self._finish(seg, hyp)
+        if job.final:  # a segment cut for length: its partial text is complete
+            seg.committed = hyp
+            seg.finalized = True
+            return StreamOutput(seg, self._delta(seg, final=True), False)
         gap = self.config.agree_gap_s * SAMPLE_RATE
         older = [h for n, h in seg.hyps if n <= job.num_samples - gap]
         if older:
@@ -381,12 +436,39 @@ class StreamingTranscriber:
         avg = float(sum(logprobs[-len(tokens) - 1:])) / (len(tokens) + 1) if logprobs else 0.0
         return no_speech_prob > NO_SPEECH_THRESHOLD and avg < LOGPROB_THRESHOLD
 
-    def _finish(self, seg: Segment, hyp: list[int]) -> StreamOutput:
-        seg.committed = hyp
-        delta = self._delta(seg, final=True)
-        seg.finalized = True
-        self.segments.remove(seg)
-        return StreamOutput(seg, delta, True)
+    def finish_item(self, job: DecodeJob, session: TranscriptionSession | None
+                    ) -> StreamOutput | None:
+        """An item's final decode is done (`session` None: it failed, the text sent stands).
+        Returns the rest of the text as a delta when the final text continues what was sent
+        (else no delta: the final text replaces the partial one), and the final text."""
+        segs = [s for s in job.segments if s in self.segments]
+        if not segs:
+            return None  # cleared meanwhile
+        for seg in segs:
+            seg.finalized = True
+            self.segments.remove(seg)
+        item, scope = job.segment.item, self._scope(job.segment)
+        sent = self._item_sent.pop(item, "")
+        if session is None:
+            text = sent
+        else:
+            text = session.text
+            if self.language is None and session.language:
+                self.language = session.language
+            keep = self.info.max_target_positions // 2 - 1
+            self.context = session.all_tokens[session.prompt_reset_since:][-keep:]
+        delta = ""
+        if text.startswith(sent):
+            rest = text[len(sent):]
+            if rest:
+                sep = " " if not sent and scope in self._scopes_with_text else ""
+                delta = sep + rest
+        else:
+            logger.debug("item %d: the final text %r replaces the partial %r", item, text, sent)
+        if text:
+            self._scopes_with_text.add(scope)
+        return StreamOutput(job.segment, delta, True, text,
+                            sum(s.num_samples for s in job.segments))
 
     def _delta(self, seg: Segment, final: bool = False) -> str:
         text = self.decode(seg.committed).lstrip()
@@ -403,4 +485,8 @@ class StreamingTranscriber:
         prefix = " " if not seg.sent and scope in self._scopes_with_text else ""
         seg.sent = text
         self._scopes_with_text.add(scope)
+        if seg.item in self._item_sent:  # a later segment of the item: the separator is its own
+            self._item_sent[seg.item] += prefix + delta
+        else:
+            self._item_sent[seg.item] = delta
         return prefix + delta

@@ -6,8 +6,11 @@ committed fixtures in 100 ms PCM16 chunks at real-time pace, committing (`final:
 after each sentence's last chunk. Per utterance: final latency = last chunk sent -> its
 `transcription.done` (the end of speech to the final text); first-delta delay = the moment the
 speech starts in the stream (its first loud 20 ms frame) -> the first `transcription.delta`; WER
-against the spoken sentence. Real-time capacity = the largest N whose p90 final latency stays
-under `--slo-ms`. The server, and so the engine, runs with the caller's OMP_NUM_THREADS.
+against the spoken sentence and against `/v1/audio/transcriptions` of the same samples (the file
+transcript: realtime finals should match it). `--audio recordings` streams the 20-60 s realtime
+parity recordings instead (several utterances and voices each, committed once at the end). Real-
+time capacity = the largest N whose p90 final latency stays under `--slo-ms`. The server, and so
+the engine, runs with the caller's OMP_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,2,4,6,8,12",
                    help="comma list of concurrent session counts (default 1,2,4,6,8,12)")
     p.add_argument("--utterances", type=int, default=3, help="sentences per session")
+    p.add_argument("--audio", choices=["sentences", "recordings"], default="sentences",
+                   help="what each session streams: short sentences (default) or the 20-60 s "
+                   "realtime parity recordings")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up sentences (default 1)")
     p.add_argument("--slo-ms", type=float, default=1000.0,
                    help="p90 final latency bound for the capacity figure (default 1000)")
@@ -62,16 +68,43 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # ---- the workload -----------------------------------------------------------------------------
-def load_sentences() -> list[tuple[str, np.ndarray, float]]:
+def load_sentences(kind: str = "sentences") -> list[tuple[str, np.ndarray, float]]:
     """(reference text, 16 kHz audio with LEAD_S of silence before, speech onset in seconds)."""
     from fornax.audio.decode import decode_audio
 
     manifest = json.loads((AUDIO_DIR / "manifest.json").read_text(encoding="utf-8"))
     out = []
-    for name, text in manifest["short"].items():
+    for name, text in manifest["short" if kind == "sentences" else "realtime"].items():
         audio = decode_audio((AUDIO_DIR / name).read_bytes())
         audio = np.concatenate([np.zeros(int(LEAD_S * RATE), np.float32), audio])
         out.append((text, audio, onset_seconds(audio)))
+    return out
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    """16-bit PCM WAV of the samples a session streams (the file path gets the same ones)."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, (np.clip(audio, -1, 1) * 32767).astype("<i2"), RATE, format="WAV",
+             subtype="PCM_16")
+    return buf.getvalue()
+
+
+def file_transcripts(url: str, headers: dict[str, str] | None, model: str,
+                     sentences: list[tuple[str, np.ndarray, float]]) -> dict[str, str]:
+    """Reference text -> what /v1/audio/transcriptions returns for the same audio."""
+    import httpx
+
+    out = {}
+    for text, audio, _ in sentences:
+        resp = httpx.post(url + "/v1/audio/transcriptions", headers=headers, timeout=300,
+                          files={"file": ("audio.wav", wav_bytes(audio), "audio/wav")},
+                          data={"model": model})
+        resp.raise_for_status()
+        out[text] = resp.json()["text"]
     return out
 
 
@@ -114,7 +147,7 @@ async def session(url: str, headers: dict[str, str] | None,
                         deltas.append(event["delta"])
                     elif event["type"] == "transcription.done":
                         res.update(done_at=now, text=event["text"],
-                                   consistent="".join(deltas) == event["text"])
+                                   replaced="".join(deltas) != event["text"])
                         done.set()
                         return
                     elif event["type"] == "error":
@@ -144,8 +177,15 @@ async def level(url: str, headers: dict[str, str] | None, n: int, utterances: in
     return [r for run in runs for r in run]
 
 
-def summarize_level(n: int, results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_level(n: int, results: list[dict[str, Any]],
+                    files: dict[str, str] | None = None) -> dict[str, Any]:
     finals = [r["final_ms"] for r in results]
+    file_side = {}
+    if files:
+        refs, texts = [r["ref"] for r in results], [r["text"] for r in results]
+        file_texts = [files[r] for r in refs]
+        file_side = {"file_wer": word_error_rate(refs, file_texts),
+                     "wer_vs_file": word_error_rate(file_texts, texts)}
     firsts = [r["first_delta_ms"] for r in results if "first_delta_ms" in r]
     return {
         "sessions": n, "utterances": len(results),
@@ -155,8 +195,10 @@ def summarize_level(n: int, results: list[dict[str, Any]]) -> dict[str, Any]:
         "first_delta_p90_ms": percentile(firsts, 90) if firsts else float("nan"),
         "no_delta_before_done": len(results) - len(firsts),
         "wer": word_error_rate([r["ref"] for r in results], [r["text"] for r in results]),
-        "consistent": all(r["consistent"] for r in results),
+        # utterances whose final text replaced their provisional deltas (did not continue them)
+        "deltas_replaced": sum(r["replaced"] for r in results),
         "client_late_ms_max": max(r["sent_late_ms"] for r in results),
+        **file_side,
     }
 
 
@@ -196,7 +238,7 @@ def start_server(model: str, max_sessions: int) -> tuple[subprocess.Popen[bytes]
 def run(args: argparse.Namespace) -> int:
     check_threads()
     levels = sorted({int(x) for x in args.concurrency.split(",") if x.strip()})
-    sentences = load_sentences()
+    sentences = load_sentences(args.audio)
     record = make_record("realtime", args.model, vars(args))
     proc = None
     if args.base_url:
@@ -211,15 +253,23 @@ def run(args: argparse.Namespace) -> int:
         if args.warmup > 0:
             asyncio.run(level(ws_url, headers, 1, args.warmup, sentences))  # untimed
         record["startup"] = {"load_s": load_s, "warmup_s": time.monotonic() - t}
-        summaries = []
+        runs = []
         for n in levels:
             logger.info("realtime: %d concurrent session(s), %d utterances each", n,
                         args.utterances)
-            results = asyncio.run(level(ws_url, headers, n, args.utterances, sentences))
-            summaries.append(summarize_level(n, results))
-            logger.info("  p50 %.0f ms, p90 %.0f ms final; first delta p50 %.0f ms; WER %.3f",
-                        summaries[-1]["final_p50_ms"], summaries[-1]["final_p90_ms"],
-                        summaries[-1]["first_delta_p50_ms"], summaries[-1]["wer"])
+            runs.append(asyncio.run(level(ws_url, headers, n, args.utterances, sentences)))
+        used = {r["ref"] for run in runs for r in run}
+        files = file_transcripts(url, headers, args.model,
+                                 [s for s in sentences if s[0] in used])
+        record["details"].update(file_transcripts=files, transcripts={
+            r["ref"]: r["text"] for r in runs[0]})
+        summaries = []
+        for n, results in zip(levels, runs):
+            summaries.append(summarize_level(n, results, files))
+            logger.info("  p50 %.0f ms, p90 %.0f ms final; first delta p50 %.0f ms; WER %.3f "
+                        "(vs the file transcript %.3f)", summaries[-1]["final_p50_ms"],
+                        summaries[-1]["final_p90_ms"], summaries[-1]["first_delta_p50_ms"],
+                        summaries[-1]["wer"], summaries[-1]["wer_vs_file"])
     finally:
         if proc is not None:
             proc.terminate()
@@ -235,16 +285,18 @@ def run(args: argparse.Namespace) -> int:
         "first_delta_p50_ms": one["first_delta_p50_ms"],
         "first_delta_p90_ms": one["first_delta_p90_ms"],
         "max_realtime_sessions": capacity, "wer": one["wer"],
+        "file_wer": one["file_wer"], "wer_vs_file": one["wer_vs_file"],
         "num_utterances": sum(s["utterances"] for s in summaries),
     }
     record["details"].update(levels=summaries, slo_ms=args.slo_ms,
                              tested_up_to=max(levels),
                              omp_num_threads=env.OMP_NUM_THREADS.raw())
     print_table([[s["sessions"], s["final_p50_ms"], s["final_p90_ms"], s["first_delta_p50_ms"],
-                  s["first_delta_p90_ms"], s["wer"], "yes" if s["consistent"] else "NO"]
+                  s["first_delta_p90_ms"], s["wer"], s["file_wer"], s["wer_vs_file"],
+                  s["deltas_replaced"]]
                  for s in summaries],
                 ["sessions", "final p50 ms", "final p90 ms", "1st delta p50 ms",
-                 "1st delta p90 ms", "WER", "deltas == done"],
+                 "1st delta p90 ms", "WER", "file WER", "WER vs file", "finals replacing deltas"],
                 title=f"WS /v1/realtime, {args.model} (capacity at p90 < {args.slo_ms:g} ms: "
                 f"{capacity} sessions)")
     write_json(record, args.output)

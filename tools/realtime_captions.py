@@ -4,9 +4,12 @@
     python tools/realtime_captions.py speech.flac --protocol openai  # OpenAI's, 24 kHz
     python tools/realtime_captions.py --mic                          # needs `sounddevice`
 
-Audio goes out in 100 ms chunks at real-time pace (`--speed 2` sends twice as fast); captions are
-printed as the server's deltas arrive, each utterance on its own line, with the time since the
-start. `--api-key` (or FORNAX_API_KEY) is sent as `Authorization: Bearer`.
+Audio goes out in 100 ms chunks at real-time pace (`--speed 2` sends twice as fast). On a
+terminal, the server's deltas show as a dimmed live line, rewritten in place as they arrive; the
+final text (OpenAI's `...transcription.completed` per utterance, vLLM's `transcription.done` per
+task) then replaces that line, so a word the partials heard wrongly is corrected on screen. Each
+final line starts with the time since the start at which its first delta came; piped output gets
+only the final lines. `--api-key` (or FORNAX_API_KEY) is sent as `Authorization: Bearer`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -77,21 +81,51 @@ async def mic_chunks(rate: int) -> AsyncIterator[np.ndarray]:
 
 
 class Captions:
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.line_open = False
+    """Provisional text per open utterance, drawn as one dimmed live line on a terminal; an
+    utterance's final text replaces it and stays as a line of its own."""
 
-    def delta(self, text: str) -> None:
-        if not self.line_open:
-            print(f"[{time.monotonic() - self.start:6.2f}s] ", end="")
-            text = text.lstrip()
-            self.line_open = True
-        print(text, end="", flush=True)
+    def __init__(self, out=sys.stdout) -> None:
+        self.out = out
+        self.start = time.monotonic()
+        self.tty = out.isatty()
+        self.partials: dict[str, str] = {}  # utterance -> its deltas so far
+        self.since: dict[str, float] = {}  # utterance -> when its first delta came
+
+    def _now(self) -> float:
+        return time.monotonic() - self.start
+
+    def delta(self, key: str, text: str) -> None:
+        self.since.setdefault(key, self._now())
+        self.partials[key] = self.partials.get(key, "") + text
+        self._draw()
+
+    def final(self, key: str, text: str) -> None:
+        """The utterance's final text: it replaces the live line's partial text."""
+        since = self.since.pop(key, self._now())
+        self.partials.pop(key, None)
+        self._clear()
+        if text.strip():
+            self.out.write(f"[{since:6.2f}s] {text.strip()}\n")
+        self._draw()
+
+    def _clear(self) -> None:
+        if self.tty:
+            self.out.write("\r\033[K")
+
+    def _draw(self) -> None:
+        if self.tty:
+            text = " ".join(t.strip() for t in self.partials.values() if t.strip())
+            since = min(self.since.values(), default=self._now())
+            prefix = f"[{since:6.2f}s] "
+            room = max(10, shutil.get_terminal_size().columns - len(prefix) - 1)
+            if len(text) > room:
+                text = "..." + text[-(room - 3):]
+            self.out.write(f"\r\033[K{prefix}\033[2m{text}\033[0m" if text else "\r\033[K")
+        self.out.flush()
 
     def end(self) -> None:
-        if self.line_open:
-            print(flush=True)
-        self.line_open = False
+        self._clear()
+        self.out.flush()
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -133,14 +167,14 @@ async def run(args: argparse.Namespace) -> int:
             async for message in ws:
                 event = json.loads(message)
                 kind = event["type"]
-                if kind in ("transcription.delta",
-                            "conversation.item.input_audio_transcription.delta"):
-                    captions.delta(event["delta"])
+                if kind == "transcription.delta":
+                    captions.delta("task", event["delta"])
+                elif kind == "conversation.item.input_audio_transcription.delta":
+                    captions.delta(event["item_id"], event["delta"])
                 elif kind == "conversation.item.input_audio_transcription.completed":
-                    captions.end()
+                    captions.final(event["item_id"], event["transcript"])
                 elif kind == "transcription.done":
-                    captions.end()
-                    print(f"\n{event['text']}")
+                    captions.final("task", event["text"])
                     break
                 elif kind == "error":
                     captions.end()

@@ -2,14 +2,19 @@
 
 `VllmHandler`: vLLM's realtime events. `session.update{model}` validates the model (decoding
 starts then); `input_audio_buffer.append` streams 16 kHz PCM16; `transcription.delta` events
-carry the stable text as it appears (voice activity and commits cut segments inside the task);
+carry the stable text as it appears (voice activity and commits cut utterances inside the task);
 `input_audio_buffer.commit{final: true}` ends the audio and brings `transcription.done` with the
-whole text, which is exactly the deltas joined. A later append or commit starts the next task.
+whole text: each utterance's final text, decoded as the file path does. vLLM's protocol has no
+event that takes a delta back, so where a final text does not continue the deltas sent (a word
+heard differently on less audio), `done.text` ("the complete transcription") is what counts and
+the deltas were provisional. A later append or commit starts the next task.
 
 `OpenAIHandler`: OpenAI's realtime transcription session (beta `transcription_session.update`
 or GA `session.update` with a transcription session): 24 kHz PCM16 (resampled), server voice
 activity (`speech_started` / `speech_stopped`) or manual commits, one conversation item per
-utterance with `conversation.item.input_audio_transcription.delta` / `.completed`.
+utterance with `conversation.item.input_audio_transcription.delta` / `.completed`; the
+completed event's transcript is the utterance's final text (file-path decoding), which supersedes
+its deltas, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -64,8 +69,8 @@ class VllmHandler:
     def __init__(self, conn: RealtimeConnection) -> None:
         self.conn = conn
         self.validated = False
-        self.text = ""  # deltas of the current task
-        self.waiting: set[int] | None = None  # after a final commit: segments still to finish
+        self.finals: list[str] = []  # the final texts of the current task's items
+        self.waiting: set[int] | None = None  # after a final commit: items still to finish
 
     async def start(self) -> None:
         pass
@@ -91,7 +96,7 @@ class VllmHandler:
             if final:
                 conn.tr.close()
                 conn.worker.segment_closed()
-                waiting = {s.id for s in conn.tr.segments}
+                waiting = {s.item for s in conn.tr.segments}
                 self.waiting = (self.waiting or set()) | waiting
                 if not self.waiting:
                     await self._done()
@@ -102,19 +107,21 @@ class VllmHandler:
 
     async def on_output(self, out: StreamOutput) -> None:
         if out.delta:
-            self.text += out.delta
             await self.conn.send(TranscriptionDelta(out.delta))
-        if out.final and self.waiting is not None:
-            self.waiting.discard(out.segment.id)
-            if not self.waiting:
-                await self._done()
+        if out.final:
+            if out.text:
+                self.finals.append(out.text)
+            if self.waiting is not None:
+                self.waiting.discard(out.segment.item)
+                if not self.waiting:
+                    await self._done()
 
     async def _done(self) -> None:
         worker = self.conn.worker
         usage = UsageInfo(worker.prompt_tokens, worker.prompt_tokens + worker.completion_tokens,
                           worker.completion_tokens)
         worker.prompt_tokens = worker.completion_tokens = 0
-        text, self.text, self.waiting = self.text, "", None
+        text, self.finals, self.waiting = " ".join(self.finals), [], None
         self.conn.tr.new_scope()
         await self.conn.send(TranscriptionDone(text, usage))
 
@@ -261,6 +268,7 @@ class OpenAIHandler:
         if out.delta:
             self._transcripts[item] = self._transcripts.get(item, "") + out.delta
             await self.conn.send(TranscriptionItemDelta(self._item_id(item), out.delta))
-        if out.final:
-            self._samples[item] = self._samples.get(item, 0) + out.segment.num_samples
+        if out.final:  # the final text supersedes the deltas
+            self._transcripts[item] = out.text or ""
+            self._samples[item] = out.num_samples
             await self._maybe_complete(item)

@@ -3,8 +3,9 @@
 Each decode is an ordinary engine request (a short log-mel window), so the decodes of all
 sessions share the engine's batches. A session never queues a second decode behind the first:
 when the engine is slow, partial decodes simply come less often (each covers all audio so far).
-When a segment ends while a partial decode of it runs, that decode is aborted and the final one
-starts at once, unless it already covers all the segment's speech (then it is the final one).
+When an utterance ends while a partial decode of it runs, that decode is aborted and the final
+one starts at once: the file path's windows over the utterance's whole audio, one engine request
+after another (a temperature fallback or a second window is another request).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fornax.api.server.errors import APIError
 from fornax.api.server.state import AppState
 from fornax.audio.engine_io import WindowCollector, engine_request
 from fornax.audio.streaming import DecodeJob, StreamingTranscriber, StreamOutput
+from fornax.audio.transcribe import TranscriptionSession, WindowRequest
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class DecodeWorker:
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._job: DecodeJob | None = None
-        self._task: asyncio.Task[WindowCollector] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._runner: asyncio.Task[None] | None = None
 
     @property
@@ -104,7 +107,8 @@ class DecodeWorker:
         """Run jobs while there are any."""
         while self.enabled and (job := self.tr.next_job()) is not None:
             self._job = job
-            self._task = asyncio.create_task(self._decode(job))
+            self._task = asyncio.create_task(self._final(job) if job.item_final
+                                             else self._decode(job))
             try:
                 await asyncio.wait({self._task})
             finally:
@@ -114,6 +118,11 @@ class DecodeWorker:
             exc = task.exception()
             if exc is not None:
                 await self._failed(job, exc)
+                continue
+            if job.item_final:
+                out = self.tr.finish_item(job, task.result())
+                if out is not None:
+                    await self.on_output(out)
                 continue
             collector = task.result()
             if not job.final and collector.finish_reason != "length" \
@@ -132,7 +141,7 @@ class DecodeWorker:
         if job.final:
             # end the segment with the text already sent, so its item / task still completes
             await self.on_error(f"transcribing the end of a segment failed: {message}")
-            out = self.tr.feed(job, [])
+            out = self.tr.finish_item(job, None) if job.item_final else self.tr.feed(job, [])
             if out is not None:
                 await self.on_output(out)
         else:
@@ -144,11 +153,22 @@ class DecodeWorker:
 
     async def _decode(self, job: DecodeJob) -> WindowCollector:
         window = await asyncio.to_thread(self.tr.window, job)
+        return await self._request(window, job.final)
+
+    async def _final(self, job: DecodeJob) -> TranscriptionSession:
+        """An item's final text, decoded as /v1/audio/transcriptions decodes a file."""
+        session = await asyncio.to_thread(self.tr.final_session, job)
+        while (window := session.next_request()) is not None:
+            collector = await self._request(window, True)
+            await asyncio.to_thread(session.feed, collector.result())
+        return session
+
+    async def _request(self, window: WindowRequest, final: bool) -> WindowCollector:
         rid = f"rt-{self.session_id}-{next(self._ids)}"
         engine = self.state.engine
         try:
             request = engine_request(rid, window)
-            request.priority = FINAL_PRIORITY if job.final else PARTIAL_PRIORITY
+            request.priority = FINAL_PRIORITY if final else PARTIAL_PRIORITY
             group = await engine.add([request])
         except asyncio.CancelledError:
             await engine.abort([rid])  # cancelled while sending: the engine may have it

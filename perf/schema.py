@@ -56,6 +56,8 @@ METRICS: dict[str, list[str]] = {
     "cpu_linear": ["weight_gbytes"],
     # per case C (decode_bB, prefill_qN, chunk_qN_ctxM): torch_ref_ms_C, cpu_paged_ms_C, speedup_C
     "cpu_attention": [],
+    "step_split": ["step_ms", "schedule_ms", "prepare_inputs_ms", "forward_ms", "compute_logits_ms",
+                   "sampler_ms", "host_ms", "decode_tok_s"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
@@ -69,6 +71,7 @@ STARTUP: dict[str, list[str]] = {
     "modes": [],
     "cpu_linear": ["pack_s"],
     "cpu_attention": [],
+    "step_split": ["load_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

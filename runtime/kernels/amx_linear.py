@@ -59,7 +59,8 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                out_features: int) -> torch.Tensor:
     """x @ W^T (+ b) for bf16 x [..., K] with W from `pack_for_amx`; fp32 accumulation."""
     k = x.shape[-1]
-    flat = x.reshape(-1, k)
+    two_d = x.dim() == 2  # the decoder's [tokens, features]: no reshape or view to dispatch
+    flat = x if two_d else x.reshape(-1, k)
     if flat.stride(-1) != 1 or flat.dtype != torch.bfloat16:
         flat = flat.contiguous().to(torch.bfloat16)
     out = torch.empty((flat.shape[0], out_features), dtype=torch.bfloat16)
@@ -75,4 +76,4 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
     if status != 0:
         raise RuntimeError(f"the AMX linear kernel refused shape {tuple(flat.shape)} x "
                            f"{out_features}")
-    return out.view(*x.shape[:-1], out_features)
+    return out if two_d else out.view(*x.shape[:-1], out_features)

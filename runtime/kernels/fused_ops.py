@@ -21,14 +21,15 @@ class FusedCpuOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         dim = x.shape[-1]
-        rows = x.reshape(-1, dim)
+        flat = x.dim() == 2  # the decoder's [tokens, hidden]: no reshape or view to dispatch
+        rows = x if flat else x.reshape(-1, dim)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         out = torch.empty((rows.shape[0], dim), dtype=torch.bfloat16)
         self._lib.fornax_rms_norm_bf16(rows.data_ptr(), rows.stride(0), weight.data_ptr(),
                                        out.data_ptr(), rows.shape[0], dim, float(eps),
                                        torch.get_num_threads())
-        return out.view(x.shape)
+        return out if flat else out.view(x.shape)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

@@ -36,7 +36,7 @@ from fornax.audio.transcribe import (
     WhisperInfo,
     WindowRequest,
 )
-from fornax.audio.vad import EnergyVad, VadConfig
+from fornax.audio.vad import VadConfig, make_vad
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,14 @@ class StreamingTranscriber:
 
     def __init__(self, info: WhisperInfo, tokenizer: Any, *, language: str | None = None,
                  prompt: str | None = None, vad: VadConfig | None = DEFAULT_VAD,
-                 config: StreamConfig | None = None, join_items: bool = True) -> None:
+                 config: StreamConfig | None = None, join_items: bool = True,
+                 vad_kind: str = "energy") -> None:
         self.info, self.tokenizer = info, tokenizer
         self.config = config or StreamConfig()
         self.language = language if info.multilingual else "en"
         self.vad_config = vad
-        self._vad = EnergyVad(vad or VadConfig())
+        self.vad_kind = vad_kind  # "silero" (the server's default) or "energy"
+        self._vad = make_vad(vad or VadConfig(), vad_kind)
         self.join_items = join_items  # separators between items too (vLLM's one text per task)
         self._prompt_tokens: list[int] = []
         self.configure(language=self.language, prompt=prompt, vad=vad)
@@ -189,7 +191,7 @@ class StreamingTranscriber:
         self.context = list(self._prompt_tokens)
         if vad != self.vad_config:
             self.vad_config = vad
-            self._vad = EnergyVad(vad or VadConfig())
+            self._vad = make_vad(vad or VadConfig(), self.vad_kind)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -1,16 +1,18 @@
-"""Energy-based voice activity detection over 16 kHz PCM, 20 ms frames (API workers, torch-free).
+"""Energy-based voice activity detection over 16 kHz PCM, 20 ms frames; the detector factory (API workers, torch-free).
 
 Each frame's RMS level (dBFS) is compared with an adaptive noise floor: a frame is voiced when it
 is `margin_db` above the floor and above an absolute minimum. Speech starts after `start_ms` of
 voiced frames (reported `prefix_padding_ms` earlier, so the onset is kept) and stops after
 `silence_duration_ms` without a voiced frame. The floor is the quietest 100 ms of the last 3 s,
 so steady background noise (a fan, a microphone's hiss) stops counting as speech within seconds.
+It is the fallback of the default turn detector, Silero VAD (`make_vad`, `--realtime-vad`).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,17 @@ class VadConfig:
     def margin_db(self) -> float:
         """Level above the noise floor that counts as voice: 8 dB at threshold 0, 26 dB at 1."""
         return 8.0 + 18.0 * min(max(self.threshold, 0.0), 1.0)
+
+
+def make_vad(config: VadConfig | None = None, kind: str = "silero") -> Any:
+    """A streaming detector: Silero VAD (audio/silero_vad.py) where its model is installed,
+    else (or for kind "energy") the energy detector; both take `feed(samples)`."""
+    if kind == "silero":
+        from fornax.audio.silero_vad import SileroVad, available
+
+        if available():
+            return SileroVad(config)
+    return EnergyVad(config)
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,8 @@ class RealtimeConnection:
             await self.close(CLOSE_POLICY, "not a speech-to-text model")
             return
         self.info = whisper_info(state)
-        self.tr = StreamingTranscriber(self.info, state.tokenizer.tokenizer)
+        self.tr = StreamingTranscriber(self.info, state.tokenizer.tokenizer,
+                                       vad_kind=getattr(self.settings, "realtime_vad", "silero"))
         self.worker = DecodeWorker(state, self.tr, self.session_id, self._on_output,
                                    self._on_worker_error)
         self.worker.start()

@@ -202,6 +202,10 @@ _SETTINGS_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = 
     (("--realtime-idle-timeout",), "realtime_idle_timeout_s", {"type": _positive},
      "WS /v1/realtime: a session is closed after this many seconds without a client event "
      "while nothing is being transcribed"),
+    (("--realtime-vad",), "realtime_vad", {"choices": ("silero", "energy")},
+     "WS /v1/realtime: the turn detector (server_vad): silero (Silero VAD's ONNX model through "
+     "onnxruntime; the energy detector when it is not installed) or energy (a level detector "
+     "against the noise floor: no model, fooled by music and loud noise)"),
     (("--disable-fastapi-docs",), "disable_fastapi_docs", {"action": "store_true"},
      "serve no /docs and no /openapi.json (vLLM's name; 404 then)"),
     (("--enable-tokenizer-info-endpoint",), "enable_tokenizer_info_endpoint",

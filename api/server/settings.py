@@ -37,6 +37,7 @@ class ServerSettings(msgspec.Struct, omit_defaults=True):
     realtime_max_buffer_s: float = 300.0  # WS /v1/realtime: audio waiting to be transcribed
     realtime_max_session_s: float = 3600.0  # a realtime session is closed after this long
     realtime_idle_timeout_s: float = 60.0  # ... or after this long without a client event
+    realtime_vad: str = "silero"  # WS /v1/realtime: the turn detector (silero or energy)
     log_requests: bool = True
     request_timeout_s: float | None = None  # --request-timeout: deadline of every request
     engine_stall_timeout_s: float = 60.0  # --engine-stall-timeout: /health 503 (0: off)

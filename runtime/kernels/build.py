@@ -167,7 +167,7 @@ def load_quant_linear() -> ctypes.CDLL | None:
         lib.fornax_quant_linear_isa.restype = _i32
         lib.fornax_quant_linear.argtypes = [_vp, _vp, _i64, _i32, _vp, _vp, _i32, _i32]
         lib.fornax_quant_linear.restype = _i32
-        lib.fornax_quant_dequantize.argtypes = [_vp, _vp, _vp, _i32, _i32, _i32, _vp, _i64,
-                                                _i32, _vp, _i32, _i32]
-        lib.fornax_quant_dequantize.restype = None
+        lib.fornax_quant_dequantize.argtypes = [_vp, _vp, _vp, _i32, _i32, _i32, _i32, _vp,
+                                                _i64, _i32, _vp, _i32, _i32]
+        lib.fornax_quant_dequantize.restype = _i32
     return lib

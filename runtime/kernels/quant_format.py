@@ -21,8 +21,18 @@ logger = logging.getLogger(__name__)
 # are float16 in the file, -8*d is exact); Q4_K's d*sc, dmin*m and Q6_K's d*sc are products of a
 # float16 and a 6- or 8-bit integer, rounded to float16 here (relative error <= 2**-11 per scale,
 # far below the 4/6-bit quantization step itself).
+#
+# prepare_for_kernel turns that into the "panel16" layout the linear kernel streams, once, after
+# every row operation (take_rows, concat_rows; the cache on disk stays row-major): rows padded
+# to a multiple of 16 with zeros; in each panel of 16 rows, the 4-byte words of the rows
+# interleaved (word w of row r at bytes 64w + 4r of the panel: one 64-byte vector holds a word of
+# every row); q8 bytes stored + 128 (as uint8); scales and mins [panel][group][16 rows]. data
+# keeps the shape [padded N, K//2 or K] and scales/mins [padded N, K//group]: same bytes per
+# row, permuted within each panel.
 
 KINDS = ("q4", "q8")
+LAYOUTS = ("rows", "panel16")
+PANEL = 16
 _META_VERSION = 1
 _T = gguf.GGMLQuantizationType
 _QK_K = 256
@@ -40,11 +50,14 @@ class QuantWeight:
     scales: torch.Tensor
     mins: torch.Tensor | None
     source_type: str
+    layout: str = "rows"  # or "panel16" (prepare_for_kernel), read by the linear kernel
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"QuantWeight kind must be one of {KINDS}, not {self.kind!r}")
-        n, k = self.out_features, self.in_features
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"QuantWeight layout must be one of {LAYOUTS}, not {self.layout!r}")
+        n, k = self.stored_rows, self.in_features
         if self.group <= 0 or k % self.group:
             raise ValueError(f"in_features {k} is not a multiple of group {self.group}")
         width = k // 2 if self.kind == "q4" else k
@@ -54,6 +67,12 @@ class QuantWeight:
             raise ValueError(f"scales shape {tuple(self.scales.shape)} != {(n, k // self.group)}")
         if (self.mins is None) != (self.kind == "q8"):
             raise ValueError("q4 weights need mins; q8 weights have none")
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows the tensors hold: out_features, padded to a multiple of 16 in panel16."""
+        n = self.out_features
+        return n if self.layout == "rows" else -(-n // PANEL) * PANEL
 
 
 def _f16(values: np.ndarray) -> np.ndarray | None:
@@ -152,8 +171,55 @@ def repack_gguf(tensor_type: gguf.GGMLQuantizationType, raw: np.ndarray,
     return None
 
 
+def prepare_for_kernel(qw: QuantWeight) -> QuantWeight:
+    """qw in the panel16 layout the linear kernel reads (a new QuantWeight; qw itself when it is
+    already there). Call it once, after every row operation."""
+    if qw.layout == "panel16":
+        return qw
+    n = qw.out_features
+    rows = -(-n // PANEL) * PANEL
+
+    def panels(t: torch.Tensor) -> torch.Tensor:
+        if rows > n:  # zero rows: zero scales and mins, outputs never stored
+            t = torch.cat([t, t.new_zeros((rows - n, t.shape[1]))])
+        width = t.shape[1]
+        return t.reshape(rows // PANEL, PANEL, width).transpose(1, 2).contiguous().reshape(
+            rows, width)
+
+    data = qw.data.contiguous().view(torch.uint8)
+    if qw.kind == "q8":
+        data = data ^ 0x80
+    words = panels(data.view(torch.int32)).view(torch.uint8)
+    return QuantWeight(qw.kind, n, qw.in_features, qw.group, words, panels(qw.scales),
+                       None if qw.mins is None else panels(qw.mins), qw.source_type, "panel16")
+
+
+def row_major(qw: QuantWeight) -> QuantWeight:
+    """qw in the row-major layout (a new QuantWeight for a panel16 one; qw itself otherwise)."""
+    if qw.layout == "rows":
+        return qw
+    n, rows = qw.out_features, qw.stored_rows
+
+    def unpanel(t: torch.Tensor) -> torch.Tensor:
+        width = t.shape[1]
+        return t.reshape(rows // PANEL, width, PANEL).transpose(1, 2).reshape(rows, width)[:n]
+
+    data = unpanel(qw.data.view(torch.int32)).contiguous().view(torch.uint8)
+    if qw.kind == "q8":
+        data = (data ^ 0x80).view(torch.int8)
+    return QuantWeight(qw.kind, n, qw.in_features, qw.group, data, unpanel(qw.scales).contiguous(),
+                       None if qw.mins is None else unpanel(qw.mins).contiguous(), qw.source_type)
+
+
+def _require_rows(qw: QuantWeight, what: str) -> None:
+    if qw.layout != "rows":
+        raise ValueError(f"{what} needs a row-major QuantWeight, not a {qw.layout} one: run row "
+                         f"operations and write caches before prepare_for_kernel")
+
+
 def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense [N, K] weight (the reference every kernel is tested against)."""
+    """The dense [N, K] weight (the reference every kernel is tested against), either layout."""
+    qw = row_major(qw)
     n, k, g = qw.out_features, qw.in_features, qw.group
     scales = qw.scales.float().unsqueeze(-1)
     if qw.kind == "q8":
@@ -168,6 +234,7 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
 
 def take_rows(qw: QuantWeight, index: torch.Tensor | slice | Sequence[int]) -> QuantWeight:
     """Rows `index` of qw (a permutation, a slice, a selection), as a new QuantWeight."""
+    _require_rows(qw, "take_rows")
     idx = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
     data = qw.data[idx].contiguous()
     return QuantWeight(qw.kind, data.shape[0], qw.in_features, qw.group, data,
@@ -180,6 +247,8 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
     if not parts:
         raise ValueError("concat_rows needs at least one part")
     first = parts[0]
+    for p in parts:
+        _require_rows(p, "concat_rows")
     for p in parts[1:]:
         if (p.kind, p.group, p.in_features) != (first.kind, first.group, first.in_features):
             raise ValueError(f"cannot concatenate {p.kind}/{p.group}/K={p.in_features} rows to "
@@ -195,6 +264,7 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
 
 def to_tensors(qw: QuantWeight, prefix: str) -> dict[str, torch.Tensor]:
     """qw as plain tensors for a safetensors file: {prefix}.qdata/.qscales[/.qmins]/.qmeta/.qsource."""
+    _require_rows(qw, "to_tensors")
     meta = torch.tensor([_META_VERSION, KINDS.index(qw.kind), qw.group, qw.out_features,
                          qw.in_features], dtype=torch.int64)
     out = {f"{prefix}.qdata": qw.data.contiguous(), f"{prefix}.qscales": qw.scales.contiguous(),

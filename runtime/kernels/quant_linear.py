@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import threading
@@ -11,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fornax.runtime.kernels.build import load_quant_linear
-from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, take_rows
+from fornax.runtime.kernels.quant_format import (
+    PANEL,
+    QuantWeight,
+    dequantize,
+    prepare_for_kernel,
+    row_major,
+    take_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +56,35 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_prepare_lock = threading.Lock()
+
+
+def prepare_in_place(qw: QuantWeight) -> QuantWeight:
+    """qw itself, turned into the kernel's panel16 layout in place where the native kernel is
+    available (its tensors replaced, so no row-major copy stays; once, thread-safe), else left
+    row-major. quant_linear and quant_embedding call it on first use; a loader calls it after
+    its last row operation (take_rows, concat_rows) and cache write, to pay the cost at load."""
+    if qw.layout == "rows" and _kernel() is not None:
+        with _prepare_lock:
+            if qw.layout == "rows":
+                prepared = prepare_for_kernel(qw)
+                qw.data, qw.scales, qw.mins = prepared.data, prepared.scales, prepared.mins
+                qw.layout = prepared.layout  # last: a reader seeing it sees the new tensors
+    return qw
+
+
+def _snapshot(qw: QuantWeight) -> QuantWeight:
+    """A consistent view of qw while another thread may be preparing it in place."""
+    if qw.layout == "rows":
+        with _prepare_lock:
+            return copy.copy(qw)
+    return qw
+
+
 def linear_reference(x: torch.Tensor, qw: QuantWeight,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """The portable path: F.linear over the dequantized weight (no native kernel needed)."""
-    weight = dequantize(qw, torch.float32).to(x.dtype)
+    weight = dequantize(_snapshot(qw), torch.float32).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
@@ -64,7 +97,7 @@ def _dense_linear(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight,
     a buffer this thread reuses (no page faults on a fresh multi-MB tensor per call; the chunk
     is still in cache when the matmul reads it)."""
     n, k, dtype = qw.out_features, qw.in_features, x.dtype
-    step = max(16, DENSE_CHUNK // k)
+    step = max(1, DENSE_CHUNK // k // PANEL) * PANEL  # whole panels per chunk
     key = f"buf_{dtype}"
     buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < min(step, n) * k:
@@ -75,17 +108,27 @@ def _dense_linear(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight,
     for r0 in range(0, n, step):
         rows = min(step, n - r0)
         chunk = buf[:rows * k].view(rows, k)
-        lib.fornax_quant_dequantize(qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins),
-                                    qw.kind == "q4", qw.group, k, None, r0, rows,
-                                    chunk.data_ptr(), dtype == torch.bfloat16,
-                                    torch.get_num_threads())
+        _dequantize_rows(lib, qw, None, r0, rows, chunk)
         parts.append(F.linear(x, chunk, None if bias is None else bias[r0:r0 + rows]))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def _descriptor(qw: QuantWeight) -> int | None:
-    """The address of qw's int64 descriptor for the kernel (built once per weight and kept on
-    it), or None when its tensors are not in the kernel's layout (float16 scales, contiguous)."""
+def _dequantize_rows(lib: ctypes.CDLL, qw: QuantWeight, ids: torch.Tensor | None, row0: int,
+                     rows: int, out: torch.Tensor) -> None:
+    """Rows ids (or row0 .. row0 + rows - 1) of qw, dense, into out (bf16 or float32)."""
+    status = lib.fornax_quant_dequantize(
+        qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group,
+        qw.in_features, int(qw.layout == "panel16"), _ptr(ids), row0, rows, out.data_ptr(),
+        out.dtype == torch.bfloat16, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"quantized dequantize of {rows} rows failed (status {status})")
+
+
+def _descriptor(qw: QuantWeight) -> torch.Tensor | None:
+    """qw's int64 descriptor for the kernel (built once per weight and kept on it; the caller
+    holds the returned tensor while the kernel reads it, even if another thread replaces the
+    cached one), or None when its tensors are not in the kernel's layout (float16 scales,
+    contiguous)."""
     cached = qw.__dict__.get("_kernel_descriptor")
     if cached is not None and cached[0] is qw.data and cached[1] is qw.scales \
             and cached[2] is qw.mins:
@@ -96,9 +139,10 @@ def _descriptor(qw: QuantWeight) -> int | None:
         return None
     desc = torch.tensor([qw.data.data_ptr(), qw.scales.data_ptr(),
                          0 if qw.mins is None else qw.mins.data_ptr(), int(qw.kind == "q4"),
-                         qw.group, qw.out_features, qw.in_features], dtype=torch.int64)
-    qw.__dict__["_kernel_descriptor"] = (qw.data, qw.scales, qw.mins, desc.data_ptr(), desc)
-    return desc.data_ptr()
+                         qw.group, qw.out_features, qw.in_features,
+                         int(qw.layout == "panel16")], dtype=torch.int64)
+    qw.__dict__["_kernel_descriptor"] = (qw.data, qw.scales, qw.mins, desc)
+    return desc
 
 
 def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
@@ -116,7 +160,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
         raise ValueError(f"quant_linear: isa {isa!r} is not kernel, c or torch")
     kernel = _kernel()
     dtype = x.dtype
-    desc = None if kernel is None or isa == "torch" else _descriptor(qw)
+    desc = None if kernel is None or isa == "torch" else _descriptor(prepare_in_place(qw))
     if desc is None or (dtype is not torch.bfloat16 and dtype is not torch.float32):
         return linear_reference(x, qw, bias)
     assert kernel is not None
@@ -139,8 +183,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
             bias = bias.contiguous()
     out = torch.empty((rows, n), dtype=dtype)
     status = kernel[0].fornax_quant_linear(
-        desc, flat.data_ptr(), flat.stride(0), rows, None if bias is None else bias.data_ptr(),
-        out.data_ptr(), flags, torch.get_num_threads())
+        desc.data_ptr(), flat.data_ptr(), flat.stride(0), rows,
+        None if bias is None else bias.data_ptr(), out.data_ptr(), flags, torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"quantized linear kernel refused {qw.kind}/{qw.group} shape "
                            f"{tuple(flat.shape)} x {n} (status {status})")
@@ -154,12 +198,10 @@ def quant_embedding(qw: QuantWeight, ids: torch.Tensor, dtype: torch.dtype) -> t
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= qw.out_features):
         raise IndexError(f"embedding ids outside [0, {qw.out_features})")
     kernel = _kernel()
-    if kernel is None or dtype not in (torch.bfloat16, torch.float32):
-        return dequantize(take_rows(qw, flat), torch.float32).to(dtype).view(
-            *ids.shape, qw.in_features)
+    if kernel is None or dtype not in (torch.bfloat16, torch.float32) \
+            or _descriptor(prepare_in_place(qw)) is None:
+        rows = take_rows(row_major(_snapshot(qw)), flat)
+        return dequantize(rows, torch.float32).to(dtype).view(*ids.shape, qw.in_features)
     out = torch.empty((flat.numel(), qw.in_features), dtype=dtype)
-    kernel[0].fornax_quant_dequantize(
-        qw.data.data_ptr(), qw.scales.data_ptr(), _ptr(qw.mins), qw.kind == "q4", qw.group,
-        qw.in_features, flat.data_ptr(), 0, flat.numel(), out.data_ptr(),
-        dtype == torch.bfloat16, torch.get_num_threads())
+    _dequantize_rows(kernel[0], qw, flat, 0, flat.numel(), out)
     return out.view(*ids.shape, qw.in_features)

@@ -14,7 +14,9 @@ from fornax.runtime.kernels.quant_format import (
     dequantize,
     from_tensors,
     nbytes,
+    prepare_for_kernel,
     repack_gguf,
+    row_major,
     take_rows,
     to_tensors,
 )
@@ -166,3 +168,45 @@ def test_nbytes_and_shape_checks():
         QuantWeight("q4", 9, 64, 32, qw.data, qw.scales, None, "Q4_1")
     with pytest.raises(ValueError, match="kind"):
         QuantWeight("q2", 9, 64, 32, qw.data, qw.scales, qw.mins, "Q4_1")
+
+
+@pytest.mark.parametrize("qtype,n,k", [(T.Q4_1, 9, 64), (T.Q4_0, 16, 96), (T.Q8_0, 33, 64),
+                                       (T.Q4_K, 5, 256), (T.Q6_K, 17, 256)])
+def test_panel_layout_round_trips_exactly(qtype, n, k):
+    """prepare_for_kernel pads to whole 16-row panels and interleaves the rows' 4-byte words;
+    row_major undoes it bit for bit (q8's + 128 included), and dequantize reads either layout."""
+    if qtype in (T.Q4_1, T.Q4_0, T.Q8_0):
+        raw = _gguf_quantized(qtype, n, k)
+    else:
+        raw = _random_blocks(qtype, n, k, {0: 0.01, 2: 0.01} if qtype == T.Q4_K else {208: 0.01})
+    qw = repack_gguf(qtype, raw, (n, k))
+    assert qw is not None and qw.layout == "rows"
+    panel = prepare_for_kernel(qw)
+    padded = -(-n // 16) * 16
+    assert panel.layout == "panel16" and panel.out_features == n and panel.stored_rows == padded
+    assert panel.data.shape[0] == panel.scales.shape[0] == padded
+    assert prepare_for_kernel(panel) is panel and row_major(qw) is qw
+    back = row_major(panel)
+    assert back.layout == "rows" and back.data.dtype == qw.data.dtype
+    for a, b in ((back.data, qw.data), (back.scales, qw.scales), (back.mins, qw.mins)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(dequantize(panel), dequantize(qw))
+    # word w of row r sits at bytes 64 w + 4 r of its panel
+    width = qw.data.shape[1]
+    row = 1 if n > 1 else 0
+    words = panel.data[:16].reshape(-1)[4 * row::64]
+    data = qw.data.view(torch.uint8) ^ (0x80 if qw.kind == "q8" else 0)
+    assert torch.equal(words, data[row, 0:width:4])
+    assert nbytes(panel) == nbytes(qw) * padded // n
+
+
+def test_a_prepared_weight_refuses_row_operations_and_the_cache():
+    panel = prepare_for_kernel(_q4())
+    for call in (lambda: take_rows(panel, [0]), lambda: concat_rows([_q4(), panel]),
+                 lambda: to_tensors(panel, "w")):
+        with pytest.raises(ValueError, match="row-major"):
+            call()
+    with pytest.raises(ValueError, match="layout"):
+        QuantWeight("q4", 9, 64, 32, panel.data, panel.scales, panel.mins, "Q4_1", "tiles")
+    with pytest.raises(ValueError, match="data shape"):  # panel16 holds 16 rows, not 9
+        QuantWeight("q4", 9, 64, 32, _q4().data, _q4().scales, _q4().mins, "Q4_1", "panel16")

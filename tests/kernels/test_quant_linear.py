@@ -16,10 +16,17 @@ import torch.nn.functional as F
 
 from fornax.runtime.kernels import quant_linear as ql
 from fornax.runtime.kernels.build import load_quant_linear
-from fornax.runtime.kernels.quant_format import QuantWeight, dequantize, repack_gguf
+from fornax.runtime.kernels.quant_format import (
+    QuantWeight,
+    dequantize,
+    prepare_for_kernel,
+    repack_gguf,
+    row_major,
+)
 from fornax.runtime.kernels.quant_linear import (
     DENSE_MIN_ROWS,
     linear_reference,
+    prepare_in_place,
     quant_embedding,
     quant_isa,
     quant_linear,
@@ -73,9 +80,12 @@ PATHS = [None, "kernel", "c", "torch"]  # None: the dispatch (dense torch from 4
 @pytest.mark.parametrize("rows", [1, 3, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", PATHS)
-def test_matches_the_dequantized_reference(qtype, n, k, rows, dtype, path):
+@pytest.mark.parametrize("layout", ["rows", "panel16"])  # prepared on first use, or beforehand
+def test_matches_the_dequantized_reference(qtype, n, k, rows, dtype, path, layout):
     torch.manual_seed(rows)
     qw = _weight(qtype, n, k, seed=rows)
+    if layout == "panel16":
+        qw = prepare_for_kernel(qw)
     x = torch.randn(rows, k).to(dtype)
     bias = torch.randn(n) if rows % 2 else None
     _check(quant_linear(x, qw, bias, isa=path), x, qw, bias)
@@ -175,3 +185,80 @@ def test_concurrent_calls_from_several_threads_agree_with_sequential_ones():
     for t in threads:
         t.join()
     assert not failures
+
+
+@needs_kernel
+def test_first_use_prepares_the_weight_in_place_once():
+    require_kernel(load_quant_linear)
+    qw = _weight(T.Q6_K, 19, 256)
+    dense, old_data = dequantize(qw), qw.data
+    x = torch.randn(2, 256)
+    first = quant_linear(x, qw)
+    assert qw.layout == "panel16" and qw.data is not old_data and qw.data.shape[0] == 32
+    assert torch.equal(dequantize(qw), dense)
+    data = qw.data
+    assert torch.equal(quant_linear(x, qw), first) and qw.data is data  # not prepared twice
+    assert prepare_in_place(qw) is qw and qw.data is data
+    _check(first, x, qw, None)
+
+
+@needs_kernel
+def test_concurrent_first_uses_prepare_one_weight_once():
+    require_kernel(load_quant_linear)
+    qw = _weight(T.Q4_1, 200, 576)
+    ref = prepare_for_kernel(qw)
+    x = torch.randn(3, 576).to(torch.bfloat16)
+    want = quant_linear(x, ref)
+    got: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: got.append(quant_linear(x, qw)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(torch.equal(g, want) for g in got)
+    assert qw.layout == "panel16" and torch.equal(qw.data, ref.data)
+
+
+@pytest.mark.parametrize("qtype,n,k", [(T.Q4_1, 200, 576), (T.Q8_0, 131, 640),
+                                       (T.Q6_K, 77, 512)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 47])
+def test_two_threads_agree_with_one(qtype, n, k, rows):
+    """Work split over panels (two panels per block, odd panel counts, a ragged last panel)
+    gives the same bits with 2 threads as with 1; both within the bound."""
+    qw = prepare_for_kernel(_weight(qtype, n, k, seed=n))
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    bias = torch.randn(n)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = quant_linear(x, qw, bias, isa="kernel")
+        plain = quant_linear(x, qw, bias, isa="c")
+        torch.set_num_threads(2)
+        two = quant_linear(x, qw, bias, isa="kernel")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    _check(one, x, qw, bias)
+    _check(plain, x, qw, bias)
+
+
+@pytest.mark.parametrize("qtype,k", [(T.Q4_1, 96), (T.Q6_K, 256)])
+def test_embedding_rows_of_a_prepared_table_are_exact(qtype, k):
+    qw = _weight(qtype, 50, k)
+    dense = dequantize(qw)
+    prepared = prepare_for_kernel(qw)
+    ids = torch.tensor([[7, 0, 49], [7, 3, 12]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(quant_embedding(prepared, ids, dtype), dense[ids].to(dtype))
+
+
+def test_fallback_without_the_kernel_reads_a_prepared_weight(monkeypatch):
+    monkeypatch.setattr(ql, "_kernel", lambda: None)
+    qw = _weight(T.Q4_K, 40, 256)
+    prepared = prepare_for_kernel(qw)
+    x = torch.randn(3, 256)
+    assert torch.equal(quant_linear(x, prepared), linear_reference(x, row_major(prepared)))
+    assert prepare_in_place(qw) is qw and qw.layout == "rows"  # nothing to prepare for
+    ids = torch.tensor([5, 39])
+    assert torch.equal(quant_embedding(prepared, ids, torch.float32), dequantize(qw)[ids])

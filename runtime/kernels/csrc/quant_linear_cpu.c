@@ -1,13 +1,19 @@
-/* Weight-only quantized linear layers on CPU: out = x @ W^T (+ bias) with W in the q4/q8 layout
- * of runtime/kernels/quant_format.py (row-major per output row, float16 scales per group).
+/* Weight-only quantized linear layers on CPU: out = x @ W^T (+ bias) with W in the q4/q8 layouts
+ * of runtime/kernels/quant_format.py, float16 scales (and q4 mins) per group of 32 or 16.
+ *
+ * The linear kernel reads the "panel16" layout: 16 output rows per panel, each 64-byte vector
+ * holding one 4-byte word of every row of the panel (word w of a row: q4 elements 4v..4v+3 of
+ * group w / 4 in the low nibbles and 16+4v.. in the high ones, v = w % 4; q8 elements 4w..4w+3,
+ * stored +128 as u8), scales and mins [panel][group][16]. So one vector lane accumulates one
+ * output row: no horizontal sums, one vector of 16 outputs stored per panel and activation row.
  *
  * Each activation row is first quantized to int8 per weight group (symmetric, d = amax / 127,
  * q = round-to-nearest-even(x / d)), so a group's dot product is one integer sum: AVX512-VNNI
- * vpdpbusd multiplies the 4-bit weights (u8) with the int8 activations; q8 weights (s8) meet the
- * activations shifted by +128 (u8) and lose the shift with a second vpdpbusd against a vector of
- * 128s. The q4 min term uses the float sum of each activation group, exactly. The only error
- * against F.linear(x, dequantize(W)) is the activation rounding: at most amax_group / 254 per
- * element, i.e. |error| <= sum over groups of (amax_group / 254) * sum |w| over the group.
+ * vpdpbusd multiplies the u8 weights with 4 int8 activations broadcast to every lane; the q8
+ * +128 comes back out by starting the sum at -128 * (sum of the group's int8 activations). The
+ * q4 min term uses the float sum of each activation group, exactly. The only error against
+ * F.linear(x, dequantize(W)) is the activation rounding: at most amax_group / 254 per element,
+ * i.e. |error| <= sum over groups of (amax_group / 254) * sum |w| over the group.
  *
  * Paths: AVX512-VNNI (fornax_quant_linear_isa() == 2) and plain C (0) over the same quantized
  * activations, so both give the same integer sums; the caller may ask for the plain C path.
@@ -20,11 +26,14 @@
 
 #include "bf16.h"
 
-#define ROWS 4  /* output rows per pass (weight streams read together) */
-#define ACTS 4  /* activation rows per pass (reuse of one weight load) */
-#define UNIT 64 /* weight bytes per vector: 128 q4 elements or 64 q8 elements */
+#define PANEL 16 /* output rows per panel (one per 32-bit vector lane) */
+#define MAX_MT 4 /* activation rows per tile (reuse of one weight load) */
+#ifndef PREFETCH
+#define PREFETCH 1024 /* bytes ahead in the weight stream (0: none) */
+#endif
 #define ISA_C 0
 #define ISA_VNNI 2
+#define LAYOUT_PANEL 1
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define HAVE_VNNI 1
@@ -51,23 +60,21 @@ static float half_to_float(uint16_t h) {
     return c.f;
 }
 
-/* The problem and its quantized activations. Activation row m holds `abytes` bytes: for q4,
- * per unit of 128 elements, the low-nibble partners (element j < 16 of each of its 4 groups)
- * then the high-nibble ones; for q8, the natural order as u8 (q + 128). xsx holds 16 floats per
- * unit, the activation scale of the group each int32 lane of a vpdpbusd result sums. */
+/* The problem: a panel16 weight and the quantized activations. Activation row m: xq int8 in the
+ * natural order (xstride bytes apart), per group xs (amax / 127), xsum (float sum, q4) and xbias
+ * (-128 * sum of the int8 values, q8), `groups` apart. */
 typedef struct {
-    int q4, group, n, k, m, groups, units, lanes_per_group;
+    int q4, group, n, k, m, groups, wpg, words;
     const uint8_t *w;
     const uint16_t *scales, *mins;
-    uint8_t *xq;
-    float *xsx, *xsum;
-    int64_t abytes;
+    int8_t *xq;
+    float *xs, *xsum;
+    int32_t *xbias;
+    int64_t xstride;
+    void *out;
+    const void *bias;
+    int out_bf16, bias_bf16;
 } Problem;
-
-static int64_t act_pos(const Problem *p, int g, int e) {
-    if (!p->q4) return (int64_t)g * p->group + e;
-    return (int64_t)(g / 4) * 128 + (e >= 16 ? 64 : 0) + (g % 4) * 16 + (e & 15);
-}
 
 static float load_x(const void *x, int bf16, int64_t i) {
     return bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
@@ -112,323 +119,333 @@ static void quantize_group(const void *x, int bf16, int64_t off, int n, int vec,
     *sum = total;
 }
 
-/* Activation row m into the kernel's order (see Problem), with its scales and group sums. */
+/* Activation row m (elements off.. of x) into p's buffers. */
 static void quantize_row(const Problem *p, const void *x, int bf16, int64_t off, int m, int vec) {
-    uint8_t *q = p->xq + (int64_t)m * p->abytes;
-    float *xsx = p->xsx + (int64_t)m * p->units * 16, *xsum = p->xsum + (int64_t)m * p->groups;
-    const int gpu = 16 / p->lanes_per_group, done = p->groups * p->group;
-    memset(q + done, p->q4 ? 0 : 128, (size_t)(p->abytes - done)); /* the last unit's padding */
-    memset(xsx, 0, (size_t)p->units * 16 * sizeof(float));
+    int8_t *q = p->xq + (int64_t)m * p->xstride;
+    const int64_t at = (int64_t)m * p->groups;
     for (int g = 0; g < p->groups; g++) {
-        int8_t qb[32];
+        int8_t *qb = q + (int64_t)g * p->group;
         float amax;
-        quantize_group(x, bf16, off + (int64_t)g * p->group, p->group, vec, qb, &amax, xsum + g);
-        if (p->q4) {
-            memcpy(q + act_pos(p, g, 0), qb, 16);
-            memcpy(q + act_pos(p, g, 16), qb + 16, 16);
-        } else {
-            for (int e = 0; e < p->group; e++) q[g * p->group + e] = (uint8_t)qb[e] ^ 0x80u;
-        }
-        const float scale = amax / 127.f;
-        for (int l = 0; l < p->lanes_per_group; l++)
-            xsx[(g / gpu) * 16 + (g % gpu) * p->lanes_per_group + l] = scale;
+        quantize_group(x, bf16, off + (int64_t)g * p->group, p->group, vec, qb, &amax,
+                       p->xsum + at + g);
+        p->xs[at + g] = amax / 127.f;
+        int32_t total = 0;
+        for (int e = 0; e < p->group; e++) total += qb[e];
+        p->xbias[at + g] = -128 * total;
     }
 }
 
-/* sum over groups of mins[row][g] * xsum[m][g] (the q4 min term). */
-static float min_term(const Problem *p, int row, int m) {
-    if (!p->q4) return 0.f;
-    const uint16_t *mn = p->mins + (int64_t)row * p->groups;
-    const float *xs = p->xsum + (int64_t)m * p->groups;
-    float acc = 0.f;
-    for (int g = 0; g < p->groups; g++) acc += half_to_float(mn[g]) * xs[g];
-    return acc;
+/* Lanes [0, cols) of the 16 results v of activation row m, panel pn: + bias, stored. */
+static void store_panel(const Problem *p, int pn, int m, const float *v) {
+    const int r0 = pn * PANEL, cols = p->n - r0 < PANEL ? p->n - r0 : PANEL;
+    for (int i = 0; i < cols; i++) {
+        float b = 0.f;
+        if (p->bias != NULL)
+            b = p->bias_bf16 ? bf16_to_float(((const uint16_t *)p->bias)[r0 + i])
+                             : ((const float *)p->bias)[r0 + i];
+        const int64_t at = (int64_t)m * p->n + r0 + i;
+        if (p->out_bf16)
+            ((uint16_t *)p->out)[at] = float_to_bf16(v[i] + b);
+        else
+            ((float *)p->out)[at] = v[i] + b;
+    }
 }
 
-/* Plain C: res[j * ROWS + i] = dot of weight row rows[i] with activation row m0 + j. */
-static void tile_c(const Problem *p, const int *rows, int m0, int acts, float *res) {
-    const int wbytes = p->q4 ? p->k / 2 : p->k;
-    for (int i = 0; i < ROWS; i++) {
-        const uint8_t *w = p->w + (int64_t)rows[i] * wbytes;
-        const uint16_t *sc = p->scales + (int64_t)rows[i] * p->groups;
-        for (int j = 0; j < acts; j++) {
-            const uint8_t *q = p->xq + (int64_t)(m0 + j) * p->abytes;
-            const float *xsx = p->xsx + (int64_t)(m0 + j) * p->units * 16;
-            const int gpu = 16 / p->lanes_per_group;
-            float acc = 0.f;
-            for (int g = 0; g < p->groups; g++) {
-                int32_t isum = 0;
-                if (p->q4) {
-                    const uint8_t *b = w + g * 16;
-                    const int8_t *lo = (const int8_t *)q + act_pos(p, g, 0);
-                    const int8_t *hi = (const int8_t *)q + act_pos(p, g, 16);
-                    for (int e = 0; e < 16; e++) isum += (b[e] & 15) * lo[e] + (b[e] >> 4) * hi[e];
-                } else {
-                    const int8_t *b = (const int8_t *)w + g * p->group;
-                    const uint8_t *a = q + (int64_t)g * p->group;
-                    int32_t wsum = 0; /* (a - 128) * b as one product trips GCC 12's vectorizer */
-                    for (int e = 0; e < p->group; e++) {
-                        isum += b[e] * a[e];
-                        wsum += b[e];
+/* Plain C: panel pn against activation rows m0 .. m0 + mt - 1. */
+static void panel_c(const Problem *p, int pn, int m0, int mt) {
+    const uint8_t *wd = p->w + (int64_t)pn * p->words * 64;
+    const uint16_t *sc = p->scales + (int64_t)pn * p->groups * PANEL;
+    const uint16_t *mn = p->q4 ? p->mins + (int64_t)pn * p->groups * PANEL : NULL;
+    for (int j = 0; j < mt; j++) {
+        const int64_t xa = (int64_t)(m0 + j) * p->groups;
+        const int8_t *xq = p->xq + (int64_t)(m0 + j) * p->xstride;
+        float acc[PANEL] = {0};
+        for (int g = 0; g < p->groups; g++) {
+            int32_t isum[PANEL];
+            for (int r = 0; r < PANEL; r++) isum[r] = p->q4 ? 0 : p->xbias[xa + g];
+            for (int v = 0; v < p->wpg; v++) {
+                const uint8_t *wb = wd + (int64_t)(g * p->wpg + v) * 64;
+                const int8_t *a = xq + g * p->group + 4 * v;
+                for (int r = 0; r < PANEL; r++)
+                    for (int b = 0; b < 4; b++) {
+                        const int byte = wb[r * 4 + b];
+                        isum[r] +=
+                            p->q4 ? (byte & 15) * a[b] + (byte >> 4) * a[16 + b] : byte * a[b];
                     }
-                    isum -= 128 * wsum;
-                }
-                const float xs = xsx[(g / gpu) * 16 + (g % gpu) * p->lanes_per_group];
-                acc += (float)isum * xs * half_to_float(sc[g]);
             }
-            res[j * ROWS + i] = acc + min_term(p, rows[i], m0 + j);
+            for (int r = 0; r < PANEL; r++) {
+                const float s = half_to_float(sc[g * PANEL + r]) * p->xs[xa + g];
+                acc[r] += (float)isum[r] * s;
+                if (p->q4) acc[r] += half_to_float(mn[g * PANEL + r]) * p->xsum[xa + g];
+            }
         }
+        store_panel(p, pn, m0 + j, acc);
     }
 }
 
 #if HAVE_VNNI
 #define INLINE static inline __attribute__((always_inline))
 
-/* The float16 scales of one unit's groups, each repeated over the int32 lanes its sum fills. */
-INLINE __m512 unit_scales(const uint16_t *sc, __mmask8 sm, const int gpu) {
-    const __m512i idx = gpu == 4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
-                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m128 s = _mm_cvtph_ps(_mm_maskz_loadu_epi16(sm, sc));
-    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s));
+INLINE __m512i bcast4(const int8_t *a) {
+    int32_t v;
+    memcpy(&v, a, 4);
+    return _mm512_set1_epi32(v);
 }
 
-/* acc[j] += one unit of a weight row (wv, scales ws) against activation rows j < acts. */
-INLINE void unit_dot(const int q4, const int acts, __m512i wv, __m512 ws, const uint8_t **qp,
-                     const float **xp, int u, __m512 *acc) {
-    if (q4) {
-        const __m512i nib = _mm512_set1_epi8(0x0f);
-        const __m512i lo = _mm512_and_si512(wv, nib);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+/* Panels pn .. pn + pb - 1 against activation rows m0 .. m0 + mt - 1; q4 and wpg (4-byte words
+ * per group and row) are constants of each instance. */
+INLINE void panel_vnni(const Problem *p, int pn, int m0, const int mt, const int pb, const int q4,
+                       const int wpg) {
+    const int group = q4 ? 32 : wpg * 4;
+    const uint8_t *wd[2];
+    const uint16_t *sc[2], *mn[2];
+    const int8_t *xq[MAX_MT];
+    __m512 acc[2][MAX_MT];
+#pragma GCC unroll 2
+    for (int b = 0; b < pb; b++) {
+        wd[b] = p->w + (int64_t)(pn + b) * p->words * 64;
+        sc[b] = p->scales + (int64_t)(pn + b) * p->groups * PANEL;
+        mn[b] = q4 ? p->mins + (int64_t)(pn + b) * p->groups * PANEL : NULL;
 #pragma GCC unroll 4
-        for (int j = 0; j < acts; j++) {
-            const uint8_t *q = qp[j] + (int64_t)u * 128;
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
-            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(q + 64));
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xp[j] + u * 16));
-            acc[j] = _mm512_fmadd_ps(t, ws, acc[j]);
+        for (int j = 0; j < mt; j++) acc[b][j] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < mt; j++) xq[j] = p->xq + (int64_t)(m0 + j) * p->xstride;
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    for (int g = 0; g < p->groups; g++) {
+        __m512i s0[2][MAX_MT], s1[2][MAX_MT];
+#pragma GCC unroll 2
+        for (int b = 0; b < pb; b++)
+#pragma GCC unroll 4
+            for (int j = 0; j < mt; j++) {
+                s0[b][j] = q4 ? _mm512_setzero_si512()
+                              : _mm512_set1_epi32(p->xbias[(int64_t)(m0 + j) * p->groups + g]);
+                s1[b][j] = _mm512_setzero_si512();
+            }
+#pragma GCC unroll 2
+        for (int b = 0; b < pb * (PREFETCH > 0); b++)
+#pragma GCC unroll 8
+            for (int v = 0; v < wpg; v++)
+                _mm_prefetch((const char *)(wd[b] + (int64_t)(g * wpg + v) * 64 + PREFETCH),
+                             _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (int v = 0; v < wpg; v++) {
+#pragma GCC unroll 2
+            for (int b = 0; b < pb; b++) {
+                const __m512i wv = _mm512_loadu_si512(wd[b] + (int64_t)(g * wpg + v) * 64);
+                if (q4) {
+                    const __m512i lo = _mm512_and_si512(wv, nib);
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+#pragma GCC unroll 4
+                    for (int j = 0; j < mt; j++) {
+                        const int8_t *a = xq[j] + g * 32 + 4 * v;
+                        s0[b][j] = _mm512_dpbusd_epi32(s0[b][j], lo, bcast4(a));
+                        s1[b][j] = _mm512_dpbusd_epi32(s1[b][j], hi, bcast4(a + 16));
+                    }
+                } else {
+#pragma GCC unroll 4
+                    for (int j = 0; j < mt; j++) {
+                        const __m512i a = bcast4(xq[j] + g * group + 4 * v);
+                        if (v & 1)
+                            s1[b][j] = _mm512_dpbusd_epi32(s1[b][j], wv, a);
+                        else
+                            s0[b][j] = _mm512_dpbusd_epi32(s0[b][j], wv, a);
+                    }
+                }
+            }
         }
-    } else {
-        const __m512i c128 = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-        const __m512i neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wv));
+#pragma GCC unroll 2
+        for (int b = 0; b < pb; b++) {
+            const __m512 ws =
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc[b] + g * 16)));
+            const __m512 wm =
+                q4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn[b] + g * 16)))
+                   : _mm512_setzero_ps();
 #pragma GCC unroll 4
-        for (int j = 0; j < acts; j++) {
-            const __m512i s =
-                _mm512_dpbusd_epi32(neg, _mm512_loadu_si512(qp[j] + (int64_t)u * 64), wv);
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xp[j] + u * 16));
-            acc[j] = _mm512_fmadd_ps(t, ws, acc[j]);
-        }
-    }
-}
-
-/* acc plus the q4 min term's products, 16 groups at a time. */
-INLINE __m512 min_term_vnni(const Problem *p, int row, int m, __m512 acc) {
-    const uint16_t *mn = p->mins + (int64_t)row * p->groups;
-    const float *xs = p->xsum + (int64_t)m * p->groups;
-    for (int g = 0; g < p->groups; g += 16) {
-        const __mmask16 k = tail_mask16(p->groups - g);
-        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + g));
-        acc = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xs + g), acc);
-    }
-    return acc;
-}
-
-/* The lane sums of a, b, c, d. */
-INLINE __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    /* per 128-bit lane: ab = [a, b, a, b] partials, cd = [c, d, c, d] */
-    const __m512 abcd =
-        _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-INLINE void tile_vnni(const Problem *p, const int *rows, int m0, const int acts, const int q4,
-                      const int gpu, float *res) {
-    const int wbytes = q4 ? p->k / 2 : p->k, full = wbytes / UNIT;
-    const __mmask8 all = (__mmask8)((1u << gpu) - 1);
-    const uint8_t *wp[ROWS], *qp[ACTS];
-    const uint16_t *sp[ROWS];
-    const float *xp[ACTS];
-    __m512 acc[ROWS][ACTS];
-#pragma GCC unroll 4
-    for (int i = 0; i < ROWS; i++) {
-        wp[i] = p->w + (int64_t)rows[i] * wbytes;
-        sp[i] = p->scales + (int64_t)rows[i] * p->groups;
-#pragma GCC unroll 4
-        for (int j = 0; j < acts; j++) acc[i][j] = _mm512_setzero_ps();
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < acts; j++) {
-        qp[j] = p->xq + (int64_t)(m0 + j) * p->abytes;
-        xp[j] = p->xsx + (int64_t)(m0 + j) * p->units * 16;
-    }
-    for (int u = 0; u < full; u++) {
-#pragma GCC unroll 4
-        for (int i = 0; i < ROWS; i++) {
-            const __m512i wv = _mm512_loadu_si512(wp[i] + (int64_t)u * UNIT);
-            unit_dot(q4, acts, wv, unit_scales(sp[i] + u * gpu, all, gpu), qp, xp, u, acc[i]);
-        }
-    }
-    if (full < p->units) { /* a last unit of fewer groups: masked loads read zeros past K */
-        const int left = wbytes - full * UNIT;
-        const __mmask64 bm = _cvtu64_mask64((1ull << left) - 1);
-        const __mmask8 sm = (__mmask8)((1u << (p->groups - full * gpu)) - 1);
-#pragma GCC unroll 4
-        for (int i = 0; i < ROWS; i++) {
-            const __m512i wv = _mm512_maskz_loadu_epi8(bm, wp[i] + (int64_t)full * UNIT);
-            unit_dot(q4, acts, wv, unit_scales(sp[i] + full * gpu, sm, gpu), qp, xp, full, acc[i]);
+            for (int j = 0; j < mt; j++) {
+                const int64_t xa = (int64_t)(m0 + j) * p->groups + g;
+                const __m512 t = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[b][j], s1[b][j]));
+                acc[b][j] =
+                    _mm512_fmadd_ps(t, _mm512_mul_ps(ws, _mm512_set1_ps(p->xs[xa])), acc[b][j]);
+                if (q4) acc[b][j] = _mm512_fmadd_ps(wm, _mm512_set1_ps(p->xsum[xa]), acc[b][j]);
+            }
         }
     }
-    if (q4) { /* the min term joins each accumulator before the one reduction */
+#pragma GCC unroll 2
+    for (int b = 0; b < pb; b++) {
+        const int r0 = (pn + b) * PANEL;
+        const __mmask16 k = tail_mask16(p->n - r0);
+        __m512 bv = _mm512_setzero_ps();
+        if (p->bias != NULL)
+            bv = p->bias_bf16 ? bf16x16_load((const uint16_t *)p->bias + r0, k)
+                              : _mm512_maskz_loadu_ps(k, (const float *)p->bias + r0);
 #pragma GCC unroll 4
-        for (int i = 0; i < ROWS; i++)
-#pragma GCC unroll 4
-            for (int j = 0; j < acts; j++) acc[i][j] = min_term_vnni(p, rows[i], m0 + j, acc[i][j]);
+        for (int j = 0; j < mt; j++) {
+            const __m512 v = _mm512_add_ps(acc[b][j], bv);
+            const int64_t at = (int64_t)(m0 + j) * p->n + r0;
+            if (p->out_bf16)
+                bf16x16_store((uint16_t *)p->out + at, v, k);
+            else
+                _mm512_mask_storeu_ps((float *)p->out + at, k, v);
+        }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < acts; j++)
-        _mm_storeu_ps(res + j * ROWS, sum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
 }
 
-#define TILE_ACTS(q4, gpu)                                                                         \
-    switch (acts) {                                                                                \
+#define PANEL_MT(pb, q4, wpg)                                                                      \
+    switch (mt) {                                                                                  \
     case 1:                                                                                        \
-        tile_vnni(p, rows, m0, 1, q4, gpu, res);                                                   \
+        panel_vnni(p, pn, m0, 1, pb, q4, wpg);                                                     \
         break;                                                                                     \
     case 2:                                                                                        \
-        tile_vnni(p, rows, m0, 2, q4, gpu, res);                                                   \
+        panel_vnni(p, pn, m0, 2, pb, q4, wpg);                                                     \
         break;                                                                                     \
     case 3:                                                                                        \
-        tile_vnni(p, rows, m0, 3, q4, gpu, res);                                                   \
+        panel_vnni(p, pn, m0, 3, pb, q4, wpg);                                                     \
         break;                                                                                     \
     default:                                                                                       \
-        tile_vnni(p, rows, m0, ACTS, q4, gpu, res);                                                \
+        panel_vnni(p, pn, m0, MAX_MT, pb, q4, wpg);                                                \
         break;                                                                                     \
     }
 
-static void tile_vnni_any(const Problem *p, const int *rows, int m0, int acts, float *res) {
+static void panels_vnni(const Problem *p, int pn, int m0, int mt, int pb) {
     if (p->q4) {
-        TILE_ACTS(1, 4)
-    } else if (p->group == 16) {
-        TILE_ACTS(0, 4)
+        if (pb == 2) {
+            PANEL_MT(2, 1, 4)
+        } else {
+            PANEL_MT(1, 1, 4)
+        }
+    } else if (p->wpg == 4) {
+        if (pb == 2) {
+            PANEL_MT(2, 0, 4)
+        } else {
+            PANEL_MT(1, 0, 4)
+        }
     } else {
-        TILE_ACTS(0, 2)
+        if (pb == 2) {
+            PANEL_MT(2, 0, 8)
+        } else {
+            PANEL_MT(1, 0, 8)
+        }
     }
 }
 #endif
+
+/* Grow-only buffers per thread (slot 0: activations of a call, 1: a row being dequantized): no
+ * allocation per call once warm. */
+static _Thread_local void *scratch[2];
+static _Thread_local size_t scratch_size[2];
+
+static void *scratch_get(int slot, size_t bytes) {
+    if (bytes > scratch_size[slot]) {
+        free(scratch[slot]);
+        scratch_size[slot] = (bytes + 4095) & ~(size_t)4095;
+        scratch[slot] = aligned_alloc(64, scratch_size[slot]);
+        if (scratch[slot] == NULL) scratch_size[slot] = 0;
+    }
+    return scratch[slot];
+}
+
+/* out[m, row] = x[m] . W[row] (+ bias[row]) for m < m_rows, row < n.
+ * desc: the weight as 8 int64 (quant_linear.py builds it once per weight): data, scales and
+ * mins addresses (mins 0 for q8), q4 (1) or q8 (0), group, n, k, layout (1: panel16, the only
+ * one this function reads). x: m_rows rows of k values x_stride elements apart; out: m_rows
+ * rows of n values, contiguous, both float32 or both bf16 (flags bit 0); bias: NULL, float32 or
+ * bf16 (flags bit 1). flags >> 2: ISA_VNNI, or ISA_C for the plain C path (also on a VNNI
+ * machine). Returns 0, or -1 for a shape the kernel does not take, -2 when out of memory, -3
+ * for a weight not in the panel layout. */
+int fornax_quant_linear(const int64_t *desc, const void *x, int64_t x_stride, int m_rows,
+                        const void *bias, void *out, int flags, int num_threads) {
+    const int q4 = (int)desc[3], group = (int)desc[4], n = (int)desc[5], k = (int)desc[6];
+    const int x_bf16 = flags & 1, isa = flags >> 2;
+    if (m_rows <= 0 || n <= 0 || k <= 0 || (group != 16 && group != 32) || (q4 && group != 32) ||
+        k % group)
+        return -1;
+    if (desc[7] != LAYOUT_PANEL) return -3;
+    Problem p = {0};
+    p.q4 = q4, p.group = group, p.n = n, p.k = k, p.m = m_rows, p.groups = k / group;
+    p.wpg = q4 ? 4 : group / 4, p.words = q4 ? k / 8 : k / 4;
+    p.w = (const uint8_t *)(intptr_t)desc[0];
+    p.scales = (const uint16_t *)(intptr_t)desc[1];
+    p.mins = (const uint16_t *)(intptr_t)desc[2];
+    p.out = out, p.bias = bias, p.out_bf16 = x_bf16, p.bias_bf16 = (flags >> 1) & 1;
+    p.xstride = ((int64_t)k + 63) & ~(int64_t)63;
+    const size_t qbytes = (size_t)m_rows * (size_t)p.xstride;
+    const size_t per = (size_t)m_rows * p.groups * 4;
+    uint8_t *buf = scratch_get(0, qbytes + 3 * per);
+    if (buf == NULL) return -2;
+    p.xq = (int8_t *)buf;
+    p.xs = (float *)(buf + qbytes);
+    p.xsum = (float *)(buf + qbytes + per);
+    p.xbias = (int32_t *)(buf + qbytes + 2 * per);
+    const int use_vnni = HAVE_VNNI && isa == ISA_VNNI;
+    const int panels = (n + PANEL - 1) / PANEL, blocks = (panels + 1) / 2;
+    const int serial = (int64_t)m_rows * k <= 16384; /* a few rows: no barrier for them */
+    if (serial)
+        for (int m = 0; m < m_rows; m++)
+            quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m, use_vnni);
+#pragma omp parallel num_threads(num_threads) if ((int64_t)m_rows * n * k > 200000)
+    {
+        if (!serial) {
+#pragma omp for schedule(static)
+            for (int m = 0; m < m_rows; m++)
+                quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m, use_vnni);
+        }
+#pragma omp for schedule(static)
+        for (int blk = 0; blk < blocks; blk++) {
+            const int pn = 2 * blk, pb = panels - pn < 2 ? 1 : 2;
+            for (int m0 = 0; m0 < m_rows; m0 += MAX_MT) {
+                const int mt = m_rows - m0 < MAX_MT ? m_rows - m0 : MAX_MT;
+#if HAVE_VNNI
+                if (use_vnni) {
+                    if (pb == 2 && mt <= 2) {
+                        panels_vnni(&p, pn, m0, mt, 2);
+                    } else {
+                        for (int b = 0; b < pb; b++) panels_vnni(&p, pn + b, m0, mt, 1);
+                    }
+                    continue;
+                }
+#endif
+                for (int b = 0; b < pb; b++) panel_c(&p, pn + b, m0, mt);
+            }
+        }
+    }
+    (void)use_vnni;
+    return 0;
+}
+
+/* Row r of a weight in either layout as row-major q4/q8 bytes, scales and mins (for a panel
+ * weight, gathered into tmp: wbytes + 4 * groups bytes). */
+static void fetch_row(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
+                      int layout, int groups, int wbytes, int64_t r, uint8_t *tmp,
+                      const uint8_t **wr, const uint16_t **sc, const uint16_t **mn) {
+    if (layout != LAYOUT_PANEL) {
+        *wr = w + r * wbytes;
+        *sc = scales + r * groups;
+        *mn = q4 ? mins + r * groups : NULL;
+        return;
+    }
+    const int words = wbytes / 4;
+    const uint8_t *base = w + (r / PANEL) * words * 64 + (r % PANEL) * 4;
+    for (int i = 0; i < words; i++) {
+        uint32_t v;
+        memcpy(&v, base + (int64_t)i * 64, 4);
+        if (!q4) v ^= 0x80808080u; /* q8 panels hold q + 128 */
+        memcpy(tmp + 4 * i, &v, 4);
+    }
+    uint16_t *s = (uint16_t *)(tmp + wbytes), *m = s + groups;
+    const int64_t at = (r / PANEL) * groups * PANEL + r % PANEL;
+    for (int g = 0; g < groups; g++) {
+        s[g] = scales[at + g * PANEL];
+        if (q4) m[g] = mins[at + g * PANEL];
+    }
+    *wr = tmp, *sc = s, *mn = q4 ? m : NULL;
+}
 
 static void store(void *out, int out_bf16, int64_t i, float v) {
     if (out_bf16)
         ((uint16_t *)out)[i] = float_to_bf16(v);
     else
         ((float *)out)[i] = v;
-}
-
-/* out[m0 + j, r0 + i] = res[j * ROWS + i] + bias[r0 + i] for the rows below n. */
-static void store_tile(void *out, int out_bf16, int64_t out_stride, int m0, int acts, int r0, int n,
-                       const void *bias, int bias_bf16, const float *res) {
-    const int cols = n - r0 < ROWS ? n - r0 : ROWS;
-#if HAVE_VNNI && ROWS == 4
-    const __mmask8 k = (__mmask8)((1u << cols) - 1);
-    __m128 bv = _mm_setzero_ps();
-    if (bias != NULL)
-        bv = bias_bf16
-                 ? _mm512_castps512_ps128(bf16x16_load((const uint16_t *)bias + r0, (__mmask16)k))
-                 : _mm_maskz_loadu_ps(k, (const float *)bias + r0);
-    for (int j = 0; j < acts; j++) {
-        const __m128 v = _mm_add_ps(_mm_loadu_ps(res + j * ROWS), bv);
-        const int64_t at = (int64_t)(m0 + j) * out_stride + r0;
-        if (out_bf16)
-            _mm_mask_storeu_epi16((uint16_t *)out + at, k,
-                                  _mm256_castsi256_si128(bf16x16_round(_mm512_castps128_ps512(v))));
-        else
-            _mm_mask_storeu_ps((float *)out + at, k, v);
-    }
-#else
-    for (int i = 0; i < cols; i++) {
-        const float bv = bias == NULL ? 0.f
-                         : bias_bf16  ? bf16_to_float(((const uint16_t *)bias)[r0 + i])
-                                      : ((const float *)bias)[r0 + i];
-        for (int j = 0; j < acts; j++)
-            store(out, out_bf16, (int64_t)(m0 + j) * out_stride + r0 + i, res[j * ROWS + i] + bv);
-    }
-#endif
-}
-
-/* A grow-only buffer per calling thread: no allocation per call once warm. */
-static _Thread_local void *scratch;
-static _Thread_local size_t scratch_size;
-
-static void *scratch_get(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch);
-        scratch_size = (bytes + 4095) & ~(size_t)4095;
-        scratch = aligned_alloc(64, scratch_size);
-        if (scratch == NULL) scratch_size = 0;
-    }
-    return scratch;
-}
-
-/* out[m, row] = x[m] . W[row] (+ bias[row]) for m < m_rows, row < n.
- * desc: the weight as 7 int64 (quant_linear.py builds it once per weight): data, scales and
- * mins addresses (the layout above; mins 0 for q8), q4 (1) or q8 (0), group, n, k.
- * x: m_rows rows of k values x_stride elements apart; out: m_rows rows of n values, contiguous,
- * both float32 or both bf16 (flags bit 0); bias: NULL, float32 or bf16 (flags bit 1).
- * flags >> 2: ISA_VNNI, or ISA_C for the plain C path (also on a VNNI machine).
- * Returns 0, or -1 for a shape the kernel does not take, -2 when out of memory. */
-int fornax_quant_linear(const int64_t *desc, const void *x, int64_t x_stride, int m_rows,
-                        const void *bias, void *out, int flags, int num_threads) {
-    const int q4 = (int)desc[3], group = (int)desc[4], n = (int)desc[5], k = (int)desc[6];
-    const int x_bf16 = flags & 1, bias_bf16 = (flags >> 1) & 1, isa = flags >> 2;
-    const int64_t out_stride = n;
-    if (m_rows <= 0 || n <= 0 || k <= 0 || (group != 16 && group != 32) || (q4 && group != 32) ||
-        k % group)
-        return -1;
-    Problem p = {0};
-    p.q4 = q4, p.group = group, p.n = n, p.k = k, p.m = m_rows, p.groups = k / group;
-    p.w = (const uint8_t *)(intptr_t)desc[0];
-    p.scales = (const uint16_t *)(intptr_t)desc[1];
-    p.mins = (const uint16_t *)(intptr_t)desc[2];
-    const int per_unit = q4 ? 128 : 64; /* elements per 64 weight bytes */
-    p.units = (k + per_unit - 1) / per_unit;
-    p.lanes_per_group = 16 / (per_unit / group);
-    p.abytes = (int64_t)p.units * per_unit;
-    const int m_pad = (m_rows + ACTS - 1) / ACTS * ACTS;
-    const size_t qbytes = ((size_t)m_pad * p.abytes + 63) & ~(size_t)63;
-    const size_t xbytes = (size_t)m_pad * p.units * 16 * sizeof(float);
-    float *buf = scratch_get(qbytes + xbytes + (size_t)m_pad * p.groups * sizeof(float));
-    if (buf == NULL) return -2;
-    p.xq = (uint8_t *)buf;
-    p.xsx = (float *)((uint8_t *)buf + qbytes);
-    p.xsum = p.xsx + (size_t)m_pad * p.units * 16;
-    const int use_vnni = HAVE_VNNI && isa == ISA_VNNI;
-    const int blocks = (n + ROWS - 1) / ROWS;
-    const int64_t work = (int64_t)m_rows * n * k;
-#pragma omp parallel num_threads(num_threads) if (work > 200000)
-    {
-#pragma omp for schedule(static)
-        for (int m = 0; m < m_rows; m++)
-            quantize_row(&p, x, x_bf16, (int64_t)m * x_stride, m, use_vnni);
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            int rows[ROWS];
-            for (int i = 0; i < ROWS; i++) rows[i] = b * ROWS + i < n ? b * ROWS + i : n - 1;
-            float res[ROWS * ACTS];
-            for (int m0 = 0; m0 < m_rows; m0 += ACTS) {
-                const int acts = m_rows - m0 < ACTS ? m_rows - m0 : ACTS;
-#if HAVE_VNNI
-                if (use_vnni)
-                    tile_vnni_any(&p, rows, m0, acts, res);
-                else
-#endif
-                    tile_c(&p, rows, m0, acts, res);
-                store_tile(out, x_bf16, out_stride, m0, acts, b * ROWS, n, bias, bias_bf16, res);
-            }
-        }
-    }
-    (void)use_vnni;
-    return 0;
 }
 
 /* One dense row: q * scale (+ min), rounded as torch rounds (a float32 product, then the sum). */
@@ -481,17 +498,28 @@ static void dequantize_row(const uint8_t *wr, const uint16_t *sc, const uint16_t
     }
 }
 
-/* Rows row_ids (NULL: rows row0, row0 + 1, ...) of a q4/q8 weight, dense, as float32 or bf16
- * (out_bf16), row-major [rows, k]: the same values as quant_format.dequantize, for embeddings
- * and large batches. */
-void fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
-                             int group, int k, const int64_t *row_ids, int64_t row0, int rows,
-                             void *out, int out_bf16, int num_threads) {
+/* Rows row_ids (NULL: rows row0, row0 + 1, ...) of a q4/q8 weight in either layout (layout 1:
+ * panel16), dense, as float32 or bf16 (out_bf16), row-major [rows, k]: the same values as
+ * quant_format.dequantize, for embeddings and large batches. Returns -2 when out of memory. */
+int fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, int q4,
+                            int group, int k, int layout, const int64_t *row_ids, int64_t row0,
+                            int rows, void *out, int out_bf16, int num_threads) {
     const int groups = k / group, wbytes = q4 ? k / 2 : k, size = out_bf16 ? 2 : 4;
+    int failed = 0;
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * k > 262144) schedule(static)
     for (int i = 0; i < rows; i++) {
+        uint8_t *tmp = NULL;
+        if (layout == LAYOUT_PANEL && (tmp = scratch_get(1, (size_t)wbytes + 4 * groups)) == NULL) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         const int64_t r = row_ids != NULL ? row_ids[i] : row0 + i;
-        dequantize_row(w + r * wbytes, scales + r * groups, q4 ? mins + r * groups : NULL, q4,
-                       group, groups, (uint8_t *)out + (int64_t)i * k * size, out_bf16, HAVE_VNNI);
+        const uint8_t *wr;
+        const uint16_t *sc, *mn;
+        fetch_row(w, scales, mins, q4, layout, groups, wbytes, r, tmp, &wr, &sc, &mn);
+        dequantize_row(wr, sc, mn, q4, group, groups, (uint8_t *)out + (int64_t)i * k * size,
+                       out_bf16, HAVE_VNNI);
     }
+    return failed ? -2 : 0;
 }

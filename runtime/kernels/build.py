@@ -170,4 +170,6 @@ def load_quant_linear() -> ctypes.CDLL | None:
         lib.fornax_quant_dequantize.argtypes = [_vp, _vp, _vp, _i32, _i32, _i32, _i32, _vp,
                                                 _i64, _i32, _vp, _i32, _i32]
         lib.fornax_quant_dequantize.restype = _i32
+        lib.fornax_quant_to_amx.argtypes = [_vp, _i32, _i32, _vp, _i32]
+        lib.fornax_quant_to_amx.restype = _i32
     return lib

@@ -11,7 +11,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from fornax.runtime.kernels.build import load_quant_linear
+from fornax.runtime.kernels.build import load_amx_linear, load_quant_linear
 from fornax.runtime.kernels.quant_format import (
     PANEL,
     QuantWeight,
@@ -24,14 +24,17 @@ from fornax.runtime.kernels.quant_format import (
 logger = logging.getLogger(__name__)
 
 ISA_NAMES = {0: "c", 2: "avx512-vnni"}
-# From this many activation rows on (prefill chunks), dequantizing the weight chunk by chunk for
-# torch's matmul (oneDNN; AMX tiles where the CPU has them) beats the integer kernel. Measured on
-# the 2-core Xeon (AMX), one thread, CPU time, q4, kernel vs dequantize + matmul, ms: 3072x576 at
-# 32 rows 1.17 vs 1.17, at 64 rows 2.34 vs 1.39; 576x1536 at 32 rows 0.40 vs 0.57, at 64 rows 0.81
-# vs 0.65; 576x576 at 32 rows 0.22 vs 0.21, at 64 rows 0.43 vs 0.27 (perf/README.md, "Quantized
-# linear layers"; `fornax bench quant-linear` re-measures it on another CPU).
-DENSE_MIN_ROWS = 48
+# From this many activation rows on (prefill chunks), on a CPU with AMX and bf16 activations, the
+# weight is dequantized chunk by chunk straight into the AMX tile layout and multiplied there
+# (about the bf16 packed path's speed plus ~0.1 ns per weight); on a CPU whose kernel is the plain
+# C loop, dequantized for torch's matmul; elsewhere (AVX512-VNNI without AMX: an int8 dot product
+# has twice the lanes of a bf16 one; not yet measured there) the kernel runs at every row count. Measured on the 2-core Xeon (AMX),
+# one thread, CPU time, q4, kernel vs AMX path, ms: 3072x576 at 32 rows 0.50 vs 0.53, at 40 rows
+# 0.61 vs 0.59; 576x1536 at 32 rows 0.27 vs 0.24, at 40 rows 0.33 vs 0.33; 576x576 at 40 rows
+# 0.145 vs 0.125 (perf/README.md, "Quantized linear layers").
+DENSE_MIN_ROWS = 40
 DENSE_CHUNK = 1 << 20  # weight elements dequantized per matmul on that path (2 MiB of bf16)
+AMX_CHUNK = 1 << 18  # weight elements dequantized per AMX call (512 KiB of bf16, stays in L2)
 
 
 @cache
@@ -44,6 +47,13 @@ def _kernel() -> tuple[ctypes.CDLL, int] | None:
     isa = int(lib.fornax_quant_linear_isa())
     logger.info("quantized linear kernel: %s", ISA_NAMES.get(isa, str(isa)))
     return lib, isa
+
+
+@cache
+def _amx() -> bool:
+    from fornax.runtime.kernels.amx_linear import amx_supported
+
+    return amx_supported()
 
 
 def quant_isa() -> str:
@@ -113,6 +123,38 @@ def _dense_linear(lib: ctypes.CDLL, x: torch.Tensor, qw: QuantWeight,
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def _amx_dense_linear(lib: ctypes.CDLL, desc: torch.Tensor, x: torch.Tensor, qw: QuantWeight,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 x @ W^T (+ b) on AMX tiles: AMX_CHUNK weight elements at a time dequantized straight
+    into amx_linear's packed tile layout (a buffer this thread reuses), each chunk's output
+    columns written in place by fornax_amx_linear_bf16."""
+    amx = load_amx_linear()
+    assert amx is not None
+    n, k, threads = qw.out_features, qw.in_features, torch.get_num_threads()
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows, panels = flat.shape[0], -(-n // PANEL)
+    step = max(1, AMX_CHUNK // (2 * PANEL * k)) * 2  # whole 32-column AMX units
+    buf = getattr(_scratch, "amx", None)
+    if buf is None or buf.numel() < step * PANEL * k:
+        buf = torch.empty(step * PANEL * k, dtype=torch.bfloat16)
+        _scratch.amx = buf
+    out = torch.empty((rows, n), dtype=torch.bfloat16)
+    b16 = None if bias is None else bias.to(torch.bfloat16).contiguous()
+    for p0 in range(0, panels, step):
+        count, c0 = min(step, panels - p0), p0 * PANEL
+        if lib.fornax_quant_to_amx(desc.data_ptr(), p0, count, buf.data_ptr(), threads) != 0:
+            raise RuntimeError("fornax_quant_to_amx refused the weight")
+        status = amx.fornax_amx_linear_bf16(
+            flat.data_ptr(), flat.stride(0), buf.data_ptr(),
+            None if b16 is None else b16.data_ptr() + 2 * c0, out.data_ptr() + 2 * c0, n, rows,
+            min(count * PANEL, n - c0), k, threads)
+        if status != 0:
+            raise RuntimeError(f"the AMX linear kernel refused {rows} x {k} x {n}")
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
 def _dequantize_rows(lib: ctypes.CDLL, qw: QuantWeight, ids: torch.Tensor | None, row0: int,
                      rows: int, out: torch.Tensor) -> None:
     """Rows ids (or row0 .. row0 + rows - 1) of qw, dense, into out (bf16 or float32)."""
@@ -151,7 +193,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
 
     The kernel quantizes each activation row to int8 per weight group (the only error against
     the dense reference: at most amax_group / 254 per activation element); from DENSE_MIN_ROWS
-    rows on the weight is dequantized for torch's matmul instead. `isa` forces a path (tests,
+    rows on the weight is dequantized for AMX tiles (bf16 x) or torch's matmul instead (see
+    DENSE_MIN_ROWS). A row-major qw is prepared in place on first use (prepare_in_place). `isa` forces a path (tests,
     benchmarks): 'kernel' (the native kernel at any row count), 'c' (its plain C loop), 'torch'
     (linear_reference), None (the fastest here). Thread-safe; allocates only the output at
     decode sizes.
@@ -171,7 +214,12 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = flat.shape[0]
-    if rows == 0 or (isa is None and rows >= DENSE_MIN_ROWS):
+    if isa is None and rows >= DENSE_MIN_ROWS:
+        if dtype is torch.bfloat16 and _amx():
+            return _amx_dense_linear(kernel[0], desc, x, qw, bias)
+        if kernel[1] == 0:  # the plain C loop: oneDNN's matmul over dequantized chunks is faster
+            return _dense_linear(kernel[0], x, qw, bias)
+    if rows == 0:
         return _dense_linear(kernel[0], x, qw, bias)
     flags = int(dtype is torch.bfloat16) | ((0 if isa == "c" else kernel[1]) << 2)
     if bias is not None:

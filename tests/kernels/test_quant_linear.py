@@ -125,16 +125,49 @@ def test_bias_dtypes_shapes_and_strides():
     assert quant_linear(half, qw).dtype == torch.float16
 
 
+@needs_kernel
 @pytest.mark.parametrize("chunk", [1 << 20, 16 * 256])  # one chunk; 16-row chunks (3 of 40)
-def test_large_batches_take_the_dense_path_with_the_same_answer(monkeypatch, chunk):
+def test_large_batches_on_the_plain_c_kernel_take_the_dense_path(monkeypatch, chunk):
+    """A CPU without AVX512-VNNI: from DENSE_MIN_ROWS rows, chunks of dequantized weight rows
+    (read from the panel layout) for F.linear, the same answer as over the whole weight."""
+    lib = require_kernel(load_quant_linear)
+    monkeypatch.setattr(ql, "_kernel", lambda: (lib, 0))
     monkeypatch.setattr(ql, "DENSE_CHUNK", chunk)
     qw = _weight(T.Q4_K, 40, 256)
     x = torch.randn(DENSE_MIN_ROWS + 3, 256)
     bias = torch.randn(40)
-    _check(quant_linear(x, qw, bias), x, qw, bias)
     torch.testing.assert_close(quant_linear(x, qw, bias), F.linear(x, dequantize(qw), bias))
+    assert qw.layout == "panel16"
     xb = x.to(torch.bfloat16)
     _check(quant_linear(xb, qw, bias), xb, qw, bias)
+
+
+@pytest.mark.skipif(not x86_64(), reason="AMX is x86-64 only")
+@cpu_lacks("amx_bf16", "amx_tile", "avx512_bf16")
+@pytest.mark.parametrize("chunk", [1 << 18, 2 * 16 * 256])  # one chunk; 32-column chunks
+@pytest.mark.parametrize("qtype,n,k", [(T.Q4_K, 77, 256), (T.Q8_0, 40, 256), (T.Q6_K, 33, 512)])
+def test_large_bf16_batches_on_amx_dequantize_into_tiles(monkeypatch, chunk, qtype, n, k):
+    """bf16 prefill batches on an AMX CPU: the weight dequantized into AMX tiles chunk by
+    chunk (odd panel counts, a ragged last unit), the answer F.linear gives over the bf16
+    dequantized weight, up to the output's bf16 rounding."""
+    require_kernel(load_quant_linear)
+    assert ql._amx()
+    monkeypatch.setattr(ql, "AMX_CHUNK", chunk)
+    calls = []
+    real = ql._amx_dense_linear
+    monkeypatch.setattr(ql, "_amx_dense_linear", lambda *a: calls.append(1) or real(*a))
+    qw = _weight(qtype, n, k)
+    x = torch.randn(2, DENSE_MIN_ROWS // 2 + 3, k).to(torch.bfloat16)
+    bias = torch.randn(n)
+    got = quant_linear(x, qw, bias)
+    assert calls and got.shape == (*x.shape[:-1], n) and got.dtype == torch.bfloat16
+    w16 = dequantize(qw).to(torch.bfloat16).float()
+    want = F.linear(x.float(), w16, bias.to(torch.bfloat16).float())
+    slack = 2.0 ** -8 * want.abs() + 1e-5 * (x.float().abs() @ w16.abs().T) + 1e-6
+    assert ((got.float() - want).abs() <= slack).all()
+    few = x[:, :2]  # below DENSE_MIN_ROWS: the kernel
+    _check(quant_linear(few, qw, bias), few, qw, bias)
+    assert len(calls) == 1
 
 
 def test_fallback_without_the_kernel(monkeypatch):

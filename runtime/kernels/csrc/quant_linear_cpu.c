@@ -291,41 +291,22 @@ INLINE void panel_vnni(const Problem *p, int pn, int m0, const int mt, const int
     }
 }
 
-#define PANEL_MT(pb, q4, wpg)                                                                      \
-    switch (mt) {                                                                                  \
-    case 1:                                                                                        \
-        panel_vnni(p, pn, m0, 1, pb, q4, wpg);                                                     \
-        break;                                                                                     \
-    case 2:                                                                                        \
-        panel_vnni(p, pn, m0, 2, pb, q4, wpg);                                                     \
-        break;                                                                                     \
-    case 3:                                                                                        \
-        panel_vnni(p, pn, m0, 3, pb, q4, wpg);                                                     \
-        break;                                                                                     \
-    default:                                                                                       \
-        panel_vnni(p, pn, m0, MAX_MT, pb, q4, wpg);                                                \
-        break;                                                                                     \
-    }
+/* Two panels for one or two activation rows (the decode shapes), else one panel, 1-4 rows. */
+#define PANEL_CASES(q4, wpg)                                                                       \
+    if (pb == 2)                                                                                   \
+        mt == 1 ? panel_vnni(p, pn, m0, 1, 2, q4, wpg) : panel_vnni(p, pn, m0, 2, 2, q4, wpg);     \
+    else if (mt <= 2)                                                                              \
+        mt == 1 ? panel_vnni(p, pn, m0, 1, 1, q4, wpg) : panel_vnni(p, pn, m0, 2, 1, q4, wpg);     \
+    else                                                                                           \
+        mt == 3 ? panel_vnni(p, pn, m0, 3, 1, q4, wpg) : panel_vnni(p, pn, m0, 4, 1, q4, wpg);
 
 static void panels_vnni(const Problem *p, int pn, int m0, int mt, int pb) {
     if (p->q4) {
-        if (pb == 2) {
-            PANEL_MT(2, 1, 4)
-        } else {
-            PANEL_MT(1, 1, 4)
-        }
+        PANEL_CASES(1, 4)
     } else if (p->wpg == 4) {
-        if (pb == 2) {
-            PANEL_MT(2, 0, 4)
-        } else {
-            PANEL_MT(1, 0, 4)
-        }
+        PANEL_CASES(0, 4)
     } else {
-        if (pb == 2) {
-            PANEL_MT(2, 0, 8)
-        } else {
-            PANEL_MT(1, 0, 8)
-        }
+        PANEL_CASES(0, 8)
     }
 }
 #endif
@@ -522,4 +503,96 @@ int fornax_quant_dequantize(const uint8_t *w, const uint16_t *scales, const uint
                        out_bf16, HAVE_VNNI);
     }
     return failed ? -2 : 0;
+}
+
+#if HAVE_VNNI
+/* Two bytes of each lane of v (bits sh .. sh + 15; q8: signed) as q * s (+ m) rounded to bf16,
+ * stored as one 64-byte tile row: lane r = the pair of elements of output row r. */
+INLINE void amx_pair_row(uint16_t *dst, __m512i v, int sh, int q4, __m512 s, __m512 m) {
+    __m512 f[2];
+    for (int b = 0; b < 2; b++) {
+        const int at = sh + 8 * b;
+        const __m512i q = q4 ? _mm512_and_si512(_mm512_srli_epi32(v, at), _mm512_set1_epi32(0xff))
+                             : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - at), 24);
+        f[b] = _mm512_mul_ps(_mm512_cvtepi32_ps(q), s);
+        if (q4) f[b] = _mm512_add_ps(f[b], m);
+    }
+#if defined(__AVX512BF16__) /* the same rounding: no value here is NaN or below 2**-126 */
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]);
+    _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, pairs));
+#else
+    const __m512i lo = _mm512_srli_epi32(bf16x16_round_bits(f[0]), 16);
+    const __m512i hi =
+        _mm512_and_si512(bf16x16_round_bits(f[1]), _mm512_set1_epi32((int)0xffff0000u));
+    _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+#endif
+}
+
+/* One 16-column B tile of amx_linear_cpu.c's layout ([k pair 16][column 16][k % 2] bf16) from
+ * k-block kb (32 inputs) of panel wd / sc / mn. */
+static void amx_tile(const Problem *p, const uint8_t *wd, const uint16_t *sc, const uint16_t *mn,
+                     int kb, uint16_t *tile) {
+    if (p->q4) {
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + kb * 16)));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn + kb * 16)));
+        const __m512i nib = _mm512_set1_epi8(0x0f);
+        for (int v = 0; v < 4; v++) {
+            const __m512i wv = _mm512_loadu_si512(wd + (int64_t)(kb * 4 + v) * 64);
+            const __m512i lo = _mm512_and_si512(wv, nib);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib);
+            amx_pair_row(tile + (2 * v) * 32, lo, 0, 1, s, m);
+            amx_pair_row(tile + (2 * v + 1) * 32, lo, 16, 1, s, m);
+            amx_pair_row(tile + (8 + 2 * v) * 32, hi, 0, 1, s, m);
+            amx_pair_row(tile + (9 + 2 * v) * 32, hi, 16, 1, s, m);
+        }
+        return;
+    }
+    for (int w = 0; w < 8; w++) {
+        const int g = (kb * 32 + 4 * w) / p->group;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + g * 16)));
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(wd + (int64_t)(kb * 8 + w) * 64),
+                                            _mm512_set1_epi8((char)0x80));
+        amx_pair_row(tile + (2 * w) * 32, wv, 0, 0, s, s);
+        amx_pair_row(tile + (2 * w + 1) * 32, wv, 16, 0, s, s);
+    }
+}
+#endif
+
+/* Panels [panel0, panel0 + panels) (panel0 even) of a panel16 weight dequantized to bf16 in
+ * amx_linear_cpu.c's packed layout: unit u = panels panel0 + 2u and + 2u + 1 (zeros past the
+ * last), each [k block of 32][half][k pair][column][k % 2], for its AMX tile kernel (prefill-sized
+ * batches on CPUs with AMX). The values are quant_format.dequantize's, rounded to bf16. Returns
+ * -1 without AVX-512 (no AMX either) or for an odd panel0 or another layout. */
+int fornax_quant_to_amx(const int64_t *desc, int panel0, int panels, uint16_t *out,
+                        int num_threads) {
+#if HAVE_VNNI
+    Problem p = {0};
+    p.q4 = (int)desc[3], p.group = (int)desc[4], p.n = (int)desc[5], p.k = (int)desc[6];
+    if (desc[7] != LAYOUT_PANEL || panel0 % 2 || p.k % 32 || panels <= 0) return -1;
+    p.groups = p.k / p.group, p.words = p.q4 ? p.k / 8 : p.k / 4;
+    p.w = (const uint8_t *)(intptr_t)desc[0];
+    p.scales = (const uint16_t *)(intptr_t)desc[1];
+    p.mins = (const uint16_t *)(intptr_t)desc[2];
+    const int kbs = p.k / 32, slots = panels + (panels & 1);
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int i = 0; i < slots; i++) {
+        uint16_t *unit = out + (int64_t)(i / 2) * kbs * 1024 + (i & 1) * 512;
+        const int64_t pn = panel0 + i;
+        const uint8_t *wd = p.w + pn * p.words * 64;
+        const uint16_t *sc = p.scales + pn * p.groups * PANEL;
+        const uint16_t *mn = p.q4 ? p.mins + pn * p.groups * PANEL : NULL;
+        for (int kb = 0; kb < kbs; kb++) {
+            if (i >= panels)
+                memset(unit + (int64_t)kb * 1024, 0, 1024);
+            else
+                amx_tile(&p, wd, sc, mn, kb, unit + (int64_t)kb * 1024);
+        }
+    }
+    return 0;
+#else
+    (void)desc, (void)panel0, (void)panels, (void)out, (void)num_threads;
+    return -1;
+#endif
 }

@@ -66,51 +66,83 @@ def frame_levels(samples: np.ndarray) -> np.ndarray:
     return (10.0 * np.log10(np.maximum(power, 1e-12))).astype(np.float32)
 
 
-class EnergyVad:
-    """Streaming detector: feed audio of any length, get start/stop events in stream samples."""
+class TurnDetector:
+    """The turn logic of every detector, over one decision per frame: speech starts after
+    `start_ms` of voiced frames (reported `prefix_padding_ms` earlier) and stops after
+    `silence_duration_ms` of silent ones. Subclasses feed `_step` and set `frame_samples`."""
+
+    frame_samples = FRAME_SAMPLES
 
     def __init__(self, config: VadConfig | None = None) -> None:
         self.config = config or VadConfig()
         self._rest = np.zeros(0, dtype=np.float32)  # samples short of a whole frame
         self._frame = 0  # frames consumed
-        self.floor_db = -60.0
         self.speaking = False
         self._run = 0  # consecutive voiced frames (before a start), silent ones (after)
         self.last_voiced = 0  # stream position where the last voiced frame ended
+
+    def _frames(self, samples: np.ndarray) -> np.ndarray:
+        """The whole frames of the audio so far ([n, frame_samples]); keeps the rest."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        data = np.concatenate([self._rest, samples]) if len(self._rest) else samples
+        n = len(data) // self.frame_samples
+        self._rest = data[n * self.frame_samples:].copy()
+        return data[: n * self.frame_samples].reshape(n, self.frame_samples)
+
+    def _step(self, voiced: bool, silent: bool) -> VadEvent | None:
+        """One frame's decision (`silent` ends speech; a detector with hysteresis may call a
+        frame neither voiced nor silent); returns the start or stop it makes, if any."""
+        cfg, size = self.config, self.frame_samples
+        frame_s = size / SAMPLE_RATE
+        end_sample = (self._frame + 1) * size
+        event = None
+        if voiced:
+            self.last_voiced = end_sample
+        if not self.speaking:
+            self._run = self._run + 1 if voiced else 0
+            if self._run >= max(1, round(cfg.start_ms / 1000 / frame_s)):
+                self.speaking = True
+                onset = self._frame + 1 - self._run - round(cfg.prefix_padding_ms / 1000
+                                                            / frame_s)
+                event = VadEvent("start", max(0, onset) * size, end_sample)
+                self._run = 0
+        else:
+            self._run = self._run + 1 if silent else 0
+            if self._run >= max(1, round(cfg.silence_duration_ms / 1000 / frame_s)):
+                self.speaking = False
+                event = VadEvent("stop", (self._frame + 1 - self._run) * size, end_sample)
+                self._run = 0
+        self._frame += 1
+        return event
+
+    @property
+    def silent_ms(self) -> float:
+        """How long the speech has paused so far (0 when not speaking)."""
+        return self._run * self.frame_samples / SAMPLE_RATE * 1000 if self.speaking else 0.0
+
+    @property
+    def position(self) -> int:
+        """Samples consumed in whole frames."""
+        return self._frame * self.frame_samples
+
+
+class EnergyVad(TurnDetector):
+    """Streaming detector: feed audio of any length, get start/stop events in stream samples."""
+
+    def __init__(self, config: VadConfig | None = None) -> None:
+        super().__init__(config)
+        self.floor_db = -60.0
         self._blocks: deque[float] = deque(maxlen=FLOOR_WINDOW_BLOCKS)  # 100 ms minima
         self._block_min, self._block_frames = 0.0, 0
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         cfg = self.config
-        data = np.concatenate([self._rest, samples]) if len(self._rest) else samples
-        levels = frame_levels(data)
-        self._rest = data[len(levels) * FRAME_SAMPLES:].copy()
         events: list[VadEvent] = []
-        start_frames = max(1, round(cfg.start_ms / 1000 / FRAME_S))
-        stop_frames = max(1, round(cfg.silence_duration_ms / 1000 / FRAME_S))
-        pad_frames = round(cfg.prefix_padding_ms / 1000 / FRAME_S)
-        for level in levels:
+        for level in frame_levels(self._frames(samples).reshape(-1)):
             voiced = level > max(cfg.min_level_db, self.floor_db + cfg.margin_db)
             self._track_floor(float(level))
-            if voiced:
-                self.last_voiced = (self._frame + 1) * FRAME_SAMPLES
-            if not self.speaking:
-                self._run = self._run + 1 if voiced else 0
-                if self._run >= start_frames:
-                    self.speaking = True
-                    onset = self._frame + 1 - self._run - pad_frames
-                    events.append(VadEvent("start", max(0, onset) * FRAME_SAMPLES,
-                                          (self._frame + 1) * FRAME_SAMPLES))
-                    self._run = 0
-            else:
-                self._run = 0 if voiced else self._run + 1
-                if self._run >= stop_frames:
-                    self.speaking = False
-                    end = self._frame + 1 - self._run
-                    events.append(VadEvent("stop", end * FRAME_SAMPLES,
-                                          (self._frame + 1) * FRAME_SAMPLES))
-                    self._run = 0
-            self._frame += 1
+            if (event := self._step(voiced, not voiced)) is not None:
+                events.append(event)
         return events
 
     def _track_floor(self, level: float) -> None:
@@ -126,13 +158,3 @@ class EnergyVad:
         target = min(target, self._block_min) if self._block_frames else target
         rate = 0.5 if target < self.floor_db else 0.05
         self.floor_db += rate * (target + FLOOR_HEADROOM_DB - self.floor_db)
-
-    @property
-    def silent_ms(self) -> float:
-        """How long the speech has paused so far (0 when not speaking)."""
-        return self._run * FRAME_S * 1000 if self.speaking else 0.0
-
-    @property
-    def position(self) -> int:
-        """Samples consumed in whole frames."""
-        return self._frame * FRAME_SAMPLES

@@ -186,9 +186,11 @@ def test_vllm_protocol_final_equals_the_file_transcript(server, recordings, file
 
 @pytest.mark.slow
 def test_openai_protocol_completed_equals_the_file_transcript(server, recordings, file_texts):
+    async def all_at_once():  # concurrent sessions: their decodes share the engine's batches
+        return await asyncio.gather(*(openai_final(server, pcm) for pcm in recordings.values()))
+
     finals = {}
-    for name, pcm in recordings.items():
-        text, events = asyncio.run(openai_final(server, pcm))
+    for name, (text, events) in zip(recordings, asyncio.run(all_at_once())):
         finals[name] = text
         completed = [e for e in events if e["type"].endswith("transcription.completed")]
         assert len(completed) >= 1 and all(e["usage"]["seconds"] > 0 for e in completed)

@@ -11,6 +11,7 @@ from fornax.runtime.errors import ConfigError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_QUANTIZATIONS = ("gguf",)
 _POLICIES = ("fcfs", "priority")
 _RUNNERS = ("auto", "generate", "pooling")
 _DEVICES = ("auto", "cuda", "cpu")
@@ -54,6 +55,11 @@ class ModelConfig:
                                      shown="the model's")
     load_format: str = _opt("auto", "weights from safetensors, a GGUF file, or random (dummy)",
                             choices=_LOAD_FORMATS)
+    quantization: str | None = _opt(
+        None, "gguf: a GGUF model's Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights stay quantized in "
+        "memory, whatever the dtype (implied for a bfloat16 .gguf model; float32 dequantizes at "
+        "load without it; FORNAX_GGUF_DEQUANTIZE=1: always)", choices=_QUANTIZATIONS,
+        shown="gguf for a bfloat16 .gguf model")
     seed: int = _opt(0, "engine random seed")
     generation_config: str = _opt(
         "auto", "auto: sampling defaults from the model's generation_config.json; fornax: "
@@ -88,6 +94,9 @@ class ModelConfig:
             raise ConfigError(
                 f"load_format must be one of {', '.join(_LOAD_FORMATS)}, got {self.load_format!r}"
             )
+        if self.quantization is not None and self.quantization not in _QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(_QUANTIZATIONS)} (GGUF "
+                              f"weights kept quantized), got {self.quantization!r}")
         _positive("max_model_len", self.max_model_len)
         if self.generation_config not in ("auto", "fornax", "vllm"):
             raise ConfigError("generation_config must be 'auto' or 'fornax'")

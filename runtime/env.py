@@ -40,6 +40,9 @@ FORNAX_CPU_LINEAR: auto|onednn|amx = auto
     one of them only (perf/README.md)
 FORNAX_NATIVE_KERNELS: bool = 1
     0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch
+FORNAX_GGUF_DEQUANTIZE: bool = 0
+    1: a GGUF model's weights are dequantized at load (the path before `--quantization gguf`,
+    for comparison) instead of kept quantized; its prepared folder is cached separately
 CC: str
     the C compiler that builds the native kernels (else gcc, cc, clang)
 FORNAX_FLASHINFER_TENSOR_CORES: bool = (on when a KV head serves two or more query heads)
@@ -179,6 +182,7 @@ DEV_MODE: EnvVar[bool] = _var("VLLM_SERVER_DEV_MODE")
 ENGINE_DEAD_GRACE_S: EnvVar[float] = _var("FORNAX_ENGINE_DEAD_GRACE_S")
 CPU_LINEAR: EnvVar[str] = _var("FORNAX_CPU_LINEAR")
 NATIVE_KERNELS: EnvVar[bool] = _var("FORNAX_NATIVE_KERNELS")
+GGUF_DEQUANTIZE: EnvVar[bool] = _var("FORNAX_GGUF_DEQUANTIZE")  # read by loaders/model_files.py
 CC: EnvVar[str | None] = _var("CC")
 FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _var("FORNAX_FLASHINFER_TENSOR_CORES")
 FLASHINFER_PREFILL_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_PREFILL_BACKEND")

@@ -24,6 +24,9 @@ MAX_PROMPTS = 1024  # prompts in one completions request (a batch of prompts)
 MAX_CONVERSATIONS = 256  # conversations in one /v1/chat/completions/batch request
 MAX_POOLING_INPUTS = 2048  # inputs of one embeddings / pooling / classify / score request
 MAX_SERVED_MODELS = 16  # models of one server (--models, or models: in --config)
+MAX_LOAD_WAITERS = 256  # requests of one API worker waiting for one model to load
+MAX_KEEP_ALIVE_S = 7 * 24 * 3600  # a request's keep_alive (seconds; negative: stay loaded)
+MAX_IDLE_TIMEOUT_S = 30 * 24 * 3600  # --idle-timeout
 
 # ---- sampling lists and strings -----------------------------------------------------------------
 MAX_STOP_STRINGS = 64  # --max-stop-strings

@@ -139,6 +139,9 @@ class EngineClient:
         self.ipc_dir = ipc_dir
         # many-model servers restart a dead engine (serve.py): reconnect once it is back
         self.revive = False
+        self.managed = False  # the model manager stops it when idle: its exit is no error
+        self._reader: asyncio.Task[None] | None = None
+        self._alive = asyncio.Event()
         self.request_timeout_s = request_timeout_s  # --request-timeout (None: no deadline)
         self._recent: tuple[float, EngineStats] | None = None  # recent_stats' cache
         self._stats_query: asyncio.Future[EngineStats] | None = None
@@ -155,10 +158,23 @@ class EngineClient:
     def dead(self) -> bool:
         return self.dead_reason is not None
 
-    async def start(self, timeout_s: float = 30.0) -> None:
+    async def start(self, timeout_s: float = 30.0, loaded: bool = True) -> None:
+        """Connect to the engine; a managed model that is not `loaded` waits for its engine
+        (its requests first ask the model manager to load it)."""
         self.ctx = zmq.asyncio.Context()
-        await self._connect(timeout_s)
+        if loaded:
+            await self._connect(timeout_s)
+        else:
+            self.dead_reason = "not loaded"
         self._tasks.append(asyncio.create_task(self._watch_alive()))
+
+    async def wait_alive(self, timeout_s: float) -> None:
+        """Until the worker is connected to a (re)started engine; 503 after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._alive.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(f"the engine core did not come back within {timeout_s:g} s: "
+                                  f"{self.dead_reason}") from None
 
     async def _connect(self, timeout_s: float) -> None:
         """Sockets to the engine, the hello, the read loop, and one round trip."""
@@ -174,13 +190,15 @@ class EngineClient:
         self._reader = asyncio.create_task(self._read_loop())
         self._tasks.append(self._reader)
         await self.stats(timeout_s)  # a round trip: both directions work
+        self._alive.set()
 
     async def _reconnect(self) -> None:
         """A restarted engine on the same IPC directory: new sockets and hello, then alive."""
-        self._reader.cancel()
-        self._tasks.remove(self._reader)
-        self.dealer.close()
-        self.pull.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            self._tasks.remove(self._reader)
+            self.dealer.close()
+            self.pull.close()
         self.client_id = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._recent = None
         reason, self.dead_reason = self.dead_reason, None
@@ -194,8 +212,9 @@ class EngineClient:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        self.dealer.close()
-        self.pull.close()
+        if self._reader is not None:
+            self.dealer.close()
+            self.pull.close()
         self.ctx.term()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -314,16 +333,21 @@ class EngineClient:
                 await asyncio.sleep(REVIVE_POLL_S)  # until the restarted engine listens
                 continue
             if self.dead:
+                # this may be the listener of an engine still exiting: after the reconnect (an
+                # engine answered), watch the socket anew, the one of the engine that answered
+                writer.close()
                 try:
                     await self._reconnect()
                 except Exception as exc:  # noqa: BLE001 - dead again: keep waiting
                     logger.warning("reconnecting to engine core %s failed: %s", self.ipc_dir,
                                    exc)
-                    writer.close()
+                    self.dead_reason = self.dead_reason or f"reconnecting failed: {exc}"
                     await asyncio.sleep(REVIVE_POLL_S)
-                    continue
+                continue
             try:
                 await reader.read(1)  # the engine never writes: this returns at its exit
+            except OSError:  # reset: gone as well
+                pass
             finally:
                 writer.close()
             self._mark_dead("the engine core process exited")
@@ -334,8 +358,10 @@ class EngineClient:
         if self.dead:
             return
         self.dead_reason = reason
-        logger.error("engine core is dead (%s); failing %d in-flight requests", reason,
-                     len(self.groups))
+        self._alive.clear()
+        logger.log(logging.INFO if self.managed else logging.ERROR,
+                   "engine core is dead (%s); failing %d in-flight requests", reason,
+                   len(self.groups))
         error = EngineDeadError(f"the engine core is not running: {reason}")
         for group in set(self.groups.values()):
             group.fail(error)

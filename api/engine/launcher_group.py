@@ -34,30 +34,50 @@ class EngineGroup:
         self.launchers = [EngineLauncher(model, kwargs, drain_timeout_s)
                           for _, model, kwargs in models]
         self.ipc_dir = self.launchers[0].ipc_dir  # the prometheus files live in the first one's
+        self.drain_timeout_s = drain_timeout_s
         self.stopping = False
         self.restarts = [0] * len(models)
 
-    def start(self) -> list[EngineHandshake]:
-        """Start every engine at once and wait for all of them; EngineStartError naming the
-        model that failed (the others are stopped)."""
-        results: list[EngineHandshake | BaseException | None] = [None] * len(self.launchers)
+    def start(self, max_loaded: int = 0) -> list[EngineHandshake]:
+        """Start every engine (at most `max_loaded` at once, 0: all) and wait for them;
+        EngineStartError naming the model that failed (the others are stopped). With a bound,
+        batches start from the last models and stop again once READY (their handshakes are all
+        the API workers need), so the first `max_loaded` models are the ones left loaded."""
+        n = len(self.launchers)
+        if not max_loaded or max_loaded >= n:
+            return self._start_batch(list(range(n)))
+        infos: dict[int, EngineHandshake] = {}
+        batches = [list(range(max(0, end - max_loaded), end))
+                   for end in range(n, 0, -max_loaded)]
+        for batch in batches:
+            infos.update(zip(batch, self._start_batch(batch), strict=True))
+            if batch is not batches[-1]:
+                for i in batch:
+                    self.launchers[i].stop(self.drain_timeout_s)
+                logger.info("stopped %s again (--max-loaded-models %d): loaded on demand",
+                            ", ".join(self.names[i] for i in batch), max_loaded)
+        return [infos[i] for i in range(n)]
+
+    def _start_batch(self, indices: list[int]) -> list[EngineHandshake]:
+        launchers = [self.launchers[i] for i in indices]
+        names = [self.names[i] for i in indices]
+        results: list[EngineHandshake | BaseException | None] = [None] * len(launchers)
         began = time.monotonic()
 
         def start_one(i: int) -> None:
             try:
-                results[i] = info = self.launchers[i].start()
+                results[i] = info = launchers[i].start()
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 results[i] = exc
                 return
             logger.info("engine core %d/%d ready after %.1f s: %s (%s, %s, max_model_len %d)",
                         sum(r is not None for r in results), len(results),
-                        time.monotonic() - began, self.names[i], info.architecture, info.runner,
+                        time.monotonic() - began, names[i], info.architecture, info.runner,
                         info.max_model_len)
 
         threads = [threading.Thread(target=start_one, args=(i,), name=f"engine-start-{i}",
-                                    daemon=True) for i in range(len(self.launchers))]
-        logger.info("starting %d engine cores in parallel: %s", len(threads),
-                    ", ".join(self.names))
+                                    daemon=True) for i in range(len(launchers))]
+        logger.info("starting %d engine cores in parallel: %s", len(threads), ", ".join(names))
         try:
             for t in threads:
                 t.start()
@@ -68,12 +88,12 @@ class EngineGroup:
                     if time.monotonic() >= next_line:
                         next_line += PROGRESS_EVERY_S
                         logger.info("still loading after %.0f s: %s", time.monotonic() - began,
-                                    ", ".join(n for n, r in zip(self.names, results, strict=True)
+                                    ", ".join(n for n, r in zip(names, results, strict=True)
                                               if r is None))
         except BaseException:
             self.kill()
             raise
-        for name, result in zip(self.names, results, strict=True):
+        for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException) or result is None:
                 self.kill()
                 raise EngineStartError(f"{name}: {result}")
@@ -84,14 +104,19 @@ class EngineGroup:
         one-model server's exit, is never called)."""
         del on_death
         for i in range(len(self.launchers)):
-            threading.Thread(target=self._supervise, args=(i,), name=f"engine-watch-{i}",
-                             daemon=True).start()
+            self.supervise(i)
+
+    def supervise(self, i: int) -> None:
+        """Watch model i's engine process (again after the model manager loaded it)."""
+        threading.Thread(target=self._supervise, args=(i,), name=f"engine-watch-{i}",
+                         daemon=True).start()
 
     def _supervise(self, i: int) -> None:
         launcher, name = self.launchers[i], self.names[i]
         while True:
             proc = launcher.proc
-            assert proc is not None
+            if proc is None:
+                return
             code = proc.wait()
             if self.stopping or launcher.stopping:
                 return

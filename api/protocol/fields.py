@@ -62,6 +62,10 @@ def warn_unknown(name: str, where: str) -> bool:
     return True
 
 
+# read before the handler by the many-model router (api/server/model_set.py), on every route
+ROUTER_FIELDS = frozenset({"keep_alive"})
+
+
 def _refuse(name: str, status: FieldStatus) -> APIError:
     return APIError(400, f"{name} is not supported by this server: {status.note}", name)
 
@@ -86,7 +90,7 @@ def check_keys(struct: str, declared: frozenset[str], keys: Iterable[str],
     chat_fields = _chat_fields() if via_chat else frozenset()
     not_forwarded = _not_forwarded() if via_chat else {}
     for name in keys:
-        if name in declared:
+        if name in declared or name in ROUTER_FIELDS:
             continue
         status = table.get(name)
         if status is None and via_chat:

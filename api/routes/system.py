@@ -44,7 +44,10 @@ async def _health(req: Request, deep: bool) -> Response:
     if not models.many or "model" in req.query:  # one model: this answer, as always
         return await _model_health(req.state, deep)
     failed: list[str] = []  # many models (none named): 503 naming each one that is not healthy
-    for state in models.states:
+    statuses = await models.model_states()  # unloaded on purpose (or loading): not a failure
+    for state, status in zip(models.states, statuses, strict=True):
+        if status in ("unloaded", "unloading", "loading"):
+            continue
         try:
             await _model_health(state, deep)
         except APIError as exc:
@@ -123,6 +126,8 @@ async def metrics(req: Request) -> Response:
     states = models.states if models.many and "model" not in req.query else [req.state]
     engines = []
     for state in states:  # every model's engine numbers, under its own model_name
+        if state.engine.dead and state.engine.managed:
+            continue  # not loaded (or restarting): no engine to ask
         try:
             engines.append((state.model_name, await state.engine.stats(timeout_s=2.0),
                             state.settings.cache_config_info))

@@ -84,6 +84,7 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route(("GET",), "/v1/models", models.list_models),
     Route(("GET",), "/v1/models/{model}", models.get_model),
+    Route(("POST",), "/v1/models/{rest}", models.model_action),  # {id}/load, {id}/unload
     Route(("POST",), "/v1/chat/completions", chat.chat_completions),
     Route(("POST",), "/v1/chat/completions/batch", batch.chat_batch),
     Route(("POST",), "/v1/completions", completions.completions),
@@ -224,6 +225,7 @@ class FornaxApp:
             logger.debug("sending the response failed: %s", exc)
         finally:
             req.stop_watching()
+            state.models.release(req)  # many models: this request no longer holds its model
 
     async def _dispatch(self, req: Request, extra: dict[str, str]) -> Response | None:
         try:

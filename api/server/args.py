@@ -13,7 +13,7 @@ from fornax.api.server.settings import ServerSettings
 from fornax.api.server.vllm_flags import FlagGroups, choice_type, json_value
 from fornax.runtime.config import engine_field, field_default
 from fornax.runtime.errors import ConfigError
-from fornax.runtime.limits import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
+from fornax.runtime.limits import MAX_IDLE_TIMEOUT_S, MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -79,6 +79,20 @@ def _positive(text: str) -> float:
 
 def _non_negative(text: str) -> float:
     value = 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+    return value
+
+
+def _count(text: str) -> int:
+    value = _non_negative(text)
+    if not value <= 1000 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a whole number from 0 to 1000 expected, got {text!r}")
+    return int(value)
+
+
+def _idle_seconds(text: str) -> float:
+    value = _non_negative(text)
+    if value > MAX_IDLE_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IDLE_TIMEOUT_S} seconds, got {text!r}")
     return value
 
 
@@ -296,6 +310,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "\"max_model_len\": ...}); requests pick one by `model` (`models:` in "
                         "--config: a list of such mappings). No MODEL and no --models: the "
                         "packaged chat, embedding and Whisper models")
+    groups.add_argument("--max-loaded-models", type=_count, default=0, metavar="N",
+                        help="with --models: at most N models loaded at once; a request for "
+                        "another loads it on demand, unloading the least recently used idle one "
+                        "(default: 0, all loaded)")
+    groups.add_argument("--idle-timeout", type=_idle_seconds, default=None, metavar="SECONDS",
+                        help="with --models (also per model): unload a model after this many "
+                        "seconds without requests; the next request loads it again (default: 0, "
+                        "never)")
     groups.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="flags from a YAML file (keys: flag names, with dashes or "
                         "underscores; `model:` too); the command line wins (api/server/argv.py)")

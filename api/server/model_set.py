@@ -10,14 +10,19 @@ model goes to the first model that serves its route; an unknown name is a 404.
 
 from __future__ import annotations
 
+import asyncio
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from fornax.api.engine.manager_client import ManagerClient, control_address
 from fornax.api.multipart import MultipartError, parse_multipart
-from fornax.api.server.errors import APIError
+from fornax.api.server.errors import APIError, overloaded
 from fornax.api.server.model_settings import ModelSettings
 from fornax.api.server.settings import ServerSettings
+from fornax.runtime.limits import MAX_KEEP_ALIVE_S, MAX_LOAD_WAITERS
 
 if TYPE_CHECKING:
     from fornax.api.responses.routes import ResponsesService
@@ -36,12 +41,38 @@ _TEXT_PATHS = frozenset({"/tokenize", "/detokenize", "/v1/tokenize", "/v1/detoke
                          "/invocations"})
 _JSON_PATHS = _POOLING_PATHS | _GENERATE_PATHS | _TEXT_PATHS
 _GENERATE_KEYS = ("messages", "prompt")  # /invocations: a generation body (else pooling)
+# routes that never reach the engine: they do not load an unloaded model
+_NO_ENGINE_PATHS = frozenset({"/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize",
+                              "/v1/chat/completions/render", "/v1/completions/render",
+                              "/v1/messages/count_tokens"})
+LOAD_TIMEOUT_S = 600.0  # a request waits this long at most for its model to load
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class _Named(msgspec.Struct):
-    """The one field the router reads from a JSON body (everything else is skipped)."""
+    """The fields the router reads from a JSON body (everything else is skipped)."""
 
     model: Any = None
+    keep_alive: Any = None
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A request's keep_alive (Ollama's): seconds, or a duration ("30s", "5m", "1h"), for the
+    model to stay loaded after the request; 0 unloads it at once, a negative value keeps it
+    loaded. 400 naming keep_alive for anything else or beyond a week."""
+    if value is None:
+        return None
+    seconds = math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
+        raise APIError(400, "keep_alive must be a number of seconds or a duration such as "
+                       f"\"30s\", \"5m\" or \"1h\" (at most {MAX_KEEP_ALIVE_S} s; negative: "
+                       "stay loaded), got " + repr(value)[:64], "keep_alive")
+    return -1.0 if seconds < 0 else seconds
 
 
 def model_settings(settings: ServerSettings, entry: ModelSettings) -> ServerSettings:
@@ -67,8 +98,10 @@ def build_states(settings: ServerSettings) -> ModelSet:
         return AppState(settings).models
     states = [AppState(model_settings(settings, entry)) for entry in settings.models]
     for state in states:  # `fornax serve` restarts a dead model's engine: reconnect then
-        state.engine.revive = True
-    return ModelSet(states)
+        state.engine.revive = state.engine.managed = True
+    models = ModelSet(states)
+    models.manager = ManagerClient(control_address(settings.models[0].ipc_dir))
+    return models
 
 
 def not_found(name: str) -> APIError:
@@ -89,16 +122,73 @@ class ModelSet:
                 self.by_name.setdefault(name, state)
         self.draining = False
         self.responses: ResponsesService | None = None  # /v1/responses' store: one per worker
+        self.manager: ManagerClient | None = None  # many models: load and unload on demand
+        self._waiting = [0] * len(states)  # requests of this worker waiting for a model's load
+        self._leases: dict[int, tuple[int, float | None]] = {}  # id(request) -> (model, keep)
+        self._telling: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
-        for state in self.states:
-            await state.engine.start()
+        loaded = [True] * len(self.states)
+        if self.manager is not None:
+            await self.manager.start()
+            loaded = [s == "loaded" for s in await self.model_states()]
+        for state, on in zip(self.states, loaded, strict=True):
+            await state.engine.start(loaded=on)
 
     async def close(self) -> None:
         if self.responses is not None:
             await self.responses.close()
         for state in self.states:
             await state.engine.close()
+        if self.manager is not None:
+            await self.manager.close()
+
+    async def model_states(self) -> list[str]:
+        """Each model's load state (loaded, loading, unloading, unloaded, failed)."""
+        if self.manager is None:
+            return ["failed" if s.engine.dead else "loaded" for s in self.states]
+        return (await self.manager.ask("status")).states
+
+    async def admin(self, op: str, state: AppState) -> list[str]:
+        """POST /v1/models/{id}/load (waits until it is loaded) or /unload."""
+        if self.manager is None:
+            raise APIError(400, "load and unload need a many-model server (--models)", "model")
+        reply = await self.manager.ask(op, self.states.index(state), LOAD_TIMEOUT_S)
+        if reply.error:
+            raise APIError(503, reply.error, headers={"retry-after": "5"})
+        if op == "load" and state.engine.dead:
+            await state.engine.wait_alive(LOAD_TIMEOUT_S)
+        return reply.states
+
+    async def acquire(self, req: Request, keep_alive: float | None) -> None:
+        """Before a request reaches its model's engine: the model manager loads the model if
+        it is not loaded (the request waits, bounded) and keeps it loaded until `release`."""
+        if self.manager is None or req.path in _NO_ENGINE_PATHS:
+            return
+        state = req.state
+        i = self.states.index(state)
+        if self._waiting[i] >= MAX_LOAD_WAITERS:
+            raise overloaded(f"{MAX_LOAD_WAITERS} requests already wait for {state.model_name} "
+                             "to load; try again shortly", retry_after_s=5)
+        self._waiting[i] += 1
+        try:
+            reply = await self.manager.ask("ensure", i, LOAD_TIMEOUT_S)
+        finally:
+            self._waiting[i] -= 1
+        if reply.error:
+            raise APIError(503, reply.error, headers={"retry-after": "5"})
+        self._leases[id(req)] = (i, keep_alive)
+        if state.engine.dead:  # just loaded: the engine client reconnects within 0.5 s
+            await state.engine.wait_alive(LOAD_TIMEOUT_S)
+
+    def release(self, req: Request) -> None:
+        """The request is over: its model may go idle (and unload after its timeout). Sent
+        from a task of its own: this runs in the request's `finally`, maybe while cancelled."""
+        lease = self._leases.pop(id(req), None)
+        if lease is not None and self.manager is not None:
+            task = asyncio.ensure_future(self.manager.tell("end", *lease))
+            self._telling.add(task)
+            task.add_done_callback(self._telling.discard)
 
     @property
     def many(self) -> bool:
@@ -145,18 +235,22 @@ class ModelSet:
             name = (req.query.get("model") or [""])[-1]
             req.state = self.find(name) if name else self.default_for(path)
             return
+        keep_alive = None
         if path in _AUDIO_PATHS:
             name = await _form_model(req)
         elif path in _JSON_PATHS:
             body = await _json_model(req)
             name = body.model if isinstance(body.model, str) else None
+            keep_alive = keep_alive_seconds(body.keep_alive)
             if path == "/invocations" and not name:
                 req.state = self.first("generate" if isinstance(body, _Keys) and body.generate
                                        else "pooling")
+                await self.acquire(req, keep_alive)
                 return
         else:
             return
         req.state = self.find(name) if name else self.default_for(path)
+        await self.acquire(req, keep_alive)
 
     def default_for(self, path: str) -> AppState:
         """The model a request without `model` goes to: the first that serves its route."""
@@ -184,7 +278,7 @@ async def _json_model(req: Request) -> _Named:
     except (msgspec.DecodeError, RecursionError):
         return _Named()
     if req.path == "/invocations":
-        keys = _Keys(model=named.model)
+        keys = _Keys(model=named.model, keep_alive=named.keep_alive)
         try:
             raw = msgspec.json.decode(body)
         except (msgspec.DecodeError, RecursionError):

@@ -141,6 +141,11 @@ _TRANSCRIPT = {"anyOf": [_ref("TranscriptionResponse"), _ref("TranscriptionVerbo
 OPERATIONS: dict[tuple[str, str], tuple[Op, ...]] = {
     ("GET", "/v1/models"): (Op("The served model names", "models", result=oai.ModelList),),
     ("GET", "/v1/models/{model}"): (Op("One served model", "models", result=oai.ModelCard),),
+    ("POST", "/v1/models/{rest}"): (
+        Op("Load a model now (a many-model server); answers once it is loaded", "models",
+           result=oai.ModelCard, path="/v1/models/{model}/load"),
+        Op("Unload a model (a many-model server): its engine drains, then stops", "models",
+           result=oai.ModelCard, path="/v1/models/{model}/unload")),
     ("POST", "/v1/chat/completions"): (Op(
         "Chat completion", "generate", oai.ChatCompletionRequest, oai.ChatCompletionResponse,
         events=oai.ChatCompletionChunk, example=_CHAT_EXAMPLE),),

@@ -14,6 +14,7 @@ from typing import Any
 
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.api.engine.launcher_group import EngineGroup
+from fornax.api.engine.model_manager import ModelManager
 from fornax.api.routes.chat_features import check_chat_flags
 from fornax.api.server.args import engine_kwargs, settings_kwargs, vllm_config_notes
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
@@ -201,6 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
         EngineGroup([(e.served[0], e.model, e.kwargs) for e in entries], args.shutdown_timeout)
         if many else EngineLauncher(model, kwargs, args.shutdown_timeout))
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    manager: ModelManager | None = None
 
     def interrupt_start(signum: int, frame: Any) -> None:
         raise _StartInterrupted()
@@ -210,7 +212,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         logger.info("starting the engine core (loading %s)", model)
         try:
-            infos = launcher.start() if isinstance(launcher, EngineGroup) else [launcher.start()]
+            infos = (launcher.start(args.max_loaded_models) if isinstance(launcher, EngineGroup)
+                     else [launcher.start()])
         except EngineStartError as exc:
             logger.error("the engine core failed to start: %s", exc)
             return 1
@@ -222,6 +225,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 signal.signal(sig, handler)
         for entry, info in zip(entries, infos, strict=True):
             _log_ready(args, entry.served[0] if many else "", info)
+        if isinstance(launcher, EngineGroup):  # loads on demand, unloads idle models
+            manager = ModelManager(launcher, [e.idle_timeout for e in entries],
+                                   args.max_loaded_models,
+                                   [not args.max_loaded_models or i < args.max_loaded_models
+                                    for i in range(len(entries))])
+            manager.start()
         info = infos[0]
         models = [ModelSettings(
             ipc_dir=ipc_dir, engine=i, served_model_names=e.served, model_root=e.root,
@@ -244,6 +253,8 @@ def run_serve(args: argparse.Namespace) -> int:
             api_server_count=args.api_server_count, models=models, **settings_kwargs(args))
         return _run_granian(args, launcher, settings)
     finally:
+        if manager is not None:
+            manager.stop()
         code = launcher.stop(args.shutdown_timeout + 5)
         if code not in (None, 0):
             logger.warning("the engine core exited with code %s", code)

@@ -194,6 +194,27 @@ class AdminResult(msgspec.Struct, tag="admin", array_like=True, omit_defaults=Tr
 EngineMessage = EngineCoreOutputs | EngineStats | EngineDead | AdminResult
 
 
+# ---- many-model servers: API worker <-> `fornax serve`'s model manager ------------------------
+class ModelCommand(msgspec.Struct, tag="model?", array_like=True, omit_defaults=True, gc=False):
+    """What a worker asks of the model manager: `ensure` (a request starts: load the model if
+    needed, answer once it is READY; it stays busy until the request's `end`), `load`,
+    `unload`, `status` (all answered), or `end` (not answered; it carries the request's
+    keep_alive: seconds to stay loaded, -1 forever)."""
+
+    query_id: int
+    op: str
+    model: int = -1  # index in ServerSettings.models
+    keep_alive_s: float | None = None
+
+
+class ModelStates(msgspec.Struct, tag="models", array_like=True, omit_defaults=True, gc=False):
+    """The manager's answer: each model's state (loaded, loading, unloaded, failed)."""
+
+    query_id: int
+    states: list[str]
+    error: str = ""
+
+
 class EngineSpec(msgspec.Struct, omit_defaults=True, gc=False):
     """How `fornax serve` tells the engine-core process what to load and where to listen (JSON)."""
 

@@ -1,4 +1,4 @@
-"""Turns a GGUF file into a cached HF model folder, once (engine-core process, model load)."""
+"""Turns a GGUF file into a cached model folder, once (engine-core process, model load)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import math
 import os
 import pathlib
 import shutil
-import struct
-import sys
 import tempfile
 import time
 from io import BufferedReader
@@ -24,12 +22,13 @@ from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
 from fornax.runtime.loaders.cache_folders import cache_root as _cache_root
 from fornax.runtime.loaders.gguf_tokenizer import build_tokenizer
+from fornax.runtime.loaders.gguf_weights import write_weights
 
 logger = logging.getLogger(__name__)
 
 # Bump when the prepared folder's content changes for the same GGUF bytes: old folders are then
-# ignored (they sit next to the new ones until the cache is cleaned).
-FORMAT_VERSION = 1
+# ignored (they sit next to the new ones until the cache is cleaned). 2: quantized folders.
+FORMAT_VERSION = 2
 _INDEX_NAME = "hash-index.json"
 _INDEX_MAX_ENTRIES = 256
 
@@ -40,38 +39,24 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
 
-_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_BLOCK_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
 
 
 def prepare_gguf(
-    gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None
+    gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None,
+    *, quantized: bool = False,
 ) -> pathlib.Path:
-    """Return a prepared HF folder (config, float32 safetensors, tokenizer) for `gguf_path`.
+    """Return a prepared folder (config, safetensors, tokenizer) for `gguf_path`.
 
-    The folder lives at `<cache_root>/gguf/<sha256 prefix>-v<FORMAT_VERSION>` and is built once:
-    later calls (and restarts) find its marker file and return at once. Raises `ModelLoadError`
-    naming the file when it is missing, corrupt, truncated or of an unsupported kind.
+    By default a plain HF folder with every tensor dequantized to float32, at
+    `<cache_root>/gguf/<sha256 prefix>-v<FORMAT_VERSION>`. `quantized` keeps the Q8_0, Q4_0,
+    Q4_1, Q4_K and Q6_K tensors as fornax QuantWeights (runtime/kernels/quant_format.py; only
+    fornax loads that folder) at `<sha256 prefix>-q-v<FORMAT_VERSION>`; both can coexist.
+    A folder is built once: later calls (and restarts) find its marker file and return at once.
+    Raises `ModelLoadError` naming the file when it is missing, corrupt, truncated or of an
+    unsupported kind.
     """
     path = pathlib.Path(gguf_path).expanduser()
     try:
@@ -89,7 +74,7 @@ def prepare_gguf(
         raise ModelLoadError(f"cannot create the GGUF cache folder {gguf_dir}: {exc}") from exc
 
     digest = _content_hash(path, st, gguf_dir)
-    key = f"{digest[:32]}-v{FORMAT_VERSION}"
+    key = f"{digest[:32]}-{'q-' if quantized else ''}v{FORMAT_VERSION}"
     final = gguf_dir / key
     if is_prepared(final, FORMAT_VERSION):
         logger.debug("GGUF cache hit: %s -> %s", path, final)
@@ -104,7 +89,7 @@ def prepare_gguf(
         try:
             t0 = time.perf_counter()
             logger.info("Preparing GGUF %s into %s (one time)", path, final)
-            _build(path, tmp, digest)
+            _build(path, tmp, digest, quantized)
             _publish(tmp, final)
             logger.info("Prepared %s in %.1f s", path.name, time.perf_counter() - t0)
         except BaseException:
@@ -197,7 +182,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(path: pathlib.Path, out: pathlib.Path, digest: str) -> None:
+def _build(path: pathlib.Path, out: pathlib.Path, digest: str, quantized: bool) -> None:
     reader = _open_reader(path)
     meta = _Metadata(reader, path)
     arch = meta.string("general.architecture")
@@ -212,7 +197,7 @@ def _build(path: pathlib.Path, out: pathlib.Path, digest: str) -> None:
     config = _build_config(meta, arch, tensors, path)
     tokenizer, tokenizer_config, generation_config = build_tokenizer(meta, path, config)
 
-    _write_weights(path, reader, arch, config, out / "model.safetensors")
+    summary = write_weights(path, reader, arch, config, out / "model.safetensors", quantized)
     _write_json(out / "config.json", config)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_config)
@@ -223,6 +208,8 @@ def _build(path: pathlib.Path, out: pathlib.Path, digest: str) -> None:
         "sha256": digest,
         "architecture": arch,
         "num_tensors": len(reader.tensors),
+        "quantized": quantized,
+        **summary,
         "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(out / MARKER_NAME, marker, fsync=True)  # last: its presence means "complete"
@@ -441,130 +428,6 @@ def _llama3_factors(
             smooth = (original / wavelen - low) / (high - low)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
     return np.asarray(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# weights
-# ---------------------------------------------------------------------------------------------
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """HF name for a GGUF tensor name; None for `rope_freqs` (read into the config instead).
-
-    Raises KeyError for a name that has no place in a Llama/Qwen2/Qwen3 model.
-    """
-    base, _, suffix = gguf_name.rpartition(".")
-    if base == "rope_freqs":
-        return None
-    if suffix in ("weight", "bias"):
-        if base in _GLOBAL_TENSORS:
-            return f"{_GLOBAL_TENSORS[base]}.{suffix}"
-        parts = base.split(".")
-        if (
-            len(parts) == 3
-            and parts[0] == "blk"
-            and parts[1].isdigit()
-            and parts[2] in _BLOCK_TENSORS
-        ):
-            return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{suffix}"
-    raise KeyError(gguf_name)
-
-
-def _required_tensors(arch: str, config: dict[str, Any]) -> set[str]:
-    per_layer = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-        "input_layernorm",
-        "post_attention_layernorm",
-    ]
-    if arch == "qwen3":
-        per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config["tie_word_embeddings"]:
-        names.add("lm_head.weight")
-    for i in range(config["num_hidden_layers"]):
-        names.update(f"model.layers.{i}.{part}.weight" for part in per_layer)
-    return names
-
-
-def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's `permute` of Q/K rows (rotary halves interleaved per head)."""
-    dim = weights.shape[0] // n_head // 2
-    w = weights.reshape(n_head, dim, 2, *weights.shape[1:])
-    return w.swapaxes(1, 2).reshape(weights.shape)
-
-
-def _write_weights(
-    path: pathlib.Path, reader: gguf.GGUFReader, arch: str, config: dict[str, Any],
-    out: pathlib.Path,
-) -> None:
-    """Dequantize every tensor to float32 and stream it into one safetensors file."""
-    from gguf.quants import dequantize
-    from tqdm import tqdm
-
-    plan: list[tuple[str, gguf.ReaderTensor, tuple[int, ...]]] = []
-    seen: set[str] = set()
-    for t in reader.tensors:
-        try:
-            name = hf_tensor_name(t.name)
-        except KeyError:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name} has no place in a {arch} model (unsupported variant?)"
-            ) from None
-        if name is None:
-            continue
-        if name in seen:
-            raise ModelLoadError(f"{path}: two tensors map to {name}")
-        seen.add(name)
-        plan.append((name, t, tuple(int(d) for d in reversed(t.shape.tolist()))))
-    missing = sorted(_required_tensors(arch, config) - seen)
-    if missing:
-        raise ModelLoadError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
-
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, _, shape in plan:
-        nbytes = math.prod(shape) * 4
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt", "source": "gguf"}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-
-    permute_heads = {
-        "attn_q": config["num_attention_heads"],
-        "attn_k": config["num_key_value_heads"],
-    }
-    with open(out, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        bar = tqdm(
-            plan, desc=f"Dequantizing {path.name}", unit="tensor", file=sys.stderr, mininterval=0.5
-        )
-        for name, t, shape in bar:
-            try:
-                weights = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-                weights = weights.reshape(shape)
-            except Exception as exc:
-                raise ModelLoadError(
-                    f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}, shape "
-                    f"{shape}): {type(exc).__name__}: {exc}"
-                ) from exc
-            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-            if arch == "llama" and kind in permute_heads:
-                weights = _unpermute(weights, permute_heads[kind])
-            f.write(np.ascontiguousarray(weights, dtype="<f4").data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_json(path: pathlib.Path, data: dict[str, Any], fsync: bool = False) -> None:

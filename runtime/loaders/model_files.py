@@ -90,18 +90,20 @@ def resolve_model_path(model: str | None, revision: str | None = None,
 def resolve_model_files(model: str | None, load_format: str = "auto", *,
                         revision: str | None = None, download_dir: str | None = None,
                         tokenizer: str | None = None,
-                        tokenizer_revision: str | None = None) -> ModelFiles:
-    """Find config.json and friends; a .gguf file is first prepared into a cached HF folder.
-    `tokenizer` (a folder or hub id, as vLLM's --tokenizer) replaces the model's tokenizer."""
+                        tokenizer_revision: str | None = None,
+                        quantization: str | None = None) -> ModelFiles:
+    """Find config.json and friends; a .gguf file is first prepared into a cached folder (its
+    weights kept quantized unless FORNAX_GGUF_DEQUANTIZE=1). `tokenizer` (a folder or hub id,
+    as vLLM's --tokenizer) replaces the model's tokenizer."""
     source = str(Path(model).expanduser()) if model else ""
     path = resolve_model_path(model, revision, download_dir)
     source = source or str(path)
     if path.is_file() or load_format == "gguf":
         if path.suffix != ".gguf" and load_format != "gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf file")
-        from fornax.runtime.loaders.gguf_loader import prepare_gguf
-
-        path = prepare_gguf(path)
+        path = _prepare_gguf(path)
+    elif quantization == "gguf" and not _holds_quantized_gguf(path):
+        raise ConfigError(f"--quantization gguf needs a GGUF model (a .gguf file); {path} is not")
     config_path = path / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
@@ -134,7 +136,28 @@ def files_for(mc: ModelConfig) -> ModelFiles:
     """The files of a ModelConfig (its model, revision, cache folder and tokenizer)."""
     return resolve_model_files(mc.model, mc.load_format, revision=mc.revision,
                                download_dir=mc.download_dir, tokenizer=mc.tokenizer,
-                               tokenizer_revision=mc.tokenizer_revision)
+                               tokenizer_revision=mc.tokenizer_revision,
+                               quantization=mc.quantization)
+
+
+def _prepare_gguf(path: Path) -> Path:
+    from fornax.runtime import env
+    from fornax.runtime.loaders.gguf_loader import prepare_gguf
+
+    dequantize = env.GGUF_DEQUANTIZE.get()
+    if dequantize:
+        logger.info("GGUF %s: weights dequantized at load (FORNAX_GGUF_DEQUANTIZE=1)", path.name)
+    return prepare_gguf(path, quantized=not dequantize)
+
+
+def _holds_quantized_gguf(folder: Path) -> bool:
+    """A GGUF folder prepared with its weights kept quantized, named directly."""
+    from fornax.runtime.loaders.cache_folders import MARKER_NAME
+
+    try:
+        return bool(json.loads((folder / MARKER_NAME).read_text()).get("quantized"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:

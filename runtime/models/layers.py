@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fornax.runtime.kernels.packing import PackedWeight, packed_linear
+from fornax.runtime.kernels.packing import (
+    PackedWeight,
+    packed_linear,
+    quant_embedding,
+    quant_packed,
+)
+
+if TYPE_CHECKING:
+    from fornax.runtime.kernels.quant_format import QuantWeight
 
 
 class RMSNorm(nn.Module):
@@ -50,6 +60,11 @@ class ColumnParallelLinear(nn.Module):
                       shard_id: str | int | None = None) -> None:
         _default_loader(param, loaded)
 
+    def set_quant(self, parts: list[QuantWeight]) -> None:
+        """Hold the weight quantized: its row segments in order (loaders/weights.py then empties
+        the dense `weight`)."""
+        self.packed_weight = quant_packed(parts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias)
@@ -67,7 +82,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
         self.output_sizes = output_sizes
 
-    def _shard_offset(self, shard_id: str | int) -> tuple[int, int]:
+    def shard_rows(self, shard_id: str | int) -> tuple[int, int]:
+        """(first row, number of rows) of shard `shard_id` in the fused weight."""
         idx = int(shard_id)
         return sum(self.output_sizes[:idx]), self.output_sizes[idx]
 
@@ -76,7 +92,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:
             _default_loader(param, loaded)
             return
-        offset, size = self._shard_offset(shard_id)
+        offset, size = self.shard_rows(shard_id)
         _default_loader(param.data.narrow(0, offset, size), loaded)  # type: ignore[arg-type]
 
 
@@ -88,8 +104,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias)
 
-    def _shard_offset(self, shard_id: str | int) -> tuple[int, int]:
-        return super()._shard_offset({"q": 0, "k": 1, "v": 2}.get(shard_id, shard_id))  # type: ignore[arg-type]
+    def shard_rows(self, shard_id: str | int) -> tuple[int, int]:
+        return super().shard_rows({"q": 0, "k": 1, "v": 2}.get(shard_id, shard_id))  # type: ignore[arg-type]
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -100,7 +116,17 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
 
+    quant_weight: QuantWeight | None = None  # GGUF table kept quantized (set_quant)
+
+    def set_quant(self, parts: list[QuantWeight]) -> None:
+        quant = quant_packed(parts).quant
+        if isinstance(quant, list):
+            raise ValueError("an embedding table's rows must be of one quantized kind")
+        self.quant_weight = quant
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant_weight is not None:
+            return quant_embedding(self.quant_weight, input_ids, self.weight.dtype)
         return F.embedding(input_ids, self.weight)
 
 
@@ -110,7 +136,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
-    packed_weight: PackedWeight | None = None  # CPU bf16 packs (cpu_packing.py)
+    packed_weight: PackedWeight | None = None  # CPU bf16 packs or quantized (kernels/packing.py)
+
+    def set_quant(self, parts: list[QuantWeight]) -> None:
+        self.packed_weight = quant_packed(parts)  # tied: the embedding's QuantWeight, shared
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:

@@ -152,3 +152,69 @@ def test_a_dead_engine_fails_only_its_model_then_comes_back(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     assert _engine_pid(server, str(tiny_model_path("qwen2"))) != pid
     assert "the engine core of chat-b died" in server.log()
+
+
+# ---- on demand: --max-loaded-models 1, idle unloading, keep_alive, load/unload ---------------
+@pytest.fixture(scope="module")
+def swapping():
+    entries = [{"model": str(tiny_model_path("llama")), "served_model_name": "a",
+                "max_model_len": 128},
+               {"model": str(tiny_model_path("qwen2")), "served_model_name": "b",
+                "max_model_len": 128, "idle_timeout": 4}]
+    with serving(None, "--models", *map(json.dumps, entries), "--max-loaded-models", "1",
+                 "--api-key", "k", timeout_s=300) as server:
+        yield server
+
+
+def _states(server) -> dict[str, str]:
+    data = httpx.get(server.url + "/v1/models", headers={"authorization": "Bearer k"}).json()
+    return {m["id"]: m["status"] for m in data["data"]}
+
+
+def test_one_loaded_model_at_a_time_serves_alternating_requests(swapping):
+    client = openai.OpenAI(base_url=swapping.url + "/v1", api_key="k", max_retries=0,
+                           timeout=120)
+    assert _states(swapping) == {"a": "loaded", "b": "unloaded"}
+    assert [_chat(client, m).model for m in "babab"] == list("babab")
+    with ThreadPoolExecutor(4) as pool:  # concurrent requests for both: they wait their turn
+        got = list(pool.map(lambda m: _chat(client, m).model, "abababab"))
+    assert got == list("abababab")
+    log = swapping.log()
+    assert "least recently used, to load" in log and "loaded b in" in log
+
+
+def test_an_idle_model_unloads_and_comes_back(swapping):
+    client = openai.OpenAI(base_url=swapping.url + "/v1", api_key="k", max_retries=0,
+                           timeout=120)
+    assert _chat(client, "b").model == "b"
+    pid = _engine_pid(swapping, str(tiny_model_path("qwen2")))
+    deadline = time.monotonic() + 60
+    while _states(swapping)["b"] != "unloaded":  # idle_timeout 4 s
+        assert time.monotonic() < deadline, swapping.log()[-2000:]
+        time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{pid}"), "the engine process still holds its memory"
+    assert "unloading b (idle for" in swapping.log()
+    assert _chat(client, "b").model == "b"  # loaded again for this request
+
+
+def test_load_unload_routes_and_keep_alive(swapping):
+    auth = {"authorization": "Bearer k"}
+    assert httpx.post(swapping.url + "/v1/models/a/unload").status_code == 401
+    assert httpx.post(swapping.url + "/v1/models/nope/load", headers=auth).status_code == 404
+    assert httpx.post(swapping.url + "/v1/models/a/reload", headers=auth).status_code == 404
+    loaded = httpx.post(swapping.url + "/v1/models/a/load", headers=auth, timeout=120)
+    assert loaded.status_code == 200 and loaded.json()["status"] == "loaded"
+    unloaded = httpx.post(swapping.url + "/v1/models/a/unload", headers=auth)
+    assert unloaded.json()["status"] in ("unloading", "unloaded")
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for bad in ("soon", [5], "9999h", True, 1e12):
+        r = httpx.post(swapping.url + "/v1/chat/completions", headers=auth,
+                       json={**body, "keep_alive": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive", r.text
+    r = httpx.post(swapping.url + "/v1/chat/completions", headers=auth, timeout=120,
+                   json={**body, "keep_alive": 0})  # unload as soon as it is answered
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    while _states(swapping)["a"] != "unloaded":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)

@@ -18,6 +18,7 @@ from fornax.runtime.errors import ConfigError, FornaxError, ModelLoadError
     ({"max_num_seqs": -1}, "max_num_seqs"),
     ({"dtype": "int3"}, "dtype must be one of"),
     ({"load_format": "pickle"}, "load_format must be one of"),
+    ({"quantization": "awq"}, "quantization must be one of gguf"),
     ({"scheduling_policy": "random"}, "scheduling policy"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
     ({"no_such_flag": 1}, "unknown engine argument"),

@@ -13,8 +13,9 @@ from fornax.api.cli import build_parser
 from fornax.api.server.argv import normalize_serve_argv, subparser
 from fornax.api.server.model_entries import model_entries
 from fornax.runtime.errors import ConfigError
-from fornax.runtime.limits import MAX_SERVED_MODELS
+from fornax.runtime.limits import MAX_KEEP_ALIVE_S, MAX_SERVED_MODELS
 from helpers.fuzzing.serve_models import model_words
+from helpers.fuzzing.values import any_json
 
 
 def _entries(*argv: str):
@@ -81,3 +82,24 @@ def test_fuzzed_entries_are_entries_or_a_config_error(words):
     assert entries and all(e.model and e.served for e in entries)
     assert len({n for e in entries for n in e.served}) == sum(len(e.served) for e in entries)
     json.dumps([e.kwargs for e in entries], default=str)
+
+
+def test_keep_alive_is_seconds_or_a_duration():
+    from fornax.api.server.model_set import keep_alive_seconds
+
+    assert [keep_alive_seconds(v) for v in (None, 0, 30, "30s", "5m", "1h", "250ms", -1, "-1")] \
+        == [None, 0.0, 30.0, 30.0, 300.0, 3600.0, 0.25, -1.0, -1.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=any_json())
+def test_fuzzed_keep_alive_is_seconds_or_a_400_naming_it(value):
+    from fornax.api.server.errors import APIError
+    from fornax.api.server.model_set import keep_alive_seconds
+
+    try:
+        seconds = keep_alive_seconds(value)
+    except APIError as exc:
+        assert exc.status == 400 and exc.param == "keep_alive"
+        return
+    assert seconds is None or seconds == -1.0 or 0 <= seconds <= MAX_KEEP_ALIVE_S

@@ -141,6 +141,8 @@ def mutated(seed: dict[str, Any], target: Target, rnd: random.Random, pool: Pool
         elif op == "model":
             body["model"] = rnd.choice(sorted(MODEL_NAMES.values())) if rnd.random() < 0.5 \
                 else pool.text(rnd)
+            if rnd.random() < 0.3:  # the many-model router's field (api/server/model_set.py)
+                body["keep_alive"] = rnd.choice((pool.json(rnd), pool.int(rnd), "5m", "-1", 0))
     return body
 
 

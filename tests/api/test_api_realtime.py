@@ -1,7 +1,8 @@
 """WS /v1/realtime against a real `fornax serve whisper-tiny.en`: both protocols event by event,
-real-time streaming (deltas before the commit, WER, deltas add up to the final text), error codes,
-API-key forms, limits, 20 concurrent sessions and 20 disconnects; plus unit tests of the stable-
-text rule and the voice activity detector (no server)."""
+real-time streaming (deltas before the commit, WER, provisional deltas that the final text
+continues or replaces), error codes, API-key forms, limits, 20 concurrent sessions and 20
+disconnects; plus unit tests of the stable-text rule, the transcriber (partials, the item's
+file-path final, previous-text conditioning) and the energy detector (no server)."""
 
 from __future__ import annotations
 

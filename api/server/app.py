@@ -7,6 +7,7 @@ the environment set by `fornax serve`. This module must not import torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import multiprocessing
@@ -161,9 +162,13 @@ class FornaxApp:
                 await self.startup()
             assert self.state is not None  # many models: the first speech model
             speech = self.state.models.default_for(realtime.REALTIME_PATH)
-            await realtime.websocket_endpoint(speech, scope, receive, send,
-                                              self._key_ok if self._keys else None,
-                                              self._origin_allowed)
+            key = realtime.offered_key(scope)  # many models: an allowed session loads its model
+            allowed = not self._keys or (key is not None and self._key_ok(key))
+            async with (self.state.models.holding(speech) if allowed
+                        else contextlib.nullcontext()):
+                await realtime.websocket_endpoint(speech, scope, receive, send,
+                                                  self._key_ok if self._keys else None,
+                                                  self._origin_allowed)
 
     # ---- lifespan ------------------------------------------------------------------------------
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -11,8 +11,11 @@ model goes to the first model that serves its route; an unknown name is a 404.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,6 +26,8 @@ from fornax.api.server.errors import APIError, overloaded
 from fornax.api.server.model_settings import ModelSettings
 from fornax.api.server.settings import ServerSettings
 from fornax.runtime.limits import MAX_KEEP_ALIVE_S, MAX_LOAD_WAITERS
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fornax.api.responses.routes import ResponsesService
@@ -180,6 +185,25 @@ class ModelSet:
         self._leases[id(req)] = (i, keep_alive)
         if state.engine.dead:  # just loaded: the engine client reconnects within 0.5 s
             await state.engine.wait_alive(LOAD_TIMEOUT_S)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, state: AppState) -> AsyncIterator[None]:
+        """A WS /v1/realtime session: its model is loaded first and kept until it ends."""
+        if self.manager is None:
+            yield
+            return
+        i = self.states.index(state)
+        reply = await self.manager.ask("ensure", i, LOAD_TIMEOUT_S)
+        if reply.error:
+            logger.warning("realtime session: %s", reply.error)
+            yield  # the session reports the model's engine as not running
+            return
+        try:
+            if state.engine.dead:
+                await state.engine.wait_alive(LOAD_TIMEOUT_S)
+            yield
+        finally:
+            await self.manager.tell("end", i)
 
     def release(self, req: Request) -> None:
         """The request is over: its model may go idle (and unload after its timeout). Sent

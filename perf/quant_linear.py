@@ -4,7 +4,8 @@ Each layer kind of the decoder (qkv, o, gate_up, down, LM head) is timed at seve
 one weight copy per layer as the engine holds them, so a pass streams the whole model the way a
 decode step does: the bf16 path is runtime/kernels/packing.py (oneDNN packs, AMX tiles where the
 CPU has them), the quantized one runtime/kernels/quant_linear.py on q4 (Q4_1-like: 4.5+ bits per
-weight with float16 scale and min per 32) or q8 (Q8_0-like) weights. Sides alternate round by
+weight with float16 scale and min per 32) or q8 (Q8_0-like) weights, prepared in the kernel's
+panel layout at setup as the loader does. Sides alternate round by
 round so machine noise hits them alike; per layer kind the median milliseconds and the rate at
 which weight bytes were read (GB/s) are recorded.
 """
@@ -68,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from fornax.runtime.kernels.amx_linear import amx_supported
     from fornax.runtime.kernels.packing import pack_weight, packed_linear
     from fornax.runtime.kernels.quant_format import nbytes
-    from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS, quant_isa, quant_linear
+    from fornax.runtime.kernels.quant_linear import (
+        DENSE_MIN_ROWS,
+        prepare_in_place,
+        quant_isa,
+        quant_linear,
+    )
 
     check_threads()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--kinds: unknown {sorted(unknown)} (bf16, q4, q8)")
     record = make_record("quant_linear", args.model_name, vars(args))
-    record["config"].update(quant_isa=quant_isa(), amx=amx_supported(),
+    record["config"].update(quant_isa=quant_isa(), amx=amx_supported(), layout="panel16",
                             dense_min_rows=DENSE_MIN_ROWS, threads=torch.get_num_threads())
     shapes = layer_shapes(args)
     gen = torch.Generator().manual_seed(0)
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                     weights[kind][name].append(pack_weight(w.to(torch.bfloat16)))
                     nbytes_of[kind][name] += out_f * in_f * 2
                 else:
-                    qw = quantize_for_bench(w, kind)
+                    qw = prepare_in_place(quantize_for_bench(w, kind))
                     weights[kind][name].append(qw)
                     nbytes_of[kind][name] += nbytes(qw)
     record["startup"]["prepare_s"] = time.perf_counter() - start

@@ -143,6 +143,8 @@ TARGETS: tuple[Target, ...] = (
             {"query": "a", "documents": ["b"]}, {"text_1": "a", "text_2": "b"})),
     Target("models", "GET", "/v1/models", ALL, body="none"),
     Target("model", "GET", "/v1/models/{id}", ALL, body="none"),
+    Target("model_load", "POST", "/v1/models/{id}/load", ALL, body="none"),  # many models only
+    Target("model_unload", "POST", "/v1/models/{id}/unload", ALL, body="none"),
     *(Target(p.strip("/"), m, p, ALL, body="none")
       for p, m in (("/health", "GET"), ("/ping", "GET"), ("/ping", "POST"), ("/version", "GET"),
                    ("/load", "GET"), ("/metrics", "GET"))),

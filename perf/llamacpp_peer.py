@@ -90,12 +90,27 @@ def per_request_ctx(max_prompt_len: int, max_output_len: int) -> int:
     return int(math.ceil(need / CTX_ALIGN) * CTX_ALIGN)
 
 
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """True when /proc/cpuinfo (or the text given) lists the amx_tile flag."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    return any(line.startswith("flags") and "amx_tile" in line.split()
+               for line in cpuinfo.splitlines())
+
+
 def server_command(binary: Path, gguf: Path, port: int, *, threads: int, parallel: int,
-                   ctx_per_request: int, extra: list[str] | None = None) -> list[str]:
+                   ctx_per_request: int, extra: list[str] | None = None,
+                   no_repack: bool = False) -> list[str]:
     """llama-server's command line: same threads for decode (-t) and prompts (-tb), one slot per
     concurrent request (-np) with continuous batching (-cb), -c = slots x per-request context,
-    prompt caching off (--no-cache-prompt, --cache-ram 0)."""
+    prompt caching off (--no-cache-prompt, --cache-ram 0). `no_repack` adds --no-repack before
+    `extra` (so `extra` may say --repack again): the pinned llama.cpp's AMX path
+    (ggml_backend_amx_mul_mat, used for Q4_0/Q4_1/Q8_0 when built native on an AMX CPU) dies
+    with SIGSEGV at its first matmul on the Xeon this was built on."""
     return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-cb",
             "-c", str(parallel * ctx_per_request), "--no-cache-prompt", "--cache-ram", "0",
-            "--no-webui", *(extra or [])]
+            "--no-webui", *(["--no-repack"] if no_repack else []), *(extra or [])]

@@ -19,7 +19,7 @@ NAME=${NAME:-smollm2_q4_1}
 mkdir -p "$OUT"
 "$PY" -m tools.build_llama_server  # returns at once once built
 
-COMMON=(--launch --peer llama.cpp --serve-args "$SERVE_ARGS" --endpoint /v1/completions
+COMMON=(--launch --peer llama.cpp "--serve-args=$SERVE_ARGS" --endpoint /v1/completions
         --tokenizer "${TOKENIZER:-default}" --output-len 128 --num-warmups 2 --disable-tqdm)
 [ -n "$MODEL" ] && COMMON+=(--model-path "$MODEL")
 

@@ -19,6 +19,7 @@ from typing import Any
 from fornax.perf import llamacpp_peer
 from fornax.perf.datasets import BenchRequest
 from fornax.perf.managed_server import ManagedServer, free_port, process_tree_memory
+from fornax.runtime import env
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def model_path(args: argparse.Namespace) -> Path:
 def threads(args: argparse.Namespace) -> int:
     if args.peer_threads:
         return int(args.peer_threads)
-    raw = os.environ.get("OMP_NUM_THREADS", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else (os.cpu_count() or 1)
+    return env.OMP_NUM_THREADS.get() or os.cpu_count() or 1
 
 
 def fornax_command(args: argparse.Namespace, model: Path, port: int) -> list[str]:
@@ -122,7 +122,8 @@ def start_llama(args: argparse.Namespace, requests: list[BenchRequest]
     port = free_port()
     cmd = llamacpp_peer.server_command(binary, model, port, threads=threads(args),
                                        parallel=parallel, ctx_per_request=ctx,
-                                       extra=shlex.split(args.peer_args))
+                                       extra=shlex.split(args.peer_args),
+                                       no_repack=llamacpp_peer.cpu_has_amx())
     server = ManagedServer("llama-server", cmd, port)
     info = {"name": "llama.cpp", "version": llamacpp_peer.binary_version(binary),
             "binary": str(binary), "model_path": str(model), "flags": cmd[1:],

@@ -117,7 +117,13 @@ def test_server_command_shape() -> None:
                                        parallel=8, ctx_per_request=768, extra=["-fa", "off"])
     opts = dict(zip(cmd, cmd[1:]))
     assert (opts["-t"], opts["-tb"], opts["-np"], opts["-c"]) == ("2", "2", "8", str(8 * 768))
-    assert cmd[-2:] == ["-fa", "off"]
+    assert cmd[-2:] == ["-fa", "off"] and "--no-repack" not in cmd
+    cmd = llamacpp_peer.server_command(Path("/x/llama-server"), Path("/m.gguf"), 9000, threads=2,
+                                       parallel=1, ctx_per_request=256, extra=["--repack"],
+                                       no_repack=True)
+    assert cmd[-2:] == ["--no-repack", "--repack"]  # the user's flags come last and win
+    assert llamacpp_peer.cpu_has_amx("processor : 0\nflags : fpu avx512f amx_tile amx_int8\n")
+    assert not llamacpp_peer.cpu_has_amx("flags : fpu avx2 avx512_bf16\n")
     assert llamacpp_peer.per_request_ctx(512, 128) == 768  # 704 + 16 -> next multiple of 256
 
 

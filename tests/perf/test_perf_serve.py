@@ -130,10 +130,10 @@ def test_serve_timings_match_known_delays(stub: StubServer, tmp_path: Path) -> N
     assert m["total_input_tokens"] == 6 * 5  # the server's usage wins over local estimates
     # known values, with room for scheduling jitter on a loaded 2-core machine
     assert TTFT_S * 1e3 <= m["median_ttft_ms"] <= TTFT_S * 1e3 + 40
-    assert abs(m["median_itl_ms"] - ITL_S * 1e3) <= 8
+    assert ITL_S * 1e3 - 3 <= m["median_itl_ms"] <= ITL_S * 1e3 + 25
     for what in ("ttft", "itl"):  # the percentiles guidellm and vLLM report, in order
         assert m[f"median_{what}_ms"] <= m[f"p95_{what}_ms"] <= m[f"p99_{what}_ms"]
-    assert abs(m["median_tpot_ms"] - ITL_S * 1e3) <= 8
+    assert ITL_S * 1e3 - 3 <= m["median_tpot_ms"] <= ITL_S * 1e3 + 25
     expected_e2e = 1e3 * (TTFT_S + (NUM_TOKENS - 1) * ITL_S)
     assert expected_e2e <= m["median_e2el_ms"] <= expected_e2e + 60
     # 6 requests, 3 at a time: two waves of one E2E each

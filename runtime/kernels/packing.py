@@ -82,6 +82,8 @@ def quant_packed(parts: list[QuantWeight]) -> PackedWeight:
         else:
             runs.append([part])
     joined = [run[0] if len(run) == 1 else concat_rows(run) for run in runs]
+    for qw in joined:  # the kernel's panel layout at load, not on the first forward
+        _quant_ops.prepare_in_place(qw)
     total = sum(p.out_features for p in joined)
     return PackedWeight(total, quant=joined[0] if len(joined) == 1 else joined)
 

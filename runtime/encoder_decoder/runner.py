@@ -22,6 +22,7 @@ from fornax.runtime.config import EngineConfig
 from fornax.runtime.encoder_decoder.alignment import AlignmentTracker
 from fornax.runtime.encoder_decoder.decoding import WhisperLogitsRules, row_state
 from fornax.runtime.errors import ConfigError
+from fornax.runtime.kernels.packing import pack_linear_weights, packing_supported
 from fornax.runtime.kv_cache.sizing import (
     allocate_layer_caches,
     blocks_in_budget,
@@ -72,6 +73,8 @@ class EncoderDecoderModelRunner(PagedStepRunner):
                                                          self.backend).to(self.dtype)
         self._load_weights()
         self.model.eval()
+        if packing_supported(self.device, self.dtype):  # bf16 CPU: no per-call weight reorder
+            pack_linear_weights(self.model)
         self.vocab_size = spec.vocab_size
         self.vocab = WhisperInfo.from_folder(files.path, files.hf_config)
         self.rules = WhisperLogitsRules(self.vocab, files.hf_config, self.device)

@@ -110,7 +110,29 @@ def _stamp(paths: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
+def ct2_source_folder(model: str) -> Path | None:
+    """The CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json) behind `model`: the
+    packaged model's own folder (split packages joined once), or a CT2 folder given by path;
+    None for anything else. Peers that read CTranslate2 (faster-whisper) load exactly this."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_file() and path.name.endswith(".bin"):
+            path = path.parent
+        return path if path.is_dir() and is_ct2_whisper_dir(path) else None
+    name = packaged_name(model)
+    if name is None:
+        return None
+    meta, model_bin = _packaged_ct2(name, PACKAGED_SPEECH_MODELS[name])
+    return model_bin.parent if (model_bin.parent / "tokenizer.json").is_file() else meta
+
+
 def _prepare_packaged(name: str, pkg: PackagedSpeechModel) -> Path:
+    return prepare_ct2_whisper(*_packaged_ct2(name, pkg))
+
+
+def _packaged_ct2(name: str, pkg: PackagedSpeechModel) -> tuple[Path, Path]:
+    """(metadata folder, model.bin) of a packaged model; split parts are joined once into
+    `$FORNAX_CACHE/whisper/ct2-<name>-<stamp>/` with the metadata files beside them."""
     parts = [_package_dir(p, pkg.install) / rel for p, rel in pkg.parts]
     meta = _package_dir(pkg.meta[0], pkg.install) / pkg.meta[1]
     for part in parts:
@@ -118,7 +140,7 @@ def _prepare_packaged(name: str, pkg: PackagedSpeechModel) -> Path:
             raise ModelLoadError(f"{part} is missing; reinstall with: {pkg.install} "
                                  "--force-reinstall")
     if len(parts) == 1:
-        return prepare_ct2_whisper(meta, parts[0])
+        return meta, parts[0]
     root = cache_root() / "whisper"
     joined_dir = root / f"ct2-{name}-{_stamp(parts)}"
     joined = joined_dir / "model.bin"
@@ -142,8 +164,7 @@ def _prepare_packaged(name: str, pkg: PackagedSpeechModel) -> Path:
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
-    return prepare_ct2_whisper(joined_dir, joined)
-
+    return joined_dir, joined
 
 
 def prepare_ct2_whisper(meta_dir: Path, model_bin: Path) -> Path:

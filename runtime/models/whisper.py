@@ -21,6 +21,7 @@ from fornax.runtime.loaders.weights import Place, Renames, rename
 from fornax.runtime.models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
+    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -224,6 +225,8 @@ class WhisperForConditionalGeneration(nn.Module):
         self.spec = WhisperSpec.from_hf(hf_config)
         self.encoder = WhisperEncoder(self.spec)
         self.decoder = WhisperDecoder(self.spec, backend)
+        self.proj_out = ParallelLMHead(self.spec.vocab_size, self.spec.d_model)
+        self.proj_out.tie_to(self.decoder.embed_tokens)  # packed once on bf16 CPU, like any head
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """[N, mels, frames] log-mel windows -> [N, T_enc, d] encoder states."""
@@ -246,7 +249,7 @@ class WhisperForConditionalGeneration(nn.Module):
         return dec.layer_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.decoder.embed_tokens.weight)
+        return self.proj_out.compute_logits(hidden)
 
     def checkpoint_name(self, name: str) -> Place | None:
         """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""

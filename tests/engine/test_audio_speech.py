@@ -54,3 +54,27 @@ def test_long_recording_keeps_every_sentence_across_windows(tiny_en):
     starts = [s.start for s in out.segments]
     assert starts == sorted(starts) and all(s.end >= s.start for s in out.segments)
     assert out.segments[-1].end > 70  # the third window was decoded too
+
+
+def test_default_dtype_follows_the_cpu_rule_packs_linears_and_keeps_accuracy(tiny_en):
+    """dtype auto is the chat engine's rule (bf16 where the CPU has native bf16); in bf16 every
+    linear, the vocabulary projection included, runs from a pre-packed weight, and the long
+    recording's word error rate stays that of float32."""
+    import torch
+
+    from fornax.runtime.loaders.weights import resolve_dtype
+    from fornax.runtime.models.layers import ColumnParallelLinear
+    from fornax.runtime.offline.speech import SpeechToText
+
+    stt = SpeechToText(str(packaged_whisper("whisper-tiny.en")), device="cpu")
+    runner = stt.engine.runner
+    assert runner.dtype == resolve_dtype("auto", {}, torch.device("cpu"))
+    if runner.dtype == torch.bfloat16:
+        linears = [m for m in runner.model.modules() if isinstance(m, ColumnParallelLinear)]
+        assert linears and all(m.packed_weight is not None for m in linears)
+        assert runner.model.proj_out.packed_weight is not None
+    (name, sentences), = manifest()["long"].items()
+    ref = [" ".join(sentences)]
+    ours = stt.transcribe(AUDIO_DIR / name)[0].text
+    fp32 = tiny_en.transcribe(AUDIO_DIR / name)[0].text
+    assert word_error_rate(ref, [ours]) <= word_error_rate(ref, [fp32]) + 0.02, (ours, fp32)

@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_BYTES = 1024**3  # cross K/V and self-attention KV, each, on CPU
 ENCODER_MAX_BATCH = 8  # windows per encoder forward (bounds activation memory)
+# A decoder step of at most this many tokens runs its layers and rules on one CPU thread: its
+# matmuls are a few hundred KiB each, so a second thread saves microseconds and costs a fork/join
+# per op (on a busy machine, a wait for the other thread to be scheduled: ~10 ms per op measured).
+# The encoder and the vocabulary projection (tens of MB of weights per step) use every thread.
+SMALL_STEP_TOKENS = 16
 SILENCE_LOG_MEL = -1.5  # Whisper's normalized log-mel of all-zero audio
 
 
@@ -211,6 +216,19 @@ class EncoderDecoderModelRunner(PagedStepRunner):
         if pending:
             self._encode(pending)
         step = self._prepare_inputs(out, req_ids)
+        threads = torch.get_num_threads()
+        small = self.device.type == "cpu" and threads > 1 and step.num_tokens <= SMALL_STEP_TOKENS
+        self.model.logits_threads = threads if small else 0
+        if small:
+            torch.set_num_threads(1)
+        try:
+            return self._decode_step(req_ids, step, failed)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
+
+    def _decode_step(self, req_ids: list[str], step: StepInputs,
+                     failed: dict[str, tuple[str, BaseException]]) -> ModelRunnerOutput:
         attn_metadata = self.backend.build_metadata(step.common)
         cross = self._cross_metadata(step.rows, step.num_sched, step.qsl, req_ids, step.computed)
         n = step.num_tokens

@@ -248,8 +248,17 @@ class WhisperForConditionalGeneration(nn.Module):
             x = layer(positions, x, kv_cache, attn_metadata, store, cross_meta)
         return dec.layer_norm(x)
 
+    logits_threads = 0  # >0: threads for the vocabulary projection (the runner's small steps)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj_out.compute_logits(hidden)
+        threads = torch.get_num_threads()
+        if self.logits_threads <= threads:
+            return self.proj_out.compute_logits(hidden)
+        torch.set_num_threads(self.logits_threads)  # 20-40 MB of weights: worth every thread
+        try:
+            return self.proj_out.compute_logits(hidden)
+        finally:
+            torch.set_num_threads(threads)
 
     def checkpoint_name(self, name: str) -> Place | None:
         """An HF checkpoint tensor's parameter and shard (None: not loaded; see loaders.weights)."""

@@ -224,3 +224,27 @@ def test_short_windows_batch_with_full_ones_and_match_their_solo_run(tiny):
         engine.add_request(req(rid, frames, i))
     together = _drain(engine)
     assert together == solo and all(len(t) == 6 for t in together.values())
+
+
+def test_small_steps_on_one_thread_give_the_same_tokens_and_restore_the_thread_count(tiny):
+    """With two torch threads, a decode step of a few tokens runs its layers and rules on one
+    thread and the vocabulary projection on both (runner.SMALL_STEP_TOKENS); the tokens equal a
+    one-thread run's and the process's thread count is what it was after every step."""
+    import torch
+
+    path, info = tiny
+    prompt = [info.ids["sot"], info.ids["no_timestamps"]]
+    engine = _engine(path)
+    engine.add_request(_req("one", prompt, seed=7))
+    expected = _drain(engine)["one"]
+    torch.set_num_threads(2)
+    try:
+        engine.add_request(_req("two", prompt, seed=7))
+        got: list[int] = []
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                got.extend(o.new_token_ids)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert got == expected and len(got) == 30

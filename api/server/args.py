@@ -142,6 +142,7 @@ _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--dtype",), "dtype", {"type": str.lower}),
     (("--max-model-len",), "max_model_len", {"type": _model_len}),
     (("--load-format",), "load_format", {}),
+    (("--quantization", "-q"), "quantization", {}),
     (("--revision",), "revision", {}),
     (("--download-dir",), "download_dir", {}),
     (("--tokenizer",), "tokenizer", {}),

@@ -108,7 +108,7 @@ STATUS = """
 --code-revision  no-op | no remote code is ever run
 --tokenizer-revision  implemented | --tokenizer's branch, tag or commit
 --max-model-len  implemented | context length (auto or -1: the model's)
---quantization  refused | on-the-fly quantization is not supported yet
+--quantization  implemented | gguf: GGUF weights stay quantized; other methods are refused
 --quantization-config  refused | quantization settings beyond GGUF are not supported
 --allow-deprecated-quantization  no-op | only GGUF quantization, which is not deprecated
 --enforce-eager  implemented | no torch.compile, no CUDA graphs

@@ -67,6 +67,8 @@ def load_config_file(path: str) -> dict[str, Any]:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise ArgvError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ArgvError(f"--config {path}: not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -121,7 +123,7 @@ def config_file_args(path: str, options: dict[str, argparse.Action],
 
 def _word(value: Any) -> str:
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
+        return json.dumps(value, default=str)  # YAML dates and timestamps as their text
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -163,8 +165,10 @@ def _merge(target: dict[str, Any], keys: list[str], value: Any, append: bool) ->
         if not isinstance(target, dict):
             raise ArgvError(f"dotted key {'.'.join(keys)}: {key} is not an object")
     if append:
-        target.setdefault(keys[-1], [])
-        target[keys[-1]] += value if isinstance(value, list) else [value]
+        current = target.setdefault(keys[-1], [])
+        if not isinstance(current, list):
+            raise ArgvError(f"dotted key {'.'.join(keys)}+: {keys[-1]} is not a list")
+        current += value if isinstance(value, list) else [value]
     else:
         target[keys[-1]] = value
 

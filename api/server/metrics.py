@@ -42,6 +42,7 @@ CACHED_SOURCES = ("device", "host", "disk", "p2p", "external_unspecified")
 SLEEP_OPERATIONS = ("sleep", "release_kv_cache_memory", "wake")
 # vLLM's instrumentator leaves these out of the http_* families
 HTTP_EXCLUDED = frozenset({"/metrics", "/health", "/load", "/ping", "/version", "/server_info"})
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 REPETITION_STOP_REASON = "repetition_detected"  # the scheduler's stop_reason for that stop
 
 
@@ -204,6 +205,8 @@ class Metrics:
     def observe_http(self, handler: str, method: str, status: int, seconds: float) -> None:
         if handler in HTTP_EXCLUDED:
             return
+        if method not in HTTP_METHODS:  # any token reaches the app: no label per client whim
+            method = "other"
         self._http_total.labels(method, f"{status // 100}xx", handler).inc()
         self._http_duration.labels(method, handler).observe(seconds)
 

@@ -70,7 +70,7 @@ def keep_alive_seconds(value: Any) -> float | None:
         return None
     seconds = math.nan
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = float(value) if abs(value) <= 1e300 else math.nan  # float() of a huge int raises
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
     if not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
@@ -329,7 +329,7 @@ async def _form_model(req: Request) -> str | None:
     for part in reversed(parts):  # the last one wins, as in the form parser
         if part.name == "model":
             try:
-                return part.text() or None
+                return part.text().strip() or None  # as the form parser reads it
             except MultipartError:
                 return None
     return None

@@ -169,3 +169,16 @@ def test_readme_table_is_the_catalog():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     start, end = "<!-- metrics-table-start -->\n", "\n<!-- metrics-table-end -->"
     assert readme.split(start, 1)[1].split(end, 1)[0] == readme_table()
+
+
+def test_http_method_labels_stay_a_fixed_set() -> None:
+    """Any method token reaches the app; only the standard ones become label values."""
+    from fornax.api.server.metrics import Metrics
+
+    metrics = Metrics("m")
+    for method in ("GET", "FOOBAR1", "X" * 200):
+        metrics.observe_http("/v1/models", method, 404, 0.001)
+    methods = {sample.labels["method"]
+               for family in metrics.registry.collect() if family.name == "http_requests"
+               for sample in family.samples}
+    assert methods == {"GET", "other"}

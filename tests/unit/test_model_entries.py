@@ -85,10 +85,14 @@ def test_fuzzed_entries_are_entries_or_a_config_error(words):
 
 
 def test_keep_alive_is_seconds_or_a_duration():
+    from fornax.api.server.errors import APIError
     from fornax.api.server.model_set import keep_alive_seconds
 
     assert [keep_alive_seconds(v) for v in (None, 0, 30, "30s", "5m", "1h", "250ms", -1, "-1")] \
         == [None, 0.0, 30.0, 30.0, 300.0, 3600.0, 0.25, -1.0, -1.0]
+    with pytest.raises(APIError) as huge:  # float() of this int would raise OverflowError
+        keep_alive_seconds(10**400)
+    assert huge.value.status == 400 and huge.value.param == "keep_alive"
 
 
 @settings(max_examples=300, deadline=None)

@@ -326,3 +326,15 @@ def test_fuzz_random_vllm_launch_lines_exit_0_or_2_never_crash():
             continue
         outcomes["exit2" if problems else "ok"] += 1
     assert outcomes["ok"] > 100 and outcomes["exit2"] > 100, outcomes
+
+
+def test_odd_config_inputs_are_refused_or_read_never_a_traceback(tmp_path):
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("served-model-name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ArgvError, match="not UTF-8"):
+        parse("--config", str(binary))
+    with pytest.raises(ArgvError, match="is not a list"):
+        parse("-cc.mode=1", "-cc.mode+", "2")
+    dated = tmp_path / "dated.yaml"  # YAML reads an unquoted date as a date object
+    dated.write_text("models:\n  - model: /models/a\n    revision: 2024-01-01\n")
+    assert "2024-01-01" in json.dumps(vars(parse("--config", str(dated))), default=str)

@@ -78,10 +78,11 @@ def recording(name: str) -> tuple[Any, str]:
 
 
 def _wer(ref: str, hyp: str, seconds: float, total: float) -> float:
-    """WER against the words spoken in the first `seconds` (by their share of the words)."""
-    r = words(ref)
+    """WER against the words spoken in the first `seconds` (by their share of the words); numbers
+    count as their spoken words ("9" = "nine"), whichever way a side writes them."""
+    r = words(ref, spell_numbers=True)
     r = r[: max(1, round(len(r) * seconds / total))]
-    return min(edit_distance(r, words(hyp)) / len(r), 1.0)
+    return min(edit_distance(r, words(hyp, spell_numbers=True)) / len(r), 1.0)
 
 
 def _metrics(times: list[float], seconds: float, n: int, wer: float) -> dict[str, float]:

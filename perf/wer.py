@@ -5,10 +5,28 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+         "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
-def words(text: str) -> list[str]:
-    """Lower-case words: anything but letters, digits and apostrophes separates them."""
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+def spell_number(n: int) -> list[str]:
+    """0 <= n < 1000 in words ("two hundred five"): spoken references write numbers as words."""
+    if n < 20:
+        return [_ONES[n]]
+    if n < 100:
+        return [_TENS[n // 10]] + ([_ONES[n % 10]] if n % 10 else [])
+    return [_ONES[n // 100], "hundred"] + (spell_number(n % 100) if n % 100 else [])
+
+
+def words(text: str, *, spell_numbers: bool = False) -> list[str]:
+    """Lower-case words: anything but letters, digits and apostrophes separates them; with
+    `spell_numbers`, whole numbers below 1000 become their words (9 -> nine)."""
+    out = re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+    if not spell_numbers:
+        return out
+    return [s for w in out for s in (spell_number(int(w)) if w.isdigit() and int(w) < 1000
+                                     else [w])]
 
 
 def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:

@@ -4,7 +4,8 @@ most --max-loaded-models loaded, the least recently used out first (`fornax serv
 The API workers talk to it over one ZMQ ROUTER (runtime/engine/messages.py: ModelCommand in,
 ModelStates out): `ensure` before a request for a model that is not loaded (answered once its
 engine is READY), `begin`/`end` around every request (idle time, in-flight count, keep_alive),
-`load`/`unload` from the admin routes and `status` for /v1/models. Unloading stops the model's
+`load`/`unload` from the admin routes, `status` for /v1/models and `cancel` when an `ensure`
+or `load` is given up (a grant nobody waits for would leave the model busy for good). Unloading stops the model's
 engine process (its memory goes back to the system); the engine drains in-flight requests first.
 One thread owns the socket; loads and unloads run in their own threads and report back through
 a queue, so every reply is sent by the owner.
@@ -112,6 +113,10 @@ class ModelManager:
                 self.pending.append(i)
                 logger.info("%s is wanted (%s); loading it", self.names[i],
                             "a request for it" if cmd.op == "ensure" else "POST load")
+        elif cmd.op == "cancel":  # the asker stopped waiting: it must not be granted (busy)
+            self.waiters[i] = [w for w in self.waiters[i]
+                               if w[0] != identity or w[1] != cmd.query_id]
+            self._reply(identity, cmd.query_id, "cancelled")
         elif cmd.op == "unload":
             if i in self.pending:
                 self.pending.remove(i)

@@ -198,7 +198,8 @@ EngineMessage = EngineCoreOutputs | EngineStats | EngineDead | AdminResult
 class ModelCommand(msgspec.Struct, tag="model?", array_like=True, omit_defaults=True, gc=False):
     """What a worker asks of the model manager: `ensure` (a request starts: load the model if
     needed, answer once it is READY; it stays busy until the request's `end`), `load`,
-    `unload`, `status` (all answered), or `end` (not answered; it carries the request's
+    `unload`, `status`, `cancel` (all answered; cancel withdraws the `ensure` or `load` of the
+    same query id, answered "cancelled"), or `end` (not answered; it carries the request's
     keep_alive: seconds to stay loaded, -1 forever)."""
 
     query_id: int

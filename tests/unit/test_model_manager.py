@@ -1,0 +1,109 @@
+"""The many-model server's model manager and its worker client, with fake engines: a request
+that stops waiting never leaves its model busy; an unload answers the requests waiting on it;
+a dead engine's watcher never restarts an unloaded model."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fornax.api.engine.manager_client import ManagerClient
+from fornax.api.engine.model_manager import LOADED, ModelManager
+from fornax.api.server.errors import APIError
+from fornax.runtime.engine.messages import ModelCommand
+
+
+class FakeLauncher:
+    """Starts when `go` is set (a load that takes as long as the test wants)."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.stopping = False
+        self.starts = 0
+
+    def start(self) -> None:
+        self.go.wait(30)
+        self.starts += 1
+
+    def stop(self, timeout_s: float) -> int:
+        self.stopping = True
+        return 0
+
+
+class FakeGroup:
+    def __init__(self, n: int) -> None:
+        self.names = [f"m{i}" for i in range(n)]
+        self.launchers = [FakeLauncher() for _ in range(n)]
+        self.ipc_dir = tempfile.mkdtemp(prefix="fx-", dir="/tmp")
+        self.drain_timeout_s = 1.0
+
+    def supervise(self, i: int) -> None:
+        pass
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def manager() -> Any:
+    group = FakeGroup(2)
+    mgr = ModelManager(group, [0.0, 0.0], 1, [True, False])  # type: ignore[arg-type]
+    mgr.start()
+    yield mgr
+    for launcher in group.launchers:
+        launcher.go.set()
+    mgr.stop()
+
+
+async def with_client(mgr: ModelManager, body: Callable[[ManagerClient], Any]) -> None:
+    client = ManagerClient(mgr.address)
+    await client.start()
+    try:
+        await body(client)
+        await asyncio.sleep(0.3)  # let the withdrawals reach the manager
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_given_up_ensure_leaves_model_idle(manager: ModelManager, how: str) -> None:
+    async def body(client: ManagerClient) -> None:
+        if how == "timeout":
+            with pytest.raises(APIError) as err:
+                await client.ask("ensure", 1, timeout_s=0.3)
+            assert err.value.status == 503
+        else:
+            task = asyncio.ensure_future(client.ask("ensure", 1, timeout_s=60))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(with_client(manager, body))
+    until(lambda: not manager.waiters[1], "the given-up waiter is dropped")
+    manager.group.launchers[1].go.set()  # type: ignore[attr-defined]
+    until(lambda: manager.states[1] == LOADED, "model 1 loads")
+    time.sleep(0.3)
+    assert manager.busy == [0, 0]
+
+
+def test_grant_crossing_withdrawal_is_ended(manager: ModelManager) -> None:
+    """A grant that arrives after the asker gave up (the cancel crossed it) is ended at once."""
+    async def body(client: ManagerClient) -> None:
+        client._abandoned[7] = 0  # as if ensure #7 had been withdrawn while its grant flew
+        await client.dealer.send(client._encoder.encode(ModelCommand(7, "ensure", 0)))
+        await asyncio.sleep(0.3)
+        assert not client._abandoned
+
+    asyncio.run(with_client(manager, body))
+    until(lambda: manager.busy[0] == 0, "the crossed grant is ended")

@@ -118,8 +118,12 @@ class ModelManager:
                                if w[0] != identity or w[1] != cmd.query_id]
             self._reply(identity, cmd.query_id, "cancelled")
         elif cmd.op == "unload":
-            if i in self.pending:
+            if i in self.pending:  # its waiters learn now (503), not after LOAD_TIMEOUT_S
                 self.pending.remove(i)
+                waiters, self.waiters[i] = self.waiters[i], []
+                for who, query_id, _ in waiters:
+                    self._reply(who, query_id, f"{self.names[i]} was unloaded (POST "
+                                "/v1/models/{id}/unload) before it finished loading")
             if self.states[i] == LOADED:
                 self._unload(i, "POST unload")
             self._reply(identity, cmd.query_id)

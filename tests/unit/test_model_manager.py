@@ -107,3 +107,19 @@ def test_grant_crossing_withdrawal_is_ended(manager: ModelManager) -> None:
 
     asyncio.run(with_client(manager, body))
     until(lambda: manager.busy[0] == 0, "the crossed grant is ended")
+
+
+def test_unload_answers_the_waiters_of_a_pending_model(manager: ModelManager) -> None:
+    """Model 0 is loaded and busy (--max-loaded-models 1), so model 1 waits to load; an unload
+    of model 1 answers its waiters at once with an error naming the unload."""
+    async def body(client: ManagerClient) -> None:
+        assert not (await client.ask("ensure", 0)).error  # model 0 busy: model 1 stays pending
+        waiting = asyncio.ensure_future(client.ask("ensure", 1, timeout_s=60))
+        await asyncio.sleep(0.3)
+        assert not (await client.ask("unload", 1)).error
+        reply = await asyncio.wait_for(waiting, 5)
+        assert "m1 was unloaded" in reply.error and "unload" in reply.error
+        await client.tell("end", 0)
+
+    asyncio.run(with_client(manager, body))
+    assert manager.waiters == [[], []] and manager.busy == [0, 0]

@@ -37,6 +37,7 @@ class EngineGroup:
         self.drain_timeout_s = drain_timeout_s
         self.stopping = False
         self.restarts = [0] * len(models)
+        self.generations = [0] * len(models)  # +1 at each unload: older watchers then retire
 
     def start(self, max_loaded: int = 0) -> list[EngineHandshake]:
         """Start every engine (at most `max_loaded` at once, 0: all) and wait for them;
@@ -108,22 +109,32 @@ class EngineGroup:
 
     def supervise(self, i: int) -> None:
         """Watch model i's engine process (again after the model manager loaded it)."""
-        threading.Thread(target=self._supervise, args=(i,), name=f"engine-watch-{i}",
-                         daemon=True).start()
+        threading.Thread(target=self._supervise, args=(i, self.generations[i]),
+                         name=f"engine-watch-{i}", daemon=True).start()
 
-    def _supervise(self, i: int) -> None:
+    def unload(self, i: int, timeout_s: float) -> int | None:
+        """Stop model i's engine for good (the model manager's unload): its watcher, even one
+        that wakes after the model was loaded again, neither restarts it nor a second one."""
+        self.generations[i] += 1
+        return self.launchers[i].stop(timeout_s)
+
+    def _supervise(self, i: int, generation: int) -> None:
         launcher, name = self.launchers[i], self.names[i]
+
+        def retired() -> bool:
+            return self.stopping or launcher.stopping or self.generations[i] != generation
+
         while True:
             proc = launcher.proc
             if proc is None:
                 return
             code = proc.wait()
-            if self.stopping or launcher.stopping:
+            if retired() or launcher.proc is not proc:
                 return
             logger.error("the engine core of %s died (exit code %s): its requests get 503 while "
                          "it restarts; the other models keep serving", name, code)
             delay = 1.0
-            while not self.stopping:
+            while not retired():  # an unload during the backoff ends the restarts
                 began = time.monotonic()
                 try:
                     launcher.start()

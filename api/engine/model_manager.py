@@ -207,6 +207,6 @@ class ModelManager:
         self._events.put(("loaded", i, ""))
 
     def _stop_engine(self, i: int) -> None:
-        code = self.group.launchers[i].stop(self.group.drain_timeout_s + 5)
+        code = self.group.unload(i, self.group.drain_timeout_s + 5)
         logger.info("unloaded %s (engine exit code %s)", self.names[i], code)
         self._events.put(("unloaded", i, ""))

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from fornax.api.engine.launcher import EngineStartError
+from fornax.api.engine.launcher_group import EngineGroup
 from fornax.api.engine.manager_client import ManagerClient
 from fornax.api.engine.model_manager import LOADED, ModelManager
 from fornax.api.server.errors import APIError
@@ -45,6 +47,9 @@ class FakeGroup:
 
     def supervise(self, i: int) -> None:
         pass
+
+    def unload(self, i: int, timeout_s: float) -> int:
+        return self.launchers[i].stop(timeout_s)
 
 
 def until(check: Callable[[], bool], what: str) -> None:
@@ -123,3 +128,71 @@ def test_unload_answers_the_waiters_of_a_pending_model(manager: ModelManager) ->
 
     asyncio.run(with_client(manager, body))
     assert manager.waiters == [[], []] and manager.busy == [0, 0]
+
+
+class FakeProc:
+    """An engine process whose death the watcher sees when the test says so."""
+
+    def __init__(self) -> None:
+        self.dead = threading.Event()
+
+    def wait(self) -> int:
+        self.dead.wait(30)
+        return -9
+
+
+class CrashingLauncher:
+    """Counts its starts; each start fails while `fail` is set."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.proc: FakeProc | None = FakeProc()
+        self.starts = 0
+        self.fail = False
+
+    def start(self) -> None:
+        self.starts += 1
+        if self.fail:
+            raise EngineStartError("no")
+        self.proc = FakeProc()
+
+    def stop(self, timeout_s: float) -> int:
+        self.stopping = True
+        return 0
+
+
+def fake_group() -> tuple[EngineGroup, CrashingLauncher]:
+    group = EngineGroup.__new__(EngineGroup)
+    launcher = CrashingLauncher()
+    group.names, group.launchers, group.stopping = ["m0"], [launcher], False  # type: ignore[list-item]
+    group.restarts, group.generations, group.drain_timeout_s = [0], [0], 1.0
+    return group, launcher
+
+
+def test_unload_during_restart_backoff_ends_the_restarts() -> None:
+    group, launcher = fake_group()
+    launcher.fail = True
+    group.supervise(0)
+    assert launcher.proc is not None
+    launcher.proc.dead.set()  # a crash: the restart fails, then waits 1 s before the next try
+    until(lambda: launcher.starts == 1, "the watcher tries a restart")
+    group.unload(0, 1.0)
+    time.sleep(1.5)
+    assert launcher.starts == 1
+
+
+def test_old_watcher_after_unload_and_reload_starts_nothing() -> None:
+    group, launcher = fake_group()
+    old = launcher.proc
+    assert old is not None
+    group.supervise(0)
+    group.unload(0, 1.0)
+    launcher.stopping = False  # the model manager loads it again before the old watcher wakes
+    launcher.start()
+    group.supervise(0)
+    old.dead.set()  # the first engine's exit reaches its watcher only now
+    time.sleep(0.5)
+    assert launcher.starts == 1 and group.restarts == [0]
+    assert launcher.proc is not None
+    launcher.proc.dead.set()  # the new engine crashes: its watcher does restart it
+    until(lambda: launcher.starts == 2, "the current watcher restarts a crashed engine")

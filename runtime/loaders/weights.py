@@ -126,6 +126,15 @@ def copy_weights(model: nn.Module, weights: Iterable[tuple[str, Weight]], place:
     return loaded
 
 
+def can_keep_quantized(dtype: torch.dtype) -> bool:
+    """The native quantized kernel is built and takes this activation dtype (bf16, float32);
+    without it, `quant_linear` would dequantize the whole weight on every call, far slower than
+    the dense weight dequantized once at load."""
+    from fornax.runtime.kernels.build import load_quant_linear
+
+    return dtype in (torch.bfloat16, torch.float32) and load_quant_linear() is not None
+
+
 class _QuantParts:
     """Quantized checkpoint tensors gathered per parameter (a fused qkv_proj gets q, k and v as
     row segments), then handed to the modules that read that parameter (`set_quant`: a linear's
@@ -161,7 +170,8 @@ class _QuantParts:
             ends = [offset + qw.out_features for offset, qw in parts]
             whole = [offset for offset, _ in parts] == [0, *ends[:-1]] and ends[-1] == len(param)
             readers = [m for m in self.model.modules() if getattr(m, "weight", None) is param]
-            keep = self.keep_all or param.dtype == torch.bfloat16
+            keep = (self.keep_all or param.dtype == torch.bfloat16) and can_keep_quantized(
+                param.dtype)
             if keep and whole and param.device.type == "cpu" and readers and all(
                     hasattr(m, "set_quant") for m in readers):
                 for module in readers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,20 @@ logger = logging.getLogger(__name__)
 _DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created in `dtype` directly: built in float32 and then cast, a model would
+    briefly hold both copies (1.5x its bf16 size), and the freed float32 pages stay in the
+    process (glibc keeps them), though the loader overwrites every value. The model's float32
+    tables (rotary cos/sin) name their dtype explicitly."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class ModelRunner(PagedStepRunner):
     """A causal LM over the paged KV cache; `execute_model` runs one step (the shared phases in
     PagedStepRunner, plus prompt logprobs, torch.compile and CUDA graphs)."""
@@ -55,12 +71,13 @@ class ModelRunner(PagedStepRunner):
             device=self.device)
         start = time.perf_counter()
         torch.manual_seed(config.model_config.seed)
-        with torch.device(self.device):
+        with torch.device(self.device), _default_dtype(self.dtype):
             self.model = model_cls(hf, self.arch, self.backend).to(self.dtype)
+        # Shapes by parameter identity, so sleep level 2 can release and later re-create them:
+        # taken before loading, which empties the dense tensor of a weight kept quantized.
+        self.param_shapes = {id(p): tuple(p.shape) for p in self.model.parameters()}
         self._load_weights()
         self.model.eval()
-        # Shapes by parameter identity, so sleep level 2 can release and later re-create them.
-        self.param_shapes = {id(p): tuple(p.shape) for p in self.model.parameters()}
         self.vocab_size = int(hf["vocab_size"])
         logger.info("loaded %s (%s, %s) in %.2f s", files.source or files.path, self.arch,
                     str(self.dtype).removeprefix("torch."), time.perf_counter() - start)

@@ -174,3 +174,33 @@ def test_smollm2_quantized_greedy_and_logprobs_track_the_dequantized_path(packag
     # observed (this Xeon) 90 tokens, max 0.55, mean 0.10, argmax agreement 0.92
     assert max(deltas) < 1.0 and sum(deltas) / len(deltas) < 0.15
     assert sum(agree) / len(agree) >= 0.85
+
+
+def test_sleep_level_2_and_wake_up_keep_the_weights_quantized(tiny):
+    """Level 2 frees the weights; wake-up reloads them quantized into parameters re-created at
+    their full shape (the loader empties the dense tensor of a kept weight), same outputs."""
+    llm = _llm(str(tiny["file"]), tiny["cache"], False, dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    embed = llm.engine.runner.model.model.embed_tokens
+    assert embed.quant_weight is not None and embed.weight.numel() == 0
+    llm.engine.sleep(2)
+    llm.engine.wake_up()
+    embed = llm.engine.runner.model.model.embed_tokens
+    assert embed.quant_weight is not None and embed.weight.numel() == 0
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == before
+    llm.close()
+
+
+def test_without_the_native_kernel_weights_are_dequantized_at_load(tiny, monkeypatch):
+    """quant_linear's torch fallback dequantizes a whole weight per call: without the kernel the
+    loader dequantizes once instead (the path before #20)."""
+    from fornax.runtime.kernels import build
+
+    monkeypatch.setattr(build, "load_quant_linear", lambda: None)
+    llm = _llm(str(tiny["file"]), tiny["cache"], False, dtype="bfloat16")
+    embed = llm.engine.runner.model.model.embed_tokens
+    assert embed.quant_weight is None and embed.weight.shape[0] > 0
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4
+    llm.close()

@@ -83,7 +83,7 @@ class VllmHandler:
         conn = self.conn
         if kind == "session.update":
             model = field(event, "model", str)
-            conn.check_model(model)
+            await conn.check_model(model)
             self.validated = conn.worker.enabled = True
             conn.worker.poke()
         elif kind == "input_audio_buffer.append":
@@ -174,7 +174,7 @@ class OpenAIHandler:
                                             for f in self.config.__struct_fields__})
             ga = update_openai_config(config, event)
             if config.model is not None:
-                conn.check_model(config.model)
+                await conn.check_model(config.model)
             config.language = self._language(config.language)
             self.config, self.ga = config, ga or self.ga
             self._apply()

@@ -163,6 +163,8 @@ class RealtimeConnection:
         self.worker: DecodeWorker
         self.handler: VllmHandler | OpenAIHandler | None = None
         self.max_buffer = int(self.settings.realtime_max_buffer_s * SAMPLE_RATE)
+        # many models: a model session.update switches to is loaded and kept until the end
+        self._leases = contextlib.AsyncExitStack()
 
     # ---- sending -------------------------------------------------------------------------------
     async def send(self, *events: msgspec.Struct) -> None:
@@ -228,6 +230,7 @@ class RealtimeConnection:
             if await self.worker.close():
                 logger.info("realtime session %s ended with a decode in flight: aborted it in "
                             "the engine", self.session_id)
+            await self._leases.aclose()
 
     async def _receive_loop(self, receive: Receive) -> None:
         settings = self.settings
@@ -303,16 +306,19 @@ class RealtimeConnection:
         logger.debug("realtime session %s speaks %s", self.session_id, self.handler.protocol)
 
     # ---- shared by the handlers ----------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
+    async def check_model(self, model: str | None) -> None:
         try:  # many models: session.update may name another Whisper model, before any audio
             target = self.state.models.speech_model(self.state, model, self.tr.buffered_samples)
             target.resolve_model(model)
         except APIError as exc:
             raise ClientEventError(MODEL_NOT_FOUND, exc.message, "model") from None
-        if target is not self.state:
+        if target is not self.state:  # loaded now and held (never evicted) until the session ends
+            await self._leases.enter_async_context(target.models.holding(target))
             self.state = self.worker.state = target
             self.info = whisper_info(target)
-            self.tr = self.worker.tr = StreamingTranscriber(self.info, target.tokenizer.tokenizer)
+            self.tr = self.worker.tr = StreamingTranscriber(
+                self.info, target.tokenizer.tokenizer,
+                vad_kind=getattr(self.settings, "realtime_vad", "silero"))
 
     def append(self, samples: np.ndarray) -> list[VadNotice]:
         """Add 16 kHz audio to the session; refused beyond the buffer limit."""

@@ -222,6 +222,8 @@ async def _start_background(req: Request, service: ResponsesService, run: Respon
     task = asyncio.create_task(_run_background(service, run, open_chunks, listener))
     service.tasks[run.rid] = task
     task.add_done_callback(lambda _: service.release(run.rid, run.owner))
+    end_lease = req.state.models.detach(req)  # many models: held until the run ends
+    task.add_done_callback(lambda _: end_lease())
     if listener is None:
         return json_response(run.snapshot(), headers=headers)
     return StreamingResponse(_follow(listener), headers=headers)

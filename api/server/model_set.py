@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -208,7 +208,16 @@ class ModelSet:
     def release(self, req: Request) -> None:
         """The request is over: its model may go idle (and unload after its timeout). Sent
         from a task of its own: this runs in the request's `finally`, maybe while cancelled."""
+        self._end(self._leases.pop(id(req), None))
+
+    def detach(self, req: Request) -> Callable[[], None]:
+        """A run that outlives its request (a background /v1/responses run): the request's
+        lease moves to the returned callable, which the run calls when it ends, so the model is
+        not idle (evictable, unloadable) while it still generates."""
         lease = self._leases.pop(id(req), None)
+        return lambda: self._end(lease)
+
+    def _end(self, lease: tuple[int, float | None] | None) -> None:
         if lease is not None and self.manager is not None:
             task = asyncio.ensure_future(self.manager.tell("end", *lease))
             self._telling.add(task)

@@ -276,7 +276,8 @@ def test_store_bounds_and_cancel_rules(kind, tmp_path):
             await store.put(f"r{i}", _record("completed", time.time() + i * 1e-3))
         assert [await store.get(f"r{i}") is not None for i in range(5)] == \
             [False, False, True, True, True]
-        await store.put("bg", _record("in_progress"))
+        # newer than r2..r4 (stamped up to 4 ms ahead): pruning to 3 must keep it on any clock
+        await store.put("bg", _record("in_progress", time.time() + 1.0))
         assert (await store.cancel("bg")).status == "cancelled"
         assert await store.put("bg", _record("completed")) is False  # cancel wins
         assert (await store.get("bg")).status == "cancelled"

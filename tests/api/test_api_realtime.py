@@ -1,8 +1,7 @@
 """WS /v1/realtime against a real `fornax serve whisper-tiny.en`: both protocols event by event,
 real-time streaming (deltas before the commit, WER, provisional deltas that the final text
 continues or replaces), error codes, API-key forms, limits, 20 concurrent sessions and 20
-disconnects; plus unit tests of the stable-text rule, the transcriber (partials, the item's
-file-path final, previous-text conditioning) and the energy detector (no server)."""
+disconnects (the transcriber's unit tests: tests/unit/test_realtime_transcriber.py)."""
 
 from __future__ import annotations
 
@@ -11,186 +10,16 @@ import base64
 import json
 import re
 import time
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
 from fornax.audio.decode import decode_audio, resample
-from fornax.audio.streaming import is_break, stable_prefix
-from fornax.audio.vad import EnergyVad, VadConfig
 from helpers.whisper_fixtures import AUDIO_DIR, manifest, packaged_whisper, word_error_rate
 
 KEY = "rt-key"
 SHORT = manifest()["short"]
-CHUNK = 1600  # 100 ms at 16 kHz
-
-
-# ---- unit tests: stable text and voice activity ---------------------------------------------
-PIECES = {1: " The", 2: " quick", 3: " brown", 4: " bro", 5: "wn", 6: ".", 7: " fox", 8: ","}
-
-
-def test_stable_prefix_needs_agreement_and_a_whole_word():
-    piece = PIECES.__getitem__
-    # both decodes agree on "The quick brown" and go on with a new word: all three are stable
-    assert stable_prefix([1, 2, 3, 7], [1, 2, 3, 6], 0, piece) == 3
-    # the last shared word may be cut ("bro" + "wn" vs "brown"): only what precedes it
-    assert stable_prefix([1, 2, 4, 5], [1, 2, 3, 7], 0, piece) == 2
-    # agreement up to the end of a decode proves nothing about its last word
-    assert stable_prefix([1, 2, 3], [1, 2, 3, 7], 0, piece) == 2
-    # punctuation after a word closes it; never below what is already committed
-    assert stable_prefix([1, 2, 8, 7], [1, 2, 6], 0, piece) == 2
-    assert stable_prefix([1, 7], [1, 2, 3, 7], 2, piece) == 2
-    assert stable_prefix([], [1, 2], 0, piece) == 0
-    assert is_break(" word") and is_break("!") and not is_break("wn") and not is_break("'s")
-
-
-WORDS = (" The", " cat", " sat", " on", " the", " mat", ".", " hat")
-
-
-class _Tokenizer:
-    """Whisper-like ids: 0.. are words (with their leading space), 100+ special."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(WORDS[i] for i in ids if i < len(WORDS))
-
-    def encode(self, text, add_special_tokens=False):
-        return SimpleNamespace(ids=[WORDS.index(" " + w) for w in text.split()])
-
-
-def _transcriber(**kwargs):
-    from fornax.audio.streaming import StreamConfig, StreamingTranscriber
-    from fornax.audio.transcribe import WhisperInfo
-
-    ids = {"sot": 101, "sot_prev": 102, "transcribe": 103, "translate": 104,
-           "no_timestamps": 105, "eot": 100, "timestamp_begin": 106}
-    info = WhisperInfo(ids, {}, False, 80, 448)
-    return StreamingTranscriber(info, _Tokenizer(), config=StreamConfig(step_s=0.5,
-                                                                        agree_gap_s=1.0),
-                                **kwargs)
-
-
-def test_transcriber_sends_agreed_words_once_and_the_rest_at_the_end():
-    tr = _transcriber(vad=None)  # manual segments
-    # each decode's continuation after the stable tokens in its prompt; "hat" misheard early
-    hyps = iter([[0, 7], [0, 1, 2], [0, 1, 2, 3], [1, 2, 3, 4]])
-    sent, prompts = [], []
-    for _ in range(20):  # 2 s of audio in 100 ms chunks
-        tr.append(_tone(0.1, 0.3))
-        job = tr.next_job()
-        if job is not None:
-            prompts.append(job.prompt)
-            window = tr.window(job)
-            assert window.features.shape == (80, -(-(len(job.segment.audio()[:job.num_samples])
-                                                    // 160 + 100) // 100) * 100)
-            out = tr.feed(job, next(hyps) + [100])
-            sent.append(out.delta)
-    # decodes at 0.5, 1.0, 1.5, 2.0 s; agreement needs a decode of 1 s less audio, and a
-    # word that ends one of the two decodes may be cut: "sat" waits
-    assert sent == ["", "", "The", " cat"]
-    assert prompts[-1] == [101, 105, 0]  # stable tokens ride in the prompt
-    assert tr.close() == 0
-    # the item's final decode is the file path's: a 30 s window of all its audio, nothing forced
-    out, window = _final(tr, [0, 1, 2, 3, 4, 5, 6, 100])
-    assert window.prompt_token_ids == [101, 105] and window.features.shape == (80, 3000)
-    assert window.content_frames == 200 and window.temperature == 0.0
-    assert out.final and out.text == "The cat sat on the mat."
-    assert out.delta == " sat on the mat." and out.num_samples == 32000  # it continues them
-    assert "".join(sent) + out.delta == out.text and not tr.segments
-    tr.append(_tone(0.3, 0.3))  # the next item: a separator before its first words
-    assert tr.next_job() is None  # less than a step of audio: no partial decode yet
-    tr.close()
-    # conditioned on the previous item's text, as the file path conditions a window on the last
-    out, window = _final(tr, [0, 7, 100])
-    assert window.prompt_token_ids == [102, 0, 1, 2, 3, 4, 5, 6, 101, 105]
-    assert out.final and out.delta == " The hat" and out.text == "The hat"
-    # partial deltas are provisional: a final text that does not continue them replaces them
-    for _ in range(20):
-        tr.append(_tone(0.1, 0.3))
-        job = tr.next_job()
-        if job is not None:
-            # partials see the session's previous text too
-            assert job.prompt[:12] == [102, 0, 1, 2, 3, 4, 5, 6, 0, 7, 101, 105]
-            tr.feed(job, [0, 1, 2, 3, 100])
-    tr.close()
-    out, _ = _final(tr, [0, 7, 2, 3, 4, 5, 6, 100])
-    assert out.text == "The hat sat on the mat." and out.delta == ""
-
-
-def _final(tr, tokens):
-    """Run an ended item's final decode (one window) on `tokens`."""
-    from fornax.audio.transcribe import WindowResult
-
-    job = tr.next_job()
-    assert job.item_final and job.final
-    session = tr.final_session(job)
-    window = session.next_request()
-    session.feed(WindowResult(tokens))
-    assert session.next_request() is None
-    return tr.finish_item(job, session), window
-
-
-def test_transcriber_segments_on_silence_and_decodes_the_item_again_at_its_end():
-    tr = _transcriber()
-    silence = np.zeros(1600, np.float32)
-    notices = []
-    for chunk in [silence] * 3 + [_tone(0.1, 0.3)] * 10:
-        notices += tr.append(chunk)
-    assert [n.kind for n in notices] == ["start"]
-    seg = tr.segments[0]
-    assert abs(seg.start_sample / 16000 - 0.0) < 0.05  # the onset minus 300 ms of padding
-    for _ in range(3):
-        tr.append(silence)
-    job = tr.next_job()  # a partial covering the voice and 300 ms of silence
-    assert job is not None and not job.final
-    for _ in range(3):
-        notices += tr.append(silence)
-    assert [n.kind for n in notices] == ["start", "stop"] and seg.closed
-    # the partial has all the voice, yet it does not stand as the final: that one is decoded
-    # as the file path decodes (its result may differ from the partial's)
-    assert not tr.covers(job)
-    out, window = _final(tr, [0, 1, 100])
-    assert out.final and out.delta == "The cat" and out.text == "The cat" and not tr.segments
-    assert window.content_frames == seg.num_samples // 160
-
-
-def _tone(seconds: float, level: float, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (level * np.sin(2 * np.pi * 220 * t) * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(
-        np.float32)
-
-
-def test_vad_finds_speech_with_padding_and_ends_it_after_the_silence():
-    rng = np.random.default_rng(0)
-
-    def noise(seconds: float) -> np.ndarray:
-        return rng.normal(0, 0.002, int(seconds * 16000)).astype(np.float32)
-
-    audio = np.concatenate([noise(1.0), _tone(1.0, 0.3), noise(0.3), _tone(0.5, 0.3),
-                            noise(1.0), _tone(0.4, 0.3), noise(0.2)])
-    vad = EnergyVad(VadConfig(silence_duration_ms=500, prefix_padding_ms=300))
-    events = []
-    for i in range(0, len(audio), 1600):  # 100 ms chunks, like a client
-        events += vad.feed(audio[i:i + 1600])
-    kinds = [e.kind for e in events]
-    assert kinds == ["start", "stop", "start"]  # a 300 ms pause does not end the utterance
-    assert abs(events[0].sample / 16000 - (1.0 - 0.3)) < 0.1  # onset minus the padding
-    assert abs(events[1].sample / 16000 - 2.8) < 0.1  # where the voice stopped
-    assert events[1].at - events[1].sample == pytest.approx(8000, abs=320)  # after 500 ms
-    assert vad.speaking
-
-
-def test_vad_learns_steady_noise_and_ignores_digital_silence():
-    rng = np.random.default_rng(1)
-    hum = (0.05 * rng.normal(0, 1, 16000 * 6)).astype(np.float32)  # loud steady noise
-    vad = EnergyVad()
-    events = vad.feed(hum)
-    assert [e.kind for e in events] in ([], ["start", "stop"])  # learned within about a second
-    speech = hum[:16000].copy() + _tone(1.0, 0.5)
-    assert [e.kind for e in vad.feed(speech)] == ["start"]
-    quiet = EnergyVad()
-    assert quiet.feed(np.zeros(16000 * 3, np.float32)) == []
 
 
 # ---- the server ---------------------------------------------------------------------------------
@@ -539,11 +368,7 @@ def test_twenty_concurrent_sessions_then_twenty_disconnects(server, clips):
         events = [e for _, e in out["events"]]
         done = events[-1]
         assert done["type"] == "transcription.done", events
-        sent = "".join(e["delta"] for e in events[:-1])
-        # deltas are provisional: they add up to the final text when it continues them, else
-        # the final text (the file path's decode) replaces them and no delta follows the split
-        assert sent.strip() == done["text"].strip() or not done["text"].startswith(sent), \
-            (sent, done["text"])
+        _provisional("".join(e["delta"] for e in events[:-1]), done["text"])
         texts.append(done["text"])
     refs = [SHORT[names[i % len(names)]] for i in range(20)]
     assert word_error_rate(refs, texts) <= 0.15

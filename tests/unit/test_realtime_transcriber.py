@@ -11,7 +11,6 @@ import pytest
 from fornax.audio.streaming import is_break, stable_prefix
 from fornax.audio.vad import EnergyVad, VadConfig
 
-
 # ---- unit tests: stable text and voice activity ---------------------------------------------
 PIECES = {1: " The", 2: " quick", 3: " brown", 4: " bro", 5: "wn", 6: ".", 7: " fox", 8: ","}
 

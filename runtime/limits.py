@@ -24,9 +24,14 @@ MAX_PROMPTS = 1024  # prompts in one completions request (a batch of prompts)
 MAX_CONVERSATIONS = 256  # conversations in one /v1/chat/completions/batch request
 MAX_POOLING_INPUTS = 2048  # inputs of one embeddings / pooling / classify / score request
 MAX_SERVED_MODELS = 16  # models of one server (--models, or models: in --config)
+MAX_RAY_REPLICAS = 1024  # replicas of one model's Ray Serve deployment (fornax serve-ray)
+MAX_RAY_QUEUED = 1_000_000  # a Ray deployment's max_ongoing/max_queued_requests
+RAY_INGRESS_BODY_BYTES = 64 * 1024 * 1024  # a body the Ray ingress holds before forwarding
 MAX_LOAD_WAITERS = 256  # requests of one API worker waiting for one model to load
 MAX_KEEP_ALIVE_S = 7 * 24 * 3600  # a request's keep_alive (seconds; negative: stay loaded)
 MAX_IDLE_TIMEOUT_S = 30 * 24 * 3600  # --idle-timeout
+MIN_LOADED_MEMORY_BYTES = 64 * 2**20  # --max-loaded-memory (less is a unit mistake: 0 is off)
+MAX_LOADED_MEMORY_BYTES = 2**50  # --max-loaded-memory: 1 PiB
 
 # ---- sampling lists and strings -----------------------------------------------------------------
 MAX_STOP_STRINGS = 64  # --max-stop-strings

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fornax.api.engine.engine_control import engine_admin, process_memory
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
-from fornax.runtime.engine.messages import EngineHandshake
+from fornax.runtime.engine.messages import AdminResult, EngineHandshake
 
 logger = logging.getLogger(__name__)
 
@@ -38,26 +39,74 @@ class EngineGroup:
         self.stopping = False
         self.restarts = [0] * len(models)
         self.generations = [0] * len(models)  # +1 at each unload: older watchers then retire
+        self.footprints = [0] * len(models)  # peak engine RSS seen for each model (bytes)
+        self.loaded = [True] * len(models)  # which engines `start` left running
 
-    def start(self, max_loaded: int = 0) -> list[EngineHandshake]:
+    def start(self, max_loaded: int = 0, budget: int = 0) -> list[EngineHandshake]:
         """Start every engine (at most `max_loaded` at once, 0: all) and wait for them;
         EngineStartError naming the model that failed (the others are stopped). With a bound,
         batches start from the last models and stop again once READY (their handshakes are all
-        the API workers need), so the first `max_loaded` models are the ones left loaded."""
+        the API workers need), so the first `max_loaded` models are the ones left loaded. With
+        a memory `budget` (bytes) they start one at a time to measure each one's footprint, and
+        an engine that does not fit beside the ones kept is stopped again."""
         n = len(self.launchers)
+        if budget:
+            return self._start_measured(max_loaded, budget)
         if not max_loaded or max_loaded >= n:
-            return self._start_batch(list(range(n)))
+            infos = self._start_batch(list(range(n)))
+            for i in range(n):
+                self.note_footprint(i)
+            return infos
         infos: dict[int, EngineHandshake] = {}
         batches = [list(range(max(0, end - max_loaded), end))
                    for end in range(n, 0, -max_loaded)]
         for batch in batches:
             infos.update(zip(batch, self._start_batch(batch), strict=True))
+            for i in batch:
+                self.note_footprint(i)
             if batch is not batches[-1]:
                 for i in batch:
                     self.launchers[i].stop(self.drain_timeout_s)
+                    self.loaded[i] = False
                 logger.info("stopped %s again (--max-loaded-models %d): loaded on demand",
                             ", ".join(self.names[i] for i in batch), max_loaded)
         return [infos[i] for i in range(n)]
+
+    def _start_measured(self, max_loaded: int, budget: int) -> list[EngineHandshake]:
+        """One engine at a time, in order: each is kept loaded while the ones kept and it fit
+        under `budget` (and `max_loaded`), else stopped once its footprint is known."""
+        infos: list[EngineHandshake] = []
+        kept = 0
+        for i, name in enumerate(self.names):
+            infos += self._start_batch([i])
+            size = self.note_footprint(i)
+            if (max_loaded and sum(self.loaded[:i]) >= max_loaded) or kept + size > budget:
+                self.launchers[i].stop(self.drain_timeout_s)
+                self.loaded[i] = False
+                logger.info("stopped %s again (%.2f GiB; %s): loaded on demand", name,
+                            size / 2**30, "larger than the memory budget alone, its requests "
+                            "get 503" if size > budget else "it does not fit beside the "
+                            f"models loaded under the memory budget of {budget / 2**30:.2f} GiB")
+            else:
+                kept += size
+        return infos
+
+    def memory(self, i: int) -> tuple[int, int]:
+        """Model i's engine process: (resident bytes now, peak resident bytes); (0, 0) when it
+        is not running."""
+        proc = self.launchers[i].proc
+        if proc is None or proc.poll() is not None:
+            return 0, 0
+        return process_memory(proc.pid)
+
+    def note_footprint(self, i: int) -> int:
+        """Remember model i's footprint: the largest peak RSS its engine has reached."""
+        self.footprints[i] = max(self.footprints[i], self.memory(i)[1])
+        return self.footprints[i]
+
+    def admin(self, i: int, command: str, level: int = 1) -> AdminResult:
+        """Sleep or wake model i's engine (api/engine/engine_control.py)."""
+        return engine_admin(self.launchers[i].ipc_dir, command, level)
 
     def _start_batch(self, indices: list[int]) -> list[EngineHandshake]:
         launchers = [self.launchers[i] for i in indices]

@@ -44,6 +44,11 @@ def is_pooling(state: AppState) -> bool:
 def check_route_runner(req: Request) -> None:
     """501 for a generation route on a pooling model (called by the app before dispatch)."""
     state = req.state
+    if state is not None and req.path in GENERATION_PATHS and "audio" not in req.path \
+            and getattr(state.engine_info, "runner", "generate") == "transcription":
+        raise APIError(501, f"{req.path} needs a text-generation model, but "
+                       f"{state.model_name} is a speech-to-text model; it serves "
+                       "/v1/audio/transcriptions, /v1/audio/translations and WS /v1/realtime")
     if state is not None and req.path in GENERATION_PATHS and is_pooling(state):
         info = state.engine_info.pooling
         arch = info.architecture if info else "this model"

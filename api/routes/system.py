@@ -46,7 +46,7 @@ async def _health(req: Request, deep: bool) -> Response:
     failed: list[str] = []  # many models (none named): 503 naming each one that is not healthy
     statuses = await models.model_states()  # unloaded on purpose (or loading): not a failure
     for state, status in zip(models.states, statuses, strict=True):
-        if status in ("unloaded", "unloading", "loading"):
+        if status in ("unloaded", "unloading", "loading", "sleeping", "asleep", "waking"):
             continue
         try:
             await _model_health(state, deep)
@@ -118,6 +118,7 @@ async def load(req: Request) -> Response:
         "num_requests_running": stats.num_running,
         "num_requests_waiting": stats.num_waiting,
         "kv_cache_usage_perc": stats.kv_usage,
+        "runner": req.state.engine_info.runner,  # generate, pooling or transcription
     })
 
 

@@ -13,7 +13,14 @@ from fornax.api.server.settings import ServerSettings
 from fornax.api.server.vllm_flags import FlagGroups, choice_type, json_value
 from fornax.runtime.config import engine_field, field_default
 from fornax.runtime.errors import ConfigError
-from fornax.runtime.limits import MAX_IDLE_TIMEOUT_S, MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS
+from fornax.runtime.limits import (
+    MAX_IDLE_TIMEOUT_S,
+    MAX_LOADED_MEMORY_BYTES,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_STOP_STRINGS,
+    MIN_LOADED_MEMORY_BYTES,
+)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -93,6 +100,16 @@ def _idle_seconds(text: str) -> float:
     value = _non_negative(text)
     if value > MAX_IDLE_TIMEOUT_S:
         raise argparse.ArgumentTypeError(f"at most {MAX_IDLE_TIMEOUT_S} seconds, got {text!r}")
+    return value
+
+
+def memory_budget(text: str) -> int:
+    """--max-loaded-memory: bytes or a size (6GiB, 6G, 6000M); 0: no budget."""
+    value = parse_size(text)
+    if value and not MIN_LOADED_MEMORY_BYTES <= value <= MAX_LOADED_MEMORY_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"0 (no budget) or from {MIN_LOADED_MEMORY_BYTES // 2**20}MiB to "
+            f"{MAX_LOADED_MEMORY_BYTES // 2**50}PiB expected, got {text!r}")
     return value
 
 
@@ -315,10 +332,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="with --models: at most N models loaded at once; a request for "
                         "another loads it on demand, unloading the least recently used idle one "
                         "(default: 0, all loaded)")
+    groups.add_argument("--max-loaded-memory", type=memory_budget, default=0, metavar="BYTES",
+                        help="with --models: a memory budget for the loaded models' engines "
+                        "(bytes, or 6GiB, 6G, 6000M): each model's engine RSS is measured; a "
+                        "load first stops the least recently used idle models until it fits, "
+                        "and a model larger than the budget alone is refused (503) (default: 0, "
+                        "no budget)")
     groups.add_argument("--idle-timeout", type=_idle_seconds, default=None, metavar="SECONDS",
                         help="with --models (also per model): unload a model after this many "
                         "seconds without requests; the next request loads it again (default: 0, "
                         "never)")
+    groups.add_argument("--idle-action", choices=("stop", "sleep"), default=None,
+                        help="with --models (also per model): what --idle-timeout does to an idle "
+                        "model: stop its engine, or put it to sleep (KV cache released, process "
+                        "and weights kept, woken by its next request; text-generation models "
+                        "only, the others stop) (default: stop)")
     groups.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="flags from a YAML file (keys: flag names, with dashes or "
                         "underscores; `model:` too); the command line wins (api/server/argv.py)")

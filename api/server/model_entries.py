@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # the flags an entry may carry besides the engine flags (the rest are the server's)
 _MODEL_FLAGS = frozenset({"model", "model_flag", "served_model_name", "chat_template",
-                          "reasoning_parser", "tool_call_parser", "idle_timeout"})
+                          "reasoning_parser", "tool_call_parser", "idle_timeout", "idle_action"})
 EMBED_MODEL, EMBED_NAME = "sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"
 SPEECH_MODEL, SPEECH_ALIAS = "whisper-tiny.en", "openai/whisper-tiny.en"
 
@@ -43,6 +43,7 @@ class ModelEntry:
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     idle_timeout: float = 0.0  # seconds without requests before it is unloaded (0: never)
+    idle_action: str = "stop"  # what idle_timeout does: stop the engine, or put it to sleep
 
 
 def model_entries(args: argparse.Namespace,
@@ -55,9 +56,11 @@ def model_entries(args: argparse.Namespace,
             raise ConfigError("give either MODEL or --models (models: in --config), not both")
         entries = [_entry(i, item, args, serve_parser) for i, item in enumerate(listed)]
     elif args.model or args.model_flag:
-        if args.max_loaded_models or args.idle_timeout:
-            raise ConfigError("--max-loaded-models and --idle-timeout need several models "
-                              "(--models, or models: in --config)")
+        if args.max_loaded_models or args.idle_timeout or args.max_loaded_memory \
+                or args.idle_action:
+            raise ConfigError("--max-loaded-models, --max-loaded-memory, --idle-timeout and "
+                              "--idle-action need several models (--models, or models: in "
+                              "--config)")
         return None
     else:
         entries = packaged_trio(args)
@@ -117,7 +120,8 @@ def _entry(index: int, item: str, args: argparse.Namespace,
     idle = ns.idle_timeout if ns.idle_timeout is not None else args.idle_timeout
     return ModelEntry(model, model, served, [n for n in [model] if n not in served], kwargs,
                       ns.chat_template or args.chat_template, ns.reasoning_parser,
-                      ns.tool_call_parser, idle or 0.0)
+                      ns.tool_call_parser, idle or 0.0,
+                      ns.idle_action or args.idle_action or "stop")
 
 
 def _engine_dests() -> frozenset[str]:
@@ -166,4 +170,5 @@ def packaged_trio(args: argparse.Namespace) -> list[ModelEntry]:
                        speech.install)
     for entry in entries:
         entry.idle_timeout = args.idle_timeout or 0.0
+        entry.idle_action = args.idle_action or "stop"
     return entries

@@ -25,6 +25,7 @@ from fornax.api.multipart import MultipartError, parse_multipart
 from fornax.api.server.errors import APIError, overloaded
 from fornax.api.server.model_settings import ModelSettings
 from fornax.api.server.settings import ServerSettings
+from fornax.runtime.engine.messages import ModelStates
 from fornax.runtime.limits import MAX_KEEP_ALIVE_S, MAX_LOAD_WAITERS
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,26 @@ def build_states(settings: ServerSettings) -> ModelSet:
     return models
 
 
+def _refused(reply: ModelStates) -> APIError:
+    """The manager could not give a request its model: 503, with Retry-After unless waiting
+    cannot help (a model larger than the whole memory budget)."""
+    return APIError(503, reply.error, headers=None if reply.lasting else {"retry-after": "5"})
+
+
+def serves(state: AppState, path: str, generate: bool = False) -> bool:
+    """Whether the model's runner serves the route (else its handler answers 501 without the
+    engine, so a mismatched request never loads the model). `generate`: an /invocations body
+    for generation (else pooling)."""
+    runner = state.engine_info.runner
+    if path in _POOLING_PATHS or (path == "/invocations" and not generate):
+        return runner == "pooling"
+    if path in _AUDIO_PATHS:
+        return runner == "transcription"
+    if path in _GENERATE_PATHS or path == "/invocations":
+        return runner == "generate"
+    return True
+
+
 def not_found(name: str) -> APIError:
     """vLLM's and OpenAI's answer for a model the server does not serve."""
     return APIError(404, f"The model `{name}` does not exist.", "model")
@@ -160,7 +181,7 @@ class ModelSet:
             raise APIError(400, "load and unload need a many-model server (--models)", "model")
         reply = await self.manager.ask(op, self.states.index(state), LOAD_TIMEOUT_S)
         if reply.error:
-            raise APIError(503, reply.error, headers={"retry-after": "5"})
+            raise _refused(reply)
         if op == "load" and state.engine.dead:
             await state.engine.wait_alive(LOAD_TIMEOUT_S)
         return reply.states
@@ -181,7 +202,7 @@ class ModelSet:
         finally:
             self._waiting[i] -= 1
         if reply.error:
-            raise APIError(503, reply.error, headers={"retry-after": "5"})
+            raise _refused(reply)
         self._leases[id(req)] = (i, keep_alive)
         if state.engine.dead:  # just loaded: the engine client reconnects within 0.5 s
             await state.engine.wait_alive(LOAD_TIMEOUT_S)
@@ -268,22 +289,23 @@ class ModelSet:
             name = (req.query.get("model") or [""])[-1]
             req.state = self.find(name) if name else self.default_for(path)
             return
-        keep_alive = None
+        keep_alive, generate = None, False
         if path in _AUDIO_PATHS:
             name = await _form_model(req)
         elif path in _JSON_PATHS:
             body = await _json_model(req)
             name = body.model if isinstance(body.model, str) else None
             keep_alive = keep_alive_seconds(body.keep_alive)
+            generate = isinstance(body, _Keys) and body.generate
             if path == "/invocations" and not name:
-                req.state = self.first("generate" if isinstance(body, _Keys) and body.generate
-                                       else "pooling")
+                req.state = self.first("generate" if generate else "pooling")
                 await self.acquire(req, keep_alive)
                 return
         else:
             return
         req.state = self.find(name) if name else self.default_for(path)
-        await self.acquire(req, keep_alive)
+        if serves(req.state, path, generate):  # else its 501 comes without loading the model
+            await self.acquire(req, keep_alive)
 
     def default_for(self, path: str) -> AppState:
         """The model a request without `model` goes to: the first that serves its route."""

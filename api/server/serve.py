@@ -212,8 +212,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         logger.info("starting the engine core (loading %s)", model)
         try:
-            infos = (launcher.start(args.max_loaded_models) if isinstance(launcher, EngineGroup)
-                     else [launcher.start()])
+            infos = (launcher.start(args.max_loaded_models, args.max_loaded_memory)
+                     if isinstance(launcher, EngineGroup) else [launcher.start()])
         except EngineStartError as exc:
             logger.error("the engine core failed to start: %s", exc)
             return 1
@@ -227,9 +227,8 @@ def run_serve(args: argparse.Namespace) -> int:
             _log_ready(args, entry.served[0] if many else "", info)
         if isinstance(launcher, EngineGroup):  # loads on demand, unloads idle models
             manager = ModelManager(launcher, [e.idle_timeout for e in entries],
-                                   args.max_loaded_models,
-                                   [not args.max_loaded_models or i < args.max_loaded_models
-                                    for i in range(len(entries))])
+                                   args.max_loaded_models, launcher.loaded,
+                                   args.max_loaded_memory, _idle_actions(entries, infos))
             manager.start()
         info = infos[0]
         models = [ModelSettings(
@@ -259,6 +258,20 @@ def run_serve(args: argparse.Namespace) -> int:
         if code not in (None, 0):
             logger.warning("the engine core exited with code %s", code)
         launcher.cleanup()
+
+
+def _idle_actions(entries: list[ModelEntry], infos: list[EngineHandshake]) -> list[str]:
+    """Each model's idle action; `sleep` on an engine that cannot sleep (pooling, Whisper)
+    stops it instead."""
+    actions = []
+    for entry, info in zip(entries, infos, strict=True):
+        action = entry.idle_action
+        if action == "sleep" and info.runner != "generate":
+            logger.warning("idle_action sleep: %s (%s) cannot sleep; it is stopped when idle",
+                           entry.served[0], info.runner)
+            action = "stop"
+        actions.append(action)
+    return actions
 
 
 def _serve_parser() -> argparse.ArgumentParser:

@@ -209,11 +209,14 @@ class ModelCommand(msgspec.Struct, tag="model?", array_like=True, omit_defaults=
 
 
 class ModelStates(msgspec.Struct, tag="models", array_like=True, omit_defaults=True, gc=False):
-    """The manager's answer: each model's state (loaded, loading, unloaded, failed)."""
+    """The manager's answer: each model's state (loaded, loading, unloading, unloaded, failed,
+    sleeping, asleep, waking); an `error` that is `lasting` (a model larger than the memory
+    budget) is no matter of waiting (no Retry-After)."""
 
     query_id: int
     states: list[str]
     error: str = ""
+    lasting: bool = False
 
 
 class EngineSpec(msgspec.Struct, omit_defaults=True, gc=False):

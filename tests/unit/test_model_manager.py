@@ -48,6 +48,9 @@ class FakeGroup:
     def supervise(self, i: int) -> None:
         pass
 
+    def note_footprint(self, i: int) -> int:
+        return 0
+
     def unload(self, i: int, timeout_s: float) -> int:
         return self.launchers[i].stop(timeout_s)
 

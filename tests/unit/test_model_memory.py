@@ -1,0 +1,212 @@
+"""The model manager's memory budget and idle sleep, with fake engines whose resident memory the
+test sets (no server): a load stops the least recently used idle model until the new one fits,
+a model larger than the whole budget is refused at once (no Retry-After), an idle model with
+idle_action sleep is put to sleep and woken by its next request; and --max-loaded-memory's
+bounds (fuzzed)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fornax.api.engine.engine_control import process_memory
+from fornax.api.engine.manager_client import ManagerClient
+from fornax.api.engine.model_manager import ASLEEP, LOADED, UNLOADED, ModelManager
+from fornax.api.server.args import memory_budget
+from fornax.runtime.engine.messages import AdminResult
+from fornax.runtime.limits import MAX_LOADED_MEMORY_BYTES, MIN_LOADED_MEMORY_BYTES
+from helpers.fuzzing.values import edge_text
+
+GIB = 2**30
+
+
+class FakeEngines:
+    """Engines that start at once; each holds `size[i]` bytes while running (half asleep)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.names = [f"m{i}" for i in range(len(sizes))]
+        self.size = sizes
+        self.running = [False] * len(sizes)
+        self.asleep = [False] * len(sizes)
+        self.footprints = list(sizes)
+        self.launchers = [self._launcher(i) for i in range(len(sizes))]
+        self.ipc_dir = tempfile.mkdtemp(prefix="fx-", dir="/tmp")
+        self.drain_timeout_s = 0.1
+        self.commands: list[tuple[int, str]] = []
+        self.lock = threading.Lock()
+        self.most = 0  # the largest total resident memory seen
+
+    def _launcher(self, i: int) -> Any:
+        engines = self
+
+        class Launcher:
+            stopping = False
+
+            def start(self) -> None:
+                engines.running[i] = True
+                engines.asleep[i] = False
+                engines.note_most()
+
+        return Launcher()
+
+    def note_most(self) -> None:
+        with self.lock:
+            self.most = max(self.most, sum(self.memory(i)[0] for i in range(len(self.size))))
+
+    def memory(self, i: int) -> tuple[int, int]:
+        if not self.running[i]:
+            return 0, 0
+        rss = self.size[i] // 2 if self.asleep[i] else self.size[i]
+        return rss, self.size[i]
+
+    def note_footprint(self, i: int) -> int:
+        return self.footprints[i]
+
+    def supervise(self, i: int) -> None:
+        pass
+
+    def unload(self, i: int, timeout_s: float) -> int:
+        self.running[i] = False
+        return 0
+
+    def admin(self, i: int, command: str, level: int = 1) -> AdminResult:
+        self.commands.append((i, command))
+        self.asleep[i] = command == "sleep"
+        self.note_most()
+        return AdminResult(0, 200, "", self.asleep[i])
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def manager_of(engines: FakeEngines, budget: int, loaded: list[bool],
+               idle: list[float] | None = None, actions: list[str] | None = None) -> ModelManager:
+    for i, on in enumerate(loaded):
+        engines.running[i] = on
+    n = len(loaded)
+    mgr = ModelManager(engines, idle or [0.0] * n, 0, loaded, budget, actions)  # type: ignore[arg-type]
+    mgr.start()
+    return mgr
+
+
+def run(mgr: ModelManager, body: Callable[[ManagerClient], Any]) -> None:
+    async def main() -> None:
+        client = ManagerClient(mgr.address)
+        await client.start()
+        try:
+            await body(client)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        mgr.stop()
+
+
+def test_a_load_stops_least_recently_used_idle_models_until_it_fits() -> None:
+    engines = FakeEngines([GIB, GIB, 2 * GIB])
+    mgr = manager_of(engines, 3 * GIB, [True, True, False])
+
+    async def body(client: ManagerClient) -> None:
+        await client.tell("end", 1)  # model 1 used last: model 0 is the one to go
+        await asyncio.sleep(0.1)
+        assert not (await client.ask("ensure", 2)).error
+        assert mgr.states == [UNLOADED, LOADED, LOADED]
+        await client.tell("end", 2)
+        for model in (0, 2, 1, 0):  # each load makes room under the budget
+            assert not (await client.ask("ensure", model)).error
+            await client.tell("end", model)
+        assert engines.most <= 3 * GIB
+
+    run(mgr, body)
+
+
+def test_a_model_larger_than_the_budget_is_refused_at_once() -> None:
+    engines = FakeEngines([GIB, 4 * GIB])
+    mgr = manager_of(engines, 3 * GIB, [True, False])
+
+    async def body(client: ManagerClient) -> None:
+        reply = await client.ask("ensure", 1, timeout_s=5)
+        assert reply.lasting and "m1 needs 4.00 GiB" in reply.error
+        assert "--max-loaded-memory 3.00 GiB" in reply.error
+        assert mgr.states == [LOADED, UNLOADED]  # nothing was stopped for it
+
+    run(mgr, body)
+
+
+def test_an_idle_model_sleeps_and_its_next_request_wakes_it() -> None:
+    engines = FakeEngines([2 * GIB, GIB])
+    mgr = manager_of(engines, 0, [True, True], idle=[0.3, 0.3], actions=["sleep", "stop"])
+
+    async def body(client: ManagerClient) -> None:
+        deadline = time.monotonic() + 10
+        while mgr.states != [ASLEEP, UNLOADED]:  # model 0 sleeps, model 1 stops
+            assert time.monotonic() < deadline, mgr.states
+            await asyncio.sleep(0.05)
+        assert engines.memory(0)[0] == GIB and engines.running[0]
+        assert not (await client.ask("ensure", 0)).error
+        assert mgr.states[0] == LOADED and engines.memory(0)[0] == 2 * GIB
+        assert engines.commands == [(0, "sleep"), (0, "wake_up")]
+        await client.tell("end", 0)
+
+    run(mgr, body)
+
+
+def test_waking_counts_against_the_budget() -> None:
+    """An asleep model holds half its size; waking it needs its whole footprint: the other
+    idle model is stopped first."""
+    engines = FakeEngines([2 * GIB, 2 * GIB])
+    mgr = manager_of(engines, 3 * GIB, [True, False], idle=[0.2, 0.0], actions=["sleep", "stop"])
+
+    async def body(client: ManagerClient) -> None:
+        until(lambda: mgr.states[0] == ASLEEP, "model 0 sleeps")
+        assert not (await client.ask("ensure", 1)).error  # 1 GiB asleep + 2 GiB fits
+        assert mgr.states == [ASLEEP, LOADED]
+        await client.tell("end", 1)
+        await asyncio.sleep(0.1)
+        assert not (await client.ask("ensure", 0)).error  # 1 + 2 + 2 does not: model 1 stops
+        assert mgr.states == [LOADED, UNLOADED]
+        assert engines.most <= 3 * GIB
+
+    run(mgr, body)
+
+
+def test_memory_budget_bounds() -> None:
+    assert memory_budget("6GiB") == memory_budget("6G") == 6 * GIB
+    assert memory_budget("6000M") == 6000 * 2**20 and memory_budget("0") == 0
+    for bad in ("6", "63MiB", "2PiB", "-1G", "lots", "1e9", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_budget(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(edge_text(), st.integers().map(str),
+                      st.from_regex(r"\A-?\d{0,20}(\.\d{0,3})?\s?[kKmMgGtTpP]?i?[bB]?\Z")))
+def test_fuzzed_memory_budget_is_in_bounds_or_refused(text: str) -> None:
+    try:
+        value = memory_budget(text)
+    except argparse.ArgumentTypeError:
+        return
+    assert value == 0 or MIN_LOADED_MEMORY_BYTES <= value <= MAX_LOADED_MEMORY_BYTES
+
+
+def test_process_memory_reads_this_process() -> None:
+    import os
+
+    rss, peak = process_memory(os.getpid())
+    assert 0 < rss <= peak
+    assert process_memory(2**22 + 12345) == (0, 0)  # no such process

@@ -28,6 +28,7 @@ PROCESSING_ERROR = "processing_error"
 COMMIT_EMPTY = "input_audio_buffer_commit_empty"
 SESSION_EXPIRED = "session_expired"
 IDLE_TIMEOUT = "idle_timeout"
+SESSION_LIMIT = "session_limit_reached"  # --realtime-max-sessions: the error before 1013
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # one client event (base64 audio included)
 

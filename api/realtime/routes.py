@@ -8,7 +8,9 @@ events get an error event and the session goes on; the session ends at the clien
 `--realtime-idle-timeout` without a client event, or after `--realtime-max-session-seconds`.
 Whatever the session still has in the engine is aborted when it ends. Bounds: one event at most
 MAX_EVENT_BYTES, the audio waiting in a session `--realtime-max-buffer-seconds` (at 16 kHz), open
-sessions per worker `--realtime-max-sessions` (more are closed at once with 1013).
+sessions per worker `--realtime-max-sessions` (one more gets the protocol's `error` event, code
+`session_limit_reached`, then a close with 1013: past capacity a session is turned away instead
+of slowing every open one down).
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ from fornax.api.realtime.protocol import (
     MODEL_NOT_FOUND,
     PROCESSING_ERROR,
     SESSION_EXPIRED,
+    SESSION_LIMIT,
     ClientEventError,
+    ErrorEvent,
+    OpenAIError,
+    OpenAIErrorInfo,
     encode,
     parse_event,
     session_created,
@@ -123,10 +129,8 @@ async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, se
         return
     await send({"type": "websocket.accept", "subprotocol": chosen_subprotocol(scope)})
     limit = getattr(state.settings, "realtime_max_sessions", None)
-    if limit is not None and _SESSIONS.open >= limit:  # accepted first: the client sees 1013
-        await send({"type": "websocket.close", "code": CLOSE_TRY_LATER,
-                    "reason": f"{limit} realtime sessions are open (--realtime-max-sessions); "
-                    "try again later"})
+    if limit is not None and _SESSIONS.open >= limit:  # accepted first: the client sees why
+        await refuse_session(scope, send, limit)
         return
     metrics = state.metrics
     metrics.ws_active.inc()
@@ -142,6 +146,21 @@ async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, se
         _SESSIONS.open -= 1
         metrics.ws_active.dec()
         metrics.ws_duration.observe(time.monotonic() - start)
+
+
+async def refuse_session(scope: Scope, send: Send, limit: int) -> None:
+    """Turn away a session past --realtime-max-sessions: the protocol's `error` event naming the
+    limit (OpenAI's shape for `?intent=transcription`, else vLLM's), then close with 1013."""
+    message = (f"{limit} realtime sessions are open on this server worker "
+               "(--realtime-max-sessions); try again later")
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    event: msgspec.Struct = ErrorEvent(message, SESSION_LIMIT)
+    if (query.get("intent") or [""])[-1] == "transcription":
+        event = OpenAIError(OpenAIErrorInfo("server_error", SESSION_LIMIT, message))
+    with contextlib.suppress(Exception):  # the client may be gone already
+        await send({"type": "websocket.send", "text": encode(event)})
+    await send({"type": "websocket.close", "code": CLOSE_TRY_LATER,
+                "reason": f"{limit} realtime sessions are open (--realtime-max-sessions)"})
 
 
 class RealtimeConnection:

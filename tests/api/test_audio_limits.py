@@ -208,13 +208,24 @@ def test_realtime_frame_buffer_and_session_caps(server, http) -> None:
                                       "audio": _b64(np.zeros(16_000 * 4, np.float32))}))
             got = await _recv(ws)  # 4 s into a 3 s buffer
             assert got["type"] == "error" and got["code"] == "invalid_audio", got
-            # two sessions are open (this one and the next); a third is turned away with 1013
+            # two sessions are open (this one and the next); a third is turned away: the
+            # protocol's error event naming the limit (vLLM's or OpenAI's shape), then 1013
             async with websockets.connect(_ws_url(server), **connect) as second:
                 assert (await _recv(second))["type"] == "session.created"
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    async with websockets.connect(_ws_url(server), **connect) as third:
-                        await _recv(third)
-                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+                for query, shape in (("", "vllm"), ("?intent=transcription", "openai")):
+                    async with websockets.connect(_ws_url(server) + query, **connect) as third:
+                        got = await _recv(third)  # the error comes before the close
+                        assert got["type"] == "error", got
+                        if shape == "vllm":
+                            assert got["code"] == "session_limit_reached", got
+                            assert "--realtime-max-sessions" in got["error"], got
+                        else:
+                            assert got["error"]["code"] == "session_limit_reached", got
+                            assert got["error"]["type"] == "server_error", got
+                            assert "--realtime-max-sessions" in got["error"]["message"]
+                        with pytest.raises(websockets.ConnectionClosed) as closed:
+                            await _recv(third)
+                    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
             await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                       "audio": _b64(np.zeros(1600, np.float32))}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))

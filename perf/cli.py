@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
                "asr", "realtime", "decode-floor", "modes", "cpu-linear",
-               "cpu-attention")
+               "cpu-attention", "ray-affinity", "many-models")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -38,7 +38,9 @@ def add_bench_subcommands(subparsers: Any) -> None:
         gpu_decode_floor,
         gpu_modes,
         latency,
+        many_models,
         quant_linear,
+        ray_affinity,
         sampler,
         serve,
         structured,
@@ -47,7 +49,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
                    bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear, cpu_attention,
-                   quant_linear):
+                   quant_linear, ray_affinity, many_models):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

@@ -24,17 +24,19 @@ logger = logging.getLogger(__name__)
 _MAX_JSON_BODY = 8 << 20  # a raw JSON body larger than this is not decoded here: default routing
 _MAX_PENDING = 4096  # requests chosen for but not yet reported routed or completed
 _BODY_KEYS = ("messages", "prompt", "input")
+_MAX_ARGS = 8  # positional arguments looked at for the body
 
 
 def request_body(pending_request: PendingRequest | None) -> Mapping[str, Any] | None:
     """The OpenAI-style body among a pending request's arguments: the `body=` keyword or one of
-    the first positional arguments, as a mapping or raw JSON bytes/str. None for any other
+    the first positional arguments (`ModelReplica.forward(method, path, query, headers, body)`
+    passes the raw JSON bytes last), as a mapping or raw JSON bytes/str. None for any other
     shape (the policy then routes by load alone); never raises."""
     if pending_request is None:
         return None
     try:
         kwargs = pending_request.kwargs if isinstance(pending_request.kwargs, Mapping) else {}
-        args = list(pending_request.args or ())[:4]
+        args = list(pending_request.args or ())[:_MAX_ARGS]
         for value in [kwargs.get("body"), *args]:
             if isinstance(value, (bytes, bytearray, memoryview, str)):
                 if len(value) > _MAX_JSON_BODY or not _looks_like_object(value):

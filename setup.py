@@ -3,7 +3,8 @@ subpackage of `fornax` (pyproject.toml holds everything else)."""
 
 from setuptools import find_packages, setup
 
-CODE_DIRS = {"runtime": "runtime", "graphs": "graphs", "api": "api", "audio": "audio", "perf": "perf"}
+CODE_DIRS = {"runtime": "runtime", "graphs": "graphs", "api": "api", "audio": "audio", "perf": "perf",
+             "ray_serve": "ray_serve"}
 
 packages = [
     f"fornax.{top}" + (f".{sub}" if sub else "")

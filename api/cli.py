@@ -15,6 +15,7 @@ _DESCRIPTION = """\
 fornax: an LLM inference server, a drop-in replacement for `vllm serve`.
 
   fornax serve [MODEL] [flags]   OpenAI-compatible HTTP server (vLLM's flag names)
+  fornax serve-ray CONFIG.yaml    the same models on Ray Serve: replicas, autoscaling (fornax[ray])
   fornax bench ...               benchmarks (when fornax.perf is installed)
 
 Run `fornax <command> --help` for every flag of a command."""
@@ -41,8 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
         "names; with no MODEL the packaged default chat model is served.")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+    _add_serve_ray(subparsers)
     _add_bench(subparsers)
     return parser
+
+
+def _add_serve_ray(subparsers: argparse._SubParsersAction) -> None:
+    ray = subparsers.add_parser(
+        "serve-ray", help="serve the models of a config file on Ray Serve (fornax[ray])",
+        description="Run the models of a `fornax serve --config` YAML file as a Ray Serve "
+        "application: one deployment per model, each replica a `fornax serve` process, behind "
+        "one OpenAI-compatible HTTP endpoint at the file's host and port. The file's "
+        "`deployment:` section sets replicas, autoscaling, queue bounds and resources.")
+    ray.add_argument("config", metavar="CONFIG.yaml", help="fornax serve's YAML plus deployment:")
+    ray.add_argument("--address", default=None,
+                     help="the Ray cluster to join (`auto`: the one `ray start` runs here); "
+                     "default: start a local one for this command")
+    ray.set_defaults(func=_serve_ray)
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    from fornax.runtime.errors import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from fornax.ray_serve.app import serve_ray
+
+        return serve_ray(args.config, args.address)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("ray", "fastapi", "starlette"):
+            logger.error("fornax serve-ray needs Ray Serve: pip install 'fornax[ray]' (%s)", exc)
+            return 2
+        raise
+    except ConfigError as exc:
+        logger.error("fornax serve-ray: %s", exc)
+        return 2
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -40,6 +40,9 @@ FORNAX_CPU_LINEAR: auto|onednn|amx = auto
     one of them only (perf/README.md)
 FORNAX_NATIVE_KERNELS: bool = 1
     0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch
+FORNAX_FUSED_DECODE: bool = 1
+    0: decode-only CPU steps run the decoder layers op by op instead of in one C call
+    (runtime/kernels/fused_decode.py; bf16 activations, weights kept quantized), for comparison
 FORNAX_GGUF_DEQUANTIZE: bool = 0
     1: a GGUF model's weights are dequantized at load (the path before `--quantization gguf`,
     for comparison) instead of kept quantized; its prepared folder is cached separately
@@ -182,6 +185,7 @@ DEV_MODE: EnvVar[bool] = _var("VLLM_SERVER_DEV_MODE")
 ENGINE_DEAD_GRACE_S: EnvVar[float] = _var("FORNAX_ENGINE_DEAD_GRACE_S")
 CPU_LINEAR: EnvVar[str] = _var("FORNAX_CPU_LINEAR")
 NATIVE_KERNELS: EnvVar[bool] = _var("FORNAX_NATIVE_KERNELS")
+FUSED_DECODE: EnvVar[bool] = _var("FORNAX_FUSED_DECODE")
 GGUF_DEQUANTIZE: EnvVar[bool] = _var("FORNAX_GGUF_DEQUANTIZE")  # read by loaders/model_files.py
 CC: EnvVar[str | None] = _var("CC")
 FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _var("FORNAX_FLASHINFER_TENSOR_CORES")
@@ -206,7 +210,7 @@ OPENAI_API_KEY: EnvVar[str | None] = _var("OPENAI_API_KEY")
 # Read inside engine steps (kernel loads, FlashInfer plans): `check_engine_variables` parses them
 # when an engine core is built, so a bad value refuses to start instead of failing steps later.
 ENGINE_VARIABLES: tuple[EnvVar[Any], ...] = (
-    CPU_LINEAR, NATIVE_KERNELS, FLASHINFER_TENSOR_CORES, FLASHINFER_PREFILL_BACKEND,
+    CPU_LINEAR, NATIVE_KERNELS, FUSED_DECODE, FLASHINFER_TENSOR_CORES, FLASHINFER_PREFILL_BACKEND,
     FLASHINFER_DECODE_BACKEND)
 
 

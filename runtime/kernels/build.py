@@ -173,3 +173,16 @@ def load_quant_linear() -> ctypes.CDLL | None:
         lib.fornax_quant_to_amx.argtypes = [_vp, _i32, _i32, _vp, _i32]
         lib.fornax_quant_to_amx.restype = _i32
     return lib
+
+
+@cache
+def load_decode_layers() -> ctypes.CDLL | None:
+    """The whole-layer-stack decode kernel (kernels/fused_decode.py), or None."""
+    lib = _load("decode_layers_cpu")
+    if lib is not None:
+        lib.fornax_decode_layers_fields.argtypes = []
+        lib.fornax_decode_layers_fields.restype = _i32
+        lib.fornax_decode_layers.argtypes = [_vp, _i32, _vp, _f32, _f32, _vp, _i32, _vp, _vp, _vp,
+                                             _i64, _vp, _vp, _vp, _i32]
+        lib.fornax_decode_layers.restype = _i32
+    return lib

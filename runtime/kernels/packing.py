@@ -155,6 +155,9 @@ def pack_linear_weights(model: nn.Module) -> int:
 def unpack_linear_weights(model: nn.Module) -> None:
     """Drop the packed copies and quantized weights (sleep level 2 frees the weights; wake-up
     loads and packs again)."""
+    from fornax.runtime.kernels.fused_decode import disable_fused_decode
+
+    disable_fused_decode(model)  # its plan points at the weights released here
     for module in model.modules():
         if _has_pack_slot(module):
             module.packed_weight = None

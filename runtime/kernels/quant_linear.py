@@ -187,6 +187,12 @@ def _descriptor(qw: QuantWeight) -> torch.Tensor | None:
     return desc
 
 
+def kernel_descriptor(qw: QuantWeight) -> torch.Tensor | None:
+    """qw prepared for the kernel and its descriptor (decode_layers_cpu.c reads it too), or None
+    when the native kernel is not built or qw is outside its layout."""
+    return None if _kernel() is None else _descriptor(prepare_in_place(qw))
+
+
 def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
                  isa: str | None = None) -> torch.Tensor:
     """x [..., K] (bf16 or float32) @ dequantize(qw)^T (+ bias) -> [..., N] in x.dtype.

@@ -151,10 +151,14 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, backend, rotary)
                                     for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.fused_decode: Any = None  # kernels/fused_decode.FusedDecode: layers in one C call
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn_metadata: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        fused = self.fused_decode
+        if fused is not None and fused.covers(x, attn_metadata):
+            return self.norm(fused.run(x, positions, kv_caches, attn_metadata))
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(positions, x, kv_cache, attn_metadata)
         return self.norm(x)

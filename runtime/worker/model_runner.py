@@ -14,6 +14,7 @@ import torch
 from fornax.runtime.attention.backend import CommonAttentionMetadata, make_attention_backend
 from fornax.runtime.config import EngineConfig
 from fornax.runtime.engine.messages import TokenLogprobs
+from fornax.runtime.kernels.fused_decode import enable_fused_decode
 from fornax.runtime.kernels.fused_ops import enable_fused_ops, fused_ops_supported
 from fornax.runtime.kernels.packing import pack_linear_weights, packing_supported
 from fornax.runtime.kv_cache.sizing import (
@@ -113,6 +114,7 @@ class ModelRunner(PagedStepRunner):
             pack_linear_weights(self.model)
         if fused_ops_supported(self.device, self.dtype):
             enable_fused_ops(self.model)
+            enable_fused_decode(self.model, self.backend)
 
     def determine_num_blocks(self) -> int:
         """KV capacity: an explicit block count or byte budget, else a device-specific default."""

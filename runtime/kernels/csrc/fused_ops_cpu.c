@@ -1,55 +1,29 @@
 /* Fused bf16 elementwise ops for the CPU decoder (RMSNorm, SiLU-and-multiply): one pass over
  * memory instead of the five to seven eager torch ops (and temporaries) each replaces. Rounding
  * to bf16 happens at the same points as in the torch reference, so results match it to the last
- * bit except where float32 summation order differs. Built by runtime/kernels/build.py.
+ * bit except where float32 summation order differs. The row functions live in fused_rows.h
+ * (shared with decode_layers_cpu.c). Built by runtime/kernels/build.py.
  */
 #include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
-#include "softmax_avx512.h"
+#include "fused_rows.h"
 
 /* out[r] = bf16(weight * bf16(x[r] * rsqrt(mean(x[r]^2) + eps))), rows `x_stride` apart. */
 void fornax_rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight,
                           uint16_t *out, int rows, int dim, float eps, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * dim > 65536) schedule(static)
-    for (int r = 0; r < rows; r++) {
-        const uint16_t *xr = x + (int64_t)r * x_stride;
-        uint16_t *o = out + (int64_t)r * dim;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < dim; j++) {
-            const float v = bf16_to_float(xr[j]);
-            sum += v * v;
-        }
-        const float scale = 1.f / sqrtf(sum / (float)dim + eps);
-#pragma omp simd
-        for (int j = 0; j < dim; j++)
-            o[j] =
-                float_to_bf16(bf16_to_float(weight[j]) * round_bf16(bf16_to_float(xr[j]) * scale));
-    }
+    for (int r = 0; r < rows; r++)
+        rms_norm_row(x + (int64_t)r * x_stride, weight, out + (int64_t)r * dim, dim, eps);
 }
 
 /* out[r, j] = bf16(bf16(silu(g)) * u) with g = x[r, j], u = x[r, dim + j]. */
 void fornax_silu_mul_bf16(const uint16_t *x, uint16_t *out, int rows, int dim, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)rows * dim > 65536) schedule(static)
     for (int r = 0; r < rows; r++) {
-        const uint16_t *g = x + (int64_t)r * 2 * dim, *u = g + dim;
-        uint16_t *o = out + (int64_t)r * dim;
-        int j = 0;
-#if defined(__AVX512F__)
-        for (; j < dim; j += 16) {
-            const __mmask16 k = tail_mask16(dim - j);
-            const __m512 gv = bf16x16_load(g + j, k), uv = bf16x16_load(u + j, k);
-            const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-            bf16x16_store(o + j, _mm512_mul_ps(round_bf16x16(s), uv), k);
-        }
-#endif
-        for (; j < dim; j++) {
-            const float gf = bf16_to_float(g[j]);
-            o[j] = float_to_bf16(round_bf16(gf / (1.f + expf(-gf))) * bf16_to_float(u[j]));
-        }
+        const uint16_t *g = x + (int64_t)r * 2 * dim;
+        silu_mul_row(g, g + dim, out + (int64_t)r * dim, dim);
     }
 }
 
@@ -89,22 +63,13 @@ int fornax_argmax_f32(const float *x, int rows, int cols, int64_t *out, int num_
 void fornax_rotary_bf16(uint16_t *x, int64_t token_stride, int64_t head_stride, int tokens,
                         int heads, int rotary_dim, const int64_t *positions, const float *cos_cache,
                         const float *sin_cache, int num_threads) {
-    const int half = rotary_dim / 2;
 #pragma omp parallel for num_threads(num_threads) if ((int64_t)tokens * heads * rotary_dim >       \
                                                           65536) schedule(static)
     for (int t = 0; t < tokens; t++) {
         const float *cs = cos_cache + positions[t] * rotary_dim;
         const float *sn = sin_cache + positions[t] * rotary_dim;
-        for (int h = 0; h < heads; h++) {
-            uint16_t *v = x + (int64_t)t * token_stride + (int64_t)h * head_stride;
-#pragma omp simd
-            for (int i = 0; i < half; i++) {
-                const float x1 = bf16_to_float(v[i]), x2 = bf16_to_float(v[i + half]);
-                const float c1 = round_bf16(cs[i]), s1 = round_bf16(sn[i]);
-                const float c2 = round_bf16(cs[i + half]), s2 = round_bf16(sn[i + half]);
-                v[i] = float_to_bf16(round_bf16(x1 * c1) + round_bf16(-x2 * s1));
-                v[i + half] = float_to_bf16(round_bf16(x2 * c2) + round_bf16(x1 * s2));
-            }
-        }
+        for (int h = 0; h < heads; h++)
+            rotary_head(x + (int64_t)t * token_stride + (int64_t)h * head_stride, rotary_dim, cs,
+                        sn);
     }
 }

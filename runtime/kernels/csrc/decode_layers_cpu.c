@@ -1,0 +1,169 @@
+/* The whole decoder layer stack of a decode-only step in one call (batch 1 and small batches):
+ * per layer RMSNorm -> fused q|k|v quantized matmul -> rotary -> K/V written into the paged cache
+ * -> paged decode attention -> o-proj -> residual -> RMSNorm -> gate|up quantized matmul ->
+ * SiLU * up -> down -> residual, on bf16 activations with weights in quant_linear's panel16
+ * layout. It calls the same functions as the per-op kernels (quant_matmul.h, paged_decode.h,
+ * fused_rows.h) at the same rounding points, so it gives the per-op path's values; what it saves
+ * is the Python and ATen dispatch between them (~40 ops a layer) and the OpenMP fork per op: one
+ * parallel region for the whole stack, the threads meeting at a barrier between phases.
+ * Built by runtime/kernels/build.py; runtime/kernels/fused_decode.py calls it.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "bf16.h"
+#include "fused_rows.h"
+#include "paged_decode.h"
+#include "quant_matmul.h"
+
+/* Per layer, int64 each: the addresses of the input RMSNorm weight, the q|k|v, o, gate|up and
+ * down weight descriptors (fornax_quant_linear's desc) each followed by its bf16 bias (0: none),
+ * the post-attention RMSNorm weight and the layer's KV cache (bf16). */
+enum { L_NORM1, L_QKV, L_QKV_B, L_O, L_O_B, L_NORM2, L_GU, L_GU_B, L_DOWN, L_DOWN_B, L_CACHE, L_N };
+/* shape: hidden, heads, kv heads, head_dim, intermediate, rotary_dim, block size. */
+enum { S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_INTER, S_ROTARY, S_BLOCK, S_N };
+
+int fornax_decode_layers_fields(void) { return L_N * 100 + S_N; }
+
+static void *addr(int64_t v) { return (void *)(intptr_t)v; }
+
+/* Adds rows of `add` into the residual x (bf16 + bf16, rounded once, as torch adds). */
+static void residual_add(uint16_t *x, const uint16_t *add, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        x[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(add[i]));
+}
+
+/* x [m, hidden] bf16: the residual stream in, the last layer's output out (before the final
+ * norm). positions [m] int64; k_rows [m] int64: each token's K row in the flat cache view
+ * [num_blocks * 2 * block_size, kv heads * head_dim] (V is block_size rows further); block_table
+ * [m, bt_stride] and seq_lens [m] int32 as fornax_paged_decode takes them (token i is sequence i);
+ * cos/sin caches float32 [max_pos, rotary_dim]. Returns 0, -1 for a shape the kernels do not
+ * take, -2 when out of memory. */
+int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *shape, float eps,
+                         float scale, uint16_t *x, int m, const int64_t *positions,
+                         const int64_t *k_rows, const int32_t *block_table, int64_t bt_stride,
+                         const int32_t *seq_lens, const float *cos_cache, const float *sin_cache,
+                         int num_threads) {
+    const int hidden = (int)shape[S_HIDDEN], heads = (int)shape[S_HEADS];
+    const int kv_heads = (int)shape[S_KV_HEADS], D = (int)shape[S_HEAD_DIM];
+    const int inter = (int)shape[S_INTER], rot = (int)shape[S_ROTARY], bs = (int)shape[S_BLOCK];
+    const int q_size = heads * D, kv_size = kv_heads * D, qkv_n = q_size + 2 * kv_size;
+    if (m <= 0 || num_layers <= 0 || !decode_attn_supported(heads, kv_heads, D, bs) || rot > D ||
+        rot % 2)
+        return -1;
+    /* Every weight's problem, checked once on layer 0's descriptors (all layers share shapes). */
+    Problem pq, po, pg, pd;
+    const int64_t *l0 = layers;
+    if (quant_problem(&pq, addr(l0[L_QKV]), m, NULL, 1, NULL, 1) ||
+        quant_problem(&po, addr(l0[L_O]), m, NULL, 1, NULL, 1) ||
+        quant_problem(&pg, addr(l0[L_GU]), m, NULL, 1, NULL, 1) ||
+        quant_problem(&pd, addr(l0[L_DOWN]), m, NULL, 1, NULL, 1) || pq.k != hidden ||
+        pq.n != qkv_n || po.k != q_size || po.n != hidden || pg.k != hidden || pg.n != 2 * inter ||
+        pd.k != inter || pd.n != hidden)
+        return -1;
+    size_t qbytes = quant_buffer_bytes(&pq);
+    const size_t sizes[3] = {quant_buffer_bytes(&po), quant_buffer_bytes(&pg),
+                             quant_buffer_bytes(&pd)};
+    for (int i = 0; i < 3; i++) qbytes = sizes[i] > qbytes ? sizes[i] : qbytes;
+    qbytes = (qbytes + 63) & ~(size_t)63;
+    /* bf16 activations, each 64-byte aligned: h (normed x), qkv, q (rotated), attn, o, gu, act */
+    const int64_t widths[7] = {hidden, qkv_n, q_size, q_size, hidden, 2 * inter, inter};
+    size_t offs[8] = {qbytes};
+    for (int i = 0; i < 7; i++)
+        offs[i + 1] = offs[i] + (((size_t)m * widths[i] * 2 + 63) & ~(size_t)63);
+    uint8_t *buf = scratch_get(0, offs[7]);
+    if (buf == NULL) return -2;
+    uint16_t *h = (uint16_t *)(buf + offs[0]), *qkv = (uint16_t *)(buf + offs[1]);
+    uint16_t *q = (uint16_t *)(buf + offs[2]), *attn = (uint16_t *)(buf + offs[3]);
+    uint16_t *o = (uint16_t *)(buf + offs[4]), *gu = (uint16_t *)(buf + offs[5]);
+    uint16_t *act = (uint16_t *)(buf + offs[6]);
+    DecodeAttn a = {q,     NULL,     block_table, seq_lens, bt_stride, attn, m,
+                    heads, kv_heads, D,           bs,       1,         scale};
+    const int max_len = decode_attn_max_len(&a);
+    const size_t attn_bytes = decode_attn_scratch_bytes(&a, max_len);
+    const int64_t row = kv_size; /* one position of one cache half, in bf16 elements */
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+#ifdef _OPENMP
+        const int team = omp_get_num_threads();
+#else
+        const int team = 1;
+#endif
+        void *ascratch = scratch_get(1, attn_bytes); /* this thread's, kept between calls */
+        if (ascratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int l = 0; l < num_layers; l++) {
+            const int64_t *ly = layers + (int64_t)l * L_N;
+            /* each thread's own copies of the problems, over the shared buffers */
+            Problem lq, lo, lg, ld;
+            quant_problem(&lq, addr(ly[L_QKV]), m, qkv, 1, addr(ly[L_QKV_B]), 1);
+            quant_problem(&lo, addr(ly[L_O]), m, o, 1, addr(ly[L_O_B]), 1);
+            quant_problem(&lg, addr(ly[L_GU]), m, gu, 1, addr(ly[L_GU_B]), 1);
+            quant_problem(&ld, addr(ly[L_DOWN]), m, o, 1, addr(ly[L_DOWN_B]), 1);
+            quant_buffers(&lq, buf), quant_buffers(&lo, buf);
+            quant_buffers(&lg, buf), quant_buffers(&ld, buf);
+            DecodeAttn la = a;
+            la.cache = addr(ly[L_CACHE]);
+#pragma omp single
+            {
+                if (l > 0) residual_add(x, o, (int64_t)m * hidden); /* the last layer's down */
+                for (int i = 0; i < m; i++) {
+                    rms_norm_row(x + (int64_t)i * hidden, addr(ly[L_NORM1]),
+                                 h + (int64_t)i * hidden, hidden, eps);
+                    quantize_row(&lq, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
+                }
+            }
+            quant_panels(&lq, HAVE_VNNI);
+#pragma omp single
+            {
+                uint16_t *cache = (uint16_t *)la.cache;
+                for (int i = 0; i < m; i++) {
+                    uint16_t *t = qkv + (int64_t)i * qkv_n, *qi = q + (int64_t)i * q_size;
+                    const float *cs = cos_cache + positions[i] * rot;
+                    const float *sn = sin_cache + positions[i] * rot;
+                    memcpy(qi, t, (size_t)q_size * 2);
+                    for (int hd = 0; hd < heads; hd++)
+                        rotary_head(qi + (int64_t)hd * D, rot, cs, sn);
+                    for (int hd = 0; hd < kv_heads; hd++)
+                        rotary_head(t + q_size + (int64_t)hd * D, rot, cs, sn);
+                    memcpy(cache + k_rows[i] * row, t + q_size, (size_t)kv_size * 2);
+                    memcpy(cache + (k_rows[i] + bs) * row, t + q_size + kv_size,
+                           (size_t)kv_size * 2);
+                }
+            }
+            decode_attn_items(&la, max_len, team, ascratch);
+#pragma omp single
+            for (int i = 0; i < m; i++)
+                quantize_row(&lo, attn, 1, (int64_t)i * q_size, i, HAVE_VNNI);
+            quant_panels(&lo, HAVE_VNNI);
+#pragma omp single
+            {
+                residual_add(x, o, (int64_t)m * hidden);
+                for (int i = 0; i < m; i++) {
+                    rms_norm_row(x + (int64_t)i * hidden, addr(ly[L_NORM2]),
+                                 h + (int64_t)i * hidden, hidden, eps);
+                    quantize_row(&lg, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
+                }
+            }
+            quant_panels(&lg, HAVE_VNNI);
+#pragma omp single
+            for (int i = 0; i < m; i++) {
+                const uint16_t *g = gu + (int64_t)i * 2 * inter;
+                silu_mul_row(g, g + inter, act + (int64_t)i * inter, inter);
+                quantize_row(&ld, act, 1, (int64_t)i * inter, i, HAVE_VNNI);
+            }
+            quant_panels(&ld, HAVE_VNNI);
+        }
+#pragma omp single
+        residual_add(x, o, (int64_t)m * hidden);
+    }
+    return failed ? -2 : 0;
+}

@@ -1,0 +1,160 @@
+"""The decoder layer stack of a decode-only CPU step in one C call (engine core), via csrc/decode_layers_cpu.c."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from fornax.runtime import env
+from fornax.runtime.kernels.build import load_decode_layers
+
+logger = logging.getLogger(__name__)
+
+_LAYER_FIELDS = 11  # decode_layers_cpu.c: L_N int64 per layer
+_SHAPE_FIELDS = 7  # S_N
+_CACHE = 10  # L_CACHE: the layer's KV cache address
+
+
+class FusedDecode:
+    """A decoder's layers as one plan for fornax_decode_layers: per layer the addresses of its
+    norm weights, quantized weight descriptors, biases and KV cache (refreshed when the caches
+    move). Built by `enable_fused_decode` once the weights are in their kernel layout."""
+
+    def __init__(self, lib: Any, decoder: nn.Module, plan: torch.Tensor, keep: list[torch.Tensor],
+                 shape: torch.Tensor, eps: float, scale: float, rotary: nn.Module,
+                 max_rows: int) -> None:
+        self._lib = lib
+        self._decoder = decoder
+        self._first = decoder.layers[0].self_attn.qkv_proj.packed_weight  # still loaded?
+        self._plan, self._keep, self._shape = plan, keep, shape
+        self._eps, self._scale, self._rotary = eps, scale, rotary
+        self._max_rows = max_rows
+        self._caches: tuple[int, ...] = ()
+
+    def covers(self, x: torch.Tensor, metadata: Any) -> bool:
+        """A step of single-token requests only, bf16, few enough rows for the decode kernel
+        (more rows take the per-op path, whose matmuls switch to dense tiles)."""
+        seq_lens = getattr(metadata, "decode_seq_lens", None)
+        return (getattr(metadata, "all_decode", False) and seq_lens is not None
+                and x.dtype is torch.bfloat16 and x.dim() == 2
+                and 0 < x.shape[0] == len(seq_lens) <= self._max_rows
+                and self._decoder.layers[0].self_attn.qkv_proj.packed_weight is self._first)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+            metadata: Any) -> torch.Tensor:
+        """x [T, hidden] (the embeddings) -> the last layer's output, before the final norm."""
+        caches = tuple(c.data_ptr() for c in kv_caches)
+        if caches != self._caches:
+            if any(c.dtype is not torch.bfloat16 or not c.is_contiguous() for c in kv_caches):
+                raise RuntimeError("fused decode needs contiguous bf16 KV caches")
+            self._plan[:, _CACHE] = torch.tensor(caches, dtype=torch.int64)
+            self._caches = caches
+        x = x.contiguous()
+        rows = x.shape[0]
+        pos = positions[:rows]
+        if pos.dtype is not torch.int64 or not pos.is_contiguous():
+            pos = pos.to(torch.int64).contiguous()
+        k_rows = metadata.k_slots
+        if k_rows.dtype is not torch.int64 or not k_rows.is_contiguous():
+            k_rows = k_rows.to(torch.int64).contiguous()
+        table, seq_lens = metadata.decode_block_table, metadata.decode_seq_lens
+        status = self._lib.fornax_decode_layers(
+            self._plan.data_ptr(), self._plan.shape[0], self._shape.data_ptr(), self._eps,
+            self._scale, x.data_ptr(), rows, pos.data_ptr(), k_rows.data_ptr(), table.ctypes.data,
+            table.shape[1], seq_lens.ctypes.data, self._rotary.cos_cache.data_ptr(),
+            self._rotary.sin_cache.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"the fused decode kernel failed (status {status}) for {rows} rows")
+        return x
+
+
+def _bf16_ptr(t: torch.Tensor | None) -> int | None:
+    """t's address when it is a contiguous bf16 tensor, 0 for None, else None (not covered)."""
+    if t is None:
+        return 0
+    return t.data_ptr() if t.dtype is torch.bfloat16 and t.is_contiguous() else None
+
+
+def _plan_layer(layer: nn.Module, keep: list[torch.Tensor]) -> list[int] | str:
+    """The layer's row of the plan, or why the kernel does not cover it."""
+    from fornax.runtime.kernels.quant_format import QuantWeight
+    from fornax.runtime.kernels.quant_linear import kernel_descriptor
+
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(attn, "qk_norm", False):
+        return "q/k norm"
+    row: list[int] = []
+    for norm, linears in ((layer.input_layernorm, (attn.qkv_proj, attn.o_proj)),
+                          (layer.post_attention_layernorm, (mlp.gate_up_proj, mlp.down_proj))):
+        weight = _bf16_ptr(norm.weight)
+        if not weight:
+            return "a norm weight that is not bf16"
+        row.append(weight)
+        for linear in linears:
+            packed = linear.packed_weight
+            quant = None if packed is None else packed.quant
+            if not isinstance(quant, QuantWeight):
+                return "weights not kept quantized (or mixed kinds in one weight)"
+            desc = kernel_descriptor(quant)
+            bias = _bf16_ptr(linear.bias)
+            if desc is None or quant.layout != "panel16" or bias is None:
+                return "a weight or bias outside the kernel's layout"
+            keep.append(desc)
+            row += [desc.data_ptr(), bias]
+    # L_NORM1, L_QKV, L_QKV_B, L_O, L_O_B, L_NORM2, L_GU, L_GU_B, L_DOWN, L_DOWN_B, L_CACHE
+    return row + [0]
+
+
+def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
+    """Give a Llama-family decoder (model.model.fused_decode) its one-call decode plan where the
+    kernel covers it: CPU, bf16, weights kept quantized (GGUF), the cpu_paged attention backend,
+    no q/k norm. FORNAX_FUSED_DECODE=0 turns it off. Returns whether it is on."""
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "fused_decode"):
+        return False
+    decoder.fused_decode = None
+    if not env.FUSED_DECODE.get():
+        logger.info("fused decode off (FORNAX_FUSED_DECODE=0)")
+        return False
+    from fornax.runtime.attention.cpu_paged import CpuPagedBackend
+    from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS
+
+    if not isinstance(backend, CpuPagedBackend) or backend.dtype is not torch.bfloat16:
+        return False
+    lib = load_decode_layers()
+    if lib is None or lib.fornax_decode_layers_fields() != _LAYER_FIELDS * 100 + _SHAPE_FIELDS:
+        return False
+    layers = list(decoder.layers)
+    rotary = layers[0].self_attn.rotary
+    eps = layers[0].input_layernorm.eps
+    keep: list[torch.Tensor] = []
+    rows: list[list[int]] = []
+    for layer in layers:
+        row = _plan_layer(layer, keep)
+        if isinstance(row, str) or layer.self_attn.rotary is not rotary or any(
+                n.eps != eps for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            logger.info("fused decode off: %s", row if isinstance(row, str) else "layers differ")
+            return False
+        rows.append(row)
+    if rotary.cos_cache.dtype is not torch.float32 or not rotary.cos_cache.is_contiguous():
+        return False
+    spec = model.spec
+    shape = torch.tensor([spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                          spec.intermediate_size, rotary.rotary_dim, backend.block_size],
+                         dtype=torch.int64)
+    plan = torch.tensor(rows, dtype=torch.int64)
+    decoder.fused_decode = FusedDecode(lib, decoder, plan, keep, shape, float(eps),
+                                       float(backend.scale), rotary, DENSE_MIN_ROWS - 1)
+    logger.info("fused decode on: %d layers in one C call per decode-only step (up to %d rows)",
+                len(rows), DENSE_MIN_ROWS - 1)
+    return True
+
+
+def disable_fused_decode(model: nn.Module) -> None:
+    """Drop the plan (the weights it points at are being released)."""
+    decoder = getattr(model, "model", None)
+    if decoder is not None and getattr(decoder, "fused_decode", None) is not None:
+        decoder.fused_decode = None

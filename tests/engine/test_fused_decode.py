@@ -1,0 +1,105 @@
+"""The decoder layer stack in one C call for decode-only CPU steps (#20 item 4): same greedy
+tokens and logprobs as the per-op path (FORNAX_FUSED_DECODE=0), on quantized GGUF weights."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from fornax.runtime import LLM, SamplingParams
+from fornax.runtime.kernels.fused_decode import FusedDecode
+from helpers.gguf_models import write_llama_gguf
+
+PROMPTS = ["The quick brown fox", "Sphinx of black quartz, judge my vow", "How vexingly 0123",
+           "Pack my box with five dozen liquor jugs! " * 3]
+# Uniform kinds per fused weight (the kernel takes one kind per weight): q4 groups of 32 (Q4_1),
+# q8 groups of 32 (Q8_0) and q8 groups of 16 (Q6_K repacked).
+KINDS = {"q4_1": T.Q4_1, "q8_0": T.Q8_0, "q6_k": T.Q6_K}
+# Both paths call the same C functions at the same bf16 rounding points: observed bit-equal
+# logprobs; the tolerance leaves room for float32 sums vectorized differently by the compiler.
+LOGPROB_TOL = 1e-3
+
+
+def _types(kind: T) -> dict[str, T]:
+    return {name: kind for name in ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output",
+                                    "ffn_gate", "ffn_up", "ffn_down")}
+
+
+def _llm(model: str, cache, fused: bool, **kwargs) -> LLM:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORNAX_CACHE", str(cache))
+        mp.setenv("FORNAX_FUSED_DECODE", "1" if fused else "0")
+        return LLM(model, max_model_len=256, max_num_seqs=4, dtype="bfloat16",
+                   enable_prefix_caching=False, **kwargs)
+
+
+def _run(llm: LLM, prompts: list[str], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    outs = llm.generate(prompts, params)
+    return [(list(o.outputs[0].token_ids),
+             [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in outs]
+
+
+def _spy(monkeypatch) -> list[int]:
+    """Rows of every fused call."""
+    calls: list[int] = []
+    inner = FusedDecode.run
+
+    def run(self, x, *args):
+        calls.append(x.shape[0])
+        return inner(self, x, *args)
+
+    monkeypatch.setattr(FusedDecode, "run", run)
+    return calls
+
+
+def _compare(model: str, cache, monkeypatch, max_tokens: int) -> list[int]:
+    calls = _spy(monkeypatch)
+    results = {}
+    for fused in (True, False):
+        llm = _llm(model, cache, fused)
+        assert (llm.engine.runner.model.model.fused_decode is not None) == fused
+        # four streams at once (decode steps of 4, 3, ... rows), then one alone (batch 1)
+        results[fused] = _run(llm, PROMPTS, max_tokens) + _run(llm, PROMPTS[:1], max_tokens)
+        llm.close()
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[True], results[False]):
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= LOGPROB_TOL
+    return calls
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fused_decode_matches_the_per_op_path(tmp_path, monkeypatch, kind):
+    model = write_llama_gguf(tmp_path / f"tiny-{kind}.gguf", _types(KINDS[kind]))
+    calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=40)
+    # every decode-only step of the fused engine took the one call: 4 rows first, then 1 alone
+    assert 4 in calls and 1 in calls and max(calls) <= 4
+
+
+def test_mixed_kinds_in_one_weight_keep_the_per_op_path(tmp_path):
+    """q|k|v of Q4_0, Q4_K and Q6_K is two kernel weights side by side: not covered."""
+    llm = _llm(str(write_llama_gguf(tmp_path / "mixed.gguf")), tmp_path / "cache", True)
+    assert llm.engine.runner.model.model.fused_decode is None
+    assert len(_run(llm, PROMPTS[:1], 4)[0][0]) == 4
+    llm.close()
+
+
+def test_sleep_level_2_drops_the_plan_and_wake_up_rebuilds_it(tmp_path):
+    llm = _llm(str(write_llama_gguf(tmp_path / "q8.gguf", _types(T.Q8_0))), tmp_path / "cache",
+               True)
+    before = _run(llm, PROMPTS, 12)
+    decoder = llm.engine.runner.model.model
+    llm.engine.sleep(2)
+    assert decoder.fused_decode is None  # it pointed at the released weights
+    llm.engine.wake_up()
+    assert decoder.fused_decode is not None
+    assert _run(llm, PROMPTS, 12) == before
+    llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_fused_decode_matches_the_per_op_path(packaged_gguf, tmp_path, monkeypatch):
+    """The packaged default model (Q4_1, 30 layers, 9 query heads over 3 kv heads)."""
+    calls = _compare(str(packaged_gguf), tmp_path, monkeypatch, max_tokens=48)
+    assert 1 in calls

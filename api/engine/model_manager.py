@@ -196,7 +196,7 @@ class ModelManager:
             used = sum(self._resident(j) for j in others)
             if used + self.group.footprints[i] > self.budget:
                 return (f"--max-loaded-memory {self.budget / 2**30:.2f} GiB ({used / 2**30:.2f} "
-                        f"GiB held, {self.names[i]} needs {self.group.footprints[i] / 2**30:.2f})")
+                        f"GiB held, {self.names[i]} needs {self.group.footprints[i] / 2**30:.2f} GiB)")
         return ""
 
     def _resident(self, j: int) -> int:

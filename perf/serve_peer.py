@@ -20,6 +20,7 @@ from fornax.perf import llamacpp_peer
 from fornax.perf.datasets import BenchRequest
 from fornax.perf.managed_server import ManagedServer, free_port, process_tree_memory
 from fornax.runtime import env
+from fornax.runtime.cli_types import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +28,6 @@ PEERS = ("llama.cpp",)
 ENGINE_MARKER = "fornax.runtime.engine.process"  # the engine core's command line
 NO_PREFIX_CACHING = "--no-enable-prefix-caching"
 MIB = 1 << 20
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,11 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-binary", default=None,
                    help="llama-server to run (default: the one `python -m "
                         "tools.build_llama_server` built into the fornax cache)")
-    g.add_argument("--peer-threads", type=_positive_int, default=None,
+    g.add_argument("--peer-threads", type=positive_int, default=None,
                    help="llama-server -t and -tb (default: OMP_NUM_THREADS, else all cores)")
-    g.add_argument("--peer-parallel", type=_positive_int, default=None,
+    g.add_argument("--peer-parallel", type=positive_int, default=None,
                    help="llama-server -np slots (default: --max-concurrency, else the prompts)")
-    g.add_argument("--peer-ctx-per-request", type=_positive_int, default=None,
+    g.add_argument("--peer-ctx-per-request", type=positive_int, default=None,
                    help="context of one slot (default: longest prompt + output + 10%%); "
                         "-c is slots x this")
     g.add_argument("--peer-args", default="", help="extra llama-server flags, one string")

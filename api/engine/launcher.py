@@ -84,6 +84,13 @@ class EngineLauncher:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def abort_now(self) -> None:
+        """SIGUSR1: the draining engine aborts its in-flight requests now (their streams end with
+        finish_reason "abort") and exits; nothing is left to wait for."""
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
     def wait(self, timeout_s: float) -> int | None:
         """Wait up to `timeout_s` for the process to exit (a drain ends that way); its code."""
         if self.proc is None:

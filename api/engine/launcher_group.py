@@ -203,6 +203,11 @@ class EngineGroup:
         for launcher in self.launchers:
             launcher.request_drain()
 
+    def abort_now(self) -> None:
+        self.stopping = True
+        for launcher in self.launchers:
+            launcher.abort_now()
+
     def wait(self, timeout_s: float) -> int | None:
         """Wait up to `timeout_s` in all for every engine to exit; the first non-zero code."""
         deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ import msgspec
 
 from fornax.api.server.settings import ServerSettings
 from fornax.api.server.vllm_flags import FlagGroups, choice_type, json_value
+from fornax.runtime.cli_types import positive_int
 from fornax.runtime.config import engine_field, field_default
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.limits import (
@@ -22,6 +23,7 @@ from fornax.runtime.limits import (
     MIN_LOADED_MEMORY_BYTES,
 )
 
+SHUTDOWN_TIMEOUT_S = 5.0  # --shutdown-timeout: SIGTERM's drain before in-flight requests abort
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
@@ -62,16 +64,6 @@ def _responses_store(text: str) -> str:
     if text == "memory" or (text.startswith("sqlite:") and len(text) > len("sqlite:")):
         return text
     raise argparse.ArgumentTypeError(f"expected memory or sqlite:PATH, got {text!r}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def _positive(text: str) -> float:
@@ -187,13 +179,13 @@ _ENGINE_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
     (("--scheduling-policy",), "policy", {}),
     (("--enforce-eager",), "enforce_eager", {"action": argparse.BooleanOptionalAction}),
     (("--grammar-compile-timeout",), "grammar_compile_timeout_s", {"type": _positive}),
-    (("--grammar-compile-threads",), "grammar_compile_threads", {"type": _positive_int}),
+    (("--grammar-compile-threads",), "grammar_compile_threads", {"type": positive_int}),
     (("--grammar-max-pending-compiles",), "grammar_max_pending_compiles",
-     {"type": _positive_int}),
+     {"type": positive_int}),
     (("--grammar-cache-memory",), "grammar_cache_bytes", {"type": parse_size}),
     (("--cudagraph-capture-sizes", "--cuda-graph-sizes"), "cuda_graph_sizes",
      {"type": _int_list, "nargs": "+", "action": "extend"}),
-    (("--max-cudagraph-capture-size",), "max_capture_size", {"type": _positive_int}),
+    (("--max-cudagraph-capture-size",), "max_capture_size", {"type": positive_int}),
 )
 _ENGINE_DESTS = tuple(field for _, field, _ in _QUEUE_FLAGS + _ENGINE_FLAGS)
 
@@ -223,7 +215,7 @@ _SETTINGS_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any], str], ...] = 
     (("--max-audio-seconds",), "max_audio_seconds", {"type": _positive},
      "audio longer than this (counted at the model's 16 kHz, refused from the file's header "
      "where it can be) gets 400"),
-    (("--realtime-max-sessions",), "realtime_max_sessions", {"type": _positive_int},
+    (("--realtime-max-sessions",), "realtime_max_sessions", {"type": positive_int},
      "WS /v1/realtime: open sessions per API worker; more are closed at once with code 1013, "
      "try again later"),
     (("--realtime-max-buffer-seconds",), "realtime_max_buffer_s", {"type": _positive},
@@ -375,14 +367,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not log one line per request")
     g.add_argument("--enable-log-requests", action="store_true", help="log one line per request "
                    "(the default)")
-    g.add_argument("--shutdown-timeout", type=float, default=20.0,
+    g.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting "
-                   "them (default: 20)")
-    g.add_argument("--max-stop-strings", type=_positive_int, default=MAX_STOP_STRINGS,
+                   "them (their streams end with finish_reason \"abort\"); a second signal "
+                   f"aborts them at once (default: {SHUTDOWN_TIMEOUT_S:g})")
+    g.add_argument("--max-stop-strings", type=positive_int, default=MAX_STOP_STRINGS,
                    help=f"most stop strings one request may give (default: {MAX_STOP_STRINGS})")
-    g.add_argument("--max-n", type=_positive_int, default=MAX_N,
+    g.add_argument("--max-n", type=positive_int, default=MAX_N,
                    help=f"cap of n, best_of and the beam width of one request (default: {MAX_N})")
-    g.add_argument("--max-prompts-per-request", type=_positive_int, default=MAX_PROMPTS,
+    g.add_argument("--max-prompts-per-request", type=positive_int, default=MAX_PROMPTS,
                    help="most prompts in one /v1/completions request (default: "
                    f"{MAX_PROMPTS})")
     g.add_argument("--enable-dev-endpoints", action="store_true",

@@ -30,6 +30,7 @@ from fornax.runtime.limits import InputLimits
 logger = logging.getLogger("fornax.api.server.serve")
 
 APP_TARGET = "fornax.api.server.app:create_app"
+ABORT_GRACE_S = 3.0  # after a second signal: streams end with "abort", then HTTP stops anyway
 
 
 class _StartInterrupted(Exception):
@@ -254,6 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if manager is not None:
             manager.stop()
+        launcher.abort_now()  # the HTTP server is down: no one is left to read what still runs
         code = launcher.stop(args.shutdown_timeout + 5)
         if code not in (None, 0):
             logger.warning("the engine core exited with code %s", code)
@@ -332,7 +334,7 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher | EngineGrou
         timer.start()
 
     launcher.watch(on_engine_death)
-    drain_started = threading.Event()
+    drain_started, aborting = threading.Event(), threading.Event()
 
     @server.on_startup
     def drain_on_signal() -> None:  # runs after Granian installed its own handlers
@@ -342,8 +344,17 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher | EngineGrou
             def handler(signum: int, frame: Any, _inner: Any = granian_handler) -> None:
                 if not callable(_inner):
                     return
-                if drain_started.is_set():  # a second signal: stop the HTTP server now
+                if aborting.is_set():  # a third signal: stop the HTTP server now
                     _inner(signum, frame)
+                    return
+                if drain_started.is_set():  # a second one: abort in-flight requests now
+                    aborting.set()
+                    logger.info("received %s again: aborting in-flight requests now",
+                                signal.Signals(signum).name)
+                    launcher.abort_now()  # the drain-wait thread stops HTTP once it exits
+                    timer = threading.Timer(ABORT_GRACE_S, _inner, (signum, None))
+                    timer.daemon = True
+                    timer.start()
                     return
                 drain_started.set()
                 logger.info("received %s: draining (up to %.0f s); /health answers 503 "
@@ -370,4 +381,8 @@ def _run_granian(args: argparse.Namespace, launcher: EngineLauncher | EngineGrou
         code = 1
     if engine_died.is_set():
         return 1
+    if code == 1 and drain_started.is_set():
+        # a signal sent to the whole process group (Ctrl-C, systemd, a Ray replica) also
+        # stopped the API workers, which Granian reports as their unexpected exit: a drain
+        return 0
     return code

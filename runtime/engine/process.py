@@ -70,6 +70,7 @@ class EngineCoreProcess:
         self.stop_event = threading.Event()
         self.drain_requested = False
         self.drain_deadline: float | None = None
+        self.abort_requested = False  # SIGUSR1: end every in-flight request now (`serve` asks)
         self.encoder = msgspec.msgpack.Encoder()
         self.core: EngineCore  # loaded by `run`
         self.max_queued_reqs: int | None = None  # admission bounds (set from the KV at start)
@@ -352,9 +353,11 @@ class EngineCoreProcess:
             self.drain_deadline = now + self.spec.drain_timeout_s
             logger.info("draining: %d requests in flight, up to %.0f s",
                         len(self.core.scheduler.requests), self.spec.drain_timeout_s)
-        if now >= self.drain_deadline and self.core.has_unfinished_requests():
+        if (now >= self.drain_deadline or self.abort_requested) \
+                and self.core.has_unfinished_requests():
             ids = list(self.core.scheduler.requests)
-            logger.warning("drain timeout: aborting %d requests", len(ids))
+            logger.warning("%s: aborting %d requests", "shutting down now" if self.abort_requested
+                           else "drain timeout", len(ids))
             self._route(self.core.abort_requests(ids))
         return not self.core.has_unfinished_requests()
 
@@ -445,7 +448,11 @@ def main() -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         proc.drain_requested = True
 
+    def on_sigusr1(signum: int, frame: Any) -> None:  # drain no longer: abort what runs now
+        proc.abort_requested = proc.drain_requested = True
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGUSR1, on_sigusr1)
     code = proc.run()
     from fornax.runtime.structured_output.grammar_pool import exit_process
 

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 ML = ("model_name", "engine")  # vLLM's labels on every engine family
 
+# why a family is absent, one constant per reason shared by its families
+NO_SPEC_DECODE = "speculative decoding does not exist in fornax yet"
+NO_KV_CACHE_METRICS = ("opt-in in vLLM (--kv-cache-metrics); block residency sampling is not "
+                       "implemented")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -88,22 +93,19 @@ FAMILIES: tuple[Family, ...] = (
                                                 "running_lora_adapters"),
            absent="LoRA adapters do not exist in fornax yet"),
     Family("vllm:spec_decode_num_drafts", "counter", ML,
-           absent="speculative decoding does not exist in fornax yet"),
+           absent=NO_SPEC_DECODE),
     Family("vllm:spec_decode_num_draft_tokens", "counter", ML,
-           absent="speculative decoding does not exist in fornax yet"),
+           absent=NO_SPEC_DECODE),
     Family("vllm:spec_decode_num_accepted_tokens", "counter", ML,
-           absent="speculative decoding does not exist in fornax yet"),
+           absent=NO_SPEC_DECODE),
     Family("vllm:spec_decode_num_accepted_tokens_per_pos", "counter", (*ML, "position"),
-           absent="speculative decoding does not exist in fornax yet"),
+           absent=NO_SPEC_DECODE),
     Family("vllm:kv_block_lifetime_seconds", "histogram", ML,
-           absent="opt-in in vLLM (--kv-cache-metrics); block residency sampling is not "
-           "implemented"),
+           absent=NO_KV_CACHE_METRICS),
     Family("vllm:kv_block_idle_before_evict_seconds", "histogram", ML,
-           absent="opt-in in vLLM (--kv-cache-metrics); block residency sampling is not "
-           "implemented"),
+           absent=NO_KV_CACHE_METRICS),
     Family("vllm:kv_block_reuse_gap_seconds", "histogram", ML,
-           absent="opt-in in vLLM (--kv-cache-metrics); block residency sampling is not "
-           "implemented"),
+           absent=NO_KV_CACHE_METRICS),
     Family("vllm:num_requests_kv_fetch_by_stage", "gauge", (*ML, "stage"),
            absent="KV connectors (--kv-transfer-config) do not exist in fornax"),
     Family("vllm:nixl_* (8 families)", "mixed", ML,

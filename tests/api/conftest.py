@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
+import openai
 import pytest
 
 from helpers.api_server import MAIN_ARGS, SURFACES_ARGS, ServerProcess, serving, tiny_model_path
@@ -35,3 +37,17 @@ def thinker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     root = tmp_path_factory.mktemp("thinker")
     with serving(thinker_model(root), *thinker_args(root)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def thinker_client(thinker_server: ServerProcess) -> openai.OpenAI:
+    """The openai client of the thinker server (no API key, no retries)."""
+    return openai.OpenAI(base_url=thinker_server.url + "/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="session")
+def thinker_http(thinker_server: ServerProcess) -> Iterator[httpx.Client]:
+    """An httpx client on the thinker server's root (/tokenize, raw JSON bodies)."""
+    with httpx.Client(base_url=thinker_server.url, timeout=120) as client:
+        yield client

@@ -1,6 +1,7 @@
 """`fornax bench many-models`: one `fornax serve --models A B` it starts itself, the same streamed
 load on each model alone and on both together → each model's output tok/s alone vs beside the
-other, and the server's total (CLI process)."""
+other, and the server's total; then the time to first token of a request for a loaded model, an
+asleep one (idle_action sleep, put to sleep by keep_alive 0) and an unloaded one (CLI process)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=128, help="prompt words")
     p.add_argument("--output-len", type=int, default=64, help="output tokens (ignore_eos)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (medians)")
+    p.add_argument("--swap-repeats", type=int, default=3,
+                   help="requests timed for each of loaded, asleep and unloaded (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=run)
@@ -51,7 +54,7 @@ def _server_cmd(args: argparse.Namespace, port: int) -> list[str]:
 
     first = args.model or str(default_model_path())
     entries = [{"model": model, "served_model_name": name, "dtype": args.dtype,
-                "max_model_len": args.max_model_len}
+                "max_model_len": args.max_model_len, "idle_action": "sleep"}
                for model, name in zip((first, args.model_b or first), NAMES, strict=True)]
     return [sys.executable, "-m", "fornax.api.cli", "serve", "--host", "127.0.0.1", "--port",
             str(port), "--models", *map(json.dumps, entries), "--disable-log-requests"]
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.info("repeat %d %s: %s", repeat + 1, phase, phases[phase][-1])
         record["details"]["engine_rss_bytes"] = [
             rss for pid in _children(server.pid) if (rss := rss_bytes(pid))]
+        swaps = {state: [_first_token_s(server.url, state) for _ in range(args.swap_repeats)]
+                 for state in ("loaded", "asleep", "unloaded")} if args.swap_repeats else {}
     metrics: dict[str, float] = {}
     for name in NAMES:
         alone = common.median([p[name]["output_throughput"] for p in phases[name]])
@@ -133,10 +138,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics["together_total_output_throughput"] = total
     metrics["together_total_over_alone_mean"] = total / (
         (metrics["m1_alone_output_throughput"] + metrics["m2_alone_output_throughput"]) / 2)
+    for state, seconds in swaps.items():
+        metrics[f"{state}_ttft_s"] = common.median(seconds)
+    record["details"]["ttft_s"] = swaps
     record["metrics"] = metrics
     record["details"]["phases"] = phases
     record["details"]["load_average_1m"] = os.getloadavg()[0]
     return common.finish(record, args.output_json, print_report)
+
+
+def _first_token_s(url: str, state: str) -> float:
+    """Put m2 in `state` (asleep: a request with keep_alive 0 on its idle_action sleep; unloaded:
+    POST unload), then time one streamed request's first token."""
+    import time
+
+    import httpx
+
+    body = {"model": NAMES[1], "prompt": "Once upon a time", "max_tokens": 4, "stream": True}
+    if state == "asleep":
+        httpx.post(url + ENDPOINT, json={**body, "stream": False, "keep_alive": 0}, timeout=600)
+    elif state == "unloaded":
+        httpx.post(f"{url}/v1/models/{NAMES[1]}/unload", timeout=600).raise_for_status()
+    else:
+        httpx.post(url + ENDPOINT, json={**body, "stream": False}, timeout=600)
+    deadline = time.monotonic() + 120
+    while _status(url, NAMES[1]) != state:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{NAMES[1]} did not become {state}")
+        time.sleep(0.2)
+    began = time.perf_counter()
+    with httpx.stream("POST", url + ENDPOINT, json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"text":' in line:
+                return time.perf_counter() - began
+    raise RuntimeError("the stream carried no text")
+
+
+def _status(url: str, name: str) -> str:
+    import httpx
+
+    cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    return str(next(c["status"] for c in cards if c["id"] == name))
 
 
 def _children(pid: int) -> list[int]:
@@ -166,3 +209,7 @@ def print_report(record: dict[str, Any]) -> None:
                  m["together_total_over_alone_mean"], "", ""])
     common.print_table(rows, ["model", "alone tok/s", "together tok/s", "together/alone",
                               "TPOT alone ms", "TPOT together ms"])
+    swaps = [[state, m[f"{state}_ttft_s"]] for state in ("loaded", "asleep", "unloaded")
+             if f"{state}_ttft_s" in m]
+    if swaps:
+        common.print_table(swaps, ["m2 before the request", "time to first token s"])

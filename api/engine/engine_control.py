@@ -16,7 +16,6 @@ from fornax.runtime.engine.messages import AdminCommand, AdminResult, ClientHell
 
 logger = logging.getLogger(__name__)
 
-CLIENT_ID = "model-manager"  # one link per engine: a new hello replaces the previous one
 _query_ids = itertools.count(1)
 
 
@@ -36,38 +35,47 @@ def process_memory(pid: int) -> tuple[int, int]:
     return rss, max(rss, peak)
 
 
-def engine_admin(ipc_dir: str, command: str, level: int = 1,
-                 timeout_s: float = 600.0) -> AdminResult:
-    """Run one admin command (sleep, wake_up, is_sleeping) in the engine of `ipc_dir` and wait
-    for its answer; a 503 result when none comes within `timeout_s` (the engine runs it
-    between two steps, so a long step delays it)."""
-    ctx: zmq.Context = zmq.Context.instance()
-    out_addr = output_address(ipc_dir, CLIENT_ID)
-    pull = ctx.socket(zmq.PULL)
-    dealer = ctx.socket(zmq.DEALER)
-    qid = next(_query_ids)
-    try:
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(out_addr)
-        dealer.setsockopt(zmq.IDENTITY, CLIENT_ID.encode())
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(input_address(ipc_dir))
-        encoder = msgspec.msgpack.Encoder()
-        dealer.send(encoder.encode(ClientHello(CLIENT_ID, out_addr)))
-        dealer.send(encoder.encode(AdminCommand(qid, command, level)))
-        decoder = msgspec.msgpack.Decoder(EngineMessage)
+class EngineLink:
+    """The manager's link to one engine process, as an API worker's: a DEALER to its input
+    ROUTER and a PULL for its answers, named after the process (`pid`), so the engine holds one
+    link per manager and process however often it sleeps and wakes. Used by one thread at a
+    time (the model's state allows one sleep or wake-up at once)."""
+
+    def __init__(self, ipc_dir: str, pid: int) -> None:
+        self.pid = pid
+        client_id = f"model-manager-{pid}"
+        ctx: zmq.Context = zmq.Context.instance()
+        out_addr = output_address(ipc_dir, client_id)
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(out_addr)
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IDENTITY, client_id.encode())
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(input_address(ipc_dir))
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(EngineMessage)
+        self.dealer.send(self._encoder.encode(ClientHello(client_id, out_addr)))
+
+    def admin(self, command: str, level: int = 1, timeout_s: float = 600.0) -> AdminResult:
+        """Run one admin command (sleep, wake_up, is_sleeping) in the engine and wait for its
+        answer; a 503 result when none comes within `timeout_s` (the engine runs it between
+        two steps, so a long step delays it)."""
+        qid = next(_query_ids)
+        self.dealer.send(self._encoder.encode(AdminCommand(qid, command, level)))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if not pull.poll(int(min(left, 1.0) * 1000)):
+            if not self.pull.poll(int(min(left, 1.0) * 1000)):
                 continue
             try:
-                msg = decoder.decode(pull.recv())
+                msg = self._decoder.decode(self.pull.recv())
             except msgspec.DecodeError:
                 continue
             if isinstance(msg, AdminResult) and msg.query_id == qid:
                 return msg
         return AdminResult(qid, 503, f"the engine did not finish {command} within "
                            f"{timeout_s:g} s")
-    finally:
-        dealer.close(linger=0)
-        pull.close(linger=0)
+
+    def close(self) -> None:
+        self.dealer.close(linger=0)
+        self.pull.close(linger=0)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fornax.api.engine.engine_control import engine_admin, process_memory
+from fornax.api.engine.engine_control import EngineLink, process_memory
 from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.runtime.engine.messages import AdminResult, EngineHandshake
 
@@ -41,6 +41,7 @@ class EngineGroup:
         self.generations = [0] * len(models)  # +1 at each unload: older watchers then retire
         self.footprints = [0] * len(models)  # peak engine RSS seen for each model (bytes)
         self.loaded = [True] * len(models)  # which engines `start` left running
+        self._links: dict[int, EngineLink] = {}  # the model manager's, for sleep and wake-up
 
     def start(self, max_loaded: int = 0, budget: int = 0) -> list[EngineHandshake]:
         """Start every engine (at most `max_loaded` at once, 0: all) and wait for them;
@@ -105,8 +106,17 @@ class EngineGroup:
         return self.footprints[i]
 
     def admin(self, i: int, command: str, level: int = 1) -> AdminResult:
-        """Sleep or wake model i's engine (api/engine/engine_control.py)."""
-        return engine_admin(self.launchers[i].ipc_dir, command, level)
+        """Sleep or wake model i's engine (api/engine/engine_control.py), over a link made
+        once per engine process."""
+        proc = self.launchers[i].proc
+        if proc is None or proc.poll() is not None:
+            return AdminResult(0, 503, "the engine is not running")
+        link = self._links.get(i)
+        if link is None or link.pid != proc.pid:
+            if link is not None:
+                link.close()
+            link = self._links[i] = EngineLink(self.launchers[i].ipc_dir, proc.pid)
+        return link.admin(command, level)
 
     def _start_batch(self, indices: list[int]) -> list[EngineHandshake]:
         launchers = [self.launchers[i] for i in indices]

@@ -210,3 +210,38 @@ def test_process_memory_reads_this_process() -> None:
     rss, peak = process_memory(os.getpid())
     assert 0 < rss <= peak
     assert process_memory(2**22 + 12345) == (0, 0)  # no such process
+
+
+def _entries(*argv: str):
+    from fornax.api.cli import build_parser
+    from fornax.api.server.argv import normalize_serve_argv, subparser
+    from fornax.api.server.model_entries import model_entries
+
+    parser = build_parser()
+    serve = subparser(parser, "serve")
+    args = parser.parse_args(["serve", *normalize_serve_argv(list(argv), serve)])
+    return args, model_entries(args, serve)
+
+
+def test_budget_and_idle_action_flags_in_a_config_file(tmp_path) -> None:
+    config = tmp_path / "many.yaml"
+    config.write_text("max_loaded_memory: 6GiB\nidle_action: sleep\nmodels:\n"
+                      "  - model: /m/chat\n    idle_timeout: 30\n"
+                      "  - model: /m/other\n    idle_action: stop\n")
+    args, entries = _entries("--config", str(config))
+    assert args.max_loaded_memory == 6 * GIB
+    assert [(e.idle_action, e.idle_timeout) for e in entries] == [("sleep", 30.0), ("stop", 0.0)]
+
+
+def test_bad_budget_or_idle_action_stops_the_start() -> None:
+    from fornax.runtime.errors import ConfigError
+
+    for argv in (["--models", "/a", "/b", "--max-loaded-memory", "5"],
+                 ["--models", "/a", "/b", "--idle-action", "nap"]):
+        with pytest.raises(SystemExit) as info:
+            _entries(*argv)
+        assert info.value.code == 2
+    with pytest.raises(ConfigError, match="models.0. .*refused"):
+        _entries("--models", '{"model": "/a", "idle_action": "nap"}')
+    with pytest.raises(ConfigError, match="--max-loaded-memory"):
+        _entries("/a", "--max-loaded-memory", "1GiB")  # one model: nothing to budget

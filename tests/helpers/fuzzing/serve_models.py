@@ -11,12 +11,14 @@ from helpers.fuzzing.values import any_json, edge_ints, edge_text
 
 # flag names an entry may carry, server flags it must not, and a few that do not exist
 _KEYS = ("model", "max_model_len", "max-model-len", "dtype", "served_model_name", "runner",
-         "chat_template", "port", "api_key", "host", "models", "config", "nope", "--dtype", "")
+         "chat_template", "port", "api_key", "host", "models", "config", "nope", "--dtype", "",
+         "idle_action", "idle_timeout", "max_loaded_memory", "kv_cache_memory")
 
 
 def _value() -> st.SearchStrategy[object]:
     return st.one_of(any_json(), edge_ints(), edge_text(), st.lists(edge_text(), max_size=3),
-                     st.sampled_from(["auto", "float32", "pooling", "generate", "-1", "1k"]))
+                     st.sampled_from(["auto", "float32", "pooling", "generate", "-1", "1k",
+                                      "sleep", "stop", "6GiB", "63MiB"]))
 
 
 def model_words() -> st.SearchStrategy[list[str]]:

@@ -217,6 +217,10 @@ def summarize_side(router: str, results: list[dict[str, Any]], duration: float,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     common.check_threads()
+    if args.model is None:
+        from fornax.runtime.loaders.default_model import default_model_path
+
+        args.model = str(default_model_path())
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     for r in routers:
         if r not in ROUTERS:
@@ -256,8 +260,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run the same shared-prefix chat workload through `fornax serve-ray` with "
                     "Ray Serve's default router and with fornax's prefix-affinity router; "
                     "report prefix-cache hit rate, throughput and TTFT per router.")
-    p.add_argument("--model", default="SmolLM2-135M-Instruct",
-                   help="model of every replica (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None,
+                   help="model of every replica (default: the packaged SmolLM2-135M-Instruct "
+                        "GGUF)")
     p.add_argument("--served-name", default="bench")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--replica-cpus", type=float, default=1.0, help="ray_actor_options.num_cpus")

@@ -170,7 +170,8 @@ class ModelSet:
             await self.manager.close()
 
     async def model_states(self) -> list[str]:
-        """Each model's load state (loaded, loading, unloading, unloaded, failed)."""
+        """Each model's load state (loaded, loading, unloading, unloaded, failed; with
+        idle_action sleep also sleeping, asleep, waking)."""
         if self.manager is None:
             return ["failed" if s.engine.dead else "loaded" for s in self.states]
         return (await self.manager.ask("status")).states

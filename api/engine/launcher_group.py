@@ -54,10 +54,10 @@ class EngineGroup:
         if budget:
             return self._start_measured(max_loaded, budget)
         if not max_loaded or max_loaded >= n:
-            infos = self._start_batch(list(range(n)))
+            started = self._start_batch(list(range(n)))
             for i in range(n):
                 self.note_footprint(i)
-            return infos
+            return started
         infos: dict[int, EngineHandshake] = {}
         batches = [list(range(max(0, end - max_loaded), end))
                    for end in range(n, 0, -max_loaded)]

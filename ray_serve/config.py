@@ -167,6 +167,15 @@ def deployment_spec(where: str, raw: dict[str, Any]) -> DeploymentSpec:
             spec.graceful_shutdown_timeout_s = _number(at, value, 0.0, _MAX_S)
         else:
             raise ConfigError(f"{at}: unknown key (known: {', '.join(DEPLOYMENT_KEYS)})")
+    if spec.request_router_kwargs:  # the prefix router's knobs (prefix_index.PrefixPolicyConfig)
+        from fornax.ray_serve.prefix_index import PrefixPolicyConfig
+
+        if spec.request_router != "prefix":
+            raise ConfigError(f"{where}.request_router_kwargs: only with request_router: prefix")
+        try:
+            PrefixPolicyConfig.from_kwargs(spec.request_router_kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
     return spec
 
 

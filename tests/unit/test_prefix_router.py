@@ -4,6 +4,7 @@ imbalance fallback, replica removal, odd bodies) and the Ray Serve router class 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import random
 import time
 
@@ -182,8 +183,7 @@ def test_config_roundtrip():
 
 # --- the Ray Serve router class on fake replicas ----------------------------------------------
 
-pytest.importorskip("ray.serve.request_router", reason="needs fornax[ray]")
-from fornax.ray_serve import prefix_router as ray_router  # noqa: E402
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs fornax[ray]")
 
 
 class _FakeReplica:
@@ -214,13 +214,16 @@ def _pending(rid: str, *args, **kwargs):
 def _router(**state):
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
-    r = ray_router.PrefixAffinityRouter(deployment_id=DeploymentID("d", "app"),
+    from fornax.ray_serve.prefix_router import PrefixAffinityRouter
+
+    r = PrefixAffinityRouter(deployment_id=DeploymentID("d", "app"),
                                         handle_source=DeploymentHandleSource.UNKNOWN,
                                         use_replica_queue_len_cache=True)
     r.initialize_state(**state)
     return r
 
 
+@needs_ray
 def test_router_class_affinity_fallback_and_departures():
     async def scenario() -> None:
         router = _router(imbalance_threshold=1)
@@ -261,5 +264,20 @@ def test_router_class_affinity_fallback_and_departures():
     asyncio.run(scenario())
 
 
+@needs_ray
 def test_router_bad_kwargs_fall_back_to_defaults():
     assert _router(block_chars=1).policy.config == PrefixPolicyConfig()
+
+
+def test_yaml_refuses_bad_router_kwargs_naming_them():
+    from fornax.ray_serve.config import deployment_spec
+    from fornax.runtime.errors import ConfigError
+
+    spec = deployment_spec("deployment", {"request_router": "prefix",
+                                          "request_router_kwargs": {"imbalance_threshold": 2}})
+    assert spec.request_router_kwargs == {"imbalance_threshold": 2}
+    with pytest.raises(ConfigError, match=r"deployment\.request_router_kwargs\.block_chars"):
+        deployment_spec("deployment", {"request_router": "prefix",
+                                       "request_router_kwargs": {"block_chars": 0}})
+    with pytest.raises(ConfigError, match="only with request_router: prefix"):
+        deployment_spec("deployment", {"request_router_kwargs": {"max_blocks": 4}})

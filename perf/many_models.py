@@ -121,8 +121,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logger.info("repeat %d %s: %s", repeat + 1, phase, phases[phase][-1])
         record["details"]["engine_rss_bytes"] = [
             rss for pid in _children(server.pid) if (rss := rss_bytes(pid))]
-        swaps = {state: [_first_token_s(server.url, state) for _ in range(args.swap_repeats)]
-                 for state in ("loaded", "asleep", "unloaded")} if args.swap_repeats else {}
+        swaps: dict[str, list[float]] = {}
+        for state in ("loaded", "asleep", "unloaded") if args.swap_repeats else ():
+            for _ in range(args.swap_repeats):
+                seconds, rss = _first_token_s(server.url, state, server.pid)
+                swaps.setdefault(state, []).append(seconds)
+                record["details"].setdefault("engines_rss_bytes_before", {})[state] = rss
     metrics: dict[str, float] = {}
     for name in NAMES:
         alone = common.median([p[name]["output_throughput"] for p in phases[name]])
@@ -140,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (metrics["m1_alone_output_throughput"] + metrics["m2_alone_output_throughput"]) / 2)
     for state, seconds in swaps.items():
         metrics[f"{state}_ttft_s"] = common.median(seconds)
+        metrics[f"{state}_engines_rss_bytes"] = record["details"]["engines_rss_bytes_before"][state]
     record["details"]["ttft_s"] = swaps
     record["metrics"] = metrics
     record["details"]["phases"] = phases
@@ -147,9 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return common.finish(record, args.output_json, print_report)
 
 
-def _first_token_s(url: str, state: str) -> float:
+def _first_token_s(url: str, state: str, server_pid: int) -> tuple[float, int]:
     """Put m2 in `state` (asleep: a request with keep_alive 0 on its idle_action sleep; unloaded:
-    POST unload), then time one streamed request's first token."""
+    POST unload), then time one streamed request's first token; also the engines' RSS in all
+    (both models) just before it."""
     import time
 
     import httpx
@@ -166,12 +172,13 @@ def _first_token_s(url: str, state: str) -> float:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{NAMES[1]} did not become {state}")
         time.sleep(0.2)
+    rss = sum(rss_bytes(pid) or 0 for pid in _children(server_pid))
     began = time.perf_counter()
     with httpx.stream("POST", url + ENDPOINT, json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data:") and '"text":' in line:
-                return time.perf_counter() - began
+                return time.perf_counter() - began, rss
     raise RuntimeError("the stream carried no text")
 
 
@@ -209,7 +216,8 @@ def print_report(record: dict[str, Any]) -> None:
                  m["together_total_over_alone_mean"], "", ""])
     common.print_table(rows, ["model", "alone tok/s", "together tok/s", "together/alone",
                               "TPOT alone ms", "TPOT together ms"])
-    swaps = [[state, m[f"{state}_ttft_s"]] for state in ("loaded", "asleep", "unloaded")
-             if f"{state}_ttft_s" in m]
+    swaps = [[state, m[f"{state}_ttft_s"], m[f"{state}_engines_rss_bytes"] / 2**30]
+             for state in ("loaded", "asleep", "unloaded") if f"{state}_ttft_s" in m]
     if swaps:
-        common.print_table(swaps, ["m2 before the request", "time to first token s"])
+        common.print_table(swaps, ["m2 before the request", "time to first token s",
+                                   "engines' RSS GiB"])

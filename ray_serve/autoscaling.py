@@ -16,12 +16,13 @@ POLICY = "fornax.ray_serve.autoscaling:engine_load_policy"
 
 def desired_replicas(engine_loads: list[float], queued: float, target: float, current: int,
                      ongoing: float) -> float:
-    """Replicas wanted so that each holds `target` requests: the engines' load plus what waits
-    in Ray's queues; before any replica reported a load, Ray's own ongoing-requests count."""
+    """Replicas wanted so that each holds `target` requests: the larger of the engines' load
+    plus what waits in Ray's queues, and Ray's own count of ongoing requests (the engines also
+    count what Ray does not see, such as realtime sessions; Ray's count covers a request
+    between the replica and its engine, and a replica that has not reported yet)."""
     if current == 0:
         return 0.0
-    total = sum(engine_loads) + queued if engine_loads else ongoing
-    return total / target
+    return max(sum(engine_loads) + queued, ongoing) / target
 
 
 def engine_load_policy(ctx: Any) -> tuple[float, dict[str, Any]]:

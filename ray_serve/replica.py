@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -95,7 +96,7 @@ class ModelReplica:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric: the child engine's running + waiting requests (/load)."""
         try:
-            reply = await self.client.get("/load", headers=self._auth, timeout=2.0)
+            reply = await self.client.get("/load", headers=self._auth, timeout=5.0)
             load = float(reply.json()["server_load"]) if reply.status_code == 200 else math.nan
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             load = math.nan
@@ -120,6 +121,7 @@ class ModelReplica:
             reply = await self.client.get("/load", headers=self._auth, timeout=5.0)
             runner = str(reply.json().get("runner", runner))
         return {"replica": self.replica_id, "url": self.child.url, "pid": self.child.pid,
+                "actor_pid": os.getpid(), "alive": self.child.alive(),
                 "node_id": ray.get_runtime_context().get_node_id(), "runner": runner}
 
     def __del__(self) -> None:

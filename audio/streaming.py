@@ -16,6 +16,13 @@ audio, whatever the partials said; the last delta carries the rest of it when it
 was sent, and the protocols' final events carry it whole (see api/realtime/handlers.py). Jobs
 are plain `WindowRequest`s for the encoder-decoder engine; for partials the engine encodes only
 the frames given (plus a margin of silence), so they are cheap.
+
+A pause of `SPECULATE_SILENCE_MS` in the open item starts its final decode at once, over the
+audio so far (speech and that much silence after it). When the item then ends (a commit, or the
+voice activity's stop) with no voice since, that result is its final text: what came after it
+is silence, which would not change the text (the rule `covers` applies to partial decodes), so
+the final text is ready at the commit instead of a whole-window encode later. Voice that comes
+back makes it stale and the item's final decode runs as usual.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ FRAME_QUANTUM = 100  # window lengths are multiples of this (1 s), so engine bat
 MAX_PROMPT_TEXT_TOKENS = 100  # previous text in a partial decode's prompt, last tokens kept
 DEFAULT_VAD = VadConfig()
 COVER_MARGIN_S = 0.2  # silence after the voice a partial decode must have to count as final
+SPECULATE_SILENCE_MS = 300.0  # a pause this long starts the open item's final decode early
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,9 @@ class DecodeJob:
     audio: np.ndarray  # the segment's (item's) first num_samples, taken when the job was made
     item_final: bool = False
     segments: list[Segment] = field(default_factory=list)  # item final: the item's segments
+    speculative: bool = False  # item final started at a pause, before the item ended
+    voiced_end: int = 0  # speculative: the stream position where its voice ended
+    ready: TranscriptionSession | None = None  # item final: a speculative decode that stands
 
 
 @dataclass
@@ -177,6 +188,7 @@ class StreamingTranscriber:
         self._item_sent: dict[int, str] = {}  # the text of each open item sent as deltas
         self._pieces: dict[int, str] = {}
         self.context: list[int] = list(self._prompt_tokens)  # the session's previous text
+        self.speculated: DecodeJob | None = None  # a finished speculative final decode
 
     # ---- text ----------------------------------------------------------------------------------
     def configure(self, *, language: str | None, prompt: str | None,
@@ -304,6 +316,7 @@ class StreamingTranscriber:
         """Drop every segment not yet finalized (OpenAI's input_audio_buffer.clear)."""
         dropped, self.segments = self.segments, []
         self._item = None
+        self.speculated = None
         for seg in dropped:
             self._item_sent.pop(seg.item, None)
         return dropped
@@ -324,6 +337,10 @@ class StreamingTranscriber:
                 continue  # a cut segment whose partial text is complete
             if seg.closed:
                 return self._job(seg, final=True)
+            if self._speculation_valid(seg.item):
+                return None  # the item's final text is ready: only silence came since
+            if self._pausing(seg):
+                return self._speculative_job(seg.item)
             new = seg.num_samples - seg.decoded_samples
             if new >= self.config.step_s * SAMPLE_RATE:
                 return self._job(seg, final=False)
@@ -341,12 +358,60 @@ class StreamingTranscriber:
                          + int(COVER_MARGIN_S * SAMPLE_RATE))
         return job.num_samples >= max(voiced_end, 1)
 
+    def refresh(self, job: DecodeJob) -> None:
+        """A partial job that waited for its turn takes the segment's audio so far."""
+        seg = job.segment
+        if job.final or seg not in self.segments or seg.num_samples <= job.num_samples:
+            return
+        job.num_samples = seg.decoded_samples = seg.num_samples
+        job.audio = seg.audio()[: seg.num_samples]
+
     def _item_job(self, item: int) -> DecodeJob:
         segs = [s for s in self.segments if s.item == item]
+        spec = self.speculated if self._speculation_valid(item) else None
+        self.speculated = None
+        if spec is not None:  # decoded at the pause; only silence came since
+            return DecodeJob(segs[-1], True, spec.num_samples, spec.prompt, 0, False, spec.audio,
+                             item_final=True, segments=segs, ready=spec.ready)
         parts = [s.audio()[: s.num_samples] for s in segs]
         audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
         return DecodeJob(segs[-1], True, len(audio), list(self.context), 0, False, audio,
                          item_final=True, segments=segs)
+
+    # ---- speculative final decodes -------------------------------------------------------------
+    def _pausing(self, seg: Segment) -> bool:
+        """The open item's voice has paused `SPECULATE_SILENCE_MS` and that pause has no
+        speculative decode yet (voice activity on: with manual turns the client decides)."""
+        vad = self._vad
+        if self.vad_config is None or not vad.speaking or vad.silent_ms < SPECULATE_SILENCE_MS \
+                or vad.last_voiced <= seg.start_sample:
+            return False
+        spec = self.speculated
+        return spec is None or spec.segment.item != seg.item \
+            or spec.voiced_end != vad.last_voiced
+
+    def pausing(self) -> bool:
+        """The open item paused long enough for its speculative final decode."""
+        seg = self.open_segment
+        return seg is not None and self._pausing(seg)
+
+    def _speculation_valid(self, item: int) -> bool:
+        """A finished speculative decode of `item` stands: no voice since, same previous text."""
+        spec = self.speculated
+        return spec is not None and spec.segment.item == item and spec.ready is not None \
+            and spec.voiced_end == self._vad.last_voiced and spec.prompt == self.context \
+            and all(s in self.segments for s in spec.segments)
+
+    def _speculative_job(self, item: int) -> DecodeJob:
+        job = self._item_job(item)
+        job.speculative, job.voiced_end = True, self._vad.last_voiced
+        self.speculated = None
+        return job
+
+    def speculation_done(self, job: DecodeJob, session: TranscriptionSession) -> None:
+        """A speculative final decode finished: keep it for the item's end."""
+        job.ready = session
+        self.speculated = job
 
     def final_session(self, job: DecodeJob) -> TranscriptionSession:
         """The file path's decoder over an ended item's audio, with the file path's options

@@ -5,7 +5,11 @@ sessions share the engine's batches. A session never queues a second decode behi
 when the engine is slow, partial decodes simply come less often (each covers all audio so far).
 When an utterance ends while a partial decode of it runs, that decode is aborted and the final
 one starts at once: the file path's windows over the utterance's whole audio, one engine request
-after another (a temperature fallback or a second window is another request).
+after another (a temperature fallback or a second window is another request). Finals go first
+across sessions: partial decodes wait at the API worker's gate (api/realtime/gate.py) while any
+final runs, and at most a few run at once; one that waited takes all the audio that came
+meanwhile. A speculative final (at a pause, see audio/streaming.py) runs as a final; its result
+is kept for the item's end.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fornax.api.realtime.gate import GATE, DecodeGate
 from fornax.api.server.errors import APIError
 from fornax.api.server.state import AppState
 from fornax.audio.engine_io import WindowCollector, engine_request
@@ -35,8 +41,9 @@ class DecodeWorker:
 
     def __init__(self, state: AppState, transcriber: StreamingTranscriber, session_id: str,
                  on_output: Callable[[StreamOutput], Awaitable[None]],
-                 on_error: Callable[[str], Awaitable[None]]) -> None:
+                 on_error: Callable[[str], Awaitable[None]], gate: DecodeGate = GATE) -> None:
         self.state, self.tr, self.session_id = state, transcriber, session_id
+        self.gate = gate
         self.on_output, self.on_error = on_output, on_error
         self.enabled = False  # vLLM's protocol: no decode before the model is validated
         self.prompt_tokens = 0  # engine work of the session's decodes (usage)
@@ -46,6 +53,9 @@ class DecodeWorker:
         self._job: DecodeJob | None = None
         self._task: asyncio.Task[Any] | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._gated = False  # the job in flight is a partial decode waiting at the gate
+        self._closed_at = 0.0  # when a segment last closed, and the decode then in flight
+        self._closed_with = ""
 
     @property
     def busy(self) -> bool:
@@ -55,15 +65,21 @@ class DecodeWorker:
         self._runner = asyncio.create_task(self._run())
 
     def poke(self) -> None:
-        """New audio or a closed segment: look for a job to run."""
+        """New audio or a closed segment: look for a job to run (a partial decode still waiting
+        at the gate gives way when the item pauses: its speculative final goes first)."""
+        if self._gated and self.tr.pausing():
+            self._interrupt()
         self._wake.set()
 
     def segment_closed(self) -> None:
         """A segment ended: a partial decode of it that does not cover it all is moot."""
         job = self._job
+        self._closed_at = time.perf_counter()
+        self._closed_with = "idle" if job is None else "final" if job.final else "partial"
         if job is not None and not job.final and job.segment.closed \
                 and not self.tr.covers(job):
             self._interrupt()
+            self._closed_with += " (aborted)"
         self.poke()
 
     def segments_dropped(self) -> None:
@@ -119,6 +135,9 @@ class DecodeWorker:
             if exc is not None:
                 await self._failed(job, exc)
                 continue
+            if job.speculative:
+                self.tr.speculation_done(job, task.result())
+                continue
             if job.item_final:
                 out = self.tr.finish_item(job, task.result())
                 if out is not None:
@@ -138,7 +157,10 @@ class DecodeWorker:
         if not isinstance(exc, APIError):
             logger.error("realtime decode failed in session %s", self.session_id,
                          exc_info=(type(exc), exc, exc.__traceback__))
-        if job.final:
+        if job.speculative:  # the item's final decode runs again when it ends
+            logger.warning("realtime speculative final decode failed in session %s: %s",
+                           self.session_id, message)
+        elif job.final:
             # end the segment with the text already sent, so its item / task still completes
             await self.on_error(f"transcribing the end of a segment failed: {message}")
             out = self.tr.finish_item(job, None) if job.item_final else self.tr.feed(job, [])
@@ -152,19 +174,43 @@ class DecodeWorker:
         await asyncio.sleep(ERROR_BACKOFF_S)
 
     async def _decode(self, job: DecodeJob) -> WindowCollector:
-        window = await asyncio.to_thread(self.tr.window, job)
-        return await self._request(window, job.final)
+        self._gated = True
+        try:
+            async with self.gate.partial():
+                self._gated = False
+                self.tr.refresh(job)  # the audio that came while it waited
+                window = await asyncio.to_thread(self.tr.window, job)
+                return await self._request(window, job.final)
+        finally:
+            self._gated = False
 
     async def _final(self, job: DecodeJob) -> TranscriptionSession:
         """An item's final text, decoded as /v1/audio/transcriptions decodes a file."""
+        if job.ready is not None:  # decoded at the pause before the item ended
+            logger.debug("realtime %s final of %.1f s: the speculative decode stands",
+                         self.session_id, len(job.audio) / 16000)
+            return job.ready
+        async with self.gate.final():
+            return await self._final_windows(job)
+
+    async def _final_windows(self, job: DecodeJob) -> TranscriptionSession:
+        start = time.perf_counter()
         session = await asyncio.to_thread(self.tr.final_session, job)
+        stamps = [f"closed {1000 * (start - self._closed_at):.0f} ago with {self._closed_with}",
+                  f"mel {1000 * (time.perf_counter() - start):.0f}"]
         while (window := session.next_request()) is not None:
-            collector = await self._request(window, True)
+            collector = await self._request(window, True, stamps)
             await asyncio.to_thread(session.feed, collector.result())
+        logger.debug("realtime %s final of %.1f s: %s; total %.0f ms", self.session_id,
+                     len(job.audio) / 16000, ", ".join(stamps),
+                     1000 * (time.perf_counter() - start))
         return session
 
-    async def _request(self, window: WindowRequest, final: bool) -> WindowCollector:
+    async def _request(self, window: WindowRequest, final: bool,
+                       stamps: list[str] | None = None) -> WindowCollector:
+        """One engine request; `stamps` collects its timings (ms: sent, first token, done)."""
         rid = f"rt-{self.session_id}-{next(self._ids)}"
+        start = time.perf_counter()
         engine = self.state.engine
         try:
             request = engine_request(rid, window)
@@ -174,12 +220,19 @@ class DecodeWorker:
             await engine.abort([rid])  # cancelled while sending: the engine may have it
             raise
         collector = WindowCollector()
+        first = 0.0
         try:
             while not collector.finished:
                 for out in await group.next():
                     collector.add(out)
+                first = first or time.perf_counter()
         finally:
             await engine.release(group)  # aborts the request in the engine if unfinished
+        if stamps is not None:
+            stamps.append(f"window ({len(window.prompt_token_ids)} prompt, "
+                          f"{len(collector.token_ids)} out) first token "
+                          f"{1000 * (first - start):.0f} done "
+                          f"{1000 * (time.perf_counter() - start):.0f}")
         self.prompt_tokens += len(window.prompt_token_ids)
         self.completion_tokens += len(collector.token_ids)
         metrics = self.state.metrics

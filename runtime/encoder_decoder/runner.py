@@ -52,6 +52,38 @@ ENCODER_MAX_BATCH = 8  # windows per encoder forward (bounds activation memory)
 # The encoder and the vocabulary projection (tens of MB of weights per step) use every thread.
 SMALL_STEP_TOKENS = 16
 SILENCE_LOG_MEL = -1.5  # Whisper's normalized log-mel of all-zero audio
+# Short windows (realtime partials) whose lengths differ by at most this many frames share one
+# encoder forward, the shorter ones padded with silence (what their own margin already is): one
+# forward of B windows costs one set of per-op fork/joins instead of B, which on a busy 2-core
+# machine is most of a short window's cost. Full windows (files, finals) are never padded.
+SHORT_PAD_FRAMES = 200
+# Short windows are encoded on one CPU thread: with realtime sessions the API worker (voice
+# activity, log-mel, WebSocket frames) shares the cores, and an encoder op that waits for a
+# second thread the OS has given to it costs far more than the thread saves (measured on the
+# busy 2-core Xeon: a 400-frame window 830-1570 ms on 2 threads, 70-150 ms on 1). Full windows
+# (files and finals, ~8x the work) keep every thread.
+SHORT_ENCODE_ONE_THREAD = True
+
+
+def batch_groups(pending: list[tuple[int, np.ndarray]], full: int
+                 ) -> list[tuple[int, list[tuple[int, np.ndarray]]]]:
+    """(frames, windows) encoder batches of at most ENCODER_MAX_BATCH: full windows together,
+    short ones by length, each batch spanning at most SHORT_PAD_FRAMES (padded to its longest)."""
+    groups: list[tuple[int, list[tuple[int, np.ndarray]]]] = []
+    fulls = [p for p in pending if p[1].shape[1] >= full]
+    for i in range(0, len(fulls), ENCODER_MAX_BATCH):
+        groups.append((full, fulls[i:i + ENCODER_MAX_BATCH]))
+    short = sorted((p for p in pending if p[1].shape[1] < full), key=lambda p: p[1].shape[1])
+    chunk: list[tuple[int, np.ndarray]] = []
+    for item in short:
+        if chunk and (len(chunk) == ENCODER_MAX_BATCH
+                      or item[1].shape[1] - chunk[0][1].shape[1] > SHORT_PAD_FRAMES):
+            groups.append((chunk[-1][1].shape[1], chunk))
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        groups.append((chunk[-1][1].shape[1], chunk))
+    return groups
 
 
 class EncoderDecoderModelRunner(PagedStepRunner):
@@ -171,21 +203,28 @@ class EncoderDecoderModelRunner(PagedStepRunner):
     def _encode(self, pending: list[tuple[int, np.ndarray]]) -> None:
         """Encode in batches of one window length. A short window (a realtime partial) costs in
         proportion to its frames; its encoder states continue with those of a silent window,
-        which the decoder sees after the audio in a full window too."""
-        by_len: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for row, feats in pending:
-            by_len.setdefault(feats.shape[1], []).append((row, feats))
-        for frames, group in by_len.items():
-            for i in range(0, len(group), ENCODER_MAX_BATCH):
-                chunk = group[i:i + ENCODER_MAX_BATCH]
-                windows = torch.from_numpy(np.stack([f for _, f in chunk])).to(
-                    self.device, self.dtype, non_blocking=True)
-                rows = torch.tensor([r for r, _ in chunk], device=self.device)
+        which the decoder sees after the audio in a full window too. Short windows of nearby
+        lengths are padded with silence to one length (`batch_groups`)."""
+        for frames, chunk in batch_groups(pending, self.spec.num_frames):
+            windows = torch.from_numpy(np.stack([
+                f if f.shape[1] == frames else np.pad(
+                    f, ((0, 0), (0, frames - f.shape[1])), constant_values=SILENCE_LOG_MEL)
+                for _, f in chunk])).to(self.device, self.dtype, non_blocking=True)
+            rows = torch.tensor([r for r, _ in chunk], device=self.device)
+            threads = torch.get_num_threads()
+            one = SHORT_ENCODE_ONE_THREAD and frames < self.spec.num_frames \
+                and self.device.type == "cpu" and threads > 1
+            if one:
+                torch.set_num_threads(1)
+            try:
                 states = self.model.encode(windows)  # [B, T, d]
-                if frames < self.spec.num_frames:
-                    tail = self._silence_states()[:, states.shape[1]:]
-                    states = torch.cat([states, tail.expand(len(chunk), -1, -1)], dim=1)
-                self.model.write_cross_kv(states, rows, self.cross_stores)
+            finally:
+                if one:
+                    torch.set_num_threads(threads)
+            if frames < self.spec.num_frames:
+                tail = self._silence_states()[:, states.shape[1]:]
+                states = torch.cat([states, tail.expand(len(chunk), -1, -1)], dim=1)
+            self.model.write_cross_kv(states, rows, self.cross_stores)
 
     def _silence_states(self) -> torch.Tensor:
         """[1, T_enc, d] encoder states of a window of digital silence (computed once)."""
@@ -213,8 +252,10 @@ class EncoderDecoderModelRunner(PagedStepRunner):
                          key=batch.index.__getitem__)
         if not req_ids:
             return ModelRunnerOutput({}, {}, failed=failed)
+        start = time.perf_counter()
         if pending:
             self._encode(pending)
+        encoded = time.perf_counter()
         step = self._prepare_inputs(out, req_ids)
         threads = torch.get_num_threads()
         small = self.device.type == "cpu" and threads > 1 and step.num_tokens <= SMALL_STEP_TOKENS
@@ -226,6 +267,11 @@ class EncoderDecoderModelRunner(PagedStepRunner):
         finally:
             if small:
                 torch.set_num_threads(threads)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("step: encoded %s frames in %.0f ms; decoded %d tokens of %d "
+                             "requests in %.0f ms", [f.shape[1] for _, f in pending],
+                             1000 * (encoded - start), step.num_tokens, len(req_ids),
+                             1000 * (time.perf_counter() - encoded))
 
     def _decode_step(self, req_ids: list[str], step: StepInputs,
                      failed: dict[str, tuple[str, BaseException]]) -> ModelRunnerOutput:

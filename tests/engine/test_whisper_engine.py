@@ -202,8 +202,9 @@ def test_urgent_requests_are_admitted_first_and_alone(tiny):
 
 
 def test_short_windows_batch_with_full_ones_and_match_their_solo_run(tiny):
-    """Realtime partials send fewer frames than a window: encoded at their length (grouped by
-    length in one step), then continued by the encoder states of silence."""
+    """Realtime partials send fewer frames than a window: encoded at their length (nearby
+    lengths padded with silence into one forward), then continued by the encoder states of
+    silence; the tokens equal each window's own run."""
     path, info = tiny
     prompt = [info.ids["sot"], info.ids["no_timestamps"]]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -248,3 +249,40 @@ def test_small_steps_on_one_thread_give_the_same_tokens_and_restore_the_thread_c
     finally:
         torch.set_num_threads(1)
     assert got == expected and len(got) == 30
+
+
+def test_encoder_batches_across_sessions_equal_each_window_alone(tiny):
+    """One encoder forward for several sessions' windows: full windows together and short ones
+    within SHORT_PAD_FRAMES of each other padded with silence to the longest. Each row's cross
+    keys/values equal those of its window encoded alone (the short one: its silence-padded
+    window) within 1e-4 (float32; the batch only changes the order of the matmul sums)."""
+    import torch
+
+    from fornax.runtime.encoder_decoder.runner import SILENCE_LOG_MEL, batch_groups
+
+    path, _ = tiny
+    runner = _engine(path).runner
+    full = runner.spec.num_frames
+    windows = [_feats(1, full), _feats(2, full), _feats(3, 100), _feats(4, 160), _feats(5, 40)]
+    pending = list(enumerate(windows))
+    groups = batch_groups(pending, full)
+    assert [(frames, [r for r, _ in chunk]) for frames, chunk in groups] == \
+        [(full, [0, 1]), (160, [4, 2, 3])]
+    assert len(groups) < len(windows)  # fewer forwards than windows
+
+    def cross(rows: list[int]) -> list[torch.Tensor]:
+        return [store[rows].clone() for store in runner.cross_stores]
+
+    with torch.inference_mode():
+        runner._encode(pending)
+        batched = cross(list(range(len(windows))))
+        for row, feats in pending:
+            if feats.shape[1] < full and feats.shape[1] != 160:  # alone, as padded in its batch
+                feats = np.pad(feats, ((0, 0), (0, 160 - feats.shape[1])),
+                               constant_values=SILENCE_LOG_MEL)
+            runner._encode([(row, feats)])
+        alone = cross(list(range(len(windows))))
+    for b, a in zip(batched, alone):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # and padding is silence: the 100-frame window's states differ from the 160-frame one's
+    assert not torch.allclose(batched[0][2], batched[0][3])

@@ -116,6 +116,10 @@ def _final(tr, tokens):
 
 
 def test_transcriber_segments_on_silence_and_decodes_the_item_again_at_its_end():
+    """A pause starts the item's final decode early (speculative); it stands when the item ends
+    with only silence after it, and is dropped when voice comes back."""
+    from fornax.audio.transcribe import WindowResult
+
     tr = _transcriber()
     silence = np.zeros(1600, np.float32)
     notices = []
@@ -126,17 +130,38 @@ def test_transcriber_segments_on_silence_and_decodes_the_item_again_at_its_end()
     assert abs(seg.start_sample / 16000 - 0.0) < 0.05  # the onset minus 300 ms of padding
     for _ in range(3):
         tr.append(silence)
-    job = tr.next_job()  # a partial covering the voice and 300 ms of silence
-    assert job is not None and not job.final
+    # a 300 ms pause: the item's final decode starts now, over the audio so far (file path)
+    job = tr.next_job()
+    assert job is not None and job.item_final and job.speculative
+    spoken = job.num_samples
+    session = tr.final_session(job)
+    window = session.next_request()
+    session.feed(WindowResult([0, 1, 100]))
+    tr.speculation_done(job, session)
+    assert window.features.shape == (80, 3000) and window.content_frames == spoken // 160
+    assert tr.next_job() is None  # its result stands while only silence comes
     for _ in range(3):
         notices += tr.append(silence)
     assert [n.kind for n in notices] == ["start", "stop"] and seg.closed
-    # the partial has all the voice, yet it does not stand as the final: that one is decoded
-    # as the file path decodes (its result may differ from the partial's)
-    assert not tr.covers(job)
-    out, window = _final(tr, [0, 1, 100])
+    # the item ended with no voice since the pause: the speculative decode is its final one
+    job = tr.next_job()
+    assert job.item_final and job.ready is session and job.num_samples == spoken
+    out = tr.finish_item(job, job.ready)
     assert out.final and out.delta == "The cat" and out.text == "The cat" and not tr.segments
-    assert window.content_frames == seg.num_samples // 160
+    assert out.num_samples == seg.num_samples > spoken  # the item's audio, silence included
+    # voice after the pause makes the speculative decode stale: the item's end decodes again
+    for chunk in [_tone(0.1, 0.3)] * 10 + [silence] * 3:
+        notices += tr.append(chunk)
+    job = tr.next_job()
+    assert job.speculative
+    session = tr.final_session(job)
+    session.next_request()
+    session.feed(WindowResult([0, 100]))
+    tr.speculation_done(job, session)
+    for chunk in [_tone(0.1, 0.3)] * 5 + [silence] * 6:
+        tr.append(chunk)
+    out, window = _final(tr, [0, 1, 100])
+    assert out.final and out.text == "The cat" and window.content_frames > job.num_samples // 160
 
 
 def _tone(seconds: float, level: float, rate: int = 16000) -> np.ndarray:

@@ -10,7 +10,15 @@ against the spoken sentence and against `/v1/audio/transcriptions` of the same s
 transcript: realtime finals should match it). `--audio recordings` streams the 20-60 s realtime
 parity recordings instead (several utterances and voices each, committed once at the end). Real-
 time capacity = the largest N whose p90 final latency stays under `--slo-ms`. The server, and so
-the engine, runs with the caller's OMP_NUM_THREADS.
+the engine, runs with the caller's OMP_NUM_THREADS. CPU utilisation per level = CPU time of the
+server's processes (fornax serve, its engine core and API workers, from /proc) over the level's
+wall time and the machine's cores (only for a server the bench starts).
+
+`--modes simultaneous` (the default, the harder case): all N sessions start at the same instant
+(session i streams sentences 3i, 3i+1, ... of 4.7-6.6 s), so their first finals come within
+about 2 s of each other and bunch up again later. `staggered`: session i starts i/N of a mean
+sentence later, so finals spread out as with independent speakers. Each level is reported per
+mode, labelled.
 """
 
 from __future__ import annotations
@@ -53,18 +61,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None,
                    help="an already running server (http://host:port); default: start one")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--concurrency", default="1,2,4,6,8,12",
-                   help="comma list of concurrent session counts (default 1,2,4,6,8,12)")
+    p.add_argument("--concurrency", default="1,2,4,8,16",
+                   help="comma list of concurrent session counts (default 1,2,4,8,16)")
     p.add_argument("--utterances", type=int, default=3, help="sentences per session")
     p.add_argument("--audio", choices=["sentences", "recordings"], default="sentences",
                    help="what each session streams: short sentences (default) or the 20-60 s "
                    "realtime parity recordings")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up sentences (default 1)")
+    p.add_argument("--modes", default="simultaneous", type=_modes,
+                   help="comma list: simultaneous (all sessions start at once: finals coincide; "
+                   "the default) and/or staggered (session i starts i/N of a sentence later)")
     p.add_argument("--slo-ms", type=float, default=1000.0,
                    help="p90 final latency bound for the capacity figure (default 1000)")
     p.add_argument("--output", type=Path, default=None, help="write the JSON record here")
     p.set_defaults(func=run)
     return p
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("simultaneous", "staggered")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"--modes takes simultaneous and/or staggered, not "
+                                         f"{text!r}")
+    return modes
 
 
 # ---- the workload -----------------------------------------------------------------------------
@@ -122,10 +142,13 @@ def _b64(samples: np.ndarray) -> str:
 
 
 async def session(url: str, headers: dict[str, str] | None,
-                  sentences: list[tuple[str, np.ndarray, float]]) -> list[dict[str, Any]]:
-    """One connection streaming its sentences back to back; one result per sentence."""
+                  sentences: list[tuple[str, np.ndarray, float]],
+                  delay_s: float = 0.0) -> list[dict[str, Any]]:
+    """One connection streaming its sentences back to back (after `delay_s`); one result per
+    sentence."""
     import websockets
 
+    await asyncio.sleep(delay_s)
     results = []
     async with websockets.connect(url, additional_headers=headers, proxy=None, max_size=None,
                                   open_timeout=60) as ws:
@@ -170,11 +193,65 @@ async def session(url: str, headers: dict[str, str] | None,
 
 
 async def level(url: str, headers: dict[str, str] | None, n: int, utterances: int,
-                sentences: list[tuple[str, np.ndarray, float]]) -> list[dict[str, Any]]:
+                sentences: list[tuple[str, np.ndarray, float]],
+                mode: str = "simultaneous") -> list[dict[str, Any]]:
     plans = [[sentences[(i * utterances + k) % len(sentences)] for k in range(utterances)]
              for i in range(n)]
-    runs = await asyncio.gather(*(session(url, headers, plan) for plan in plans))
+    mean_s = float(np.mean([len(a) / RATE for _, a, _ in sentences]))
+    delays = [i * mean_s / n if mode == "staggered" else 0.0 for i in range(n)]
+    runs = await asyncio.gather(*(session(url, headers, plan, d)
+                                  for plan, d in zip(plans, delays)))
     return [r for run in runs for r in run]
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system, s) of `pid` and its descendants so far, from /proc (None where
+    there is no /proc)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, cpu s)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if pid not in stats:
+        return None
+    total, frontier = 0.0, [pid]
+    while frontier:
+        cur = frontier.pop()
+        total += stats[cur][1]
+        frontier += [p for p, (parent, _) in stats.items() if parent == cur]
+    return total
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+def measured_level(url: str, headers: dict[str, str] | None, n: int, utterances: int,
+                   sentences: list[tuple[str, np.ndarray, float]], mode: str,
+                   server_pid: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One level's results and its load: the server's CPU utilisation over the level (share of
+    all cores) and the machine's load averages at its end."""
+    cpu0 = process_tree_cpu_s(server_pid) if server_pid else None
+    t0 = time.monotonic()
+    results = asyncio.run(level(url, headers, n, utterances, sentences, mode))
+    wall = time.monotonic() - t0
+    cpu1 = process_tree_cpu_s(server_pid) if server_pid else None
+    util = (cpu1 - cpu0) / wall / cpu_cores() if cpu0 is not None and cpu1 is not None \
+        else None  # a server the bench did not start
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return results, {"mode": mode, "cpu_util": util, "wall_s": wall,
+                     "loadavg_1_5_15": list(load)}
 
 
 def summarize_level(n: int, results: list[dict[str, Any]],
@@ -253,19 +330,24 @@ def run(args: argparse.Namespace) -> int:
         if args.warmup > 0:
             asyncio.run(level(ws_url, headers, 1, args.warmup, sentences))  # untimed
         record["startup"] = {"load_s": load_s, "warmup_s": time.monotonic() - t}
-        runs = []
-        for n in levels:
-            logger.info("realtime: %d concurrent session(s), %d utterances each", n,
-                        args.utterances)
-            runs.append(asyncio.run(level(ws_url, headers, n, args.utterances, sentences)))
+        runs, loads = [], []
+        modes = _modes(args.modes) if isinstance(args.modes, str) else args.modes
+        for mode in modes:
+            for n in levels:
+                logger.info("realtime: %d concurrent session(s) (%s), %d utterances each", n,
+                            mode, args.utterances)
+                results, load = measured_level(ws_url, headers, n, args.utterances, sentences,
+                                               mode, proc.pid if proc is not None else None)
+                runs.append(results)
+                loads.append(load)
         used = {r["ref"] for run in runs for r in run}
         files = file_transcripts(url, headers, args.model,
                                  [s for s in sentences if s[0] in used])
         record["details"].update(file_transcripts=files, transcripts={
             r["ref"]: r["text"] for r in runs[0]})
         summaries = []
-        for n, results in zip(levels, runs):
-            summaries.append(summarize_level(n, results, files))
+        for n, results, load in zip(levels * len(modes), runs, loads):
+            summaries.append({**summarize_level(n, results, files), **load})
             logger.info("  p50 %.0f ms, p90 %.0f ms final; first delta p50 %.0f ms; WER %.3f "
                         "(vs the file transcript %.3f)", summaries[-1]["final_p50_ms"],
                         summaries[-1]["final_p90_ms"], summaries[-1]["first_delta_p50_ms"],
@@ -278,8 +360,8 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     one = summaries[0]
-    capacity = max((s["sessions"] for s in summaries if s["final_p90_ms"] < args.slo_ms),
-                   default=0)
+    capacity = max((s["sessions"] for s in summaries
+                    if s["final_p90_ms"] < args.slo_ms and s["mode"] == modes[0]), default=0)
     record["metrics"] = {
         "final_latency_p50_ms": one["final_p50_ms"], "final_latency_p90_ms": one["final_p90_ms"],
         "first_delta_p50_ms": one["first_delta_p50_ms"],
@@ -291,13 +373,15 @@ def run(args: argparse.Namespace) -> int:
     record["details"].update(levels=summaries, slo_ms=args.slo_ms,
                              tested_up_to=max(levels),
                              omp_num_threads=env.OMP_NUM_THREADS.raw())
-    print_table([[s["sessions"], s["final_p50_ms"], s["final_p90_ms"], s["first_delta_p50_ms"],
-                  s["first_delta_p90_ms"], s["wer"], s["file_wer"], s["wer_vs_file"],
+    print_table([[s["mode"], s["sessions"], s["final_p50_ms"], s["final_p90_ms"],
+                  s["first_delta_p50_ms"], s["first_delta_p90_ms"], s["wer"], s["file_wer"],
+                  s["wer_vs_file"], "-" if s["cpu_util"] is None else f"{100 * s['cpu_util']:.0f}",
                   s["deltas_replaced"]]
                  for s in summaries],
-                ["sessions", "final p50 ms", "final p90 ms", "1st delta p50 ms",
-                 "1st delta p90 ms", "WER", "file WER", "WER vs file", "finals replacing deltas"],
-                title=f"WS /v1/realtime, {args.model} (capacity at p90 < {args.slo_ms:g} ms: "
-                f"{capacity} sessions)")
+                ["mode", "sessions", "final p50 ms", "final p90 ms", "1st delta p50 ms",
+                 "1st delta p90 ms", "WER", "file WER", "WER vs file", "CPU %",
+                 "finals replacing deltas"],
+                title=f"WS /v1/realtime, {args.model} (capacity at p90 < {args.slo_ms:g} ms, "
+                f"{modes[0]}: {capacity} sessions)")
     write_json(record, args.output)
     return 0

@@ -416,13 +416,17 @@ def test_bench_realtime_writes_a_valid_record(server, tmp_path):
 
     out = tmp_path / "rt.json"
     assert bench(["realtime", "--base-url", server.url, "--api-key", KEY, "--concurrency", "1",
-                  "--utterances", "1", "--warmup", "0", "--output", str(out)]) == 0
+                  "--utterances", "1", "--warmup", "0", "--modes", "simultaneous,staggered",
+                  "--output", str(out)]) == 0
     record = json.loads(out.read_text())
     assert validate_record(record) == []
     metrics = record["metrics"]
-    assert 0 < metrics["final_latency_p50_ms"] < 5000 and metrics["num_utterances"] == 1
+    assert 0 < metrics["final_latency_p50_ms"] < 5000 and metrics["num_utterances"] == 2
     level = record["details"]["levels"][0]
     assert level["deltas_replaced"] in (0, 1) and 0 <= level["wer_vs_file"] <= 0.2
+    # each mode is its own labelled level; CPU use is only known for a server it started
+    assert [lv["mode"] for lv in record["details"]["levels"]] == ["simultaneous", "staggered"]
+    assert level["cpu_util"] is None and len(level["loadavg_1_5_15"]) == 3
     (ref, text), = record["details"]["transcripts"].items()
     assert record["details"]["file_transcripts"][ref] and text
 

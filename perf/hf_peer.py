@@ -62,7 +62,13 @@ class HFPeer:
             config = AutoConfig.from_pretrained(str(model_dir))
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch_dtype, output_loading_info=True)
+            self.model, info = loaded
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:  # transformers only warns, then times a randomly initialized model
+                raise RuntimeError(f"HF peer: {model_dir} lacks {len(missing)} weights HF "
+                                   f"needs (e.g. {missing[0]}); not a checkpoint HF can run")
         self.model.eval()
         self.device = device
         if device != "cpu":

@@ -101,7 +101,15 @@ def hf_peer(llm: Any, args: argparse.Namespace) -> Any:
     from fornax.perf.hf_peer import HFPeer
 
     eos = sorted(llm.engine.info.eos_token_ids)
-    return HFPeer(llm.engine.files.path, llm.engine.info.dtype,
+    files = llm.engine.files
+    model_dir = files.path
+    if str(files.source).endswith(".gguf"):
+        # the engine's folder keeps GGUF weights quantized (fornax QuantWeights), which HF cannot
+        # read: it would silently initialize every layer at random. HF gets the dequantized one.
+        from fornax.runtime.loaders.gguf_loader import prepare_gguf
+
+        model_dir = prepare_gguf(files.source)
+    return HFPeer(model_dir, llm.engine.info.dtype,
                   random_weights=args.load_format == "dummy", seed=args.seed,
                   eos_token_id=eos[0] if eos else None)
 

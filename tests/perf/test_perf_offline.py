@@ -90,3 +90,37 @@ def test_module_entry_point_runs_standalone() -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0
     assert all(cmd in proc.stdout for cmd in ("throughput", "latency", "serve", "compare"))
+
+
+@pytest.mark.slow
+def test_hf_peer_of_a_gguf_runs_its_dequantized_weights(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine keeps a GGUF quantized in a folder HF cannot read (it would initialize every
+    layer at random and only warn): the peer loads the dequantized folder of the same file, and
+    HFPeer refuses a folder that lacks weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fornax.perf.hf_peer import HFPeer
+    from fornax.perf.offline import hf_peer
+    from fornax.runtime.loaders.gguf_loader import prepare_gguf
+    from fornax.runtime.loaders.model_files import resolve_model_files
+    from helpers.gguf_models import write_llama_gguf
+
+    monkeypatch.setenv("FORNAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FORNAX_GGUF_DEQUANTIZE", "0")
+    gguf = write_llama_gguf(tmp_path / "tiny.gguf")
+    files = resolve_model_files(str(gguf))
+    assert files.path == prepare_gguf(gguf, quantized=True)  # what the engine loads
+    engine = argparse.Namespace(files=files, info=argparse.Namespace(eos_token_ids={0},
+                                                                     dtype="float32"))
+    peer = hf_peer(argparse.Namespace(engine=engine),
+                   argparse.Namespace(load_format="auto", seed=0))
+    dense = load_file(str(prepare_gguf(gguf) / "model.safetensors"))
+    for name, param in peer.model.state_dict().items():
+        if name in dense:
+            assert torch.equal(param, dense[name].to(param.dtype)), name
+    assert torch.equal(peer.model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                       dense["model.layers.0.self_attn.q_proj.weight"])
+    with pytest.raises(RuntimeError, match="lacks"):
+        HFPeer(files.path, "float32", random_weights=False, seed=0)

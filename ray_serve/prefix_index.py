@@ -27,15 +27,17 @@ class PrefixPolicyConfig:
 
     A block is `block_chars` characters of the canonical prompt (about a quarter as many tokens);
     only whole blocks count, at most `max_blocks` of them (the work per request is bounded
-    whatever the prompt's size). The index holds at most `max_entries` block hashes (LRU). The
-    replica holding the longest match is chosen unless its queue exceeds the least-loaded
-    replica's by more than `imbalance_threshold` requests."""
+    whatever the prompt's size). The index holds at most `max_entries` block hashes (LRU), each
+    with at most `max_holders` replicas. A replica holding the longest match is chosen unless
+    its queue exceeds the least-loaded replica's by more than `imbalance_threshold` requests
+    (raise it where a replica runs dozens of requests at once, as on a GPU)."""
 
     block_chars: int = 256
     max_blocks: int = 64
     max_entries: int = 100_000
-    imbalance_threshold: int = 8
+    imbalance_threshold: int = 2
     min_match_blocks: int = 1
+    max_holders: int = 4
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any] | None) -> PrefixPolicyConfig:
@@ -43,7 +45,7 @@ class PrefixPolicyConfig:
         non-integer or an out-of-range value."""
         bounds = {"block_chars": (16, 1 << 16), "max_blocks": (1, 4096),
                   "max_entries": (1, 10_000_000), "imbalance_threshold": (0, 1 << 20),
-                  "min_match_blocks": (1, 4096)}
+                  "min_match_blocks": (1, 4096), "max_holders": (1, 64)}
         values: dict[str, int] = {}
         for name, value in (kwargs or {}).items():
             if name not in bounds:
@@ -191,56 +193,74 @@ def block_hashes(text: str, block_chars: int, max_blocks: int) -> list[bytes]:
 
 
 class PrefixIndex:
-    """Bounded LRU map of block-chain hash -> the replica that last served that prefix, with a
-    count of entries per replica (how much cache each one is believed to hold)."""
+    """Bounded LRU map of block-chain hash -> the replicas that served that prefix (at most
+    `max_holders`, most recent last), with a count of entries per replica (how much cache each
+    one is believed to hold)."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_holders: int = 1) -> None:
         self.max_entries = max_entries
-        self._owner: OrderedDict[bytes, str] = OrderedDict()
+        self.max_holders = max_holders
+        self._holders: OrderedDict[bytes, list[str]] = OrderedDict()
         self._owned: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return len(self._holders)
 
     def owned(self, replica: str) -> int:
         return self._owned.get(replica, 0)
 
     def longest_match(self, hashes: list[bytes],
-                      candidates: Collection[str]) -> tuple[str | None, int]:
-        """(replica, blocks) of the longest indexed prefix held by a candidate; (None, 0) when
-        none. Matched entries become most recently used."""
-        best: str | None = None
+                      candidates: Collection[str]) -> tuple[list[str], int]:
+        """(the candidates holding the longest indexed prefix, its blocks); ([], 0) when no
+        candidate holds any. Matched entries become most recently used."""
+        best: list[str] = []
         depth = 0
         for i, h in enumerate(hashes):
-            owner = self._owner.get(h)
-            if owner is None:
+            holders = self._holders.get(h)
+            if holders is None:
                 break  # chained hashes: no longer prefix can be indexed past a miss
-            self._owner.move_to_end(h)
-            if owner in candidates:
-                best, depth = owner, i + 1
+            self._holders.move_to_end(h)
+            found = [r for r in holders if r in candidates]
+            if found:
+                best, depth = found, i + 1
         return best, depth
+
+    def _drop(self, replica: str) -> None:
+        left = self._owned.get(replica, 0) - 1
+        if left > 0:
+            self._owned[replica] = left
+        else:
+            self._owned.pop(replica, None)
 
     def record(self, hashes: Iterable[bytes], replica: str) -> None:
         for h in hashes:
-            old = self._owner.get(h)
-            if old is not None:
-                self._owned[old] -= 1
-                self._owner.move_to_end(h)
-            self._owner[h] = replica
-            self._owned[replica] = self._owned.get(replica, 0) + 1
-        while len(self._owner) > self.max_entries:
-            _, gone = self._owner.popitem(last=False)
-            self._owned[gone] -= 1
-        for name in [r for r, n in self._owned.items() if n <= 0]:
-            del self._owned[name]
+            holders = self._holders.get(h)
+            if holders is None:
+                self._holders[h] = holders = []
+            else:
+                self._holders.move_to_end(h)
+            if replica in holders:
+                holders.remove(replica)
+            else:
+                self._owned[replica] = self._owned.get(replica, 0) + 1
+            holders.append(replica)
+            while len(holders) > self.max_holders:
+                self._drop(holders.pop(0))
+        while len(self._holders) > self.max_entries:
+            _, gone = self._holders.popitem(last=False)
+            for r in gone:
+                self._drop(r)
 
     def remove_replica(self, replica: str) -> int:
-        """Forget every entry of a replica that left; returns how many went."""
-        dead = [h for h, owner in self._owner.items() if owner == replica]
-        for h in dead:
-            del self._owner[h]
+        """Forget a replica that left; returns how many entries it held."""
+        held = [h for h, holders in self._holders.items() if replica in holders]
+        for h in held:
+            holders = self._holders[h]
+            holders.remove(replica)
+            if not holders:
+                del self._holders[h]
         self._owned.pop(replica, None)
-        return len(dead)
+        return len(held)
 
     def retain(self, replicas: Collection[str]) -> None:
         for gone in [r for r in self._owned if r not in replicas]:
@@ -264,14 +284,16 @@ class Choice:
 
 
 class PrefixAffinityPolicy:
-    """Longest-prefix replica unless it is busier than the least-loaded one by more than the
-    threshold; otherwise the least-loaded (ties: the one holding the fewest indexed blocks, so
-    distinct prefixes spread, then random)."""
+    """The least-loaded replica among those holding the longest indexed prefix, unless even that
+    one is busier than the least-loaded replica overall by more than the threshold; then (and
+    for a prompt nobody holds) the least-loaded replica (ties: the one holding the fewest
+    indexed blocks, so distinct prefixes spread, then random). Whoever serves a prefix becomes
+    one of its holders, so a hot prefix that spilled over is then shared by its holders."""
 
     def __init__(self, config: PrefixPolicyConfig | None = None,
                  rng: random.Random | None = None) -> None:
         self.config = config or PrefixPolicyConfig()
-        self.index = PrefixIndex(self.config.max_entries)
+        self.index = PrefixIndex(self.config.max_entries, self.config.max_holders)
         self._rng = rng or random.Random()
         self.counts: dict[str, int] = {"affinity": 0, "imbalance": 0, "no_match": 0,
                                        "no_prompt": 0}
@@ -283,9 +305,10 @@ class PrefixAffinityPolicy:
             return None
         return block_hashes(text, cfg.block_chars, cfg.max_blocks)
 
-    def least_loaded(self, loads: Mapping[str, int]) -> str:
-        low = min(loads.values())
-        tied = [r for r, q in loads.items() if q == low]
+    def least_loaded(self, loads: Mapping[str, int], among: Collection[str] | None = None) -> str:
+        pool = list(loads) if among is None else [r for r in loads if r in among]
+        low = min(loads[r] for r in pool)
+        tied = [r for r in pool if loads[r] == low]
         fewest = min(self.index.owned(r) for r in tied)
         tied = [r for r in tied if self.index.owned(r) == fewest]
         return tied[0] if len(tied) == 1 else self._rng.choice(sorted(tied))
@@ -301,13 +324,15 @@ class PrefixAffinityPolicy:
             choice = Choice(self.least_loaded(loads), "no_prompt" if hashes is None else
                             "no_match", 0, hashes or [])
         else:
-            holder, depth = self.index.longest_match(hashes, loads)
-            if holder is None or depth < self.config.min_match_blocks:
+            holders, depth = self.index.longest_match(hashes, loads)
+            if not holders or depth < self.config.min_match_blocks:
                 choice = Choice(self.least_loaded(loads), "no_match", depth, hashes)
-            elif loads[holder] - min(loads.values()) > self.config.imbalance_threshold:
-                choice = Choice(self.least_loaded(loads), "imbalance", depth, hashes)
             else:
-                choice = Choice(holder, "affinity", depth, hashes)
+                holder = self.least_loaded(loads, holders)
+                if loads[holder] - min(loads.values()) > self.config.imbalance_threshold:
+                    choice = Choice(self.least_loaded(loads), "imbalance", depth, hashes)
+                else:
+                    choice = Choice(holder, "affinity", depth, hashes)
         self.counts[choice.reason] += 1
         self.record(choice.hashes, choice.replica)
         return choice

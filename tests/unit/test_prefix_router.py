@@ -56,10 +56,13 @@ def test_busy_holder_falls_back_to_least_loaded_and_the_prefix_follows():
     assert p.choose(chat(SYSTEMS[0], "y"), {"a": 3, "b": 0}).reason == "affinity"
     c = p.choose(chat(SYSTEMS[0], "z"), {"a": 4, "b": 0})
     assert (c.replica, c.reason) == ("b", "imbalance")
-    # the fallback was recorded: the next request of that prefix goes to b when loads even out
-    c = p.choose(chat(SYSTEMS[0], "w"), {"a": 0, "b": 0})
-    assert (c.replica, c.reason) == ("b", "affinity")
+    # the fallback was recorded: both now hold the prefix, and share it by load
+    assert p.choose(chat(SYSTEMS[0], "w"), {"a": 1, "b": 0}).replica == "b"
+    c = p.choose(chat(SYSTEMS[0], "v"), {"a": 0, "b": 1})
+    assert (c.replica, c.reason) == ("a", "affinity")
     assert p.counts["imbalance"] == 1
+    # a replica holding nothing of it is not a holder: c stays out while within the threshold
+    assert p.choose(chat(SYSTEMS[0], "u"), {"a": 2, "b": 2, "c": 0}).replica in {"a", "b"}
 
 
 def test_longest_match_wins_over_a_shorter_one():
@@ -75,7 +78,7 @@ def test_longest_match_wins_over_a_shorter_one():
     hs = block_hashes("q" * 1024, 256, 64)
     idx.record(hs[:2], "a")
     idx.record(hs[2:], "gone")
-    assert idx.longest_match(hs, {"a", "b"}) == ("a", 2)
+    assert idx.longest_match(hs, {"a", "b"}) == (["a"], 2)
 
 
 def test_index_is_bounded_and_lru():
@@ -88,7 +91,17 @@ def test_index_is_bounded_and_lru():
         idx.longest_match(keep, {"a"})  # touched: most recently used
         assert len(idx) <= 50
         assert sum(idx.owned(r) for r in "abc") == len(idx)
-    assert idx.longest_match(keep, {"a"}) == ("a", 5)
+    assert idx.longest_match(keep, {"a"}) == (["a"], 5)
+    # several holders per entry, at most max_holders (the oldest leaves)
+    shared = PrefixIndex(max_entries=10, max_holders=2)
+    for r in "abc":
+        shared.record(keep, r)
+    assert shared.longest_match(keep, {"a", "b", "c"}) == (["b", "c"], 5)
+    assert (shared.owned("a"), shared.owned("b"), shared.owned("c")) == (0, 5, 5)
+    shared.remove_replica("b")
+    assert shared.longest_match(keep, {"a", "b", "c"}) == (["c"], 5) and len(shared) == 5
+    shared.remove_replica("c")
+    assert len(shared) == 0 and shared.longest_match(keep, {"c"}) == ([], 0)
 
 
 def test_replicas_that_leave_are_forgotten():

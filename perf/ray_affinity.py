@@ -105,6 +105,9 @@ def app_config(args: argparse.Namespace, router: str, port: int) -> dict[str, An
     }
     if args.kv_cache_memory:
         config["kv_cache_memory"] = args.kv_cache_memory
+    if router == "prefix" and args.imbalance_threshold is not None:
+        config["deployment"]["request_router_kwargs"] = {
+            "imbalance_threshold": args.imbalance_threshold}
     return config
 
 
@@ -268,8 +271,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="ray_actor_options.num_cpus")
     p.add_argument("--max-ongoing-requests", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--kv-cache-memory", default=None, help="each replica's KV cache, e.g. 256MiB")
+    p.add_argument("--kv-cache-memory", default="256MiB",
+                   help="each replica's KV cache (fornax serve --kv-cache-memory)")
     p.add_argument("--routers", default="default,prefix", help="comma list of default, prefix")
+    p.add_argument("--imbalance-threshold", type=int, default=None,
+                   help="the prefix router's imbalance_threshold (default: the router's)")
     p.add_argument("--num-systems", type=int, default=4, help="distinct long system prompts")
     p.add_argument("--system-words", type=int, default=450,
                    help="words per system prompt (SmolLM2: about 500-700 tokens)")

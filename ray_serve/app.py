@@ -71,14 +71,14 @@ def application(plan: AppPlan) -> Any:
 
     models = []
     for model in plan.models:
-        deployment = serve.deployment(ModelReplica).options(
-            name=model.deployment, **deployment_options(model.spec))
+        deployment = serve.deployment(name=model.deployment,
+                                      **deployment_options(model.spec))(ModelReplica)
         models.append((model.names, deployment.bind(model.child_config,
                                                     model.spec.startup_timeout_s),
                        retry_window_s(model.spec)))
-    ingress = serve.deployment(Ingress).options(name="ingress", num_replicas=1,
-                              max_ongoing_requests=INGRESS_MAX_ONGOING,
-                              ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(name="ingress", num_replicas=1,
+                               max_ongoing_requests=INGRESS_MAX_ONGOING,
+                               ray_actor_options={"num_cpus": 0})(Ingress)
     return ingress.bind(models)
 
 

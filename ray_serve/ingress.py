@@ -148,7 +148,7 @@ class Ingress:
         replica died; a request that never reached an engine is retried for `retry_s`."""
         deadline = time.monotonic() + model.retry_s
         while True:
-            stream = model.handle.options(stream=True).forward.remote(
+            stream: Any = model.handle.options(stream=True).forward.remote(
                 method, path, query, headers, body)
             try:
                 first = await stream.__anext__()
@@ -168,9 +168,8 @@ class Ingress:
                 continue
             break
         if first["unsent"]:
-            exc = overloaded("no replica of this model is running; Ray is replacing it",
-                             retry_after_s=1)
-            return error(exc)
+            return error(overloaded("no replica of this model is running; Ray is replacing it",
+                                    retry_after_s=1))
         headers_out = dict(first["headers"])
         headers_out[REPLICA_HEADER] = first["replica"]
         return StreamingResponse(_rest(stream, method, path), status_code=first["status"],

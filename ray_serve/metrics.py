@@ -50,10 +50,10 @@ def merge(texts: list[tuple[str, str]]) -> str:
             if line.startswith("#"):
                 parts = line.split(None, 3)
                 if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = heads.setdefault(parts[2], [])
+                    head = heads.setdefault(parts[2], [])
                     samples.setdefault(parts[2], [])
-                    if not any(h.split(None, 2)[1] == parts[1] for h in family):
-                        family.append(line)
+                    if not any(h.split(None, 2)[1] == parts[1] for h in head):
+                        head.append(line)
                 continue
             name = _family(line, heads)
             samples.setdefault(name, []).append(label_sample(line, replica))

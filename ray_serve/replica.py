@@ -40,7 +40,9 @@ def kept_headers(headers: Any) -> list[tuple[str, str]]:
 class ModelReplica:
     """The Ray Serve deployment class of one model (app.py applies the deployment options)."""
 
-    async def __init__(self, child_config: dict[str, Any], startup_timeout_s: float) -> None:
+    # Ray Serve awaits an async constructor (the child starts without blocking the replica)
+    async def __init__(  # type: ignore[misc]
+            self, child_config: dict[str, Any], startup_timeout_s: float) -> None:
         from ray import serve
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id

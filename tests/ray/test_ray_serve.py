@@ -1,10 +1,12 @@
 """fornax on Ray Serve, end to end on a local Ray cluster this module starts: the official openai
 client through the ingress, load over two replicas, 503 past the queue bound, per-replica
-/metrics, autoscaling 1 -> 2 -> 1 on the engines' load, and a killed replica child replaced while
-the app keeps serving. One cluster and one application for the whole module."""
+/metrics, the realtime WebSocket relayed, autoscaling 1 -> 2 -> 1 on the engines' load, and a
+killed replica child replaced while the app keeps serving. One cluster and one application for
+the whole module."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -18,6 +20,8 @@ import openai
 import pytest
 import ray
 from ray import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from fornax.ray_serve.app import APP_NAME, application
 from fornax.ray_serve.config import plan_from_mapping
@@ -127,6 +131,18 @@ def test_openai_client_through_the_ingress(url):
     bad = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x",
                                                     "max_tokens": -1}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_realtime_websocket_is_relayed_to_a_replicas_child(url):
+    """The session's frames and its close code come from the replica's fornax serve (a chat
+    model: its first event is the error naming it, then 1008)."""
+    ws_url = url.replace("http", "ws", 1) + "/v1/realtime?intent=transcription&model=tiny"
+    with ws_connect(ws_url, open_timeout=30) as ws:
+        event = json.loads(ws.recv(timeout=30))
+        assert event["type"] == "error" and "not a speech-to-text model" in event["error"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_load_spreads_over_both_replicas_and_metrics_label_each(url):

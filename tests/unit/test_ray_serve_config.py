@@ -131,3 +131,23 @@ def test_engine_load_policy_takes_the_larger_of_engine_load_and_rays_count():
     assert desired_replicas([], 0.0, 2.0, 1, 6.0) == 3.0  # no report yet: Ray's ongoing count
     assert desired_replicas([0.2], 0.0, 1.0, 1, 3.0) == 3.0  # in flight before the engine
     assert desired_replicas([0.0, 0.0], 0.0, 2.0, 2, 0.0) == 0.0
+
+
+@pytest.mark.slow  # imports Ray Serve (several seconds)
+def test_build_app_for_serve_run_reads_the_same_file(tmp_path):
+    from ray.serve import Application
+
+    from fornax.ray_serve.app import build_app, deployment_options
+
+    config = tmp_path / "ray.yaml"
+    config.write_text(f"model: {tiny_model_path('llama')}\nserved_model_name: tiny\n"
+                      "deployment:\n  autoscaling_config: {min_replicas: 1, max_replicas: 2}\n")
+    assert isinstance(build_app({"config": str(config)}), Application)
+    with pytest.raises(ConfigError, match="config="):
+        build_app({})
+    spec = plan_from_mapping({"model": "m", "deployment": {
+        "autoscaling_config": {"max_replicas": 2, "metric": "ongoing_requests"},
+        "ray_actor_options": {"num_gpus": 2, "resources": {"accel": 1}}}}).models[0].spec
+    options = deployment_options(spec)
+    assert "policy" not in options["autoscaling_config"]  # Ray's own policy
+    assert options["ray_actor_options"] == {"num_gpus": 2.0, "resources": {"accel": 1.0}}

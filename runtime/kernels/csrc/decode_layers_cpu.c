@@ -112,49 +112,42 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
             quant_buffers(&lg, buf), quant_buffers(&ld, buf);
             DecodeAttn la = a;
             la.cache = addr(ly[L_CACHE]);
-#pragma omp single
-            {
-                if (l > 0) residual_add(x, o, (int64_t)m * hidden); /* the last layer's down */
-                for (int i = 0; i < m; i++) {
-                    rms_norm_row(x + (int64_t)i * hidden, addr(ly[L_NORM1]),
-                                 h + (int64_t)i * hidden, hidden, eps);
-                    quantize_row(&lq, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
-                }
+            /* between the matmuls and the attention, rows are shared among the threads */
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) {
+                uint16_t *xi = x + (int64_t)i * hidden;
+                if (l > 0) residual_add(xi, o + (int64_t)i * hidden, hidden); /* last down */
+                rms_norm_row(xi, addr(ly[L_NORM1]), h + (int64_t)i * hidden, hidden, eps);
+                quantize_row(&lq, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
             }
             quant_panels(&lq, HAVE_VNNI);
-#pragma omp single
-            {
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) {
+                uint16_t *t = qkv + (int64_t)i * qkv_n, *qi = q + (int64_t)i * q_size;
                 uint16_t *cache = (uint16_t *)la.cache;
-                for (int i = 0; i < m; i++) {
-                    uint16_t *t = qkv + (int64_t)i * qkv_n, *qi = q + (int64_t)i * q_size;
-                    const float *cs = cos_cache + positions[i] * rot;
-                    const float *sn = sin_cache + positions[i] * rot;
-                    memcpy(qi, t, (size_t)q_size * 2);
-                    for (int hd = 0; hd < heads; hd++)
-                        rotary_head(qi + (int64_t)hd * D, rot, cs, sn);
-                    for (int hd = 0; hd < kv_heads; hd++)
-                        rotary_head(t + q_size + (int64_t)hd * D, rot, cs, sn);
-                    memcpy(cache + k_rows[i] * row, t + q_size, (size_t)kv_size * 2);
-                    memcpy(cache + (k_rows[i] + bs) * row, t + q_size + kv_size,
-                           (size_t)kv_size * 2);
-                }
+                const float *cs = cos_cache + positions[i] * rot;
+                const float *sn = sin_cache + positions[i] * rot;
+                memcpy(qi, t, (size_t)q_size * 2);
+                for (int hd = 0; hd < heads; hd++) rotary_head(qi + (int64_t)hd * D, rot, cs, sn);
+                for (int hd = 0; hd < kv_heads; hd++)
+                    rotary_head(t + q_size + (int64_t)hd * D, rot, cs, sn);
+                memcpy(cache + k_rows[i] * row, t + q_size, (size_t)kv_size * 2);
+                memcpy(cache + (k_rows[i] + bs) * row, t + q_size + kv_size, (size_t)kv_size * 2);
             }
             decode_attn_items(&la, max_len, team, ascratch);
-#pragma omp single
+#pragma omp for schedule(static)
             for (int i = 0; i < m; i++)
                 quantize_row(&lo, attn, 1, (int64_t)i * q_size, i, HAVE_VNNI);
             quant_panels(&lo, HAVE_VNNI);
-#pragma omp single
-            {
-                residual_add(x, o, (int64_t)m * hidden);
-                for (int i = 0; i < m; i++) {
-                    rms_norm_row(x + (int64_t)i * hidden, addr(ly[L_NORM2]),
-                                 h + (int64_t)i * hidden, hidden, eps);
-                    quantize_row(&lg, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
-                }
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) {
+                uint16_t *xi = x + (int64_t)i * hidden;
+                residual_add(xi, o + (int64_t)i * hidden, hidden);
+                rms_norm_row(xi, addr(ly[L_NORM2]), h + (int64_t)i * hidden, hidden, eps);
+                quantize_row(&lg, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
             }
             quant_panels(&lg, HAVE_VNNI);
-#pragma omp single
+#pragma omp for schedule(static)
             for (int i = 0; i < m; i++) {
                 const uint16_t *g = gu + (int64_t)i * 2 * inter;
                 silu_mul_row(g, g + inter, act + (int64_t)i * inter, inter);
@@ -162,8 +155,9 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
             }
             quant_panels(&ld, HAVE_VNNI);
         }
-#pragma omp single
-        residual_add(x, o, (int64_t)m * hidden);
+#pragma omp for schedule(static)
+        for (int i = 0; i < m; i++)
+            residual_add(x + (int64_t)i * hidden, o + (int64_t)i * hidden, hidden);
     }
     return failed ? -2 : 0;
 }

@@ -456,7 +456,7 @@ def main() -> None:
     code = proc.run()
     from fornax.runtime.structured_output.grammar_pool import exit_process
 
-    exit_process(code)  # at once while a runaway grammar compile still runs
+    exit_process(code)  # at once: helper threads (xgrammar's prewarm, compiles) are not waited
 
 
 if __name__ == "__main__":

@@ -36,16 +36,17 @@ def num_compiling() -> int:
 
 
 def exit_process(code: int) -> None:
-    """Exit with `code`. A compile thread that returns from xgrammar into an interpreter that is
-    shutting down aborts the process (std::terminate), so with compiles still running the
-    process ends at once (logs flushed) instead of running the interpreter's shutdown."""
+    """The engine-core process's end: exit with `code` at once (logs flushed), without the
+    interpreter's shutdown, which would first join every worker thread: xgrammar's prewarm
+    (importing xgrammar and transformers takes seconds, tens of seconds on a loaded machine,
+    right after start-up) and runaway compiles (one that returns from xgrammar into an
+    interpreter that is shutting down aborts the process: std::terminate)."""
     if num_compiling():
         logger.warning("exiting with %d grammar compiles still running", num_compiling())
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _wait_at_exit() -> None:

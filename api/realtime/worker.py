@@ -53,7 +53,6 @@ class DecodeWorker:
         self._job: DecodeJob | None = None
         self._task: asyncio.Task[Any] | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._gated = False  # the job in flight is a partial decode waiting at the gate
         self._closed_at = 0.0  # when a segment last closed, and the decode then in flight
         self._closed_with = ""
 
@@ -65,9 +64,11 @@ class DecodeWorker:
         self._runner = asyncio.create_task(self._run())
 
     def poke(self) -> None:
-        """New audio or a closed segment: look for a job to run (a partial decode still waiting
-        at the gate gives way when the item pauses: its speculative final goes first)."""
-        if self._gated and self.tr.pausing():
+        """New audio or a closed segment: look for a job to run (a partial decode in flight
+        gives way when the item pauses: its speculative final goes first, since the final text
+        will replace the partial's anyway)."""
+        job = self._job
+        if job is not None and not job.final and self.tr.pausing():
             self._interrupt()
         self._wake.set()
 
@@ -174,15 +175,10 @@ class DecodeWorker:
         await asyncio.sleep(ERROR_BACKOFF_S)
 
     async def _decode(self, job: DecodeJob) -> WindowCollector:
-        self._gated = True
-        try:
-            async with self.gate.partial():
-                self._gated = False
-                self.tr.refresh(job)  # the audio that came while it waited
-                window = await asyncio.to_thread(self.tr.window, job)
-                return await self._request(window, job.final)
-        finally:
-            self._gated = False
+        async with self.gate.partial():
+            self.tr.refresh(job)  # the audio that came while it waited
+            window = await asyncio.to_thread(self.tr.window, job)
+            return await self._request(window, job.final)
 
     async def _final(self, job: DecodeJob) -> TranscriptionSession:
         """An item's final text, decoded as /v1/audio/transcriptions decodes a file."""

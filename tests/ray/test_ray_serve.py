@@ -128,6 +128,10 @@ def test_openai_client_through_the_ingress(url):
     # a route that never generates passes through too, and a bad field is the child's 400
     tokens = httpx.post(url + "/tokenize", json={"model": "auto", "prompt": "hello"}, timeout=30)
     assert tokens.status_code == 200 and tokens.json()["tokens"]
+    # no model: the first model serving the route (its runner from the replica's /load)
+    unnamed = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                         timeout=30)
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == "tiny"
     bad = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x",
                                                     "max_tokens": -1}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

@@ -128,6 +128,27 @@ def rss_bytes(pid: int) -> int | None:
     return rss_detail(pid).get("rss_bytes")
 
 
+def engine_pids(server_pid: int, model: str | None = None) -> list[int]:
+    """The engine-core processes of a `fornax serve` (its children running the engine); with
+    `model`, only those of that model (named in the engine's environment)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != server_pid:
+                continue
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = Path(f"/proc/{entry}/environ").read_bytes() if model else b""
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"fornax.runtime.engine.process" in cmdline and (not model
+                                                             or model.encode() in environ):
+            found.append(int(entry))
+    return found
+
+
 def _parent_map() -> dict[int, int]:
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():

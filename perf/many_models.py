@@ -15,7 +15,7 @@ from typing import Any
 
 from fornax.perf import common
 from fornax.perf.datasets import BenchRequest, random_requests
-from fornax.perf.managed_server import ManagedServer, free_port, rss_bytes
+from fornax.perf.managed_server import ManagedServer, engine_pids, free_port, rss_bytes
 from fornax.perf.serve_client import RequestResult, build_payload, send_request
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         args.concurrency)))
                 logger.info("repeat %d %s: %s", repeat + 1, phase, phases[phase][-1])
         record["details"]["engine_rss_bytes"] = [
-            rss for pid in _children(server.pid) if (rss := rss_bytes(pid))]
+            rss for pid in engine_pids(server.pid) if (rss := rss_bytes(pid))]
         swaps: dict[str, list[float]] = {}
         for state in ("loaded", "asleep", "unloaded") if args.swap_repeats else ():
             for _ in range(args.swap_repeats):
@@ -172,7 +172,7 @@ def _first_token_s(url: str, state: str, server_pid: int) -> tuple[float, int]:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{NAMES[1]} did not become {state}")
         time.sleep(0.2)
-    rss = sum(rss_bytes(pid) or 0 for pid in _children(server_pid))
+    rss = sum(rss_bytes(pid) or 0 for pid in engine_pids(server_pid))
     began = time.perf_counter()
     with httpx.stream("POST", url + ENDPOINT, json=body, timeout=600) as response:
         response.raise_for_status()
@@ -187,24 +187,6 @@ def _status(url: str, name: str) -> str:
 
     cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
     return str(next(c["status"] for c in cards if c["id"] == name))
-
-
-def _children(pid: int) -> list[int]:
-    """The engine-core processes of a `fornax serve` (its children that run the engine)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                engine = b"fornax.runtime.engine.process" in f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and engine:
-            found.append(int(entry))
-    return found
 
 
 def print_report(record: dict[str, Any]) -> None:

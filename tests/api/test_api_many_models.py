@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from fornax.perf.managed_server import engine_pids
 from helpers.api_server import serving, tiny_model_path
 
 pytestmark = pytest.mark.slow
@@ -110,19 +111,9 @@ def test_metrics_and_health_cover_every_model(server):
 
 def _engine_pid(server, model_path: str) -> int:
     """The engine-core process serving `model_path` (a child of the server process)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if ppid == server.proc.pid and model_path.encode() in environ:
-            return int(pid)
-    raise AssertionError(f"no engine process for {model_path}")
+    pids = engine_pids(server.proc.pid, model_path)
+    assert pids, f"no engine process for {model_path}"
+    return pids[0]
 
 
 def test_a_dead_engine_fails_only_its_model_then_comes_back(server, client):

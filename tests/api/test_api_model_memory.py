@@ -7,13 +7,13 @@ wakes it; a request its model cannot serve gets its 501 without loading that mod
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
 import httpx
 import pytest
 
+from fornax.perf.managed_server import engine_pids, rss_bytes
 from helpers.api_server import serving, tiny_model_path
 
 pytestmark = pytest.mark.slow
@@ -30,39 +30,19 @@ def _bert() -> str:
 
 def _engines(server) -> dict[int, int]:
     """pid -> resident bytes of each engine-core process of the server."""
-    found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{pid}/status") as f:
-                rss = next(int(line.split()[1]) * 1024 for line in f
-                           if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
-            continue
-        if ppid == server.proc.pid and b"fornax.runtime.engine.process" in cmdline:
-            found[int(pid)] = rss
-    return found
+    return {pid: rss for pid in engine_pids(server.proc.pid) if (rss := rss_bytes(pid))}
 
 
 def _engine_of(server, model_path: str) -> int:
-    for pid in _engines(server):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if model_path.encode() in f.read():
-                    return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no engine process for {model_path}")
+    pids = engine_pids(server.proc.pid, model_path)
+    assert pids, f"no engine process for {model_path}"
+    return pids[0]
 
 
 def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    rss = rss_bytes(pid)
+    assert rss, f"no engine process {pid}"
+    return rss
 
 
 def _states(server) -> dict[str, str]:

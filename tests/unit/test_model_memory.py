@@ -1,8 +1,8 @@
 """The model manager's memory budget and idle sleep, with fake engines whose resident memory the
 test sets (no server): a load stops the least recently used idle model until the new one fits,
 a model larger than the whole budget is refused at once (no Retry-After), an idle model with
-idle_action sleep is put to sleep and woken by its next request; and --max-loaded-memory's
-bounds (fuzzed)."""
+idle_action sleep is put to sleep and woken by its next request; a worker's load queue is
+bounded (then 503 + Retry-After); and --max-loaded-memory's bounds (fuzzed)."""
 
 from __future__ import annotations
 
@@ -245,3 +245,42 @@ def test_bad_budget_or_idle_action_stops_the_start() -> None:
         _entries("--models", '{"model": "/a", "idle_action": "nap"}')
     with pytest.raises(ConfigError, match="--max-loaded-memory"):
         _entries("/a", "--max-loaded-memory", "1GiB")  # one model: nothing to budget
+
+
+def test_requests_beyond_the_load_queue_get_503_with_retry_after(monkeypatch) -> None:
+    """While a model loads, each API worker queues at most MAX_LOAD_WAITERS requests for it;
+    the next gets 503 + Retry-After at once, and the queued ones are served once it loads."""
+    from types import SimpleNamespace
+
+    from fornax.api.server import model_set
+    from fornax.api.server.errors import APIError
+    from fornax.runtime.engine.messages import ModelStates
+
+    monkeypatch.setattr(model_set, "MAX_LOAD_WAITERS", 2)
+    loaded = asyncio.Event()
+
+    class Manager:
+        async def ask(self, op: str, model: int = -1, timeout_s: float = 30.0) -> ModelStates:
+            await loaded.wait()
+            return ModelStates(0, ["loaded"])
+
+    state = SimpleNamespace(model_name="slow", engine=SimpleNamespace(dead=False))
+    models = model_set.ModelSet.__new__(model_set.ModelSet)
+    models.states, models.manager = [state], Manager()  # type: ignore[list-item,assignment]
+    models._waiting, models._leases = [0], {}
+
+    def request() -> Any:
+        return SimpleNamespace(path="/v1/chat/completions", state=state)
+
+    async def main() -> None:
+        queued = [asyncio.ensure_future(models.acquire(request(), None)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as info:
+            await asyncio.wait_for(models.acquire(request(), None), 5)  # not queued
+        assert info.value.status == 503 and info.value.headers == {"retry-after": "5"}
+        assert "2 requests already wait for slow" in info.value.message
+        loaded.set()
+        await asyncio.gather(*queued)
+        assert models._waiting == [0] and len(models._leases) == 2
+
+    asyncio.run(main())

@@ -81,13 +81,16 @@ class EngineGroup:
         for i, name in enumerate(self.names):
             infos += self._start_batch([i])
             size = self.note_footprint(i)
-            if (max_loaded and sum(self.loaded[:i]) >= max_loaded) or kept + size > budget:
+            full = bool(max_loaded) and sum(self.loaded[:i]) >= max_loaded
+            if full or kept + size > budget:
                 self.launchers[i].stop(self.drain_timeout_s)
                 self.loaded[i] = False
+                why = ("larger than the memory budget alone, its requests get 503"
+                       if size > budget else f"--max-loaded-models {max_loaded}" if full else
+                       "it does not fit beside the models loaded under the memory budget of "
+                       f"{budget / 2**30:.2f} GiB")
                 logger.info("stopped %s again (%.2f GiB; %s): loaded on demand", name,
-                            size / 2**30, "larger than the memory budget alone, its requests "
-                            "get 503" if size > budget else "it does not fit beside the "
-                            f"models loaded under the memory budget of {budget / 2**30:.2f} GiB")
+                            size / 2**30, why)
             else:
                 kept += size
         return infos

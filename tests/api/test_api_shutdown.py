@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.api_server import REPO_ROOT, free_port, tiny_model_path
+from fornax.perf.managed_server import descendants
+from helpers.api_server import REPO_ROOT, alive, free_port, tiny_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -24,31 +25,6 @@ STREAMS = 10
 LONG = {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0, "max_tokens": 2000,
         "stream": True}
 BOUND_S = 10.0  # a correctness bound, not a performance target
-
-
-def _descendants(pid: int) -> set[int]:
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        one = todo.pop()
-        for task in Path(f"/proc/{one}/task").glob("*"):
-            try:
-                kids = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for kid in map(int, kids):
-                if kid not in found:
-                    found.add(kid)
-                    todo.append(kid)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 class _Server:
@@ -78,13 +54,13 @@ class _Server:
             time.sleep(0.2)
         else:
             raise AssertionError(f"not healthy:\n{self.log()}")
-        self.tree = _descendants(self.proc.pid)
+        self.tree = set(descendants(self.proc.pid))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def streams(self, n: int) -> tuple[list[threading.Thread], list[bytes]]:
-        """n long streams in flight (each in a thread); returns once the first has a token."""
+        """n long streams in flight (each in a thread); returns once all reached the engine."""
         bodies: list[bytes] = []
         started = threading.Event()
 
@@ -104,12 +80,17 @@ class _Server:
         for t in threads:
             t.start()
         assert started.wait(60), self.log()
-        time.sleep(0.3)  # the others reach the engine's queue
-        return threads, bodies
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # every stream reached the engine (or is done)
+            load = httpx.get(self.url + "/load", timeout=10).json()["server_load"]
+            if load + len(bodies) >= n:
+                return threads, bodies
+            time.sleep(0.1)
+        raise AssertionError(f"the streams did not reach the engine:\n{self.log()}")
 
     def close(self) -> None:
         for pid in [self.proc.pid, *self.tree]:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
         self._log.close()
@@ -118,9 +99,9 @@ class _Server:
     def assert_gone_within(self, seconds: float, started: float) -> int:
         """The server exits and every process it started is gone within `seconds`."""
         code = self.proc.wait(timeout=seconds)
-        while any(_alive(p) for p in self.tree) and time.monotonic() - started < seconds:
+        while any(alive(p) for p in self.tree) and time.monotonic() - started < seconds:
             time.sleep(0.05)
-        left = [p for p in self.tree if _alive(p)]
+        left = [p for p in self.tree if alive(p)]
         assert not left, f"left behind: {left}\n{self.log()}"
         assert time.monotonic() - started < seconds, self.log()
         return code
@@ -180,5 +161,17 @@ def test_a_second_signal_aborts_in_flight_requests_at_once():
         reasons = _finish_reasons(bodies)
         assert "abort" in reasons and set(reasons) <= {"length", "abort"}, reasons
         assert "aborting in-flight requests now" in server.log()
+    finally:
+        server.close()
+
+
+def test_ctrl_c_right_after_start_ends_the_whole_tree_promptly():
+    """`fornax serve`, then Ctrl-C (SIGINT to the process group) while the engine still warms up
+    its grammar compiler in the background: exit 0, no process left, within the bound."""
+    server = _Server()
+    try:
+        started = time.monotonic()
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.assert_gone_within(BOUND_S, started) == 0, server.log()
     finally:
         server.close()

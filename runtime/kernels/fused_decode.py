@@ -13,9 +13,10 @@ from fornax.runtime.kernels.build import load_decode_layers
 
 logger = logging.getLogger(__name__)
 
-_LAYER_FIELDS = 11  # decode_layers_cpu.c: L_N int64 per layer
+_SEGMENTS = 3  # decode_layers_cpu.c: SEGS, row segments of different kinds in one weight
+_LAYER_FIELDS = 4 * (_SEGMENTS + 1) + 3  # L_N int64 per layer
 _SHAPE_FIELDS = 7  # S_N
-_CACHE = 10  # L_CACHE: the layer's KV cache address
+_CACHE = _LAYER_FIELDS - 1  # L_CACHE: the layer's KV cache address
 
 
 class FusedDecode:
@@ -23,8 +24,8 @@ class FusedDecode:
     norm weights, quantized weight descriptors, biases and KV cache (refreshed when the caches
     move). Built by `enable_fused_decode` once the weights are in their kernel layout."""
 
-    def __init__(self, lib: Any, decoder: nn.Module, plan: torch.Tensor, keep: list[torch.Tensor],
-                 shape: torch.Tensor, eps: float, scale: float, rotary: nn.Module,
+    def __init__(self, lib: Any, decoder: Any, plan: torch.Tensor, keep: list[torch.Tensor],
+                 shape: torch.Tensor, eps: float, scale: float, rotary: Any,
                  max_rows: int) -> None:
         self._lib = lib
         self._decoder = decoder
@@ -78,7 +79,7 @@ def _bf16_ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t.dtype is torch.bfloat16 and t.is_contiguous() else None
 
 
-def _plan_layer(layer: nn.Module, keep: list[torch.Tensor]) -> list[int] | str:
+def _plan_layer(layer: Any, keep: list[torch.Tensor]) -> list[int] | str:
     """The layer's row of the plan, or why the kernel does not cover it."""
     from fornax.runtime.kernels.quant_format import QuantWeight
     from fornax.runtime.kernels.quant_linear import kernel_descriptor
@@ -96,23 +97,30 @@ def _plan_layer(layer: nn.Module, keep: list[torch.Tensor]) -> list[int] | str:
         for linear in linears:
             packed = linear.packed_weight
             quant = None if packed is None else packed.quant
-            if not isinstance(quant, QuantWeight):
-                return "weights not kept quantized (or mixed kinds in one weight)"
-            desc = kernel_descriptor(quant)
+            listed = quant if isinstance(quant, list) else [quant]
+            parts = [part for part in listed if isinstance(part, QuantWeight)]
+            if not parts or len(parts) != len(listed):
+                return "weights not kept quantized"
             bias = _bf16_ptr(linear.bias)
-            if desc is None or quant.layout != "panel16" or bias is None:
+            if len(parts) > _SEGMENTS or (len(parts) > 1 and linear.bias is not None):
+                # the per-op path adds the bias after joining the segments (rounded twice)
+                return "a weight of more kinds than the kernel joins, or joined with a bias"
+            descs = [kernel_descriptor(part) for part in parts]
+            if bias is None or any(d is None or part.layout != "panel16"
+                                   for d, part in zip(descs, parts)):
                 return "a weight or bias outside the kernel's layout"
-            keep.append(desc)
-            row += [desc.data_ptr(), bias]
-    # L_NORM1, L_QKV, L_QKV_B, L_O, L_O_B, L_NORM2, L_GU, L_GU_B, L_DOWN, L_DOWN_B, L_CACHE
+            keep += [d for d in descs if d is not None]
+            row += [d.data_ptr() for d in descs if d is not None]
+            row += [0] * (_SEGMENTS - len(parts)) + [bias]
+    # L_NORM1, q|k|v (segments, bias), o, L_NORM2, gate|up, down, L_CACHE (set per step)
     return row + [0]
 
 
 def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
     """Give a Llama-family decoder (model.model.fused_decode) its one-call decode plan where the
-    kernel covers it: CPU, bf16, weights kept quantized (GGUF), the cpu_paged attention backend,
-    no q/k norm. FORNAX_FUSED_DECODE=0 turns it off. Returns whether it is on."""
-    decoder = getattr(model, "model", None)
+    kernel covers it: CPU, bf16, weights kept quantized (GGUF; up to three kinds in one fused
+    weight, without a bias then), the cpu_paged attention backend, no q/k norm. FORNAX_FUSED_DECODE=0 turns it off. Returns whether it is on."""
+    decoder: Any = getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "fused_decode"):
         return False
     decoder.fused_decode = None
@@ -141,7 +149,7 @@ def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
         rows.append(row)
     if rotary.cos_cache.dtype is not torch.float32 or not rotary.cos_cache.is_contiguous():
         return False
-    spec = model.spec
+    spec: Any = getattr(model, "spec")
     shape = torch.tensor([spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                           spec.intermediate_size, rotary.rotary_dim, backend.block_size],
                          dtype=torch.int64)

@@ -8,21 +8,21 @@ from gguf import GGMLQuantizationType as T
 
 from fornax.runtime import LLM, SamplingParams
 from fornax.runtime.kernels.fused_decode import FusedDecode
-from helpers.gguf_models import write_llama_gguf
+from helpers.gguf_models import MIXED_TYPES, write_llama_gguf
 
 PROMPTS = ["The quick brown fox", "Sphinx of black quartz, judge my vow", "How vexingly 0123",
            "Pack my box with five dozen liquor jugs! " * 3]
-# Uniform kinds per fused weight (the kernel takes one kind per weight): q4 groups of 32 (Q4_1),
-# q8 groups of 32 (Q8_0) and q8 groups of 16 (Q6_K repacked).
-KINDS = {"q4_1": T.Q4_1, "q8_0": T.Q8_0, "q6_k": T.Q6_K}
+_LINEARS = ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+            "ffn_down")
+# One kind everywhere: q4 groups of 32 (Q4_1), q8 groups of 32 (Q8_0) and of 16 (Q6_K repacked);
+# "mixed": q|k|v of Q4_0, Q4_K and Q6_K (a q4 and a q8 segment) and gate|up of Q4_K and Q8_0, as
+# in Q4_K_M files (helpers.gguf_models.MIXED_TYPES without its dense F16 weight).
+TYPES = {**{name: dict.fromkeys(_LINEARS, kind)
+            for name, kind in (("q4_1", T.Q4_1), ("q8_0", T.Q8_0), ("q6_k", T.Q6_K))},
+         "mixed": {k: v for k, v in MIXED_TYPES.items() if v != T.F16}}
 # Both paths call the same C functions at the same bf16 rounding points: observed bit-equal
 # logprobs; the tolerance leaves room for float32 sums vectorized differently by the compiler.
 LOGPROB_TOL = 1e-3
-
-
-def _types(kind: T) -> dict[str, T]:
-    return {name: kind for name in ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output",
-                                    "ffn_gate", "ffn_up", "ffn_down")}
 
 
 def _llm(model: str, cache, fused: bool, **kwargs) -> LLM:
@@ -69,16 +69,16 @@ def _compare(model: str, cache, monkeypatch, max_tokens: int) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted(TYPES))
 def test_fused_decode_matches_the_per_op_path(tmp_path, monkeypatch, kind):
-    model = write_llama_gguf(tmp_path / f"tiny-{kind}.gguf", _types(KINDS[kind]))
+    model = write_llama_gguf(tmp_path / f"tiny-{kind}.gguf", TYPES[kind])
     calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=40)
     # every decode-only step of the fused engine took the one call: 4 rows first, then 1 alone
     assert 4 in calls and 1 in calls and max(calls) <= 4
 
 
-def test_mixed_kinds_in_one_weight_keep_the_per_op_path(tmp_path):
-    """q|k|v of Q4_0, Q4_K and Q6_K is two kernel weights side by side: not covered."""
+def test_a_part_dense_weight_keeps_the_per_op_path(tmp_path):
+    """Layer 1's gate|up half F16 (dequantized at load): the whole stack keeps the per-op path."""
     llm = _llm(str(write_llama_gguf(tmp_path / "mixed.gguf")), tmp_path / "cache", True)
     assert llm.engine.runner.model.model.fused_decode is None
     assert len(_run(llm, PROMPTS[:1], 4)[0][0]) == 4
@@ -86,7 +86,7 @@ def test_mixed_kinds_in_one_weight_keep_the_per_op_path(tmp_path):
 
 
 def test_sleep_level_2_drops_the_plan_and_wake_up_rebuilds_it(tmp_path):
-    llm = _llm(str(write_llama_gguf(tmp_path / "q8.gguf", _types(T.Q8_0))), tmp_path / "cache",
+    llm = _llm(str(write_llama_gguf(tmp_path / "q8.gguf", TYPES["q8_0"])), tmp_path / "cache",
                True)
     before = _run(llm, PROMPTS, 12)
     decoder = llm.engine.runner.model.model

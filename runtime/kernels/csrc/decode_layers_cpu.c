@@ -21,16 +21,67 @@
 #include "paged_decode.h"
 #include "quant_matmul.h"
 
-/* Per layer, int64 each: the addresses of the input RMSNorm weight, the q|k|v, o, gate|up and
- * down weight descriptors (fornax_quant_linear's desc) each followed by its bf16 bias (0: none),
- * the post-attention RMSNorm weight and the layer's KV cache (bf16). */
-enum { L_NORM1, L_QKV, L_QKV_B, L_O, L_O_B, L_NORM2, L_GU, L_GU_B, L_DOWN, L_DOWN_B, L_CACHE, L_N };
+/* Per layer, int64 each: the address of the input RMSNorm weight; the q|k|v and o weights, each
+ * as up to SEGS descriptors (fornax_quant_linear's desc; row segments of different quantization
+ * kinds one after another, 0 past the last) and a bf16 bias (0: none; only with one segment);
+ * the post-attention RMSNorm weight; gate|up and down as q|k|v; the layer's KV cache (bf16). */
+#define SEGS 3
+enum {
+    L_NORM1 = 0,
+    L_QKV = 1, /* SEGS descriptors, then the bias */
+    L_O = L_QKV + SEGS + 1,
+    L_NORM2 = L_O + SEGS + 1,
+    L_GU = L_NORM2 + 1,
+    L_DOWN = L_GU + SEGS + 1,
+    L_CACHE = L_DOWN + SEGS + 1,
+    L_N
+};
 /* shape: hidden, heads, kv heads, head_dim, intermediate, rotary_dim, block size. */
 enum { S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_INTER, S_ROTARY, S_BLOCK, S_N };
 
 int fornax_decode_layers_fields(void) { return L_N * 100 + S_N; }
 
 static void *addr(int64_t v) { return (void *)(intptr_t)v; }
+
+/* One weight of a layer: its row segments, each writing its columns of the bf16 output. */
+typedef struct {
+    Problem seg[SEGS];
+    int nseg;
+} Matrix;
+
+/* The weight at f (SEGS descriptors, then the bias) for m rows of k inputs, writing its n
+ * columns into out; segment s quantizes its activations into qbuf + s * qstride (qstride 0:
+ * none yet, only checking). Returns the total bytes of activation buffers a segment needs at
+ * most, or 0 when the weight is not n x k in descriptors the kernel takes. */
+static size_t matrix(Matrix *mx, const int64_t *f, int m, int k, int n, uint16_t *out,
+                     uint8_t *qbuf, size_t qstride) {
+    size_t most = 0;
+    int cols = 0;
+    mx->nseg = 0;
+    for (int s = 0; s < SEGS && f[s] != 0; s++) {
+        Problem *p = &mx->seg[s];
+        const void *bias = s == 0 && (s + 1 == SEGS || f[s + 1] == 0) ? addr(f[SEGS]) : NULL;
+        if (quant_problem(p, addr(f[s]), m, out + cols, 1, bias, 1) != 0 || p->k != k) return 0;
+        p->ostride = n;
+        cols += p->n;
+        mx->nseg = s + 1;
+        const size_t bytes = quant_buffer_bytes(p);
+        most = bytes > most ? bytes : most;
+        if (qstride) quant_buffers(p, qbuf + s * qstride);
+    }
+    return cols == n && (mx->nseg == 1 || f[SEGS] == 0) ? most : 0;
+}
+
+/* Row i of activations a (k values a row) quantized for every segment of mx. */
+static void matrix_quantize(const Matrix *mx, const uint16_t *a, int k, int i) {
+    for (int s = 0; s < mx->nseg; s++)
+        quantize_row(&mx->seg[s], a, 1, (int64_t)i * k, i, HAVE_VNNI);
+}
+
+/* Every segment's panels, shared among the threads (a barrier after each). */
+static void matrix_panels(const Matrix *mx) {
+    for (int s = 0; s < mx->nseg; s++) quant_panels(&mx->seg[s], HAVE_VNNI);
+}
 
 /* Adds rows of `add` into the residual x (bf16 + bf16, rounded once, as torch adds). */
 static void residual_add(uint16_t *x, const uint16_t *add, int64_t n) {
@@ -56,24 +107,24 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
     if (m <= 0 || num_layers <= 0 || !decode_attn_supported(heads, kv_heads, D, bs) || rot > D ||
         rot % 2)
         return -1;
-    /* Every weight's problem, checked once on layer 0's descriptors (all layers share shapes). */
-    Problem pq, po, pg, pd;
-    const int64_t *l0 = layers;
-    if (quant_problem(&pq, addr(l0[L_QKV]), m, NULL, 1, NULL, 1) ||
-        quant_problem(&po, addr(l0[L_O]), m, NULL, 1, NULL, 1) ||
-        quant_problem(&pg, addr(l0[L_GU]), m, NULL, 1, NULL, 1) ||
-        quant_problem(&pd, addr(l0[L_DOWN]), m, NULL, 1, NULL, 1) || pq.k != hidden ||
-        pq.n != qkv_n || po.k != q_size || po.n != hidden || pg.k != hidden || pg.n != 2 * inter ||
-        pd.k != inter || pd.n != hidden)
-        return -1;
-    size_t qbytes = quant_buffer_bytes(&pq);
-    const size_t sizes[3] = {quant_buffer_bytes(&po), quant_buffer_bytes(&pg),
-                             quant_buffer_bytes(&pd)};
-    for (int i = 0; i < 3; i++) qbytes = sizes[i] > qbytes ? sizes[i] : qbytes;
-    qbytes = (qbytes + 63) & ~(size_t)63;
+    /* Every layer's weights checked, and the largest activation buffer a segment needs. */
+    size_t qstride = 0;
+    for (int l = 0; l < num_layers; l++) {
+        const int64_t *ly = layers + (int64_t)l * L_N;
+        Matrix mx;
+        const size_t need[4] = {matrix(&mx, ly + L_QKV, m, hidden, qkv_n, NULL, NULL, 0),
+                                matrix(&mx, ly + L_O, m, q_size, hidden, NULL, NULL, 0),
+                                matrix(&mx, ly + L_GU, m, hidden, 2 * inter, NULL, NULL, 0),
+                                matrix(&mx, ly + L_DOWN, m, inter, hidden, NULL, NULL, 0)};
+        for (int i = 0; i < 4; i++) {
+            if (need[i] == 0) return -1;
+            qstride = need[i] > qstride ? need[i] : qstride;
+        }
+    }
+    qstride = (qstride + 63) & ~(size_t)63;
     /* bf16 activations, each 64-byte aligned: h (normed x), qkv, q (rotated), attn, o, gu, act */
     const int64_t widths[7] = {hidden, qkv_n, q_size, q_size, hidden, 2 * inter, inter};
-    size_t offs[8] = {qbytes};
+    size_t offs[8] = {SEGS * qstride};
     for (int i = 0; i < 7; i++)
         offs[i + 1] = offs[i] + (((size_t)m * widths[i] * 2 + 63) & ~(size_t)63);
     uint8_t *buf = scratch_get(0, offs[7]);
@@ -103,13 +154,11 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
         for (int l = 0; l < num_layers; l++) {
             const int64_t *ly = layers + (int64_t)l * L_N;
             /* each thread's own copies of the problems, over the shared buffers */
-            Problem lq, lo, lg, ld;
-            quant_problem(&lq, addr(ly[L_QKV]), m, qkv, 1, addr(ly[L_QKV_B]), 1);
-            quant_problem(&lo, addr(ly[L_O]), m, o, 1, addr(ly[L_O_B]), 1);
-            quant_problem(&lg, addr(ly[L_GU]), m, gu, 1, addr(ly[L_GU_B]), 1);
-            quant_problem(&ld, addr(ly[L_DOWN]), m, o, 1, addr(ly[L_DOWN_B]), 1);
-            quant_buffers(&lq, buf), quant_buffers(&lo, buf);
-            quant_buffers(&lg, buf), quant_buffers(&ld, buf);
+            Matrix mq, mo, mg, md;
+            matrix(&mq, ly + L_QKV, m, hidden, qkv_n, qkv, buf, qstride);
+            matrix(&mo, ly + L_O, m, q_size, hidden, o, buf, qstride);
+            matrix(&mg, ly + L_GU, m, hidden, 2 * inter, gu, buf, qstride);
+            matrix(&md, ly + L_DOWN, m, inter, hidden, o, buf, qstride);
             DecodeAttn la = a;
             la.cache = addr(ly[L_CACHE]);
             /* between the matmuls and the attention, rows are shared among the threads */
@@ -118,9 +167,9 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
                 uint16_t *xi = x + (int64_t)i * hidden;
                 if (l > 0) residual_add(xi, o + (int64_t)i * hidden, hidden); /* last down */
                 rms_norm_row(xi, addr(ly[L_NORM1]), h + (int64_t)i * hidden, hidden, eps);
-                quantize_row(&lq, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
+                matrix_quantize(&mq, h, hidden, i);
             }
-            quant_panels(&lq, HAVE_VNNI);
+            matrix_panels(&mq);
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) {
                 uint16_t *t = qkv + (int64_t)i * qkv_n, *qi = q + (int64_t)i * q_size;
@@ -136,24 +185,23 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
             }
             decode_attn_items(&la, max_len, team, ascratch);
 #pragma omp for schedule(static)
-            for (int i = 0; i < m; i++)
-                quantize_row(&lo, attn, 1, (int64_t)i * q_size, i, HAVE_VNNI);
-            quant_panels(&lo, HAVE_VNNI);
+            for (int i = 0; i < m; i++) matrix_quantize(&mo, attn, q_size, i);
+            matrix_panels(&mo);
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) {
                 uint16_t *xi = x + (int64_t)i * hidden;
                 residual_add(xi, o + (int64_t)i * hidden, hidden);
                 rms_norm_row(xi, addr(ly[L_NORM2]), h + (int64_t)i * hidden, hidden, eps);
-                quantize_row(&lg, h, 1, (int64_t)i * hidden, i, HAVE_VNNI);
+                matrix_quantize(&mg, h, hidden, i);
             }
-            quant_panels(&lg, HAVE_VNNI);
+            matrix_panels(&mg);
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) {
                 const uint16_t *g = gu + (int64_t)i * 2 * inter;
                 silu_mul_row(g, g + inter, act + (int64_t)i * inter, inter);
-                quantize_row(&ld, act, 1, (int64_t)i * inter, i, HAVE_VNNI);
+                matrix_quantize(&md, act, inter, i);
             }
-            quant_panels(&ld, HAVE_VNNI);
+            matrix_panels(&md);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < m; i++)

@@ -53,7 +53,7 @@ typedef struct {
     int8_t *xq;
     float *xs, *xsum;
     int32_t *xbias;
-    int64_t xstride;
+    int64_t xstride, ostride; /* ostride: elements between output rows (n unless set) */
     void *out;
     const void *bias;
     int out_bf16, bias_bf16;
@@ -126,7 +126,7 @@ static void store_panel(const Problem *p, int pn, int m, const float *v) {
         if (p->bias != NULL)
             b = p->bias_bf16 ? bf16_to_float(((const uint16_t *)p->bias)[r0 + i])
                              : ((const float *)p->bias)[r0 + i];
-        const int64_t at = (int64_t)m * p->n + r0 + i;
+        const int64_t at = (int64_t)m * p->ostride + r0 + i;
         if (p->out_bf16)
             ((uint16_t *)p->out)[at] = float_to_bf16(v[i] + b);
         else
@@ -265,7 +265,7 @@ INLINE void panel_vnni(const Problem *p, int pn, int m0, const int mt, const int
 #pragma GCC unroll 4
         for (int j = 0; j < mt; j++) {
             const __m512 v = _mm512_add_ps(acc[b][j], bv);
-            const int64_t at = (int64_t)(m0 + j) * p->n + r0;
+            const int64_t at = (int64_t)(m0 + j) * p->ostride + r0;
             if (p->out_bf16)
                 bf16x16_store((uint16_t *)p->out + at, v, k);
             else
@@ -328,6 +328,7 @@ static int quant_problem(Problem *p, const int64_t *desc, int m_rows, void *out,
     p->mins = (const uint16_t *)(intptr_t)desc[2];
     p->out = out, p->bias = bias, p->out_bf16 = out_bf16, p->bias_bf16 = bias_bf16;
     p->xstride = ((int64_t)k + 63) & ~(int64_t)63;
+    p->ostride = n;
     return 0;
 }
 

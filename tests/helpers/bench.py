@@ -18,3 +18,27 @@ def run_bench(tmp_path: Path, command: str, *args: str) -> dict:
     assert validate_record(rec) == []
     assert rec["kind"] == command.replace("-", "_")
     return rec
+
+
+def fake_executable(tmp_path: Path, name: str, script: Path) -> Path:
+    """An executable `tmp_path/bin/<name>` that runs the Python file `script` with this
+    interpreter (a stand-in for a peer's binary: llama-server, guidellm)."""
+    import sys
+
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    path.chmod(path.stat().st_mode | 0o100)
+    return path
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in (
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fornax.perf import guidellm_peer
+from helpers.bench import alive, fake_executable
 
 HERE = Path(__file__).parent
-
-
-def _wrapper(tmp_path: Path, name: str, script: str) -> Path:
-    """An executable `name` that runs tests/perf/<script> with this interpreter."""
-    path = tmp_path / "bin" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / script}" "$@"\n')
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in (
-        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
 
 
 @pytest.mark.slow
@@ -47,8 +27,9 @@ def test_fornax_then_llamacpp_under_guidellm(tiny_model: Callable[..., Path], tm
     model = tiny_model("llama")
     out = tmp_path / "out"
     assert guidellm_peer.main([
-        "--guidellm", str(_wrapper(tmp_path, "guidellm", "fake_guidellm.py")),
-        "--peer-binary", str(_wrapper(tmp_path, "llama-server", "fake_llama_server.py")),
+        "--guidellm", str(fake_executable(tmp_path, "guidellm", HERE / "fake_guidellm.py")),
+        "--peer-binary", str(fake_executable(tmp_path, "llama-server",
+                                             HERE / "fake_llama_server.py")),
         "--model-path", str(model), "--serve-args", "--max-model-len 256 --dtype float32",
         "--max-requests", "3", "--output-dir", str(out), "--name", "tiny"]) == 0
     rec = json.loads((out / "tiny_c4_1threads.json").read_text())
@@ -95,7 +76,7 @@ def test_fornax_then_llamacpp_under_guidellm(tiny_model: Callable[..., Path], tm
     assert rec["ratios"]["output_throughput"] == pytest.approx(
         rec["metrics"]["output_throughput"] / rec["peer"]["metrics"]["output_throughput"])
     for mem in (server["memory"], rec["peer"]["memory"]):
-        assert not _alive(mem["processes"][0]["pid"])
+        assert not alive(mem["processes"][0]["pid"])
 
 
 @pytest.mark.parametrize("extra, message", [

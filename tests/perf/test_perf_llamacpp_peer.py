@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,27 +11,9 @@ import pytest
 
 from fornax.perf import llamacpp_peer
 from fornax.perf.cli import main
-from helpers.bench import run_bench
+from helpers.bench import alive, fake_executable, run_bench
 
 FAKE = Path(__file__).with_name("fake_llama_server.py")
-
-
-def _fake_binary(tmp_path: Path) -> Path:
-    """An executable `llama-server` that runs the fake with this interpreter."""
-    path = tmp_path / "bin" / "llama-server"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "Z" not in (
-        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
 
 
 @pytest.mark.slow
@@ -49,7 +28,8 @@ def test_launch_fornax_then_llamacpp_peer(tiny_model: Callable[..., Path], tmp_p
     model = tiny_model("llama")
     rec = run_bench(tmp_path, "serve", "--launch", "--model-path", str(model),
                     "--serve-args", "--max-model-len 256 --dtype float32",
-                    "--peer", "llama.cpp", "--peer-binary", str(_fake_binary(tmp_path)),
+                    "--peer", "llama.cpp",
+                    "--peer-binary", str(fake_executable(tmp_path, "llama-server", FAKE)),
                     "--tokenizer", str(model), "--num-prompts", "4", "--input-len", "24:40",
                     "--output-len", "5", "--max-concurrency", "2", "--disable-tqdm")
     # fornax side: the real server, launched with prefix caching off
@@ -84,7 +64,7 @@ def test_launch_fornax_then_llamacpp_peer(tiny_model: Callable[..., Path], tmp_p
         assert body["stream"] is True and isinstance(body["prompt"], str)
     assert sorted(b["max_tokens"] for b in bodies[1:]) == [5] * 4
     for pid in (mem["processes"][0]["pid"], mem["engine_pid"], peer["memory"]["engine_pid"]):
-        assert not _alive(pid)
+        assert not alive(pid)
 
 
 def test_peer_without_a_build_says_how_to_build(tmp_path: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 DEEP_HEALTH_TIMEOUT_S = 10.0
+RECONNECT_WAIT_S = 2.0  # many models: a just-loaded model's engine client reconnecting
+_NOT_SERVING = ("unloaded", "unloading", "loading", "sleeping", "asleep", "waking")
 HEALTH_STATS_MAX_AGE_S = 1.0  # /health asks the engine at most this often per worker
 HEALTH_STATS_TIMEOUT_S = 5.0
 
@@ -43,17 +46,23 @@ async def _health(req: Request, deep: bool) -> Response:
     models = req.state.models
     if not models.many or "model" in req.query:  # one model: this answer, as always
         return await _model_health(req.state, deep)
-    failed: list[str] = []  # many models (none named): 503 naming each one that is not healthy
+    failed: list[tuple[int, str]] = []  # many models (none named): 503 naming each unhealthy
     statuses = await models.model_states()  # unloaded on purpose (or loading): not a failure
-    for state, status in zip(models.states, statuses, strict=True):
-        if status in ("unloaded", "unloading", "loading", "sleeping", "asleep", "waking"):
+    for i, (state, status) in enumerate(zip(models.states, statuses, strict=True)):
+        if status in _NOT_SERVING:
             continue
+        if state.engine.dead and state.engine.managed:  # loaded this moment: this worker
+            with contextlib.suppress(APIError):  # reconnects within 0.5 s
+                await state.engine.wait_alive(RECONNECT_WAIT_S)
         try:
             await _model_health(state, deep)
         except APIError as exc:
-            failed.append(f"model {state.model_name}: {exc.message}")
+            failed.append((i, f"model {state.model_name}: {exc.message}"))
+    if failed:  # one that was unloaded meanwhile (idle, keep_alive 0, evicted) did not fail
+        statuses = await models.model_states()
+        failed = [(i, why) for i, why in failed if statuses[i] not in _NOT_SERVING]
     if failed:
-        raise APIError(503, "; ".join(failed))
+        raise APIError(503, "; ".join(why for _, why in failed), headers={"retry-after": "5"})
     return Response(b"", 200, content_type=None)
 
 

@@ -183,8 +183,16 @@ class ModelSet:
         reply = await self.manager.ask(op, self.states.index(state), LOAD_TIMEOUT_S)
         if reply.error:
             raise _refused(reply)
-        if op == "load" and state.engine.dead:
-            await state.engine.wait_alive(LOAD_TIMEOUT_S)
+        i = self.states.index(state)
+        deadline = asyncio.get_running_loop().time() + LOAD_TIMEOUT_S
+        while op == "load" and state.engine.dead:  # this worker reconnects within 0.5 s,
+            try:  # unless the model (no request holds it) idled out meanwhile: loaded, as asked
+                await state.engine.wait_alive(1.0)
+            except APIError:
+                if (await self.model_states())[i] not in ("loaded", "loading"):
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
         return reply.states
 
     async def acquire(self, req: Request, keep_alive: float | None) -> None:

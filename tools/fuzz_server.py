@@ -59,10 +59,10 @@ def run_http(args: argparse.Namespace) -> dict[str, Any]:
     from helpers.fuzzing.campaign import leftovers, run_campaign
     from helpers.fuzzing.fleet import Fleet
     from helpers.fuzzing.realtime import run_realtime
-    from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN
+    from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, MANY
 
     audio = not args.no_audio and _whisper_installed()
-    fleet = Fleet((GEN, EMBED, CLS, ASR) if audio else (GEN, EMBED, CLS)).start()
+    fleet = Fleet((GEN, EMBED, CLS, MANY, ASR) if audio else (GEN, EMBED, CLS, MANY)).start()
     try:
         stats = run_campaign(fleet, args.cases, args.seed, time_limit_s=args.time_limit)
         realtime: dict[str, Any] = {"sessions": 0}

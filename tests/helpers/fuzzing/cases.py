@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from helpers.fuzzing.routes import ASR, MODEL_NAMES, TARGETS, Target
+from helpers.fuzzing.routes import ASR, MANY, MANY_MODELS, MODEL_NAMES, TARGETS, Target
 from helpers.fuzzing.values import POOLS, Pool, schema_value, struct_schema, struct_value
 
 API_KEY = "fuzz-key"
@@ -89,6 +89,7 @@ HOT_FIELDS = ("top_k", "top_p", "min_p", "temperature", "seed", "n", "best_of", 
 GENERATION_TARGETS = frozenset({"chat", "completions", "chat_batch", "responses", "invocations",
                                 "messages"})
 _HOT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+SERVED_NAMES = sorted({*MODEL_NAMES.values(), *MANY_MODELS})
 
 
 def _hot_schema(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,11 +140,17 @@ def mutated(seed: dict[str, Any], target: Target, rnd: random.Random, pool: Pool
         elif op == "vllm":  # a vLLM field the struct does not declare (refused or ignored)
             body.update(vllm_field(target, rnd, pool))
         elif op == "model":
-            body["model"] = rnd.choice(sorted(MODEL_NAMES.values())) if rnd.random() < 0.5 \
+            body["model"] = rnd.choice(SERVED_NAMES) if rnd.random() < 0.5 \
                 else pool.text(rnd)
             if rnd.random() < 0.3:  # the many-model router's field (api/server/model_set.py)
-                body["keep_alive"] = rnd.choice((pool.json(rnd), pool.int(rnd), "5m", "-1", 0))
+                body["keep_alive"] = keep_alive(rnd, pool)
     return body
+
+
+def keep_alive(rnd: random.Random, pool: Pool) -> Any:
+    """A request's keep_alive: valid durations (0 unloads the model after the request), edges."""
+    return rnd.choice((pool.json(rnd), pool.int(rnd), "5m", "-1", 0, "0", "1s", 0.5, -1, "2h",
+                       "1e9s", "", "m5"))
 
 
 def vllm_field(target: Target, rnd: random.Random, pool: Pool) -> dict[str, Any]:
@@ -322,6 +329,8 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
         fixed = ("resp_nope", "", "tiny", "asr", "%2e%2e", "a/b/c", "x" * 5000, "ü",
                  "resp_\u2028", "resp_%0d%0a")
         ids = response_ids[-50:]
+        if target.name.startswith("model"):  # /v1/models/{id}[/load|/unload]: mostly served
+            ids = list(MANY_MODELS if server == MANY else (MODEL_NAMES[server],))
         path = path.replace("{id}", rnd.choice(ids) if ids and rnd.random() < 0.6 else
                             rnd.choice(fixed))
     stream = False
@@ -329,7 +338,9 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
     if target.body == "json":
         seed = dict(rnd.choice(target.seeds)) if target.seeds else {}
         if rnd.random() < 0.7:
-            seed["model"] = MODEL_NAMES[server]
+            seed["model"] = rnd.choice(MANY_MODELS) if server == MANY else MODEL_NAMES[server]
+            if server == MANY and rnd.random() < 0.3:  # unload after it, stay, or a while
+                seed["keep_alive"] = keep_alive(rnd, pool)
         mode = rnd.choices(("seed", "mutate", "schema", "malformed"), (1, 6, 1.5, 1.5))[0]
         if target.struct is None and mode == "schema":
             mode = "mutate"

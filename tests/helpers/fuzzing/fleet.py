@@ -3,6 +3,7 @@ and the engine's leftovers after a run (fuzzer process)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -14,14 +15,17 @@ import httpx
 
 from helpers.api_server import ServerProcess, tiny_model_path
 from helpers.fuzzing.cases import API_KEY
-from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, MODEL_NAMES
+from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, MANY, MANY_MODELS, MODEL_NAMES
 
 logger = logging.getLogger(__name__)
 _BLOCKS_RE = re.compile(r"KV cache:? (\d+) blocks")
+_ENGINE_DIED = "died (exit code"  # EngineGroup's line when a model's engine dies unasked
 _TRACE_RE = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\S.*Error.*\n?)+")
 
 
-def model_for(kind: str) -> str:
+def model_for(kind: str) -> str | None:
+    if kind == MANY:  # the models come with --models (server_args)
+        return None
     if kind == GEN:
         return str(tiny_model_path("llama"))
     if kind == ASR:
@@ -32,8 +36,15 @@ def model_for(kind: str) -> str:
 
 
 def server_args(kind: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    args = ["--api-key", API_KEY, "--served-model-name", MODEL_NAMES[kind],
-            "--max-request-body-bytes", "1MiB", "--seed", "0"]
+    args = ["--api-key", API_KEY, "--max-request-body-bytes", "1MiB", "--seed", "0"]
+    if kind == MANY:  # "b" idles out after 2 s; keep_alive and the load/unload routes swap
+        entries = [{"model": str(tiny_model_path("llama")), "served_model_name": MANY_MODELS[0],
+                    "max_model_len": 256, "kv_cache_memory": "64MiB"},
+                   {"model": str(tiny_model_path("qwen2")), "served_model_name": MANY_MODELS[1],
+                    "max_model_len": 256, "kv_cache_memory": "64MiB", "idle_timeout": 2}]
+        args += ["--models", *map(json.dumps, entries), "--api-server-count", "2"]
+        return (*args, *extra)
+    args += ["--served-model-name", MODEL_NAMES[kind]]
     if kind == GEN:
         args += ["--max-model-len", "256", "--api-server-count", "2",
                  "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
@@ -80,7 +91,7 @@ class Fleet:
     def wait(self, timeout_s: float = 300.0) -> Fleet:
         for kind, server in self._started.items():
             server.wait_ready(timeout_s)
-            self.members[kind] = Member(kind, server, server.engine_pid())
+            self.members[kind] = Member(kind, server, _engine_pid(kind, server))
         return self
 
     def stop(self) -> None:
@@ -99,6 +110,12 @@ class Fleet:
         member = self.members[kind]
         if member.server.proc.poll() is not None:
             return f"fornax serve exited with {member.server.proc.returncode}"
+        if member.kind == MANY:  # engines stop and start with loads: a death is a log line
+            try:
+                died = member.server.log().count(_ENGINE_DIED)
+            except OSError:
+                died = 0
+            return f"{died} engine core(s) died" if died else None
         if not Path(f"/proc/{member.engine_pid}").exists() or _zombie(member.engine_pid):
             return f"engine core {member.engine_pid} is gone"
         return None
@@ -115,8 +132,8 @@ class Fleet:
         member.server.stop(timeout_s=10)
         server = ServerProcess(model_for(kind), *server_args(kind, self.extra.get(kind, ())))
         server.wait_ready(300)
-        self.members[kind] = Member(kind, server, server.engine_pid(), 0, member.restarts + 1,
-                                    member.deaths)
+        self.members[kind] = Member(kind, server, _engine_pid(kind, server), 0,
+                                    member.restarts + 1, member.deaths)
 
     def new_log(self, kind: str) -> str:
         """The server's log written since the last call."""
@@ -153,6 +170,10 @@ class Fleet:
                 "kv_cache_usage_perc": load.get("kv_cache_usage_perc", -1.0),
                 "kv_blocks_total": total,
                 "leaked_blocks": round(load.get("kv_cache_usage_perc", 0.0) * total)}
+
+
+def _engine_pid(kind: str, server: ServerProcess) -> int:
+    return 0 if kind == MANY else server.engine_pid()  # MANY: its engines come and go
 
 
 def tracebacks(log: str) -> list[str]:

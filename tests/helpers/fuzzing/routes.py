@@ -9,10 +9,13 @@ from typing import Any
 from fornax.api.protocol import anthropic, openai, pooling, responses
 
 # The fleet's server kinds: a tiny llama (generation), a tiny BERT embedder (embed, score,
-# rerank), a tiny BERT classifier (classify) and Whisper tiny.en (audio, realtime).
-GEN, EMBED, CLS, ASR = "gen", "embed", "cls", "asr"
-ALL = frozenset({GEN, EMBED, CLS, ASR})
-MODEL_NAMES = {GEN: "tiny", EMBED: "emb", CLS: "cls", ASR: "asr"}
+# rerank), a tiny BERT classifier (classify), Whisper tiny.en (audio, realtime) and a many-model
+# server of two tiny chat models with one loaded at a time (loads, unloads, keep_alive).
+GEN, EMBED, CLS, ASR, MANY = "gen", "embed", "cls", "asr", "many"
+ALL = frozenset({GEN, EMBED, CLS, ASR, MANY})
+MODEL_NAMES = {GEN: "tiny", EMBED: "emb", CLS: "cls", ASR: "asr", MANY: "a"}
+MANY_MODELS = ("a", "b")  # the many-model server's models (MODEL_NAMES[MANY] is the first)
+_GEN = frozenset({GEN, MANY})
 
 USER = [{"role": "user", "content": "hi there"}]
 CHAT_SEEDS: tuple[dict[str, Any], ...] = (
@@ -86,22 +89,22 @@ class Target:
 
 _POOL = frozenset({EMBED})
 TARGETS: tuple[Target, ...] = (
-    Target("chat", "POST", "/v1/chat/completions", frozenset({GEN}),
+    Target("chat", "POST", "/v1/chat/completions", _GEN,
            openai.ChatCompletionRequest, CHAT_SEEDS, streams=True),
-    Target("chat_batch", "POST", "/v1/chat/completions/batch", frozenset({GEN}),
+    Target("chat_batch", "POST", "/v1/chat/completions/batch", _GEN,
            openai.ChatCompletionRequest,
            ({"messages": [USER, [{"role": "user", "content": "b"}]], "max_tokens": 4},)),
-    Target("completions", "POST", "/v1/completions", frozenset({GEN}), openai.CompletionRequest,
+    Target("completions", "POST", "/v1/completions", _GEN, openai.CompletionRequest,
            COMPLETION_SEEDS, streams=True),
-    Target("responses", "POST", "/v1/responses", frozenset({GEN}), responses.ResponsesRequest,
+    Target("responses", "POST", "/v1/responses", _GEN, responses.ResponsesRequest,
            RESPONSE_SEEDS, streams=True),
     Target("responses_get", "GET", "/v1/responses/{id}", ALL, body="none"),
     Target("responses_input_items", "GET", "/v1/responses/{id}/input_items", ALL, body="none"),
     Target("responses_delete", "DELETE", "/v1/responses/{id}", ALL, body="none"),
     Target("responses_cancel", "POST", "/v1/responses/{id}/cancel", ALL, body="none"),
-    Target("messages", "POST", "/v1/messages", frozenset({GEN}), anthropic.MessagesRequest,
+    Target("messages", "POST", "/v1/messages", _GEN, anthropic.MessagesRequest,
            MESSAGES_SEEDS, streams=True, anthropic_errors=True),
-    Target("messages_count_tokens", "POST", "/v1/messages/count_tokens", frozenset({GEN}),
+    Target("messages_count_tokens", "POST", "/v1/messages/count_tokens", _GEN,
            anthropic.CountTokensRequest, ({"messages": USER},), anthropic_errors=True),
     Target("embeddings", "POST", "/v1/embeddings", _POOL, pooling.EmbeddingRequest, EMBED_INPUTS),
     Target("pooling", "POST", "/pooling", _POOL, pooling.PoolingRequest, EMBED_INPUTS),
@@ -131,9 +134,9 @@ TARGETS: tuple[Target, ...] = (
             {"messages": USER, "add_generation_prompt": False})),
     Target("v1_detokenize", "POST", "/v1/detokenize", ALL, openai.DetokenizeRequest,
            ({"tokens": [4, 5]},)),
-    Target("chat_render", "POST", "/v1/chat/completions/render", frozenset({GEN}),
+    Target("chat_render", "POST", "/v1/chat/completions/render", _GEN,
            openai.ChatCompletionRequest, CHAT_SEEDS[:7]),
-    Target("completions_render", "POST", "/v1/completions/render", frozenset({GEN}),
+    Target("completions_render", "POST", "/v1/completions/render", _GEN,
            openai.CompletionRequest, COMPLETION_SEEDS[:6]),
     Target("tokenizer_info", "GET", "/tokenizer_info", ALL, body="none"),
     Target("get_tokenizer_info", "GET", "/get_tokenizer_info", ALL, body="none"),
@@ -143,7 +146,7 @@ TARGETS: tuple[Target, ...] = (
             {"query": "a", "documents": ["b"]}, {"text_1": "a", "text_2": "b"})),
     Target("models", "GET", "/v1/models", ALL, body="none"),
     Target("model", "GET", "/v1/models/{id}", ALL, body="none"),
-    Target("model_load", "POST", "/v1/models/{id}/load", ALL, body="none"),  # many models only
+    Target("model_load", "POST", "/v1/models/{id}/load", ALL, body="none"),  # 400 but on MANY
     Target("model_unload", "POST", "/v1/models/{id}/unload", ALL, body="none"),
     *(Target(p.strip("/"), m, p, ALL, body="none")
       for p, m in (("/health", "GET"), ("/ping", "GET"), ("/ping", "POST"), ("/version", "GET"),

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from fornax.perf.managed_server import descendants
-from helpers.api_server import REPO_ROOT, alive, free_port, tiny_model_path
+from helpers.api_server import REPO_ROOT, free_port, tiny_model_path
+from helpers.bench import alive
 
 pytestmark = pytest.mark.slow
 

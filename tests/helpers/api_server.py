@@ -24,15 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEYS = ("test-key-1", "test-key-2")
 
 
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie (an exited child its parent has not reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -35,7 +35,7 @@ class PrefixPolicyConfig:
     block_chars: int = 256
     max_blocks: int = 64
     max_entries: int = 100_000
-    imbalance_threshold: int = 2
+    imbalance_threshold: int = 4
     min_match_blocks: int = 1
     max_holders: int = 4
 

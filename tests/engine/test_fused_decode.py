@@ -103,3 +103,37 @@ def test_smollm2_fused_decode_matches_the_per_op_path(packaged_gguf, tmp_path, m
     """The packaged default model (Q4_1, 30 layers, 9 query heads over 3 kv heads)."""
     calls = _compare(str(packaged_gguf), tmp_path, monkeypatch, max_tokens=48)
     assert 1 in calls
+
+
+@pytest.fixture
+def portable_kernels(monkeypatch):
+    """Every C kernel built for a plain AVX2 CPU (x86-64-v3: no AVX-512, so the plain C
+    quantized loop and the portable attention), loaded afresh, and the native ones back after."""
+    import platform
+
+    from fornax.runtime.kernels import amx_linear, build, quant_linear
+
+    if platform.machine() != "x86_64":
+        pytest.fail("this test builds x86-64-v3 kernels")
+    loaders = [build.load_paged_decode, build.load_paged_prefill, build.load_fused_ops,
+               build.load_amx_linear, build.load_quant_linear, build.load_decode_layers,
+               quant_linear._kernel, amx_linear.amx_supported]
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in build._FLAGS]
+    monkeypatch.setattr(build, "_FLAGS", flags)
+    monkeypatch.setattr(quant_linear, "_amx", lambda: False)  # AMX comes with AVX-512
+    for loader in loaders:
+        loader.cache_clear()
+    yield
+    for loader in loaders:
+        loader.cache_clear()
+
+
+@pytest.mark.slow
+def test_portable_build_fused_decode_matches_its_per_op_path(tmp_path, monkeypatch,
+                                                             portable_kernels):
+    from fornax.runtime.kernels.quant_linear import quant_isa
+
+    assert quant_isa() == "c"
+    model = write_llama_gguf(tmp_path / "tiny-mixed.gguf", TYPES["mixed"])
+    calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=24)
+    assert 4 in calls and 1 in calls

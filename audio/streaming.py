@@ -117,7 +117,7 @@ class DecodeJob:
     item_final: bool = False
     segments: list[Segment] = field(default_factory=list)  # item final: the item's segments
     speculative: bool = False  # item final started at a pause, before the item ended
-    voiced_end: int = 0  # speculative: the stream position where its voice ended
+    voiced_end: int = 0  # speculative: the stream position where its last sound ended
     ready: TranscriptionSession | None = None  # item final: a speculative decode that stands
 
 
@@ -388,7 +388,7 @@ class StreamingTranscriber:
             return False
         spec = self.speculated
         return spec is None or spec.segment.item != seg.item \
-            or spec.voiced_end != vad.last_voiced
+            or spec.voiced_end != vad.last_sound
 
     def pausing(self) -> bool:
         """The open item paused long enough for its speculative final decode."""
@@ -396,15 +396,16 @@ class StreamingTranscriber:
         return seg is not None and self._pausing(seg)
 
     def _speculation_valid(self, item: int) -> bool:
-        """A finished speculative decode of `item` stands: no voice since, same previous text."""
+        """A finished speculative decode of `item` stands: no voice since (nor a frame the
+        detector did not call silent), same previous text."""
         spec = self.speculated
         return spec is not None and spec.segment.item == item and spec.ready is not None \
-            and spec.voiced_end == self._vad.last_voiced and spec.prompt == self.context \
+            and spec.voiced_end == self._vad.last_sound and spec.prompt == self.context \
             and all(s in self.segments for s in spec.segments)
 
     def _speculative_job(self, item: int) -> DecodeJob:
         job = self._item_job(item)
-        job.speculative, job.voiced_end = True, self._vad.last_voiced
+        job.speculative, job.voiced_end = True, self._vad.last_sound
         self.speculated = None
         return job
 

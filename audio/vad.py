@@ -80,6 +80,7 @@ class TurnDetector:
         self.speaking = False
         self._run = 0  # consecutive voiced frames (before a start), silent ones (after)
         self.last_voiced = 0  # stream position where the last voiced frame ended
+        self.last_sound = 0  # ... the last frame not silent (voiced, or in a hysteresis band)
 
     def _frames(self, samples: np.ndarray) -> np.ndarray:
         """The whole frames of the audio so far ([n, frame_samples]); keeps the rest."""
@@ -98,6 +99,8 @@ class TurnDetector:
         event = None
         if voiced:
             self.last_voiced = end_sample
+        if not silent:
+            self.last_sound = end_sample
         if not self.speaking:
             self._run = self._run + 1 if voiced else 0
             if self._run >= max(1, round(cfg.start_ms / 1000 / frame_s)):

@@ -200,3 +200,49 @@ def test_vad_learns_steady_noise_and_ignores_digital_silence():
     assert [e.kind for e in vad.feed(speech)] == ["start"]
     quiet = EnergyVad()
     assert quiet.feed(np.zeros(16000 * 3, np.float32)) == []
+
+
+class _ScriptedVad:
+    """A turn detector whose per-frame decisions are scripted: 'v' voiced, 's' silent, 'n'
+    neither (silero's hysteresis band: soft speech that keeps the utterance open)."""
+
+    def __init__(self, script: str) -> None:
+        from fornax.audio.vad import TurnDetector
+
+        class _Vad(TurnDetector):
+            def feed(inner, samples):  # noqa: N805
+                events = []
+                for _ in range(len(inner._frames(samples))):
+                    kind = script[inner._frame] if inner._frame < len(script) else "s"
+                    if (event := inner._step(kind == "v", kind == "s")) is not None:
+                        events.append(event)
+                return events
+
+        self.vad = _Vad(VadConfig())
+
+
+def test_speculative_final_is_stale_after_soft_speech_that_kept_the_item_open():
+    """Frames in the detector's hysteresis band after the pause (neither voiced nor silent:
+    they reset the silence, the utterance goes on) make the pause's final decode stale: its
+    audio lacks them, so the item's end decodes again over all of it."""
+    from fornax.audio.transcribe import WindowResult
+
+    tr = _transcriber()
+    # 20 ms frames: 0.5 s voiced, 0.4 s silent (a pause), 0.3 s soft speech, then silence
+    tr._vad = _ScriptedVad("v" * 25 + "s" * 20 + "n" * 15).vad
+    frame = np.zeros(320, np.float32)
+    for _ in range(45):
+        tr.append(frame)
+    job = tr.next_job()
+    assert job is not None and job.speculative
+    session = tr.final_session(job)
+    session.next_request()
+    session.feed(WindowResult([0, 1, 100]))
+    tr.speculation_done(job, session)
+    notices = []
+    for _ in range(15 + 30):  # the soft speech, then silence until the detector's stop
+        notices += tr.append(frame)
+    assert [n.kind for n in notices] == ["stop"]
+    job = tr.next_job()
+    assert job.item_final and job.ready is None  # decoded again, not the pause's result
+    assert job.num_samples > 60 * 320  # over the soft speech too

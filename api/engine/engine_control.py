@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -57,15 +58,18 @@ class EngineLink:
         self._decoder = msgspec.msgpack.Decoder(EngineMessage)
         self.dealer.send(self._encoder.encode(ClientHello(client_id, out_addr)))
 
-    def admin(self, command: str, level: int = 1, timeout_s: float = 600.0) -> AdminResult:
+    def admin(self, command: str, level: int = 1, timeout_s: float = 600.0,
+              alive: Callable[[], bool] | None = None) -> AdminResult:
         """Run one admin command (sleep, wake_up, is_sleeping) in the engine and wait for its
         answer; a 503 result when none comes within `timeout_s` (the engine runs it between
-        two steps, so a long step delays it)."""
+        two steps, so a long step delays it), or at once when `alive()` says the engine died."""
         qid = next(_query_ids)
         self.dealer.send(self._encoder.encode(AdminCommand(qid, command, level)))
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not self.pull.poll(int(min(left, 1.0) * 1000)):
+                if alive is not None and not alive():
+                    return AdminResult(qid, 503, f"the engine exited during {command}")
                 continue
             try:
                 msg = self._decoder.decode(self.pull.recv())

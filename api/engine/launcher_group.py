@@ -119,7 +119,7 @@ class EngineGroup:
             if link is not None:
                 link.close()
             link = self._links[i] = EngineLink(self.launchers[i].ipc_dir, proc.pid)
-        return link.admin(command, level)
+        return link.admin(command, level, alive=lambda: proc.poll() is None)
 
     def _start_batch(self, indices: list[int]) -> list[EngineHandshake]:
         launchers = [self.launchers[i] for i in indices]

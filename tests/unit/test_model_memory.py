@@ -212,6 +212,22 @@ def test_process_memory_reads_this_process() -> None:
     assert process_memory(2**22 + 12345) == (0, 0)  # no such process
 
 
+def test_a_sleep_or_wake_up_sent_to_an_engine_that_died_ends_at_once() -> None:
+    """The manager's admin link gives up when the engine process is gone, instead of holding
+    the model in sleeping / waking (and its requests waiting) for the command's whole timeout."""
+    from fornax.api.engine.engine_control import EngineLink
+
+    with tempfile.TemporaryDirectory() as ipc_dir:
+        link = EngineLink(ipc_dir, 2**22 + 12345)  # no engine binds its input: no answer
+        try:
+            began = time.monotonic()
+            result = link.admin("wake_up", timeout_s=60.0, alive=lambda: False)
+            assert result.status == 503 and "exited" in result.message
+            assert time.monotonic() - began < 30.0
+        finally:
+            link.close()
+
+
 def _entries(*argv: str):
     from fornax.api.cli import build_parser
     from fornax.api.server.argv import normalize_serve_argv, subparser

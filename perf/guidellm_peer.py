@@ -145,6 +145,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, float]:
     }
     for source, name in _DISTRIBUTIONS.items():
         dist = metrics[source]["successful"]
+        if not dist.get("count"):
+            # guidellm counts a TTFT only when the first token came after its warm-up window
+            logger.warning("guidellm has no %s sample (all before the warm-up's end?)", source)
+            continue
         scale = 1000.0 if source == "request_latency" else 1.0  # seconds -> ms
         for stat, label in _STATS.items():
             value = dist[stat] if stat in ("mean", "median") else dist["percentiles"][stat]
@@ -258,7 +262,7 @@ def run(args: argparse.Namespace, servers: list[str]) -> dict[str, Any]:
         peer = sides["llama.cpp"]
         record["peer"] = {"name": "llama.cpp", "metrics": peer["metrics"],
                           "startup": peer["startup"], **peer["details"]}
-        common.set_ratios(record, HEADLINE)
+        common.set_ratios(record, [n for n in HEADLINE if n in record["metrics"]])
     elif "fornax" not in sides:
         record["details"]["server_name"] = servers[0]
     common.finish(record, out_dir / f"{stem}.json", _report)

@@ -101,6 +101,26 @@ def test_missing_guidellm_says_how_to_install(tmp_path: Path) -> None:
         guidellm_peer.main(["--guidellm", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
 
 
+def test_a_statistic_without_samples_is_left_out() -> None:
+    """guidellm reports 0 for a distribution with no sample (TTFTs all before its warm-up ended):
+    the record leaves the metric out instead of quoting a 0 ms TTFT."""
+    def dist(count: int) -> dict[str, object]:
+        pct = {"p95": 5.0 * count, "p99": 6.0 * count}
+        return {"successful": {"mean": 2.0 * count, "median": 3.0 * count, "count": count,
+                               "percentiles": pct}}
+
+    totals = {"successful": 3, "errored": 0, "incomplete": 0, "total": 3}
+    rate = {"total": {"mean": 7.0}}
+    raw = {"benchmarks": [{"duration": 9.0, "metrics": {
+        "request_totals": totals, "output_tokens_per_second": rate, "tokens_per_second": rate,
+        "requests_per_second": rate, "time_to_first_token_ms": dist(0),
+        "inter_token_latency_ms": dist(1), "time_per_output_token_ms": dist(1),
+        "request_latency": dist(1)}}]}
+    m = guidellm_peer.summarize(raw)
+    assert not any("ttft" in name for name in m)
+    assert (m["median_itl_ms"], m["p95_itl_ms"], m["mean_e2el_ms"]) == (3.0, 5.0, 2000.0)
+
+
 def test_no_completed_request_is_an_error() -> None:
     """A run where nothing finished in time must not become a record of zeros."""
     raw = {"benchmarks": [{"duration": 90.0, "metrics": {

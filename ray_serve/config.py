@@ -32,6 +32,10 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 # flags of a many-model `fornax serve` with no meaning here (replicas are never unloaded)
 _REFUSED = {"max_loaded_models": "autoscaling_config.min_replicas",
             "idle_timeout": "autoscaling_config (min_replicas: 0 and downscale delays)"}
+# flags that would make a replica's child unreachable on its plain-HTTP localhost port
+_NOT_FOR_CHILD = {"uds": "the application listens on host/port (Ray Serve's proxy)",
+                  "ssl_keyfile": "terminate TLS in front of Ray Serve's proxy",
+                  "ssl_certfile": "terminate TLS in front of Ray Serve's proxy"}
 
 _MAX_S = 7 * 24 * 3600.0  # any delay or timeout of the section
 
@@ -262,6 +266,11 @@ def plan_from_mapping(raw: dict[str, Any]) -> AppPlan:
         raise ConfigError("fornax serve-ray needs `model:` or a `models:` list in the config")
     own = [_mapping(f"models[{i}].deployment", e.pop("deployment", None) or {})
            for i, e in enumerate(entries)]
+    for where, flags in [("", raw)] + [(f"models[{i}].", e) for i, e in enumerate(entries)]:
+        for key, instead in _NOT_FOR_CHILD.items():
+            if flags.get(key) is not None:
+                raise ConfigError(f"{where}{key}: not used by fornax serve-ray (each replica "
+                                  f"reaches its child over plain HTTP on localhost); {instead}")
     names = _check_with_serve(raw, entries if listed is not None else None)
     plans = []
     for i, (entry, extra, served) in enumerate(zip(entries, own, names, strict=True)):

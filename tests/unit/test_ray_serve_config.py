@@ -89,6 +89,9 @@ def test_plan_merges_a_models_own_deployment_over_the_top_one():
     ({"model": "m", "max_model_lenn": 3}, "max_model_lenn"),
     ({"model": "m", "idle_timeout": 30}, "idle_timeout"),
     ({"model": "m", "port": 0}, "port"),
+    ({"model": "m", "uds": "/tmp/x.sock"}, "uds"),
+    ({"model": "m", "ssl_keyfile": "k.pem", "ssl_certfile": "c.pem"}, "ssl_keyfile"),
+    ({"models": [{"model": "m", "ssl_certfile": "c.pem"}]}, r"models\[0\]\.ssl_certfile"),
     ({"models": [{"model": "m", "deployment": {"replicas": 2}}]},
      r"models\[0\]\.deployment\.replicas"),
 ])

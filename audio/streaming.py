@@ -409,6 +409,11 @@ class StreamingTranscriber:
         self.speculated = None
         return job
 
+    def stale(self, job: DecodeJob) -> bool:
+        """A speculative final decode (in flight) is moot: sound came after its pause, so its
+        result cannot stand (`_speculation_valid`) and the item's final decode runs anyway."""
+        return job.speculative and job.voiced_end != self._vad.last_sound
+
     def speculation_done(self, job: DecodeJob, session: TranscriptionSession) -> None:
         """A speculative final decode finished: keep it for the item's end."""
         job.ready = session

@@ -66,9 +66,10 @@ class DecodeWorker:
     def poke(self) -> None:
         """New audio or a closed segment: look for a job to run (a partial decode in flight
         gives way when the item pauses: its speculative final goes first, since the final text
-        will replace the partial's anyway)."""
+        will replace the partial's anyway; a speculative final gives way when voice comes back,
+        as its result could no longer stand)."""
         job = self._job
-        if job is not None and not job.final and self.tr.pausing():
+        if job is not None and (not job.final and self.tr.pausing() or self.tr.stale(job)):
             self._interrupt()
         self._wake.set()
 

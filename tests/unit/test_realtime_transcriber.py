@@ -246,3 +246,65 @@ def test_speculative_final_is_stale_after_soft_speech_that_kept_the_item_open():
     job = tr.next_job()
     assert job.item_final and job.ready is None  # decoded again, not the pause's result
     assert job.num_samples > 60 * 320  # over the soft speech too
+
+
+def test_a_speculative_final_in_flight_gives_way_when_voice_comes_back():
+    """The session's decode worker aborts a pause's final decode once voice resumes (its result
+    could not stand), instead of holding the session, and the gate's final slot, until it ends."""
+    import asyncio
+
+    from fornax.api.realtime.gate import DecodeGate
+    from fornax.api.realtime.worker import DecodeWorker
+
+    class _Group:
+        async def next(self):
+            await asyncio.Event().wait()  # the engine never answers: only an abort ends it
+
+    added: list[_Group] = []
+    released: list[_Group] = []
+
+    class _Engine:
+        dead = False
+
+        async def add(self, requests):
+            added.append(_Group())
+            return added[-1]
+
+        async def release(self, group):
+            released.append(group)
+
+        async def abort(self, rids):
+            pass
+
+    async def run() -> None:
+        tr = _transcriber()
+        tr._vad = _ScriptedVad("v" * 25 + "s" * 20 + "v" * 60).vad
+        frame = np.zeros(320, np.float32)
+        for _ in range(45):
+            tr.append(frame)
+        gate = DecodeGate()
+        state = SimpleNamespace(engine=_Engine(), metrics=None)
+
+        async def ignore(*_):
+            pass
+
+        worker = DecodeWorker(state, tr, "s", ignore, ignore, gate=gate)
+        worker.enabled = True
+        worker.start()
+        worker.poke()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if added:
+                break
+        assert worker._job.speculative and gate.finals == 1 and not released
+        for _ in range(10):  # voice again
+            tr.append(frame)
+            worker.poke()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if released:
+                break
+        assert released[:1] == added[:1] and gate.finals == 0  # aborted: the final slot is free
+        await worker.close()
+
+    asyncio.run(run())

@@ -119,10 +119,13 @@ def _refused(reply: ModelStates) -> APIError:
 def serves(state: AppState, path: str, generate: bool = False) -> bool:
     """Whether the model's runner serves the route (else its handler answers 501 without the
     engine, so a mismatched request never loads the model). `generate`: an /invocations body
-    for generation (else pooling)."""
+    for generation (else pooling; a pooling model serves `messages` too: embeddings or
+    classification, api/routes/sagemaker.py)."""
     runner = state.engine_info.runner
     if path in _POOLING_PATHS or (path == "/invocations" and not generate):
         return runner == "pooling"
+    if path == "/invocations" and runner == "pooling":
+        return True
     if path in _AUDIO_PATHS:
         return runner == "transcription"
     if path in _GENERATE_PATHS or path == "/invocations":

@@ -107,3 +107,25 @@ def test_fuzzed_keep_alive_is_seconds_or_a_400_naming_it(value):
         assert exc.status == 400 and exc.param == "keep_alive"
         return
     assert seconds is None or seconds == -1.0 or 0 <= seconds <= MAX_KEEP_ALIVE_S
+
+
+def test_a_route_loads_its_model_only_when_the_model_serves_it():
+    """`serves` decides whether a request loads (and holds) its model: every route a model's
+    handler runs in its engine must answer True, or the request reaches an unloaded engine, or
+    one evicted meanwhile. /invocations with `messages` on a pooling model is its embeddings
+    (or classification): the model serves it."""
+    from types import SimpleNamespace
+
+    from fornax.api.server.model_set import serves
+
+    def model(runner):
+        return SimpleNamespace(engine_info=SimpleNamespace(runner=runner))
+
+    pooling, chat, speech = model("pooling"), model("generate"), model("transcription")
+    assert serves(pooling, "/invocations", generate=True)  # messages: embeddings
+    assert serves(pooling, "/invocations") and serves(chat, "/invocations", generate=True)
+    assert not serves(speech, "/invocations", generate=True)
+    assert not serves(chat, "/invocations")  # input/query/text_1 on a chat model: 501
+    assert serves(pooling, "/v1/embeddings") and not serves(chat, "/v1/embeddings")
+    assert serves(speech, "/v1/audio/transcriptions") and not serves(chat, "/v1/audio/translations")
+    assert serves(chat, "/v1/chat/completions") and not serves(pooling, "/v1/completions")

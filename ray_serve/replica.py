@@ -37,6 +37,12 @@ def kept_headers(headers: Any) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in _DROP]
 
 
+def wire_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The client's headers as sent (the ingress's ASGI server decoded them as latin-1; httpx
+    would encode str values as ASCII and fail on any other byte)."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
 class ModelReplica:
     """The Ray Serve deployment class of one model (app.py applies the deployment options)."""
 
@@ -69,7 +75,8 @@ class ModelReplica:
             yield head(503, [("retry-after", "1")], self.replica_id, unsent=True)
             return
         url = path + (f"?{query}" if query else "")
-        request = self.client.build_request(method, url, headers=headers, content=body)
+        request = self.client.build_request(method, url, headers=wire_headers(headers),
+                                            content=body)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.ConnectError:  # the child is gone: this request never reached it
@@ -109,7 +116,8 @@ class ModelReplica:
     async def metrics_text(self, headers: list[tuple[str, str]]) -> tuple[str, int, str]:
         """(replica id, status, the child's /metrics text) for the ingress's merged /metrics."""
         try:
-            reply = await self.client.get("/metrics", headers=headers, timeout=10.0)
+            reply = await self.client.get("/metrics", headers=wire_headers(headers),
+                                          timeout=10.0)
         except httpx.HTTPError as exc:
             return self.replica_id, 503, f"# replica {self.replica_id}: {exc!r}\n"
         return self.replica_id, reply.status_code, reply.text

@@ -39,7 +39,7 @@ _SEEN_PIDS: set[int] = set()  # every replica process and child: none may outliv
 
 def _config(model: str) -> dict:
     return {
-        "max_model_len": 256, "kv_cache_memory": "32MiB", "seed": 0,
+        "max_model_len": 1024, "kv_cache_memory": "32MiB", "seed": 0,
         "deployment": {"ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 1,
                        "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 5},
         "models": [
@@ -128,6 +128,10 @@ def test_openai_client_through_the_ingress(url):
     # a route that never generates passes through too, and a bad field is the child's 400
     tokens = httpx.post(url + "/tokenize", json={"model": "auto", "prompt": "hello"}, timeout=30)
     assert tokens.status_code == 200 and tokens.json()["tokens"]
+    # a header value that is not ASCII (latin-1 on the wire) is carried, not a 500
+    latin = httpx.post(url + "/tokenize", json={"model": "auto", "prompt": "hello"}, timeout=30,
+                       headers={"x-note": "caf\xe9".encode("latin-1")})
+    assert latin.status_code == 200, latin.text
     # no model: the first model serving the route (its runner from the replica's /load)
     unnamed = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
                          timeout=30)
@@ -170,6 +174,25 @@ def test_load_spreads_over_both_replicas_and_metrics_label_each(url):
                  f'replica="{replica}"' in line and 'model_name="tiny"' in line]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) >= seen.count(replica)
     assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+
+
+def test_a_client_hanging_up_mid_stream_aborts_the_engines_request(url):
+    """The disconnect travels proxy -> ingress -> replica -> child: its engine counts an abort
+    (the request asked for 1000 tokens and is cut after its first chunks)."""
+    def aborted() -> float:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:request_success_total{")
+                   and 'finished_reason="abort"' in line and 'model_name="tiny"' in line)
+
+    before = aborted()
+    with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "a", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}) as answer:
+        assert answer.status_code == 200
+        chunks = answer.iter_raw()
+        next(chunks), next(chunks)
+    _wait("the replica's engine to abort the request", lambda: aborted() == before + 1, 30)
 
 
 def test_past_the_queue_bound_503_with_retry_after(url):

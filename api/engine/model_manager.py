@@ -63,6 +63,7 @@ class ModelManager:
         self.waiters: list[list[tuple[bytes, int, str]]] = [[] for _ in loaded]
         self.pending: list[int] = []  # wanted, waiting for room under max_loaded
         self.began: dict[int, tuple[float, float]] = {}  # loads under way: began, next line
+        self.unload_asked: set[int] = set()  # POST unload while falling asleep: then unloaded
         self.address = control_address(group.ipc_dir)
         self._events: queue.Queue[tuple[str, int, str]] = queue.Queue()
         self._stop = threading.Event()
@@ -142,6 +143,8 @@ class ModelManager:
                                 "/v1/models/{id}/unload) before it finished loading")
             if self.states[i] in (LOADED, ASLEEP):
                 self._unload(i, "POST unload")
+            elif self.states[i] == SLEEPING:  # unloaded once the sleep is over
+                self.unload_asked.add(i)
             self._reply(identity, cmd.query_id)
         else:
             self._reply(identity, cmd.query_id, f"unknown operation {cmd.op!r}")
@@ -252,6 +255,10 @@ class ModelManager:
     def _finished(self, event: str, i: int, detail: str) -> None:
         self.expires[i] = None
         self.last_used[i] = time.monotonic()
+        if event in ("asleep", "awake") and i in self.unload_asked:
+            self.unload_asked.discard(i)
+            self._unload(i, "POST unload")
+            return
         if event == "asleep":
             self.states[i] = ASLEEP
             return

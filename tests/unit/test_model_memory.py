@@ -300,3 +300,31 @@ def test_requests_beyond_the_load_queue_get_503_with_retry_after(monkeypatch) ->
         assert models._waiting == [0] and len(models._leases) == 2
 
     asyncio.run(main())
+
+
+def test_unload_while_a_model_falls_asleep_unloads_it() -> None:
+    """POST unload that comes while the model's engine is going to sleep is not lost: the model
+    is stopped once the sleep is over (it was answered as done, but the model stayed asleep)."""
+    engines = FakeEngines([2 * GIB])
+    asleep = threading.Event()
+    plain_admin = engines.admin
+
+    def slow_admin(i: int, command: str, level: int = 1) -> AdminResult:
+        if command == "sleep":
+            asleep.wait(10)
+        return plain_admin(i, command, level)
+
+    engines.admin = slow_admin  # type: ignore[method-assign]
+    mgr = manager_of(engines, 0, [True], idle=[0.2], actions=["sleep"])
+
+    async def body(client: ManagerClient) -> None:
+        until(lambda: mgr.states[0] == "sleeping", "model 0 falls asleep")
+        assert not (await client.ask("unload", 0)).error
+        asleep.set()
+        deadline = time.monotonic() + 10
+        while mgr.states[0] != UNLOADED:
+            assert time.monotonic() < deadline, mgr.states
+            await asyncio.sleep(0.05)
+        assert not engines.running[0]
+
+    run(mgr, body)

@@ -235,15 +235,15 @@ class RealtimeConnection:
         self.worker = DecodeWorker(state, self.tr, self.session_id, self._on_output,
                                    self._on_worker_error)
         self.worker.start()
-        if self.intent == "transcription":
-            self.handler = OpenAIHandler(self)
-            await self.handler.start()
-        else:
-            created = session_created()
-            self.session_id = created.id
-            self.worker.session_id = created.id
-            await self.send(created)
-        try:
+        try:  # the worker is closed even when the client left before the session's first event
+            if self.intent == "transcription":
+                self.handler = OpenAIHandler(self)
+                await self.handler.start()
+            else:
+                created = session_created()
+                self.session_id = created.id
+                self.worker.session_id = created.id
+                await self.send(created)
             await self._receive_loop(receive)
         finally:
             if await self.worker.close():

@@ -105,16 +105,25 @@ def serve_ray(config_path: str, address: str | None) -> int:
     ray.init(address=address, include_dashboard=False if address is None else None,
              logging_level=logging.WARNING)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in
-                (signal.SIGINT, signal.SIGTERM)}
+    running = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        if not running.is_set():  # serve.run still waits for the replicas: stop waiting
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": plan.host, "port": plan.port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        running.set()
         logger.info("fornax on Ray Serve: %d model(s) at http://%s:%d", len(plan.models),
                     plan.host, plan.port)
         while not stop.wait(1.0):
             pass
         logger.info("stopping the fornax application")
+    except KeyboardInterrupt:
+        logger.info("stopped while the fornax application was starting")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

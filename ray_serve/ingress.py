@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-fornax-replica"  # which replica answered (its Ray Serve replica id)
 _RETRY_SLEEP_S = 0.25
+_HEALTH_WAIT_S = 5.0  # a model whose request waits longer for a replica is unhealthy
 _QUERY_MODEL_POSTS = frozenset({"/sleep", "/wake_up", "/reset_prefix_cache"})
 _REQUEST_DROP = frozenset({"host", "content-length", "transfer-encoding", "connection",
                            "keep-alive", "upgrade", "te"})
@@ -189,9 +190,14 @@ class Ingress:
 
     @app.get("/health")
     async def health(self, request: Request) -> Response:
-        """200 when every model has a replica whose child answers /health."""
+        """200 when every model has a replica whose child answers /health (503 when one has no
+        running replica: its request would wait in Ray's queue)."""
         for model in self.models:
-            status, _, _ = await self._whole(model, "GET", "/health", "", _headers(request))
+            try:
+                status, _, _ = await asyncio.wait_for(
+                    self._whole(model, "GET", "/health", "", _headers(request)), _HEALTH_WAIT_S)
+            except asyncio.TimeoutError:
+                status = 503
             if status != 200:
                 return Response(b"", 503)
         return Response(b"", 200)

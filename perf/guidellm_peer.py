@@ -28,6 +28,7 @@ from typing import Any
 from fornax.perf import common, llamacpp_peer
 from fornax.perf.managed_server import ManagedServer, free_port
 from fornax.perf.serve_peer import ENGINE_MARKER, NO_PREFIX_CACHING, memory, model_path, rss_mib
+from fornax.runtime import env
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _strip_samples(raw: dict[str, Any]) -> dict[str, Any]:
 def _one_server(args: argparse.Namespace, which: str, binary: Path, model: Path, tokenizer: str,
                 out_dir: Path, stem: str) -> dict[str, Any]:
     port = free_port()
-    threads = args.peer_threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    threads = args.peer_threads or env.OMP_NUM_THREADS.get() or os.cpu_count() or 1
     if which == "fornax":
         extra = shlex.split(args.serve_args)
         if not any("prefix-caching" in flag for flag in extra):
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace, servers: list[str]) -> dict[str, Any]:
     tokenizer = _tokenizer(args, model)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    threads = env.OMP_NUM_THREADS.get() or "unset"
     stem = f"{args.name}_c{args.concurrency}_{threads}threads"
     sides = {which: _one_server(args, which, binary, model, tokenizer, out_dir, stem)
              for which in servers}

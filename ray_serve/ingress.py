@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from fornax.api.multipart import MultipartError, parse_multipart
 from fornax.api.server.errors import APIError, overloaded
+from fornax.api.server.http import sse
 from fornax.api.server.model_set import _AUDIO_PATHS, _JSON_PATHS, _POOLING_PATHS, not_found
 from fornax.ray_serve.metrics import merge
 from fornax.runtime.limits import RAY_INGRESS_BODY_BYTES
@@ -34,10 +35,11 @@ logger = logging.getLogger(__name__)
 REPLICA_HEADER = "x-fornax-replica"  # which replica answered (its Ray Serve replica id)
 _RETRY_SLEEP_S = 0.25
 _HEALTH_WAIT_S = 5.0  # a model whose request waits longer for a replica is unhealthy
+_LIST_WAIT_S = 30.0  # GET /v1/models: 503 rather than a hang while a model has no replica
 _QUERY_MODEL_POSTS = frozenset({"/sleep", "/wake_up", "/reset_prefix_cache"})
 _REQUEST_DROP = frozenset({"host", "content-length", "transfer-encoding", "connection",
                            "keep-alive", "upgrade", "te"})
-_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"]
+_METHODS = ["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"]
 
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -87,13 +89,18 @@ def _headers(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP]
 
 
-async def _rest(stream: Any, method: str, path: str) -> AsyncIterator[bytes]:
-    """The body's chunks after the head; a replica lost mid-answer ends the stream."""
+async def _rest(stream: Any, method: str, path: str, events: bool) -> AsyncIterator[bytes]:
+    """The body's chunks after the head; a replica lost mid-answer ends the stream (an SSE
+    stream with an error event, as `fornax serve` ends a stream that failed, so a client can
+    tell it from a complete answer)."""
     try:
         async for chunk in stream:
             yield chunk
-    except (RayActorError, RayServeException) as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray's errors or the replica's own: the head is sent
         logger.warning("%s %s: replica lost mid-answer: %r", method, path, exc)
+        if events:
+            yield sse(APIError(503, "the model replica serving this stream was lost; the "
+                                    "answer is incomplete").to_response())
 
 
 @serve.ingress(app)
@@ -163,6 +170,10 @@ class Ingress:
                                         "again", retry_after_s=1))
             except StopAsyncIteration:
                 return error(overloaded("the model replica closed the request", 1))
+            except Exception:  # noqa: BLE001 - a fault in the replica: JSON 503, not a bare 500
+                logger.exception("%s %s: the replica raised", method, path)
+                return error(overloaded("the model replica failed on this request; try again",
+                                        retry_after_s=1))
             if first["unsent"] and time.monotonic() < deadline:
                 stream.cancel()
                 await asyncio.sleep(_RETRY_SLEEP_S)
@@ -173,7 +184,8 @@ class Ingress:
                                     retry_after_s=1))
         headers_out = dict(first["headers"])
         headers_out[REPLICA_HEADER] = first["replica"]
-        return StreamingResponse(_rest(stream, method, path), status_code=first["status"],
+        events = "text/event-stream" in headers_out.get("content-type", "")
+        return StreamingResponse(_rest(stream, method, path, events), status_code=first["status"],
                                  headers=headers_out)
 
     # ---- routes --------------------------------------------------------------------------------
@@ -181,7 +193,14 @@ class Ingress:
     async def list_models(self, request: Request) -> Response:
         data: list[Any] = []
         for model in self.models:
-            answer = await self._whole(model, "GET", "/v1/models", "", _headers(request))
+            try:
+                answer = await asyncio.wait_for(
+                    self._whole(model, "GET", "/v1/models", "", _headers(request)),
+                    _LIST_WAIT_S)
+            except asyncio.TimeoutError:  # no running replica: it waited in Ray's queue
+                return error(overloaded(f"no replica of {model.names[0]} answered within "
+                                        f"{_LIST_WAIT_S:g} s; Ray is starting one",
+                                        retry_after_s=1))
             if answer[0] != 200:
                 return Response(answer[2], answer[0], media_type="application/json")
             data += json.loads(answer[2]).get("data", [])
@@ -244,12 +263,13 @@ class Ingress:
         if declared.isdigit() and int(declared) > RAY_INGRESS_BODY_BYTES:
             return error(APIError(413, f"the request body is over {RAY_INGRESS_BODY_BYTES} "
                                   "bytes"))
-        body = b""
+        received = bytearray()  # not bytes +=: a 64 MiB body in small chunks was quadratic
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > RAY_INGRESS_BODY_BYTES:
+            received += chunk
+            if len(received) > RAY_INGRESS_BODY_BYTES:
                 return error(APIError(413, f"the request body is over "
                                       f"{RAY_INGRESS_BODY_BYTES} bytes"))
+        body = bytes(received)
         try:
             model = await self.pick(request.method, path, request.query_params.get("model"),
                                     body, request.headers.get("content-type"))

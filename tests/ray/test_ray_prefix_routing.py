@@ -15,11 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray.serve  # noqa: F401 - make test installs fornax[ray]: a broken extra fails here
 import yaml
 
 from helpers.api_server import REPO_ROOT, free_port, tiny_model_path
-
-pytest.importorskip("ray.serve", reason="needs fornax[ray]")
 
 REPLICA_HEADER = "x-fornax-replica"
 pytestmark = pytest.mark.slow

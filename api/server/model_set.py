@@ -303,7 +303,8 @@ class ModelSet:
             return
         keep_alive, generate = None, False
         if path in _AUDIO_PATHS:
-            name = await _form_model(req)
+            name, keep_alive_text = await _form_model(req)
+            keep_alive = keep_alive_seconds(keep_alive_text)
         elif path in _JSON_PATHS:
             body = await _json_model(req)
             name = body.model if isinstance(body.model, str) else None
@@ -355,24 +356,26 @@ async def _json_model(req: Request) -> _Named:
     return named
 
 
-async def _form_model(req: Request) -> str | None:
-    """The audio form's `model` part (read under the audio route's own body limit)."""
+async def _form_model(req: Request) -> tuple[str | None, str | None]:
+    """The audio form's `model` and `keep_alive` parts (read under the audio route's own body
+    limit; the last of each wins, as in the form parser)."""
     from fornax.api.routes.audio import _FORM_SLACK_BYTES, max_audio_bytes
 
     limit = max(max_audio_bytes(req.state) + _FORM_SLACK_BYTES,
                 req.state.settings.max_request_body_bytes)
     declared = req.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        return None  # the handler answers 413 before reading it
+        return None, None  # the handler answers 413 before reading it
     body = await req.body(limit=limit)
     try:
         parts = parse_multipart(body, req.headers.get("content-type"))
     except MultipartError:
-        return None
-    for part in reversed(parts):  # the last one wins, as in the form parser
-        if part.name == "model":
+        return None, None
+    found: dict[str, str | None] = {}
+    for part in reversed(parts):
+        if part.name in ("model", "keep_alive") and part.name not in found:
             try:
-                return part.text().strip() or None  # as the form parser reads it
-            except MultipartError:
-                return None
-    return None
+                found[part.name] = part.text().strip() or None  # as the form parser reads it
+            except MultipartError:  # not UTF-8: no model; a keep_alive that keep_alive refuses
+                found[part.name] = None if part.name == "model" else "(not UTF-8)"
+    return found.get("model"), found.get("keep_alive")

@@ -108,3 +108,21 @@ def test_completion_continues_text(client):
                                     prompt="The capital of Italy is Rome. The capital of France is",
                                     max_tokens=5, temperature=0)
     assert "Paris" in out.choices[0].text, out.choices[0].text
+
+
+def test_audio_form_keep_alive_is_read_and_bounded(server, client):
+    """keep_alive rides on the audio form too (a form part, as on JSON bodies): a bad one is a
+    400 naming it, a good one is honoured (the model stays loaded after the request)."""
+    import httpx
+
+    audio = (AUDIO_DIR / "en_00.flac").read_bytes()
+    form = {"model": "whisper-tiny.en"}
+    for bad in ("soon", "9999h"):
+        r = httpx.post(server.url + "/v1/audio/transcriptions", timeout=120,
+                       data={**form, "keep_alive": bad}, files={"file": ("a.flac", audio)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive", r.text
+    r = httpx.post(server.url + "/v1/audio/transcriptions", timeout=120,
+                   data={**form, "keep_alive": "-1"}, files={"file": ("a.flac", audio)})
+    assert r.status_code == 200 and r.json()["text"], r.text
+    states = {m.id: m.model_extra["status"] for m in client.models.list().data}
+    assert states["whisper-tiny.en"] == "loaded"

@@ -257,9 +257,10 @@ def audio_file(rnd: random.Random) -> bytes:
 
 FORM_FIELDS = ("model", "language", "prompt", "temperature", "response_format",
                "timestamp_granularities[]", "stream", "x", "vllm_xargs", "top_p", "n", "seed",
-               "hotwords", "to_language", "stream_include_usage", "use_beam_search")
+               "hotwords", "to_language", "stream_include_usage", "use_beam_search",
+               "keep_alive")  # keep_alive: the many-model router reads it from the form too
 FORM_VALUES = ("json", "text", "srt", "vtt", "verbose_json", "word", "segment", "true", "false",
-               "en", "de", "auto", "asr", "0.5", "-1", "nan", "1e308", "")
+               "en", "de", "auto", "asr", "0.5", "-1", "nan", "1e308", "", "5m", "0s")
 
 
 def multipart_body(rnd: random.Random, pool: Pool) -> tuple[bytes, str]:

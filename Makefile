@@ -47,12 +47,13 @@ browser:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# every test (the 20 slowest durations printed: CI runs this through .ci/run), in two pytest runs
-# side by side: the API tests (tests/api: real `fornax serve` processes, mostly waiting on them)
-# and the rest (SIDE_TESTS: Ray Serve, perf tools, engine, kernels, unit), which fills the 2
-# cores' idle time and keeps the whole CI run under 15 minutes; the second run's report follows
-# the first's, and either failing fails `make test`.
-SIDE_TESTS := tests/ray tests/perf tests/engine tests/kernels tests/unit tests/gpu
+# every test (the 20 slowest durations printed: CI runs this through .ci/run). The Ray Serve and
+# perf-tool tests (SIDE_TESTS: mostly waiting for a Ray cluster, replicas, fake peers and bench
+# servers to start) run in a second pytest beside the rest, which fills the 2 cores' idle time;
+# their report follows the main one's, and either failing fails `make test`. (Running the
+# CPU-bound engine/unit/kernel tests beside the API tests instead was slower: they starved the
+# API tests' servers.)
+SIDE_TESTS := tests/ray tests/perf
 test: $(STAMP) browser
 	@mkdir -p build
 	@$(PY) -m pytest -q -p no:cacheprovider --durations=10 $(SIDE_TESTS) > build/side-tests.log 2>&1 & side=$$!; \

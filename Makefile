@@ -47,19 +47,11 @@ browser:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# every test (the 20 slowest durations printed: CI runs this through .ci/run). The Ray Serve and
-# perf-tool tests (SIDE_TESTS: mostly waiting for a Ray cluster, replicas, fake peers and bench
-# servers to start) run in a second pytest beside the rest, which fills the 2 cores' idle time;
-# their report follows the main one's, and either failing fails `make test`. (Running the
-# CPU-bound engine/unit/kernel tests beside the API tests instead was slower: they starved the
-# API tests' servers.)
-SIDE_TESTS := tests/ray tests/perf
+# every test (the 20 slowest durations printed: CI runs this through .ci/run). One pytest run:
+# running the Ray tests beside the others made ports collide (a test server lost its port to a
+# Ray process between choosing it and binding it).
 test: $(STAMP) browser
-	@mkdir -p build
-	@$(PY) -m pytest -q -p no:cacheprovider --durations=10 $(SIDE_TESTS) > build/side-tests.log 2>&1 & side=$$!; \
-	$(PY) -m pytest -q --durations=20 $(SIDE_TESTS:%=--ignore=%) tests; rc=$$?; \
-	echo "--- $(SIDE_TESTS), run beside the tests above (build/side-tests.log):"; \
-	wait $$side; side_rc=$$?; cat build/side-tests.log; exit $$(( rc || side_rc ))
+	$(PY) -m pytest -q --durations=20 tests
 
 # the inner loop: no `slow` test (a packaged model, a `fornax serve` process, over ~5 s) and no
 # `gpu` test

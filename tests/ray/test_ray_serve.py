@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -28,6 +27,7 @@ from fornax.ray_serve.config import plan_from_mapping
 from fornax.ray_serve.ingress import REPLICA_HEADER
 from fornax.ray_serve.replica import LOAD_METRIC
 from helpers.api_server import free_port, tiny_model_path
+from helpers.bench import alive
 
 pytestmark = pytest.mark.slow
 
@@ -73,17 +73,9 @@ def url() -> Iterator[str]:
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     deadline = time.monotonic() + 30
-    while (left := [p for p in _SEEN_PIDS if _alive(p)]) and time.monotonic() < deadline:
+    while (left := [p for p in _SEEN_PIDS if alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left after serve.shutdown: {left}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _replicas(deployment: str) -> list[dict]:
@@ -252,4 +244,4 @@ def test_a_killed_child_leaves_the_app_serving_and_is_replaced(url):
         return len(ids) == 2 and victim["replica"] not in ids
 
     _wait("Ray to replace the replica whose child died", replaced, 120)
-    assert not _alive(victim["actor_pid"])
+    assert not alive(victim["actor_pid"])

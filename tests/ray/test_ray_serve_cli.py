@@ -16,35 +16,11 @@ import httpx
 import pytest
 import yaml
 
+from fornax.perf.managed_server import descendants
 from helpers.api_server import REPO_ROOT, free_port, tiny_model_path
+from helpers.bench import alive
 
 pytestmark = pytest.mark.slow
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_sigterm_while_replicas_wait_to_start_stops_everything(tmp_path):
@@ -72,11 +48,11 @@ def test_sigterm_while_replicas_wait_to_start_stops_everything(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        started = _descendants(proc.pid)
+        started = set(descendants(proc.pid))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0, log.read_text(errors="replace")[-4000:]
         deadline = time.monotonic() + 30
-        while (left := {p for p in started if _alive(p)}) and time.monotonic() < deadline:
+        while (left := {p for p in started if alive(p)}) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"left running after serve-ray stopped: {sorted(left)}"
     finally:
@@ -84,6 +60,6 @@ def test_sigterm_while_replicas_wait_to_start_stops_everything(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         for pid in started:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         log.unlink(missing_ok=True)

@@ -12,6 +12,9 @@ from fornax.runtime.attention.torch_ref import TorchRefBackend, TorchRefMetadata
 from fornax.runtime.kernels.build import load_paged_decode, load_paged_prefill
 
 _KERNEL_DTYPES = {torch.bfloat16: 1, torch.float32: 0}
+# A mixed step (prompt chunks beside decodes) of at most this many tokens also gets one
+# decode-kernel row per token (kernels/fused_decode.py runs such steps in one C call)
+TOKEN_ROWS_MAX = 64
 
 
 @dataclass
@@ -24,6 +27,10 @@ class CpuPagedMetadata(TorchRefMetadata):
     prefill_q_starts: np.ndarray | None = None  # [P] int32 first token of each in the batch
     prefill_q_lens: np.ndarray | None = None  # [P] int32
     prefill_seq_lens: np.ndarray | None = None  # [P] int32 context length after this step
+    # Small mixed steps: every token as a decode-kernel row of its request (its context ends
+    # at the token itself, so attention over the cache is causal); None otherwise.
+    token_block_table: np.ndarray | None = None  # [T, max_blocks] int32, C-contiguous
+    token_seq_lens: np.ndarray | None = None  # [T] int32
 
 
 class CpuPagedBackend(TorchRefBackend):
@@ -67,6 +74,8 @@ class CpuPagedBackend(TorchRefBackend):
                 qsl = common.query_start_loc_np
                 meta.decode_token_index = torch.from_numpy(qsl[dec_rows].astype(np.int64))
         prefill_rows = np.nonzero(q_lens > 1)[0]
+        if len(prefill_rows) and common.num_actual_tokens <= TOKEN_ROWS_MAX:
+            meta.token_seq_lens, meta.token_block_table = self._token_rows(common, q_lens)
         if self._prefill_lib is None:
             self._prefill_metadata(common, prefill_rows, meta)
         elif len(prefill_rows):
@@ -84,6 +93,20 @@ class CpuPagedBackend(TorchRefBackend):
         seq_lens = np.ascontiguousarray(common.seq_lens_np[rows], dtype=np.int32)
         num_blocks = -(-int(seq_lens.max()) // self.block_size)
         return seq_lens, np.ascontiguousarray(common.block_table_np[rows, :num_blocks],
+                                              dtype=np.int32)
+
+    def _token_rows(self, common: CommonAttentionMetadata,
+                    q_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each token of the step as a decode row: its request's block-table row and the
+        context length up to and including the token (C-contiguous int32)."""
+        num = int(q_lens.sum())
+        owner = np.repeat(np.arange(len(q_lens)), q_lens)
+        offset = np.arange(num) - np.repeat(common.query_start_loc_np[:-1], q_lens)
+        seq_lens = np.ascontiguousarray(
+            np.repeat(common.seq_lens_np[:len(q_lens)] - q_lens, q_lens) + offset + 1,
+            dtype=np.int32)
+        num_blocks = -(-int(seq_lens.max()) // self.block_size)
+        return seq_lens, np.ascontiguousarray(common.block_table_np[owner, :num_blocks],
                                               dtype=np.int32)
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchRefMetadata,

@@ -36,12 +36,13 @@ class FusedDecode:
         self._caches: tuple[int, ...] = ()
 
     def covers(self, x: torch.Tensor, metadata: Any) -> bool:
-        """A step of single-token requests only, bf16, few enough rows for the decode kernel
-        (more rows take the per-op path, whose matmuls switch to dense tiles)."""
-        seq_lens = getattr(metadata, "decode_seq_lens", None)
-        return (getattr(metadata, "all_decode", False) and seq_lens is not None
-                and x.dtype is torch.bfloat16 and x.dim() == 2
-                and 0 < x.shape[0] == len(seq_lens) <= self._max_rows
+        """bf16, few enough tokens for the decode kernel (more rows take the per-op path, whose
+        matmuls switch to dense tiles): a step of single-token requests, or a small mixed step
+        whose every token has its own decode row (cpu_paged's token rows: a prompt chunk's
+        tokens attend causally over the cache, which holds the chunk's K/V before attention)."""
+        rows = _kernel_rows(metadata)
+        return (rows is not None and x.dtype is torch.bfloat16 and x.dim() == 2
+                and 0 < x.shape[0] == len(rows[1]) <= self._max_rows
                 and self._decoder.layers[0].self_attn.qkv_proj.packed_weight is self._first)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -61,7 +62,9 @@ class FusedDecode:
         k_rows = metadata.k_slots
         if k_rows.dtype is not torch.int64 or not k_rows.is_contiguous():
             k_rows = k_rows.to(torch.int64).contiguous()
-        table, seq_lens = metadata.decode_block_table, metadata.decode_seq_lens
+        rows_of = _kernel_rows(metadata)
+        assert rows_of is not None  # covers() said so
+        table, seq_lens = rows_of
         status = self._lib.fornax_decode_layers(
             self._plan.data_ptr(), self._plan.shape[0], self._shape.data_ptr(), self._eps,
             self._scale, x.data_ptr(), rows, pos.data_ptr(), k_rows.data_ptr(), table.ctypes.data,
@@ -70,6 +73,16 @@ class FusedDecode:
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status}) for {rows} rows")
         return x
+
+
+def _kernel_rows(metadata: Any) -> tuple[Any, Any] | None:
+    """(block table, context lengths) with one row per token of the step, or None."""
+    if getattr(metadata, "all_decode", False):
+        table, seq_lens = metadata.decode_block_table, metadata.decode_seq_lens
+    else:
+        table = getattr(metadata, "token_block_table", None)
+        seq_lens = getattr(metadata, "token_seq_lens", None)
+    return None if table is None or seq_lens is None else (table, seq_lens)
 
 
 def _bf16_ptr(t: torch.Tensor | None) -> int | None:

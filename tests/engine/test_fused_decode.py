@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType as T
 
 from fornax.runtime import LLM, SamplingParams
 from fornax.runtime.kernels.fused_decode import FusedDecode
+from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS
 from helpers.gguf_models import MIXED_TYPES, write_llama_gguf
 
 PROMPTS = ["The quick brown fox", "Sphinx of black quartz, judge my vow", "How vexingly 0123",
@@ -73,8 +74,9 @@ def _compare(model: str, cache, monkeypatch, max_tokens: int) -> list[int]:
 def test_fused_decode_matches_the_per_op_path(tmp_path, monkeypatch, kind):
     model = write_llama_gguf(tmp_path / f"tiny-{kind}.gguf", TYPES[kind])
     calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=40)
-    # every decode-only step of the fused engine took the one call: 4 rows first, then 1 alone
-    assert 4 in calls and 1 in calls and max(calls) <= 4
+    # the decode steps took the one call: 4 rows first, then 1 alone (and the lone prompt's
+    # prefill, a small step, too); never a step of more rows than the decode kernel takes
+    assert 4 in calls and 1 in calls and max(calls) < DENSE_MIN_ROWS
 
 
 def test_a_part_dense_weight_keeps_the_per_op_path(tmp_path):
@@ -137,3 +139,30 @@ def test_portable_build_fused_decode_matches_its_per_op_path(tmp_path, monkeypat
     model = write_llama_gguf(tmp_path / "tiny-mixed.gguf", TYPES["mixed"])
     calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=24)
     assert 4 in calls and 1 in calls
+
+
+def test_small_mixed_steps_take_the_fused_call(tmp_path, monkeypatch):
+    """Prompts admitted while others decode (six prompts, four at a time, different lengths)
+    are prefilled in the same fused call as the decodes, one decode-kernel row per prompt token
+    (causal over the cache): same greedy tokens and logprobs as the per-op path, whose prefill
+    runs the paged prefill kernel."""
+    model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
+    calls = _spy(monkeypatch)
+    prompts = PROMPTS + ["Jackdaws love my big sphinx", "Five boxing wizards jump"]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1)
+              for n in (9, 30, 17, 25, 20, 12)]
+    results = {}
+    for fused in (True, False):
+        llm = _llm(str(model), tmp_path / "cache", fused)
+        outs = llm.generate(prompts, params)
+        results[fused] = [(list(o.outputs[0].token_ids),
+                           [d[t].logprob for d, t in zip(o.outputs[0].logprobs,
+                                                         o.outputs[0].token_ids)])
+                          for o in outs]
+        lens = [len(o.prompt_token_ids) for o in outs]
+        llm.close()
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results[True], results[False]):
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= LOGPROB_TOL
+    # the fifth and sixth prompts each joined three decoding streams: a call of 3 + its tokens
+    assert 3 + lens[4] in calls and 3 + lens[5] in calls

@@ -57,6 +57,7 @@ class GenerateEngineCore(SchedulingCoreMixin):
                                  config.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.kv,
                                    self.max_model_len)
+        self.scheduler.prefill_budget.fast_tokens = self.runner.fast_step_tokens()
         self.info = runtime_info(self.runner, self.files, num_blocks, block_size,
                                  self.max_model_len, config.device)
         self.runner.eos_token_ids = self.info.eos_token_ids
@@ -165,6 +166,7 @@ class GenerateEngineCore(SchedulingCoreMixin):
         from fornax.runtime.worker.sleep_mode import wake_up
 
         wake_up(self.runner, self._sleep)
+        self.scheduler.prefill_budget.fast_tokens = self.runner.fast_step_tokens()
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()

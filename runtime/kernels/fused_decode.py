@@ -35,6 +35,11 @@ class FusedDecode:
         self._max_rows = max_rows
         self._caches: tuple[int, ...] = ()
 
+    @property
+    def max_rows(self) -> int:
+        """The most tokens a step may have for the one call."""
+        return self._max_rows
+
     def covers(self, x: torch.Tensor, metadata: Any) -> bool:
         """bf16, few enough tokens for the decode kernel (more rows take the per-op path, whose
         matmuls switch to dense tiles): a step of single-token requests, or a small mixed step

@@ -152,7 +152,7 @@ class Scheduler:
         # prefill only: an unsplittable prompt would otherwise wait for the decodes to end)
         prefill_left = budget
         if self.config.enable_chunked_prefill:
-            cap = self.prefill_budget.cap(any(map(_is_decoding, self.running)))
+            cap = self.prefill_budget.cap(sum(map(_is_decoding, self.running)))
             prefill_left = budget if cap is None else cap
         prefill_taken: dict[str, int] = {}
         scheduled: list[Request] = []

@@ -116,6 +116,13 @@ class ModelRunner(PagedStepRunner):
             enable_fused_ops(self.model)
             enable_fused_decode(self.model, self.backend)
 
+    def fast_step_tokens(self) -> int:
+        """The most tokens a step may have and still run the layer stack in one fused C call
+        (kernels/fused_decode.py; 0: no such path), for the scheduler's prefill budget."""
+        decoder = getattr(self.model, "model", None)
+        fused = getattr(decoder, "fused_decode", None)
+        return fused.max_rows if fused is not None else 0
+
     def determine_num_blocks(self) -> int:
         """KV capacity: an explicit block count or byte budget, else a device-specific default."""
         cache = self.config.cache_config

@@ -166,3 +166,42 @@ def test_small_mixed_steps_take_the_fused_call(tmp_path, monkeypatch):
         assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= LOGPROB_TOL
     # the fifth and sixth prompts each joined three decoding streams: a call of 3 + its tokens
     assert 3 + lens[4] in calls and 3 + lens[5] in calls
+
+
+def test_the_prefill_budget_keeps_chunks_on_the_fused_call(tmp_path, monkeypatch):
+    """A long prompt arriving while a stream decodes is cut into chunks that fit the fused
+    call beside the decode (the scheduler learns the call's row limit from the runner), every
+    chunk step takes the call, the stream gets a token every step, and the chunked prompt
+    generates what it generates prefilled alone."""
+    from fornax.runtime.engine.messages import EngineCoreRequest
+
+    model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
+    calls = _spy(monkeypatch)
+    llm = _llm(str(model), tmp_path / "cache", True, prefill_itl_factor=2.0)
+    engine = llm.engine
+    limit = DENSE_MIN_ROWS - 1
+    assert engine.scheduler.prefill_budget.fast_tokens == limit
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request(EngineCoreRequest("stream", list(range(20, 28)), params))
+    engine.step()
+    long_prompt = [(7 * i + 3) % 200 + 10 for i in range(150)]
+    engine.add_request(EngineCoreRequest("long", long_prompt,
+                                         SamplingParams(temperature=0, max_tokens=4,
+                                                        ignore_eos=True)))
+    long_req = engine.scheduler.requests["long"]
+    chunks, long_tokens = [], []
+    while long_req.num_output_tokens == 0:
+        before, calls[:] = long_req.num_computed_tokens, []
+        outputs = {o.request_id: o for o in engine.step()}
+        assert len(outputs["stream"].new_token_ids) == 1
+        chunks.append(long_req.num_computed_tokens - before)
+        assert calls == [1 + chunks[-1]]  # the decode and the chunk in one fused call
+        long_tokens += outputs["long"].new_token_ids if "long" in outputs else []
+    assert max(chunks) <= limit - 1 and sum(chunks) == 150 and len(chunks) >= 4
+    while engine.has_unfinished_requests():
+        outputs = {o.request_id: o for o in engine.step()}
+        long_tokens += outputs["long"].new_token_ids if "long" in outputs else []
+    alone = llm.generate({"prompt_token_ids": long_prompt},
+                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert long_tokens == alone[0].outputs[0].token_ids
+    llm.close()

@@ -11,7 +11,12 @@ from fornax.runtime.config import CacheConfig, SchedulerConfig, make_engine_conf
 from fornax.runtime.errors import ConfigError
 from fornax.runtime.kv_cache.kv_cache_manager import KVCacheManager
 from fornax.runtime.sampling.params import SamplingParams
-from fornax.runtime.scheduler.prefill_budget import MIN_PREFILL_CHUNK, PrefillBudget, StepCostModel
+from fornax.runtime.scheduler.prefill_budget import (
+    MIN_FAST_CHUNK,
+    MIN_PREFILL_CHUNK,
+    PrefillBudget,
+    StepCostModel,
+)
 from fornax.runtime.scheduler.request import Request
 from fornax.runtime.scheduler.scheduler import Scheduler, SchedulerOutput
 
@@ -76,14 +81,47 @@ def test_cost_model_learns_decode_step_and_prompt_token_cost() -> None:
 
 def test_cap_is_the_prompt_tokens_that_fit_the_itl_factor() -> None:
     budget = PrefillBudget(2.0, FixedCost(0.020, 0.0005))
-    assert budget.cap(has_decodes=False) is None  # nobody waits for a token: the whole budget
-    assert budget.cap(has_decodes=True) == 40  # (2 - 1) * 20 ms / 0.5 ms
-    assert PrefillBudget(1.5, FixedCost(0.020, 0.0001)).cap(True) == 100
-    assert PrefillBudget(1.0, FixedCost(0.020, 0.0005)).cap(True) == MIN_PREFILL_CHUNK
-    assert PrefillBudget(0, FixedCost(0.020, 0.0005)).cap(True) is None  # off
-    assert PrefillBudget(2.0, FixedCost(None, 0.0005)).cap(True) is None  # not measured yet
-    assert PrefillBudget(2.0, FixedCost(0.020, None)).cap(True) is None
-    assert PrefillBudget(2.0, FixedCost(0.020, 0.0)).cap(True) is None
+    assert budget.cap(num_decodes=0) is None  # nobody waits for a token: the whole budget
+    assert budget.cap(num_decodes=1) == 40  # (2 - 1) * 20 ms / 0.5 ms
+    assert PrefillBudget(1.5, FixedCost(0.020, 0.0001)).cap(1) == 100
+    assert PrefillBudget(1.0, FixedCost(0.020, 0.0005)).cap(1) == MIN_PREFILL_CHUNK
+    assert PrefillBudget(0, FixedCost(0.020, 0.0005)).cap(1) is None  # off
+    assert PrefillBudget(2.0, FixedCost(None, 0.0005)).cap(1) is None  # not measured yet
+    assert PrefillBudget(2.0, FixedCost(0.020, None)).cap(1) is None
+    assert PrefillBudget(2.0, FixedCost(0.020, 0.0)).cap(1) is None
+
+
+def test_a_fast_path_keeps_the_chunk_within_its_room_beside_the_decodes() -> None:
+    budget = PrefillBudget(2.0, FixedCost(0.020, 0.0001))  # the model alone: 200 tokens
+    budget.fast_tokens = 39  # steps of up to 39 tokens run in one fused call
+    assert budget.cap(num_decodes=4) == 35  # the room left beside four decodes
+    assert budget.cap(num_decodes=0) is None  # nothing decodes: the whole budget (TTFT)
+    assert PrefillBudget(2.0, FixedCost(0.020, 0.002)).cap(4) == MIN_PREFILL_CHUNK
+    slow = PrefillBudget(2.0, FixedCost(0.020, 0.002))  # the model says 10: under the floor
+    slow.fast_tokens = 39
+    assert slow.cap(4) == MIN_PREFILL_CHUNK  # the floor fits the room: it stands
+    slow.fast_tokens = 20
+    assert slow.cap(4) == 16  # the floor would spill past the fast path: the room instead
+    unmeasured = PrefillBudget(2.0, FixedCost(None, None))
+    unmeasured.fast_tokens = 39
+    assert unmeasured.cap(4) == 35  # no measurement yet: still on the fast path
+    # too little room beside many decodes: the model's cap, on the per-op path
+    assert budget.cap(39 - MIN_FAST_CHUNK + 1) == 200
+    off = PrefillBudget(0, FixedCost(0.020, 0.0001))
+    off.fast_tokens = 39
+    assert off.cap(4) is None  # factor 0: the fixed budget, fast path or not
+
+
+def test_a_long_prompt_is_chunked_within_the_fast_path_room() -> None:
+    s = decoding_scheduler(cost=FixedCost(0.020, 0.0005))  # the model alone: 40 a step
+    s.prefill_budget.fast_tokens = 24
+    s.add_request(make_request("b", 60, start=100))
+    chunks = []
+    for _ in range(3):
+        out = run_step(s)
+        assert out.num_scheduled_tokens["a"] == 1
+        chunks.append(out.num_scheduled_tokens["b"])
+    assert chunks == [23, 23, 14]  # 24 tokens a step with the decode
 
 
 def test_a_long_prompt_is_chunked_while_a_stream_decodes_every_step() -> None:

@@ -28,6 +28,8 @@ from fornax.api.realtime.protocol import (
     COMMIT_EMPTY,
     INVALID_EVENT,
     OPENAI,
+    PROCESSING_ERROR,
+    SERVER_SHUTTING_DOWN,
     UNKNOWN_EVENT,
     VLLM,
     Cleared,
@@ -156,9 +158,9 @@ class OpenAIHandler:
 
     def error_event(self, code: str, message: str, param: str | None,
                     client_event_id: str | None) -> msgspec.Struct:
-        return OpenAIError(OpenAIErrorInfo("invalid_request_error" if code != "processing_error"
-                                           else "server_error", code, message, param,
-                                           client_event_id))
+        kind = "server_error" if code in (PROCESSING_ERROR, SERVER_SHUTTING_DOWN) \
+            else "invalid_request_error"
+        return OpenAIError(OpenAIErrorInfo(kind, code, message, param, client_event_id))
 
     def _apply(self) -> None:
         cfg = self.config

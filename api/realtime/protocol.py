@@ -29,6 +29,7 @@ COMMIT_EMPTY = "input_audio_buffer_commit_empty"
 SESSION_EXPIRED = "session_expired"
 IDLE_TIMEOUT = "idle_timeout"
 SESSION_LIMIT = "session_limit_reached"  # --realtime-max-sessions: the error before 1013
+SERVER_SHUTTING_DOWN = "server_shutting_down"  # the server stops: the error before 1001
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # one client event (base64 audio included)
 

@@ -6,7 +6,9 @@ then gets vLLM's `session.created` (or OpenAI's `transcription_session.created` 
 for `?intent=transcription`). Its first event picks the protocol (see realtime_handlers). Bad
 events get an error event and the session goes on; the session ends at the client's close, at
 `--realtime-idle-timeout` without a client event, or after `--realtime-max-session-seconds`.
-Whatever the session still has in the engine is aborted when it ends. Bounds: one event at most
+Whatever the session still has in the engine is aborted when it ends. When the server stops, each
+open session gets the protocol's `error` event (`server_shutting_down`) and a close with 1001
+(realtime/shutdown.py). Bounds: one event at most
 MAX_EVENT_BYTES, the audio waiting in a session `--realtime-max-buffer-seconds` (at 16 kHz), open
 sessions per worker `--realtime-max-sessions` (one more gets the protocol's `error` event, code
 `session_limit_reached`, then a close with 1013: past capacity a session is turned away instead
@@ -34,6 +36,7 @@ from fornax.api.realtime.protocol import (
     INVALID_EVENT,
     MODEL_NOT_FOUND,
     PROCESSING_ERROR,
+    SERVER_SHUTTING_DOWN,
     SESSION_EXPIRED,
     SESSION_LIMIT,
     ClientEventError,
@@ -44,6 +47,7 @@ from fornax.api.realtime.protocol import (
     parse_event,
     session_created,
 )
+from fornax.api.realtime.shutdown import CLOSE_GOING_AWAY, SESSIONS, wait_idle
 from fornax.api.realtime.worker import DecodeWorker
 from fornax.api.routes.audio import is_transcription, whisper_info
 from fornax.api.server.errors import APIError
@@ -123,7 +127,7 @@ async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, se
             await send({"type": "websocket.close", "code": CLOSE_POLICY,
                         "reason": "a valid API key is required"})
             return
-    if state.draining:
+    if state.draining or SESSIONS.stopping:
         await send({"type": "websocket.close", "code": CLOSE_TRY_LATER,
                     "reason": "the server is shutting down"})
         return
@@ -137,12 +141,14 @@ async def websocket_endpoint(state: AppState, scope: Scope, receive: Receive, se
     metrics.ws_total.inc()
     start = time.monotonic()
     _SESSIONS.open += 1
+    conn = RealtimeConnection(state, scope, send)
+    SESSIONS.open.add(conn)  # a stopping worker closes it first (realtime/shutdown.py)
     try:
-        conn = RealtimeConnection(state, scope, send)
         await conn.run(receive)
     except OSError as exc:  # the transport broke while sending
         logger.debug("realtime connection broke: %s", exc)
     finally:
+        SESSIONS.open.discard(conn)
         _SESSIONS.open -= 1
         metrics.ws_active.dec()
         metrics.ws_duration.observe(time.monotonic() - start)
@@ -174,6 +180,7 @@ class RealtimeConnection:
         self._send_lock = asyncio.Lock()
         self._pending_receive: asyncio.Future[dict[str, Any]] | None = None
         self.closed = False
+        self._close_sent = asyncio.Event()  # close() from another task: the frame went out
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         self.intent = (query.get("intent") or [""])[-1]
         # set by run() before any handler exists
@@ -219,6 +226,18 @@ class RealtimeConnection:
                 await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
             except Exception as exc:  # noqa: BLE001 - already gone
                 logger.debug("realtime session %s: close failed: %s", self.session_id, exc)
+            finally:
+                self._close_sent.set()
+
+    async def going_away(self, wait_s: float) -> None:
+        """The worker stops: the decode in flight may finish (within `wait_s`; the engine's
+        drain bounds it), then the protocol's error event and a close with 1001."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            await wait_idle(lambda: worker.busy, wait_s)
+        await self.send_error(SERVER_SHUTTING_DOWN, "the server is shutting down; reconnect "
+                              "to go on transcribing")
+        await self.close(CLOSE_GOING_AWAY, "the server is shutting down")
 
     # ---- the session ---------------------------------------------------------------------------
     async def run(self, receive: Receive) -> None:
@@ -279,8 +298,12 @@ class RealtimeConnection:
                 if not done:
                     continue
                 pending, self._pending_receive = self._pending_receive, None
-                if pending.cancelled():
-                    return  # close() cancelled it
+                if pending.cancelled():  # close() cancelled it, from another task (shutdown):
+                    # the handler must not return before its close frame went out (Granian
+                    # would end the connection without a status)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._close_sent.wait(), 5.0)
+                    return
                 message = pending.result()
                 if message["type"] == "websocket.disconnect":
                     self.closed = True

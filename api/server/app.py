@@ -19,6 +19,7 @@ from typing import Any
 
 from fornax.api.engine.client import DEADLINE_HEADER, REQUEST_DEADLINE, request_deadline
 from fornax.api.realtime import routes as realtime
+from fornax.api.realtime import shutdown as realtime_shutdown
 from fornax.api.responses import routes as responses
 from fornax.api.routes import (
     anthropic,
@@ -327,5 +328,7 @@ def _error_response(req: Request, exc: APIError) -> Response:
 
 
 def create_app() -> Any:
-    """Granian's app factory (`fornax.api.server.app:create_app`)."""
+    """Granian's app factory (`fornax.api.server.app:create_app`), called in each worker before
+    Granian sets up the worker's signals: a stop closes realtime sessions first."""
+    realtime_shutdown.install_worker_hook()
     return FornaxApp()

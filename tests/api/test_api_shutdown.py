@@ -3,6 +3,9 @@ end in-flight streams cleanly and leave no process behind, within a bound (real 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -31,14 +34,14 @@ BOUND_S = 10.0  # a correctness bound, not a performance target
 class _Server:
     """`fornax serve` in its own process group (as systemd or a Ray replica starts it)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, model: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(REPO_ROOT / ".cache" / f"shutdown-test-{self.port}.log")
         self.log_path.parent.mkdir(exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fornax.api.cli", "serve", str(tiny_model_path("llama")),
+            [sys.executable, "-m", "fornax.api.cli", "serve", model or str(tiny_model_path("llama")),
              "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", "1",
              "--max-num-queued-requests", "32", "--api-server-count", "2",
              "--disable-log-requests", *args],
@@ -174,5 +177,63 @@ def test_ctrl_c_right_after_start_ends_the_whole_tree_promptly():
         started = time.monotonic()
         os.killpg(server.proc.pid, signal.SIGINT)
         assert server.assert_gone_within(BOUND_S, started) == 0, server.log()
+    finally:
+        server.close()
+
+
+async def _goodbyes(url: str, queries: list[str], signal_server) -> list[tuple[dict, int | None]]:
+    """Open one realtime session per query (audio sent on each), signal the server, and return
+    each session's last event and the close code it got."""
+    import websockets
+
+    async def session(query: str, opened: asyncio.Event) -> tuple[dict, int | None]:
+        async with websockets.connect(url + query, proxy=None, open_timeout=30) as ws:
+            json.loads(await asyncio.wait_for(ws.recv(), 30))  # (transcription_)session.created
+            if not query:
+                await ws.send(json.dumps({"type": "session.update", "model": "whisper-tiny.en"}))
+            silence = base64.b64encode(bytes(3200)).decode()  # 100 ms of 16 kHz PCM16
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
+            opened.set()
+            last: dict = {}
+            with contextlib.suppress(websockets.ConnectionClosedOK):
+                while True:  # ConnectionClosedError (no close frame) fails the test
+                    last = json.loads(await asyncio.wait_for(ws.recv(), 2 * BOUND_S))
+            return last, ws.close_code
+
+    events = [asyncio.Event() for _ in queries]
+    tasks = [asyncio.ensure_future(session(q, e)) for q, e in zip(queries, events, strict=True)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+    signal_server()
+    return await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["server", "process-group"])
+def test_sigterm_closes_realtime_sessions_with_going_away(group):
+    """Open WS /v1/realtime sessions (vLLM's protocol and OpenAI's transcription session) get
+    the protocol's error event (server_shutting_down) and a close with 1001 when the server gets
+    SIGTERM, not a cut connection; the server exits 0 within the bound."""
+    from helpers.whisper_fixtures import packaged_whisper
+
+    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
+    server = _Server("--api-server-count", "1", model="whisper-tiny.en")
+    try:
+        url = server.url.replace("http://", "ws://") + "/v1/realtime"
+        started = [0.0]
+
+        def signal_server() -> None:
+            started[0] = time.monotonic()
+            if group:
+                os.killpg(server.proc.pid, signal.SIGTERM)
+            else:
+                server.proc.send_signal(signal.SIGTERM)
+
+        results = asyncio.run(_goodbyes(url, ["", "?intent=transcription"], signal_server))
+        assert server.assert_gone_within(BOUND_S, started[0]) == 0, server.log()
+        (vllm, vllm_code), (openai_event, openai_code) = results
+        assert vllm_code == 1001 and openai_code == 1001, (results, server.log())
+        assert vllm["type"] == "error" and vllm["code"] == "server_shutting_down", vllm
+        assert openai_event["type"] == "error", openai_event
+        assert openai_event["error"]["code"] == "server_shutting_down", openai_event
+        assert openai_event["error"]["type"] == "server_error", openai_event
     finally:
         server.close()

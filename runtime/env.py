@@ -48,6 +48,9 @@ FORNAX_GGUF_DEQUANTIZE: bool = 0
     for comparison) instead of kept quantized; its prepared folder is cached separately
 CC: str
     the C compiler that builds the native kernels (else gcc, cc, clang)
+FORNAX_KERNEL_SANITIZE: str
+    testing only: sanitizers the C kernels are built with (`address,undefined`: gcc's
+    `-fsanitize=`; cached apart; needs libasan preloaded, tests/kernels/README.md)
 FORNAX_FLASHINFER_TENSOR_CORES: bool = (on when a KV head serves two or more query heads)
     1 or 0: FlashInfer's decode on tensor cores or not
 FORNAX_FLASHINFER_PREFILL_BACKEND: str = fa2
@@ -188,6 +191,7 @@ NATIVE_KERNELS: EnvVar[bool] = _var("FORNAX_NATIVE_KERNELS")
 FUSED_DECODE: EnvVar[bool] = _var("FORNAX_FUSED_DECODE")
 GGUF_DEQUANTIZE: EnvVar[bool] = _var("FORNAX_GGUF_DEQUANTIZE")  # read by loaders/model_files.py
 CC: EnvVar[str | None] = _var("CC")
+KERNEL_SANITIZE: EnvVar[str | None] = _var("FORNAX_KERNEL_SANITIZE")
 FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _var("FORNAX_FLASHINFER_TENSOR_CORES")
 FLASHINFER_PREFILL_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_PREFILL_BACKEND")
 FLASHINFER_DECODE_BACKEND: EnvVar[str] = _var("FORNAX_FLASHINFER_DECODE_BACKEND")

@@ -54,8 +54,20 @@ def _source_digest(source: Path) -> bytes:
     return digest.digest()
 
 
+def _flags() -> list[str]:
+    """_FLAGS, plus the sanitizers FORNAX_KERNEL_SANITIZE names (a test build; the host process
+    must have libasan preloaded, tests/kernels/README.md)."""
+    sanitize = env.KERNEL_SANITIZE.get()
+    if not sanitize:
+        return list(_FLAGS)
+    # -O1: instrumented -O3 builds of the always-inlined kernels take minutes
+    return [*("-O1" if f == "-O3" else f for f in _FLAGS), "-g", "-fno-omit-frame-pointer",
+            f"-fsanitize={sanitize}", "-fno-sanitize-recover=all"]
+
+
 def _build(name: str, source: Path, compiler: str) -> Path:
-    key = hashlib.sha256(_source_digest(source) + " ".join(_FLAGS).encode()
+    flags = _flags()
+    key = hashlib.sha256(_source_digest(source) + " ".join(flags).encode()
                          + _cpu_signature().encode() + compiler.encode()).hexdigest()[:16]
     target = _cache_root() / f"{name}-{key}.so"
     if target.exists():
@@ -63,8 +75,11 @@ def _build(name: str, source: Path, compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, str(source), "-o", str(out), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        cmd = [compiler, *flags, str(source), "-o", str(out), "-lm"]
+        # the compiler runs without the sanitizer runtime a sanitizing host preloads
+        compile_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=compile_env,
+                              timeout=600 if len(flags) > len(_FLAGS) else 120)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders never see half a library
@@ -91,6 +106,8 @@ def _load(name: str) -> ctypes.CDLL | None:
             path = _build(name, _SRC_DIR / f"{name}.c", compiler)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        if env.KERNEL_SANITIZE.get():
+            raise  # a sanitizer run that quietly fell back to torch would check nothing
         logger.warning("native CPU kernel %s unavailable (%s): using pure torch", name, exc)
         return None
 

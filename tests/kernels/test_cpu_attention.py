@@ -30,6 +30,10 @@ def test_the_decode_kernel_builds_where_a_compiler_exists():
     (12, 2, 64, 8),    # blocks of 8: score chunks stop at each block's end
     (8, 8, 96, 16),    # head_dim 96: three 32-wide chunks, two query heads per value sweep
     (8, 2, 256, 5),    # head_dim 256 and an odd block size: value pairs span two blocks
+    # blocks over the portable path's 128-position tile (--block-size 256 was refused by every
+    # decode step: each request failed): a block in two tiles, and one in a tile and a part
+    (4, 2, 64, 256),
+    (8, 8, 40, 160),
 ])
 def test_matches_torch_ref_on_mixed_batches(dtype, heads, kv_heads, head_dim, block_size):
     torch.manual_seed(0)

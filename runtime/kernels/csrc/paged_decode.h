@@ -13,7 +13,7 @@
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32
-#define MAX_BLOCK 128
+#define MAX_BLOCK 128 /* positions the portable path widens at a time */
 #define MAX_HEADS 256
 /* The register-tiled kernel prefetches this many positions ahead into L2 (into L1 the miss
  * queue fills up: 1.5x slower from DRAM on a Zen 4). */
@@ -232,6 +232,16 @@ static void attend_bf16(const uint16_t *q0, const uint16_t *cache, const int32_t
 }
 #endif
 
+/* The K row (of kv head 0) of position p0 in the cache, and in *n how many positions from p0 on
+ * one tile takes: up to MAX_BLOCK, within p0's block (any block size) and before seq_len. */
+static inline int64_t decode_tile(const int32_t *blocks, int p0, int seq_len, int block_size,
+                                  int64_t half_stride, int64_t row_stride, int *n) {
+    const int in_block = p0 % block_size, room = block_size - in_block;
+    const int take = seq_len - p0 < room ? seq_len - p0 : room;
+    *n = take < MAX_BLOCK ? take : MAX_BLOCK;
+    return (int64_t)blocks[p0 / block_size] * 2 * half_stride + (int64_t)in_block * row_stride;
+}
+
 /* One (sequence, kv head) pair: G query heads attend over seq_len cached positions. */
 static void attend_one(const void *q, const void *cache, const int32_t *blocks, int seq_len,
                        void *out, int64_t q_row, int G, int num_kv_heads, int D, int block_size,
@@ -248,11 +258,12 @@ static void attend_one(const void *q, const void *cache, const int32_t *blocks, 
         acc[j] = 0.f;
     }
     for (int g = 0; g < G; g++) maxv[g] = -3.0e38f;
-    /* Pass 1: scores q.k for every cached position, a block at a time. */
-    for (int p0 = 0, b = 0; p0 < seq_len; p0 += block_size, b++) {
-        const int n = seq_len - p0 < block_size ? seq_len - p0 : block_size;
-        widen_rows(cache, (int64_t)blocks[b] * 2 * half_stride + (int64_t)kv_head * D, row_stride,
-                   n, D, is_bf16, tile);
+    /* Pass 1: scores q.k for every cached position, a tile (up to MAX_BLOCK positions, never
+     * past a block's end) at a time. */
+    for (int p0 = 0, n; p0 < seq_len; p0 += n) {
+        const int64_t at =
+            decode_tile(blocks, p0, seq_len, block_size, half_stride, row_stride, &n);
+        widen_rows(cache, at + (int64_t)kv_head * D, row_stride, n, D, is_bf16, tile);
         for (int g = 0; g < G; g++) {
             const float *qg = qf + g * D;
             float *sg = scores + (int64_t)g * seq_len + p0;
@@ -281,10 +292,10 @@ static void attend_one(const void *q, const void *cache, const int32_t *blocks, 
         inv_sum[g] = 1.f / sum;
     }
     /* Pass 2: weighted sum of values. */
-    for (int p0 = 0, b = 0; p0 < seq_len; p0 += block_size, b++) {
-        const int n = seq_len - p0 < block_size ? seq_len - p0 : block_size;
-        widen_rows(cache, (int64_t)blocks[b] * 2 * half_stride + half_stride + (int64_t)kv_head * D,
-                   row_stride, n, D, is_bf16, tile);
+    for (int p0 = 0, n; p0 < seq_len; p0 += n) {
+        const int64_t at =
+            decode_tile(blocks, p0, seq_len, block_size, half_stride, row_stride, &n);
+        widen_rows(cache, at + half_stride + (int64_t)kv_head * D, row_stride, n, D, is_bf16, tile);
         for (int g = 0; g < G; g++) {
             const float *sg = scores + (int64_t)g * seq_len + p0;
             float *ag = acc + g * D;
@@ -320,10 +331,10 @@ typedef struct {
     float scale;
 } DecodeAttn;
 
-/* Whether the kernels take this shape. */
+/* Whether the kernels take this shape (any block size: the portable path tiles a block). */
 static int decode_attn_supported(int num_q_heads, int num_kv_heads, int head_dim, int block_size) {
-    return head_dim <= MAX_HEAD_DIM && block_size <= MAX_BLOCK && num_q_heads % num_kv_heads == 0 &&
-           num_q_heads / num_kv_heads <= MAX_GROUP;
+    return head_dim > 0 && head_dim <= MAX_HEAD_DIM && block_size > 0 && num_kv_heads > 0 &&
+           num_q_heads % num_kv_heads == 0 && num_q_heads / num_kv_heads <= MAX_GROUP;
 }
 
 /* The longest context of a (at least 1). */

@@ -14,15 +14,17 @@ from fornax.runtime.kernels.build import load_decode_layers
 logger = logging.getLogger(__name__)
 
 _SEGMENTS = 3  # decode_layers_cpu.c: SEGS, row segments of different kinds in one weight
-_LAYER_FIELDS = 4 * (_SEGMENTS + 1) + 3  # L_N int64 per layer
-_SHAPE_FIELDS = 7  # S_N
+_WEIGHT_FIELDS = _SEGMENTS + 2  # W_N: the segments' descriptors, the bias, a dense weight
+_LAYER_FIELDS = 4 * _WEIGHT_FIELDS + 5  # L_N int64 per layer
+_SHAPE_FIELDS = 8  # S_N
 _CACHE = _LAYER_FIELDS - 1  # L_CACHE: the layer's KV cache address
 
 
 class FusedDecode:
     """A decoder's layers as one plan for fornax_decode_layers: per layer the addresses of its
-    norm weights, quantized weight descriptors, biases and KV cache (refreshed when the caches
-    move). Built by `enable_fused_decode` once the weights are in their kernel layout."""
+    norm weights, quantized weight descriptors or dense bf16 weights in the tile layout, biases
+    and KV cache (refreshed when the caches move). Built by `enable_fused_decode` once the
+    weights are in their kernel layout."""
 
     def __init__(self, lib: Any, decoder: Any, plan: torch.Tensor, keep: list[torch.Tensor],
                  shape: torch.Tensor, eps: float, scale: float, rotary: Any,
@@ -97,14 +99,68 @@ def _bf16_ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t.dtype is torch.bfloat16 and t.is_contiguous() else None
 
 
-def _plan_layer(layer: Any, keep: list[torch.Tensor]) -> list[int] | str:
-    """The layer's row of the plan, or why the kernel does not cover it."""
+def _dense_fields(linear: Any, keep: list[torch.Tensor], packs: list[torch.Tensor]
+                  ) -> list[int] | str:
+    """A dense bf16 weight's fields: its tile-layout pack (amx_linear's, shared with the per-op
+    path where the CPU has AMX, else a copy made here and counted in `packs`)."""
+    from fornax.runtime.kernels.amx_linear import pack_for_amx
+
+    packed = linear.packed_weight
+    tiles = None if packed is None else packed.amx
+    weight = linear.weight
+    if tiles is None:
+        if weight.dtype is not torch.bfloat16 or weight.dim() != 2 or not weight.numel():
+            return "a dense weight that is not bf16 (or not loaded)"
+        tiles = pack_for_amx(weight)
+        if tiles is None:
+            return "a dense weight whose inputs are not a multiple of 32"
+        packs.append(tiles)
+    keep.append(tiles)
+    return [0] * _SEGMENTS + [0, tiles.data_ptr()]  # the bias is set by the caller
+
+
+def _weight_fields(linear: Any, keep: list[torch.Tensor], packs: list[torch.Tensor]
+                   ) -> list[int] | str:
+    """One linear layer's W_N fields (decode_layers_cpu.c), or why the kernel does not cover it."""
     from fornax.runtime.kernels.quant_format import QuantWeight
     from fornax.runtime.kernels.quant_linear import kernel_descriptor
 
+    bias = _bf16_ptr(linear.bias)
+    if bias is None:
+        return "a bias that is not bf16"
+    packed = linear.packed_weight
+    quant = None if packed is None else packed.quant
+    if quant is None:
+        fields = _dense_fields(linear, keep, packs)
+        return fields if isinstance(fields, str) else fields[:_SEGMENTS] + [bias, fields[-1]]
+    listed = quant if isinstance(quant, list) else [quant]
+    parts = [part for part in listed if isinstance(part, QuantWeight)]
+    if not parts or len(parts) != len(listed):
+        return "weights of a kind the kernel does not take"
+    if len(parts) > _SEGMENTS or (len(parts) > 1 and linear.bias is not None):
+        # the per-op path adds the bias after joining the segments (rounded twice)
+        return "a weight of more kinds than the kernel joins, or joined with a bias"
+    descs = [kernel_descriptor(part) for part in parts]
+    if any(d is None or part.layout != "panel16" for d, part in zip(descs, parts)):
+        return "a quantized weight outside the kernel's layout"
+    keep += [d for d in descs if d is not None]
+    return [d.data_ptr() for d in descs if d is not None] + [0] * (_SEGMENTS - len(parts)) + [
+        bias, 0]
+
+
+def _plan_layer(layer: Any, keep: list[torch.Tensor], packs: list[torch.Tensor]
+                ) -> list[int] | str:
+    """The layer's row of the plan, or why the kernel does not cover it."""
     attn, mlp = layer.self_attn, layer.mlp
+    head_norms = [0, 0]
     if getattr(attn, "qk_norm", False):
-        return "q/k norm"
+        norms = (attn.q_norm, attn.k_norm)
+        ptrs = [_bf16_ptr(n.weight) for n in norms]
+        if any(not p or n.weight.numel() != attn.head_dim for p, n in zip(ptrs, norms)):
+            return "a q/k norm weight that is not bf16"
+        if any(n.eps != layer.input_layernorm.eps for n in norms):
+            return "q/k norms of another eps"
+        head_norms = [p or 0 for p in ptrs]
     row: list[int] = []
     for norm, linears in ((layer.input_layernorm, (attn.qkv_proj, attn.o_proj)),
                           (layer.post_attention_layernorm, (mlp.gate_up_proj, mlp.down_proj))):
@@ -113,31 +169,41 @@ def _plan_layer(layer: Any, keep: list[torch.Tensor]) -> list[int] | str:
             return "a norm weight that is not bf16"
         row.append(weight)
         for linear in linears:
-            packed = linear.packed_weight
-            quant = None if packed is None else packed.quant
-            listed = quant if isinstance(quant, list) else [quant]
-            parts = [part for part in listed if isinstance(part, QuantWeight)]
-            if not parts or len(parts) != len(listed):
-                return "weights not kept quantized"
-            bias = _bf16_ptr(linear.bias)
-            if len(parts) > _SEGMENTS or (len(parts) > 1 and linear.bias is not None):
-                # the per-op path adds the bias after joining the segments (rounded twice)
-                return "a weight of more kinds than the kernel joins, or joined with a bias"
-            descs = [kernel_descriptor(part) for part in parts]
-            if bias is None or any(d is None or part.layout != "panel16"
-                                   for d, part in zip(descs, parts)):
-                return "a weight or bias outside the kernel's layout"
-            keep += [d for d in descs if d is not None]
-            row += [d.data_ptr() for d in descs if d is not None]
-            row += [0] * (_SEGMENTS - len(parts)) + [bias]
-    # L_NORM1, q|k|v (segments, bias), o, L_NORM2, gate|up, down, L_CACHE (set per step)
+            fields = _weight_fields(linear, keep, packs)
+            if isinstance(fields, str):
+                return fields
+            row += fields
+            if linear is attn.qkv_proj:
+                row += head_norms  # L_QNORM, L_KNORM
+    # L_NORM1, q|k|v, q/k norms, o, L_NORM2, gate|up, down (W_N fields each), L_CACHE (per step)
     return row + [0]
+
+
+def _dense_engine(layers: list[Any], packs: list[torch.Tensor], max_rows: int
+                  ) -> tuple[int, int]:
+    """(1 when the dense weights run on the AMX tiles, the most rows a call takes). AMX where the
+    per-op path multiplies on the tiles too (its packs are shared: no `packs` made here), so
+    both give the same values; then up to amx_linear's row limit where the per-op path switches
+    to oneDNN above it."""
+    from fornax.runtime.kernels.amx_linear import AMX_MAX_ROWS, amx_supported
+
+    linears = [lin for layer in layers
+               for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_up_proj, layer.mlp.down_proj)
+               if lin.packed_weight is not None and lin.packed_weight.quant is None]
+    if not linears or packs or not amx_supported():
+        return 0, max_rows
+    if any(lin.packed_weight.onednn is not None for lin in linears):
+        max_rows = min(max_rows, AMX_MAX_ROWS)
+    return 1, max_rows
 
 
 def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
     """Give a Llama-family decoder (model.model.fused_decode) its one-call decode plan where the
-    kernel covers it: CPU, bf16, weights kept quantized (GGUF; up to three kinds in one fused
-    weight, without a bias then), the cpu_paged attention backend, no q/k norm. FORNAX_FUSED_DECODE=0 turns it off. Returns whether it is on."""
+    kernel covers it: CPU, bf16 activations, the cpu_paged attention backend; each weight either
+    kept quantized (GGUF; up to three kinds in one fused weight, without a bias then) or dense
+    bf16 (safetensors, FORNAX_GGUF_DEQUANTIZE=1) with inputs a multiple of 32; q/k/v biases and
+    Qwen3's per-head q/k norm. FORNAX_FUSED_DECODE=0 turns it off. Returns whether it is on."""
     decoder: Any = getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "fused_decode"):
         return False
@@ -157,9 +223,10 @@ def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
     rotary = layers[0].self_attn.rotary
     eps = layers[0].input_layernorm.eps
     keep: list[torch.Tensor] = []
+    packs: list[torch.Tensor] = []  # dense weights packed here (no AMX pack to share)
     rows: list[list[int]] = []
     for layer in layers:
-        row = _plan_layer(layer, keep)
+        row = _plan_layer(layer, keep, packs)
         if isinstance(row, str) or layer.self_attn.rotary is not rotary or any(
                 n.eps != eps for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             logger.info("fused decode off: %s", row if isinstance(row, str) else "layers differ")
@@ -168,14 +235,19 @@ def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
     if rotary.cos_cache.dtype is not torch.float32 or not rotary.cos_cache.is_contiguous():
         return False
     spec: Any = getattr(model, "spec")
+    amx, max_rows = _dense_engine(layers, packs, DENSE_MIN_ROWS - 1)
     shape = torch.tensor([spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                          spec.intermediate_size, rotary.rotary_dim, backend.block_size],
+                          spec.intermediate_size, rotary.rotary_dim, backend.block_size, amx],
                          dtype=torch.int64)
     plan = torch.tensor(rows, dtype=torch.int64)
     decoder.fused_decode = FusedDecode(lib, decoder, plan, keep, shape, float(eps),
-                                       float(backend.scale), rotary, DENSE_MIN_ROWS - 1)
-    logger.info("fused decode on: %d layers in one C call per decode-only step (up to %d rows)",
-                len(rows), DENSE_MIN_ROWS - 1)
+                                       float(backend.scale), rotary, max_rows)
+    logger.info("fused decode on: %d layers in one C call per decode-only step (up to %d rows%s)",
+                len(rows), max_rows, ", dense weights on AMX tiles" if amx else "")
+    if packs:
+        logger.info("fused decode packed %d dense weights in the tile layout (%.1f MiB beside "
+                    "the per-op path's pack)", len(packs),
+                    sum(t.numel() * t.element_size() for t in packs) / 2**20)
     return True
 
 

@@ -79,12 +79,12 @@ def test_fused_decode_matches_the_per_op_path(tmp_path, monkeypatch, kind):
     assert 4 in calls and 1 in calls and max(calls) < DENSE_MIN_ROWS
 
 
-def test_a_part_dense_weight_keeps_the_per_op_path(tmp_path):
-    """Layer 1's gate|up half F16 (dequantized at load): the whole stack keeps the per-op path."""
-    llm = _llm(str(write_llama_gguf(tmp_path / "mixed.gguf")), tmp_path / "cache", True)
-    assert llm.engine.runner.model.model.fused_decode is None
-    assert len(_run(llm, PROMPTS[:1], 4)[0][0]) == 4
-    llm.close()
+def test_a_part_dense_weight_takes_the_fused_call_too(tmp_path, monkeypatch):
+    """Layer 1's gate|up half F16 (the joined weight dequantized to dense bf16 at load) beside
+    quantized weights: the call multiplies it as a dense weight (dense_matmul.h)."""
+    calls = _compare(str(write_llama_gguf(tmp_path / "mixed.gguf")), tmp_path / "cache",
+                     monkeypatch, max_tokens=24)
+    assert 4 in calls and 1 in calls
 
 
 def test_sleep_level_2_drops_the_plan_and_wake_up_rebuilds_it(tmp_path):

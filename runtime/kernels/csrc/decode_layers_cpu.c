@@ -1,11 +1,13 @@
 /* The whole decoder layer stack of a decode-only step in one call (batch 1 and small batches):
- * per layer RMSNorm -> fused q|k|v quantized matmul -> rotary -> K/V written into the paged cache
- * -> paged decode attention -> o-proj -> residual -> RMSNorm -> gate|up quantized matmul ->
- * SiLU * up -> down -> residual, on bf16 activations with weights in quant_linear's panel16
- * layout. It calls the same functions as the per-op kernels (quant_matmul.h, paged_decode.h,
- * fused_rows.h) at the same rounding points, so it gives the per-op path's values; what it saves
- * is the Python and ATen dispatch between them (~40 ops a layer) and the OpenMP fork per op: one
- * parallel region for the whole stack, the threads meeting at a barrier between phases.
+ * per layer RMSNorm -> fused q|k|v matmul (+ bias) -> per-head q/k RMSNorm (Qwen3) -> rotary ->
+ * K/V written into the paged cache -> paged decode attention -> o-proj -> residual -> RMSNorm ->
+ * gate|up matmul -> SiLU * up -> down -> residual, on bf16 activations. Each weight is either
+ * kept quantized (quant_linear's panel16 layout, quant_matmul.h: the same functions as the
+ * per-op kernel, so the per-op path's values) or dense bf16 in amx_linear's tile layout
+ * (dense_matmul.h: float32 sums in another order than oneDNN's or the AMX tiles', so within a
+ * bf16 rounding of the per-op path's values). What the call saves is the Python and ATen
+ * dispatch between the ops (~40 a layer) and the OpenMP fork per op: one parallel region for the
+ * whole stack, the threads meeting at a barrier between phases.
  * Built by runtime/kernels/build.py; runtime/kernels/fused_decode.py calls it.
  */
 #include <stdint.h>
@@ -17,50 +19,64 @@
 #endif
 
 #include "bf16.h"
+#include "dense_matmul.h"
 #include "fused_rows.h"
 #include "paged_decode.h"
 #include "quant_matmul.h"
 
-/* Per layer, int64 each: the address of the input RMSNorm weight; the q|k|v and o weights, each
- * as up to SEGS descriptors (fornax_quant_linear's desc; row segments of different quantization
- * kinds one after another, 0 past the last) and a bf16 bias (0: none; only with one segment);
- * the post-attention RMSNorm weight; gate|up and down as q|k|v; the layer's KV cache (bf16). */
+/* Per layer, int64 each: the address of the input RMSNorm weight; the q|k|v weight as W_N
+ * fields: up to SEGS descriptors (fornax_quant_linear's desc; row segments of different
+ * quantization kinds one after another, 0 past the last), a bf16 bias (0: none; with quantized
+ * weights only with one segment) and a dense bf16 weight in the tile layout (0: quantized; then
+ * no descriptors); the q and k norm weights (0: none); o as q|k|v; the post-attention RMSNorm
+ * weight; gate|up and down as q|k|v; the layer's KV cache (bf16). */
 #define SEGS 3
+enum { W_BIAS = SEGS, W_DENSE = SEGS + 1, W_N = SEGS + 2 };
 enum {
     L_NORM1 = 0,
-    L_QKV = 1, /* SEGS descriptors, then the bias */
-    L_O = L_QKV + SEGS + 1,
-    L_NORM2 = L_O + SEGS + 1,
+    L_QKV = 1,
+    L_QNORM = L_QKV + W_N,
+    L_KNORM = L_QNORM + 1,
+    L_O = L_KNORM + 1,
+    L_NORM2 = L_O + W_N,
     L_GU = L_NORM2 + 1,
-    L_DOWN = L_GU + SEGS + 1,
-    L_CACHE = L_DOWN + SEGS + 1,
+    L_DOWN = L_GU + W_N,
+    L_CACHE = L_DOWN + W_N,
     L_N
 };
-/* shape: hidden, heads, kv heads, head_dim, intermediate, rotary_dim, block size. */
-enum { S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_INTER, S_ROTARY, S_BLOCK, S_N };
+/* shape: hidden, heads, kv heads, head_dim, intermediate, rotary_dim, block size, whether
+ * dense weights run on the AMX tiles (the caller checked the CPU and asked for the tile state). */
+enum { S_HIDDEN, S_HEADS, S_KV_HEADS, S_HEAD_DIM, S_INTER, S_ROTARY, S_BLOCK, S_AMX, S_N };
 
 int fornax_decode_layers_fields(void) { return L_N * 100 + S_N; }
 
 static void *addr(int64_t v) { return (void *)(intptr_t)v; }
 
-/* One weight of a layer: its row segments, each writing its columns of the bf16 output. */
+/* One weight of a layer: its quantized row segments, each writing its columns of the bf16
+ * output, or (nseg 0) one dense weight. */
 typedef struct {
     Problem seg[SEGS];
     int nseg;
+    Dense dense;
 } Matrix;
 
-/* The weight at f (SEGS descriptors, then the bias) for m rows of k inputs, writing its n
- * columns into out; segment s quantizes its activations into qbuf + s * qstride (qstride 0:
- * none yet, only checking). Returns the total bytes of activation buffers a segment needs at
- * most, or 0 when the weight is not n x k in descriptors the kernel takes. */
-static size_t matrix(Matrix *mx, const int64_t *f, int m, int k, int n, uint16_t *out,
-                     uint8_t *qbuf, size_t qstride) {
+/* The weight at f (W_N fields) for m rows of k inputs `in`, writing its n columns into out;
+ * segment s quantizes its activations into qbuf + s * qstride (qstride 0: none yet, only
+ * checking). Returns the total bytes of activation buffers a segment needs at most (64 for a
+ * dense weight), or 0 when the weight is not n x k in a form the kernels take. */
+static size_t matrix(Matrix *mx, const int64_t *f, int m, int k, int n, const uint16_t *in,
+                     uint16_t *out, uint8_t *qbuf, size_t qstride, int amx) {
     size_t most = 0;
     int cols = 0;
     mx->nseg = 0;
+    if (f[W_DENSE] != 0) {
+        const Dense d = {addr(f[W_DENSE]), in, addr(f[W_BIAS]), out, m, n, k, n, amx};
+        mx->dense = d;
+        return f[0] == 0 && dense_shape_ok(n, k) ? 64 : 0;
+    }
     for (int s = 0; s < SEGS && f[s] != 0; s++) {
         Problem *p = &mx->seg[s];
-        const void *bias = s == 0 && (s + 1 == SEGS || f[s + 1] == 0) ? addr(f[SEGS]) : NULL;
+        const void *bias = s == 0 && (s + 1 == SEGS || f[s + 1] == 0) ? addr(f[W_BIAS]) : NULL;
         if (quant_problem(p, addr(f[s]), m, out + cols, 1, bias, 1) != 0 || p->k != k) return 0;
         p->ostride = n;
         cols += p->n;
@@ -69,18 +85,32 @@ static size_t matrix(Matrix *mx, const int64_t *f, int m, int k, int n, uint16_t
         most = bytes > most ? bytes : most;
         if (qstride) quant_buffers(p, qbuf + s * qstride);
     }
-    return cols == n && (mx->nseg == 1 || f[SEGS] == 0) ? most : 0;
+    return cols == n && (mx->nseg == 1 || f[W_BIAS] == 0) ? most : 0;
 }
 
-/* Row i of activations a (k values a row) quantized for every segment of mx. */
+/* Row i of activations a (k values a row) quantized for every segment of mx (a dense weight
+ * reads them as they are). */
 static void matrix_quantize(const Matrix *mx, const uint16_t *a, int k, int i) {
     for (int s = 0; s < mx->nseg; s++)
         quantize_row(&mx->seg[s], a, 1, (int64_t)i * k, i, HAVE_VNNI);
 }
 
-/* Every segment's panels, shared among the threads (a barrier after each). */
+/* Every segment's panels or the dense weight's units, shared among the threads (a barrier
+ * after each). */
 static void matrix_panels(const Matrix *mx) {
+    if (mx->nseg == 0) dense_units(&mx->dense);
     for (int s = 0; s < mx->nseg; s++) quant_panels(&mx->seg[s], HAVE_VNNI);
+}
+
+/* Head hd of the q or k part of one qkv row into dst (may be src): RMSNorm over the head with
+ * weight norm (0: copied as it is), then rotary. */
+static void head_norm_rotary(const uint16_t *src, uint16_t *dst, int64_t norm, int D, float eps,
+                             int rot, const float *cs, const float *sn) {
+    if (norm != 0)
+        rms_norm_row(src, addr(norm), dst, D, eps);
+    else if (dst != src)
+        memcpy(dst, src, (size_t)D * 2);
+    rotary_head(dst, rot, cs, sn);
 }
 
 /* Adds rows of `add` into the residual x (bf16 + bf16, rounded once, as torch adds). */
@@ -103,6 +133,7 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
     const int hidden = (int)shape[S_HIDDEN], heads = (int)shape[S_HEADS];
     const int kv_heads = (int)shape[S_KV_HEADS], D = (int)shape[S_HEAD_DIM];
     const int inter = (int)shape[S_INTER], rot = (int)shape[S_ROTARY], bs = (int)shape[S_BLOCK];
+    const int amx = HAVE_AMX_TILES && shape[S_AMX] != 0;
     const int q_size = heads * D, kv_size = kv_heads * D, qkv_n = q_size + 2 * kv_size;
     if (m <= 0 || num_layers <= 0 || !decode_attn_supported(heads, kv_heads, D, bs) || rot > D ||
         rot % 2)
@@ -112,10 +143,11 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
     for (int l = 0; l < num_layers; l++) {
         const int64_t *ly = layers + (int64_t)l * L_N;
         Matrix mx;
-        const size_t need[4] = {matrix(&mx, ly + L_QKV, m, hidden, qkv_n, NULL, NULL, 0),
-                                matrix(&mx, ly + L_O, m, q_size, hidden, NULL, NULL, 0),
-                                matrix(&mx, ly + L_GU, m, hidden, 2 * inter, NULL, NULL, 0),
-                                matrix(&mx, ly + L_DOWN, m, inter, hidden, NULL, NULL, 0)};
+        const size_t need[4] = {
+            matrix(&mx, ly + L_QKV, m, hidden, qkv_n, NULL, NULL, NULL, 0, 0),
+            matrix(&mx, ly + L_O, m, q_size, hidden, NULL, NULL, NULL, 0, 0),
+            matrix(&mx, ly + L_GU, m, hidden, 2 * inter, NULL, NULL, NULL, 0, 0),
+            matrix(&mx, ly + L_DOWN, m, inter, hidden, NULL, NULL, NULL, 0, 0)};
         for (int i = 0; i < 4; i++) {
             if (need[i] == 0) return -1;
             qstride = need[i] > qstride ? need[i] : qstride;
@@ -155,10 +187,10 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
             const int64_t *ly = layers + (int64_t)l * L_N;
             /* each thread's own copies of the problems, over the shared buffers */
             Matrix mq, mo, mg, md;
-            matrix(&mq, ly + L_QKV, m, hidden, qkv_n, qkv, buf, qstride);
-            matrix(&mo, ly + L_O, m, q_size, hidden, o, buf, qstride);
-            matrix(&mg, ly + L_GU, m, hidden, 2 * inter, gu, buf, qstride);
-            matrix(&md, ly + L_DOWN, m, inter, hidden, o, buf, qstride);
+            matrix(&mq, ly + L_QKV, m, hidden, qkv_n, h, qkv, buf, qstride, amx);
+            matrix(&mo, ly + L_O, m, q_size, hidden, attn, o, buf, qstride, amx);
+            matrix(&mg, ly + L_GU, m, hidden, 2 * inter, h, gu, buf, qstride, amx);
+            matrix(&md, ly + L_DOWN, m, inter, hidden, act, o, buf, qstride, amx);
             DecodeAttn la = a;
             la.cache = addr(ly[L_CACHE]);
             /* between the matmuls and the attention, rows are shared among the threads */
@@ -176,10 +208,13 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
                 uint16_t *cache = (uint16_t *)la.cache;
                 const float *cs = cos_cache + positions[i] * rot;
                 const float *sn = sin_cache + positions[i] * rot;
-                memcpy(qi, t, (size_t)q_size * 2);
-                for (int hd = 0; hd < heads; hd++) rotary_head(qi + (int64_t)hd * D, rot, cs, sn);
-                for (int hd = 0; hd < kv_heads; hd++)
-                    rotary_head(t + q_size + (int64_t)hd * D, rot, cs, sn);
+                for (int hd = 0; hd < heads; hd++)
+                    head_norm_rotary(t + (int64_t)hd * D, qi + (int64_t)hd * D, ly[L_QNORM], D, eps,
+                                     rot, cs, sn);
+                for (int hd = 0; hd < kv_heads; hd++) {
+                    uint16_t *kh = t + q_size + (int64_t)hd * D;
+                    head_norm_rotary(kh, kh, ly[L_KNORM], D, eps, rot, cs, sn);
+                }
                 memcpy(cache + k_rows[i] * row, t + q_size, (size_t)kv_size * 2);
                 memcpy(cache + (k_rows[i] + bs) * row, t + q_size + kv_size, (size_t)kv_size * 2);
             }
@@ -206,6 +241,7 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
 #pragma omp for schedule(static)
         for (int i = 0; i < m; i++)
             residual_add(x + (int64_t)i * hidden, o + (int64_t)i * hidden, hidden);
+        dense_release();
     }
     return failed ? -2 : 0;
 }

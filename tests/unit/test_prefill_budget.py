@@ -97,11 +97,12 @@ def test_a_fast_path_keeps_the_chunk_within_its_room_beside_the_decodes() -> Non
     assert budget.cap(num_decodes=4) == 35  # the room left beside four decodes
     assert budget.cap(num_decodes=0) is None  # nothing decodes: the whole budget (TTFT)
     assert PrefillBudget(2.0, FixedCost(0.020, 0.002)).cap(4) == MIN_PREFILL_CHUNK
-    slow = PrefillBudget(2.0, FixedCost(0.020, 0.002))  # the model says 10: under the floor
+    slow = PrefillBudget(2.0, FixedCost(0.020, 0.002))  # the model says 10
     slow.fast_tokens = 39
-    assert slow.cap(4) == MIN_PREFILL_CHUNK  # the floor fits the room: it stands
-    slow.fast_tokens = 20
-    assert slow.cap(4) == 16  # the floor would spill past the fast path: the room instead
+    assert slow.cap(4) == 10  # on the fast path the model's fit stands under the 32 floor
+    slower = PrefillBudget(2.0, FixedCost(0.020, 0.01))  # the model says 2
+    slower.fast_tokens = 39
+    assert slower.cap(4) == MIN_FAST_CHUNK  # the fast path's floor
     unmeasured = PrefillBudget(2.0, FixedCost(None, None))
     unmeasured.fast_tokens = 39
     assert unmeasured.cap(4) == 35  # no measurement yet: still on the fast path

@@ -8,6 +8,8 @@ engine is READY), `begin`/`end` around every request (idle time, in-flight count
 `load`/`unload` from the admin routes, `status` for /v1/models and `cancel` when an `ensure`
 or `load` is given up (a grant nobody waits for would leave the model busy for good). Unloading stops the model's
 engine process (its memory goes back to the system); the engine drains in-flight requests first.
+An unload asked while the model loads, wakes or falls asleep is done as soon as that is over (the
+model shows as unloading meanwhile) and the requests waiting for that load get a 503 naming it.
 A model whose idle_action is `sleep` is put to sleep instead when idle (level 1: its KV cache
 released, the process and its weights kept) and woken by its next request. The memory budget
 counts each engine's resident memory (/proc), a loaded model at least at the largest footprint
@@ -63,7 +65,8 @@ class ModelManager:
         self.waiters: list[list[tuple[bytes, int, str]]] = [[] for _ in loaded]
         self.pending: list[int] = []  # wanted, waiting for room under max_loaded
         self.began: dict[int, tuple[float, float]] = {}  # loads under way: began, next line
-        self.unload_asked: set[int] = set()  # POST unload while falling asleep: then unloaded
+        # POST unload while loading, waking or falling asleep: unloaded once that is over
+        self.unload_asked: set[int] = set()
         self.address = control_address(group.ipc_dir)
         self._events: queue.Queue[tuple[str, int, str]] = queue.Queue()
         self._stop = threading.Event()
@@ -124,8 +127,8 @@ class ModelManager:
                 self._reply(identity, cmd.query_id)
                 return
             self.waiters[i].append((identity, cmd.query_id, cmd.op))
-            if self.states[i] in (UNLOADED, FAILED, UNLOADING, SLEEPING, ASLEEP) \
-                    and i not in self.pending:
+            if (self.states[i] in (UNLOADED, FAILED, UNLOADING, SLEEPING, ASLEEP)
+                    or i in self.unload_asked) and i not in self.pending:  # after the unload
                 self.pending.append(i)
                 logger.info("%s is wanted (%s); %s it", self.names[i],
                             "a request for it" if cmd.op == "ensure" else "POST load",
@@ -143,15 +146,28 @@ class ModelManager:
                                 "/v1/models/{id}/unload) before it finished loading")
             if self.states[i] in (LOADED, ASLEEP):
                 self._unload(i, "POST unload")
-            elif self.states[i] == SLEEPING:  # unloaded once the sleep is over
-                self.unload_asked.add(i)
+            elif self.states[i] in (SLEEPING, LOADING, WAKING):  # unloaded once that is over
+                self._unload_later(i)
             self._reply(identity, cmd.query_id)
         else:
             self._reply(identity, cmd.query_id, f"unknown operation {cmd.op!r}")
 
+    def _unload_later(self, i: int) -> None:
+        """POST unload while model i loads, wakes or falls asleep: it is unloaded as soon as
+        that is over (shown as unloading meanwhile); the requests waiting for its load or
+        wake-up get their 503 now."""
+        doing = {LOADING: "loading", WAKING: "waking up"}.get(self.states[i], "falling asleep")
+        self.unload_asked.add(i)
+        logger.info("unloading %s (POST unload) once it is done %s", self.names[i], doing)
+        waiters, self.waiters[i] = self.waiters[i], []
+        for who, query_id, _ in waiters:
+            self._reply(who, query_id, f"{self.names[i]} was unloaded (POST "
+                        f"/v1/models/{{id}}/unload) while it was {doing}")
+
     def _reply(self, identity: bytes, query_id: int, error: str = "",
                lasting: bool = False) -> None:
-        msg = ModelStates(query_id, list(self.states), error, lasting)
+        states = [UNLOADING if i in self.unload_asked else s for i, s in enumerate(self.states)]
+        msg = ModelStates(query_id, states, error, lasting)
         self._router.send_multipart([identity, self._encoder.encode(msg)])
 
     def _schedule(self) -> None:
@@ -160,8 +176,8 @@ class ModelManager:
         evicted: they finish first). A model larger than the budget alone is refused."""
         while self.pending:
             i = self.pending[0]
-            if self.states[i] in (UNLOADING, SLEEPING):
-                return  # stopping or falling asleep: load or wake it once that is done
+            if self.states[i] in (UNLOADING, SLEEPING) or i in self.unload_asked:
+                return  # stopping, or to be: load or wake it once that is done
             if self.states[i] in (LOADED, LOADING, WAKING):  # a refused sleep left it loaded
                 self.pending.pop(0)
                 if self.states[i] == LOADED:
@@ -255,8 +271,9 @@ class ModelManager:
     def _finished(self, event: str, i: int, detail: str) -> None:
         self.expires[i] = None
         self.last_used[i] = time.monotonic()
-        if event in ("asleep", "awake") and i in self.unload_asked:
-            self.unload_asked.discard(i)
+        asked = i in self.unload_asked
+        self.unload_asked.discard(i)
+        if asked and event in ("asleep", "awake", "loaded"):  # POST unload came meanwhile
             self._unload(i, "POST unload")
             return
         if event == "asleep":
@@ -269,7 +286,7 @@ class ModelManager:
         if event == "wake-failed":  # stopped, then loaded afresh for its waiters
             logger.error("waking %s failed (%s); restarting its engine", self.names[i], detail)
             self._unload(i, "its wake-up failed")
-            if i not in self.pending:
+            if i not in self.pending and not asked:  # else its waiters were answered
                 self.pending.insert(0, i)
             return
         self.states[i] = {"loaded": LOADED, "unloaded": UNLOADED}.get(event, FAILED)

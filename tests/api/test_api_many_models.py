@@ -208,3 +208,37 @@ def test_load_unload_routes_and_keep_alive(swapping):
     while _states(swapping)["a"] != "unloaded":
         assert time.monotonic() < deadline
         time.sleep(0.3)
+
+
+def test_unload_while_a_model_loads_takes_effect(swapping):
+    """POST unload while a request's load of the model is under way answers "unloading", the
+    waiting request gets a 503 naming the model (it does not hang), and the model ends unloaded
+    instead of staying loaded; the next request loads it again."""
+    auth = {"authorization": "Bearer k"}
+    for model in "ab":
+        httpx.post(swapping.url + f"/v1/models/{model}/unload", headers=auth)
+    deadline = time.monotonic() + 60
+    while set(_states(swapping).values()) != {"unloaded"}:
+        assert time.monotonic() < deadline, swapping.log()[-2000:]
+        time.sleep(0.2)
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, swapping.url + "/v1/chat/completions", headers=auth,
+                              json=body, timeout=120)
+        while _states(swapping)["b"] != "loading":
+            assert time.monotonic() < deadline and not waiting.done(), swapping.log()[-2000:]
+            time.sleep(0.02)
+        unloaded = httpx.post(swapping.url + "/v1/models/b/unload", headers=auth)
+        assert unloaded.status_code == 200 and unloaded.json()["status"] == "unloading", \
+            unloaded.text
+        refused = waiting.result(timeout=60)
+    assert refused.status_code == 503, refused.text
+    assert "b was unloaded (POST /v1/models/{id}/unload) while it was loading" in \
+        refused.json()["error"]["message"], refused.text
+    while _states(swapping)["b"] != "unloaded":  # once its load is over
+        assert time.monotonic() < deadline, swapping.log()[-2000:]
+        time.sleep(0.2)
+    assert "unloading b (POST unload) once it is done loading" in swapping.log()
+    again = httpx.post(swapping.url + "/v1/chat/completions", headers=auth, json=body,
+                       timeout=120)
+    assert again.status_code == 200 and again.json()["model"] == "b", again.text

@@ -328,3 +328,53 @@ def test_unload_while_a_model_falls_asleep_unloads_it() -> None:
         assert not engines.running[0]
 
     run(mgr, body)
+
+
+@pytest.mark.parametrize("doing", ["loading", "waking"])
+def test_unload_while_a_model_loads_or_wakes_unloads_it_and_refuses_its_waiters(doing) -> None:
+    """POST unload while the model loads (or wakes up) is not lost: it answers "unloading", the
+    request waiting for that load gets its 503 naming the model at once, the model is stopped as
+    soon as the load is over, and a later request loads it again."""
+    engines = FakeEngines([GIB])
+    release = threading.Event()
+    if doing == "loading":
+        plain_start = engines.launchers[0].start
+
+        def slow_start() -> None:
+            release.wait(10)
+            plain_start()
+
+        engines.launchers[0].start = slow_start
+    else:
+        plain_admin = engines.admin
+
+        def slow_admin(i: int, command: str, level: int = 1) -> AdminResult:
+            if command == "wake_up":
+                release.wait(10)
+            return plain_admin(i, command, level)
+
+        engines.admin = slow_admin  # type: ignore[method-assign]
+    mgr = manager_of(engines, 0, [doing == "waking"], idle=[0.2], actions=["sleep"])
+
+    async def body(client: ManagerClient) -> None:
+        if doing == "waking":
+            until(lambda: mgr.states[0] == ASLEEP, "model 0 falls asleep")
+        waiting = asyncio.ensure_future(client.ask("ensure", 0, timeout_s=10))
+        while mgr.states[0] not in ("loading", "waking"):
+            await asyncio.sleep(0.02)
+        answer = await client.ask("unload", 0)
+        assert not answer.error and answer.states == ["unloading"], answer
+        refused = await asyncio.wait_for(waiting, 5)  # at once, not when the load is over
+        assert f"m0 was unloaded (POST /v1/models/{{id}}/unload) while it was " \
+               f"{'loading' if doing == 'loading' else 'waking up'}" in refused.error, refused
+        release.set()
+        deadline = time.monotonic() + 10
+        while mgr.states[0] != UNLOADED:
+            assert time.monotonic() < deadline, mgr.states
+            await asyncio.sleep(0.05)
+        assert not engines.running[0] and mgr.busy == [0]
+        assert not (await client.ask("ensure", 0, timeout_s=10)).error  # loaded again
+        assert mgr.states[0] == LOADED
+        await client.tell("end", 0)
+
+    run(mgr, body)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from msgspec import Struct, field
+from msgspec import Struct
 
 from fornax.api.protocol.bounded import (
     CacheSalt,
@@ -273,12 +273,15 @@ class ChatStreamChoice(Struct):
     token_ids: list[int] | None = None  # return_token_ids: this chunk's tokens
 
 
-class ChatCompletionChunk(Struct, omit_defaults=True):
+class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object",
+                          tag="chat.completion.chunk"):
+    """One SSE chunk; `object` is the tag, so omit_defaults never drops it (OpenAI and vLLM
+    send it)."""
+
     id: str
     created: int
     model: str
     choices: list[ChatStreamChoice]
-    object: str = field(default="chat.completion.chunk")
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None  # return_token_ids: the first chunk only
     prompt_text: str | None = None  # return_prompt_text: the first chunk only
@@ -308,12 +311,13 @@ class CompletionResponse(Struct):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(Struct, omit_defaults=True):
+class CompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+    """One SSE chunk of /v1/completions; `object` is the tag, always sent (as vLLM does)."""
+
     id: str
     created: int
     model: str
     choices: list[CompletionChoice]
-    object: str = field(default="text_completion")
     usage: UsageInfo | None = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -88,6 +89,27 @@ def test_completions_stream_continuous_usage(client):
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == 12
     assert all(c.usage.prompt_tokens == full.usage.prompt_tokens for c in chunks)
+
+
+@pytest.mark.parametrize("path, body, kind", [
+    ("/v1/chat/completions", {"messages": CHAT}, "chat.completion.chunk"),
+    ("/v1/completions", {"prompt": "Once upon a time"}, "text_completion"),
+])
+def test_every_stream_chunk_names_its_object(http, client, path, body, kind):
+    # OpenAI and vLLM send `object` on every chunk, the usage chunk included; clients that
+    # dispatch on it (LangChain, LiteLLM, Go and Rust SDKs) saw none.
+    body = {"model": "tiny", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}, **body}
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["object"] for c in chunks] == [kind] * len(chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    create = client.chat.completions if "messages" in body else client.completions
+    del body["stream_options"]
+    assert {c.object for c in create.create(**body)} == {kind}  # the openai client's view
 
 
 def test_n3_choices_streamed_and_not(client):

@@ -59,6 +59,11 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                out_features: int) -> torch.Tensor:
     """x @ W^T (+ b) for bf16 x [..., K] with W from `pack_for_amx`; fp32 accumulation."""
     k = x.shape[-1]
+    if packed.numel() != -(-out_features // UNIT_COLUMNS) * UNIT_COLUMNS * k or (
+            bias is not None and bias.numel() != out_features):  # the kernel reads them whole
+        raise ValueError(f"amx_linear: x of {k} features, {out_features} outputs, a packed "
+                         f"weight of {packed.numel()} values"
+                         + ("" if bias is None else f" and a bias of {bias.numel()}"))
     two_d = x.dim() == 2  # the decoder's [tokens, features]: no reshape or view to dispatch
     flat = x if two_d else x.reshape(-1, k)
     if flat.stride(-1) != 1 or flat.dtype != torch.bfloat16:

@@ -21,6 +21,9 @@ class FusedCpuOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         dim = x.shape[-1]
+        if x.dtype is not torch.bfloat16 or weight.numel() != dim:  # read as dim bf16 values
+            raise ValueError(f"fused rms_norm: {x.dtype} rows of {dim} and a weight of "
+                             f"{weight.numel()} (bf16 rows of the weight's size)")
         flat = x.dim() == 2  # the decoder's [tokens, hidden]: no reshape or view to dispatch
         rows = x if flat else x.reshape(-1, dim)
         if rows.stride(-1) != 1:
@@ -32,6 +35,8 @@ class FusedCpuOps:
         return out if flat else out.view(x.shape)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.bfloat16 or x.shape[-1] % 2:
+            raise ValueError(f"fused silu_mul: {x.dtype} rows of {x.shape[-1]} (bf16 [gate | up])")
         x = x.contiguous()
         dim = x.shape[-1] // 2
         rows = x.numel() // (2 * dim)
@@ -43,9 +48,16 @@ class FusedCpuOps:
     def rotary(self, positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor,
                sin_cache: torch.Tensor, rotary_dim: int) -> torch.Tensor:
         """Rotate x [T, H, D] (a view whose last dim is contiguous) in place; returns x."""
+        if (x.dtype is not torch.bfloat16 or x.dim() != 3 or positions.numel() < x.shape[0]
+                or rotary_dim % 2 or not 0 < rotary_dim <= x.shape[2]
+                or cos_cache.dtype is not torch.float32 or not cos_cache.is_contiguous()
+                or sin_cache.shape != cos_cache.shape or not sin_cache.is_contiguous()):
+            raise ValueError(f"fused rotary: {x.dtype} {tuple(x.shape)} with {positions.numel()} "
+                             f"positions and rotary_dim {rotary_dim}")
         if x.stride(-1) != 1:
             x = x.contiguous()
-        positions = positions.contiguous()
+        if positions.dtype is not torch.int64 or not positions.is_contiguous():
+            positions = positions.to(torch.int64).contiguous()  # read as int64
         self._lib.fornax_rotary_bf16(x.data_ptr(), x.stride(0), x.stride(1), x.shape[0],
                                      x.shape[1], rotary_dim, positions.data_ptr(),
                                      cos_cache.data_ptr(), sin_cache.data_ptr(),

@@ -216,6 +216,8 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = N
     k, n = qw.in_features, qw.out_features
     if x.shape[-1] != k:
         raise ValueError(f"quant_linear: x has {x.shape[-1]} features, the weight {k}")
+    if bias is not None and bias.numel() != n:  # the kernels read n values of it
+        raise ValueError(f"quant_linear: a bias of {bias.numel()} values for {n} outputs")
     flat = x if x.dim() == 2 else x.reshape(-1, k)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()

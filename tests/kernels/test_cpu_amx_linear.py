@@ -29,6 +29,19 @@ def _reference(x, weight, bias):
     return out + bias.float() if bias is not None else out
 
 
+def test_amx_linear_refuses_a_pack_or_bias_of_another_size():
+    """The kernel reads out_features (rounded up to 32) x K of the pack and out_features of the
+    bias on trust: other sizes are refused before the call."""
+    weight = torch.randn(64, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="packed"):
+        amx_linear(torch.randn(2, 128).to(torch.bfloat16), pack_for_amx(weight), None, 64)
+    with pytest.raises(ValueError, match="packed"):
+        amx_linear(torch.randn(2, 64).to(torch.bfloat16), pack_for_amx(weight), None, 96)
+    with pytest.raises(ValueError, match="bias"):
+        amx_linear(torch.randn(2, 64).to(torch.bfloat16), pack_for_amx(weight),
+                   torch.zeros(32, dtype=torch.bfloat16), 64)
+
+
 @pytest.mark.parametrize("rows", [1, 7, 16, 17, 32, 33, 300])
 @pytest.mark.parametrize("out_features,in_features", [(96, 64), (100, 128), (1, 32)])
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -119,3 +119,28 @@ def test_rotary_in_place_matches_eager(ops, partial):
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
     assert got_q.data_ptr() == q2.data_ptr()  # rotated in place inside the qkv buffer
     assert torch.equal(qkv_fused[:, 12 * 64:], qkv[:, 12 * 64:])  # v untouched
+
+
+def test_arguments_the_kernels_would_read_past_are_refused(ops):
+    """Sizes and dtypes the C loops take on trust are checked once in the glue: a weight shorter
+    than the row, an odd [gate | up], int32 positions (read as int64), fewer positions than
+    tokens, a rotary_dim past the head."""
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="rms_norm"):
+        ops.rms_norm(x, torch.ones(32, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm"):
+        ops.rms_norm(x.float(), torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(ValueError, match="silu_mul"):
+        ops.silu_mul(torch.randn(3, 63).to(torch.bfloat16))
+    from fornax.runtime.models.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 64, 10000.0)
+    heads = torch.randn(4, 2, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="rotary"):
+        ops.rotary(torch.arange(3), heads, rope.cos_cache, rope.sin_cache, 64)
+    with pytest.raises(ValueError, match="rotary"):
+        ops.rotary(torch.arange(4), heads, rope.cos_cache, rope.sin_cache, 128)
+    expected = ops.rotary(torch.arange(4), heads.clone(), rope.cos_cache, rope.sin_cache, 64)
+    got = ops.rotary(torch.arange(4, dtype=torch.int32), heads.clone(), rope.cos_cache,
+                     rope.sin_cache, 64)
+    assert torch.equal(got, expected)

@@ -118,6 +118,8 @@ def test_bias_dtypes_shapes_and_strides():
     assert quant_linear(torch.randn(0, 128), qw).shape == (0, 40)
     with pytest.raises(ValueError, match="features"):
         quant_linear(torch.randn(1, 64), qw)
+    with pytest.raises(ValueError, match="bias"):  # the kernel would read 40 values of it
+        quant_linear(torch.randn(1, 128), qw, torch.randn(39))
     with pytest.raises(ValueError, match="isa"):
         quant_linear(torch.randn(1, 128), qw, isa="avx9")
     # a dtype the kernel does not take goes to the torch path, same answer

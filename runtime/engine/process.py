@@ -27,6 +27,7 @@ from fornax.runtime.engine.addresses import alive_path, input_address
 from fornax.runtime.engine.admin import is_sleeping, run_admin
 from fornax.runtime.engine.contract import EngineCore, EngineLoad
 from fornax.runtime.engine.grammar_gate import GrammarGate
+from fornax.runtime.engine.heap_trim import resident_bytes, trim_heap
 from fornax.runtime.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -83,6 +84,7 @@ class EngineCoreProcess:
         self.loop_beat = time.monotonic()
         self._alive_conns: list[socket.socket] = []
         self._gate: GrammarGate | None = None  # made on the first constrained request
+        self._heap_dirty = False  # steps ran since the C heap was last trimmed
 
     # ---- start ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -111,10 +113,12 @@ class EngineCoreProcess:
         # ~190k objects for SmolLM2, ~90 ms that would stall every stream at once)
         gc.collect()
         gc.freeze()
+        self._trim_heap("after load")  # the load's freed temporaries back to the OS
         handshake.send(self.encoder.encode(self._ready()))
         handshake.close()
-        if self.core.structured is not None:  # xgrammar loads in the background, not on the
-            self.core.structured.prewarm()  # first constrained request
+        # xgrammar (and the transformers it imports, ~50 MiB resident with the tokenizer info)
+        # loads on the first constrained request, not here: a server that never constrains
+        # output does not hold it (runtime/structured_output/grammar.py)
         code = 0
         try:
             self._busy_loop()
@@ -316,6 +320,18 @@ class EngineCoreProcess:
     def _put_out(self, item: tuple[str, str, object]) -> None:
         self.out.q.put(item)
 
+    def _trim_heap(self, when: str) -> None:
+        """Return the C heap's free pages (load temporaries, a busy period's activations) to
+        the OS: once after load and once each time the loop falls idle after steps."""
+        self._heap_dirty = False
+        before = resident_bytes()
+        took = trim_heap()
+        after = resident_bytes()
+        if took is not None and before is not None and after is not None:
+            logger.log(logging.INFO if when == "after load" else logging.DEBUG,
+                       "heap trimmed %s in %.1f ms: resident %.0f -> %.0f MiB", when,
+                       took * 1e3, before / 2**20, after / 2**20)
+
     # ---- busy loop -----------------------------------------------------------------------------
     def _busy_loop(self) -> None:
         core = self.core
@@ -329,6 +345,7 @@ class EngineCoreProcess:
                 return
             if core.has_unfinished_requests():
                 self._route(core.step())
+                self._heap_dirty = True
 
     def _take_input(self, block: bool) -> None:
         self.loop_beat = time.monotonic()  # the watchdog's heartbeat: once per loop iteration
@@ -338,6 +355,8 @@ class EngineCoreProcess:
         try:
             item = self.in_q.get(timeout=_IDLE_POLL_S) if block else self.in_q.get_nowait()
         except queue.Empty:
+            if block and self._heap_dirty:  # idle for _IDLE_POLL_S after steps ran
+                self._trim_heap("idle")
             return
         while True:
             self._handle(*item)

@@ -21,7 +21,6 @@ import numpy as np
 from fornax.runtime.errors import ModelLoadError
 from fornax.runtime.loaders.cache_folders import MARKER_NAME, build_lock, is_prepared
 from fornax.runtime.loaders.cache_folders import cache_root as _cache_root
-from fornax.runtime.loaders.gguf_tokenizer import build_tokenizer
 from fornax.runtime.loaders.gguf_weights import write_weights
 
 logger = logging.getLogger(__name__)
@@ -195,6 +194,9 @@ def _build(path: pathlib.Path, out: pathlib.Path, digest: str, quantized: bool) 
     _check_tensors(path, reader)
 
     config = _build_config(meta, arch, tensors, path)
+    # here, not at the top: an engine that finds the folder prepared never imports `tokenizers`
+    from fornax.runtime.loaders.gguf_tokenizer import build_tokenizer
+
     tokenizer, tokenizer_config, generation_config = build_tokenizer(meta, path, config)
 
     summary = write_weights(path, reader, arch, config, out / "model.safetensors", quantized)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from test_fused_decode import portable_kernels  # noqa: F401 (a fixture: the AVX2-only build)
 
 from fornax.runtime import LLM, SamplingParams
 from fornax.runtime.kernels.fused_decode import FusedDecode
@@ -178,3 +179,26 @@ def test_thread_counts_from_one_to_more_than_the_cores(model, tmp_path, monkeypa
         torch.set_num_threads(before)
         llm.close()
     assert all(r == results[0] for r in results[1:])
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+def test_blocks_larger_than_the_portable_tile_and_rows_at_the_limit(model, tmp_path, monkeypatch,
+                                                                    request, build):
+    """--block-size 256 (the portable attention widens a block 128 positions at a time; it was
+    refused, failing every request) with a context over one block, and 39 / 40 decode rows; on
+    the native build and the AVX2-only one (x86-64-v3: the plain C loops)."""
+    if build == "portable":
+        request.getfixturevalue("portable_kernels")
+    calls = _spy(monkeypatch)
+    long_prompt = {"prompt_token_ids": [9 + i % 60 for i in range(300)]}
+    results = {}
+    for fused in (True, False):
+        llm = _llm(model, tmp_path, monkeypatch, fused, block_size=256, max_model_len=512,
+                   max_num_seqs=FUSED_MAX_ROWS + 1)
+        results[fused] = [_tokens(llm.generate(long_prompt, _greedy(6)))] + [
+            _tokens(llm.generate(_prompts(n), _greedy(3))) for n in (FUSED_MAX_ROWS,
+                                                                      FUSED_MAX_ROWS + 1)]
+        llm.close()
+    assert results[True] == results[False]
+    assert len(results[True][0][0]) == 6
+    assert FUSED_MAX_ROWS in calls and max(calls) == FUSED_MAX_ROWS

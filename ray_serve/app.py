@@ -79,7 +79,13 @@ def application(plan: AppPlan) -> Any:
     ingress = serve.deployment(name="ingress", num_replicas=1,
                                max_ongoing_requests=INGRESS_MAX_ONGOING,
                                ray_actor_options={"num_cpus": 0})(Ingress)
-    return ingress.bind(models)
+    keys: list[str] = []  # the config's api_key (a model's own too): the ingress checks it
+    for model in plan.models:
+        given = model.child_config.get("api_key")
+        for key in given if isinstance(given, list) else [given] if given else []:
+            if isinstance(key, str) and key not in keys:
+                keys.append(key)
+    return ingress.bind(models, keys)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
@@ -23,10 +22,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from fornax.api.multipart import MultipartError, parse_multipart
+from fornax.api.server.api_keys import key_matches, presented_key, server_keys, unauthorized
 from fornax.api.server.errors import APIError, overloaded
 from fornax.api.server.http import sse
-from fornax.api.server.model_set import _AUDIO_PATHS, _JSON_PATHS, _POOLING_PATHS, not_found
+from fornax.api.server.model_set import _AUDIO_PATHS, _POOLING_PATHS, not_found, router_fields
 from fornax.ray_serve.metrics import merge
 from fornax.runtime.limits import RAY_INGRESS_BODY_BYTES
 
@@ -44,10 +43,6 @@ _METHODS = ["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"]
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
-class _Named(msgspec.Struct):
-    model: Any = None
-
-
 @dataclass
 class ModelRoute:
     """One model of the application, as the ingress sees it."""
@@ -60,29 +55,6 @@ class ModelRoute:
 def error(exc: APIError) -> Response:
     return Response(exc.body(), exc.status, headers=exc.headers,
                     media_type="application/json")
-
-
-def _body_model(path: str, body: bytes, content_type: str | None) -> str | None:
-    """The `model` a POST body names: JSON field or audio form part (None if it names none)."""
-    if path in _AUDIO_PATHS:
-        try:
-            parts = parse_multipart(body, content_type)
-        except MultipartError:
-            return None
-        for part in reversed(parts):  # the last one wins, as in the form parser
-            if part.name == "model":
-                try:
-                    return part.text().strip() or None
-                except MultipartError:
-                    return None
-        return None
-    if path in _JSON_PATHS:
-        try:
-            named = msgspec.json.decode(body, type=_Named)
-        except (msgspec.DecodeError, RecursionError):
-            return None
-        return named.model if isinstance(named.model, str) else None
-    return None
 
 
 def _headers(request: Request) -> list[tuple[str, str]]:
@@ -105,15 +77,29 @@ async def _rest(stream: Any, method: str, path: str, events: bool) -> AsyncItera
 
 @serve.ingress(app)
 class Ingress:
-    """Routes by `model` to one deployment handle per model."""
+    """Routes by `model` to one deployment handle per model. With API keys, every route but
+    `fornax serve`'s public ones (health, ping, version, docs) needs one before anything else,
+    so no model lookup (its 404) answers a client without a key."""
 
-    def __init__(self, models: list[tuple[list[str], DeploymentHandle, float]]) -> None:
+    def __init__(self, models: list[tuple[list[str], DeploymentHandle, float]],
+                 api_keys: list[str] | None = None) -> None:
+        self._keys = [k.encode() for k in server_keys(api_keys)]
         self.models = [ModelRoute(names, handle, retry) for names, handle, retry in models]
         self.by_name: dict[str, ModelRoute] = {}
         for model in self.models:
             for name in model.names:
                 self.by_name.setdefault(name, model)
         self._runners: dict[int, str] = {}
+
+    # ---- API keys (the same rule and check as `fornax serve`: api/server/api_keys.py) ---------
+    def _refused(self, path: str, headers: Any, given: str | None = None) -> bool:
+        """Whether a request must be refused for want of a valid API key."""
+        from fornax.api.server.app import PUBLIC_PATHS
+
+        if not self._keys or path in PUBLIC_PATHS:
+            return False
+        given = given if given is not None else presented_key(headers)
+        return given is None or not key_matches(given, self._keys)
 
     # ---- which model -------------------------------------------------------------------------
     async def _runner(self, model: ModelRoute) -> str:
@@ -139,7 +125,7 @@ class Ingress:
                    content_type: str | None) -> ModelRoute:
         name = query_model
         if method == "POST" and path not in _QUERY_MODEL_POSTS:
-            name = _body_model(path, body, content_type)
+            name = router_fields(path, body, content_type).model
         elif path.startswith("/v1/models/"):
             name = path[len("/v1/models/"):].removesuffix("/load").removesuffix("/unload")
         if name:
@@ -191,6 +177,8 @@ class Ingress:
     # ---- routes --------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
+        if self._refused("/v1/models", request.headers):
+            return error(unauthorized())
         data: list[Any] = []
         for model in self.models:
             try:
@@ -224,6 +212,8 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         """Every replica's metrics, each sample labelled with its replica."""
+        if self._refused("/metrics", request.headers):
+            return error(unauthorized())
         texts: list[tuple[str, str]] = []
         for model in self.models:
             found = await model.handle.broadcast("metrics_text", _headers(request)).results_async(
@@ -241,8 +231,12 @@ class Ingress:
 
     @app.websocket("/v1/realtime")
     async def realtime(self, websocket: WebSocket) -> None:
+        from fornax.api.realtime.routes import REALTIME_PATH, offered_key
         from fornax.ray_serve.realtime import relay
 
+        if self._refused(REALTIME_PATH, {}, offered_key(websocket.scope) or ""):
+            await websocket.close(1008, "a valid API key is required")
+            return
         name = websocket.query_params.get("model")
         try:
             model = (self.by_name[name] if name in self.by_name else
@@ -259,6 +253,10 @@ class Ingress:
     @app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str) -> Response:
         path = "/" + path
+        preflight = request.method == "OPTIONS" and \
+            "access-control-request-method" in request.headers  # the child's CORS answers it
+        if not preflight and self._refused(path, request.headers):
+            return error(unauthorized())
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > RAY_INGRESS_BODY_BYTES:
             return error(APIError(413, f"the request body is over {RAY_INGRESS_BODY_BYTES} "

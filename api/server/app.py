@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ from fornax.api.routes import (
 )
 from fornax.api.routes.pooling_common import check_route_runner
 from fornax.api.server import docs_page, openapi
+from fornax.api.server.api_keys import key_matches, unauthorized
 from fornax.api.server.errors import APIError
 from fornax.api.server.http import (
     ClientDisconnected,
@@ -239,9 +239,7 @@ class FornaxApp:
                     and self.state and self.state.settings.allowed_origins:
                 return self._preflight(req, extra)
             if req.path not in PUBLIC_PATHS and self._keys and not self._authorized(req):
-                raise APIError(401, "Unauthorized: a valid API key is required "
-                               "(Authorization: Bearer <key>, or x-api-key: <key>)",
-                               type="AuthenticationError")
+                raise unauthorized()
             handler, params = self._route(req)
             await req.state.models.select(req)  # many models: the one the request names
             check_route_runner(req)  # generation routes on a pooling model: 501
@@ -277,12 +275,7 @@ class FornaxApp:
         return given is not None and self._key_ok(given)
 
     def _key_ok(self, given: bytes | str) -> bool:
-        if isinstance(given, str):
-            given = given.encode("utf-8", "replace")
-        ok = False
-        for key in self._keys:  # constant time: every key compared, no early exit
-            ok |= hmac.compare_digest(given, key)
-        return ok
+        return key_matches(given, self._keys)
 
     # ---- CORS (closed unless --allowed-origins) --------------------------------------------------
     def _origin_allowed(self, origin: str | None) -> bool:

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 import msgspec
 
 from fornax.api.protocol.fields import check_json_fields
+from fornax.api.server.api_keys import presented_key
 from fornax.api.server.errors import APIError, from_validation_error
 from fornax.runtime.limits import MAX_JSON_DEPTH, json_too_deep
 
@@ -54,12 +55,7 @@ class Request:
     def presented_key(self) -> str | None:
         """The API key the client sent: `Authorization: Bearer <key>`, else `x-api-key: <key>`
         (Anthropic clients); None when it sent neither."""
-        scheme, _, token = self.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            return token.strip()
-        if "x-api-key" in self.headers:
-            return self.headers["x-api-key"].strip()
-        return None
+        return presented_key(self.headers)
 
     @property
     def query(self) -> dict[str, list[str]]:

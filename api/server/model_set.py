@@ -63,6 +63,52 @@ class _Named(msgspec.Struct):
     keep_alive: Any = None
 
 
+class RouterFields(msgspec.Struct):
+    """What a request body says about its model: `model` (a string, else None), `keep_alive`
+    as sent (keep_alive_seconds checks it) and, for /invocations, whether it is a generation
+    body."""
+
+    model: str | None = None
+    keep_alive: Any = None
+    generate: bool = False
+
+
+def router_fields(path: str, body: bytes, content_type: str | None) -> RouterFields:
+    """The router fields of a POST body (pure; `fornax serve`'s many-model router and the Ray
+    ingress both read them here): the JSON body's fields on the JSON routes, the audio form's
+    parts on the audio routes (the last of each wins, as in the form parser; a `model` that is
+    not UTF-8 names none, such a `keep_alive` is refused). A body that cannot be read names
+    nothing: its handler answers it with the usual 400."""
+    if path in _AUDIO_PATHS:
+        try:
+            parts = parse_multipart(body, content_type)
+        except MultipartError:
+            return RouterFields()
+        found: dict[str, str | None] = {}
+        for part in reversed(parts):
+            if part.name in ("model", "keep_alive") and part.name not in found:
+                try:
+                    found[part.name] = part.text().strip() or None  # as the form parser reads it
+                except MultipartError:
+                    found[part.name] = None if part.name == "model" else "(not UTF-8)"
+        return RouterFields(found.get("model"), found.get("keep_alive"))
+    if path not in _JSON_PATHS:
+        return RouterFields()
+    try:
+        named = msgspec.json.decode(body, type=_Named)
+    except (msgspec.DecodeError, RecursionError):
+        return RouterFields()
+    fields = RouterFields(named.model if isinstance(named.model, str) else None,
+                          named.keep_alive)
+    if path == "/invocations":
+        try:
+            raw = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError):
+            return fields
+        fields.generate = isinstance(raw, dict) and any(k in raw for k in _GENERATE_KEYS)
+    return fields
+
+
 def keep_alive_seconds(value: Any) -> float | None:
     """A request's keep_alive (Ollama's): seconds, or a duration ("30s", "5m", "1h"), for the
     model to stay loaded after the request; 0 unloads it at once, a negative value keeps it
@@ -301,20 +347,14 @@ class ModelSet:
             name = (req.query.get("model") or [""])[-1]
             req.state = self.find(name) if name else self.default_for(path)
             return
-        keep_alive, generate = None, False
-        if path in _AUDIO_PATHS:
-            name, keep_alive_text = await _form_model(req)
-            keep_alive = keep_alive_seconds(keep_alive_text)
-        elif path in _JSON_PATHS:
-            body = await _json_model(req)
-            name = body.model if isinstance(body.model, str) else None
-            keep_alive = keep_alive_seconds(body.keep_alive)
-            generate = isinstance(body, _Keys) and body.generate
-            if path == "/invocations" and not name:
-                req.state = self.first("generate" if generate else "pooling")
-                await self.acquire(req, keep_alive)
-                return
-        else:
+        if path not in _AUDIO_PATHS and path not in _JSON_PATHS:
+            return
+        fields = router_fields(path, await _router_body(req), req.headers.get("content-type"))
+        name, generate = fields.model, fields.generate
+        keep_alive = keep_alive_seconds(fields.keep_alive)
+        if path == "/invocations" and not name:
+            req.state = self.first("generate" if generate else "pooling")
+            await self.acquire(req, keep_alive)
             return
         req.state = self.find(name) if name else self.default_for(path)
         if serves(req.state, path, generate):  # else its 501 comes without loading the model
@@ -331,51 +371,17 @@ class ModelSet:
         return self.primary
 
 
-class _Keys(_Named):
-    """/invocations: whether the body looks like a generation request."""
-
-    generate: bool = False
-
-
-async def _json_model(req: Request) -> _Named:
-    """The body's `model`; a body that is not a JSON object names none (its handler refuses it
-    with the usual 400). The body is read here under its usual limit and kept for the handler."""
-    body = await req.body()
-    try:
-        named = msgspec.json.decode(body, type=_Named)
-    except (msgspec.DecodeError, RecursionError):
-        return _Named()
-    if req.path == "/invocations":
-        keys = _Keys(model=named.model, keep_alive=named.keep_alive)
-        try:
-            raw = msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError):
-            return keys
-        keys.generate = isinstance(raw, dict) and any(k in raw for k in _GENERATE_KEYS)
-        return keys
-    return named
-
-
-async def _form_model(req: Request) -> tuple[str | None, str | None]:
-    """The audio form's `model` and `keep_alive` parts (read under the audio route's own body
-    limit; the last of each wins, as in the form parser)."""
+async def _router_body(req: Request) -> bytes:
+    """The body the router reads, under its route's usual limit (the audio routes': the form's,
+    kept for the handler); b"" for an audio form declared over that limit: its handler answers
+    413 before reading it."""
+    if req.path not in _AUDIO_PATHS:
+        return await req.body()
     from fornax.api.routes.audio import _FORM_SLACK_BYTES, max_audio_bytes
 
     limit = max(max_audio_bytes(req.state) + _FORM_SLACK_BYTES,
                 req.state.settings.max_request_body_bytes)
     declared = req.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        return None, None  # the handler answers 413 before reading it
-    body = await req.body(limit=limit)
-    try:
-        parts = parse_multipart(body, req.headers.get("content-type"))
-    except MultipartError:
-        return None, None
-    found: dict[str, str | None] = {}
-    for part in reversed(parts):
-        if part.name in ("model", "keep_alive") and part.name not in found:
-            try:
-                found[part.name] = part.text().strip() or None  # as the form parser reads it
-            except MultipartError:  # not UTF-8: no model; a keep_alive that keep_alive refuses
-                found[part.name] = None if part.name == "model" else "(not UTF-8)"
-    return found.get("model"), found.get("keep_alive")
+        return b""
+    return await req.body(limit=limit)

@@ -16,6 +16,7 @@ from fornax.api.engine.launcher import EngineLauncher, EngineStartError
 from fornax.api.engine.launcher_group import EngineGroup
 from fornax.api.engine.model_manager import ModelManager
 from fornax.api.routes.chat_features import check_chat_flags
+from fornax.api.server.api_keys import server_keys
 from fornax.api.server.args import engine_kwargs, settings_kwargs, vllm_config_notes
 from fornax.api.server.logging_setup import logging_dictconfig, setup_logging
 from fornax.api.server.model_entries import ModelEntry, model_entries
@@ -182,10 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     model, kwargs = entries[0].model, entries[0].kwargs
-    api_keys = list(args.api_key or [])
-    for var in (env.API_KEY, env.VLLM_API_KEY):
-        if not api_keys and (key := var.get()):
-            api_keys = [key]
+    api_keys = server_keys(args.api_key)
     server_shown = {k: v for k, v in {
         "served_model_name": entries[0].served if not many else None,
         "api_server_count": args.api_server_count,

@@ -19,7 +19,7 @@ import openai
 import pytest
 import ray
 from ray import serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from fornax.ray_serve.app import APP_NAME, application
@@ -245,3 +245,36 @@ def test_a_killed_child_leaves_the_app_serving_and_is_replaced(url):
 
     _wait("Ray to replace the replica whose child died", replaced, 120)
     assert not alive(victim["actor_pid"])
+
+
+@pytest.fixture(scope="module")
+def keyed(url) -> str:
+    """A second application on the same cluster, with an API key (one model, one replica)."""
+    config = {"max_model_len": 256, "kv_cache_memory": "16MiB", "api_key": "k",
+              "deployment": {"ray_actor_options": {"num_cpus": 0.5}},
+              "models": [{"model": str(tiny_model_path("llama")), "served_model_name": "tiny"}]}
+    serve.run(application(plan_from_mapping(config)), name="keyed", route_prefix="/keyed")
+    return url + "/keyed"
+
+
+def test_the_ingress_checks_the_api_key_before_any_model_lookup(keyed):
+    """An unknown model's 404 needs the key: without one every route but health answers 401
+    (the WebSocket is refused before any model lookup), so model names cannot be probed; with
+    it, the usual answers."""
+    body = {"model": "probe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"x-api-key": "kk"}):
+        r = httpx.post(keyed + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError", r.text
+        assert httpx.get(keyed + "/v1/models", headers=headers, timeout=60).status_code == 401
+        assert httpx.get(keyed + "/metrics", headers=headers, timeout=60).status_code == 401
+    ws_url = keyed.replace("http", "ws", 1) + "/v1/realtime?model=probe"
+    with pytest.raises(InvalidStatus) as refused:  # closed before the handshake: 403
+        ws_connect(ws_url, open_timeout=30)
+    assert refused.value.response.status_code == 403
+    assert httpx.get(keyed + "/health", timeout=60).status_code == 200
+    auth = {"x-api-key": "k"}
+    unknown = httpx.post(keyed + "/v1/chat/completions", json=body, headers=auth, timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    served = httpx.post(keyed + "/v1/chat/completions", json={**body, "model": "tiny"},
+                        headers={"authorization": "Bearer k"}, timeout=120)
+    assert served.status_code == 200 and served.json()["model"] == "tiny", served.text

@@ -8,6 +8,7 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fornax.api.cli import build_parser
 from fornax.api.server.argv import normalize_serve_argv, subparser
@@ -129,3 +130,50 @@ def test_a_route_loads_its_model_only_when_the_model_serves_it():
     assert serves(pooling, "/v1/embeddings") and not serves(chat, "/v1/embeddings")
     assert serves(speech, "/v1/audio/transcriptions") and not serves(chat, "/v1/audio/translations")
     assert serves(chat, "/v1/chat/completions") and not serves(pooling, "/v1/completions")
+
+
+_FORM = "multipart/form-data; boundary=xx"
+
+
+def _form(*parts: tuple[str, bytes]) -> bytes:
+    out = b"".join(b'--xx\r\nContent-Disposition: form-data; name="' + name.encode()
+                   + b'"\r\n\r\n' + value + b"\r\n" for name, value in parts)
+    return out + b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.wav"' \
+        b"\r\n\r\nRIFF\r\n--xx--\r\n"
+
+
+def test_router_fields_of_json_bodies_and_audio_forms():
+    """The one reader of a body's `model` (fornax serve's many-model router and the Ray ingress):
+    JSON field or audio form part, the last part wins, undecodable names none."""
+    from fornax.api.server.model_set import RouterFields, router_fields
+
+    assert router_fields("/v1/chat/completions", b'{"model": "a", "messages": [],'
+                         b' "keep_alive": "5m"}', None) == RouterFields("a", "5m")
+    assert router_fields("/v1/embeddings", b'{"model": 3}', None) == RouterFields()
+    assert router_fields("/v1/completions", b"not json", None) == RouterFields()
+    assert router_fields("/v1/completions", b"[" * 100_000, None) == RouterFields()
+    assert router_fields("/v1/responses/abc", b'{"model": "a"}', None) == RouterFields()
+    assert router_fields("/invocations", b'{"prompt": "x"}', None) == \
+        RouterFields(generate=True)
+    assert router_fields("/invocations", b'{"input": "x", "model": "e"}', None) == \
+        RouterFields("e")
+    audio = "/v1/audio/transcriptions"
+    assert router_fields(audio, _form(("model", b"whisper")), _FORM) == RouterFields("whisper")
+    assert router_fields(audio, _form(("model", b"a"), ("keep_alive", b"0"), ("model", b" b ")),
+                         _FORM) == RouterFields("b", "0")
+    assert router_fields(audio, _form(("model", b"\xff"), ("keep_alive", b"\xfe")), _FORM) == \
+        RouterFields(None, "(not UTF-8)")
+    assert router_fields(audio, b"garbage", "multipart/form-data") == RouterFields()
+    assert router_fields(audio, _form(("model", b"a")), None) == RouterFields()
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(["/v1/chat/completions", "/invocations", "/v1/audio/translations",
+                             "/v1/embeddings", "/v1/responses"]),
+       body=st.binary(max_size=300) | st.builds(lambda v: json.dumps(v).encode(), any_json()),
+       content_type=st.sampled_from([None, _FORM, "multipart/form-data", "application/json"]))
+def test_fuzzed_bodies_give_router_fields_never_an_error(path, body, content_type):
+    from fornax.api.server.model_set import router_fields
+
+    fields = router_fields(path, body, content_type)
+    assert fields.model is None or isinstance(fields.model, str)

@@ -154,19 +154,3 @@ def test_build_app_for_serve_run_reads_the_same_file(tmp_path):
     options = deployment_options(spec)
     assert "policy" not in options["autoscaling_config"]  # Ray's own policy
     assert options["ray_actor_options"] == {"num_gpus": 2.0, "resources": {"accel": 1.0}}
-
-
-@pytest.mark.slow  # imports Ray Serve
-def test_ingress_reads_the_model_from_json_bodies_and_audio_forms():
-    from fornax.ray_serve.ingress import _body_model
-
-    assert _body_model("/v1/chat/completions", b'{"model": "a", "messages": []}', None) == "a"
-    assert _body_model("/v1/embeddings", b'{"model": 3}', None) is None
-    assert _body_model("/v1/completions", b"not json", None) is None
-    form = (b'--xx\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
-            b'--xx\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
-            b'RIFF\r\n--xx--\r\n')
-    assert _body_model("/v1/audio/transcriptions", form,
-                       "multipart/form-data; boundary=xx") == "whisper"
-    assert _body_model("/v1/audio/transcriptions", b"garbage", "multipart/form-data") is None
-    assert _body_model("/v1/responses/abc", b'{"model": "a"}', None) is None  # not a JSON route

@@ -234,7 +234,7 @@ class Ingress:
         from fornax.api.realtime.routes import REALTIME_PATH, offered_key
         from fornax.ray_serve.realtime import relay
 
-        if self._refused(REALTIME_PATH, {}, offered_key(websocket.scope) or ""):
+        if self._refused(REALTIME_PATH, {}, offered_key(dict(websocket.scope)) or ""):
             await websocket.close(1008, "a valid API key is required")
             return
         name = websocket.query_params.get("model")

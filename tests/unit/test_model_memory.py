@@ -85,6 +85,18 @@ class FakeEngines:
         return AdminResult(0, 200, "", self.asleep[i])
 
 
+def hold(engines: FakeEngines, command: str, release: threading.Event) -> None:
+    """The engines' admin `command` (sleep, wake_up) waits until `release` is set (10 s at most)."""
+    plain_admin = engines.admin
+
+    def slow_admin(i: int, given: str, level: int = 1) -> AdminResult:
+        if given == command:
+            release.wait(10)
+        return plain_admin(i, given, level)
+
+    engines.admin = slow_admin  # type: ignore[method-assign]
+
+
 def until(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 10
     while not check():
@@ -307,14 +319,7 @@ def test_unload_while_a_model_falls_asleep_unloads_it() -> None:
     is stopped once the sleep is over (it was answered as done, but the model stayed asleep)."""
     engines = FakeEngines([2 * GIB])
     asleep = threading.Event()
-    plain_admin = engines.admin
-
-    def slow_admin(i: int, command: str, level: int = 1) -> AdminResult:
-        if command == "sleep":
-            asleep.wait(10)
-        return plain_admin(i, command, level)
-
-    engines.admin = slow_admin  # type: ignore[method-assign]
+    hold(engines, "sleep", asleep)
     mgr = manager_of(engines, 0, [True], idle=[0.2], actions=["sleep"])
 
     async def body(client: ManagerClient) -> None:
@@ -346,14 +351,7 @@ def test_unload_while_a_model_loads_or_wakes_unloads_it_and_refuses_its_waiters(
 
         engines.launchers[0].start = slow_start
     else:
-        plain_admin = engines.admin
-
-        def slow_admin(i: int, command: str, level: int = 1) -> AdminResult:
-            if command == "wake_up":
-                release.wait(10)
-            return plain_admin(i, command, level)
-
-        engines.admin = slow_admin  # type: ignore[method-assign]
+        hold(engines, "wake_up", release)
     mgr = manager_of(engines, 0, [doing == "waking"], idle=[0.2], actions=["sleep"])
 
     async def body(client: ManagerClient) -> None:

@@ -42,10 +42,14 @@ FORNAX_NATIVE_KERNELS: bool = 1
     0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch
 FORNAX_FUSED_DECODE: bool = 1
     0: decode-only CPU steps run the decoder layers op by op instead of in one C call
-    (runtime/kernels/fused_decode.py; bf16 activations, weights kept quantized), for comparison
+    (runtime/kernels/fused_decode.py; bf16 activations, weights kept quantized or dense bf16),
+    for comparison
 FORNAX_GGUF_DEQUANTIZE: bool = 0
     1: a GGUF model's weights are dequantized at load (the path before `--quantization gguf`,
     for comparison) instead of kept quantized; its prepared folder is cached separately
+FORNAX_GRAMMAR_PREWARM: bool = 0
+    1: the engine core loads xgrammar (with transformers: ~50 MiB resident) right after start-up,
+    so the first request with an output constraint does not wait for it (~2 s on a quiet CPU)
 CC: str
     the C compiler that builds the native kernels (else gcc, cc, clang)
 FORNAX_KERNEL_SANITIZE: str
@@ -190,6 +194,7 @@ CPU_LINEAR: EnvVar[str] = _var("FORNAX_CPU_LINEAR")
 NATIVE_KERNELS: EnvVar[bool] = _var("FORNAX_NATIVE_KERNELS")
 FUSED_DECODE: EnvVar[bool] = _var("FORNAX_FUSED_DECODE")
 GGUF_DEQUANTIZE: EnvVar[bool] = _var("FORNAX_GGUF_DEQUANTIZE")  # read by loaders/model_files.py
+GRAMMAR_PREWARM: EnvVar[bool] = _var("FORNAX_GRAMMAR_PREWARM")  # read by engine/process.py
 CC: EnvVar[str | None] = _var("CC")
 KERNEL_SANITIZE: EnvVar[str | None] = _var("FORNAX_KERNEL_SANITIZE")
 FLASHINFER_TENSOR_CORES: EnvVar[bool | None] = _var("FORNAX_FLASHINFER_TENSOR_CORES")
@@ -215,7 +220,7 @@ OPENAI_API_KEY: EnvVar[str | None] = _var("OPENAI_API_KEY")
 # when an engine core is built, so a bad value refuses to start instead of failing steps later.
 ENGINE_VARIABLES: tuple[EnvVar[Any], ...] = (
     CPU_LINEAR, NATIVE_KERNELS, FUSED_DECODE, FLASHINFER_TENSOR_CORES, FLASHINFER_PREFILL_BACKEND,
-    FLASHINFER_DECODE_BACKEND)
+    FLASHINFER_DECODE_BACKEND, GRAMMAR_PREWARM)
 
 
 def check_engine_variables() -> None:

@@ -117,8 +117,10 @@ class EngineCoreProcess:
         handshake.send(self.encoder.encode(self._ready()))
         handshake.close()
         # xgrammar (and the transformers it imports, ~50 MiB resident with the tokenizer info)
-        # loads on the first constrained request, not here: a server that never constrains
-        # output does not hold it (runtime/structured_output/grammar.py)
+        # loads on the first constrained request, unless asked for now: a server that never
+        # constrains output does not hold it (runtime/structured_output/grammar.py)
+        if self.core.structured is not None and env.GRAMMAR_PREWARM.get():
+            self.core.structured.prewarm()
         code = 0
         try:
             self._busy_loop()

@@ -5,13 +5,15 @@ requests of the n / best_of candidates with their seeds (torch-free, any process
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fornax.runtime.engine.messages import EngineCoreRequest
 from fornax.runtime.errors import RequestError
 from fornax.runtime.limits import DEFAULT_LIMITS, INT64_MAX, InputLimits
 from fornax.runtime.sampling.params import SamplingParams
-from fornax.runtime.text.tokenizer import TokenizerFront
+
+if TYPE_CHECKING:  # the engine core imports this module; it never tokenizes (no tokenizers/jinja2)
+    from fornax.runtime.text.tokenizer import TokenizerFront
 
 # generation_config.json keys that become default sampling values (`--generation-config auto`)
 _GEN_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",

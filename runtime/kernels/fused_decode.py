@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ _SEGMENTS = 3  # decode_layers_cpu.c: SEGS, row segments of different kinds in o
 _WEIGHT_FIELDS = _SEGMENTS + 2  # W_N: the segments' descriptors, the bias, a dense weight
 _LAYER_FIELDS = 4 * _WEIGHT_FIELDS + 5  # L_N int64 per layer
 _SHAPE_FIELDS = 8  # S_N
+_SHAPE_BLOCK = 6  # S_BLOCK: the KV block size
 _CACHE = _LAYER_FIELDS - 1  # L_CACHE: the layer's KV cache address
 
 
@@ -36,6 +38,8 @@ class FusedDecode:
         self._eps, self._scale, self._rotary = eps, scale, rotary
         self._max_rows = max_rows
         self._caches: tuple[int, ...] = ()
+        self._blocks = 0  # blocks in each layer's KV cache (set with the caches)
+        self._block_size = int(shape[_SHAPE_BLOCK])
 
     @property
     def max_rows(self) -> int:
@@ -60,7 +64,7 @@ class FusedDecode:
             if any(c.dtype is not torch.bfloat16 or not c.is_contiguous() for c in kv_caches):
                 raise RuntimeError("fused decode needs contiguous bf16 KV caches")
             self._plan[:, _CACHE] = torch.tensor(caches, dtype=torch.int64)
-            self._caches = caches
+            self._caches, self._blocks = caches, min(c.shape[0] for c in kv_caches)
         x = x.contiguous()
         rows = x.shape[0]
         pos = positions[:rows]
@@ -72,6 +76,10 @@ class FusedDecode:
         rows_of = _kernel_rows(metadata)
         assert rows_of is not None  # covers() said so
         table, seq_lens = rows_of
+        problem = _rows_problem(rows, table, seq_lens, self._block_size, self._blocks, pos,
+                                k_rows)
+        if problem:  # the kernel reads the table, the caches and these on trust
+            raise RuntimeError(f"fused decode: {problem}")
         status = self._lib.fornax_decode_layers(
             self._plan.data_ptr(), self._plan.shape[0], self._shape.data_ptr(), self._eps,
             self._scale, x.data_ptr(), rows, pos.data_ptr(), k_rows.data_ptr(), table.ctypes.data,
@@ -80,6 +88,29 @@ class FusedDecode:
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status}) for {rows} rows")
         return x
+
+
+def _rows_problem(rows: int, table: Any, seq_lens: Any, block_size: int, blocks: int,
+                  positions: torch.Tensor, k_rows: torch.Tensor) -> str:
+    """Why a step's rows do not fit what the kernel reads ('' when they do): one C-contiguous
+    int32 block-table row and context length per token, contexts of 1 up to the table's width
+    in blocks that are in the cache, a position and a K row per token. Once per step."""
+    if (table.dtype != np.int32 or seq_lens.dtype != np.int32 or table.ndim != 2
+            or not table.flags.c_contiguous or not seq_lens.flags.c_contiguous
+            or table.shape[0] != rows or seq_lens.shape != (rows,)):
+        return f"block table {table.dtype} {table.shape} / context lengths for {rows} rows"
+    if positions.numel() < rows or k_rows.numel() < rows:
+        return f"{positions.numel()} positions and {k_rows.numel()} K rows for {rows} rows"
+    longest, shortest = int(seq_lens.max()), int(seq_lens.min())
+    if shortest < 1 or longest > table.shape[1] * block_size:
+        return f"contexts of {shortest} to {longest} over {table.shape[1]} blocks of {block_size}"
+    used = table[:, :-(-longest // block_size)]
+    if int(used.min()) < 0 or int(used.max()) >= blocks:  # then exactly: each row's own blocks
+        live = np.arange(used.shape[1]) < (seq_lens[:, None] + block_size - 1) // block_size
+        ids = used[live]
+        if int(ids.min()) < 0 or int(ids.max()) >= blocks:
+            return f"a block outside the cache's {blocks}"
+    return ""
 
 
 def _kernel_rows(metadata: Any) -> tuple[Any, Any] | None:

@@ -5,12 +5,14 @@ Run them under the sanitizers too (tests/kernels/README.md): a fault kills the e
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from test_fused_decode import portable_kernels  # noqa: F401 (a fixture: the AVX2-only build)
 
 from fornax.runtime import LLM, SamplingParams
+from fornax.runtime.kernels import fused_decode
 from fornax.runtime.kernels.fused_decode import FusedDecode
 from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS
 from helpers.gguf_models import MIXED_TYPES, write_llama_gguf
@@ -202,3 +204,31 @@ def test_blocks_larger_than_the_portable_tile_and_rows_at_the_limit(model, tmp_p
     assert results[True] == results[False]
     assert len(results[True][0][0]) == 6
     assert FUSED_MAX_ROWS in calls and max(calls) == FUSED_MAX_ROWS
+
+
+@pytest.mark.parametrize("fault", ["narrow table", "block outside the cache"])
+def test_step_rows_the_kernel_would_read_past_fail_the_step_not_the_process(
+        model, tmp_path, monkeypatch, fault):
+    """The fused call reads each row's block ids up to its context and those blocks of the
+    cache on trust; rows that do not fit (here forged) fail that step's requests with an error
+    instead of reading past the table or the cache, and the engine goes on."""
+    llm = _llm(model, tmp_path, monkeypatch)
+    inner = fused_decode._kernel_rows
+    blocks = llm.engine.runner.kv_caches[0].shape[0]
+
+    def forged(metadata):
+        rows = inner(metadata)
+        if rows is None:
+            return None
+        table, seq_lens = rows
+        if fault == "narrow table":
+            return np.ascontiguousarray(table[:, :1]), seq_lens
+        return table + blocks, seq_lens
+
+    monkeypatch.setattr(fused_decode, "_kernel_rows", forged)
+    prompt = {"prompt_token_ids": [9 + i % 60 for i in range(2 * BLOCK + 3)]}
+    failed = llm.generate(prompt, _greedy(4))[0].outputs[0]
+    assert failed.error is not None and "fused decode" in failed.error
+    monkeypatch.setattr(fused_decode, "_kernel_rows", inner)
+    assert len(_tokens(llm.generate(prompt, _greedy(4)))[0]) == 4
+    llm.close()

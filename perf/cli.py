@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("throughput", "latency", "serve", "compare", "embed", "sampler", "structured",
                "asr", "realtime", "decode-floor", "modes", "cpu-linear",
-               "cpu-attention", "ray-affinity", "many-models")
+               "cpu-attention", "ray-affinity", "many-models", "memory")
 
 
 def _as_exit_code(func: Any) -> Any:
@@ -41,6 +41,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
         many_models,
         quant_linear,
         ray_affinity,
+        resident_memory,
         sampler,
         serve,
         structured,
@@ -49,7 +50,7 @@ def add_bench_subcommands(subparsers: Any) -> None:
 
     for module in (throughput, latency, serve, compare, embed, sampler, structured, bench_asr,
                    bench_realtime, gpu_decode_floor, gpu_modes, cpu_linear, cpu_attention,
-                   quant_linear, ray_affinity, many_models):
+                   quant_linear, ray_affinity, many_models, resident_memory):
         parser = module.add_parser(subparsers)
         parser.set_defaults(func=_as_exit_code(parser.get_default("func")))
 

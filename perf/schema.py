@@ -58,6 +58,9 @@ METRICS: dict[str, list[str]] = {
     "cpu_attention": [],
     "step_split": ["step_ms", "schedule_ms", "prepare_inputs_ms", "forward_ms", "compute_logits_ms",
                    "sampler_ms", "host_ms", "decode_tok_s"],
+    # the engine's RSS in MiB (resident_memory.py); after_structured_* unless --no-structured
+    "memory": ["file_mib", "kv_cache_mib", "bound_mib", "ready_rss_mib", "after_requests_rss_mib",
+               "peak_rss_mib"],
 }
 STARTUP: dict[str, list[str]] = {
     "throughput": ["load_s", "warmup_s"],
@@ -72,6 +75,7 @@ STARTUP: dict[str, list[str]] = {
     "cpu_linear": ["pack_s"],
     "cpu_attention": [],
     "step_split": ["load_s"],
+    "memory": ["start_s"],
 }
 PEER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "metrics": (dict,), "startup": (dict,)}
 

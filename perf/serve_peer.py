@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ PEERS = ("llama.cpp",)
 ENGINE_MARKER = "fornax.runtime.engine.process"  # the engine core's command line
 NO_PREFIX_CACHING = "--no-enable-prefix-caching"
 MIB = 1 << 20
+IDLE_S = 1.5  # quiet before the resident memory is read
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,9 +126,12 @@ def start_llama(args: argparse.Namespace, requests: list[BenchRequest]
 
 
 def memory(pid: int | None, engine_marker: str | None) -> dict[str, Any] | None:
-    """The engine process's RSS (and every process under `pid`), or None without a pid."""
+    """The engine process's RSS (and every process under `pid`), or None without a pid; read
+    after IDLE_S of quiet, as for any server (fornax's engine hands its free heap pages back
+    to the OS once its loop has been idle for 0.5 s)."""
     if not pid:
         return None
+    time.sleep(IDLE_S)
     return process_tree_memory(pid, engine_marker)
 
 

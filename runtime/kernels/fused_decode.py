@@ -20,6 +20,10 @@ _LAYER_FIELDS = 4 * _WEIGHT_FIELDS + 5  # L_N int64 per layer
 _SHAPE_FIELDS = 8  # S_N
 _SHAPE_BLOCK = 6  # S_BLOCK: the KV block size
 _CACHE = _LAYER_FIELDS - 1  # L_CACHE: the layer's KV cache address
+# Dense weights without an AMX pack to share get a copy in the tile layout; beyond this many
+# bytes of them (a second copy of a large model costs more memory than the call saves time, as
+# packing.py's limit for its second pack) the stack keeps the per-op path.
+_COPY_MAX_BYTES = 2 << 30
 
 
 class FusedDecode:
@@ -210,6 +214,12 @@ def _plan_layer(layer: Any, keep: list[torch.Tensor], packs: list[torch.Tensor]
     return row + [0]
 
 
+def _linears(layers: list[Any]) -> list[Any]:
+    """Every layer's q|k|v, o, gate|up and down."""
+    return [lin for layer in layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+
 def _dense_engine(layers: list[Any], packs: list[torch.Tensor], max_rows: int
                   ) -> tuple[int, int]:
     """(1 when the dense weights run on the AMX tiles, the most rows a call takes). AMX where the
@@ -218,9 +228,7 @@ def _dense_engine(layers: list[Any], packs: list[torch.Tensor], max_rows: int
     to oneDNN above it."""
     from fornax.runtime.kernels.amx_linear import AMX_MAX_ROWS, amx_supported
 
-    linears = [lin for layer in layers
-               for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                           layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    linears = [lin for lin in _linears(layers)
                if lin.packed_weight is not None and lin.packed_weight.quant is None]
     if not linears or packs or not amx_supported():
         return 0, max_rows
@@ -251,6 +259,13 @@ def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
     if lib is None or lib.fornax_decode_layers_fields() != _LAYER_FIELDS * 100 + _SHAPE_FIELDS:
         return False
     layers = list(decoder.layers)
+    copy_bytes = sum(lin.weight.numel() * 2 for lin in _linears(layers)
+                     if lin.packed_weight is None or (lin.packed_weight.quant is None
+                                                      and lin.packed_weight.amx is None))
+    if copy_bytes > _COPY_MAX_BYTES:
+        logger.info("fused decode off: its copy of the dense weights would take %.1f GiB",
+                    copy_bytes / 2**30)
+        return False
     rotary = layers[0].self_attn.rotary
     eps = layers[0].input_layernorm.eps
     keep: list[torch.Tensor] = []

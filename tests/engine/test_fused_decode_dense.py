@@ -128,13 +128,11 @@ def test_without_amx_the_vdpbf16ps_loop_matches_onednn(tiny_model, tmp_path, mon
 
 @pytest.mark.slow
 @pytest.mark.parametrize("amx", [True, False], ids=["amx-or-native", "no-amx"])
-def test_dequantized_smollm2_matches_the_per_op_path(packaged_gguf, tmp_path, monkeypatch, amx):
+def test_dequantized_smollm2_matches_the_per_op_path(packaged_gguf, tmp_path, monkeypatch, amx,
+                                                    request):
     """The packaged model's weights dequantized to dense bf16 (FORNAX_GGUF_DEQUANTIZE=1)."""
     if not amx:
-        from fornax.runtime.kernels import amx_linear, packing
-
-        monkeypatch.setattr(amx_linear, "amx_supported", lambda: False)
-        monkeypatch.setattr(packing, "amx_supported", lambda: False)
+        request.getfixturevalue("no_amx")
     monkeypatch.setenv("FORNAX_GGUF_DEQUANTIZE", "1")
     calls = _compare(str(packaged_gguf), tmp_path, monkeypatch, max_tokens=32)
     assert 1 in calls
@@ -147,3 +145,16 @@ def test_portable_build_dense_matches_its_per_op_path(tiny_model, tmp_path, monk
     calls = _compare(str(_checkpoint(tiny_model, "qwen3-tail", tmp_path)), tmp_path / "cache",
                      monkeypatch, max_tokens=24)
     assert 4 in calls and 1 in calls
+
+
+@pytest.mark.usefixtures("no_amx")
+def test_no_copy_of_dense_weights_past_the_memory_limit(tiny_model, tmp_path, monkeypatch):
+    """Without AMX packs to share, the call's own copy of the dense weights has a size limit;
+    past it the stack keeps the per-op path (and still generates)."""
+    from fornax.runtime.kernels import fused_decode
+
+    monkeypatch.setattr(fused_decode, "_COPY_MAX_BYTES", 1000)
+    llm = _llm(str(_checkpoint(tiny_model, "llama", tmp_path)), tmp_path / "cache", True)
+    assert llm.engine.runner.model.model.fused_decode is None
+    assert len(_run(llm, LONG_PROMPTS[:1], 4)[0]) == 4
+    llm.close()

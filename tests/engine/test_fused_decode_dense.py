@@ -158,3 +158,19 @@ def test_no_copy_of_dense_weights_past_the_memory_limit(tiny_model, tmp_path, mo
     assert llm.engine.runner.model.model.fused_decode is None
     assert len(_run(llm, LONG_PROMPTS[:1], 4)[0]) == 4
     llm.close()
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-or-native", "no-amx"])
+def test_sleep_level_2_drops_the_dense_plan_and_wake_up_rebuilds_it(tiny_model, tmp_path, amx,
+                                                                    request):
+    if not amx:
+        request.getfixturevalue("no_amx")  # the plan holds its own copy of the weights
+    llm = _llm(str(_checkpoint(tiny_model, "qwen3", tmp_path)), tmp_path / "cache", True)
+    before = _run(llm, LONG_PROMPTS, 12)
+    decoder = llm.engine.runner.model.model
+    llm.engine.sleep(2)
+    assert decoder.fused_decode is None
+    llm.engine.wake_up()
+    assert decoder.fused_decode is not None
+    assert _run(llm, LONG_PROMPTS, 12) == before
+    llm.close()

@@ -27,7 +27,10 @@ def test_sigterm_while_replicas_wait_to_start_stops_everything(tmp_path):
     port = free_port()
     config = {"model": str(tiny_model_path("llama")), "served_model_name": "tiny",
               "host": "127.0.0.1", "port": port, "max_model_len": 256,
-              "deployment": {"ray_actor_options": {"num_cpus": 4096}}}  # never schedulable
+              # never schedulable; Serve holds its shutdown for a replica that never started
+              # for the whole grace period (default 20 s), so keep that short
+              "deployment": {"ray_actor_options": {"num_cpus": 4096},
+                             "graceful_shutdown_timeout_s": 1}}
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(config), "utf-8")
     log = Path(tempfile.mkstemp(prefix="fornax-serve-ray-", suffix=".log")[1])
     with open(log, "wb") as out:

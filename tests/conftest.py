@@ -62,7 +62,8 @@ def _flashinfer_importable() -> bool:
 
 # Fixtures that start a `fornax serve` or load a packaged model (tests/api/conftest.py,
 # tests/engine/conftest.py): a test that uses one, even through another fixture, is `slow`.
-SLOW_FIXTURES = frozenset({"main_server", "surfaces_server", "thinker_server", "packaged_gguf"})
+SLOW_FIXTURES = frozenset({"main_server", "surfaces_server", "thinker_server", "cross_server",
+                           "fuzz_fleet", "packaged_gguf"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

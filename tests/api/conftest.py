@@ -4,13 +4,24 @@ for it, shared by every module after that, and stopped by pytest at the end of t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
 import pytest
 
-from helpers.api_server import MAIN_ARGS, SURFACES_ARGS, ServerProcess, serving, tiny_model_path
+from helpers.api_server import (
+    CROSS_ARGS,
+    MAIN_ARGS,
+    SURFACES_ARGS,
+    ServerProcess,
+    serving,
+    tiny_model_path,
+)
 from helpers.thinker import thinker_args, thinker_model
+
+if TYPE_CHECKING:
+    from helpers.fuzzing.fleet import Fleet
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +62,26 @@ def thinker_http(thinker_server: ServerProcess) -> Iterator[httpx.Client]:
     """An httpx client on the thinker server's root (/tokenize, raw JSON bodies)."""
     with httpx.Client(base_url=thinker_server.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def cross_server() -> Iterator[ServerProcess]:
+    """The tiny BERT cross-encoder (float32): the pooling routes' and SageMaker's tests."""
+    from tools.make_tiny_bert import tiny_bert_dir
+
+    with serving(str(tiny_bert_dir("bert-cross")), *CROSS_ARGS, timeout_s=180) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fuzz_fleet() -> Iterator[Fleet]:
+    """The fuzzed servers (tiny llama, tiny BERT embedder and classifier, Whisper tiny.en): the
+    short campaign's; the abort storm runs on its tiny llama afterwards."""
+    from helpers.fuzzing.fleet import Fleet
+    from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN
+    from helpers.whisper_fixtures import packaged_whisper
+
+    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
+    started = Fleet((GEN, EMBED, CLS, ASR)).start()
+    yield started
+    started.stop()

@@ -11,8 +11,7 @@ import pytest
 
 from fornax.api.routes.sagemaker import route_for
 from fornax.api.server.errors import APIError
-from helpers.api_server import ServerProcess, auth, serving, sse_events
-from tools.make_tiny_bert import tiny_bert_dir
+from helpers.api_server import ServerProcess, auth, sse_events
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about the sea."}],
         "max_tokens": 12, "temperature": 0}
@@ -26,12 +25,11 @@ def http(main_server):
 
 
 @pytest.fixture(scope="module")
-def cross():
+def cross(cross_server: ServerProcess) -> ServerProcess:
     """A tiny cross-encoder: it scores, reranks and classifies (embeddings are covered by the
-    dispatch-rule test below and by the embeddings route's own tests)."""
-    with serving(str(tiny_bert_dir("bert-cross")), "--served-model-name", "tiny-cross",
-                 timeout_s=180) as server:
-        yield server
+    dispatch-rule test below and by the embeddings route's own tests). The session's
+    (tests/api/conftest.py), shared with the pooling tests."""
+    return cross_server
 
 
 def _same(a: dict, b: dict) -> None:

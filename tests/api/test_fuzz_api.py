@@ -14,8 +14,7 @@ import pytest
 from helpers.fuzzing.campaign import leftovers, run_campaign
 from helpers.fuzzing.fleet import Fleet
 from helpers.fuzzing.realtime import run_realtime
-from helpers.fuzzing.routes import ASR, CLS, EMBED, GEN, ROUTE_NAMES
-from helpers.whisper_fixtures import packaged_whisper
+from helpers.fuzzing.routes import ASR, ROUTE_NAMES
 
 pytestmark = pytest.mark.slow  # four servers and a 500-case campaign
 SEED = 20261207
@@ -24,11 +23,10 @@ REALTIME_SESSIONS = 20
 
 
 @pytest.fixture(scope="module")
-def fleet():
-    packaged_whisper("whisper-tiny.en")  # `make install` installs it: fails when missing
-    started = Fleet((GEN, EMBED, CLS, ASR)).start()
-    yield started
-    started.stop()
+def fleet(fuzz_fleet: Fleet) -> Fleet:
+    """The session's fuzzed servers (tests/api/conftest.py): test_fuzz_storm's abort storm runs
+    on its tiny llama afterwards instead of starting another one."""
+    return fuzz_fleet
 
 
 def _report(findings: list[dict]) -> str:

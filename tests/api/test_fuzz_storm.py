@@ -21,16 +21,14 @@ RSS_GROWTH_LIMIT = 512 << 20  # generous: a leak per request would pass it withi
 
 
 @pytest.fixture(scope="module")
-def fleets():
-    """A server with the default admission bounds (the storm) and one bounded to 8 requests in
-    flight (the burst); they start side by side."""
-    storm = Fleet((GEN,)).launch()
+def fleets(fuzz_fleet: Fleet):
+    """A server with the default admission bounds (the storm: the session's fuzzed tiny llama,
+    tests/api/conftest.py) and one bounded to 8 requests in flight (the burst)."""
     burst = Fleet((GEN,), {GEN: ("--max-num-queued-requests", str(QUEUE_BOUND),
                                  "--max-num-seqs", "4")}).launch()
     try:
-        yield storm.wait(), burst.wait()
+        yield fuzz_fleet, burst.wait()
     finally:
-        storm.stop()
         burst.stop()
 
 

@@ -22,22 +22,22 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
 
 
 @pytest.fixture(scope="module")
-def servers():
-    """The four servers start side by side (each loads its model while the others do)."""
+def servers(cross_server: ServerProcess):
+    """Four servers: the session's cross-encoder (tests/api/conftest.py, shared with the SageMaker
+    tests) and three started side by side (each loads its model while the others do)."""
     minilm_path()  # skips when the packaged MiniLM is not installed
     specs = {  # MiniLM by its hub name: resolved to the installed package, offline
         "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "--served-model-name", "minilm"),
         "embed": (str(tiny_bert_dir("bert-embed")), "--served-model-name", "tiny-embed",
                   "--chat-template", TEMPLATE),
-        "cross": (str(tiny_bert_dir("bert-cross")), "--served-model-name", "tiny-cross"),
         "cls": (str(tiny_bert_dir("bert-classify")), "--served-model-name", "tiny-cls"),
     }
-    # float32: the scores are compared with float32 references to 1e-5
+    # float32: the scores are compared with float32 references to 1e-5 (CROSS_ARGS too)
     started = {name: ServerProcess(*args, "--dtype", "float32") for name, args in specs.items()}
     try:
         for server in started.values():
             server.wait_ready(180)
-        yield started
+        yield {**started, "cross": cross_server}
     finally:
         for server in started.values():  # SIGTERM all first: they drain side by side
             if server.proc.poll() is None:

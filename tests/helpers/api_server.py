@@ -127,6 +127,9 @@ SURFACES_KV_MIB = 64
 SURFACES_ARGS = ("--served-model-name", "tiny", "--max-model-len", "512",
                  "--api-server-count", "2", "--enable-dev-endpoints",
                  "--kv-cache-memory", f"{SURFACES_KV_MIB}MiB")
+# cross (tests/api/conftest.py cross_server): the tiny BERT cross-encoder in float32, since the
+# pooling tests compare its scores with float32 references to 1e-5.
+CROSS_ARGS = ("--served-model-name", "tiny-cross", "--dtype", "float32")
 
 
 def auth(key: str = API_KEYS[0]) -> dict[str, str]:

@@ -135,7 +135,14 @@ def test_portable_build_fused_decode_matches_its_per_op_path(tmp_path, monkeypat
                                                              portable_kernels):
     from fornax.runtime.kernels.quant_linear import quant_isa
 
+    from fornax.runtime.attention import cpu_paged
+
     assert quant_isa() == "c"
+    # decode-only steps here: this build has no paged prefill kernel, so the per-op path's
+    # prompts go through torch's SDPA, whose rounding differs from the decode kernel's (a first
+    # token's logprob by ~0.04 on this tiny random model, growing over 24 tokens); prompt rows
+    # through the fused call are compared where both sides run the same kernels (native build)
+    monkeypatch.setattr(cpu_paged, "TOKEN_ROWS_MAX", 0)
     model = write_llama_gguf(tmp_path / "tiny-mixed.gguf", TYPES["mixed"])
     calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=24)
     assert 4 in calls and 1 in calls

@@ -116,11 +116,10 @@ def test_tiny_random_whisper_greedy_matches_hf_in_a_mixed_batch():
     assert engine.kv.num_free_blocks() == engine.kv.pool.num_usable_blocks
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("timestamps", "files"), [(False, ("en_02.flac", "en_05.flac")),
-                                                  (True, ("en_05.flac",))])
-def test_tiny_en_matches_hf_generate_on_speech(timestamps: bool, files: tuple[str, ...]):
-    """Real tiny.en weights (converted from CTranslate2): HF's own generate() vs the engine."""
+@pytest.fixture(scope="module")
+def tiny_en():
+    """The packaged tiny.en as HF's model and feature extractor and as fornax's SpeechToText
+    (loaded once for both cases below)."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     from fornax.runtime.offline.speech import SpeechToText
@@ -129,7 +128,16 @@ def test_tiny_en_matches_hf_generate_on_speech(timestamps: bool, files: tuple[st
     hf = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     fe = WhisperFeatureExtractor.from_pretrained(path)
     stt = SpeechToText(str(path), dtype="float32")
-    info = WhisperInfo.from_folder(path)
+    return hf, fe, stt, WhisperInfo.from_folder(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("timestamps", "files"), [(False, ("en_02.flac", "en_05.flac")),
+                                                  (True, ("en_05.flac",))])
+def test_tiny_en_matches_hf_generate_on_speech(tiny_en, timestamps: bool,
+                                               files: tuple[str, ...]):
+    """Real tiny.en weights (converted from CTranslate2): HF's own generate() vs the engine."""
+    hf, fe, stt, info = tiny_en
     audios = [decode_audio((AUDIO_DIR / f).read_bytes()) for f in files]
     feats = fe(audios, sampling_rate=16000, return_tensors="pt").input_features
     with torch.inference_mode():

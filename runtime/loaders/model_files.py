@@ -160,15 +160,18 @@ def _holds_quantized_gguf(folder: Path) -> bool:
         return False
 
 
-def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
-    """The context length: the request if it fits the model, else the model's own."""
-    model_len = None
+def config_context_length(hf_config: dict[str, Any]) -> int:
+    """The model's own context length from its config (2048 when it names none): the bound of
+    max_model_len and the positions a decoder's rotary tables must cover (one rule for both)."""
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         if hf_config.get(key):
-            model_len = int(hf_config[key])
-            break
-    if model_len is None:
-        model_len = 2048
+            return int(hf_config[key])
+    return 2048
+
+
+def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
+    """The context length: the request if it fits the model, else the model's own."""
+    model_len = config_context_length(hf_config)
     if requested is None:
         return model_len
     if requested > model_len:

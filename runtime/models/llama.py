@@ -10,6 +10,7 @@ from torch import nn
 
 from fornax.runtime.attention.backend import AttentionBackend
 from fornax.runtime.errors import ConfigError
+from fornax.runtime.loaders.model_files import config_context_length
 from fornax.runtime.loaders.weights import STACKED_DECODER, Place, rename
 from fornax.runtime.models.layers import (
     MergedColumnParallelLinear,
@@ -62,7 +63,7 @@ class DecoderSpec:
                 rope_theta=theta,
                 rope_scaling=scaling,
                 partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
-                max_position=int(cfg.get("max_position_embeddings", 2048)),
+                max_position=config_context_length(cfg),  # the rotary tables cover max_model_len
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch.startswith("Qwen2"))),
                 o_proj_bias=bool(cfg.get("attention_bias", False)) and not arch.startswith("Qwen2"),

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fornax.runtime import LLM
+from fornax.runtime import LLM, SamplingParams
 from fornax.runtime.config import make_engine_config
 from fornax.runtime.errors import ConfigError, FornaxError, ModelLoadError
 
@@ -85,3 +85,21 @@ def test_dummy_weights_need_no_checkpoint(tiny_model, tmp_path) -> None:
     out = llm.generate("hello", None)
     assert out[0].outputs[0].token_ids
     assert issubclass(ModelLoadError, FornaxError) and issubclass(ConfigError, FornaxError)
+
+
+def test_rotary_tables_cover_a_context_named_by_another_key(tiny_model, tmp_path) -> None:
+    """A config that gives its context as max_seq_len (no max_position_embeddings): the rotary
+    tables cover all of max_model_len (they held 2,048 positions, and the C kernels read the
+    positions past them out of bounds), and a prompt past position 2,048 generates."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("max_position_embeddings", None)
+    config["max_seq_len"] = 2304
+    (folder / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(folder), enable_prefix_caching=False)
+    rotary = llm.engine.runner.model.model.layers[0].self_attn.rotary
+    assert llm.engine.max_model_len == 2304 and rotary.cos_cache.shape[0] >= 2304
+    out = llm.generate({"prompt_token_ids": [(5 * i) % 90 + 5 for i in range(2200)]},
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -41,9 +41,9 @@ FORNAX_CPU_LINEAR: auto|onednn|amx = auto
 FORNAX_NATIVE_KERNELS: bool = 1
     0: no C kernels (runtime/kernels/csrc); everything falls back to pure torch
 FORNAX_FUSED_DECODE: bool = 1
-    0: decode-only CPU steps run the decoder layers op by op instead of in one C call
-    (runtime/kernels/fused_decode.py; bf16 activations, weights kept quantized or dense bf16),
-    for comparison
+    0: CPU steps of decodes and small prompt chunks (up to 39 tokens) run the decoder layers op
+    by op instead of in one C call (runtime/kernels/fused_decode.py; bf16 activations, weights
+    kept quantized or dense bf16), for comparison
 FORNAX_GGUF_DEQUANTIZE: bool = 0
     1: a GGUF model's weights are dequantized at load (the path before `--quantization gguf`,
     for comparison) instead of kept quantized; its prepared folder is cached separately

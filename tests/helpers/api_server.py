@@ -70,7 +70,7 @@ class ServerProcess:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)  # ~60 servers start per run: each waits half a poll on average
         self.stop()
         raise RuntimeError(f"fornax serve did not become healthy:\n{self.log()}")
 

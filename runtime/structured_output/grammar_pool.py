@@ -38,8 +38,9 @@ def num_compiling() -> int:
 def exit_process(code: int) -> None:
     """The engine-core process's end: exit with `code` at once (logs flushed), without the
     interpreter's shutdown, which would first join every worker thread: xgrammar's prewarm
-    (importing xgrammar and transformers takes seconds, tens of seconds on a loaded machine,
-    right after start-up) and runaway compiles (one that returns from xgrammar into an
+    (importing xgrammar and transformers takes seconds, tens of seconds on a loaded machine;
+    on the first constrained request, or at start-up with FORNAX_GRAMMAR_PREWARM=1) and runaway
+    compiles (one that returns from xgrammar into an
     interpreter that is shutting down aborts the process: std::terminate)."""
     if num_compiling():
         logger.warning("exiting with %d grammar compiles still running", num_compiling())

@@ -133,9 +133,8 @@ def portable_kernels(monkeypatch):
 @pytest.mark.slow
 def test_portable_build_fused_decode_matches_its_per_op_path(tmp_path, monkeypatch,
                                                              portable_kernels):
-    from fornax.runtime.kernels.quant_linear import quant_isa
-
     from fornax.runtime.attention import cpu_paged
+    from fornax.runtime.kernels.quant_linear import quant_isa
 
     assert quant_isa() == "c"
     # decode-only steps here: this build has no paged prefill kernel, so the per-op path's

@@ -117,7 +117,19 @@ def check_json_fields(type_: type, body: bytes) -> None:
         return
     if len(raw) <= len(declared) and raw.keys() <= declared:
         return
-    check_keys(name, declared, raw.keys(), lambda k: msgspec.json.decode(raw[k]), _neutral)
+    check_keys(name, declared, raw.keys(), lambda k: _value(raw[k]), _neutral)
+
+
+_UNREADABLE = object()  # a value the struct skipped unread that does not decode: never neutral
+
+
+def _value(raw: msgspec.Raw) -> Any:
+    """A key's value as JSON; an undeclared key's value is skipped unread by the struct's
+    decode, so text in it may not be valid UTF-8 (then it is no neutral value: refused)."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _UNREADABLE
 
 
 def _form_neutral(text: Any, status: FieldStatus) -> bool:

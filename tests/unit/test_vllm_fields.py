@@ -75,6 +75,18 @@ def test_rejected_field_is_a_400_naming_it() -> None:
     assert err.value.param == "watermarking"  # a chat field handed on by Responses
 
 
+def test_rejected_field_with_unreadable_text_is_a_400_naming_it() -> None:
+    """A refused field holding invalid UTF-8 (an encoded surrogate): the struct skips it
+    unread, so the check reads it first: a 400 naming it, not the decoder's error (a 500)."""
+    for struct, body in ((ChatCompletionRequest, b'{"messages": [], '),
+                         (MessagesRequest, b'{"max_tokens": 1, "messages": [], ')):
+        body += b'"kv_transfer_params": [null, "\xed\xa0\x80"]}'
+        msgspec.json.decode(body, type=struct)  # the struct takes it
+        with pytest.raises(APIError) as err:
+            check_json_fields(struct, body)
+        assert err.value.status == 400 and err.value.param == "kv_transfer_params"
+
+
 def test_rejected_field_at_its_neutral_value_passes() -> None:
     check_json_fields(ChatCompletionRequest,
                       b'{"messages": [], "watermarking": false, "stream_interval": 1, '

@@ -5,7 +5,8 @@ xgrammar's compile is C++ that releases the GIL (the busy loop keeps running bes
 cannot be interrupted: a compile past its limit is answered at once ("too complex") while its
 thread runs on until xgrammar returns, still counted against the pool. So at most
 `grammar_compile_threads` compiles ever run, at most `grammar_max_pending_compiles` wait or run,
-and a job that waits longer than the time limit for a thread is answered "busy" — a stream of
+and a job that waits longer than the time limit for a thread (not counting the compiler's own
+load, the first constrained request's import of xgrammar) is answered "busy" — a stream of
 pathological grammars costs those threads and a 503 for later compiles, never the engine's loop or an unbounded pile of threads.
 """
 
@@ -75,7 +76,7 @@ class CompileJob:
     def __init__(self, fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> None:
         self.fn = fn
         self.setup = setup  # runs before the clock starts (loading the compiler itself)
-        self.queued_at = time.monotonic()
+        self.queued_clock = 0.0  # the pool's queue clock when queued (GrammarCompilePool._clock)
         self.started_at: float | None = None
         self.resolved = False  # result/error are final (callbacks may still be running)
         self.done = threading.Event()  # set once every callback has run
@@ -130,6 +131,30 @@ class GrammarCompilePool:
         self._running: set[CompileJob] = set()  # includes compiles past their limit
         self._started = False
         self._closed = False
+        # The wait for a thread does not count time a setup runs (the first one loads xgrammar,
+        # seconds): the queue's clock is the monotonic clock less the time spent in setups.
+        self._loading = 0  # setups running
+        self._paused_s = 0.0  # total time some setup ran, up to _paused_since
+        self._paused_since = 0.0
+
+    def _clock(self, now: float) -> float:
+        """The queue's clock at `now` (lock held): stopped while any setup runs."""
+        return now - self._paused_s - (now - self._paused_since if self._loading else 0.0)
+
+    def _setup(self, job: CompileJob) -> None:
+        """Run the job's setup with the queue's clock stopped."""
+        with self._cond:
+            if not self._loading:
+                self._paused_since = time.monotonic()
+            self._loading += 1
+        try:
+            job.setup()  # type: ignore[misc]  # the caller checked it is set
+        finally:
+            with self._cond:
+                self._loading -= 1
+                if not self._loading:
+                    self._paused_s += time.monotonic() - self._paused_since
+                self._cond.notify_all()  # the watchdog's queue clock runs again
 
     @property
     def num_pending(self) -> int:
@@ -152,6 +177,7 @@ class GrammarCompilePool:
                 raise GrammarBusy(f"{most} grammar compiles are already queued or running")
             if not self._started:
                 self._start()
+            job.queued_clock = self._clock(time.monotonic())
             self._queued.append(job)
             self._cond.notify_all()
         return job
@@ -186,7 +212,7 @@ class GrammarCompilePool:
                 self._running.add(job)
             try:
                 if job.setup is not None:
-                    job.setup()
+                    self._setup(job)
                 with self._cond:
                     job.started_at = time.monotonic()
                     self._cond.notify_all()  # the watchdog learns the new deadline
@@ -211,12 +237,14 @@ class GrammarCompilePool:
                 now = time.monotonic()
                 next_at = now + 60.0
                 wait_s = limits.grammar_queue_wait_s
-                while self._queued and self._queued[0].queued_at + wait_s <= now:
+                clock = self._clock(now)  # stopped while a setup loads the compiler
+                while self._queued and not self._loading \
+                        and self._queued[0].queued_clock + wait_s <= clock:
                     job = self._queued.popleft()
                     expired.append((job, GrammarBusy(
                         f"no grammar compile thread was free within {wait_s:g} s")))
-                if self._queued:
-                    next_at = min(next_at, self._queued[0].queued_at + wait_s)
+                if self._queued and not self._loading:  # else woken when the setup ends
+                    next_at = min(next_at, now + self._queued[0].queued_clock + wait_s - clock)
                 for job in self._running:
                     if job.resolved or job.started_at is None:
                         continue

@@ -61,6 +61,32 @@ def test_pool_time_limit_and_bounds() -> None:
     pool.shutdown()
 
 
+def test_compiles_queued_while_the_compiler_loads_are_not_busy() -> None:
+    """xgrammar loads on the first constrained request (the compile thread's setup, ~2 s, more
+    on a loaded machine): compiles queued behind that load wait for it outside their time limit
+    too, instead of being answered 503 'busy' when the load outlasts the limit."""
+    pool = _pool(grammar_max_pending_compiles=8)
+    loaded = threading.Event()
+
+    def load() -> None:  # the first setup loads, the others find it loaded
+        if not loaded.is_set():
+            time.sleep(5 * LIMIT_S)
+            loaded.set()
+
+    jobs = [pool.submit(lambda i=i: i, setup=load) for i in range(4)]
+    assert [job.wait() for job in jobs] == [0, 1, 2, 3]
+    # the wait for a thread still has its limit once the compiler is loaded
+    release = threading.Event()
+    stuck = pool.submit(lambda: release.wait(30), setup=load)
+    queued = pool.submit(lambda: "never runs in time", setup=load)
+    with pytest.raises(GrammarTooComplex):
+        stuck.wait()
+    with pytest.raises(GrammarBusy):
+        queued.wait()
+    release.set()
+    pool.shutdown()
+
+
 def test_pool_callbacks_run_before_waiters_wake() -> None:
     pool = _pool()
     seen: list[str] = []

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from helpers.fuzzing.routes import ASR, MANY, MANY_MODELS, MODEL_NAMES, TARGETS, Target
+from helpers.fuzzing.routes import ASR, MANY, MANY_MODELS, MODEL_NAMES, TARGETS, USER, Target
 from helpers.fuzzing.values import POOLS, Pool, schema_value, struct_schema, struct_value
 
 API_KEY = "fuzz-key"
@@ -31,11 +31,13 @@ class Case:
     stream: bool = False
     cut_after: int | None = None  # close the connection after this many body chunks
     truncate: bool = False  # announce the whole body, send part of it, then close
+    delay_s: float = 0.0  # sent this long after its batch-mates: lands beside their decodes
 
     def describe(self) -> str:
         body = (self.body or b"")[:600]
         return (f"{self.target.method} {self.path} -> {self.server}; headers={self.headers}; "
-                f"cut={self.cut_after} truncate={self.truncate}; body[:600]={body!r}")
+                f"cut={self.cut_after} truncate={self.truncate} delay={self.delay_s}; "
+                f"body[:600]={body!r}")
 
 
 # ---- JSON bodies ---------------------------------------------------------------------------
@@ -295,6 +297,39 @@ CONTENT_TYPES = ("application/json", "text/plain", "application/x-www-form-urlen
 WEIGHTS = {"chat": 8, "completions": 10, "responses": 4, "messages": 4, "chat_batch": 2,
            "invocations": 3, "embeddings": 3, "pooling": 2, "classify": 2, "v2_embed": 2,
            "audio_transcriptions": 4, "audio_translations": 2, "tokenize": 2, "detokenize": 2}
+# Bodies whose prompt lands in a mixed step (a prompt chunk beside other streams' decodes, the
+# fused CPU call's token rows): long decodes to ride beside, and constrained, n>1, logprob and
+# prompt-logprob requests with prompts of a few chunks' length, sent a little after them.
+_LONG_TEXT = " ".join(f"word{i} is here" for i in range(24))
+_LONG_IDS = [(7 * i) % 250 + 3 for i in range(90)]
+MIXED_SEEDS: dict[str, tuple[dict[str, Any], ...]] = {
+    "chat": (
+        {"messages": USER, "max_tokens": 64, "stream": True, "ignore_eos": True},
+        {"messages": [{"role": "user", "content": _LONG_TEXT}], "max_tokens": 12,
+         "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": _LONG_TEXT}], "max_tokens": 8,
+         "guided_choice": ["yes", "no"], "n": 2},
+        {"messages": [{"role": "user", "content": _LONG_TEXT}], "max_tokens": 10,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+             "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+         "logprobs": True, "top_logprobs": 2},
+    ),
+    "completions": (
+        {"prompt": "hi", "max_tokens": 64, "stream": True, "ignore_eos": True},
+        {"prompt": [5, 6, 7], "max_tokens": 48, "ignore_eos": True, "n": 3, "temperature": 1.0},
+        {"prompt": _LONG_IDS, "max_tokens": 8, "guided_regex": "[a-z]{1,6}",
+         "prompt_logprobs": 2},
+        {"prompt": _LONG_TEXT, "max_tokens": 6, "prompt_logprobs": 1, "logprobs": 1, "n": 2,
+         "echo": True},
+        {"prompt": _LONG_IDS[:40], "max_tokens": 8, "guided_json": {"type": "object"},
+         "seed": 3, "temperature": 0.7},
+    ),
+}
+# (no value with whitespace at either end: the client library refuses those itself)
+AUTH_EDGES = ("", "Bearer", f"Bearer  {API_KEY}", f"bearer {API_KEY}", f"Bearer {API_KEY},x",
+              f"Bearer {API_KEY},{API_KEY}", f"Basic {API_KEY}", f"Bearer {API_KEY}\u00e9",
+              "Bearer fuzz-k\u00e9y", "Bearer \u00ff", API_KEY, f"Bearer {API_KEY[:-1]}",
+              "Bearer " + "k" * 5000, "Bearer \udcff")
 _RUNNING = itertools.count()  # mixed into each case's Random: hypothesis repeats its draws a lot
 
 
@@ -325,6 +360,8 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
     elif auth < 0.06:
         headers = {"x-api-key": API_KEY} if target.anthropic_errors else {
             "authorization": "Bearer wrong"}
+    elif auth < 0.08:  # the key rule's edges (api/server/api_keys.py): 401, never a 500
+        headers = {rnd.choice(("authorization", "x-api-key")): rnd.choice(AUTH_EDGES)}
     path = target.path
     if "{id}" in path:
         fixed = ("resp_nope", "", "tiny", "asr", "%2e%2e", "a/b/c", "x" * 5000, "ü",
@@ -338,6 +375,8 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
     body: bytes | None = None
     if target.body == "json":
         seed = dict(rnd.choice(target.seeds)) if target.seeds else {}
+        if target.name in ("chat", "completions") and rnd.random() < 0.25:
+            seed = dict(rnd.choice(MIXED_SEEDS[target.name]))
         if rnd.random() < 0.7:
             seed["model"] = rnd.choice(MANY_MODELS) if server == MANY else MODEL_NAMES[server]
             if server == MANY and rnd.random() < 0.3:  # unload after it, stay, or a while
@@ -374,4 +413,7 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
                                                    "0.05", "2"))
     cut_after = rnd.randint(0, 6) if stream and rnd.random() < 0.25 else None
     truncate = body is not None and len(body) > 2 and rnd.random() < 0.02
-    return Case(server, target, path, body, headers, stream, cut_after, truncate)
+    delay = 0.0
+    if target.name in GENERATION_TARGETS and rnd.random() < 0.3:  # arrives while others decode
+        delay = rnd.choice((0.02, 0.05, 0.1, 0.2, 0.4))
+    return Case(server, target, path, body, headers, stream, cut_after, truncate, delay)

@@ -111,6 +111,8 @@ def body_problem(case: Case, status: int, headers: httpx.Headers, body: bytes) -
 
 
 async def send(client: httpx.AsyncClient, base_url: str, case: Case) -> Outcome:
+    if case.delay_s:
+        await asyncio.sleep(case.delay_s)
     if case.truncate:
         return await _send_truncated(base_url, case)
     headers = {k: v.encode("utf-8", "surrogatepass") for k, v in case.headers.items()}

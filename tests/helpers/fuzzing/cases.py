@@ -414,6 +414,8 @@ def build_case(rnd: random.Random, pool: Pool, kinds: tuple[str, ...],
     cut_after = rnd.randint(0, 6) if stream and rnd.random() < 0.25 else None
     truncate = body is not None and len(body) > 2 and rnd.random() < 0.02
     delay = 0.0
-    if target.name in GENERATION_TARGETS and rnd.random() < 0.3:  # arrives while others decode
+    # arrives while others decode, or (POST load/unload) while a model loads or wakes
+    if (target.name in GENERATION_TARGETS or target.name in ("model_load", "model_unload")) \
+            and rnd.random() < 0.3:
         delay = rnd.choice((0.02, 0.05, 0.1, 0.2, 0.4))
     return Case(server, target, path, body, headers, stream, cut_after, truncate, delay)

@@ -9,12 +9,19 @@ from collections.abc import Mapping
 
 from fornax.api.server.errors import APIError
 from fornax.runtime import env
+from fornax.runtime.errors import ConfigError
 
 
 def server_keys(flags: list[str] | None) -> list[str]:
     """The keys a server accepts: the --api-key flags (or the config's `api_key`), else
-    FORNAX_API_KEY, else VLLM_API_KEY; none: no key is needed."""
+    FORNAX_API_KEY, else VLLM_API_KEY; none: no key is needed. ConfigError for an empty flag
+    key or one with spaces at either end (an empty variable means none, as in vLLM)."""
     keys = list(flags or [])
+    for key in keys:  # an empty key would let in `Authorization: Bearer` with no key at all;
+        # a padded one could never match (the presented key is stripped)
+        if not key or key != key.strip():
+            raise ConfigError(f"--api-key (api_key) {key!r}: a key must be non-empty, without "
+                              "spaces at either end")
     for var in (env.API_KEY, env.VLLM_API_KEY):
         if not keys and (key := var.get()):
             keys = [key]

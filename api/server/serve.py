@@ -174,6 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
             entries = [ModelEntry(model, root, served, aliases, engine_kwargs(args),
                                   args.chat_template)]
         many = len(entries) > 1 or args.models is not None
+        api_keys = server_keys(args.api_key)
         templates = []
         for entry in entries:
             _validate(entry.model, entry.kwargs)
@@ -183,7 +184,6 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     model, kwargs = entries[0].model, entries[0].kwargs
-    api_keys = server_keys(args.api_key)
     server_shown = {k: v for k, v in {
         "served_model_name": entries[0].served if not many else None,
         "api_server_count": args.api_server_count,

@@ -192,6 +192,8 @@ def test_unsupported_and_invalid_flags_fail_fast():
                           (["--long-prefill-token-threshold", "-1"],
                            "long_prefill_token_threshold"),
                           (["--chat-template", "/no/such/file"], "chat-template"),
+                          (["--api-key", ""], "--api-key"),
+                          (["--api-key", "k", " k2"], "--api-key"),
                           (["--ssl-keyfile", __file__], "needs --ssl-certfile too"),
                           (["--ssl-certfile", __file__], "needs --ssl-keyfile too"),
                           (["--ssl-keyfile", __file__, "--ssl-certfile", "/no/cert.pem"],

@@ -103,3 +103,16 @@ def test_rotary_tables_cover_a_context_named_by_another_key(tiny_model, tmp_path
     out = llm.generate({"prompt_token_ids": [(5 * i) % 90 + 5 for i in range(2200)]},
                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_an_empty_or_padded_api_key_is_refused(monkeypatch) -> None:
+    """An empty --api-key let in `Authorization: Bearer` with no key; a padded one could never
+    match (the presented key is stripped). An empty variable still means no key."""
+    from fornax.api.server.api_keys import server_keys
+
+    for keys in ([""], ["k", " k2"], ["k\t"]):
+        with pytest.raises(ConfigError, match="--api-key"):
+            server_keys(keys)
+    monkeypatch.setenv("FORNAX_API_KEY", "")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert server_keys(None) == [] and server_keys(["a b", "k"]) == ["a b", "k"]

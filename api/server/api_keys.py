@@ -23,8 +23,8 @@ def server_keys(flags: list[str] | None) -> list[str]:
             raise ConfigError(f"--api-key (api_key) {key!r}: a key must be non-empty, without "
                               "spaces at either end")
     for var in (env.API_KEY, env.VLLM_API_KEY):
-        if not keys and (key := var.get()):
-            keys = [key]
+        if not keys and (value := var.get()):
+            keys = [value]
     return keys
 
 

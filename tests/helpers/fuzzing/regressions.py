@@ -14,6 +14,10 @@ DEEP = "[" * 20000 + "]" * 20000
 BAD_UTF8 = (b'{"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "input": "hi", '
             b'"prompt": "hi", "user": "\xc3("}')
 
+# a refused vLLM field (api/protocol/fields.py) holding an encoded surrogate: the struct skips it
+BAD_FIELD = (b'{"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "input": "hi", '
+             b'"prompt": "hi", "kv_transfer_params": [null, "\xed\xa0\x80"]}')
+
 
 def _case(server: str, route: str, body: Any, **headers: str) -> Case:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -50,4 +54,6 @@ def regression_cases() -> list[tuple[str, Case]]:
                                                           b'{"input": "a", "user": "\xed\xa0\x80"}')),
         ("500: Number out of range in /v1/responses", _case(GEN, "responses",
                                                            b'{"input": "hi", "max_tokens": 1e999}')),
+        *[(f"500: invalid UTF-8 in a refused vLLM field of {route}", _case(GEN, route, BAD_FIELD))
+          for route in ("messages", "chat", "completions", "responses")],
     ]

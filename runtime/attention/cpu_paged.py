@@ -61,6 +61,11 @@ class CpuPagedBackend(TorchRefBackend):
         if self.dtype == torch.bfloat16 and self.head_dim % 32 == 0:
             self._prefill_lib = load_paged_prefill()
 
+    @property
+    def has_prefill_kernel(self) -> bool:
+        """Whether multi-token requests take csrc/paged_prefill_cpu.c (else torch's SDPA)."""
+        return self._prefill_lib is not None
+
     def build_metadata(self, common: CommonAttentionMetadata) -> CpuPagedMetadata:
         bs = self.block_size
         slots = common.slot_mapping

@@ -199,7 +199,9 @@ def load_decode_layers() -> ctypes.CDLL | None:
     if lib is not None:
         lib.fornax_decode_layers_fields.argtypes = []
         lib.fornax_decode_layers_fields.restype = _i32
+        lib.fornax_decode_layers_prompt_rows.argtypes = []
+        lib.fornax_decode_layers_prompt_rows.restype = _i32
         lib.fornax_decode_layers.argtypes = [_vp, _i32, _vp, _f32, _f32, _vp, _i32, _vp, _vp, _vp,
-                                             _i64, _vp, _vp, _vp, _i32]
+                                             _i64, _vp, _i32, _vp, _vp, _vp, _vp, _i32]
         lib.fornax_decode_layers.restype = _i32
     return lib

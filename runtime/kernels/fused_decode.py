@@ -1,4 +1,5 @@
-"""The decoder layer stack of a decode-only CPU step in one C call (engine core), via csrc/decode_layers_cpu.c."""
+"""The decoder layer stack of a CPU step of decodes and small prompt chunks in one C call (engine
+core), via csrc/decode_layers_cpu.c."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class FusedDecode:
 
     def __init__(self, lib: Any, decoder: Any, plan: torch.Tensor, keep: list[torch.Tensor],
                  shape: torch.Tensor, eps: float, scale: float, rotary: Any,
-                 max_rows: int) -> None:
+                 max_rows: int, prompt_rows: bool) -> None:
         self._lib = lib
         self._decoder = decoder
         self._first = decoder.layers[0].self_attn.qkv_proj.packed_weight  # still loaded?
@@ -44,11 +45,17 @@ class FusedDecode:
         self._caches: tuple[int, ...] = ()
         self._blocks = 0  # blocks in each layer's KV cache (set with the caches)
         self._block_size = int(shape[_SHAPE_BLOCK])
+        self._prompt_rows = prompt_rows  # steps with prompt chunks too (else decodes only)
 
     @property
     def max_rows(self) -> int:
         """The most tokens a step may have for the one call."""
         return self._max_rows
+
+    @property
+    def prompt_rows(self) -> bool:
+        """Whether steps with prompt chunks beside the decodes take the call too."""
+        return self._prompt_rows
 
     def covers(self, x: torch.Tensor, metadata: Any) -> bool:
         """bf16, few enough tokens for the decode kernel (more rows take the per-op path, whose
@@ -56,6 +63,9 @@ class FusedDecode:
         whose every token has its own decode row (cpu_paged's token rows: a prompt chunk's
         tokens attend causally over the cache, which holds the chunk's K/V before attention)."""
         rows = _kernel_rows(metadata)
+        if rows is not None and not metadata.all_decode and (
+                not self._prompt_rows or getattr(metadata, "prefill_q_starts", None) is None):
+            return False  # the per-op path attends these prompt rows with another kernel
         return (rows is not None and x.dtype is torch.bfloat16 and x.dim() == 2
                 and 0 < x.shape[0] == len(rows[1]) <= self._max_rows
                 and self._decoder.layers[0].self_attn.qkv_proj.packed_weight is self._first)
@@ -84,14 +94,34 @@ class FusedDecode:
                                 k_rows)
         if problem:  # the kernel reads the table, the caches and these on trust
             raise RuntimeError(f"fused decode: {problem}")
+        starts, lens = self._prompt_chunks(metadata)
         status = self._lib.fornax_decode_layers(
             self._plan.data_ptr(), self._plan.shape[0], self._shape.data_ptr(), self._eps,
             self._scale, x.data_ptr(), rows, pos.data_ptr(), k_rows.data_ptr(), table.ctypes.data,
-            table.shape[1], seq_lens.ctypes.data, self._rotary.cos_cache.data_ptr(),
+            table.shape[1], seq_lens.ctypes.data, len(starts), starts.ctypes.data,
+            lens.ctypes.data, self._rotary.cos_cache.data_ptr(),
             self._rotary.sin_cache.data_ptr(), torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status}) for {rows} rows")
         return x
+
+
+    def _prompt_chunks(self, metadata: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The step's prompt chunks (first row, rows) that the per-op path gives its prefill
+        kernel: the call attends their rows with the same kernel, so a prompt token rounds
+        alike in both paths, whether prefilled whole or in chunks beside decodes."""
+        starts = getattr(metadata, "prefill_q_starts", None)
+        lens = getattr(metadata, "prefill_q_lens", None)
+        if metadata.all_decode:
+            return _NO_CHUNKS
+        if (starts is None or lens is None or starts.dtype != np.int32 or lens.dtype != np.int32
+                or starts.shape != lens.shape or not starts.flags.c_contiguous
+                or not lens.flags.c_contiguous):
+            raise RuntimeError("fused decode: prompt chunks without int32 starts and lengths")
+        return starts, lens
+
+
+_NO_CHUNKS = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))
 
 
 def _rows_problem(rows: int, table: Any, seq_lens: Any, block_size: int, blocks: int,
@@ -286,10 +316,14 @@ def enable_fused_decode(model: nn.Module, backend: Any) -> bool:
                           spec.intermediate_size, rotary.rotary_dim, backend.block_size, amx],
                          dtype=torch.int64)
     plan = torch.tensor(rows, dtype=torch.int64)
+    # prompt rows only where the call attends them as the per-op path does (its prefill kernel:
+    # bf16, head_dim a multiple of 32, AVX512-BF16), so a prompt token rounds alike either way
+    prompt_rows = bool(lib.fornax_decode_layers_prompt_rows()) and backend.has_prefill_kernel
     decoder.fused_decode = FusedDecode(lib, decoder, plan, keep, shape, float(eps),
-                                       float(backend.scale), rotary, max_rows)
-    logger.info("fused decode on: %d layers in one C call per decode-only step (up to %d rows%s)",
-                len(rows), max_rows, ", dense weights on AMX tiles" if amx else "")
+                                       float(backend.scale), rotary, max_rows, prompt_rows)
+    logger.info("fused decode on: %d layers in one C call per step of decodes%s (up to %d rows%s)",
+                len(rows), " and prompt chunks" if prompt_rows else "", max_rows,
+                ", dense weights on AMX tiles" if amx else "")
     if packs:
         logger.info("fused decode packed %d dense weights in the tile layout (%.1f MiB beside "
                     "the per-op path's pack)", len(packs),

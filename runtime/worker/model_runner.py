@@ -117,11 +117,11 @@ class ModelRunner(PagedStepRunner):
             enable_fused_decode(self.model, self.backend)
 
     def fast_step_tokens(self) -> int:
-        """The most tokens a step may have and still run the layer stack in one fused C call
-        (kernels/fused_decode.py; 0: no such path), for the scheduler's prefill budget."""
+        """The most tokens a step with prompt chunks may have and still run the layer stack in
+        one fused C call (kernels/fused_decode.py; 0: no such path), for the prefill budget."""
         decoder = getattr(self.model, "model", None)
         fused = getattr(decoder, "fused_decode", None)
-        return fused.max_rows if fused is not None else 0
+        return fused.max_rows if fused is not None and fused.prompt_rows else 0
 
     def determine_num_blocks(self) -> int:
         """KV capacity: an explicit block count or byte budget, else a device-specific default."""

@@ -30,8 +30,8 @@ def _llm(model: str, cache, fused: bool, **kwargs) -> LLM:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FORNAX_CACHE", str(cache))
         mp.setenv("FORNAX_FUSED_DECODE", "1" if fused else "0")
-        return LLM(model, max_model_len=256, max_num_seqs=4, dtype="bfloat16",
-                   enable_prefix_caching=False, **kwargs)
+        kwargs.setdefault("enable_prefix_caching", False)
+        return LLM(model, max_model_len=256, max_num_seqs=4, dtype="bfloat16", **kwargs)
 
 
 def _run(llm: LLM, prompts: list[str], max_tokens: int) -> list[tuple[list[int], list[float]]]:
@@ -133,15 +133,9 @@ def portable_kernels(monkeypatch):
 @pytest.mark.slow
 def test_portable_build_fused_decode_matches_its_per_op_path(tmp_path, monkeypatch,
                                                              portable_kernels):
-    from fornax.runtime.attention import cpu_paged
     from fornax.runtime.kernels.quant_linear import quant_isa
 
     assert quant_isa() == "c"
-    # decode-only steps here: this build has no paged prefill kernel, so the per-op path's
-    # prompts go through torch's SDPA, whose rounding differs from the decode kernel's (a first
-    # token's logprob by ~0.04 on this tiny random model, growing over 24 tokens); prompt rows
-    # through the fused call are compared where both sides run the same kernels (native build)
-    monkeypatch.setattr(cpu_paged, "TOKEN_ROWS_MAX", 0)
     model = write_llama_gguf(tmp_path / "tiny-mixed.gguf", TYPES["mixed"])
     calls = _compare(str(model), tmp_path / "cache", monkeypatch, max_tokens=24)
     assert 4 in calls and 1 in calls
@@ -211,3 +205,24 @@ def test_the_prefill_budget_keeps_chunks_on_the_fused_call(tmp_path, monkeypatch
                          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert long_tokens == alone[0].outputs[0].token_ids
     llm.close()
+
+
+def test_a_prompt_rounds_alike_whole_or_as_a_tail_in_the_fused_call(tmp_path, monkeypatch):
+    """Prompt rows in the fused call are attended by the per-op path's prefill kernel: a
+    36-token prompt computed whole, then again from its cached 32-token prefix with its 4-token
+    tail in the call, gives the same logprobs bit for bit, and so does the per-op path."""
+    model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
+    calls = _spy(monkeypatch)
+    prompt = {"prompt_token_ids": [(7 * i + 3) % 200 + 10 for i in range(36)]}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    runs = {}
+    for fused in (True, False):
+        llm = _llm(str(model), tmp_path / "cache", fused, enable_prefix_caching=True)
+        runs[fused] = [llm.generate(prompt, params)[0].outputs[0] for _ in range(2)]
+        llm.close()
+    assert 36 in calls and 4 in calls  # the whole prompt, then the tail, each in one call
+    outs = runs[True] + runs[False]
+    for out in outs[1:]:
+        assert out.token_ids == outs[0].token_ids
+        assert [{t: lp.logprob for t, lp in d.items()} for d in out.logprobs] == [
+            {t: lp.logprob for t, lp in d.items()} for d in outs[0].logprobs]

@@ -1,4 +1,5 @@
-/* The whole decoder layer stack of a decode-only step in one call (batch 1 and small batches):
+/* The whole decoder layer stack of a small step in one call (decodes, and prompt chunks beside
+ * them whose rows the per-op path's prefill attention takes, paged_prefill.h):
  * per layer RMSNorm -> fused q|k|v matmul (+ bias) -> per-head q/k RMSNorm (Qwen3) -> rotary ->
  * K/V written into the paged cache -> paged decode attention -> o-proj -> residual -> RMSNorm ->
  * gate|up matmul -> SiLU * up -> down -> residual, on bf16 activations. Each weight is either
@@ -22,6 +23,7 @@
 #include "dense_matmul.h"
 #include "fused_rows.h"
 #include "paged_decode.h"
+#include "paged_prefill.h"
 #include "quant_matmul.h"
 
 /* Per layer, int64 each: the address of the input RMSNorm weight; the q|k|v weight as W_N
@@ -119,16 +121,25 @@ static void residual_add(uint16_t *x, const uint16_t *add, int64_t n) {
         x[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(add[i]));
 }
 
+/* Whether prompt rows can take the per-op path's prefill attention (paged_prefill.h). */
+int fornax_decode_layers_prompt_rows(void) { return HAVE_PAGED_PREFILL; }
+
+#define MAX_PROMPTS 64 /* prompt chunks in one call (a call has at most a few dozen rows) */
+
 /* x [m, hidden] bf16: the residual stream in, the last layer's output out (before the final
  * norm). positions [m] int64; k_rows [m] int64: each token's K row in the flat cache view
  * [num_blocks * 2 * block_size, kv heads * head_dim] (V is block_size rows further); block_table
- * [m, bt_stride] and seq_lens [m] int32 as fornax_paged_decode takes them (token i is sequence i);
- * cos/sin caches float32 [max_pos, rotary_dim]. Returns 0, -1 for a shape the kernels do not
- * take, -2 when out of memory. */
+ * [m, bt_stride] and seq_lens [m] int32 as fornax_paged_decode takes them (token i is sequence i,
+ * its context ending at itself); cos/sin caches float32 [max_pos, rotary_dim]. Prompt chunk j
+ * (of num_prompts, each over one token) is rows [prompt_starts[j], + prompt_lens[j]): its rows'
+ * attention is then the per-op path's prefill attention (paged_prefill.h), so a prompt token
+ * rounds the same in this call as in a step of its own. Returns 0, -1 for a shape the kernels
+ * do not take, -2 when out of memory. */
 int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *shape, float eps,
                          float scale, uint16_t *x, int m, const int64_t *positions,
                          const int64_t *k_rows, const int32_t *block_table, int64_t bt_stride,
-                         const int32_t *seq_lens, const float *cos_cache, const float *sin_cache,
+                         const int32_t *seq_lens, int num_prompts, const int32_t *prompt_starts,
+                         const int32_t *prompt_lens, const float *cos_cache, const float *sin_cache,
                          int num_threads) {
     const int hidden = (int)shape[S_HIDDEN], heads = (int)shape[S_HEADS];
     const int kv_heads = (int)shape[S_KV_HEADS], D = (int)shape[S_HEAD_DIM];
@@ -169,6 +180,37 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
                     heads, kv_heads, D,           bs,       1,         scale};
     const int max_len = decode_attn_max_len(&a);
     const size_t attn_bytes = decode_attn_scratch_bytes(&a, max_len);
+    /* prompt chunks: each reads the table row and context of its last token */
+    if (num_prompts < 0 || num_prompts > MAX_PROMPTS || (num_prompts > 0 && !HAVE_PAGED_PREFILL))
+        return -1;
+    int32_t prompt_rows[MAX_PROMPTS], prompt_seq_lens[MAX_PROMPTS];
+    for (int j = 0; j < num_prompts; j++) {
+        if (prompt_starts[j] < 0 || prompt_lens[j] < 1 || prompt_starts[j] + prompt_lens[j] > m)
+            return -1;
+        prompt_rows[j] = prompt_starts[j] + prompt_lens[j] - 1;
+        prompt_seq_lens[j] = seq_lens[prompt_rows[j]];
+    }
+#if HAVE_PAGED_PREFILL
+    const PrefillAttn pa = {.q = q,
+                            .q_stride = q_size,
+                            .out_stride = q_size,
+                            .bt_stride = bt_stride,
+                            .out = attn,
+                            .block_table = block_table,
+                            .table_rows = prompt_rows,
+                            .q_starts = prompt_starts,
+                            .q_lens = prompt_lens,
+                            .seq_lens = prompt_seq_lens,
+                            .num_reqs = num_prompts,
+                            .num_q_heads = heads,
+                            .num_kv_heads = kv_heads,
+                            .head_dim = D,
+                            .block_size = bs,
+                            .scale = scale};
+    int64_t max_keys = 0;
+    const int64_t prompt_items = num_prompts > 0 ? prefill_attn_plan(&pa, &max_keys) : 0;
+    if (prompt_items < 0) return -1;
+#endif
     const int64_t row = kv_size; /* one position of one cache half, in bf16 elements */
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -179,7 +221,12 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
         const int team = 1;
 #endif
         void *ascratch = scratch_get(1, attn_bytes); /* this thread's, kept between calls */
-        if (ascratch == NULL) {
+#if HAVE_PAGED_PREFILL
+        const int pf_ok = prompt_items == 0 || pf_scratch_reserve(max_keys, D) == 0;
+#else
+        const int pf_ok = 1;
+#endif
+        if (ascratch == NULL || !pf_ok) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -219,6 +266,13 @@ int fornax_decode_layers(const int64_t *layers, int num_layers, const int64_t *s
                 memcpy(cache + (k_rows[i] + bs) * row, t + q_size + kv_size, (size_t)kv_size * 2);
             }
             decode_attn_items(&la, max_len, team, ascratch);
+#if HAVE_PAGED_PREFILL
+            if (prompt_items > 0) { /* the prompt rows again, as the per-op path attends them */
+                PrefillAttn lp = pa;
+                lp.cache = la.cache;
+                prefill_attn_items(&lp, prompt_items, pf_ok);
+            }
+#endif
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) matrix_quantize(&mo, attn, q_size, i);
             matrix_panels(&mo);

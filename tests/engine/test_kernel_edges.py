@@ -13,8 +13,8 @@ from test_fused_decode import portable_kernels  # noqa: F401 (a fixture: the AVX
 
 from fornax.runtime import LLM, SamplingParams
 from fornax.runtime.kernels import fused_decode
-from fornax.runtime.kernels.fused_decode import FusedDecode
 from fornax.runtime.kernels.quant_linear import DENSE_MIN_ROWS
+from helpers.fused_spy import spy_fused_calls
 from helpers.gguf_models import MIXED_TYPES, write_llama_gguf
 
 BLOCK = 16
@@ -51,23 +51,10 @@ def _tokens(outs) -> list[list[int]]:
     return [list(c.token_ids) for o in outs for c in o.outputs]
 
 
-def _spy(monkeypatch) -> list[int]:
-    """Rows of every fused decode call."""
-    calls: list[int] = []
-    inner = FusedDecode.run
-
-    def run(self, x, *args):
-        calls.append(x.shape[0])
-        return inner(self, x, *args)
-
-    monkeypatch.setattr(FusedDecode, "run", run)
-    return calls
-
-
 def test_decode_rows_around_the_fused_limit(model, tmp_path, monkeypatch):
     """1, 39, 40 and 41 requests decoding at once: up to 39 rows in the fused call, 40 and more
     op by op; the same greedy tokens as the per-op engine either way."""
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     results = {}
     for fused in (True, False):
         llm = _llm(model, tmp_path, monkeypatch, fused, max_num_seqs=FUSED_MAX_ROWS + 2)
@@ -191,7 +178,7 @@ def test_blocks_larger_than_the_portable_tile_and_rows_at_the_limit(model, tmp_p
     the native build and the AVX2-only one (x86-64-v3: the plain C loops)."""
     if build == "portable":
         request.getfixturevalue("portable_kernels")
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     long_prompt = {"prompt_token_ids": [9 + i % 60 for i in range(300)]}
     results = {}
     for fused in (True, False):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_fused_decode import _llm, _spy, portable_kernels  # noqa: F401 (a fixture)
+from test_fused_decode import _llm, portable_kernels  # noqa: F401 (a fixture)
 
 from fornax.runtime import SamplingParams
+from helpers.fused_spy import spy_fused_calls
 
 # Where the call multiplies dense weights on the AMX tiles, it runs amx_linear's own tile code,
 # as the per-op path does: the same values (observed bit-equal). Elsewhere (AVX512-BF16 without
@@ -70,7 +71,7 @@ def _run(llm, prompts: list[dict], max_tokens: int) -> list[list[tuple[int, floa
 
 def _compare(model: str, cache: Path, monkeypatch, max_tokens: int, **kwargs) -> list[int]:
     """Fused against per-op on four streams, then one alone; returns the fused calls' rows."""
-    calls = _spy(monkeypatch)
+    calls = spy_fused_calls(monkeypatch)
     results, amx = {}, False
     for fused in (True, False):
         llm = _llm(model, cache, fused, **kwargs)
